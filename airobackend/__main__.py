@@ -1,0 +1,5 @@
+import sys
+
+from airobackend.cli import main
+
+sys.exit(main())

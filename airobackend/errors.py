@@ -1,0 +1,52 @@
+"""The project's exception family.
+
+Adapters map these to protocol error envelopes *by class*, never by message text.
+"""
+from __future__ import annotations
+
+
+class AiroError(Exception):
+    """Base class of every error airobackend raises on purpose."""
+
+
+class ModelFileError(AiroError):
+    """A model file that cannot be read: bad magic, unknown version or type, truncation, hostile counts.
+
+    The message always names the file and, where known, the byte offset and the tensor.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, offset: int | None = None,
+                 tensor: str | None = None) -> None:
+        self.path, self.offset, self.tensor = path, offset, tensor
+        where = []
+        if path is not None:
+            where.append(str(path))
+        if offset is not None:
+            where.append(f"offset {offset}")
+        if tensor is not None:
+            where.append(f"tensor {tensor!r}")
+        super().__init__(f"{message} ({', '.join(where)})" if where else message)
+
+
+class UnsupportedTensorType(ModelFileError):
+    """A tensor type the engine cannot compute with (named in the message)."""
+
+
+class RequestError(AiroError, ValueError):
+    """A generation request that is invalid (bad field value, unknown sampler id, ...). Maps to HTTP 400/422."""
+
+
+class ContextOverflowError(RequestError):
+    """The prompt (plus what must be kept) does not fit in the context and shifting is not allowed."""
+
+
+class EngineBusy(AiroError):
+    """The request queue is full (KoboldCpp answers 503 'Server is busy')."""
+
+
+class ModelNotLoaded(AiroError):
+    """No model is loaded (after an unload, or while a switch is in progress)."""
+
+
+class InsufficientMemory(AiroError):
+    """Loading would need more RAM than is available (the message gives both numbers)."""

@@ -1,0 +1,64 @@
+"""One dataclass carries every setting from the CLI / environment to the engine and server. Nothing reads globals."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from typing import Optional
+
+
+@dataclass
+class Settings:
+    # model
+    model: Optional[str] = None            # None -> the bundled demo model
+    model_dir: str = "models"
+    n_ctx: int = 2048
+    n_threads: int = 0                     # 0 -> number of physical cores the process may use
+    n_batch: int = 512
+    n_gqa: Optional[int] = None            # GGML v3 files cannot store it (LLaMA-2 70B needs 8)
+    rms_norm_eps: Optional[float] = None
+    rope_freq_base: Optional[float] = None
+    rope_freq_scale: Optional[float] = None
+    use_mmap: bool = True
+    template: Optional[str] = None         # prompt template name; None -> chosen from the file name / metadata
+    seed: int = -1
+    # server
+    host: str = "127.0.0.1"
+    port: int = 5001
+    textgen_stream_port: Optional[int] = 5005
+    api_key: Optional[str] = None
+    admin_key: Optional[str] = None
+    cors: Optional[str] = None             # None -> any origin, like KoboldCpp / llama.cpp / text-generation-webui
+    multiuser: int = 1                     # queue length of waiting requests (KoboldCpp --multiuser N)
+    max_body_bytes: int = 32 * 1024 * 1024
+    disable_adapters: tuple[str, ...] = ()
+    quiet: bool = False
+    allow_disk: bool = False               # load a model that does not fit in RAM, running from disk via mmap
+
+    @classmethod
+    def from_env(cls, environ: Optional[dict] = None, **overrides) -> "Settings":
+        """Settings from `AIRO_<FIELD>` environment variables, then explicit overrides (CLI flags) on top."""
+        env = os.environ if environ is None else environ
+        values = {}
+        for f in fields(cls):
+            raw = env.get("AIRO_" + f.name.upper())
+            if raw is None:
+                continue
+            values[f.name] = _parse(f.type, raw, f.name)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def _parse(type_name, raw: str, name: str):
+    t = str(type_name)
+    try:
+        if "bool" in t:
+            return raw.strip().lower() in ("1", "true", "yes", "on")
+        if "tuple" in t:
+            return tuple(x.strip() for x in raw.split(",") if x.strip())
+        if "int" in t:
+            return int(raw)
+        if "float" in t:
+            return float(raw)
+    except ValueError as e:
+        raise ValueError(f"environment variable AIRO_{name.upper()}={raw!r}: {e}") from None
+    return raw

@@ -1,0 +1,86 @@
+"""Core request and event types shared by the engine and every protocol adapter.
+
+Adapters translate a protocol body into one `GenerationRequest` and translate `GenerationEvent`s back; nothing else
+crosses that boundary. Defaults are KoboldCpp's where KoboldCpp has one (engine.md section 6.3).
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+# KoboldCpp's sampler ids, in its default order: 6 rep_pen, 0 top_k, 1 top_a, 3 tfs, 4 typical, 2 top_p, 5 temperature
+# (min_p rides with top_p in KoboldCpp's order).
+DEFAULT_SAMPLER_ORDER: tuple[int, ...] = (6, 0, 1, 3, 4, 2, 5)
+
+
+@dataclass
+class SamplingParams:
+    """Every sampler setting a frontend can send. A value that disables a sampler leaves it out of the chain."""
+
+    temperature: float = 0.7
+    top_k: int = 100              # 0 = off
+    top_p: float = 0.92           # 1.0 = off
+    min_p: float = 0.0            # 0 = off
+    typical_p: float = 1.0        # 1.0 = off
+    tfs: float = 1.0              # 1.0 = off
+    top_a: float = 0.0            # 0 = off
+    repetition_penalty: float = 1.1   # 1.0 = off
+    repetition_penalty_range: int = 320   # last N tokens considered; 0 = whole context
+    repetition_penalty_slope: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    mirostat: int = 0             # 0 off, 1 = v1, 2 = v2
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
+    dynatemp_range: float = 0.0   # dynamic temperature: temperature +- range (0 = off)
+    dynatemp_exponent: float = 1.0
+    sampler_order: tuple[int, ...] = DEFAULT_SAMPLER_ORDER
+    seed: Optional[int] = None    # None or -1 = random
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    banned_tokens: tuple[int, ...] = ()
+    banned_strings: tuple[str, ...] = ()
+    ban_eos: bool = False
+    grammar: Optional[str] = None  # GBNF source
+
+    def replace(self, **changes: Any) -> "SamplingParams":
+        return dataclasses.replace(self, **changes)
+
+
+class FinishReason(str, enum.Enum):
+    EOS = "eos"          # the model produced its end-of-sequence token
+    STOP = "stop"        # a stop string matched
+    LENGTH = "length"    # max_tokens reached, or the context is full
+    ABORTED = "aborted"  # abort() or the client went away
+
+
+@dataclass
+class GenerationRequest:
+    """One generation, protocol-neutral. Exactly one of `prompt` / `tokens` is set."""
+
+    prompt: Optional[str] = None
+    tokens: Optional[Sequence[int]] = None
+    max_tokens: int = 128                  # KoboldCpp's max_length default is 100; adapters set their own
+    stop: tuple[str, ...] = ()
+    trim_stop: bool = True                 # drop the matched stop string from the output
+    add_bos: bool = True
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    memory: Optional[str] = None           # text kept at the start when the context is shifted (KoboldAI 'memory')
+    allow_context_shift: bool = True
+    echo: bool = False
+    n_probs: int = 0                       # return the top-n token probabilities with each token
+    genkey: Optional[str] = None           # KoboldCpp multiuser key: abort/check address this request
+    request_id: Optional[str] = None
+
+
+@dataclass
+class GenerationEvent:
+    """A piece of output. `text` is always whole UTF-8 characters; `finish_reason` is set on the last event only."""
+
+    text: str = ""
+    token_ids: tuple[int, ...] = ()
+    finish_reason: Optional[FinishReason] = None
+    prompt_tokens: int = 0                 # filled on the last event
+    completion_tokens: int = 0             # filled on the last event
+    logprobs: Optional[list[dict[str, Any]]] = None
