@@ -1,0 +1,344 @@
+"""SentencePiece-BPE tokenizer exactly as llama.cpp runs it (`llm_tokenizer_spm`, engine.md section 5).
+
+Both vocabulary spellings are normalised into one internal form, the GGUF one:
+
+* GGUF: pieces with U+2581 '▁' for spaces, byte tokens spelled ``<0xXX>``, token types stored.
+* GGML v3 (mid-2023 ``convert.py``): plain spaces, byte tokens as the single raw byte (ids 3..258), control tokens
+  as the empty string, ``<unk>`` as ``" \\u2047 "``, no types. We rewrite them the way llama.cpp's
+  ``convert-llama-ggml-to-gguf.py`` does (unk -> ``<unk>``, empty -> control, 1-byte at id 3+b -> ``<0xXX>``,
+  ' ' -> '▁'), so a GGML file and its GGUF twin tokenize identically.
+
+Encoding follows current llama.cpp: spaces are escaped to '▁', a space is prefixed to the text when the vocabulary
+says so (``add_space_prefix``, true for LLaMA), then the text is split into UTF-8 characters and adjacent symbols are
+merged highest-score first (ties: leftmost first) through a heap while the merged text is a vocabulary entry;
+symbols left that are not tokens fall back to byte tokens. That is O(n log n).
+
+Speed: for vocabularies where no piece contains a non-space character followed by '▁' (true for LLaMA; checked at
+construction), no merge can cross the start of a word, so the text is cut before every word and each distinct word
+is merged once and cached. Long prompts of ordinary text then cost about one dict lookup per word.
+"""
+from __future__ import annotations
+
+import heapq
+import re
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+
+from airobackend.errors import ModelFileError, RequestError
+
+# llama_token_type (GGUF tokenizer.ggml.token_type)
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+SPACE = "\u2581".encode()               # b'\xe2\x96\x81'
+_GGML_UNK = " \u2047 ".encode()
+# Length of a UTF-8 sequence from the high nibble of its lead byte (llama.cpp unicode_len_utf8; continuation bytes
+# count as 1, so invalid input is still split deterministically).
+_UTF8_LEN = bytes([1] * 12 + [2, 2, 3, 4])
+# Cut before every '▁' that does not follow another '▁': the start of each word (and of each run of spaces).
+_WORD_START = re.compile(rb"(?<!\xe2\x96\x81)(?=\xe2\x96\x81)")
+_CACHE_MAX = 1 << 17
+
+
+def _lstrip_space(t: bytes) -> bytes:
+    while t.startswith(SPACE):
+        t = t[3:]
+    return t
+
+
+def _normalise_ggml(pieces: Sequence[bytes], bos_id: int, eos_id: int,
+                    unk_id: int) -> tuple[list[bytes], list[int]]:
+    """GGML v3 spelling -> GGUF spelling + token types, as convert-llama-ggml-to-gguf.py does it."""
+    out, types = [], []
+    for i, p in enumerate(pieces):
+        p = bytes(p)
+        if i == unk_id or p == _GGML_UNK:
+            out.append(b"<unk>"), types.append(UNKNOWN)
+        elif i == bos_id and p == b"":
+            out.append(b"<s>"), types.append(CONTROL)
+        elif i == eos_id and p == b"":
+            out.append(b"</s>"), types.append(CONTROL)
+        elif p == b"":
+            out.append(b""), types.append(CONTROL)
+        elif len(p) == 1 and i - 3 == p[0]:
+            out.append(b"<0x%02X>" % p[0]), types.append(BYTE)
+        else:
+            out.append(p.replace(b" ", SPACE)), types.append(NORMAL)
+    return out, types
+
+
+class Tokenizer:
+    """llama.cpp's SPM tokenizer over one vocabulary.
+
+    `pieces` are the vocabulary entries exactly as stored in the file, `spelling` says which spelling they use
+    ('gguf' or 'ggml', see the module docstring). `types` are GGUF token types (None for GGML files).
+    """
+
+    def __init__(self, pieces: Sequence[bytes], scores: Sequence[float], types: Optional[Sequence[int]] = None, *,
+                 spelling: str = "gguf", bos_id: int = 1, eos_id: int = 2, unk_id: int = 0,
+                 add_bos: bool = True, add_space_prefix: bool = True) -> None:
+        n = len(pieces)
+        if n == 0 or len(scores) != n or (types is not None and len(types) != n):
+            raise ModelFileError(f"vocabulary sizes disagree: {n} pieces, {len(scores)} scores, "
+                                 f"{None if types is None else len(types)} types")
+        if spelling == "ggml" or (spelling != "gguf" and types is None):
+            texts, tt = _normalise_ggml(pieces, bos_id, eos_id, unk_id)
+        elif spelling == "gguf":
+            texts = [bytes(p) for p in pieces]
+            tt = [int(t) for t in types] if types is not None else [NORMAL] * n
+        else:
+            raise ValueError(f"unknown vocabulary spelling {spelling!r}")
+        self.n_vocab = n
+        self.bos_id, self.eos_id, self.unk_id = int(bos_id), int(eos_id), int(unk_id)
+        self.add_bos, self.add_space_prefix = bool(add_bos), bool(add_space_prefix)
+        self.texts: list[bytes] = texts                          # GGUF spelling
+        self.types = np.asarray(tt, dtype=np.int32)
+        self.scores = np.asarray(scores, dtype=np.float32)
+        self._score = [float(s) for s in self.scores]            # python floats: fast in the merge loop
+        # text -> id over the whole vocabulary, later ids winning (llama.cpp fills token_to_id in id order)
+        self._text_to_id: dict[bytes, int] = {}
+        for i, t in enumerate(texts):
+            self._text_to_id[t if t else b"[EMPTY_%d]" % i] = i
+        # what each token prints: llama.cpp token_to_piece (special=False / special=True)
+        self._piece: list[bytes] = []
+        self._piece_special: list[bytes] = []
+        for i, (t, ty) in enumerate(zip(texts, tt)):
+            if ty == NORMAL:
+                p = t.replace(SPACE, b" ")
+                self._piece.append(p), self._piece_special.append(p)
+            elif ty == BYTE:
+                b = bytes([int(t[3:5], 16)]) if re.fullmatch(rb"<0x[0-9A-Fa-f]{2}>", t) else t
+                self._piece.append(b), self._piece_special.append(b)
+            elif ty == USER_DEFINED:
+                self._piece.append(t), self._piece_special.append(t)
+            elif ty in (CONTROL, UNKNOWN):
+                self._piece.append(b""), self._piece_special.append(t)
+            else:                                               # unused and unknown types print nothing
+                self._piece.append(b""), self._piece_special.append(b"")
+        # byte fallback: "<0xXX>" first, then the raw 1-byte entry (llama.cpp byte_to_token), else <unk>
+        self._byte_id = []
+        for b in range(256):
+            tid = self._text_to_id.get(b"<0x%02X>" % b)
+            if tid is None:
+                tid = self._text_to_id.get(bytes([b]), self.unk_id)
+            self._byte_id.append(tid)
+        # special tokens that encode(special=True) splits out of the text (llama.cpp parse_special)
+        specials = [(t, i) for i, (t, ty) in enumerate(zip(texts, tt))
+                    if ty in (CONTROL, UNKNOWN, USER_DEFINED) and t]
+        specials.sort(key=lambda x: -len(x[0]))              # longest match first
+        self._special_ids = {t: i for t, i in specials}
+        self._special_re = (re.compile(b"|".join(re.escape(t) for t, _ in specials)) if specials else None)
+        # May we cut the text before each word? Only if no piece contains a non-'▁' character followed by '▁'.
+        self._word_split = not any(SPACE in _lstrip_space(t) for t in texts)
+        self._cache: dict[bytes, list[int]] = {}
+
+    # ---------------------------------------------------------------- construction from files
+    @classmethod
+    def from_model_file(cls, mf: Any) -> "Tokenizer":
+        """Build from an opened model file (`airobackend.formats.open_model`): uses `mf.vocab` and `mf.hparams`."""
+        v, hp = mf.vocab, mf.hparams
+
+        def hp_get(name: str, default: Any) -> Any:
+            val = getattr(hp, name, None)
+            return default if val is None else val
+
+        return cls(v.pieces, v.scores, v.types, spelling=getattr(v, "spelling", "gguf"),
+                   bos_id=hp_get("bos_id", 1), eos_id=hp_get("eos_id", 2), unk_id=hp_get("unk_id", 0),
+                   add_bos=hp_get("add_bos", True), add_space_prefix=hp_get("add_space_prefix", True))
+
+    @classmethod
+    def from_file(cls, path: str) -> "Tokenizer":
+        """Open `path` vocabulary-only and build the tokenizer."""
+        from airobackend.formats import open_model
+        try:
+            mf = open_model(path, vocab_only=True)
+        except TypeError:                                     # reader without vocab_only
+            mf = open_model(path)
+        try:
+            return cls.from_model_file(mf)
+        finally:
+            close = getattr(mf, "close", None)
+            if close:
+                close()
+
+    # ---------------------------------------------------------------- encode
+    def encode(self, text: str | bytes, add_bos: bool = True, special: bool = False) -> list[int]:
+        """Token ids of `text` (str or UTF-8 bytes), as llama.cpp's `llama_tokenize(add_special=add_bos,
+        parse_special=special)`: BOS first when `add_bos`, a space prefixed when the vocabulary wants one.
+        With `special=True` the texts of control tokens (``<s>``, ``</s>``, ...) in `text` become those tokens."""
+        if isinstance(text, str):
+            text = text.encode("utf-8", errors="surrogatepass")
+        elif not isinstance(text, (bytes, bytearray, memoryview)):
+            raise RequestError(f"cannot tokenize a {type(text).__name__}; expected str or bytes")
+        text = bytes(text)
+        out: list[int] = [self.bos_id] if add_bos else []
+        if not text:
+            return out
+        if special and self._special_re is not None:
+            prev_special, pos = True, 0
+            for m in self._special_re.finditer(text):
+                if m.start() > pos:
+                    self._encode_fragment(text[pos:m.start()], prev_special, out)
+                out.append(self._special_ids[m.group(0)])
+                prev_special, pos = True, m.end()
+            if pos < len(text):
+                self._encode_fragment(text[pos:], prev_special, out)
+        else:
+            self._encode_fragment(text, True, out)
+        return out
+
+    def tokenize(self, text: str | bytes, add_bos: bool = True, special: bool = False) -> list[int]:
+        """llama-cpp-python spelling of `encode`."""
+        return self.encode(text, add_bos=add_bos, special=special)
+
+    def _encode_fragment(self, text: bytes, prefix_space: bool, out: list[int]) -> None:
+        if self.add_space_prefix and prefix_space:
+            text = b" " + text
+        text = text.replace(b" ", SPACE)
+        if not self._word_split:
+            out.extend(self._bpe(text))
+            return
+        try:
+            text.decode("utf-8")
+        except UnicodeDecodeError:
+            # invalid UTF-8 may put a multi-byte symbol across a word start: merge the whole fragment at once
+            out.extend(self._bpe(text))
+            return
+        cache, bpe = self._cache, self._bpe
+        for word in _WORD_START.split(text):
+            ids = cache.get(word)
+            if ids is None:
+                ids = bpe(word)
+                if len(cache) >= _CACHE_MAX:
+                    cache.clear()
+                cache[word] = ids
+            out.extend(ids)
+
+    def _bpe(self, text: bytes) -> list[int]:
+        """llm_tokenizer_spm_session::tokenize on one escaped fragment."""
+        n_bytes = len(text)
+        if n_bytes == 0:
+            return []
+        # symbols: one per UTF-8 character (start offset, byte length), doubly linked
+        starts: list[int] = []
+        lens: list[int] = []
+        off = 0
+        while off < n_bytes:
+            ln = min(_UTF8_LEN[text[off] >> 4], n_bytes - off)
+            starts.append(off)
+            lens.append(ln)
+            off += ln
+        n = len(starts)
+        if n == 1:
+            return self._resegment(text, 0, lens[0])
+        prev = list(range(-1, n - 1))
+        nxt = list(range(1, n + 1))
+        nxt[-1] = -1
+        t2id, score = self._text_to_id, self._score
+        heap: list[tuple[float, int, int, int]] = []
+        push = heapq.heappush
+        for i in range(1, n):
+            s = starts[i - 1]
+            tid = t2id.get(text[s:s + lens[i - 1] + lens[i]])
+            if tid is not None:
+                heap.append((-score[tid], i - 1, i, lens[i - 1] + lens[i]))
+        heapq.heapify(heap)
+        pop = heapq.heappop
+        while heap:
+            _, left, right, size = pop(heap)
+            ll, rl = lens[left], lens[right]
+            if ll == 0 or rl == 0 or ll + rl != size:
+                continue                                      # stale: one side already merged
+            lens[left] = size
+            lens[right] = 0
+            nr = nxt[right]
+            nxt[left] = nr
+            if nr >= 0:
+                prev[nr] = left
+            pl = prev[left]
+            if pl >= 0:
+                s = starts[pl]
+                tid = t2id.get(text[s:s + lens[pl] + size])
+                if tid is not None:
+                    push(heap, (-score[tid], pl, left, lens[pl] + size))
+            if nr >= 0:
+                s = starts[left]
+                tid = t2id.get(text[s:s + size + lens[nr]])
+                if tid is not None:
+                    push(heap, (-score[tid], left, nr, size + lens[nr]))
+        out: list[int] = []
+        i = 0
+        while i != -1:
+            tid = t2id.get(text[starts[i]:starts[i] + lens[i]])
+            if tid is not None:
+                out.append(tid)
+            else:
+                out.extend(self._resegment(text, starts[i], lens[i]))
+            i = nxt[i]
+        return out
+
+    def _resegment(self, text: bytes, start: int, length: int) -> list[int]:
+        # Every merged symbol is a vocabulary entry, so only single characters can miss: they go to byte tokens.
+        tid = self._text_to_id.get(text[start:start + length])
+        if tid is not None:
+            return [tid]
+        return [self._byte_id[b] for b in text[start:start + length]]
+
+    # ---------------------------------------------------------------- decode
+    def token_bytes(self, token_id: int, special: bool = False) -> bytes:
+        """What token `token_id` prints (llama.cpp token_to_piece): spaces restored, byte tokens as their byte,
+        control/unknown tokens empty unless `special`."""
+        tid = int(token_id)
+        if not 0 <= tid < self.n_vocab:
+            raise RequestError(f"token id {tid} out of range (n_vocab {self.n_vocab})")
+        return self._piece_special[tid] if special else self._piece[tid]
+
+    def decode(self, ids: Iterable[int], special: bool = False) -> bytes:
+        """Bytes of `ids`, as llama-cpp-python's `detokenize`: the pieces concatenated, and when the sequence starts
+        with BOS one leading space removed (the one `encode` prefixed), so decode(encode(s)) == s."""
+        ids = [int(t) for t in ids]
+        pieces = self._piece_special if special else self._piece
+        try:
+            if any(t < 0 for t in ids):
+                raise IndexError
+            out = b"".join([pieces[t] for t in ids])
+        except IndexError:
+            bad = next(t for t in ids if not 0 <= t < self.n_vocab)
+            raise RequestError(f"token id {bad} out of range (n_vocab {self.n_vocab})") from None
+        if ids and ids[0] == self.bos_id and self.add_space_prefix and out[:1] == b" ":
+            out = out[1:]
+        return out
+
+    def detokenize(self, ids: Iterable[int], special: bool = False) -> bytes:
+        """llama-cpp-python spelling of `decode`."""
+        return self.decode(ids, special=special)
+
+    def piece_text(self, token_id: int) -> str:
+        """The token's printed text as str (invalid UTF-8 replaced): for logprobs and debugging."""
+        return self.token_bytes(token_id).decode("utf-8", errors="replace")
+
+    def __len__(self) -> int:
+        return self.n_vocab
+
+
+def _gguf_vocab(path: str) -> Tokenizer:
+    """Read a GGUF file's vocabulary with the `gguf` package (used by tests until formats.open_model lands)."""
+    import gguf
+
+    r = gguf.GGUFReader(path)
+
+    def scalar(key: str, default: Any) -> Any:
+        f = r.fields.get(key)
+        return default if f is None else f.parts[f.data[0]][0].item()
+
+    f = r.fields["tokenizer.ggml.tokens"]
+    pieces = [bytes(f.parts[i]) for i in f.data]
+    sc = r.fields.get("tokenizer.ggml.scores")
+    scores = [float(sc.parts[i][0]) for i in sc.data] if sc is not None else [0.0] * len(pieces)
+    tt = r.fields.get("tokenizer.ggml.token_type")
+    types = [int(tt.parts[i][0]) for i in tt.data] if tt is not None else None
+    return Tokenizer(pieces, scores, types, spelling="gguf",
+                     bos_id=scalar("tokenizer.ggml.bos_token_id", 1), eos_id=scalar("tokenizer.ggml.eos_token_id", 2),
+                     unk_id=scalar("tokenizer.ggml.unknown_token_id", 0),
+                     add_bos=bool(scalar("tokenizer.ggml.add_bos_token", True)),
+                     add_space_prefix=bool(scalar("tokenizer.ggml.add_space_prefix", True)))
