@@ -9,5 +9,5 @@ from __future__ import annotations
 import os
 
 CACHE = os.environ.get("AIRO_NUMBA_CACHE", "1") != "0"
-JIT = dict(nopython=True, nogil=True, cache=CACHE, fastmath=True, boundscheck=False)
+JIT = dict(nogil=True, cache=CACHE, fastmath=True, boundscheck=False)
 JIT_PARALLEL = dict(JIT, parallel=True)

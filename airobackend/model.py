@@ -1,0 +1,171 @@
+"""LlamaModel: the LLaMA forward pass over a model file's weights, with a KV cache sized by the context.
+
+Reads like the architecture (gpt-fast style); every loop over weights or activations is a kernel in
+airobackend.kernels. Shapes in comments: n = tokens in this batch, d = n_embd, hd = head_dim, g = n_embd_gqa.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numba
+import numpy as np
+
+from airobackend.errors import ContextOverflowError, ModelFileError
+from airobackend.kernels import dequant, ops
+from airobackend.kernels.matmul import Weight, prepare
+
+log = logging.getLogger("airobackend.model")
+
+
+@dataclass
+class Layer:
+    attention_norm: np.ndarray      # f32 [d]
+    wq: Weight                      # [n_head * hd, d]
+    wk: Weight                      # [n_head_kv * hd, d]
+    wv: Weight                      # [n_head_kv * hd, d]
+    wo: Weight                      # [d, n_head * hd]
+    ffn_norm: np.ndarray            # f32 [d]
+    w1: Weight                      # ffn_gate [n_ff, d]
+    w2: Weight                      # ffn_down [d, n_ff]
+    w3: Weight                      # ffn_up   [n_ff, d]
+
+
+class LlamaModel:
+    """Evaluate tokens with a LLaMA model file (GGUF or GGML v1-v3, any weight types).
+
+    Args:
+        mf: an open model file (airobackend.formats.open_model) with .hparams and .tensors.
+        n_ctx: context length; the KV cache (fp16, 2 * n_layer * n_ctx * n_embd_gqa * 2 bytes) is allocated for it.
+        n_threads: Numba threads for every kernel; 0 = all Numba threads.
+        n_batch: tokens per forward pass inside `eval` (longer inputs are split).
+        kernels: 'auto', 'generic' or 'fast' (see kernels.matmul.prepare); None reads AIRO_KERNELS.
+    """
+
+    def __init__(self, mf: Any, n_ctx: int = 2048, n_threads: int = 0, n_batch: int = 512,
+                 kernels: Optional[str] = None) -> None:
+        hp = mf.hparams
+        self.mf, self.hparams = mf, hp
+        self.n_ctx, self.n_vocab, self.n_batch = int(n_ctx), int(hp.n_vocab), max(1, int(n_batch))
+        if self.n_ctx < 1:
+            raise ValueError(f"n_ctx must be positive, got {n_ctx}")
+        self.n_threads = int(n_threads) or numba.config.NUMBA_NUM_THREADS
+        self.n_threads = min(self.n_threads, numba.config.NUMBA_NUM_THREADS)
+        self.n_embd, self.n_head, self.n_layer = int(hp.n_embd), int(hp.n_head), int(hp.n_layer)
+        self.head_dim = self.n_embd // self.n_head
+        self.n_rot = int(getattr(hp, "n_rot", 0) or self.head_dim)
+        self.eps = float(hp.rms_norm_eps)
+        self.freq_base, self.freq_scale = float(hp.rope_freq_base), float(hp.rope_freq_scale or 1.0)
+
+        t = mf.tensors
+
+        def weight(name: str) -> Weight:
+            if name not in t:
+                raise ModelFileError(f"tensor {name} is missing", path=getattr(mf, "path", None), tensor=name)
+            return prepare(t[name], self.n_threads, kernels)
+
+        def vector(name: str) -> np.ndarray:
+            if name not in t:
+                raise ModelFileError(f"tensor {name} is missing", path=getattr(mf, "path", None), tensor=name)
+            info = t[name]
+            n = int(np.prod([int(v) for v in info.ne]))
+            return dequant.dequantize(info.data, int(info.type), 1, n)[0]
+
+        self.tok_embeddings = weight("token_embd.weight")
+        self.norm = vector("output_norm.weight")
+        # Files with tied embeddings have no output matrix; the embedding matrix plays both roles.
+        self.output = weight("output.weight" if "output.weight" in t else "token_embd.weight")
+        self.layers = [Layer(
+            attention_norm=vector(f"blk.{i}.attn_norm.weight"),
+            wq=weight(f"blk.{i}.attn_q.weight"), wk=weight(f"blk.{i}.attn_k.weight"),
+            wv=weight(f"blk.{i}.attn_v.weight"), wo=weight(f"blk.{i}.attn_output.weight"),
+            ffn_norm=vector(f"blk.{i}.ffn_norm.weight"),
+            w1=weight(f"blk.{i}.ffn_gate.weight"), w2=weight(f"blk.{i}.ffn_down.weight"),
+            w3=weight(f"blk.{i}.ffn_up.weight"),
+        ) for i in range(self.n_layer)]
+
+        # K/V width from the tensors themselves: a GGML v3 file cannot say n_gqa, the wk shape always does.
+        n_embd_gqa = self.layers[0].wk.n_rows if self.layers else self.n_embd
+        if n_embd_gqa % self.head_dim or self.n_head % (n_embd_gqa // self.head_dim):
+            raise ModelFileError(f"attn_k has {n_embd_gqa} rows, not a whole number of kv heads of {self.head_dim}",
+                                 path=getattr(mf, "path", None), tensor="blk.0.attn_k.weight")
+        self.n_head_kv = n_embd_gqa // self.head_dim
+        if int(getattr(hp, "n_head_kv", self.n_head_kv) or self.n_head_kv) != self.n_head_kv:
+            log.warning("n_head_kv %s in the header disagrees with attn_k's shape; using %d (n_gqa %d)",
+                        hp.n_head_kv, self.n_head_kv, self.n_head // self.n_head_kv)
+        self.n_embd_gqa = n_embd_gqa
+        # KV cache: fp16 bit patterns, one [n_ctx, n_embd_gqa] plane per layer (llama.cpp's default F16 cache).
+        self.k_cache = np.zeros((self.n_layer, self.n_ctx, n_embd_gqa), np.uint16)
+        self.v_cache = np.zeros((self.n_layer, self.n_ctx, n_embd_gqa), np.uint16)
+        self._tab = dequant.f16_table()
+
+    # ---- public API ----
+
+    def eval(self, tokens: Any, n_past: int, logits_all: bool = False) -> np.ndarray:
+        """Run `tokens` at positions n_past, n_past+1, ...; returns float32 logits [n, n_vocab] (logits_all) or
+        [1, n_vocab] (last token). Cache entries at positions >= n_past are overwritten."""
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        n = tokens.shape[0]
+        if n == 0:
+            raise ValueError("eval() needs at least one token")
+        if n_past < 0 or n_past + n > self.n_ctx:
+            raise ContextOverflowError(f"{n_past} cached + {n} new tokens do not fit in n_ctx = {self.n_ctx}")
+        if tokens.min() < 0 or tokens.max() >= self.n_vocab:
+            raise ValueError(f"token id out of range 0..{self.n_vocab - 1}")
+        numba.set_num_threads(self.n_threads)       # thread-local in Numba: set on the calling thread
+        outs = []
+        for i in range(0, n, self.n_batch):
+            batch = tokens[i:i + self.n_batch]
+            last = i + self.n_batch >= n
+            logits = self.forward(batch, n_past + i, logits_all or last, all_rows=logits_all)
+            if logits is not None:
+                outs.append(logits)
+        return outs[0] if len(outs) == 1 else np.concatenate(outs)
+
+    def kv_shift(self, n_keep: int, n_discard: int, n_past: int) -> int:
+        """Drop cached positions n_keep .. n_keep+n_discard-1, move the rest down and re-rotate their keys by
+        -n_discard positions (llama.cpp's context shift). Returns the new n_past."""
+        if n_keep < 0 or n_discard < 0 or n_keep + n_discard > n_past or n_past > self.n_ctx:
+            raise ValueError(f"bad kv_shift(n_keep={n_keep}, n_discard={n_discard}, n_past={n_past})")
+        if n_discard == 0:
+            return n_past
+        src, dst, m = slice(n_keep + n_discard, n_past), slice(n_keep, n_past - n_discard), n_past - n_keep - n_discard
+        if m:
+            pos = np.full(m, -n_discard, np.int64)       # rotating by a delta: R(p - n) = R(-n) R(p)
+            for il in range(self.n_layer):
+                k = self._tab[self.k_cache[il, src]].reshape(m, self.n_head_kv, self.head_dim)
+                ops.rope(k, pos, self.n_rot, self.freq_base, self.freq_scale)
+                self.k_cache[il, dst] = ops.f32_to_f16_bits(k.reshape(m, self.n_embd_gqa))
+                self.v_cache[il, dst] = self.v_cache[il, src]
+        return n_past - n_discard
+
+    # ---- the forward pass ----
+
+    def forward(self, tokens: np.ndarray, n_past: int, want_logits: bool, all_rows: bool) -> Optional[np.ndarray]:
+        n, hd = tokens.shape[0], self.head_dim
+        pos = np.arange(n_past, n_past + n, dtype=np.int64)
+        x = self.tok_embeddings.rows(tokens)                                    # [n, d]
+        h = np.empty_like(x)
+        attn = np.empty((n, self.n_head * hd), np.float32)
+        for il, layer in enumerate(self.layers):
+            ops.rmsnorm(x, layer.attention_norm, self.eps, h)
+            q = layer.wq(h).reshape(n, self.n_head, hd)
+            k = layer.wk(h).reshape(n, self.n_head_kv, hd)
+            v = layer.wv(h)                                                     # [n, g]
+            ops.rope(q, pos, self.n_rot, self.freq_base, self.freq_scale)
+            ops.rope(k, pos, self.n_rot, self.freq_base, self.freq_scale)
+            self.k_cache[il, n_past:n_past + n] = ops.f32_to_f16_bits(k.reshape(n, self.n_embd_gqa))
+            self.v_cache[il, n_past:n_past + n] = ops.f32_to_f16_bits(v)
+            ops.attention(q, self.k_cache[il], self.v_cache[il], n_past, self._tab, attn)
+            ops.add(x, layer.wo(attn))
+            ops.rmsnorm(x, layer.ffn_norm, self.eps, h)
+            gate = layer.w1(h)                                                  # [n, n_ff]
+            ops.silu_mul(gate, layer.w3(h))
+            ops.add(x, layer.w2(gate))
+        if not want_logits:
+            return None
+        if not all_rows:
+            x = x[-1:]
+        ops.rmsnorm(x, self.norm, self.eps, h[:x.shape[0]])
+        return self.output(np.ascontiguousarray(h[:x.shape[0]]))               # [n or 1, n_vocab]

@@ -1,0 +1,346 @@
+"""Block dequantization for every GGML weight type, and the generic float32 kernels built on it.
+
+Everything here works on the raw little-endian blocks of the model file: a 2-D uint8 view `w[n_rows, row_bytes]`
+(read-only over the mmap is fine), one row of a weight matrix per `w[r]`. fp16 fields (`d`, `dmin`) are decoded
+through a 65536-entry uint16 -> float32 table (`f16_table()`), as ggml does, because Numba has no float16.
+
+The generic mat-vec / mat-mat dequantize one row at a time into a small per-chunk float32 scratch (L1/L2 resident)
+and take float32 dot products with float32 accumulation: the weights are exactly the file's values and the
+activations are never quantized, so results track llama.cpp's `logits_f32deq` reference. The fast integer kernels
+live in kernels/fast.py; this module is the portable path and the correctness baseline.
+
+All kernels live in this one module on purpose: Numba's on-disk cache does not notice edits to jitted functions
+in other files, so a kernel module never calls jitted code from another module.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from airobackend.kernels import JIT, JIT_PARALLEL
+from airobackend.quant import BLOCK, GGMLType
+
+_F16_TABLE = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+_F16_TABLE.setflags(write=False)
+
+
+def f16_table() -> np.ndarray:
+    """float32[65536]: the value of every fp16 bit pattern (read-only, shared)."""
+    return _F16_TABLE
+
+
+@njit(**JIT)
+def _h(src, o, tab):
+    """fp16 at byte offset o of src, via the lookup table."""
+    return tab[np.int64(src[o]) | (np.int64(src[o + 1]) << 8)]
+
+
+# ---- one function per type: dst[:] = the len(dst) weights held by the first blocks of src (a 1-D uint8 view) ----
+
+@njit(**JIT)
+def dequant_f32(src, dst, tab):
+    """F32: 4 B per weight, little-endian."""
+    v = src[: 4 * dst.shape[0]].view(np.float32)
+    for i in range(dst.shape[0]):
+        dst[i] = v[i]
+
+
+@njit(**JIT)
+def dequant_f16(src, dst, tab):
+    """F16: 2 B per weight, little-endian, decoded through the table."""
+    for i in range(dst.shape[0]):
+        dst[i] = tab[np.int64(src[2 * i]) | (np.int64(src[2 * i + 1]) << 8)]
+
+
+@njit(**JIT)
+def dequant_q4_0(src, dst, tab):
+    """Q4_0: 18 B/block = f16 d + qs[16]; 32 weights, y[j] = d*(lo(qs[j])-8), y[j+16] = d*(hi(qs[j])-8)."""
+    for b in range(dst.shape[0] // 32):
+        o, y = 18 * b, 32 * b
+        d = _h(src, o, tab)
+        for j in range(16):
+            q = np.int32(src[o + 2 + j])
+            dst[y + j] = d * np.float32((q & 15) - 8)
+            dst[y + j + 16] = d * np.float32((q >> 4) - 8)
+
+
+@njit(**JIT)
+def dequant_q4_1(src, dst, tab):
+    """Q4_1: 20 B/block = f16 d + f16 m + qs[16]; y = d*q + m."""
+    for b in range(dst.shape[0] // 32):
+        o, y = 20 * b, 32 * b
+        d, m = _h(src, o, tab), _h(src, o + 2, tab)
+        for j in range(16):
+            q = np.int32(src[o + 4 + j])
+            dst[y + j] = d * np.float32(q & 15) + m
+            dst[y + j + 16] = d * np.float32(q >> 4) + m
+
+
+@njit(**JIT)
+def _qh32(src, o):
+    """The little-endian u32 of Q5_0/Q5_1 5th bits: bit j belongs to weight j."""
+    return (np.int64(src[o]) | (np.int64(src[o + 1]) << 8) | (np.int64(src[o + 2]) << 16)
+            | (np.int64(src[o + 3]) << 24))
+
+
+@njit(**JIT)
+def dequant_q5_0(src, dst, tab):
+    """Q5_0: 22 B/block = f16 d + u32 qh + qs[16]; y = d*((nibble | 5th bit << 4) - 16)."""
+    for b in range(dst.shape[0] // 32):
+        o, y = 22 * b, 32 * b
+        d = _h(src, o, tab)
+        qh = _qh32(src, o + 2)
+        for j in range(16):
+            q = np.int64(src[o + 6 + j])
+            lo = (q & 15) | (((qh >> j) & 1) << 4)
+            hi = (q >> 4) | (((qh >> (j + 16)) & 1) << 4)
+            dst[y + j] = d * np.float32(lo - 16)
+            dst[y + j + 16] = d * np.float32(hi - 16)
+
+
+@njit(**JIT)
+def dequant_q5_1(src, dst, tab):
+    """Q5_1: 24 B/block = f16 d + f16 m + u32 qh + qs[16]; y = d*(nibble | 5th bit << 4) + m."""
+    for b in range(dst.shape[0] // 32):
+        o, y = 24 * b, 32 * b
+        d, m = _h(src, o, tab), _h(src, o + 2, tab)
+        qh = _qh32(src, o + 4)
+        for j in range(16):
+            q = np.int64(src[o + 8 + j])
+            lo = (q & 15) | (((qh >> j) & 1) << 4)
+            hi = (q >> 4) | (((qh >> (j + 16)) & 1) << 4)
+            dst[y + j] = d * np.float32(lo) + m
+            dst[y + j + 16] = d * np.float32(hi) + m
+
+
+@njit(**JIT)
+def dequant_q8_0(src, dst, tab):
+    """Q8_0: 34 B/block = f16 d + int8 qs[32]; y = d*q."""
+    for b in range(dst.shape[0] // 32):
+        o, y = 34 * b, 32 * b
+        d = _h(src, o, tab)
+        for j in range(32):
+            q = np.int32(src[o + 2 + j])
+            dst[y + j] = d * np.float32(q - ((q >> 7) << 8))     # uint8 -> int8
+
+
+@njit(**JIT)
+def dequant_q2_k(src, dst, tab):
+    """Q2_K: 84 B/super-block = scales[16] (lo nibble scale, hi nibble min) + qs[64] + f16 d + f16 dmin.
+
+    Half h (128 weights) reads qs[32h:32h+32]; 2-bit plane j (shift 2j) gives 32 weights = two sub-blocks of 16.
+    """
+    for b in range(dst.shape[0] // 256):
+        o, y = 84 * b, 256 * b
+        d, dmin = _h(src, o + 80, tab), _h(src, o + 82, tab)
+        for h in range(2):
+            for j in range(4):
+                for s in range(2):
+                    sc = np.int32(src[o + 8 * h + 2 * j + s])
+                    dl, ml = d * np.float32(sc & 15), dmin * np.float32(sc >> 4)
+                    qo = o + 16 + 32 * h + 16 * s
+                    yo = y + 128 * h + 32 * j + 16 * s
+                    for l in range(16):
+                        dst[yo + l] = dl * np.float32((np.int32(src[qo + l]) >> (2 * j)) & 3) - ml
+
+
+@njit(**JIT)
+def dequant_q3_k(src, dst, tab):
+    """Q3_K: 110 B = hmask[32] + qs[64] + scales[12] (16 signed 6-bit, +32 offset) + f16 d.
+
+    As Q2_K's 2-bit planes; the hmask bit (4h + j) of byte l set means +0, clear means -4.
+    """
+    for b in range(dst.shape[0] // 256):
+        o, y = 110 * b, 256 * b
+        d = _h(src, o + 108, tab)
+        for h in range(2):
+            for j in range(4):
+                m = 1 << (4 * h + j)
+                for s in range(2):
+                    k = 8 * h + 2 * j + s
+                    low = (np.int32(src[o + 96 + k]) & 15) if k < 8 else (np.int32(src[o + 96 + k - 8]) >> 4)
+                    high = (np.int32(src[o + 96 + 8 + (k & 3)]) >> (2 * (k >> 2))) & 3
+                    dl = d * np.float32((low | (high << 4)) - 32)
+                    qo = o + 32 + 32 * h + 16 * s
+                    ho = o + 16 * s
+                    yo = y + 128 * h + 32 * j + 16 * s
+                    for l in range(16):
+                        q = (np.int32(src[qo + l]) >> (2 * j)) & 3
+                        if (np.int32(src[ho + l]) & m) == 0:
+                            q -= 4
+                        dst[yo + l] = dl * np.float32(q)
+
+
+@njit(**JIT)
+def _scale_min_k4(src, o, j):
+    """Sub-block j's 6-bit (scale, min) from the 12 packed bytes at src[o:o+12] (Q4_K / Q5_K)."""
+    if j < 4:
+        return np.int32(src[o + j]) & 63, np.int32(src[o + j + 4]) & 63
+    sc = (np.int32(src[o + j + 4]) & 15) | ((np.int32(src[o + j - 4]) >> 6) << 4)
+    mn = (np.int32(src[o + j + 4]) >> 4) | ((np.int32(src[o + j]) >> 6) << 4)
+    return sc, mn
+
+
+@njit(**JIT)
+def dequant_q4_k(src, dst, tab):
+    """Q4_K: 144 B = f16 d + f16 dmin + scales[12] + qs[128]; 8 sub-blocks of 32.
+
+    Group g (64 weights) reads qs[32g:32g+32]: low nibbles -> sub-block 2g, high nibbles -> sub-block 2g+1.
+    """
+    for b in range(dst.shape[0] // 256):
+        o, y = 144 * b, 256 * b
+        d, dmin = _h(src, o, tab), _h(src, o + 2, tab)
+        for g in range(4):
+            sc0, mn0 = _scale_min_k4(src, o + 4, 2 * g)
+            sc1, mn1 = _scale_min_k4(src, o + 4, 2 * g + 1)
+            d0, m0 = d * np.float32(sc0), dmin * np.float32(mn0)
+            d1, m1 = d * np.float32(sc1), dmin * np.float32(mn1)
+            qo, yo = o + 16 + 32 * g, y + 64 * g
+            for l in range(32):
+                q = np.int32(src[qo + l])
+                dst[yo + l] = d0 * np.float32(q & 15) - m0
+                dst[yo + 32 + l] = d1 * np.float32(q >> 4) - m1
+
+
+@njit(**JIT)
+def dequant_q5_k(src, dst, tab):
+    """Q5_K: 176 B = f16 d + f16 dmin + scales[12] + qh[32] + qs[128]; as Q4_K, 5th bit = bit k of qh[l]."""
+    for b in range(dst.shape[0] // 256):
+        o, y = 176 * b, 256 * b
+        d, dmin = _h(src, o, tab), _h(src, o + 2, tab)
+        for g in range(4):
+            sc0, mn0 = _scale_min_k4(src, o + 4, 2 * g)
+            sc1, mn1 = _scale_min_k4(src, o + 4, 2 * g + 1)
+            d0, m0 = d * np.float32(sc0), dmin * np.float32(mn0)
+            d1, m1 = d * np.float32(sc1), dmin * np.float32(mn1)
+            qo, yo = o + 48 + 32 * g, y + 64 * g
+            for l in range(32):
+                q = np.int32(src[qo + l])
+                qh = np.int32(src[o + 16 + l])
+                dst[yo + l] = d0 * np.float32((q & 15) | (((qh >> (2 * g)) & 1) << 4)) - m0
+                dst[yo + 32 + l] = d1 * np.float32((q >> 4) | (((qh >> (2 * g + 1)) & 1) << 4)) - m1
+
+
+@njit(**JIT)
+def dequant_q6_k(src, dst, tab):
+    """Q6_K: 210 B = ql[128] + qh[64] + int8 scales[16] + f16 d; 16 sub-blocks of 16, value = 6 bits - 32.
+
+    Half h reads ql[64h:], qh[32h:]; its part p (32 weights, l = 0..31) takes the 4 low bits from
+    ql[l + 32*(p & 1)] (low nibble for p < 2, high for p >= 2) and the 2 high bits from qh[l] >> 2p.
+    """
+    for b in range(dst.shape[0] // 256):
+        o, y = 210 * b, 256 * b
+        d = _h(src, o + 208, tab)
+        for h in range(2):
+            lo_, ho_, so = o + 64 * h, o + 128 + 32 * h, o + 192 + 8 * h
+            for p in range(4):
+                for half in range(2):
+                    s = np.int32(src[so + 2 * p + half])
+                    dl = d * np.float32(s - ((s >> 7) << 8))       # int8 scale
+                    yo = y + 128 * h + 32 * p + 16 * half
+                    for i in range(16):
+                        l = 16 * half + i
+                        qh = (np.int32(src[ho_ + l]) >> (2 * p)) & 3
+                        ql = np.int32(src[lo_ + l + 32 * (p & 1)])
+                        if p >= 2:
+                            ql >>= 4
+                        dst[yo + i] = dl * np.float32(((ql & 15) | (qh << 4)) - 32)
+
+
+@njit(**JIT)
+def dequant_row(ttype, src, dst, tab):
+    """Dispatch on the GGML type id: dst[:] = dequantized weights from the blocks at the start of src."""
+    if ttype == 0:
+        dequant_f32(src, dst, tab)
+    elif ttype == 1:
+        dequant_f16(src, dst, tab)
+    elif ttype == 2:
+        dequant_q4_0(src, dst, tab)
+    elif ttype == 3:
+        dequant_q4_1(src, dst, tab)
+    elif ttype == 6:
+        dequant_q5_0(src, dst, tab)
+    elif ttype == 7:
+        dequant_q5_1(src, dst, tab)
+    elif ttype == 8:
+        dequant_q8_0(src, dst, tab)
+    elif ttype == 10:
+        dequant_q2_k(src, dst, tab)
+    elif ttype == 11:
+        dequant_q3_k(src, dst, tab)
+    elif ttype == 12:
+        dequant_q4_k(src, dst, tab)
+    elif ttype == 13:
+        dequant_q5_k(src, dst, tab)
+    elif ttype == 14:
+        dequant_q6_k(src, dst, tab)
+    else:
+        raise ValueError("unsupported tensor type")
+
+
+# ---- kernels built on dequant_row ----
+
+@njit(**JIT_PARALLEL)
+def dequant_rows(w, ttype, rows, out, tab):
+    """out[i, :] = dequantized row rows[i] of w (uint8 [n_rows, row_bytes]); the embedding lookup."""
+    for i in prange(rows.shape[0]):
+        dequant_row(ttype, w[rows[i]], out[i], tab)
+
+
+@njit(**JIT_PARALLEL)
+def matvec_f32(w, ttype, x, out, tab, rows_per_chunk):
+    """out[r] = dot(dequant(w[r]), x) for every row r; float32 accumulation.
+
+    w: uint8 [n_rows, row_bytes] raw blocks; x: float32 [n_cols]; out: float32 [n_rows].
+    Chunks of rows are spread over the threads; each chunk dequantizes one row at a time into its scratch.
+    """
+    n_rows, n_cols = w.shape[0], x.shape[0]
+    n_chunks = (n_rows + rows_per_chunk - 1) // rows_per_chunk
+    for c in prange(n_chunks):
+        buf = np.empty(n_cols, np.float32)
+        for r in range(c * rows_per_chunk, min((c + 1) * rows_per_chunk, n_rows)):
+            dequant_row(ttype, w[r], buf, tab)
+            acc = np.float32(0.0)
+            for i in range(n_cols):
+                acc += buf[i] * x[i]
+            out[r] = acc
+
+
+@njit(**JIT_PARALLEL)
+def matmat_f32(w, ttype, x, out, tab, rows_per_chunk):
+    """out[t, r] = dot(dequant(w[r]), x[t]) for all tokens t and rows r (prompt batches).
+
+    x: float32 [n_tok, n_cols]; out: float32 [n_tok, n_rows]. Each chunk dequantizes its rows once into an
+    f32 tile and reuses it for every token, so weight bytes are decoded once per batch.
+    """
+    n_rows, n_tok, n_cols = w.shape[0], x.shape[0], x.shape[1]
+    n_chunks = (n_rows + rows_per_chunk - 1) // rows_per_chunk
+    for c in prange(n_chunks):
+        r0 = c * rows_per_chunk
+        r1 = min(r0 + rows_per_chunk, n_rows)
+        tile = np.empty((r1 - r0, n_cols), np.float32)
+        for r in range(r0, r1):
+            dequant_row(ttype, w[r], tile[r - r0], tab)
+        for t in range(n_tok):
+            xt = x[t]
+            for r in range(r0, r1):
+                wr = tile[r - r0]
+                acc = np.float32(0.0)
+                for i in range(n_cols):
+                    acc += wr[i] * xt[i]
+                out[t, r] = acc
+
+
+def as_rows(data: np.ndarray, ggml_type: int, n_rows: int, n_cols: int) -> np.ndarray:
+    """The raw bytes of a 2-D tensor as uint8 [n_rows, row_bytes] (a view, no copy)."""
+    per_block, nbytes = BLOCK[GGMLType(int(ggml_type))]
+    row_bytes = n_cols // per_block * nbytes
+    return np.asarray(data).reshape(-1).view(np.uint8)[: n_rows * row_bytes].reshape(n_rows, row_bytes)
+
+
+def dequantize(data: np.ndarray, ggml_type: int, n_rows: int, n_cols: int) -> np.ndarray:
+    """Dequantize a whole [n_rows, n_cols] tensor (1-D tensors: n_rows = 1) to float32 with the Numba kernels."""
+    w = as_rows(data, ggml_type, n_rows, n_cols)
+    out = np.empty((n_rows, n_cols), np.float32)
+    dequant_rows(w, int(ggml_type), np.arange(n_rows, dtype=np.int64), out, _F16_TABLE)
+    return out

@@ -1,0 +1,116 @@
+"""Quantized weight matrices: choose a kernel per tensor at load time and multiply activations with it.
+
+`prepare(tensor_info, n_threads)` is called once per 2-D weight tensor. It asks the fast integer kernels
+(`airobackend.kernels.fast.prepare_fast`, where that module exists and supports the type on this CPU) for an
+object with `.matvec(x, out)` / `.matmat(X, out)`, and otherwise uses the generic float32 kernels of
+`kernels/dequant.py` (dequantize each row of the raw blocks, float32 dot products). `kernels="generic"` (or the
+environment variable AIRO_KERNELS=generic) forces the generic path; `kernels="fast"` requires the fast one.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Optional
+
+import numpy as np
+
+from airobackend.errors import UnsupportedTensorType
+from airobackend.kernels import dequant
+from airobackend.quant import BLOCK, GGMLType, WEIGHT_TYPES
+
+log = logging.getLogger("airobackend.kernels")
+
+KERNEL_CHOICES = ("auto", "generic", "fast")
+
+
+class GenericKernel:
+    """The portable float32 path: dequantize a row into scratch, dot it with the activations."""
+
+    name = "generic"
+
+    def __init__(self, ggml_type: int, raw2d: np.ndarray, n_rows: int, n_cols: int) -> None:
+        self.ggml_type, self.raw2d, self.n_rows, self.n_cols = int(ggml_type), raw2d, n_rows, n_cols
+        self.tab = dequant.f16_table()
+        # Enough chunks for the threads to balance, each long enough to amortize its scratch allocation.
+        self.rows_per_chunk = max(1, min(32, n_rows // 64))
+
+    def matvec(self, x: np.ndarray, out: np.ndarray) -> None:
+        dequant.matvec_f32(self.raw2d, self.ggml_type, x, out, self.tab, self.rows_per_chunk)
+
+    def matmat(self, x: np.ndarray, out: np.ndarray) -> None:
+        dequant.matmat_f32(self.raw2d, self.ggml_type, x, out, self.tab, min(self.rows_per_chunk, 16))
+
+
+class Weight:
+    """A weight matrix W [n_rows, n_cols] (ggml ne = [n_cols, n_rows]) ready for `W @ x`.
+
+    Attributes: name, ggml_type, n_rows, n_cols, raw2d (uint8 [n_rows, row_bytes] over the file's blocks),
+    kernel (the object doing the products), kernel_name ('generic' or the fast kernel's name).
+    """
+
+    def __init__(self, name: str, ggml_type: int, raw2d: np.ndarray, n_rows: int, n_cols: int, kernel: Any) -> None:
+        self.name, self.ggml_type, self.raw2d = name, int(ggml_type), raw2d
+        self.n_rows, self.n_cols, self.kernel = n_rows, n_cols, kernel
+        self.kernel_name = getattr(kernel, "name", "fast")
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """x float32 [n_tok, n_cols] -> float32 [n_tok, n_rows] (mat-vec for one token, mat-mat for more)."""
+        out = np.empty((x.shape[0], self.n_rows), np.float32)
+        if x.shape[0] == 1:
+            self.kernel.matvec(x[0], out[0])
+        else:
+            self.kernel.matmat(x, out)
+        return out
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """Dequantized rows `ids` as float32 [len(ids), n_cols] (the embedding lookup)."""
+        out = np.empty((len(ids), self.n_cols), np.float32)
+        dequant.dequant_rows(self.raw2d, self.ggml_type, np.asarray(ids, np.int64), out, dequant.f16_table())
+        return out
+
+    def __repr__(self) -> str:
+        return (f"Weight({self.name!r}, {GGMLType(self.ggml_type).name}, {self.n_rows}x{self.n_cols}, "
+                f"kernel={self.kernel_name})")
+
+
+def _fast_module():
+    try:
+        from airobackend.kernels import fast
+    except ImportError:
+        return None
+    return fast
+
+
+def prepare(tensor_info: Any, n_threads: int = 0, kernels: Optional[str] = None) -> Weight:
+    """Wrap a 2-D weight tensor (a formats TensorInfo) for matrix products; called once per tensor at load.
+
+    Args:
+        tensor_info: has .name, .type (GGMLType), .ne (ggml order: ne[0] = row length) and .data (raw uint8 bytes).
+        n_threads: the thread count the model will run with (passed on to the fast kernels' planning).
+        kernels: 'auto' (fast where available, else generic), 'generic' or 'fast'; None reads AIRO_KERNELS
+            (default 'auto').
+    """
+    choice = kernels or os.environ.get("AIRO_KERNELS", "auto")
+    if choice not in KERNEL_CHOICES:
+        raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {choice!r}")
+    t = GGMLType(int(tensor_info.type))
+    if t not in WEIGHT_TYPES:
+        raise UnsupportedTensorType(f"tensor type {t.name} cannot be used as a weight", tensor=tensor_info.name)
+    ne = tuple(int(n) for n in tensor_info.ne)
+    n_cols = ne[0]
+    n_rows = int(np.prod(ne[1:])) if len(ne) > 1 else 1
+    per_block, _ = BLOCK[t]
+    if n_cols % per_block:
+        raise UnsupportedTensorType(f"row length {n_cols} is not a multiple of the {t.name} block size {per_block}",
+                                    tensor=tensor_info.name)
+    raw2d = dequant.as_rows(tensor_info.data, t, n_rows, n_cols)
+    kernel = None
+    if choice != "generic":
+        fast = _fast_module()
+        if fast is not None:
+            kernel = fast.prepare_fast(t, raw2d, n_rows, n_cols)
+        if kernel is None and choice == "fast":
+            raise UnsupportedTensorType(f"no fast kernel for {t.name} on this machine", tensor=tensor_info.name)
+    if kernel is None:
+        kernel = GenericKernel(t, raw2d, n_rows, n_cols)
+    return Weight(tensor_info.name, t, raw2d, n_rows, n_cols, kernel)
