@@ -1,0 +1,429 @@
+"""ModelManager: the object the server is handed. It is an Engine that can change its model at run time.
+
+Every Engine call (generate, abort, tokenize, perf, model_info, ...) goes to the engine of the loaded model, so the
+adapters never notice a switch. `load(name)` replaces the model from the library:
+
+1. the new file's header is read and its RAM need compared with the memory available (refused with
+   `InsufficientMemory`, naming the mixes that would fit, unless running from disk is allowed);
+2. new requests wait (or get `EngineBusy` when the waiting line is full) while requests in flight finish;
+3. the new model is built, beside the old one when both fit in RAM, else after the old one is released;
+4. the new engine takes over: its template, context size and vocabulary apply to the next request.
+
+A load that fails leaves the previous model serving (rebuilt if it had to be released to make room).
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import inspect
+import logging
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+from airobackend.errors import EngineBusy, InsufficientMemory, ModelFileError, ModelNotLoaded, RequestError
+from airobackend.library import GB, ModelEntry, ModelLibrary
+from airobackend.settings import Settings
+from airobackend.types import GenerationEvent, GenerationRequest
+
+log = logging.getLogger("airobackend.manager")
+
+# Settings a load may override per model (text-generation-webui's `args`, KoboldCpp's config fields).
+LOAD_OVERRIDES = ("n_ctx", "n_threads", "n_batch", "n_gqa", "rms_norm_eps", "rope_freq_base", "rope_freq_scale",
+                  "template", "seed", "use_mmap")
+
+ProgressFn = Callable[[float], None]
+EngineFactory = Callable[[ModelEntry, Settings, ProgressFn], tuple[Any, Any]]
+
+
+def mem_available() -> int:
+    """Bytes of memory available for a new model: MemAvailable of /proc/meminfo (Linux), else free physical pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import os
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62     # unknown: do not refuse
+
+
+def build_engine(entry: ModelEntry, settings: Settings, progress: ProgressFn) -> tuple[Any, Any]:
+    """The default engine factory: `Llama` over the file, `Engine` over the Llama. Returns (engine, llama)."""
+    from airobackend.engine import Engine
+    from airobackend.llama import Llama
+
+    kwargs = dict(model_path=entry.path, n_ctx=settings.n_ctx, n_threads=settings.n_threads,
+                  n_batch=settings.n_batch, seed=settings.seed, n_gqa=settings.n_gqa,
+                  rms_norm_eps=settings.rms_norm_eps, rope_freq_base=settings.rope_freq_base,
+                  rope_freq_scale=settings.rope_freq_scale, verbose=False)
+    params = inspect.signature(Llama).parameters
+    if "progress_callback" in params:
+        kwargs["progress_callback"] = progress
+    if "use_mmap" in params:
+        kwargs["use_mmap"] = settings.use_mmap
+    llama = Llama(**kwargs)
+    progress(0.95)
+    return Engine(llama, settings), llama
+
+
+class _Held:
+    """The event iterator of one generation; gives the manager its slot back when exhausted, closed or dropped."""
+
+    def __init__(self, events: Iterator[GenerationEvent], release: Callable[[], None]) -> None:
+        self._events, self._release, self._done = events, release, False
+
+    def __iter__(self) -> "_Held":
+        return self
+
+    def __next__(self) -> GenerationEvent:
+        try:
+            return next(self._events)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        try:
+            close = getattr(self._events, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._release()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class ModelManager:
+    """An Engine whose model can be listed, loaded, unloaded and switched while the server runs.
+
+    `mem_available` and `engine_factory` are injectable for tests; `on_progress(name, fraction)` is called while a
+    model loads (the console progress bar); `load_progress` is the same value for the status routes.
+    """
+
+    def __init__(self, settings: Settings, *, library: Optional[ModelLibrary] = None,
+                 mem_available: Callable[[], int] = mem_available,
+                 engine_factory: EngineFactory = build_engine,
+                 on_progress: Optional[Callable[[str, float], None]] = None) -> None:
+        self.settings = settings
+        self.library = library or ModelLibrary(settings.model_dir, n_ctx=settings.n_ctx,
+                                                 template=settings.template)
+        self._mem_available = mem_available
+        self._factory = engine_factory
+        self._on_progress = on_progress
+        self._cond = threading.Condition()
+        self._engine: Any = None
+        self._llama: Any = None
+        self._entry: Optional[ModelEntry] = None
+        self._settings_used: Optional[Settings] = None
+        self._active = 0              # generations holding the current engine
+        self._waiting = 0             # generations waiting for a load to finish
+        self._loading: Optional[str] = None   # name of the model being loaded
+        self._progress = 0.0
+        self._startup_name: Optional[str] = None
+        self.last_error: Optional[str] = None
+
+    # ------------------------------------------------------------------ management
+
+    @property
+    def loaded_name(self) -> Optional[str]:
+        """Library name of the model serving now (None when none)."""
+        e = self._entry
+        return e.name if e is not None and self._engine is not None else None
+
+    @property
+    def loading_name(self) -> Optional[str]:
+        return self._loading
+
+    @property
+    def load_progress(self) -> float:
+        """0..1 while a model loads; 1.0 when one is loaded and idle, 0.0 when none."""
+        if self._loading is not None:
+            return self._progress
+        return 1.0 if self._engine is not None else 0.0
+
+    @property
+    def loaded_entry(self) -> Optional[ModelEntry]:
+        return self._entry if self._engine is not None else None
+
+    def list_models(self) -> list[dict]:
+        """The library: one dict per model file (ModelEntry.to_dict without paths) with `loaded` set on one."""
+        current = self.loaded_name
+        out = []
+        for e in self.library.scan():
+            d = e.to_dict()
+            d["loaded"] = e.name == current
+            out.append(d)
+        return out
+
+    def register(self, path: str, name: Optional[str] = None) -> str:
+        """Make a file outside the library folder loadable by name (the `--model` file, the demo model)."""
+        name = self.library.register(path, name)
+        if self._startup_name is None:
+            self._startup_name = name
+        return name
+
+    @property
+    def startup_name(self) -> Optional[str]:
+        """The model the server started with (KoboldCpp's 'initial_model')."""
+        return self._startup_name
+
+    def load(self, name: str, *, allow_disk: Optional[bool] = None, abort_running: bool = False,
+             **overrides: Any) -> ModelEntry:
+        """Load `name` from the library and make it serve; returns its entry.
+
+        Raises RequestError (unknown name or override), ModelFileError (unreadable file; nothing changes),
+        InsufficientMemory (does not fit and `allow_disk` is off; nothing changes), EngineBusy (another load
+        is running). `abort_running` aborts generations in flight instead of letting them finish.
+        """
+        unknown = set(overrides) - set(LOAD_OVERRIDES)
+        if unknown:
+            raise RequestError(f"unknown load option(s) {', '.join(sorted(unknown))}; "
+                               f"known: {', '.join(LOAD_OVERRIDES)}")
+        entry = self.library.find(name)
+        if not entry.loadable:
+            raise ModelFileError(f"cannot load {entry.name}: {entry.error}")
+        settings = dataclasses.replace(self.settings, **{k: v for k, v in overrides.items() if v is not None})
+        if settings.n_ctx <= 0:
+            raise RequestError(f"n_ctx must be positive, got {settings.n_ctx}")
+        need = entry.ram_for(settings.n_ctx)
+        allow = self.settings.allow_disk if allow_disk is None else bool(allow_disk)
+
+        with self._cond:
+            if self._loading is not None:
+                raise EngineBusy(f"a model is already loading ({self._loading}); try again when it is ready")
+            avail = self._mem_available()
+            # Released at the switch: the old model's own memory. Its mmapped weights are page cache, which
+            # MemAvailable already counts as available, so only the rest (KV cache, buffers) is added back.
+            old = self.loaded_entry
+            reclaim = 0
+            if old is not None:
+                old_ram = old.ram_for(self._settings_used.n_ctx)
+                reclaim = old_ram - old.file_size if self._settings_used.use_mmap else old_ram
+            room = avail + max(0, reclaim)
+            if need > room:
+                if not allow:
+                    raise InsufficientMemory(self._refusal(entry, need, room, settings.n_ctx))
+                log.warning("%s needs %.1f GB of RAM but %.1f GB is available: running from disk through mmap, "
+                            "generation will be disk-bound (very slow)", entry.name, need / GB, room / GB)
+            self._loading, self._progress = entry.name, 0.0
+        self._report(0.0)
+        try:
+            self._switch(entry, settings, beside_old=need <= avail, abort_running=abort_running)
+            self.last_error = None
+        except BaseException as e:
+            self.last_error = f"{type(e).__name__}: {e}"
+            raise
+        finally:
+            with self._cond:
+                self._loading = None
+                self._cond.notify_all()
+        self._report(1.0, entry.name)
+        return entry
+
+    def unload(self, *, abort_running: bool = False) -> None:
+        """Release the model after the generations in flight finish; Engine calls then raise ModelNotLoaded."""
+        with self._cond:
+            if self._loading is not None:
+                raise EngineBusy(f"a model is loading ({self._loading}); unload when it is ready")
+            self._loading, self._progress = "", 0.0     # new requests wait, then find no model
+        try:
+            self._drain(abort_running)
+            with self._cond:
+                engine, llama = self._engine, self._llama
+                self._engine = self._llama = self._entry = self._settings_used = None
+            _close(engine, llama)
+        finally:
+            with self._cond:
+                self._loading = None
+                self._cond.notify_all()
+
+    # ------------------------------------------------------------------ the Engine interface
+
+    def generate(self, req: GenerationRequest) -> Iterator[GenerationEvent]:
+        """Events of one generation on the loaded model. Waits while a model loads (EngineBusy when too many
+        wait); raises ModelNotLoaded when none is loaded. The engine's own errors are raised as it raises them."""
+        engine = self._acquire()
+        try:
+            events = iter(engine.generate(req))
+        except BaseException:
+            self._release()
+            raise
+        return _Held(events, self._release)
+
+    def abort(self, genkey: Optional[str] = None) -> bool:
+        engine = self._engine
+        return bool(engine.abort(genkey)) if engine is not None else False
+
+    def tokenize(self, text, add_bos: bool = True) -> list[int]:
+        return self._current().tokenize(text, add_bos=add_bos)
+
+    def detokenize(self, ids) -> str:
+        return self._current().detokenize(ids)
+
+    def partial_text(self, genkey: Optional[str] = None) -> str:
+        engine = self._engine
+        return engine.partial_text(genkey) if engine is not None else ""
+
+    def perf(self) -> dict:
+        perf = dict(self._current().perf())
+        perf["queue"] = int(perf.get("queue", 0)) + self._waiting
+        return perf
+
+    def model_info(self) -> dict:
+        """The engine's model_info with `name` as the library names it, plus `load_progress`."""
+        info = dict(self._current().model_info())
+        info["name"] = self.loaded_name or info.get("name")
+        info["load_progress"] = self.load_progress
+        return info
+
+    def format_chat(self, messages: list[dict]) -> str:
+        return self._current().format_chat(messages)
+
+    def __getattr__(self, name: str) -> Any:
+        # Engine methods added after this class was written still reach the loaded engine.
+        if name.startswith("_"):
+            raise AttributeError(name)
+        engine = self.__dict__.get("_engine")
+        if engine is None:
+            raise ModelNotLoaded("no model is loaded")
+        return getattr(engine, name)
+
+    # ------------------------------------------------------------------ internals
+
+    def _current(self) -> Any:
+        engine = self._engine
+        if engine is None:
+            if self._loading:
+                raise ModelNotLoaded(f"no model is loaded: {self._loading} is loading "
+                                     f"({self._progress:.0%})")
+            raise ModelNotLoaded("no model is loaded")
+        return engine
+
+    def _queue_limit(self) -> int:
+        # The same line length as the Engine's queue (Settings.multiuser: how many may wait; 0 = nobody).
+        return max(0, int(self.settings.multiuser))
+
+    def _acquire(self) -> Any:
+        with self._cond:
+            if self._loading is not None:
+                if self._waiting >= self._queue_limit():
+                    raise EngineBusy(f"Server is busy; a model is loading ({self._loading or 'unloading'})")
+                self._waiting += 1
+                try:
+                    while self._loading is not None:
+                        self._cond.wait()
+                finally:
+                    self._waiting -= 1
+            if self._engine is None:
+                raise ModelNotLoaded("no model is loaded")
+            self._active += 1
+            return self._engine
+
+    def _release(self) -> None:
+        with self._cond:
+            self._active -= 1
+            self._cond.notify_all()
+
+    def _drain(self, abort_running: bool) -> None:
+        """Wait until no generation holds the current engine (aborting them first when asked)."""
+        with self._cond:
+            while self._active:
+                if abort_running and self._engine is not None:
+                    self._engine.abort(None)
+                self._cond.wait(timeout=0.05 if abort_running else None)
+
+    def _switch(self, entry: ModelEntry, settings: Settings, *, beside_old: bool, abort_running: bool) -> None:
+        self._drain(abort_running)
+        with self._cond:
+            old = (self._engine, self._llama, self._entry, self._settings_used)
+        if old[0] is not None and not beside_old:
+            with self._cond:
+                self._engine = self._llama = self._entry = self._settings_used = None
+            _close(old[0], old[1])
+        try:
+            engine, llama = self._factory(entry, settings, self._report)
+        except BaseException:
+            if old[0] is not None and not beside_old:
+                self._restore(old[2], old[3])
+            raise
+        with self._cond:
+            self._engine, self._llama, self._entry, self._settings_used = engine, llama, entry, settings
+        if beside_old and old[0] is not None:
+            _close(old[0], old[1])
+        log.info("model %s loaded (%s, %s, n_ctx %d)", entry.name, entry.mix, entry.size_class, settings.n_ctx)
+
+    def _restore(self, entry: ModelEntry, settings: Settings) -> None:
+        """Bring back the model that was released for a load that then failed."""
+        try:
+            engine, llama = self._factory(entry, settings, lambda f: None)
+        except Exception as e:   # nothing more we can do: report both failures through the logs
+            log.error("could not restore %s after a failed load: %s", entry.name, e)
+            return
+        with self._cond:
+            self._engine, self._llama, self._entry, self._settings_used = engine, llama, entry, settings
+
+    def _report(self, fraction: float, name: Optional[str] = None) -> None:
+        self._progress = max(0.0, min(1.0, float(fraction)))
+        if self._on_progress is not None:
+            try:
+                self._on_progress(name or self._loading or "", self._progress)
+            except Exception:   # a broken progress bar must not break a load
+                pass
+
+    def _refusal(self, entry: ModelEntry, need: int, avail: int, n_ctx: int) -> str:
+        fits = [e for e in self.library.scan()
+                if e.loadable and e.name != entry.name and e.ram_for(n_ctx) <= avail]
+        # Same model family (parameter class) first, best quality (largest) first.
+        fits.sort(key=lambda e: (e.size_class != entry.size_class, -e.ram_for(n_ctx)))
+        msg = (f"{entry.name} ({entry.size_class} {entry.mix}) needs {need / GB:.1f} GB of RAM for a "
+               f"{n_ctx}-token context, but only {avail / GB:.1f} GB is available.")
+        if fits:
+            msg += " Mixes in the library that fit: " + ", ".join(
+                f"{e.name} ({e.size_class} {e.mix}, {e.ram_for(n_ctx) / GB:.1f} GB)" for e in fits[:6]) + "."
+        else:
+            msg += " No model in the library fits."
+        msg += " To run it anyway from disk through mmap (generation will be disk-bound), allow disk (--allow-disk)."
+        return msg
+
+
+def _close(engine: Any, llama: Any) -> None:
+    for obj in (engine, llama):
+        close = getattr(obj, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception as e:
+                log.warning("closing %s: %s", type(obj).__name__, e)
+    gc.collect()
+
+
+class ConsoleProgress:
+    """A one-line progress bar on stderr for model loads: `loading NAME [#####.....] 50%`."""
+
+    def __init__(self, stream=None, width: int = 30) -> None:
+        self.stream = stream or sys.stderr
+        self.width = width
+        self._last = -1
+
+    def __call__(self, name: str, fraction: float) -> None:
+        pct = int(fraction * 100)
+        if pct == self._last:
+            return
+        self._last = pct
+        filled = int(fraction * self.width)
+        end = "\n" if pct >= 100 else ""
+        self.stream.write(f"\rloading {name} [{'#' * filled}{'.' * (self.width - filled)}] {pct:3d}%{end}")
+        self.stream.flush()
+        if pct >= 100:
+            self._last = -1
