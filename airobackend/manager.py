@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator, Optional
 from airobackend.errors import EngineBusy, InsufficientMemory, ModelFileError, ModelNotLoaded, RequestError
 from airobackend.library import GB, ModelEntry, ModelLibrary
 from airobackend.settings import Settings
-from airobackend.types import GenerationEvent, GenerationRequest
+from airobackend.types import FinishReason, GenerationEvent, GenerationRequest
 
 log = logging.getLogger("airobackend.manager")
 
@@ -128,6 +128,7 @@ class ModelManager:
         self._settings_used: Optional[Settings] = None
         self._active = 0              # generations holding the current engine
         self._waiting = 0             # generations waiting for a load to finish
+        self._waiting_keys: dict[str, bool] = {}   # their genkeys / request ids -> aborted?
         self._loading: Optional[str] = None   # name of the model being loaded
         self._progress = 0.0
         self._startup_name: Optional[str] = None
@@ -178,14 +179,10 @@ class ModelManager:
         """The model the server started with (KoboldCpp's 'initial_model')."""
         return self._startup_name
 
-    def load(self, name: str, *, allow_disk: Optional[bool] = None, abort_running: bool = False,
-             **overrides: Any) -> ModelEntry:
-        """Load `name` from the library and make it serve; returns its entry.
-
-        Raises RequestError (unknown name or override), ModelFileError (unreadable file; nothing changes),
-        InsufficientMemory (does not fit and `allow_disk` is off; nothing changes), EngineBusy (another load
-        is running). `abort_running` aborts generations in flight instead of letting them finish.
-        """
+    def check_load(self, name: str, *, allow_disk: Optional[bool] = None,
+                   **overrides: Any) -> tuple[ModelEntry, Settings, int]:
+        """Everything `load` checks before it changes anything: the name, the options, the file's header and the
+        RAM. Returns (entry, settings for it, bytes of RAM it needs); raises what `load` would raise."""
         unknown = set(overrides) - set(LOAD_OVERRIDES)
         if unknown:
             raise RequestError(f"unknown load option(s) {', '.join(sorted(unknown))}; "
@@ -198,28 +195,31 @@ class ModelManager:
             raise RequestError(f"n_ctx must be positive, got {settings.n_ctx}")
         need = entry.ram_for(settings.n_ctx)
         allow = self.settings.allow_disk if allow_disk is None else bool(allow_disk)
+        room = self._room()
+        if need > room:
+            if not allow:
+                raise InsufficientMemory(self._refusal(entry, need, room, settings.n_ctx))
+            log.warning("%s needs %.1f GB of RAM but %.1f GB is available: running from disk through mmap, "
+                        "generation will be disk-bound (very slow)", entry.name, need / GB, room / GB)
+        return entry, settings, need
 
+    def load(self, name: str, *, allow_disk: Optional[bool] = None, abort_running: bool = False,
+             **overrides: Any) -> ModelEntry:
+        """Load `name` from the library and make it serve; returns its entry.
+
+        Raises RequestError (unknown name or override), ModelFileError (unreadable file; nothing changes),
+        InsufficientMemory (does not fit and `allow_disk` is off; nothing changes), EngineBusy (another load
+        is running). `abort_running` aborts generations in flight instead of letting them finish.
+        """
         with self._cond:
             if self._loading is not None:
                 raise EngineBusy(f"a model is already loading ({self._loading}); try again when it is ready")
-            avail = self._mem_available()
-            # Released at the switch: the old model's own memory. Its mmapped weights are page cache, which
-            # MemAvailable already counts as available, so only the rest (KV cache, buffers) is added back.
-            old = self.loaded_entry
-            reclaim = 0
-            if old is not None:
-                old_ram = old.ram_for(self._settings_used.n_ctx)
-                reclaim = old_ram - old.file_size if self._settings_used.use_mmap else old_ram
-            room = avail + max(0, reclaim)
-            if need > room:
-                if not allow:
-                    raise InsufficientMemory(self._refusal(entry, need, room, settings.n_ctx))
-                log.warning("%s needs %.1f GB of RAM but %.1f GB is available: running from disk through mmap, "
-                            "generation will be disk-bound (very slow)", entry.name, need / GB, room / GB)
+            entry, settings, need = self.check_load(name, allow_disk=allow_disk, **overrides)
+            beside_old = need <= self._mem_available()
             self._loading, self._progress = entry.name, 0.0
         self._report(0.0)
         try:
-            self._switch(entry, settings, beside_old=need <= avail, abort_running=abort_running)
+            self._switch(entry, settings, beside_old=beside_old, abort_running=abort_running)
             self.last_error = None
         except BaseException as e:
             self.last_error = f"{type(e).__name__}: {e}"
@@ -253,7 +253,9 @@ class ModelManager:
     def generate(self, req: GenerationRequest) -> Iterator[GenerationEvent]:
         """Events of one generation on the loaded model. Waits while a model loads (EngineBusy when too many
         wait); raises ModelNotLoaded when none is loaded. The engine's own errors are raised as it raises them."""
-        engine = self._acquire()
+        engine = self._acquire(req)
+        if engine is None:      # aborted while waiting for a load
+            return iter([GenerationEvent(finish_reason=FinishReason.ABORTED)])
         try:
             events = iter(engine.generate(req))
         except BaseException:
@@ -262,6 +264,13 @@ class ModelManager:
         return _Held(events, self._release)
 
     def abort(self, genkey: Optional[str] = None) -> bool:
+        """Abort the running generation (or the one with this genkey / request id, running, queued or waiting
+        for a load)."""
+        with self._cond:
+            if genkey and genkey in self._waiting_keys:
+                self._waiting_keys[genkey] = True
+                self._cond.notify_all()
+                return True
         engine = self._engine
         return bool(engine.abort(genkey)) if engine is not None else False
 
@@ -281,9 +290,9 @@ class ModelManager:
         return perf
 
     def model_info(self) -> dict:
-        """The engine's model_info with `name` as the library names it, plus `load_progress`."""
+        """The engine's model_info plus `library_name` (what list_models calls it) and `load_progress`."""
         info = dict(self._current().model_info())
-        info["name"] = self.loaded_name or info.get("name")
+        info["library_name"] = self.loaded_name
         info["load_progress"] = self.load_progress
         return info
 
@@ -314,17 +323,25 @@ class ModelManager:
         # The same line length as the Engine's queue (Settings.multiuser: how many may wait; 0 = nobody).
         return max(0, int(self.settings.multiuser))
 
-    def _acquire(self) -> Any:
+    def _acquire(self, req: GenerationRequest) -> Any:
+        """The engine to run `req` on, counted as in use; None if `req` was aborted while it waited."""
         with self._cond:
             if self._loading is not None:
                 if self._waiting >= self._queue_limit():
                     raise EngineBusy(f"Server is busy; a model is loading ({self._loading or 'unloading'})")
+                keys = [k for k in (req.genkey, req.request_id) if k]
                 self._waiting += 1
+                for k in keys:
+                    self._waiting_keys[k] = False
                 try:
-                    while self._loading is not None:
+                    while self._loading is not None and not any(self._waiting_keys[k] for k in keys):
                         self._cond.wait()
+                    if any(self._waiting_keys[k] for k in keys):
+                        return None
                 finally:
                     self._waiting -= 1
+                    for k in keys:
+                        self._waiting_keys.pop(k, None)
             if self._engine is None:
                 raise ModelNotLoaded("no model is loaded")
             self._active += 1
@@ -380,6 +397,19 @@ class ModelManager:
                 self._on_progress(name or self._loading or "", self._progress)
             except Exception:   # a broken progress bar must not break a load
                 pass
+
+    def _room(self) -> int:
+        """Memory a new model may use: what is available now plus what the old model gives back at the switch.
+
+        The old model's mmapped weights are page cache, which MemAvailable already counts as available, so only
+        the rest of it (KV cache, buffers) is added back; without mmap all of it is.
+        """
+        room = self._mem_available()
+        old, used = self.loaded_entry, self._settings_used
+        if old is not None and used is not None:
+            old_ram = old.ram_for(used.n_ctx)
+            room += max(0, old_ram - old.weights_bytes if used.use_mmap else old_ram)
+        return room
 
     def _refusal(self, entry: ModelEntry, need: int, avail: int, n_ctx: int) -> str:
         fits = [e for e in self.library.scan()

@@ -146,13 +146,13 @@ def test_load_generate_switch_generate(library_dir):
     entry = mgr.load("fx-q2_K.gguf")
     assert entry.mix == "q2_K" and mgr.loaded_name == "fx-q2_K.gguf" and mgr.load_progress == 1.0
     assert text_of(mgr.generate(GenerationRequest(prompt="hi"))) == "fx-q2_K.gguf:hi"
-    assert mgr.model_info()["name"] == "fx-q2_K.gguf"
+    assert mgr.model_info()["library_name"] == "fx-q2_K.gguf"
     assert [m["name"] for m in mgr.list_models() if m["loaded"]] == ["fx-q2_K.gguf"]
 
     mgr.load("fx-q4_K_M.ggmlv3.bin", n_ctx=512, template="vicuna")
     assert text_of(mgr.generate(GenerationRequest(prompt="yo"))) == "fx-q4_K_M.ggmlv3.bin:yo"
     info = mgr.model_info()
-    assert (info["name"], info["n_ctx"], info["template"]) == ("fx-q4_K_M.ggmlv3.bin", 512, "vicuna")
+    assert (info["library_name"], info["n_ctx"], info["template"]) == ("fx-q4_K_M.ggmlv3.bin", 512, "vicuna")
     assert factory.built["fx-q2_K.gguf"].closed, "the old engine is released after the switch"
     assert mgr.tokenize("ab") == [1, 97, 98]
 
@@ -376,6 +376,23 @@ def test_waiting_line_is_bounded(library_dir):
         assert box.get("result") == "fx-q2_K.gguf:w"
 
 
+def test_request_waiting_for_a_load_can_be_aborted(library_dir):
+    mgr, factory, _ = make(library_dir)
+    factory.hold = threading.Event()
+    loader, _ = run_in_thread(mgr.load, "fx-q2_K.gguf")
+    assert factory.loading.wait(TIMEOUT)
+    waiter, box = run_in_thread(lambda: list(mgr.generate(GenerationRequest(prompt="w", genkey="KCPP1234"))))
+    deadline = time.monotonic() + TIMEOUT
+    while mgr._waiting < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert mgr.abort("KCPP1234") is True
+    waiter.join(TIMEOUT)
+    assert [ev.finish_reason for ev in box["result"]] == [FinishReason.ABORTED]
+    factory.hold.set()
+    loader.join(TIMEOUT)
+    assert factory.built["fx-q2_K.gguf"].served == 0
+
+
 def test_load_can_abort_streams_in_flight(library_dir):
     mgr, factory, _ = make(library_dir)
     mgr.load("fx-q2_K.gguf")
@@ -422,7 +439,8 @@ def test_real_engine_load_generate_switch_generate(tmp_path, fixtures_dir, fixtu
     several times the files' noise floors: 0.105 vs 0.014 and 0.022 vs 0.0005)."""
     d = tmp_path / "models"
     d.mkdir()
-    pytest.importorskip("airobackend.llama", reason="airobackend.llama (the Llama facade) is not in this tree yet")
+    for module in ("airobackend.llama", "airobackend.sampling"):
+        pytest.importorskip(module, reason=f"{module} is not in this tree yet")
     for name in ("fx-q2_K.ggmlv3.bin", "fxgqa-f16.gguf"):
         shutil.copyfile(fixtures_dir / "models" / name, d / name)
     mgr = ModelManager(Settings(model_dir=str(d), n_ctx=128, n_threads=1))
@@ -437,9 +455,9 @@ def test_real_engine_load_generate_switch_generate(tmp_path, fixtures_dir, fixtu
         return [t for ev in out for t in ev.token_ids][0], mgr.model_info()
 
     tok, info = first_token("fx-q2_K.ggmlv3.bin", "fx-q2_K")
-    assert (tok, info["name"], info["n_ctx"]) == (models["fx-q2_K"]["greedy"][0], "fx-q2_K.ggmlv3.bin", 128)
+    assert (tok, info["library_name"], info["n_ctx"]) == (models["fx-q2_K"]["greedy"][0], "fx-q2_K.ggmlv3.bin", 128)
     tok, info = first_token("fxgqa-f16.gguf", "fxgqa-f16")
-    assert (tok, info["name"]) == (models["fxgqa-f16"]["greedy"][0], "fxgqa-f16.gguf")
+    assert (tok, info["library_name"]) == (models["fxgqa-f16"]["greedy"][0], "fxgqa-f16.gguf")
     tok, _ = first_token("fx-q2_K.ggmlv3.bin", "fx-q2_K")
     assert tok == models["fx-q2_K"]["greedy"][0]
     mgr.unload()
