@@ -57,12 +57,18 @@ def rope(x, pos, n_rot, freq_base, freq_scale):
 def round_f16(a):
     """Round float32 values in place to the nearest fp16 value (ties to even), as ggml does before F16 dot products.
 
-    Normal fp16 range: keep 10 mantissa bits; below 2^-14 (fp16 subnormals): round to a multiple of 2^-24.
+    Normal fp16 range: keep 10 mantissa bits; below 2^-14 (fp16 subnormals): round to a multiple of 2^-24;
+    from 65520 on: infinity. NaN stays NaN.
     """
     u = a.view(np.uint32)
     for i in range(a.shape[0]):
         bits = np.int64(u[i])
-        if (bits & 0x7FFFFFFF) >= 0x38800000:
+        mag = bits & 0x7FFFFFFF
+        if mag > 0x7F800000:
+            continue
+        if mag >= 0x477FF000:
+            u[i] = np.uint32((bits & 0x80000000) | 0x7F800000)
+        elif mag >= 0x38800000:
             bits = (bits + 0xFFF + ((bits >> 13) & 1)) & 0xFFFFE000
             u[i] = np.uint32(bits)
         else:

@@ -1,0 +1,92 @@
+"""RMSNorm, RoPE, attention over the fp16 KV cache, softmax, SwiGLU, fp16 rounding: Numba kernels vs numpy."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from airobackend.kernels import ops, reference
+from airobackend.kernels.dequant import f16_table
+
+
+def test_rmsnorm():
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((3, 259)) * 3).astype(np.float32)
+    w = (1 + 0.1 * rng.standard_normal(259)).astype(np.float32)
+    w.setflags(write=False)
+    out = np.empty_like(x)
+    ops.rmsnorm(x, w, 5e-6, out)
+    np.testing.assert_allclose(out, reference.rmsnorm(x, w, 5e-6), rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("base,scale", [(10000.0, 1.0), (500000.0, 1.0), (10000.0, 0.25)])
+@pytest.mark.parametrize("head_dim", [32, 128])
+def test_rope_normal_mode(base, scale, head_dim):
+    rng = np.random.default_rng(head_dim)
+    x = rng.standard_normal((4, 3, head_dim)).astype(np.float32)
+    pos = np.array([0, 1, 17, 2047], np.int64)
+    ours = x.copy()
+    ops.rope(ours, pos, head_dim, base, scale)
+    np.testing.assert_allclose(ours, reference.rope(x, pos, base, scale), rtol=1e-5, atol=2e-5)
+    # position 0 is the identity; pairs are adjacent (x[2i], x[2i+1]): their norms are preserved
+    np.testing.assert_array_equal(ours[0], x[0])
+    pair_norm = lambda a: a[..., 0::2] ** 2 + a[..., 1::2] ** 2  # noqa: E731
+    np.testing.assert_allclose(pair_norm(ours), pair_norm(x), rtol=1e-5, atol=1e-6)
+
+
+def test_rope_by_delta_composes():
+    """Rotating by p then by -n equals rotating by p - n (what the context shift relies on)."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 2, 64)).astype(np.float32)
+    a = x.copy()
+    ops.rope(a, np.array([30, 40]), 64, 10000.0, 1.0)
+    ops.rope(a, np.array([-7, -7]), 64, 10000.0, 1.0)
+    b = x.copy()
+    ops.rope(b, np.array([23, 33]), 64, 10000.0, 1.0)
+    np.testing.assert_allclose(a, b, atol=2e-5)
+
+
+def test_round_f16_equals_numpy_half():
+    rng = np.random.default_rng(1)
+    vals = np.concatenate([rng.standard_normal(5000) * s for s in (1e-7, 1e-5, 1e-3, 1, 100, 6e4)])
+    vals = np.concatenate([vals, [0.0, -0.0, 2.0 ** -24, 2.0 ** -25, 3 * 2.0 ** -26, 2.0 ** -14, 1 + 2.0 ** -11,
+                                  65504.0, 65519.0, 65520.0, -1e6, np.inf, -np.inf, np.nan]])
+    a = vals.astype(np.float32)
+    ours = a.copy()
+    ops.round_f16(ours)
+    with np.errstate(over="ignore"):
+        np.testing.assert_array_equal(ours, a.astype(np.float16).astype(np.float32))
+
+
+def test_softmax_and_silu_mul():
+    rng = np.random.default_rng(2)
+    s = (rng.standard_normal(77) * 4).astype(np.float32)
+    ours = s.copy()
+    ops.softmax(ours)
+    np.testing.assert_allclose(ours, reference.softmax(s.astype(np.float64)), rtol=1e-6)
+    g = (rng.standard_normal((2, 301)) * 5).astype(np.float32)
+    u = rng.standard_normal((2, 301)).astype(np.float32)
+    ours = g.copy()
+    ops.silu_mul(ours, u)
+    np.testing.assert_allclose(ours, reference.silu_mul(g, u), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("n_head,n_head_kv,n_past,n_tok", [(4, 4, 0, 5), (8, 2, 9, 1), (8, 2, 3, 4), (6, 1, 0, 1)])
+def test_attention_gqa_causal(n_head, n_head_kv, n_past, n_tok):
+    rng = np.random.default_rng(n_head * 100 + n_past)
+    hd, n_ctx = 32, 16
+    n_kv = n_past + n_tok
+    q = rng.standard_normal((n_tok, n_head, hd)).astype(np.float32)
+    k = rng.standard_normal((n_kv, n_head_kv, hd)).astype(np.float32)
+    v = rng.standard_normal((n_kv, n_head_kv, hd)).astype(np.float32)
+    k_cache = np.full((n_ctx, n_head_kv * hd), 0x7C00, np.uint16)     # +inf beyond n_kv: must never be read
+    v_cache = k_cache.copy()
+    k_cache[:n_kv] = ops.f32_to_f16_bits(k.reshape(n_kv, -1))
+    v_cache[:n_kv] = ops.f32_to_f16_bits(v.reshape(n_kv, -1))
+    out = np.empty((n_tok, n_head * hd), np.float32)
+    ops.attention(q, k_cache, v_cache, n_past, f16_table(), out)
+    tab = f16_table()
+    expect = reference.attention(q, tab[k_cache[:n_kv]].reshape(n_kv, n_head_kv, hd),
+                                 tab[v_cache[:n_kv]].reshape(n_kv, n_head_kv, hd), n_past)
+    # ours rounds q and the probabilities to fp16 like llama.cpp's F16 cache path; the oracle does not
+    np.testing.assert_allclose(out, expect.reshape(n_tok, -1), atol=3e-3, rtol=0)
+    assert np.isfinite(out).all()
