@@ -1,0 +1,270 @@
+"""KoboldAI United API v1 plus KoboldCpp's /api/extra routes (protocols.md sections 1-2).
+
+What KoboldAI Lite, SillyTavern ("KoboldAI Classic" and "Text Completion -> KoboldCpp") and `koboldapi` call:
+model/version/config probes, blocking and SSE generation, polled partial text, genkey-scoped abort, token counting,
+perf counters. `/api/extra/version` says "KoboldCpp" because SillyTavern and Lite detect features by it.
+
+POST /api/v1/generate is also text-generation-webui's legacy blocking route: a body in that dialect (it has
+`max_new_tokens` or `stopping_strings` and no `max_length`) is mapped by whichever plugin answers the "textgen"
+protocol, so both kinds of client get their own defaults and stop-string semantics from one handler.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, AsyncIterator, Optional
+
+import pluggy
+from fastapi import APIRouter
+from starlette.requests import Request
+from starlette.responses import JSONResponse, RedirectResponse
+
+from airobackend.aio import GenerationStream, collect
+from airobackend.errors import ModelNotLoaded
+from airobackend.hookspecs import hookimpl
+from airobackend.server import (FieldError, Fields, build_request, json_schema_body, read_json,
+                                run_watching_disconnect, sampling_params)
+from airobackend.settings import Settings
+from airobackend.sse import SSEResponse, encode_sse
+from airobackend.types import FinishReason, GenerationEvent, GenerationRequest
+
+log = logging.getLogger("airobackend.adapters.kobold")
+
+KOBOLDCPP_VERSION = "1.76"          # the newest KoboldCpp whose API we implement; Lite gates features on it
+UNITED_API_VERSION = "1.2.5"        # KoboldAI United API version (stop_sequence >= 1.2.2, badwordsids >= 1.2.4)
+MAX_STOP_SEQUENCES = 32             # KoboldCpp's limits: extra entries are dropped, as KoboldCpp does
+# KoboldCpp's server-side defaults for absent fields (protocols.md 1.2)
+KOBOLD_DEFAULTS = dict(temperature=0.7, top_k=100, top_p=0.92, min_p=0.0, typical_p=1.0, tfs=1.0, top_a=0.0,
+                       repetition_penalty=1.0, repetition_penalty_range=320, repetition_penalty_slope=1.0,
+                       presence_penalty=0.0, frequency_penalty=0.0, mirostat=0, mirostat_tau=5.0, mirostat_eta=0.1,
+                       dynatemp_range=0.0, dynatemp_exponent=1.0, seed=None, ban_eos=False)
+# KoboldCpp's perf stop_reason codes
+STOP_REASON = {FinishReason.LENGTH: 0, FinishReason.EOS: 1, FinishReason.STOP: 2, FinishReason.ABORTED: -1}
+TEXTGEN_MARKERS = ("max_new_tokens", "stopping_strings")
+
+GENERATE_EXAMPLE = {"prompt": "USER: Tell me about llamas. ASSISTANT:", "max_length": 80, "temperature": 0.7,
+                    "top_p": 0.92, "stop_sequence": ["USER:"], "trim_stop": True, "genkey": "KCPP1234"}
+
+
+# ---------------------------------------------------------------------------------------------- request mapping
+
+def to_generation_request(payload: dict, *, n_ctx: int, n_vocab: int) -> GenerationRequest:
+    """Map a KoboldAI/KoboldCpp generate body (protocols.md 1.2) to a GenerationRequest, with KoboldCpp's defaults.
+
+    Unknown fields are ignored; KoboldCpp's aliases (repetition_penalty, repeat_penalty, banned_strings, ...) are
+    accepted. Raises FieldError naming the field for wrong types, NaN/inf, and values no sampler can use.
+    """
+    f = Fields(payload)
+    prompt = f.str("prompt", "")
+    memory = f.str("memory", "")
+    max_ctx = min(f.int("max_context_length", n_ctx, lo=1), n_ctx)
+    max_length = f.int(("max_length", "max_new_tokens"), 180, lo=1)
+    # KoboldCpp keeps room for the prompt: max_length <= max_context_length - min(max_context_length - 4, 16)
+    max_length = max(1, min(max_length, max_ctx - min(max_ctx - 4, 16)))
+
+    sampling = sampling_params(payload, n_vocab, **KOBOLD_DEFAULTS)
+    genkey = f.str("genkey", "")
+    return GenerationRequest(
+        prompt=prompt,                     # the engine puts `memory` in front and keeps it on a shift
+        max_tokens=max_length,
+        stop=f.str_list(("stop_sequence", "stop"), max_items=1024)[:MAX_STOP_SEQUENCES],
+        trim_stop=f.bool("trim_stop", False),
+        add_bos=True,
+        sampling=sampling,
+        memory=memory or None,
+        genkey=genkey or None,
+    )
+
+
+def finish_reason(ev: Optional[GenerationEvent]) -> str:
+    """KoboldCpp's finish_reason: "stop" only for EOS; anything else (stop string, length, abort) is "length"."""
+    return "stop" if ev is not None and ev.finish_reason == FinishReason.EOS else "length"
+
+
+def looks_like_textgen(payload: dict) -> bool:
+    return any(k in payload for k in TEXTGEN_MARKERS) and "max_length" not in payload \
+        and "stop_sequence" not in payload
+
+
+# ---------------------------------------------------------------------------------------------- plugin hooks
+
+@hookimpl
+def build_generation_request(protocol: str, payload: dict, engine: Any) -> Optional[GenerationRequest]:
+    if protocol != "kobold":
+        return None
+    info = engine.model_info()
+    return to_generation_request(payload, n_ctx=int(info["n_ctx"]), n_vocab=int(info["n_vocab"]))
+
+
+@hookimpl
+def register_routes(engine: Any, settings: Settings, pm: pluggy.PluginManager) -> APIRouter:
+    return KoboldRoutes(engine, settings, pm).router
+
+
+def model_result(engine: Any, request: Request, settings: Settings) -> str:
+    """GET /api/v1/model's `result`: 'koboldcpp/<name>', masked without the key, 'ReadOnly' with no model."""
+    if settings.api_key and not request.scope.get("airo.authenticated", False):
+        return "koboldcpp/protected-model"
+    try:
+        return "koboldcpp/" + str(engine.model_info()["name"])
+    except ModelNotLoaded:
+        return "ReadOnly"      # KoboldAI Lite and SillyTavern read this as "no model loaded"
+
+
+class KoboldRoutes:
+    """The route handlers, closing over the engine, settings and plugin manager."""
+
+    def __init__(self, engine: Any, settings: Settings, pm: pluggy.PluginManager) -> None:
+        self.engine, self.settings, self.pm = engine, settings, pm
+        self.started = time.time()
+        r = self.router = APIRouter(tags=["KoboldAI / KoboldCpp"])
+        get = lambda path, fn, **kw: r.add_api_route(path, fn, methods=["GET"], response_model=None, **kw)      # noqa: E731
+        post = lambda path, fn, **kw: r.add_api_route(path, fn, methods=["POST"], response_model=None, **kw)    # noqa: E731
+        get("/api/v1/model", self.model, summary="Loaded model name (koboldcpp/<name>)")
+        get("/api/v1/info/version", self.united_version, summary="KoboldAI United API version")
+        get("/api/v1/config/max_length", self.max_length, summary="Largest max_length accepted")
+        get("/api/v1/config/max_context_length", self.max_context_length, summary="Context size")
+        get("/api/v1/config/soft_prompt", lambda: {"value": ""}, include_in_schema=False)
+        get("/api/v1/config/soft_prompts_list", lambda: {"values": []}, include_in_schema=False)
+        post("/api/v1/generate", self.generate, summary="Generate (blocking)",
+             openapi_extra=json_schema_body(GENERATE_EXAMPLE, "KoboldAI generate body (unknown fields ignored)"))
+        get("/api/extra/version", self.version, summary="Server identity: KoboldCpp-compatible")
+        get("/api/extra/true_max_context_length", self.max_context_length, summary="Context size")
+        post("/api/extra/generate/stream", self.stream, summary="Generate with SSE streaming",
+             openapi_extra=json_schema_body(GENERATE_EXAMPLE, "Same body as /api/v1/generate"))
+        get("/api/extra/generate/check", self.check_get, summary="Partial text of the running generation")
+        post("/api/extra/generate/check", self.check_post, summary="Partial text of the generation with this genkey")
+        post("/api/extra/abort", self.abort, summary="Abort a generation (genkey optional, body optional)")
+        post("/api/extra/tokencount", self.tokencount, summary="Count tokens: {value, ids}")
+        post("/api/extra/tokenize", self.tokencount, summary="Tokenize: {value, ids}")
+        post("/api/extra/detokenize", self.detokenize, summary="Detokenize ids: {result, success}")
+        get("/api/extra/perf", self.perf, summary="Performance counters")
+        post("/api/extra/last_logprobs", self.last_logprobs, include_in_schema=False)
+        get("/api/extra/preloadstory", lambda: {}, include_in_schema=False)
+        get("/sdapi/v1/sd-models", lambda: [], include_in_schema=False)   # Lite probes it; no image model here
+        get("/api", lambda: RedirectResponse("/docs", status_code=302), include_in_schema=False)
+        get("/api/v1", lambda: RedirectResponse("/docs", status_code=302), include_in_schema=False)
+
+    # -- probes
+    async def model(self, request: Request) -> JSONResponse:
+        return JSONResponse({"result": model_result(self.engine, request, self.settings)})
+
+    async def united_version(self) -> dict:
+        return {"result": UNITED_API_VERSION}
+
+    async def version(self) -> dict:
+        return {"result": "KoboldCpp", "version": KOBOLDCPP_VERSION, "protected": bool(self.settings.api_key),
+                "txt2img": False, "vision": False, "transcribe": False, "multiplayer": False, "websearch": False,
+                "tts": False, "embeddings": False}
+
+    def _n_ctx(self) -> int:
+        try:
+            return int(self.engine.model_info()["n_ctx"])
+        except ModelNotLoaded:
+            return int(self.settings.n_ctx)
+
+    async def max_context_length(self) -> dict:
+        return {"value": self._n_ctx()}
+
+    async def max_length(self) -> dict:
+        n_ctx = self._n_ctx()
+        return {"value": max(1, min(400, n_ctx - min(n_ctx - 4, 16)))}
+
+    # -- generation
+    def _request(self, body: dict) -> GenerationRequest:
+        if looks_like_textgen(body):
+            req = self.pm.hook.build_generation_request(protocol="textgen", payload=body, settings=self.settings,
+                                                        engine=self.engine)
+            if req is not None:
+                return req
+        return build_request(self.pm, "kobold", body, self.settings, self.engine)
+
+    async def generate(self, request: Request) -> JSONResponse:
+        body = await read_json(request)
+        stream = GenerationStream(self.engine, self._request(body))
+
+        async def work():
+            return await collect(stream, await stream.start())
+
+        text, last = await run_watching_disconnect(request, work(), stream.cancel)
+        return JSONResponse({"results": [{"text": text, "finish_reason": finish_reason(last)}]})
+
+    async def stream(self, request: Request) -> SSEResponse:
+        body = await read_json(request)
+        stream = GenerationStream(self.engine, self._request(body))
+        first = await run_watching_disconnect(request, stream.start(), stream.cancel)
+        return SSEResponse(kobold_sse(stream, first), on_disconnect=stream.cancel)
+
+    async def check_get(self) -> dict:
+        return {"results": [{"text": self.engine.partial_text(None)}]}
+
+    async def check_post(self, request: Request) -> dict:
+        body = await read_json(request, allow_empty=True)
+        genkey = Fields(body).str("genkey", "") or None
+        return {"results": [{"text": self.engine.partial_text(genkey)}]}
+
+    async def abort(self, request: Request) -> dict:
+        body = await read_json(request, allow_empty=True)   # SillyTavern posts no body at all
+        genkey = Fields(body).str("genkey", "") or None
+        ok = bool(self.engine.abort(genkey))
+        flag = "true" if ok else "false"
+        return {"success": flag, "done": flag}
+
+    # -- tokens
+    async def tokencount(self, request: Request) -> dict:
+        from starlette.concurrency import run_in_threadpool
+
+        body = await read_json(request)
+        f = Fields(body)
+        prompt = f.str(("prompt", "content"), "")
+        ids = await run_in_threadpool(self.engine.tokenize, prompt, f.bool("special", True))
+        return {"value": len(ids), "ids": list(ids)}
+
+    async def detokenize(self, request: Request) -> dict:
+        from starlette.concurrency import run_in_threadpool
+
+        body = await read_json(request)
+        ids = body.get("ids", body.get("tokens"))
+        n_vocab = int(self.engine.model_info()["n_vocab"])
+        if (not isinstance(ids, list) or
+                not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n_vocab for i in ids)):
+            raise FieldError(f"'ids' must be a list of token ids (0..{n_vocab - 1})", "ids")
+        return {"result": await run_in_threadpool(self.engine.detokenize, ids), "success": True}
+
+    async def perf(self) -> dict:
+        p = dict(self.engine.perf())
+        out = {"last_process": 0.0, "last_eval": 0.0, "last_token_count": 0, "last_seed": -1, "total_gens": 0,
+               "stop_reason": -1, "total_img_gens": 0, "queue": 0, "idle": 1, "hordeexitcounter": 0,
+               "uptime": round(time.time() - self.started, 3), "idletime": 0.0, "quiet": bool(self.settings.quiet)}
+        reason = p.pop("stop_reason", None)
+        out.update(p)
+        if isinstance(reason, FinishReason) or reason in {r.value for r in FinishReason}:
+            out["stop_reason"] = STOP_REASON[FinishReason(reason)]
+        elif isinstance(reason, int):
+            out["stop_reason"] = reason
+        return out
+
+    async def last_logprobs(self, request: Request) -> dict:
+        await read_json(request, allow_empty=True)
+        return {"logprobs": None}   # logprobs are not recorded for Kobold requests (KoboldCpp's answer then)
+
+
+async def kobold_sse(stream: GenerationStream, first: Optional[GenerationEvent]) -> AsyncIterator[bytes]:
+    """KoboldCpp's SSE: `event: message` + `data: {"token", "finish_reason"}`; "null" (a string) until the end."""
+    ev = first
+    try:
+        while ev is not None:
+            if ev.finish_reason is not None:
+                yield encode_sse({"token": ev.text, "finish_reason": finish_reason(ev)}, "message")
+                return
+            if ev.text:
+                yield encode_sse({"token": ev.text, "finish_reason": "null"}, "message")
+            ev = await stream.__anext__()
+    except StopAsyncIteration:
+        pass
+    except Exception as e:  # headers are out; end the stream the way every client understands
+        log.error("generation failed mid-stream: %s", e)
+    finally:
+        await stream.aclose()
+    yield encode_sse({"token": "", "finish_reason": "length"}, "message")
+

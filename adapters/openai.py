@@ -1,0 +1,411 @@
+"""OpenAI-compatible API plus text-generation-webui's /v1/internal routes (protocols.md sections 2.6, 3.6).
+
+Serves the `openai` SDK, SillyTavern's "Text Completion" modes (KoboldCpp and Default/Oobabooga), LoLLMS' vLLM and
+litellm bindings and lollms-client. Streams are `data: <json>\\n\\n` chunks ending with a terminated
+`data: [DONE]\\n\\n`; errors use OpenAI's envelope {"error": {message, type, param, code}}. Sampler fields of KoboldCpp
+and text-generation-webui are accepted beside OpenAI's, since SillyTavern sends all of them.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any, AsyncIterator, Optional
+
+import pluggy
+from fastapi import APIRouter
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from airobackend.aio import GenerationStream
+from airobackend.errors import ModelNotLoaded
+from airobackend.hookspecs import hookimpl
+from airobackend.server import (FieldError, Fields, build_request, chat_prompt, chat_stops,
+                                json_schema_body, read_json, run_watching_disconnect, sampling_params)
+from airobackend.settings import Settings
+from airobackend.sse import DONE, SSEResponse, encode_sse
+from airobackend.types import FinishReason, GenerationEvent, GenerationRequest
+
+log = logging.getLogger("airobackend.adapters.openai")
+
+# OpenAI's documented defaults for absent fields; samplers OpenAI does not have are off.
+OPENAI_DEFAULTS = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0, tfs=1.0, top_a=0.0,
+                       repetition_penalty=1.0, repetition_penalty_range=0, repetition_penalty_slope=1.0,
+                       presence_penalty=0.0, frequency_penalty=0.0, mirostat=0, seed=None, ban_eos=False)
+COMPLETION_MAX_TOKENS = 16      # OpenAI's default for /v1/completions
+CHAT_MAX_TOKENS = 512           # OpenAI: "until the context is full"; text-generation-webui uses 512
+MAX_STOPS = 32
+MAX_CHOICES = 8
+ROLES = ("system", "user", "assistant", "tool", "function", "developer")
+
+COMPLETION_EXAMPLE = {"model": "any", "prompt": "USER: Hello! ASSISTANT:", "max_tokens": 32, "temperature": 0.7,
+                      "stop": ["USER:"], "stream": False}
+CHAT_EXAMPLE = {"model": "any", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 64,
+                "stream": False}
+
+
+# ---------------------------------------------------------------------------------------------- request mapping
+
+def to_generation_request(payload: dict, *, n_ctx: int, n_vocab: int, chat: bool,
+                          prompt: Optional[str] = None) -> GenerationRequest:
+    """Map an OpenAI completions/chat body to a GenerationRequest. For chat, `prompt` is the rendered messages;
+    for completions the body's `prompt` (a string, one-string list, or a list of token ids) is used."""
+    f = Fields(payload)
+    tokens = None
+    if not chat:
+        prompt, tokens = completion_prompt(payload.get("prompt"), n_vocab)
+    default_max = CHAT_MAX_TOKENS if chat else COMPLETION_MAX_TOKENS
+    names = ("max_completion_tokens", "max_tokens", "max_new_tokens") if chat else ("max_tokens", "max_new_tokens")
+    max_tokens = f.int(names, default_max, lo=-1)
+    if max_tokens == -1 or max_tokens > n_ctx:        # -1: llama.cpp's "until the context is full"
+        max_tokens = n_ctx
+    n_probs = 0
+    if chat:
+        if f.bool("logprobs", False):
+            n_probs = max(1, f.int("top_logprobs", 1, lo=0, hi=20))
+    else:
+        n_probs = f.int("logprobs", 0, lo=0, hi=20)
+    return GenerationRequest(
+        prompt=prompt if tokens is None else None,
+        tokens=tokens,
+        max_tokens=max_tokens,
+        stop=f.str_list(("stop", "stopping_strings"), max_items=1024)[:MAX_STOPS],
+        trim_stop=True,
+        add_bos=f.bool("add_bos_token", True),
+        sampling=sampling_params(payload, n_vocab, **OPENAI_DEFAULTS),
+        echo=False if chat else f.bool("echo", False),
+        n_probs=n_probs,
+        genkey=f.str("genkey", "") or None,
+    )
+
+
+def completion_prompt(value: Any, n_vocab: int) -> tuple[Optional[str], Optional[list[int]]]:
+    """OpenAI `prompt`: a string, a list with one string, or token ids (a list of ints / one such list)."""
+    if value is None:
+        return "", None
+    if isinstance(value, str):
+        return value, None
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
+        return completion_prompt(value[0], n_vocab)
+    if isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        bad = [t for t in value if not 0 <= t < n_vocab]
+        if bad:
+            raise FieldError(f"'prompt': token id {bad[0]} is outside 0..{n_vocab - 1}", "prompt")
+        return None, list(value)
+    raise FieldError("'prompt' must be a string, a list with one string, or a list of token ids", "prompt")
+
+
+def chat_messages(payload: dict) -> list[dict]:
+    """Validate `messages`; text parts of multi-part contents are joined (images are not supported)."""
+    messages = payload.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise FieldError("'messages' must be a non-empty list", "messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise FieldError(f"'messages[{i}]' must be an object", "messages")
+        role = m.get("role")
+        if role not in ROLES:
+            raise FieldError(f"'messages[{i}].role' must be one of {', '.join(ROLES)}", "messages")
+        content = m.get("content")
+        if content is None:
+            content = ""
+        elif isinstance(content, list):
+            parts = []
+            for p in content:
+                if not isinstance(p, dict) or not isinstance(p.get("type"), str):
+                    raise FieldError(f"'messages[{i}].content' parts must be objects with a type", "messages")
+                if p["type"] == "text":
+                    if not isinstance(p.get("text"), str):
+                        raise FieldError(f"'messages[{i}].content' text part needs a string 'text'", "messages")
+                    parts.append(p["text"])
+            content = "\n".join(parts)
+        elif not isinstance(content, str):
+            raise FieldError(f"'messages[{i}].content' must be a string or a list of parts", "messages")
+        out.append({"role": "system" if role == "developer" else role, "content": content})
+    return out
+
+
+def finish_reason(ev: Optional[GenerationEvent]) -> Optional[str]:
+    """OpenAI finish_reason: EOS and stop strings are "stop", the token limit "length"."""
+    if ev is None or ev.finish_reason is None:
+        return None
+    return "length" if ev.finish_reason == FinishReason.LENGTH else "stop"
+
+
+def usage(ev: Optional[GenerationEvent]) -> dict:
+    p = int(ev.prompt_tokens) if ev is not None else 0
+    c = int(ev.completion_tokens) if ev is not None else 0
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def completion_logprobs(entries: Optional[list[dict]], offset: int) -> Optional[dict]:
+    """The engine's per-token logprobs in /v1/completions' legacy shape."""
+    if not entries:
+        return None
+    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for e in entries:
+        out["tokens"].append(e["token"])
+        out["token_logprobs"].append(e["logprob"])
+        out["top_logprobs"].append({t["token"]: t["logprob"] for t in e.get("top_logprobs", [])})
+        out["text_offset"].append(offset)
+        offset += len(e["token"])
+    return out
+
+
+def chat_logprobs(entries: Optional[list[dict]]) -> Optional[dict]:
+    if not entries:
+        return None
+
+    def item(e: dict) -> dict:
+        return {"token": e["token"], "logprob": e["logprob"], "bytes": list(e["token"].encode("utf-8"))}
+
+    return {"content": [dict(item(e), top_logprobs=[item(t) for t in e.get("top_logprobs", [])])
+                        for e in entries]}
+
+
+# ---------------------------------------------------------------------------------------------- plugin hooks
+
+@hookimpl
+def build_generation_request(protocol: str, payload: dict, engine: Any) -> Optional[GenerationRequest]:
+    if protocol not in ("openai.completions", "openai.chat"):
+        return None
+    info = engine.model_info()
+    chat = protocol == "openai.chat"
+    prompt = payload.get("_airo_prompt") if chat else None
+    return to_generation_request(payload, n_ctx=int(info["n_ctx"]), n_vocab=int(info["n_vocab"]), chat=chat,
+                                 prompt=prompt)
+
+
+@hookimpl
+def register_routes(engine: Any, settings: Settings, pm: pluggy.PluginManager) -> APIRouter:
+    return OpenAIRoutes(engine, settings, pm).router
+
+
+class OpenAIRoutes:
+    def __init__(self, engine: Any, settings: Settings, pm: pluggy.PluginManager) -> None:
+        self.engine, self.settings, self.pm = engine, settings, pm
+        self.created = int(time.time())
+        r = self.router = APIRouter(tags=["OpenAI"])
+        r.add_api_route("/v1/models", self.models, methods=["GET"], response_model=None, summary="The served model")
+        r.add_api_route("/v1/models/{model_id:path}", self.model, methods=["GET"], response_model=None, summary="One model")
+        r.add_api_route("/v1/completions", self.completions, methods=["POST"], response_model=None, summary="Text completion",
+                        openapi_extra=json_schema_body(COMPLETION_EXAMPLE, "OpenAI completion request"))
+        r.add_api_route("/v1/completion", self.completions, methods=["POST"], response_model=None, include_in_schema=False)
+        r.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"], response_model=None, summary="Chat completion",
+                        openapi_extra=json_schema_body(CHAT_EXAMPLE, "OpenAI chat completion request"))
+        r = APIRouter(tags=["text-generation-webui internal"])
+        r.add_api_route("/v1/internal/encode", self.encode, methods=["POST"], response_model=None, summary="Tokenize {text}")
+        r.add_api_route("/v1/internal/decode", self.decode, methods=["POST"], response_model=None, summary="Detokenize {tokens}")
+        r.add_api_route("/v1/internal/token-count", self.token_count, methods=["POST"], response_model=None, summary="Count tokens")
+        r.add_api_route("/v1/internal/model/info", self.model_info, methods=["GET"], response_model=None, summary="Loaded model")
+        r.add_api_route("/v1/internal/stop-generation", self.stop_generation, methods=["POST"], response_model=None,
+                        summary="Abort the running generation")
+        self.router.routes.extend(r.routes)
+
+    # -- models
+    def _model_id(self, request: Request) -> str:
+        if self.settings.api_key and not request.scope.get("airo.authenticated", False):
+            return "protected-model"
+        try:
+            return str(self.engine.model_info()["name"])
+        except ModelNotLoaded:
+            return "none"
+
+    def _model_entry(self, model_id: str) -> dict:
+        return {"id": model_id, "object": "model", "created": self.created, "owned_by": "airobackend",
+                "permission": [], "root": model_id, "parent": None}
+
+    async def models(self, request: Request) -> dict:
+        return {"object": "list", "data": [self._model_entry(self._model_id(request))]}
+
+    async def model(self, request: Request, model_id: str) -> Response:
+        mine = self._model_id(request)
+        if model_id != mine:
+            return JSONResponse({"error": {"message": f"The model '{model_id}' does not exist",
+                                           "type": "invalid_request_error", "param": "model",
+                                           "code": "model_not_found"}}, status_code=404)
+        return JSONResponse(self._model_entry(mine))
+
+    # -- generation
+    async def completions(self, request: Request) -> Response:
+        body = await read_json(request)
+        prompts = body.get("prompt")
+        if isinstance(prompts, list) and len(prompts) > 1 and all(isinstance(p, str) for p in prompts):
+            if len(prompts) > MAX_CHOICES or Fields(body).bool("stream", False):
+                raise FieldError(f"'prompt' may list at most {MAX_CHOICES} strings, and only without streaming",
+                                 "prompt")
+            reqs = [build_request(self.pm, "openai.completions", dict(body, prompt=p), self.settings, self.engine)
+                    for p in prompts]
+        else:
+            req = build_request(self.pm, "openai.completions", body, self.settings, self.engine)
+            reqs = [req] + [self._again(req) for _ in range(self._n(body) - 1)]
+        return await self._respond(request, body, reqs, chat=False)
+
+    async def chat_completions(self, request: Request) -> Response:
+        body = await read_json(request)
+        messages = chat_messages(body)
+        prompt = chat_prompt(self.pm, self.engine, messages)
+        req = build_request(self.pm, "openai.chat", dict(body, _airo_prompt=prompt), self.settings, self.engine)
+        req.stop = tuple(dict.fromkeys(tuple(req.stop) + chat_stops(self.engine)))
+        reqs = [req] + [self._again(req) for _ in range(self._n(body) - 1)]
+        return await self._respond(request, body, reqs, chat=True)
+
+    @staticmethod
+    def _n(body: dict) -> int:
+        return Fields(body).int("n", 1, lo=1, hi=MAX_CHOICES)
+
+    @staticmethod
+    def _again(req: GenerationRequest) -> GenerationRequest:
+        import dataclasses
+        return dataclasses.replace(req, request_id=None)
+
+    async def _respond(self, request: Request, body: dict, reqs: list[GenerationRequest], chat: bool) -> Response:
+        f = Fields(body)
+        stream = f.bool("stream", False)
+        if stream and len(reqs) > 1:
+            raise FieldError("'n' > 1 is not supported with streaming", "n")
+        model = self._model_id(request)
+        cid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        if stream:
+            so = body.get("stream_options")
+            include_usage = isinstance(so, dict) and bool(so.get("include_usage"))
+            gs = GenerationStream(self.engine, reqs[0])
+            first = await run_watching_disconnect(request, gs.start(), gs.cancel)
+            chunks = (chat_chunks if chat else completion_chunks)(gs, first, cid, created, model, include_usage)
+            return SSEResponse(chunks, on_disconnect=gs.cancel)
+
+        choices, last_events = [], []
+        for i, req in enumerate(reqs):
+            gs = GenerationStream(self.engine, req)
+
+            async def work(gs=gs):
+                parts, entries, last = [], [], None
+                ev = await gs.start()
+                async for ev in _events(gs, ev):
+                    if ev is _FAILED:
+                        raise RuntimeError("generation failed")
+                    parts.append(ev.text)
+                    entries.extend(ev.logprobs or [])
+                    last = ev
+                return "".join(parts), entries, last
+
+            text, entries, last = await run_watching_disconnect(request, work(), gs.cancel)
+            last_events.append(last)
+            if chat:
+                choice = {"index": i, "message": {"role": "assistant", "content": text},
+                          "logprobs": chat_logprobs(entries), "finish_reason": finish_reason(last)}
+            else:
+                choice = {"index": i, "text": text, "logprobs": completion_logprobs(entries, 0),
+                          "finish_reason": finish_reason(last)}
+            choices.append(choice)
+        u = usage(last_events[0])
+        u["completion_tokens"] = sum(usage(e)["completion_tokens"] for e in last_events)
+        u["total_tokens"] = u["prompt_tokens"] + u["completion_tokens"]
+        return JSONResponse({"id": cid, "object": "chat.completion" if chat else "text_completion",
+                             "created": created, "model": model, "choices": choices, "usage": u,
+                             "system_fingerprint": None})
+
+    # -- text-generation-webui internals
+    async def encode(self, request: Request) -> dict:
+        body = await read_json(request)
+        text = Fields(body).str(("text", "prompt"), "")
+        ids = await run_in_threadpool(self.engine.tokenize, text, Fields(body).bool("add_bos_token", True))
+        return {"tokens": list(ids), "length": len(ids)}
+
+    async def decode(self, request: Request) -> dict:
+        body = await read_json(request)
+        ids = body.get("tokens")
+        n_vocab = int(self.engine.model_info()["n_vocab"])
+        if (not isinstance(ids, list) or
+                not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n_vocab for i in ids)):
+            raise FieldError(f"'tokens' must be a list of token ids (0..{n_vocab - 1})", "tokens")
+        return {"text": await run_in_threadpool(self.engine.detokenize, ids)}
+
+    async def token_count(self, request: Request) -> dict:
+        body = await read_json(request)
+        text = Fields(body).str(("text", "prompt"), "")
+        ids = await run_in_threadpool(self.engine.tokenize, text, True)
+        return {"length": len(ids)}
+
+    async def model_info(self, request: Request) -> dict:
+        return {"model_name": self._model_id(request), "lora_names": [], "loader": "airobackend"}
+
+    async def stop_generation(self, request: Request) -> Response:
+        self.engine.abort(None)
+        return JSONResponse("OK")
+
+
+# ---------------------------------------------------------------------------------------------- streams
+
+def _chunk(cid: str, obj: str, created: int, model: str, choice: dict) -> dict:
+    return {"id": cid, "object": obj, "created": created, "model": model, "system_fingerprint": None,
+            "choices": [choice]}
+
+
+async def completion_chunks(gs: GenerationStream, first: Optional[GenerationEvent], cid: str, created: int,
+                            model: str, include_usage: bool) -> AsyncIterator[bytes]:
+    """text_completion chunks: one per text delta, the last with finish_reason, then [DONE]."""
+    obj, offset = "text_completion", 0
+    async for ev in _events(gs, first):
+        if ev is _FAILED:
+            yield encode_sse({"error": {"message": "generation failed", "type": "server_error", "param": None,
+                                        "code": None}})
+            break
+        if ev.text or ev.finish_reason is not None:
+            yield encode_sse(_chunk(cid, obj, created, model, {
+                "index": 0, "text": ev.text, "logprobs": completion_logprobs(ev.logprobs, offset),
+                "finish_reason": finish_reason(ev)}))
+            offset += len(ev.text)
+        if ev.finish_reason is not None and include_usage:
+            yield encode_sse({"id": cid, "object": obj, "created": created, "model": model, "choices": [],
+                              "usage": usage(ev)})
+    yield DONE
+
+
+async def chat_chunks(gs: GenerationStream, first: Optional[GenerationEvent], cid: str, created: int,
+                      model: str, include_usage: bool) -> AsyncIterator[bytes]:
+    """chat.completion.chunk: a role chunk, content deltas, a final chunk with finish_reason, then [DONE]."""
+    obj = "chat.completion.chunk"
+    yield encode_sse(_chunk(cid, obj, created, model, {"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                       "logprobs": None, "finish_reason": None}))
+    async for ev in _events(gs, first):
+        if ev is _FAILED:
+            yield encode_sse({"error": {"message": "generation failed", "type": "server_error", "param": None,
+                                        "code": None}})
+            break
+        if ev.text:
+            yield encode_sse(_chunk(cid, obj, created, model, {"index": 0, "delta": {"content": ev.text},
+                                                               "logprobs": chat_logprobs(ev.logprobs),
+                                                               "finish_reason": None}))
+        if ev.finish_reason is not None:
+            yield encode_sse(_chunk(cid, obj, created, model, {"index": 0, "delta": {}, "logprobs": None,
+                                                               "finish_reason": finish_reason(ev)}))
+            if include_usage:
+                yield encode_sse({"id": cid, "object": obj, "created": created, "model": model, "choices": [],
+                                  "usage": usage(ev)})
+    yield DONE
+
+
+_FAILED: Any = object()
+
+
+async def _events(gs: GenerationStream, first: Optional[GenerationEvent]) -> AsyncIterator[Any]:
+    """The stream's events from `first` on; `_FAILED` once if the engine fails after the headers went out."""
+    ev = first
+    try:
+        while ev is not None:
+            yield ev
+            if ev.finish_reason is not None:
+                return
+            try:
+                ev = await gs.__anext__()
+            except StopAsyncIteration:
+                return
+    except Exception as e:
+        log.error("generation failed mid-stream: %s", e)
+        yield _FAILED
+    finally:
+        await gs.aclose()

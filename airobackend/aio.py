@@ -1,0 +1,146 @@
+"""Bridge the engine's blocking `generate()` iterator to async code.
+
+Each generation runs in its own worker thread, which pushes events into an asyncio queue through
+`loop.call_soon_threadsafe`; the event loop never blocks, so check/abort/tokencount routes and other clients are
+answered while a model decodes. `cancel()` (client went away, or the handler was cancelled) calls
+`engine.abort(key)` for exactly this request, and the worker stops reading after the next event.
+
+Errors the engine raises before its first event (EngineBusy, RequestError, ContextOverflowError, ModelNotLoaded)
+come out of `start()`, so a handler can still choose the HTTP status before any header is sent.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import uuid
+from typing import Any, AsyncIterator, Optional
+
+from .types import GenerationEvent, GenerationRequest
+
+log = logging.getLogger("airobackend.aio")
+
+_END = object()
+
+
+class GenerationStream:
+    """Async iterator over the `GenerationEvent`s of one request, produced in a worker thread.
+
+    Usage::
+
+        stream = GenerationStream(engine, req)
+        first = await stream.start()        # raises the engine's request errors
+        async for ev in stream: ...         # the remaining events (first one excluded)
+        await stream.aclose()               # aborts if not finished; always safe
+    """
+
+    def __init__(self, engine: Any, req: GenerationRequest) -> None:
+        self.engine = engine
+        self.req = req
+        if not req.request_id:
+            req.request_id = "airo-" + uuid.uuid4().hex[:16]
+        self.finished = False
+        self.cancelled = False
+        self._queue: Optional[asyncio.Queue] = None
+        self._thread: Optional[threading.Thread] = None
+        self._stop = threading.Event()
+
+    @property
+    def abort_key(self) -> str:
+        """The key `engine.abort()` is called with: the client's genkey, else our request id."""
+        return self.req.genkey or self.req.request_id  # type: ignore[return-value]
+
+    async def start(self) -> Optional[GenerationEvent]:
+        """Start the worker and wait for the first event (None if the generation ended without one)."""
+        loop = asyncio.get_running_loop()
+        self._queue = asyncio.Queue()
+
+        def put(item: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(self._queue.put_nowait, item)
+            except RuntimeError:  # event loop closed (server shutting down): nobody is listening
+                self._stop.set()
+
+        def work() -> None:
+            gen = None
+            try:
+                if self._stop.is_set():
+                    put(_END)
+                    return
+                gen = self.engine.generate(self.req)
+                for ev in gen:
+                    put(ev)
+                    if self._stop.is_set():
+                        break
+                put(_END)
+            except BaseException as e:  # delivered to the awaiting handler
+                put(e)
+            finally:
+                close = getattr(gen, "close", None)
+                if close is not None:
+                    try:
+                        close()
+                    except Exception:  # pragma: no cover - engine cleanup errors are logged, not raised
+                        log.exception("closing the engine generator failed")
+
+        self._thread = threading.Thread(target=work, name=f"generate-{self.req.request_id}", daemon=True)
+        self._thread.start()
+        try:
+            return await self._next()
+        except StopAsyncIteration:
+            return None
+        except BaseException:
+            if not self.finished:
+                self.cancel()
+            raise
+
+    async def _next(self) -> GenerationEvent:
+        assert self._queue is not None, "start() first"
+        if self.finished:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if item is _END:
+            self.finished = True
+            raise StopAsyncIteration
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        if item.finish_reason is not None:
+            self.finished = True
+            self._stop.set()
+        return item
+
+    def __aiter__(self) -> AsyncIterator[GenerationEvent]:
+        return self
+
+    async def __anext__(self) -> GenerationEvent:
+        return await self._next()
+
+    def cancel(self) -> None:
+        """Abort this generation (idempotent; harmless if it already finished or raced to completion)."""
+        if self.cancelled:
+            return
+        self.cancelled = True
+        self._stop.set()
+        if self.finished:
+            return
+        try:
+            self.engine.abort(self.abort_key)
+        except Exception:  # pragma: no cover - abort must never take the server down
+            log.exception("engine.abort(%r) failed", self.abort_key)
+
+    async def aclose(self) -> None:
+        if not self.finished:
+            self.cancel()
+
+
+async def collect(stream: GenerationStream, first: Optional[GenerationEvent]) -> tuple[str, Optional[GenerationEvent]]:
+    """Concatenate the text of a started stream; returns (text, last event)."""
+    parts: list[str] = []
+    last = first
+    if first is not None:
+        parts.append(first.text)
+    async for ev in stream:
+        parts.append(ev.text)
+        last = ev
+    return "".join(parts), last

@@ -1,0 +1,697 @@
+"""The ASGI app: routes come from the adapter plugins; this module owns what every route shares.
+
+- `create_app(engine, settings, pm)`: a FastAPI app (OpenAPI page at `/docs`) with the routes of every registered
+  adapter, behind one ASGI middleware (`Guard`) that does, in order: path normalisation (KoboldCpp accepts a
+  trailing `/` and `/api/latest/`), CORS (any origin unless `--cors` restricts it; preflights answered as llama.cpp's
+  server does), the API key (401 in the protocol's shape; WebSockets refused before the handshake), and the request
+  body cap.
+- Error shapes by path: `/v1/...` gets OpenAI's `{"error": {message, type, param, code}}`; everything else KoboldCpp's
+  `{"detail": {"msg", "type"}}`, which SillyTavern reads for every `/api` backend.
+- `Fields`: typed access to a JSON body with clear per-field errors (wrong type, NaN, out of range).
+- `serve()`: runs uvicorn (WebSockets via the `websockets` package) on the main port and any extra listeners
+  (text-generation-webui's streaming port 5005) in one event loop.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import math
+from typing import Any, Awaitable, Callable, Iterable, Optional
+from urllib.parse import parse_qs
+
+import anyio
+import pluggy
+from fastapi import APIRouter, FastAPI
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from starlette.routing import BaseRoute
+
+from .errors import AiroError, ContextOverflowError, EngineBusy, ModelNotLoaded, RequestError
+from .settings import Settings
+
+log = logging.getLogger("airobackend.server")
+
+# Routes that answer without the API key, as KoboldCpp answers them with --password: the connect probes of
+# KoboldAI Lite / SillyTavern (model name masked, version says protected), model list, health and the API docs.
+PUBLIC_ROUTES: frozenset[tuple[str, str]] = frozenset({
+    ("GET", "/"), ("GET", "/health"), ("GET", "/docs"), ("GET", "/openapi.json"), ("GET", "/api"),
+    ("GET", "/api/v1/model"), ("GET", "/api/v1/info/version"), ("GET", "/api/extra/version"),
+    ("GET", "/api/v1/config/max_length"), ("GET", "/api/v1/config/max_context_length"),
+    ("GET", "/api/extra/true_max_context_length"), ("GET", "/api/extra/preloadstory"),
+    ("GET", "/sdapi/v1/sd-models"), ("GET", "/v1/models"),
+})
+
+KOBOLD_UNAUTHORIZED = {"detail": {"error": "Unauthorized", "msg": "Authentication key is missing or invalid.",
+                                  "type": "unauthorized"}}
+MAX_HEADER_BYTES = 16 * 1024     # h11's incomplete-event limit: bounds request line + headers
+MAX_WS_FRAME_BYTES = 1 * 1024 * 1024
+
+
+# ---------------------------------------------------------------------------------------------- errors and bodies
+
+class FieldError(RequestError):
+    """A request field with the wrong type or value; `param` names it (OpenAI's error `param`)."""
+
+    def __init__(self, message: str, param: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class BodyTooLarge(RequestError):
+    """The request body exceeds --max-body-bytes."""
+
+
+def is_openai_path(path: str) -> bool:
+    return path == "/v1" or path.startswith("/v1/")
+
+
+def openai_error(status: int, message: str, type_: str = "invalid_request_error", param: Optional[str] = None,
+                 code: Any = None, headers: Optional[dict] = None) -> JSONResponse:
+    """OpenAI's error envelope (types as llama.cpp's server uses them)."""
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
+                        status_code=status, headers=headers)
+
+
+def kobold_error(status: int, msg: str, type_: str = "bad_input", headers: Optional[dict] = None) -> JSONResponse:
+    """KoboldCpp's error body: {"detail": {"msg", "type"}} (SillyTavern shows detail.msg)."""
+    return JSONResponse({"detail": {"msg": msg, "type": type_}}, status_code=status, headers=headers)
+
+
+def error_for_exception(path: str, exc: BaseException) -> JSONResponse:
+    """Map an exception to the protocol's error response *by class* (never by message text)."""
+    msg = str(exc) or exc.__class__.__name__
+    openai = is_openai_path(path)
+    if isinstance(exc, BodyTooLarge):
+        return (openai_error(413, msg, "invalid_request_error", code="request_too_large") if openai
+                else kobold_error(413, msg, "bad_input"))
+    if isinstance(exc, EngineBusy):
+        busy = "Server is busy; please try again later."
+        return (openai_error(503, busy, "unavailable_error", code="server_busy", headers={"retry-after": "1"})
+                if openai else kobold_error(503, busy, "service_unavailable", headers={"retry-after": "1"}))
+    if isinstance(exc, ModelNotLoaded):
+        return (openai_error(503, msg, "unavailable_error", code="model_not_loaded") if openai
+                else kobold_error(503, msg, "service_unavailable"))
+    if isinstance(exc, ContextOverflowError):
+        return (openai_error(400, msg, "invalid_request_error", code="context_length_exceeded") if openai
+                else kobold_error(400, msg, "bad_input"))
+    if isinstance(exc, RequestError):
+        return (openai_error(400, msg, "invalid_request_error", param=getattr(exc, "param", None)) if openai
+                else kobold_error(400, msg, "bad_input"))
+    if isinstance(exc, AiroError):
+        return openai_error(500, msg, "server_error") if openai else kobold_error(500, msg, "server_error")
+    log.error("unexpected error on %s", path, exc_info=exc)
+    text = f"Internal error: {exc.__class__.__name__}: {msg}"
+    return openai_error(500, text, "server_error") if openai else kobold_error(500, text, "server_error")
+
+
+def _reject_constant(name: str) -> Any:
+    raise FieldError(f"invalid JSON number {name!r} (NaN and Infinity are not allowed)")
+
+
+async def read_json(request: Request, *, allow_empty: bool = False) -> dict:
+    """The request body as a JSON object; FieldError for bad UTF-8/JSON/non-object, BodyTooLarge past the cap."""
+    body = await request.body()
+    if not body.strip():
+        if allow_empty:
+            return {}
+        raise FieldError("request body is empty; a JSON object is required")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise FieldError(f"request body is not valid UTF-8 (byte {e.start})") from None
+    try:
+        value = json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as e:
+        raise FieldError(f"Error parsing input: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    if not isinstance(value, dict):
+        if allow_empty and value is None:
+            return {}
+        raise FieldError(f"request body must be a JSON object, not {type(value).__name__}")
+    return value
+
+
+class Fields:
+    """Typed, validated access to a JSON object. Numbers may arrive as numeric strings (old clients send them);
+    anything else of the wrong type, NaN/inf, or out of range raises `FieldError` naming the field."""
+
+    def __init__(self, payload: dict) -> None:
+        self.payload = payload
+
+    def has(self, *names: str) -> bool:
+        return any(self.payload.get(n) is not None for n in names)
+
+    def raw(self, *names: str) -> tuple[Optional[str], Any]:
+        for n in names:
+            v = self.payload.get(n)
+            if v is not None:
+                return n, v
+        return None, None
+
+    def number(self, names: str | tuple, default: Any, *, lo: Optional[float] = None, hi: Optional[float] = None,
+               integer: bool = False, clamp: bool = False) -> Any:
+        names = (names,) if isinstance(names, str) else names
+        name, v = self.raw(*names)
+        if name is None:
+            return default
+        kind = "an integer" if integer else "a number"
+        if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+            raise FieldError(f"'{name}' must be {kind}, got {type(v).__name__}", name)
+        if isinstance(v, str):
+            try:
+                v = float(v.strip())
+            except ValueError:
+                raise FieldError(f"'{name}' must be {kind}, got {v[:40]!r}", name) from None
+        if not math.isfinite(v):
+            raise FieldError(f"'{name}' must be finite", name)
+        if integer:
+            if v != int(v):
+                raise FieldError(f"'{name}' must be an integer, got {v}", name)
+            v = int(v)
+        elif isinstance(v, int):
+            v = float(v)
+        if lo is not None and v < lo:
+            if not clamp:
+                raise FieldError(f"'{name}' must be >= {lo}, got {v}", name)
+            v = type(v)(lo)
+        if hi is not None and v > hi:
+            if not clamp:
+                raise FieldError(f"'{name}' must be <= {hi}, got {v}", name)
+            v = type(v)(hi)
+        return v
+
+    def int(self, names: str | tuple, default: Any, **kw: Any) -> Any:
+        return self.number(names, default, integer=True, **kw)
+
+    def float(self, names: str | tuple, default: Any, **kw: Any) -> Any:
+        return self.number(names, default, **kw)
+
+    def bool(self, names: str | tuple, default: Any) -> Any:
+        names = (names,) if isinstance(names, str) else names
+        name, v = self.raw(*names)
+        if name is None:
+            return default
+        if isinstance(v, bool):
+            return v
+        if isinstance(v, (int, float)) and v in (0, 1):
+            return bool(v)
+        if isinstance(v, str) and v.strip().lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+            return v.strip().lower() in ("true", "1", "yes", "on")
+        raise FieldError(f"'{name}' must be a boolean, got {str(v)[:40]!r}", name)
+
+    def str(self, names: str | tuple, default: Any) -> Any:
+        names = (names,) if isinstance(names, str) else names
+        name, v = self.raw(*names)
+        if name is None:
+            return default
+        if not isinstance(v, str):
+            raise FieldError(f"'{name}' must be a string, got {type(v).__name__}", name)
+        return v
+
+    def str_list(self, names: str | tuple, default: Any = (), *, max_items: int = 64) -> tuple[str, ...]:
+        """A list of strings; a single string counts as a one-item list (OpenAI `stop` allows both)."""
+        names = (names,) if isinstance(names, str) else names
+        name, v = self.raw(*names)
+        if name is None:
+            return tuple(default)
+        if isinstance(v, str):
+            v = [v]
+        if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
+            raise FieldError(f"'{name}' must be a string or a list of strings", name)
+        if len(v) > max_items:
+            raise FieldError(f"'{name}' has {len(v)} entries; at most {max_items} are allowed", name)
+        return tuple(s for s in v if s)
+
+    def logit_bias(self, names: str | tuple, n_vocab: int, *, max_items: int = 1024,
+                   bound: float = 100.0) -> dict[int, float]:
+        """{"<token id>": bias} (string or int keys; also KoboldCpp's list form [[id, bias], ...]). Clamped to
+        +-bound, since llama.cpp/KoboldCpp clamp to 100; ids outside the vocabulary are an error."""
+        names = (names,) if isinstance(names, str) else names
+        name, v = self.raw(*names)
+        if name is None:
+            return {}
+        items: Iterable
+        if isinstance(v, dict):
+            items = v.items()
+        elif isinstance(v, list) and all(isinstance(p, list) and len(p) == 2 for p in v):
+            items = v
+        else:
+            raise FieldError(f"'{name}' must be an object mapping token ids to numbers", name)
+        items = list(items)
+        if len(items) > max_items:
+            raise FieldError(f"'{name}' has {len(items)} entries; at most {max_items} are allowed", name)
+        out: dict[int, float] = {}
+        for k, b in items:
+            try:
+                tid = int(k) if not isinstance(k, bool) else None
+            except (TypeError, ValueError):
+                tid = None
+            if tid is None or not 0 <= tid < n_vocab:
+                raise FieldError(f"'{name}': {str(k)[:20]!r} is not a token id (0..{n_vocab - 1})", name)
+            if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b):
+                raise FieldError(f"'{name}': the bias of token {tid} must be a finite number", name)
+            out[tid] = max(-bound, min(bound, float(b)))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- disconnects
+
+async def run_watching_disconnect(request: Request, work: Awaitable[Any], on_disconnect: Callable[[], None]) -> Any:
+    """Await `work` while listening for the client going away; on disconnect call `on_disconnect()` (which aborts the
+    generation) and still wait for `work` to wind down. The body must already have been read."""
+    result: list[Any] = []
+
+    async def watch() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                log.info("client disconnected; aborting its generation")
+                on_disconnect()
+                return
+
+    async with anyio.create_task_group() as tg:
+        async def run() -> None:
+            try:
+                result.append(await work)
+            finally:
+                tg.cancel_scope.cancel()
+        tg.start_soon(watch)
+        tg.start_soon(run)
+    return result[0]
+
+
+# ---------------------------------------------------------------------------------------------- middleware
+
+class Guard:
+    """Pure ASGI middleware: path normalisation, CORS, HEAD, API key (HTTP + WebSocket), body cap."""
+
+    def __init__(self, app: Any, settings: Settings) -> None:
+        self.app = app
+        self.api_key = settings.api_key or None
+        self.admin_key = settings.admin_key or None
+        self.max_body = int(settings.max_body_bytes)
+        origins = [o.strip().rstrip("/") for o in (settings.cors or "").split(",") if o.strip()]
+        self.any_origin = not origins or "*" in origins
+        self.origins = frozenset(origins)
+
+    # -- helpers
+    @staticmethod
+    def normalise(path: str) -> str:
+        if path.startswith("/api/latest/") or path == "/api/latest":
+            path = "/api/v1" + path[len("/api/latest"):]
+        if len(path) > 1 and path.endswith("/"):
+            path = path.rstrip("/") or "/"
+        return path
+
+    def cors_headers(self, origin: Optional[str]) -> list[tuple[bytes, bytes]]:
+        if self.any_origin:
+            allow = origin or "*"
+        elif origin and origin.rstrip("/") in self.origins:
+            allow = origin
+        else:
+            return []
+        out = [(b"access-control-allow-origin", allow.encode("latin-1"))]
+        if allow != "*":
+            out.append((b"vary", b"Origin"))
+        return out
+
+    def check_key(self, headers: dict, query: bytes, websocket: bool) -> tuple[bool, bool]:
+        """(authenticated, admin) for the key this request presents."""
+        presented = None
+        auth = headers.get("authorization", "")
+        if auth[:7].lower() == "bearer ":
+            presented = auth[7:].strip()
+        elif headers.get("x-api-key"):
+            presented = headers["x-api-key"].strip()
+        elif websocket and query:  # browsers cannot set headers on a WebSocket: ?api_key=... is accepted there
+            q = parse_qs(query.decode("latin-1"))
+            presented = (q.get("api_key") or q.get("key") or [None])[0]
+
+        def same(a: Optional[str], b: Optional[str]) -> bool:
+            return a is not None and b is not None and hmac.compare_digest(a.encode(), b.encode())
+
+        is_admin = same(presented, self.admin_key) if self.admin_key else None
+        if self.api_key is None:
+            authenticated = True
+        else:
+            authenticated = same(presented, self.api_key) or bool(is_admin)
+        admin = bool(is_admin) if self.admin_key else authenticated
+        return authenticated, admin
+
+    # -- ASGI
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        path = self.normalise(scope["path"])
+        if path != scope["path"]:
+            scope = dict(scope, path=path, raw_path=path.encode("utf-8"))
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        origin = headers.get("origin")
+        cors = self.cors_headers(origin)
+        websocket = scope["type"] == "websocket"
+        authenticated, admin = self.check_key(headers, scope.get("query_string", b""), websocket)
+        scope["airo.authenticated"] = authenticated
+        scope["airo.admin"] = admin
+
+        if websocket:
+            if not authenticated:
+                return await self._deny_websocket(scope, receive, send)
+            return await self.app(scope, receive, send)
+
+        method = scope["method"]
+        if method == "OPTIONS":  # CORS preflight, answered without auth (browsers never send credentials here)
+            if origin and not cors:
+                return await self._plain(send, 403, b"CORS origin not allowed", [])
+            req_headers = headers.get("access-control-request-headers", "*") or "*"
+            extra = [(b"access-control-allow-credentials", b"true"),
+                     (b"access-control-allow-methods", b"GET, POST"),
+                     (b"access-control-allow-headers", req_headers.encode("latin-1")),
+                     (b"access-control-max-age", b"600")]
+            return await self._plain(send, 200, b"", cors + extra, content_type=b"text/html")
+        if method == "HEAD":  # KoboldCpp answers HEAD on any path with 200; nothing is computed or leaked
+            return await self._plain(send, 200, b"", cors)
+
+        if not authenticated and (method, path) not in PUBLIC_ROUTES:
+            body = (json.dumps({"error": {"message": "Invalid API Key", "type": "authentication_error",
+                                          "param": None, "code": "invalid_api_key"}}) if is_openai_path(path)
+                    else json.dumps(KOBOLD_UNAUTHORIZED)).encode()
+            return await self._plain(send, 401, body, cors + [(b"www-authenticate", b"Bearer")],
+                                     content_type=b"application/json")
+
+        length = headers.get("content-length")
+        if length is not None:
+            try:
+                n = int(length)
+            except ValueError:
+                n = -1
+            if n < 0:
+                return await self._json_error(send, path, FieldError("invalid Content-Length header"), cors)
+            if n > self.max_body:
+                return await self._json_error(send, path, BodyTooLarge(
+                    f"Payload is too big: {n} bytes; the limit is {self.max_body} bytes."), cors)
+
+        received = 0
+        max_body = self.max_body
+
+        async def capped_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > max_body:
+                    raise BodyTooLarge(f"Payload is too big; the limit is {max_body} bytes.")
+            return message
+
+        async def send_with_cors(message):
+            if message["type"] == "http.response.start" and cors:
+                message = dict(message, headers=list(message.get("headers", [])) + cors)
+            await send(message)
+
+        await self.app(scope, capped_receive, send_with_cors)
+
+    async def _deny_websocket(self, scope, receive, send) -> None:
+        message = await receive()  # websocket.connect
+        if message["type"] != "websocket.connect":
+            return
+        if "websocket.http.response" in scope.get("extensions", {}):
+            body = json.dumps(KOBOLD_UNAUTHORIZED).encode()
+            await send({"type": "websocket.http.response.start", "status": 401,
+                        "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer"),
+                                    (b"content-length", str(len(body)).encode())]})
+            await send({"type": "websocket.http.response.body", "body": body})
+        else:
+            await send({"type": "websocket.close", "code": 1008, "reason": "API key missing or invalid"})
+
+    @staticmethod
+    async def _plain(send, status: int, body: bytes, headers: list, content_type: bytes = b"text/plain") -> None:
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+                    + headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _json_error(self, send, path: str, exc: BaseException, cors: list) -> None:
+        resp = error_for_exception(path, exc)
+        await self._plain(send, resp.status_code, resp.body, cors, content_type=b"application/json")
+
+
+# ---------------------------------------------------------------------------------------------- the app
+
+def _not_found(request: Request, exc: StarletteHTTPException) -> Response:
+    path = request.url.path
+    if exc.status_code == 404:
+        if is_openai_path(path):
+            return openai_error(404, f"Unknown endpoint {request.method} {path}", "not_found_error")
+        if request.method == "GET" and not path.startswith("/api"):
+            return HTMLResponse("Error: HTTP Server is running, but this endpoint does not exist. "
+                                "Please check the URL.", status_code=404)
+        return kobold_error(404, f"Unknown endpoint {request.method} {path}", "not_found")
+    if exc.status_code == 405:
+        if is_openai_path(path):
+            return openai_error(405, f"Method {request.method} not allowed on {path}", "invalid_request_error")
+        return kobold_error(405, f"Method {request.method} not allowed on {path}", "bad_input")
+    if is_openai_path(path):
+        return openai_error(exc.status_code, str(exc.detail), "invalid_request_error")
+    return kobold_error(exc.status_code, str(exc.detail), "bad_input")
+
+
+def create_app(engine: Any, settings: Settings, pm: Optional[pluggy.PluginManager] = None) -> FastAPI:
+    """Build the ASGI app serving every registered adapter's routes for `engine` (an Engine or ModelManager)."""
+    from .plugins import get_plugin_manager
+
+    if pm is None:
+        pm = get_plugin_manager(blocked=settings.disable_adapters)
+    app = FastAPI(title="airobackend", version=_version(), docs_url="/docs", redoc_url=None,
+                  openapi_url="/openapi.json",
+                  description="KoboldAI/KoboldCpp, text-generation-webui and OpenAI-compatible APIs.")
+    app.state.engine = engine
+    app.state.settings = settings
+    app.state.pm = pm
+    app.state.extra_listeners = []
+
+    seen: set[tuple[str, frozenset]] = set()
+    for routes in pm.hook.register_routes(engine=engine, settings=settings, pm=pm):
+        if routes is None:
+            continue
+        items = routes.routes if isinstance(routes, APIRouter) else list(routes)
+        for route in items:
+            key = (getattr(route, "path", ""), frozenset(getattr(route, "methods", None) or {"WEBSOCKET"}))
+            if key in seen:  # an earlier plugin already serves this path+method (e.g. GET /api/v1/model)
+                continue
+            seen.add(key)
+            app.router.routes.append(route)
+
+    @app.get("/health", include_in_schema=True, tags=["server"])
+    async def health() -> dict:
+        """Liveness probe (answers without the API key)."""
+        return {"status": "ok"}
+
+    if not any(getattr(r, "path", None) == "/" for r in app.router.routes):
+        @app.get("/", include_in_schema=False)
+        async def index() -> HTMLResponse:
+            return HTMLResponse(_INDEX_HTML)
+
+    app.add_exception_handler(StarletteHTTPException, _not_found)
+
+    async def airo_error(request: Request, exc: Exception) -> Response:
+        return error_for_exception(request.url.path, exc)
+
+    app.add_exception_handler(AiroError, airo_error)
+    app.add_exception_handler(Exception, airo_error)
+    app.add_middleware(Guard, settings=settings)
+    return app
+
+
+_INDEX_HTML = """<!doctype html><html><head><meta charset="utf-8"><title>airobackend</title></head><body>
+<h1>airobackend</h1><p>This server speaks the KoboldAI/KoboldCpp API (<code>/api/v1</code>, <code>/api/extra</code>),
+text-generation-webui's legacy API (<code>/api/v1/generate</code>, WebSocket <code>/api/v1/stream</code>) and the
+OpenAI API (<code>/v1</code>). Point your frontend at this address. <a href="/docs">API documentation</a>.</p>
+</body></html>"""
+
+
+def _version() -> str:
+    try:
+        from . import __version__
+        return str(__version__)
+    except Exception:  # pragma: no cover
+        return "0"
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+def uvicorn_config(app: Any, host: str, port: int, settings: Settings, **kw: Any):
+    import uvicorn
+
+    return uvicorn.Config(
+        app, host=host, port=port, ws="websockets", http="h11", lifespan="off",
+        log_level="warning" if settings.quiet else "info", access_log=not settings.quiet,
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES, ws_max_size=MAX_WS_FRAME_BYTES,
+        ws_ping_interval=None, timeout_graceful_shutdown=3, **kw)
+
+
+async def serve_async(app: Any, settings: Settings, *, ready: Optional[Callable[[list], None]] = None) -> None:
+    """Serve `app` on settings.host:settings.port plus every (host, port) in app.state.extra_listeners, one loop."""
+    import uvicorn
+
+    pm: pluggy.PluginManager = app.state.pm
+    engine = app.state.engine
+    pm.hook.startup(engine=engine, settings=settings, app=app)
+    listeners = [(settings.host, settings.port)] + list(app.state.extra_listeners)
+    servers = [uvicorn.Server(uvicorn_config(app, h, p, settings)) for h, p in listeners]
+    for s in servers:  # Ctrl-C handling is done once, by the caller
+        s.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    try:
+        tasks = [asyncio.create_task(s.serve()) for s in servers]
+        while not all(s.started for s in servers):
+            if any(t.done() for t in tasks):  # a port could not be bound
+                break
+            await asyncio.sleep(0.05)
+        if ready is not None and all(s.started for s in servers):
+            ready(listeners)
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for s in servers:
+            s.should_exit = True
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for t in done:
+            if t.exception() is not None:
+                raise t.exception()  # type: ignore[misc]
+        if not all(s.started for s in servers):
+            raise OSError("could not listen on every port: " + ", ".join(f"{h}:{p}" for h, p in listeners))
+    finally:
+        pm.hook.shutdown(engine=engine, settings=settings, app=app)
+
+
+# ---------------------------------------------------------------------------------------------- adapter helpers
+
+def build_request(pm: pluggy.PluginManager, protocol: str, payload: dict, settings: Settings, engine: Any):
+    """Ask the plugins to map `payload` of `protocol` to a GenerationRequest (one hook call per request)."""
+    req = pm.hook.build_generation_request(protocol=protocol, payload=payload, settings=settings, engine=engine)
+    if req is None:
+        raise RequestError(f"no enabled adapter maps {protocol!r} requests")
+    return req
+
+
+def chat_prompt(pm: pluggy.PluginManager, engine: Any, messages: list[dict]) -> str:
+    """Render chat messages with a `format_chat_prompt` plugin if one answers, else the model's own template."""
+    try:
+        info = engine.model_info()
+    except ModelNotLoaded:
+        raise
+    prompt = pm.hook.format_chat_prompt(messages=messages, model_info=info)
+    return prompt if prompt is not None else engine.format_chat(messages)
+
+
+def chat_stops(engine: Any) -> tuple[str, ...]:
+    """Stop strings of the model's chat template (e.g. "USER:" for Airoboros), which end an assistant turn."""
+    try:
+        from .chat import get_template
+        return tuple(get_template(str(engine.model_info()["template"])).stop)
+    except Exception:  # unknown template name, or no template information: EOS alone ends the turn
+        return ()
+
+
+def json_schema_body(example: dict, description: str = "") -> dict:
+    """`openapi_extra` documenting a free-form JSON request body (bodies are parsed by hand for exact errors)."""
+    return {"requestBody": {"required": True, "description": description, "content": {
+        "application/json": {"schema": {"type": "object", "additionalProperties": True}, "example": example}}}}
+
+
+# ---------------------------------------------------------------------------------------------- sampler fields
+# The three protocols share most sampler names (KoboldCpp accepts text-generation-webui's and llama.cpp's spellings,
+# SillyTavern sends all of them at once), so one mapping serves every adapter; each passes its own defaults.
+
+N_SAMPLERS = 7   # KoboldCpp sampler ids: 0 top_k, 1 top_a, 2 top_p, 3 tfs, 4 typical, 5 temperature, 6 rep_pen
+
+
+def sampler_order(value: Any, default: tuple[int, ...]) -> tuple[int, ...]:
+    """A KoboldCpp sampler_order: distinct ids 0..6 (at most 7 of them)."""
+    if value is None:
+        return default
+    if (not isinstance(value, list) or not value or len(value) > N_SAMPLERS
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in value)):
+        raise FieldError(f"'sampler_order' must be a list of 1..{N_SAMPLERS} sampler ids", "sampler_order")
+    bad = [i for i in value if not 0 <= i < N_SAMPLERS]
+    if bad:
+        raise FieldError(f"'sampler_order': unknown sampler id {bad[0]} (ids are 0..{N_SAMPLERS - 1})",
+                         "sampler_order")
+    if len(set(value)) != len(value):
+        raise FieldError("'sampler_order' lists a sampler twice", "sampler_order")
+    return tuple(value)
+
+
+def token_id_list(text: Any, n_vocab: int, name: str = "custom_token_bans") -> tuple[int, ...]:
+    """`custom_token_bans` (KoboldCpp, text-generation-webui): comma-separated token ids, or a list of ids."""
+    parts = text if isinstance(text, list) else str(text).split(",")
+    ids = []
+    for part in parts:
+        if isinstance(part, str):
+            part = part.strip()
+            if not part:
+                continue
+        try:
+            if isinstance(part, bool):
+                raise ValueError
+            tid = int(part)
+        except (TypeError, ValueError):
+            raise FieldError(f"'{name}': {str(part)[:20]!r} is not a token id", name) from None
+        if not 0 <= tid < n_vocab:
+            raise FieldError(f"'{name}': token id {tid} is outside 0..{n_vocab - 1}", name)
+        ids.append(tid)
+    return tuple(ids)
+
+
+def sampling_params(payload: dict, n_vocab: int, **defaults: Any):
+    """SamplingParams from any protocol's sampler fields (all known aliases), `defaults` for absent ones."""
+    from .types import DEFAULT_SAMPLER_ORDER, SamplingParams
+
+    base = SamplingParams(**{k: v for k, v in defaults.items() if k in SamplingParams.__dataclass_fields__})
+    f = Fields(payload)
+    rep_pens = [f.float(n, None) for n in ("rep_pen", "repetition_penalty", "repeat_penalty")]
+    rep_pen = max((r for r in rep_pens if r is not None), default=base.repetition_penalty)  # KoboldCpp: largest
+    if rep_pen <= 0:
+        raise FieldError("'repetition_penalty' must be > 0", "repetition_penalty")
+    mirostat = f.int(("mirostat", "mirostat_mode"), base.mirostat)
+    if mirostat not in (0, 1, 2):
+        raise FieldError("'mirostat' must be 0, 1 or 2", "mirostat")
+    seed = f.int(("sampler_seed", "seed"), -1 if base.seed is None else base.seed, hi=2**64 - 1)
+    temperature = f.float("temperature", base.temperature, lo=0.0, clamp=True)   # <= 0 means greedy
+    if not f.bool("do_sample", True):                                            # text-generation-webui
+        temperature = 0.0
+    dyn_range = f.float("dynatemp_range", base.dynatemp_range, lo=0.0, clamp=True)
+    if f.bool("dynamic_temperature", False):   # text-generation-webui/SillyTavern: [low, high] around the middle
+        low = f.float("dynatemp_low", temperature, lo=0.0, clamp=True)
+        high = f.float("dynatemp_high", temperature, lo=low, clamp=True)
+        temperature, dyn_range = (low + high) / 2, (high - low) / 2
+    if f.has("ban_eos_token", "ignore_eos"):
+        ban_eos = f.bool(("ban_eos_token", "ignore_eos"), False)
+    else:
+        ban_eos = f.bool("use_default_badwordsids", base.ban_eos)
+    bans = payload.get("custom_token_bans")
+    return base.replace(
+        temperature=temperature,
+        top_k=min(f.int("top_k", base.top_k, lo=0, clamp=True), n_vocab),
+        top_p=f.float("top_p", base.top_p, lo=0.0, hi=1.0, clamp=True),
+        min_p=f.float("min_p", base.min_p, lo=0.0, hi=1.0, clamp=True),
+        typical_p=f.float(("typical", "typical_p"), base.typical_p, lo=0.0, hi=1.0, clamp=True),
+        tfs=f.float(("tfs", "tfs_z"), base.tfs, lo=0.0, hi=1.0, clamp=True),
+        top_a=f.float("top_a", base.top_a, lo=0.0, clamp=True),
+        repetition_penalty=rep_pen,
+        repetition_penalty_range=f.int(("rep_pen_range", "repetition_penalty_range", "repeat_last_n",
+                                        "penalty_last_n"), base.repetition_penalty_range, lo=0, clamp=True),
+        repetition_penalty_slope=f.float("rep_pen_slope", base.repetition_penalty_slope, lo=0.0, clamp=True),
+        presence_penalty=f.float(("presence_penalty", "presence_pen"), base.presence_penalty, lo=-100, hi=100),
+        frequency_penalty=f.float(("frequency_penalty", "frequency_pen"), base.frequency_penalty, lo=-100, hi=100),
+        mirostat=mirostat,
+        mirostat_tau=f.float("mirostat_tau", base.mirostat_tau, lo=0.0),
+        mirostat_eta=f.float("mirostat_eta", base.mirostat_eta, lo=0.0),
+        dynatemp_range=dyn_range,
+        dynatemp_exponent=f.float("dynatemp_exponent", base.dynatemp_exponent, lo=0.0),
+        sampler_order=sampler_order(payload.get("sampler_order"), base.sampler_order or DEFAULT_SAMPLER_ORDER),
+        seed=None if seed < 0 else seed,
+        logit_bias=f.logit_bias("logit_bias", n_vocab),
+        banned_tokens=token_id_list(bans, n_vocab) if bans is not None else base.banned_tokens,
+        banned_strings=f.str_list(("banned_tokens", "banned_strings"), base.banned_strings, max_items=1024)[:48],
+        ban_eos=ban_eos,
+        grammar=f.str(("grammar", "grammar_string"), "") or base.grammar,
+    )

@@ -1,0 +1,159 @@
+"""A scripted model for the timing-sensitive server tests (framing, concurrency, abort, disconnect).
+
+The real `airobackend.engine.Engine` (queue, busy answer, abort, genkey, stop strings, counters) runs over a fake
+forward pass that "writes" a fixed reply byte by byte with a controllable delay per token, and a byte-level
+tokenizer. So these tests exercise the real engine contract while knowing exactly which text comes out and when.
+End-to-end tests with the real model live in test_server_e2e.py.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+import time
+from typing import Iterator, Optional
+
+import numpy as np
+
+BOS, EOS, N_SPECIAL = 1, 2, 3
+N_VOCAB = N_SPECIAL + 256
+
+
+class ByteTokenizer:
+    """Token id = byte + 3; 1 = BOS, 2 = EOS."""
+
+    bos_id, eos_id, n_vocab = BOS, EOS, N_VOCAB
+
+    def encode(self, text, add_bos: bool = True) -> list[int]:
+        data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+        return ([BOS] if add_bos else []) + [b + N_SPECIAL for b in data]
+
+    def token_bytes(self, tid: int, special: bool = False) -> bytes:
+        return bytes([tid - N_SPECIAL]) if tid >= N_SPECIAL else b""
+
+    def decode(self, ids) -> bytes:
+        return b"".join(self.token_bytes(int(i)) for i in ids)
+
+
+class ScriptedModel:
+    """Predicts the bytes of `reply` one after another after any prompt, then EOS (or loops when `eos` is False).
+
+    A call that does not continue its own last prediction counts as a new prompt and restarts the reply. Each call
+    sleeps `delay` seconds, so tests can hold a generation open; `evals` counts calls (for "stopped within a token").
+    """
+
+    def __init__(self, reply: str = "Hello from the scripted model!", *, n_ctx: int = 512, delay: float = 0.0,
+                 eos: bool = True) -> None:
+        self.reply = reply.encode("utf-8")
+        self.n_ctx, self.n_vocab, self.n_batch = n_ctx, N_VOCAB, 64
+        self.delay = delay
+        self.eos = eos
+        self.evals = 0
+        self._expect: Optional[tuple[int, int]] = None   # (token, position) we predicted last
+        self._i = 0
+        self.lock = threading.Lock()
+
+    def eval(self, tokens, n_past: int, logits_all: bool = False) -> np.ndarray:
+        with self.lock:
+            self.evals += 1
+        if self.delay:
+            time.sleep(self.delay)
+        tokens = [int(t) for t in tokens]
+        if self._expect is not None and len(tokens) == 1 and (tokens[0], n_past) == self._expect:
+            self._i += 1
+        else:
+            self._i = 0
+        if self._i < len(self.reply):
+            nxt = self.reply[self._i] + N_SPECIAL
+        elif self.eos:
+            nxt = EOS
+        else:
+            self._i = 0
+            nxt = self.reply[0] + N_SPECIAL
+        self._expect = (nxt, n_past + len(tokens))
+        logits = np.zeros((1, N_VOCAB), dtype=np.float32)
+        logits[0, nxt] = 60.0          # so peaked that every sampler setting picks it
+        return logits
+
+    def kv_shift(self, n_keep: int, n_discard: int, n_past: int) -> int:
+        return n_past - n_discard
+
+
+class FakeLlama:
+    """What Engine reads from a Llama facade: the forward pass, the tokenizer and the file path."""
+
+    def __init__(self, model: ScriptedModel, tokenizer: ByteTokenizer) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.model_path = "/srv/private/models/scripted-7b.q4_0.gguf"   # must never reach a client
+
+
+def scripted_engine(reply: str = "Hello from the scripted model!", *, delay: float = 0.0, eos: bool = True,
+                    n_ctx: int = 512, multiuser: int = 1):
+    """A real Engine over ScriptedModel + ByteTokenizer."""
+    from airobackend.engine import Engine
+    from airobackend.settings import Settings
+
+    model = ScriptedModel(reply, n_ctx=n_ctx, delay=delay, eos=eos)
+    engine = Engine(FakeLlama(model, ByteTokenizer()),
+                    Settings(n_ctx=n_ctx, multiuser=multiuser, template="airoboros"))
+    return engine, model
+
+
+# ---------------------------------------------------------------------------------------------- harness
+
+def make_app(engine, **settings_kw):
+    """The full app (all built-in adapters, no entry points) over `engine`."""
+    from airobackend.plugins import get_plugin_manager
+    from airobackend.server import create_app
+    from airobackend.settings import Settings
+
+    settings = Settings(**{"n_ctx": 512, "textgen_stream_port": 0, **settings_kw})
+    pm = get_plugin_manager(load_entrypoints=False, blocked=settings.disable_adapters)
+    return create_app(engine, settings, pm)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """uvicorn serving `app` on 127.0.0.1 in a background thread (its own event loop)."""
+
+    def __init__(self, app, settings=None) -> None:
+        import uvicorn
+
+        from airobackend.server import uvicorn_config
+
+        self.app = app
+        self.port = free_port()
+        settings = settings or app.state.settings
+        self.server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", self.port, settings))
+        self.server.config.log_level = "warning"
+        self.server.install_signal_handlers = lambda: None
+        self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "LiveServer":
+        self.thread.start()
+        deadline = time.time() + 20
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@contextlib.contextmanager
+def live(app) -> Iterator[LiveServer]:
+    with LiveServer(app) as server:
+        yield server
