@@ -207,6 +207,17 @@ class ModelLibrary:
                                f"{', '.join(e.name for e in by_file)}")
         raise RequestError(f"no model named {name!r} in the library {self.folder}; available: {known}")
 
+    def redact(self, text: str) -> str:
+        """`text` with every file system path of the library replaced by the model's name (error messages reach
+        clients; paths must not)."""
+        with self._lock:
+            pairs = [(str(p), name) for name, p in self._extra.items()]
+            pairs += [(e.path, e.name) for e in self._cache.values()]
+        for path, name in sorted(pairs, key=lambda pn: -len(pn[0])):
+            text = text.replace(path, name)
+        folder = str(self.folder.resolve())
+        return text.replace(folder + os.sep, "").replace(folder, "<model-dir>")
+
     # -- internals --
 
     def _name_in_folder(self, p: Path) -> str:

@@ -222,7 +222,7 @@ class ModelManager:
             self._switch(entry, settings, beside_old=beside_old, abort_running=abort_running)
             self.last_error = None
         except BaseException as e:
-            self.last_error = f"{type(e).__name__}: {e}"
+            self.last_error = self.library.redact(f"{type(e).__name__}: {e}")
             raise
         finally:
             with self._cond:
