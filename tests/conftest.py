@@ -26,3 +26,10 @@ def fixtures_dir() -> Path:
 @pytest.fixture(scope="session")
 def fixture_index(fixtures_dir: Path) -> dict:
     return json.loads((fixtures_dir / "reference" / "index.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def demo_model(tmp_path_factory) -> Path:
+    """The demo model (airobackend.demo), written once per test session under pytest's tmp dir."""
+    from airobackend.demo import demo_model_path
+    return demo_model_path(tmp_path_factory.mktemp("demo"))
