@@ -26,9 +26,9 @@ class SamplingParams:
     typical_p: float = 1.0        # 1.0 = off
     tfs: float = 1.0              # 1.0 = off
     top_a: float = 0.0            # 0 = off
-    repetition_penalty: float = 1.1   # 1.0 = off
-    repetition_penalty_range: int = 320   # last N tokens considered; 0 = whole context
-    repetition_penalty_slope: float = 0.0
+    repetition_penalty: float = 1.0   # 1.0 = off (KoboldCpp 1.76 API default; clients send their own)
+    repetition_penalty_range: int = 320   # last N tokens considered; 0 or -1 = whole context
+    repetition_penalty_slope: float = 1.0  # KoboldCpp: far half of the window gets 1+(pen-1)*slope; 1 = uniform
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     mirostat: int = 0             # 0 off, 1 = v1, 2 = v2
