@@ -170,11 +170,12 @@ class _Parser:
         while pos < len(src):
             c = src[pos]
             if c == '"':
+                start = pos
                 pos += 1
                 last_sym_start = len(out)
                 while self.ch(pos) != '"':
                     if pos >= len(src):
-                        raise self.err("unexpected end of input in string literal", pos)
+                        raise self.err("unterminated string literal", start)
                     value, pos = self.parse_char(pos)
                     out.append((CHAR, value))
                 pos = self.parse_space(pos + 1, nested)
