@@ -150,16 +150,8 @@ class Tokenizer:
     def from_file(cls, path: str) -> "Tokenizer":
         """Open `path` vocabulary-only and build the tokenizer."""
         from airobackend.formats import open_model
-        try:
-            mf = open_model(path, vocab_only=True)
-        except TypeError:                                     # reader without vocab_only
-            mf = open_model(path)
-        try:
+        with open_model(path, vocab_only=True) as mf:
             return cls.from_model_file(mf)
-        finally:
-            close = getattr(mf, "close", None)
-            if close:
-                close()
 
     # ---------------------------------------------------------------- encode
     def encode(self, text: str | bytes, add_bos: bool = True, special: bool = False) -> list[int]:
@@ -319,26 +311,3 @@ class Tokenizer:
 
     def __len__(self) -> int:
         return self.n_vocab
-
-
-def _gguf_vocab(path: str) -> Tokenizer:
-    """Read a GGUF file's vocabulary with the `gguf` package (used by tests until formats.open_model lands)."""
-    import gguf
-
-    r = gguf.GGUFReader(path)
-
-    def scalar(key: str, default: Any) -> Any:
-        f = r.fields.get(key)
-        return default if f is None else f.parts[f.data[0]][0].item()
-
-    f = r.fields["tokenizer.ggml.tokens"]
-    pieces = [bytes(f.parts[i]) for i in f.data]
-    sc = r.fields.get("tokenizer.ggml.scores")
-    scores = [float(sc.parts[i][0]) for i in sc.data] if sc is not None else [0.0] * len(pieces)
-    tt = r.fields.get("tokenizer.ggml.token_type")
-    types = [int(tt.parts[i][0]) for i in tt.data] if tt is not None else None
-    return Tokenizer(pieces, scores, types, spelling="gguf",
-                     bos_id=scalar("tokenizer.ggml.bos_token_id", 1), eos_id=scalar("tokenizer.ggml.eos_token_id", 2),
-                     unk_id=scalar("tokenizer.ggml.unknown_token_id", 0),
-                     add_bos=bool(scalar("tokenizer.ggml.add_bos_token", True)),
-                     add_space_prefix=bool(scalar("tokenizer.ggml.add_space_prefix", True)))

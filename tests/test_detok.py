@@ -125,8 +125,7 @@ def test_streamed_equals_whole_text() -> None:
 
 
 def test_real_vocab_llama_emoji(fixtures_dir: Path) -> None:
-    from airobackend.tokenizer import _gguf_vocab
-    t = _gguf_vocab(str(fixtures_dir / "vocab" / "ggml-vocab-llama-spm.gguf"))
+    t = Tokenizer.from_file(str(fixtures_dir / "vocab" / "ggml-vocab-llama-spm.gguf"))
     ids = [445, 338, 29871, 243, 162, 169, 156, 29889, 8223]    # llama.cpp: " this is 🦙.cpp"
     dec = IncrementalDecoder(t)
     outs = [dec.feed(i) for i in ids]

@@ -176,9 +176,8 @@ def test_structural_errors() -> None:
 def test_real_vocab_json_sampling(fixtures_dir: Path) -> None:
     """End to end on the LLaMA vocabulary: random logits, the JSON grammar, the output parses."""
     from airobackend.sampling import Sampler
-    from airobackend.tokenizer import _gguf_vocab
     from airobackend.types import SamplingParams
-    tok = _gguf_vocab(str(fixtures_dir / "vocab" / "ggml-vocab-llama-spm.gguf"))
+    tok = Tokenizer.from_file(str(fixtures_dir / "vocab" / "ggml-vocab-llama-spm.gguf"))
     gsrc = 'root ::= "{\\"answer\\": " ("\\"yes\\"" | "\\"no\\"" | [0-9]{1,3}) "}"'
     for seed in range(3):
         rng = np.random.default_rng(seed)

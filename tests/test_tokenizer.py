@@ -2,44 +2,18 @@
 for both vocabulary spellings (GGUF and the GGML v3 twins)."""
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 
 import pytest
 
 from airobackend.errors import RequestError
-from airobackend.tokenizer import BYTE, CONTROL, NORMAL, UNKNOWN, Tokenizer, _gguf_vocab
+from airobackend.formats import open_model
+from airobackend.tokenizer import BYTE, CONTROL, UNKNOWN, Tokenizer
 
 
 def _open_tokenizer(path: Path) -> Tokenizer:
-    """Through formats.open_model when the reader is there; otherwise read the vocabulary directly."""
-    try:
-        from airobackend.formats import open_model  # noqa: F401
-        return Tokenizer.from_file(str(path))
-    except ImportError:
-        pass
-    if path.suffix == ".gguf":
-        return _gguf_vocab(str(path))
-    return _ggml_v3_tokenizer(path)
-
-
-def _ggml_v3_vocab(path: Path) -> tuple[list[bytes], list[float]]:
-    """The vocabulary records of a ggjt v3 file (fixtures/README.md): header, then n_vocab x (len, text, score)."""
-    with open(path, "rb") as f:
-        magic, version, n_vocab = struct.unpack("<III", f.read(12))
-        assert (magic, version) == (0x67676A74, 3)
-        f.read(6 * 4)                                   # n_embd n_mult n_head n_layer n_rot ftype
-        pieces, scores = [], []
-        for _ in range(n_vocab):
-            (n,) = struct.unpack("<I", f.read(4))
-            pieces.append(f.read(n))
-            scores.append(struct.unpack("<f", f.read(4))[0])
-    return pieces, scores
-
-
-def _ggml_v3_tokenizer(path: Path) -> Tokenizer:
-    pieces, scores = _ggml_v3_vocab(path)
-    return Tokenizer(pieces, scores, None, spelling="ggml")
+    """Vocabulary-only through formats.open_model (either container)."""
+    return Tokenizer.from_file(str(path))
 
 
 @pytest.fixture(scope="module")
@@ -110,11 +84,13 @@ def test_word_cache_matches_whole_merge(vocab_tok: Tokenizer) -> None:
 def test_ggml_spelling_normalised(fixtures_dir: Path) -> None:
     """The GGML v3 twin of fx32k stores plain spaces, raw bytes and empty control tokens; it must tokenize exactly
     like the GGUF vocabulary."""
-    gg = _ggml_v3_vocab(fixtures_dir / "models" / "fx32k-q4_0.ggmlv3.bin")
-    pieces, _ = gg
-    assert pieces[0] == " \u2047 ".encode() and pieces[1] == b"" and pieces[2] == b""
-    assert pieces[3 + 0x41] == b"A" and pieces[15043] == b" Hello"
-    tg = _ggml_v3_tokenizer(fixtures_dir / "models" / "fx32k-q4_0.ggmlv3.bin")
+    path = fixtures_dir / "models" / "fx32k-q4_0.ggmlv3.bin"
+    with open_model(str(path), vocab_only=True) as mf:
+        pieces = mf.vocab.pieces
+        assert mf.vocab.spelling == "ggml" and mf.vocab.types is None
+        assert pieces[0] == " \u2047 ".encode() and pieces[1] == b"" and pieces[2] == b""
+        assert pieces[3 + 0x41] == b"A" and pieces[15043] == b" Hello"
+        tg = Tokenizer.from_model_file(mf)
     tu = _open_tokenizer(fixtures_dir / "vocab" / "ggml-vocab-llama-spm.gguf")
     assert tg.texts == tu.texts
     assert list(tg.types) == list(tu.types)
@@ -134,7 +110,7 @@ def test_fixture_model_reference_tokens(fixtures_dir: Path, fixture_index: dict,
             continue
         seen.add(family)
         path = fixtures_dir / m["files"][fmt]["path"]
-        tok = _open_tokenizer(path) if fmt == "gguf" else _ggml_v3_tokenizer(path)
+        tok = _open_tokenizer(path)
         assert tok.n_vocab == m["hparams"]["n_vocab"]
         assert tok.encode(m["text"]) == m["tokens"], m["name"]
         assert tok.decode(m["tokens"]).decode() == m["text"]
