@@ -246,18 +246,23 @@ def test_entry_dict_hides_path(tmp_path, fixtures_dir):
     assert e.to_dict(with_path=True)["path"] == e.path
 
 
-def test_describe_file_of_writer_models(tmp_path):
-    """Models the project's own writer makes (GGUF and GGML v3) are listed like llama.cpp's."""
-    formats = pytest.importorskip("airobackend.formats")
-    writer = getattr(formats, "write_synthetic_model", None)
-    if writer is None:
-        pytest.skip("airobackend.formats.write_synthetic_model is not available yet")
-    out = []
-    for fmt, name in (("gguf", "syn-q4_0.gguf"), ("ggml", "syn-q4_0.ggmlv3.bin")):
-        p = tmp_path / name
-        writer(p, fmt=fmt, ftype="q4_0", seed=1)
-        out.append(describe_file(p))
-    for e in out:
-        assert e.loadable, e.error
-        assert e.mix == "q4_0"
-        assert e.n_params > 0
+def test_lists_models_written_by_the_project_writer(tmp_path):
+    """GGUF, GGML v3 and a split archive made from the project's own writer, next to each other."""
+    from airobackend.formats.writer import write_synthetic_model
+
+    lib_dir = tmp_path / "lib"
+    lib_dir.mkdir()
+    write_synthetic_model(lib_dir / "syn-7b-slice.q5_K_S.gguf", format="gguf", mix="q5_K_S", seed=3)
+    write_synthetic_model(lib_dir / "syn-gqa.q4_K_M.ggmlv3.bin", format="ggml", mix="q4_K_M", n_head=8, n_head_kv=2,
+                          seed=4)
+    src = tmp_path / "syn-q8_0.ggmlv3.bin"
+    write_synthetic_model(src, format="ggml", mix="q8_0", seed=5)
+    parts = _split_zip(src, lib_dir / "syn-q8_0.ggmlv3.zip")
+    entries = _by_name(ModelLibrary(lib_dir).scan())
+    assert sorted(entries) == ["syn-7b-slice.q5_K_S.gguf", "syn-gqa.q4_K_M.ggmlv3.bin", "syn-q8_0.ggmlv3.zip"]
+    assert [(e.format, e.mix) for e in entries.values()] == [("gguf", "q5_K_S"), ("ggjt", "q4_K_M"), ("ggjt", "q8_0")]
+    assert entries["syn-gqa.q4_K_M.ggmlv3.bin"].hparams["n_head_kv"] == 2
+    assert entries["syn-q8_0.ggmlv3.zip"].weights_bytes == src.stat().st_size
+    assert entries["syn-q8_0.ggmlv3.zip"].file_size == sum(p.stat().st_size for p in parts)
+    assert all(e.loadable and e.n_params == entries["syn-7b-slice.q5_K_S.gguf"].n_params
+               for e in entries.values() if "gqa" not in e.name)
