@@ -92,9 +92,9 @@ def _new_sampler(params: SamplingParams, tokenizer: Any, n_vocab: int) -> Any:
     return Sampler(params, tokenizer=tokenizer, n_vocab=n_vocab)
 
 
-def _validate_sampling(params: SamplingParams) -> None:
+def _validate_sampling(params: SamplingParams, n_vocab: int) -> None:
     from airobackend.sampling import validate_sampling
-    validate_sampling(params)
+    validate_sampling(params, n_vocab=n_vocab)
 
 
 def _new_decoder(tokenizer: Any) -> Any:
@@ -172,7 +172,7 @@ class Engine:
             raise RequestError("genkey must be a string")
         if not isinstance(req.sampling, SamplingParams):
             raise RequestError("sampling must be SamplingParams")
-        _validate_sampling(req.sampling)
+        _validate_sampling(req.sampling, self.n_vocab)
 
         tok = self.tokenizer
         memory: list[int] = []

@@ -9,11 +9,16 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Optional, Sequence
+import uuid
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 
 import numpy as np
 
-from airobackend.errors import ContextOverflowError
+from airobackend.errors import ContextOverflowError, RequestError
+
+if TYPE_CHECKING:
+    from airobackend.engine import Engine
+    from airobackend.types import GenerationRequest, SamplingParams
 
 log = logging.getLogger("airobackend.llama")
 
@@ -54,6 +59,7 @@ class Llama:
         from airobackend.model import LlamaModel
 
         level = logging.INFO if verbose else logging.DEBUG
+        self.chat_format: Optional[str] = kwargs.pop("chat_format", None)   # prompt template name (airobackend.chat)
         if kwargs:
             log.debug("ignoring llama-cpp-python arguments without meaning here: %s", sorted(kwargs))
         t0 = time.perf_counter()
@@ -147,6 +153,113 @@ class Llama:
     def token_eos(self) -> int:
         return int(self.model_file.hparams.eos_id)
 
+    # ---- high-level API (generation; one loop: airobackend.engine.Engine) ----
+
+    @property
+    def engine(self) -> "Engine":
+        """The Engine behind create_completion / create_chat_completion (created on first use)."""
+        engine = self.__dict__.get("_engine")
+        if engine is None:
+            from airobackend.engine import Engine
+            from airobackend.settings import Settings
+            # A library caller's threads wait their turn rather than being turned away.
+            settings = Settings(n_ctx=self.model.n_ctx, n_batch=self.n_batch, seed=-1, multiuser=1 << 16,
+                                template=getattr(self, "chat_format", None))
+            engine = self._engine = Engine(self, settings)
+        return engine
+
+    def _next_seed(self, seed: Optional[int]) -> Optional[int]:
+        """llama-cpp-python: seed=None continues the generator seeded by Llama(seed=...); -1 or none = random."""
+        if seed is not None and seed >= 0:
+            return int(seed)
+        if seed is None and self.seed is not None and self.seed >= 0:
+            rng = self.__dict__.get("_seed_rng")
+            if rng is None:
+                import random
+                rng = self._seed_rng = random.Random(self.seed)
+            return rng.randrange(1 << 31)
+        return None
+
+    def create_completion(self, prompt: str | Sequence[int], suffix: Optional[str] = None, max_tokens: Optional[int] = 16,
+                          temperature: float = 0.8, top_p: float = 0.95, min_p: float = 0.05,
+                          typical_p: float = 1.0, logprobs: Optional[int] = None, echo: bool = False,
+                          stop: Optional[str | list[str]] = None, frequency_penalty: float = 0.0,
+                          presence_penalty: float = 0.0, repeat_penalty: float = 1.1, top_k: int = 40,
+                          stream: bool = False, seed: Optional[int] = None, tfs_z: float = 1.0,
+                          mirostat_mode: int = 0, mirostat_tau: float = 5.0, mirostat_eta: float = 0.1,
+                          model: Optional[str] = None, stopping_criteria: Any = None, logits_processor: Any = None,
+                          grammar: Any = None, logit_bias: Optional[dict] = None, **ignored: Any) -> Any:
+        """Complete `prompt` (text or token ids), like llama-cpp-python: an OpenAI-shaped "text_completion" dict,
+        or with stream=True an iterator of chunk dicts. max_tokens None or <= 0 = until EOS or the context is full.
+
+        Raises RequestError (a ValueError) for bad arguments and ContextOverflowError when the prompt plus
+        max_tokens does not fit in n_ctx (llama-cpp-python's "Requested tokens exceed context window").
+        """
+        if suffix is not None:
+            raise RequestError("suffix (infill) is not supported")
+        if stopping_criteria is not None or logits_processor is not None:
+            raise RequestError("stopping_criteria / logits_processor callbacks are not supported")
+        params = _sampling(temperature=temperature, top_p=top_p, min_p=min_p, typical_p=typical_p, top_k=top_k,
+                           repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
+                           presence_penalty=presence_penalty, tfs_z=tfs_z, mirostat_mode=mirostat_mode,
+                           mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, grammar=grammar,
+                           logit_bias=logit_bias, seed=self._next_seed(seed))
+        req = _request(prompt, max_tokens, _stops(stop), params, echo=echo, n_probs=int(logprobs or 0))
+        events = self.engine.generate(req)
+        cid, created, name = "cmpl-" + uuid.uuid4().hex, int(time.time()), model or self.model_path
+        if stream:
+            return _completion_chunks(events, cid, created, name, self.tokenizer, req.n_probs)
+        text, last, lps = _collect(events)
+        return {
+            "id": cid, "object": "text_completion", "created": created, "model": name,
+            "choices": [{"text": text, "index": 0,
+                         "logprobs": _openai_logprobs(lps, len(req.prompt or "") if echo else 0) if logprobs else None,
+                         "finish_reason": _finish(last)}],
+            "usage": _usage(last),
+        }
+
+    def __call__(self, prompt: str | Sequence[int], *args: Any, **kwargs: Any) -> Any:
+        """Same as create_completion."""
+        return self.create_completion(prompt, *args, **kwargs)
+
+    def create_chat_completion(self, messages: list[dict], functions: Any = None, function_call: Any = None,
+                               tools: Any = None, tool_choice: Any = None, temperature: float = 0.2,
+                               top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05, typical_p: float = 1.0,
+                               stream: bool = False, stop: Optional[str | list[str]] = None,
+                               seed: Optional[int] = None, response_format: Any = None,
+                               max_tokens: Optional[int] = None, presence_penalty: float = 0.0,
+                               frequency_penalty: float = 0.0, repeat_penalty: float = 1.1, tfs_z: float = 1.0,
+                               mirostat_mode: int = 0, mirostat_tau: float = 5.0, mirostat_eta: float = 0.1,
+                               model: Optional[str] = None, logits_processor: Any = None, grammar: Any = None,
+                               logit_bias: Optional[dict] = None, **ignored: Any) -> Any:
+        """Answer a chat with the model's prompt template (Airoboros by default; `Llama(chat_format=...)` picks
+        another): a "chat.completion" dict, or with stream=True an iterator of "chat.completion.chunk" dicts."""
+        if functions or tools or function_call or tool_choice:
+            raise RequestError("function / tool calling is not supported by these prompt templates")
+        if logits_processor is not None:
+            raise RequestError("logits_processor callbacks are not supported")
+        if response_format and response_format.get("type") not in (None, "text"):
+            raise RequestError(f"response_format {response_format.get('type')!r} is not supported")
+        template = self.engine.template
+        params = _sampling(temperature=temperature, top_p=top_p, min_p=min_p, typical_p=typical_p, top_k=top_k,
+                           repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
+                           presence_penalty=presence_penalty, tfs_z=tfs_z, mirostat_mode=mirostat_mode,
+                           mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, grammar=grammar,
+                           logit_bias=logit_bias, seed=self._next_seed(seed))
+        from airobackend.chat import stop_strings
+        req = _request(template.format(messages), max_tokens, stop_strings(template, _stops(stop)), params)
+        events = self.engine.generate(req)
+        cid, created, name = "chatcmpl-" + uuid.uuid4().hex, int(time.time()), model or self.model_path
+        if stream:
+            return _chat_chunks(events, cid, created, name)
+        text, last, _ = _collect(events)
+        return {
+            "id": cid, "object": "chat.completion", "created": created, "model": name,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text.lstrip()},
+                         "logprobs": None, "finish_reason": _finish(last)}],
+            "usage": _usage(last),
+        }
+
     def close(self) -> None:
         """Release the model file (its mmap). The object is unusable afterwards."""
         mf = getattr(self, "model_file", None)
@@ -158,3 +271,122 @@ class Llama:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+# ---- helpers of the high-level API: llama-cpp-python arguments in, OpenAI-shaped dicts out ----
+
+_FINISH = {"eos": "stop", "stop": "stop", "length": "length", "aborted": "stop"}
+
+
+def _stops(stop: Optional[str | list[str]]) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        return (stop,) if stop else ()
+    if not all(isinstance(s, str) for s in stop):
+        raise RequestError("stop must be a string or a list of strings")
+    return tuple(s for s in stop if s)
+
+
+def _sampling(*, temperature: float, top_p: float, min_p: float, typical_p: float, top_k: int,
+              repeat_penalty: float, frequency_penalty: float, presence_penalty: float, tfs_z: float,
+              mirostat_mode: int, mirostat_tau: float, mirostat_eta: float, grammar: Any,
+              logit_bias: Optional[dict], seed: Optional[int]) -> "SamplingParams":
+    from airobackend.types import SamplingParams
+    if grammar is not None and not isinstance(grammar, str):
+        # llama-cpp-python's LlamaGrammar keeps its source text; accept any object that does.
+        grammar = getattr(grammar, "_grammar_str", None) or getattr(grammar, "grammar", None) or str(grammar)
+    try:
+        bias = {int(k): float(v) for k, v in (logit_bias or {}).items()}
+    except (TypeError, ValueError):
+        raise RequestError("logit_bias must map token ids to numbers") from None
+    return SamplingParams(
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p, tfs=tfs_z,
+        top_a=0.0, repetition_penalty=repeat_penalty, repetition_penalty_range=64,   # llama.cpp's repeat_last_n
+        repetition_penalty_slope=1.0,                                                 # uniform over the window presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+        mirostat=mirostat_mode, mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, seed=seed,
+        logit_bias=bias, grammar=grammar or None)
+
+
+def _request(prompt: Any, max_tokens: Optional[int], stop: tuple[str, ...], params: Any, *, echo: bool = False,
+             n_probs: int = 0) -> "GenerationRequest":
+    from airobackend.types import GenerationRequest
+    if max_tokens is None or (isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens <= 0):
+        max_tokens = -1                      # llama-cpp-python: until EOS or the context is full
+    common = dict(max_tokens=max_tokens, stop=stop, trim_stop=True, sampling=params, echo=echo, n_probs=n_probs,
+                  allow_context_shift=False)
+    if isinstance(prompt, bytes):
+        prompt = prompt.decode("utf-8")
+    if isinstance(prompt, str):
+        return GenerationRequest(prompt=prompt, **common)
+    if isinstance(prompt, (list, tuple, np.ndarray)):
+        return GenerationRequest(tokens=[int(t) for t in prompt], **common)
+    raise RequestError("prompt must be a string or a list of token ids")
+
+
+def _collect(events: Any) -> tuple[str, Any, list]:
+    parts, lps, last = [], [], None
+    for ev in events:
+        parts.append(ev.text)
+        if ev.logprobs:
+            lps.extend(ev.logprobs)
+        last = ev
+    return "".join(parts), last, lps
+
+
+def _finish(last: Any) -> str:
+    return _FINISH[last.finish_reason.value]
+
+
+def _usage(last: Any) -> dict:
+    return {"prompt_tokens": last.prompt_tokens, "completion_tokens": last.completion_tokens,
+            "total_tokens": last.prompt_tokens + last.completion_tokens}
+
+
+def _openai_logprobs(entries: list, offset: int) -> dict:
+    """The engine's per-token logprobs in the OpenAI completions shape llama-cpp-python returns."""
+    tokens, offsets, token_lps, tops = [], [], [], []
+    for e in entries:
+        tokens.append(e["token"])
+        offsets.append(offset)
+        offset += len(e["token"])
+        token_lps.append(e["logprob"])
+        tops.append({t["token"]: t["logprob"] for t in e["top_logprobs"]})
+    return {"tokens": tokens, "text_offset": offsets, "token_logprobs": token_lps, "top_logprobs": tops}
+
+
+def _completion_chunks(events: Any, cid: str, created: int, name: str, tok: Any, n_probs: int) -> Iterator[dict]:
+    try:
+        offset = 0
+        for ev in events:
+            lp = None
+            if n_probs and ev.logprobs:
+                lp = _openai_logprobs(ev.logprobs, offset)
+            offset += len(ev.text)
+            if not ev.text and ev.finish_reason is None:
+                continue
+            yield {"id": cid, "object": "text_completion", "created": created, "model": name,
+                   "choices": [{"text": ev.text, "index": 0, "logprobs": lp,
+                                "finish_reason": _finish(ev) if ev.finish_reason is not None else None}]}
+    finally:
+        events.close()
+
+
+def _chat_chunks(events: Any, cid: str, created: int, name: str) -> Iterator[dict]:
+    def chunk(delta: dict, finish: Optional[str] = None) -> dict:
+        return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+    try:
+        yield chunk({"role": "assistant"})
+        started = False
+        for ev in events:
+            text = ev.text
+            if not started:                 # the template ends with "ASSISTANT:"; the reply's first space goes
+                text = text.lstrip()
+                started = bool(text)
+            if text:
+                yield chunk({"content": text})
+            if ev.finish_reason is not None:
+                yield chunk({}, _finish(ev))
+    finally:
+        events.close()
