@@ -246,17 +246,20 @@ def test_entry_dict_hides_path(tmp_path, fixtures_dir):
     assert e.to_dict(with_path=True)["path"] == e.path
 
 
+SMALL = dict(n_vocab=512, n_layer=1)     # one layer is enough to list; keeps the numpy quantizers quick
+
+
 def test_lists_models_written_by_the_project_writer(tmp_path):
     """GGUF, GGML v3 and a split archive made from the project's own writer, next to each other."""
     from airobackend.formats.writer import write_synthetic_model
 
     lib_dir = tmp_path / "lib"
     lib_dir.mkdir()
-    write_synthetic_model(lib_dir / "syn-7b-slice.q5_K_S.gguf", format="gguf", mix="q5_K_S", seed=3)
+    write_synthetic_model(lib_dir / "syn-7b-slice.q5_K_S.gguf", format="gguf", mix="q5_K_S", seed=3, **SMALL)
     write_synthetic_model(lib_dir / "syn-gqa.q4_K_M.ggmlv3.bin", format="ggml", mix="q4_K_M", n_head=8, n_head_kv=2,
-                          seed=4)
+                          seed=4, **SMALL)
     src = tmp_path / "syn-q8_0.ggmlv3.bin"
-    write_synthetic_model(src, format="ggml", mix="q8_0", seed=5)
+    write_synthetic_model(src, format="ggml", mix="q8_0", seed=5, **SMALL)
     parts = _split_zip(src, lib_dir / "syn-q8_0.ggmlv3.zip")
     entries = _by_name(ModelLibrary(lib_dir).scan())
     assert sorted(entries) == ["syn-7b-slice.q5_K_S.gguf", "syn-gqa.q4_K_M.ggmlv3.bin", "syn-q8_0.ggmlv3.zip"]
