@@ -189,7 +189,10 @@ def vocab_to_gguf(v: Vocab) -> tuple[list, np.ndarray]:
 DataSource = Callable[[TensorSpec], Iterable[np.ndarray]]   # yields raw uint8 chunks of one tensor, in order
 
 
-def _write_chunks(f, spec: TensorSpec, chunks: Iterable[np.ndarray]) -> None:
+def _write_chunks(f, spec: TensorSpec, chunks: Optional[Iterable[np.ndarray]]) -> None:
+    if chunks is None:                # no data: leave a hole (sparse file), for header-only tests of huge shapes
+        f.seek(spec.nbytes, os.SEEK_CUR)
+        return
     n = 0
     for c in chunks:
         b = np.ascontiguousarray(c, dtype=np.uint8).reshape(-1)
@@ -224,9 +227,10 @@ def _gguf_kv(key: str, value) -> bytes:
 
 
 def write_gguf(path: Union[str, os.PathLike], *, hparams: HParams, vocab: Vocab, tensors: Sequence[TensorSpec],
-               data: DataSource, ftype: Optional[int] = None, name: str = "airobackend synthetic",
+               data: Optional[DataSource], ftype: Optional[int] = None, name: str = "airobackend synthetic",
                alignment: int = 32, extra: Optional[dict] = None) -> None:
-    """Write a GGUF v3 llama file; `data(spec)` yields the raw blocks of each tensor in order."""
+    """Write a GGUF v3 llama file; `data(spec)` yields the raw blocks of each tensor in order (data=None leaves
+    holes: a sparse file with valid headers, for tests of huge shapes)."""
     hp = hparams
     pieces, types = vocab_to_gguf(vocab)
     kv = {"general.architecture": "llama", "general.name": name, "general.alignment": alignment,
@@ -261,12 +265,13 @@ def write_gguf(path: Union[str, os.PathLike], *, hparams: HParams, vocab: Vocab,
         f.write(header)
         f.write(b"\0" * (-len(header) % alignment))
         for s in tensors:
-            _write_chunks(f, s, data(s))
+            _write_chunks(f, s, data(s) if data is not None else None)
             f.write(b"\0" * (-s.nbytes % alignment))
+        f.truncate()
 
 
 def write_ggml_v3(path: Union[str, os.PathLike], *, hparams: HParams, vocab: Vocab, tensors: Sequence[TensorSpec],
-                  data: DataSource, ftype: int, n_mult: Optional[int] = None) -> None:
+                  data: Optional[DataSource], ftype: int, n_mult: Optional[int] = None) -> None:
     """Write a GGML v3 ('ggjt' v3) file: hparams (no eps/rope/n_gqa: not storable), convert.py-spelled vocabulary,
     tensor records with legacy names and data aligned to 32 bytes."""
     hp = hparams
@@ -284,12 +289,13 @@ def write_ggml_v3(path: Union[str, os.PathLike], *, hparams: HParams, vocab: Voc
             rec = struct.pack(f"<3I{len(s.ne)}I", len(s.ne), len(name), int(s.type), *s.ne) + name
             f.write(rec)
             f.write(b"\0" * (-f.tell() % 32))
-            _write_chunks(f, s, data(s))
+            _write_chunks(f, s, data(s) if data is not None else None)
+        f.truncate()
 
 
 def _find_n_mult(n_embd: int, n_ff: int) -> int:
-    """Largest n_mult that reproduces n_ff with llama.cpp's formula (convert.py's find_n_mult)."""
-    for n_mult in range(8192, 0, -1):
+    """n_mult reproducing n_ff with llama.cpp's formula: Meta's 256 when it works, else the largest (convert.py)."""
+    for n_mult in (256, *range(8192, 0, -1)):
         if ((2 * (4 * n_embd) // 3 + n_mult - 1) // n_mult) * n_mult == n_ff:
             return n_mult
     raise ValueError(f"no n_mult gives n_ff={n_ff} for n_embd={n_embd}; GGML v3 cannot store this shape")
@@ -361,12 +367,13 @@ def write_synthetic_model(path: Union[str, os.PathLike], *, format: str = "gguf"
                           n_vocab: int = 1024, n_embd: int = 256, n_head: int = 4, n_head_kv: Optional[int] = None,
                           n_layer: int = 2, n_ff: Optional[int] = None, seed: int = 11,
                           vocab: Optional[Vocab] = None, rules: Optional[str] = None, n_ctx_train: int = 2048,
-                          rms_norm_eps: float = 5e-6, chunk_bytes: int = 32 << 20) -> dict:
+                          rms_norm_eps: float = 5e-6, chunk_bytes: int = 32 << 20, sparse: bool = False) -> dict:
     """Write a seeded random LLaMA model (format 'gguf' or 'ggml' = GGML v3) in `mix` ('f32', 'q4_K_M', ...).
 
     Per-tensor types follow llama.cpp's rules (`rules` '2025' for GGUF, '2023' for GGML v3 by default; see
     tensor_type_for). Weights follow the fixtures' recipe; with seed 11 and the fx shapes the payloads equal
     llama.cpp's fx-* files. Memory use is bounded by `chunk_bytes` of float32 values per step whatever the shape.
+    sparse=True writes only the headers and leaves the tensor data as holes (instant 65B-sized files).
     Returns {gguf name: GGMLType}.
     """
     if format not in ("gguf", "ggml"):
@@ -406,10 +413,11 @@ def write_synthetic_model(path: Union[str, os.PathLike], *, format: str = "gguf"
             yield quantize(v, spec.type)
 
     ftype = MIX_FTYPE[mix]
+    src = None if sparse else data
     if format == "gguf":
-        write_gguf(path, hparams=hp, vocab=vocab, tensors=specs, data=data, ftype=ftype)
+        write_gguf(path, hparams=hp, vocab=vocab, tensors=specs, data=src, ftype=ftype)
     else:
-        write_ggml_v3(path, hparams=hp, vocab=vocab, tensors=specs, data=data, ftype=ftype)
+        write_ggml_v3(path, hparams=hp, vocab=vocab, tensors=specs, data=src, ftype=ftype)
     return types
 
 

@@ -1,0 +1,91 @@
+"""`airobackend inspect FILE`: what a model file holds (format, mix, hparams, tensor types) and the RAM it needs."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..errors import ModelFileError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", help="GGUF / GGML (.bin) model file, or a stored .zip (+ .z01) holding one")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the human summary")
+    parser.add_argument("--n-ctx", type=int, default=None,
+                        help="context length for the RAM estimate (default: the model's training context)")
+    parser.add_argument("--gqa", type=int, default=None, dest="n_gqa",
+                        help="grouped-query factor for GGML v3 files (LLaMA-2 70B: 8; default inferred)")
+    parser.add_argument("--tensors", action="store_true", help="also list every tensor (name, type, shape)")
+
+
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.1f} MiB"
+
+
+def _params(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
+
+
+def describe(mf, n_ctx=None, with_tensors: bool = False) -> dict:
+    """The JSON-able summary `inspect --json` prints (also used by the model library)."""
+    from ..formats import estimate_ram, kv_cache_bytes
+    hp = mf.hparams
+    n_ctx = int(n_ctx or hp.n_ctx_train or 2048)
+    out = {
+        "path": mf.path, "format": mf.format, "version": mf.version, "version_name": mf.version_name,
+        "container": mf.container, "member": mf.member, "file_size": mf.file_size, "ftype": mf.ftype,
+        "mix": mf.mix_name,
+        "hparams": {k: getattr(hp, k) for k in ("n_vocab", "n_embd", "n_head", "n_head_kv", "n_layer", "n_ff",
+                                                 "n_rot", "n_ctx_train", "rms_norm_eps", "rope_freq_base",
+                                                 "rope_freq_scale", "bos_id", "eos_id", "unk_id", "add_bos")}
+        | {"n_gqa": hp.n_gqa},
+        "vocab": {"n": len(mf.vocab), "spelling": mf.vocab.spelling},
+        "n_tensors": len(mf.tensors), "tensor_types": mf.type_counts(),
+        "n_params": sum(t.n_elements for t in mf.tensors.values()),
+        "converted_tensors": sum(1 for t in mf.tensors.values() if t.converted_from),
+        "n_ctx": n_ctx, "kv_cache_bytes": kv_cache_bytes(hp, n_ctx), "ram_bytes": estimate_ram(mf, n_ctx),
+    }
+    if with_tensors:
+        out["tensors"] = [{"name": t.name, "legacy_name": t.legacy_name, "type": t.type.name, "ne": list(t.ne),
+                           "offset": t.offset, "nbytes": t.nbytes} for t in mf.tensors.values()]
+    return out
+
+
+def main(args: argparse.Namespace) -> int:
+    from ..formats import open_model
+    try:
+        mf = open_model(args.file, n_gqa=args.n_gqa)
+    except ModelFileError as e:
+        print(f"airobackend inspect: error: {e}", file=sys.stderr)
+        return 1
+    with mf:
+        d = describe(mf, args.n_ctx, args.tensors)
+    if args.json:
+        print(json.dumps(d, indent=1))
+        return 0
+    hp = d["hparams"]
+    where = f" (inside {d['container']}: {d['member']})" if d["container"] == "zip" else ""
+    lines = [
+        f"file      {d['path']}{where}",
+        f"format    {d['version_name']}    mix {d['mix']}" + (f" (ftype {d['ftype']})" if d["ftype"] is not None
+                                                              else ""),
+        f"size      {_gib(d['file_size'])} ({d['file_size']} bytes), {_params(d['n_params'])} parameters",
+        f"model     n_vocab {hp['n_vocab']}  n_embd {hp['n_embd']}  n_layer {hp['n_layer']}  n_head {hp['n_head']}"
+        f"  n_head_kv {hp['n_head_kv']} (gqa {hp['n_gqa']})  n_ff {hp['n_ff']}  n_rot {hp['n_rot']}",
+        f"runtime   n_ctx_train {hp['n_ctx_train']}  rms_norm_eps {hp['rms_norm_eps']:g}  rope base "
+        f"{hp['rope_freq_base']:g} scale {hp['rope_freq_scale']:g}"
+        + ("   (not stored in GGML files: defaults or overrides)" if mf.format != "gguf" else ""),
+        f"vocab     {d['vocab']['n']} tokens ({d['vocab']['spelling']} spelling), bos {hp['bos_id']} eos "
+        f"{hp['eos_id']} unk {hp['unk_id']}",
+        "tensors   " + ", ".join(f"{n} {k}" for k, n in d["tensor_types"].items()) + f"  ({d['n_tensors']} total)",
+    ]
+    if d["converted_tensors"]:
+        lines.append(f"note      {d['converted_tensors']} tensors use a pre-v3 block layout and are converted to "
+                     f"the v3 layout in memory when loaded")
+    lines.append(f"RAM       {_gib(d['ram_bytes'])} needed at n_ctx {d['n_ctx']} (file {_gib(d['file_size'])} + "
+                 f"KV cache {_gib(d['kv_cache_bytes'])} + scratch)")
+    if args.tensors:
+        for t in d["tensors"]:
+            lines.append(f"  {t['name']:<28} {t['type']:<5} {str(t['ne']):<16} @{t['offset']}")
+    print("\n".join(lines))
+    return 0
