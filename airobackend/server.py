@@ -262,6 +262,7 @@ async def run_watching_disconnect(request: Request, work: Awaitable[Any], on_dis
     """Await `work` while listening for the client going away; on disconnect call `on_disconnect()` (which aborts the
     generation) and still wait for `work` to wind down. The body must already have been read."""
     result: list[Any] = []
+    failure: list[Exception] = []
 
     async def watch() -> None:
         while True:
@@ -275,10 +276,14 @@ async def run_watching_disconnect(request: Request, work: Awaitable[Any], on_dis
         async def run() -> None:
             try:
                 result.append(await work)
+            except Exception as e:  # re-raised bare below, not wrapped in an ExceptionGroup
+                failure.append(e)
             finally:
                 tg.cancel_scope.cancel()
         tg.start_soon(watch)
         tg.start_soon(run)
+    if failure:
+        raise failure[0]
     return result[0]
 
 
@@ -521,10 +526,13 @@ def _version() -> str:
 # ---------------------------------------------------------------------------------------------- running
 
 def uvicorn_config(app: Any, host: str, port: int, settings: Settings, **kw: Any):
+    """uvicorn settings: h11 with bounded headers; WebSockets by the `websockets` package (its sans-I/O protocol,
+    which uvicorn recommends over its deprecated legacy driver) with bounded frames and no server pings (like
+    text-generation-webui's streaming server, which old clients expect)."""
     import uvicorn
 
     return uvicorn.Config(
-        app, host=host, port=port, ws="websockets", http="h11", lifespan="off",
+        app, host=host, port=port, ws="websockets-sansio", http="h11", lifespan="off",
         log_level="warning" if settings.quiet else "info", access_log=not settings.quiet,
         h11_max_incomplete_event_size=MAX_HEADER_BYTES, ws_max_size=MAX_WS_FRAME_BYTES,
         ws_ping_interval=None, timeout_graceful_shutdown=3, **kw)

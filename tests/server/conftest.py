@@ -1,33 +1,24 @@
-"""Fixtures for the server tests: apps over the scripted engine, and a real uvicorn server on a loopback port."""
+"""Fixtures for the server tests: the real engine on the demo model, and apps over it."""
 from __future__ import annotations
 
-import importlib.util
-
-import numpy as np
 import pytest
 
-from fakes import scripted_engine  # noqa: E402  (tests/server is on sys.path: rootdir-relative test module)
 
+@pytest.fixture(scope="session")
+def demo_engine(tmp_path_factory):
+    """The real engine on the demo model (random weights), loaded through the ModelManager as `serve` does."""
+    from airobackend.demo import demo_model_path
+    from airobackend.manager import ModelManager
+    from airobackend.settings import Settings
 
-class _ArgmaxSampler:
-    def __init__(self, params, tokenizer=None, n_vocab=None):
-        self.params = params
-
-    def sample(self, logits, history):
-        return int(np.argmax(logits))
-
-
-@pytest.fixture(autouse=True)
-def _sampler_until_sampling_lands(monkeypatch):
-    """airobackend.sampling (helper E) may not exist yet; the scripted model's logits are so peaked that any sampler
-    picks the same token, so an argmax stand-in changes no outcome here. Removed automatically once it exists."""
-    if importlib.util.find_spec("airobackend.sampling") is None:
-        import airobackend.engine as engine_mod
-        monkeypatch.setattr(engine_mod, "_new_sampler", lambda params, tok, n: _ArgmaxSampler(params))
-        monkeypatch.setattr(engine_mod, "_validate_sampling", lambda params: None)
+    path = demo_model_path(tmp_path_factory.mktemp("demo-model"))
+    settings = Settings(n_ctx=256, multiuser=4)
+    manager = ModelManager(settings)
+    manager.load(manager.register(str(path)))
+    return manager
 
 
 @pytest.fixture
-def scripted():
-    """(engine, model) with the default reply and no delay."""
-    return scripted_engine()
+def demo_app(demo_engine):
+    from fakes import make_app
+    return make_app(demo_engine, n_ctx=256, multiuser=4)

@@ -1,0 +1,195 @@
+"""`airobackend serve`: load a model and serve the KoboldAI/KoboldCpp, text-generation-webui and OpenAI APIs.
+
+KoboldCpp's command line works unchanged: `airobackend model.gguf 5001 --contextsize 4096 --password KEY`.
+Every flag can also come from an environment variable AIRO_<SETTING> (e.g. AIRO_PORT, AIRO_API_KEY); a flag on the
+command line wins over the environment.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import logging
+import os
+import sys
+from typing import Any, Optional
+
+from airobackend.settings import Settings
+
+log = logging.getLogger("airobackend.serve")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `serve` (KoboldCpp's spellings, llama.cpp's short forms), plus those the adapter plugins add."""
+    d = Settings()
+    parser.add_argument("model_pos", nargs="?", metavar="MODEL", help="model file (as koboldcpp takes it)")
+    parser.add_argument("port_pos", nargs="?", type=int, metavar="PORT", help="port (as koboldcpp takes it)")
+    m = parser.add_argument_group("model")
+    m.add_argument("-m", "--model", help="GGUF/GGML model file, or a model name in --model-dir "
+                   "(default: the demo model, random weights; env AIRO_MODEL)")
+    m.add_argument("--model-dir", help=f"folder of loadable models (default {d.model_dir}; env AIRO_MODEL_DIR)")
+    m.add_argument("-c", "--contextsize", "--ctx-size", dest="n_ctx", type=int, metavar="N",
+                   help=f"context size in tokens (default {d.n_ctx}; env AIRO_N_CTX)")
+    m.add_argument("-t", "--threads", dest="n_threads", type=int, metavar="N",
+                   help="CPU threads (default: physical cores; env AIRO_N_THREADS)")
+    m.add_argument("--template", help="chat prompt template: airoboros, vicuna, alpaca, chatml "
+                   "(default: from the file; env AIRO_TEMPLATE)")
+    m.add_argument("--allow-disk", action="store_true", default=None,
+                   help="load a model larger than free RAM, reading it from disk (slow; env AIRO_ALLOW_DISK)")
+    s = parser.add_argument_group("server")
+    s.add_argument("--host", help=f"address to listen on (default {d.host}: this machine only; env AIRO_HOST)")
+    s.add_argument("--port", type=int, help=f"port (default {d.port}, KoboldCpp's; env AIRO_PORT)")
+    s.add_argument("--multiuser", type=int, nargs="?", const=6, metavar="N",
+                   help=f"requests that may wait while one generates; more get 503 busy, 0 answers busy at once "
+                        f"(default {d.multiuser}; without N: 6, as KoboldCpp; env AIRO_MULTIUSER)")
+    s.add_argument("--password", "--api-key", dest="api_key", metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on every route but the version/model probes "
+                        "(env AIRO_API_KEY)")
+    s.add_argument("--admin-key", metavar="KEY", help="key for loading/unloading models (default: the API key; "
+                   "env AIRO_ADMIN_KEY)")
+    s.add_argument("--cors", metavar="ORIGIN[,ORIGIN]", help="browser origins allowed to call the API "
+                   "(default: any, like KoboldCpp and llama.cpp; env AIRO_CORS)")
+    s.add_argument("--disable-adapter", action="append", metavar="NAME", default=None,
+                   help="do not serve this protocol adapter: kobold, textgen, openai or a plugin name "
+                        "(repeatable or comma-separated; env AIRO_DISABLE_ADAPTERS)")
+    s.add_argument("--max-body-bytes", type=int, metavar="N",
+                   help=f"largest request body accepted (default {d.max_body_bytes}; env AIRO_MAX_BODY_BYTES)")
+    s.add_argument("--quiet", action="store_true", default=None, help="log warnings only (env AIRO_QUIET)")
+    s.add_argument("--list-plugins", action="store_true", help="print the registered adapter plugins and exit")
+    try:
+        from airobackend.plugins import get_plugin_manager
+        get_plugin_manager().hook.add_cli_arguments(parser=s)
+    except Exception as e:  # a broken third-party plugin must not take the command line down
+        print(f"warning: plugin flags unavailable: {e}", file=sys.stderr)
+
+
+def settings_from_args(args: argparse.Namespace, environ: Optional[dict] = None) -> Settings:
+    """Settings from AIRO_* variables, overridden by the flags given (KoboldCpp positionals included)."""
+    disabled = None
+    if args.disable_adapter:
+        disabled = tuple(n.strip() for item in args.disable_adapter for n in item.split(",") if n.strip())
+    overrides: dict[str, Any] = dict(
+        model=args.model or args.model_pos, model_dir=args.model_dir, n_ctx=args.n_ctx, n_threads=args.n_threads,
+        template=args.template, allow_disk=args.allow_disk, host=args.host,
+        port=args.port if args.port is not None else args.port_pos, multiuser=args.multiuser,
+        api_key=args.api_key, admin_key=args.admin_key, cors=args.cors, disable_adapters=disabled,
+        max_body_bytes=args.max_body_bytes, quiet=args.quiet,
+        textgen_stream_port=getattr(args, "textgen_stream_port", None))
+    return Settings.from_env(environ, **overrides)
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def security_warnings(settings: Settings) -> list[str]:
+    """What to warn about before listening (shown on stderr)."""
+    out = []
+    if not is_loopback(settings.host) and not settings.api_key:
+        out.append(f"listening on {settings.host} without an API key: anyone who can reach this port can use the "
+                   f"model. Set --api-key KEY (env AIRO_API_KEY) or listen on 127.0.0.1.")
+    return out
+
+
+def banner(settings: Settings, listeners: list, plugin_names: set, info: dict, demo: bool) -> str:
+    """The 'ready' message: model, then one URL per protocol served."""
+    def url(host: str, port: int, scheme: str = "http") -> str:
+        shown = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+        shown = f"[{shown}]" if ":" in shown else shown
+        return f"{scheme}://{shown}:{port}"
+
+    host, port = listeners[0]
+    base = url(host, port)
+    lines = [f"airobackend ready: model {info.get('name')} ({info.get('mix') or '?'}, context {info.get('n_ctx')}, "
+             f"template {info.get('template')})"]
+    if demo:
+        from airobackend.demo import BANNER
+        lines.append("  NOTE: " + BANNER)
+    if "kobold" in plugin_names:
+        lines.append(f"  KoboldAI / KoboldCpp API   {base}/api      (KoboldAI Lite, SillyTavern 'KoboldAI Classic')")
+    if "openai" in plugin_names:
+        lines.append(f"  OpenAI-compatible API      {base}/v1       (openai SDK, SillyTavern 'Text Completion')")
+    if "textgen" in plugin_names:
+        ws = [url(h, p, "ws") for h, p in listeners[1:]] or [url(host, port, "ws")]
+        lines.append(f"  text-generation-webui API  {base}/api/v1/generate, {ws[0]}/api/v1/stream")
+    for name in sorted(plugin_names - {"kobold", "openai", "textgen"}):
+        lines.append(f"  plugin {name}")
+    lines.append(f"  API documentation          {base}/docs")
+    if settings.api_key:
+        lines.append("  API key required (Authorization: Bearer KEY)")
+    return "\n".join(lines)
+
+
+class _LogProgress:
+    """Progress for a non-terminal stderr: a few log lines instead of a redrawn bar."""
+
+    def __init__(self) -> None:
+        self.last = -1
+
+    def __call__(self, name: str, fraction: float) -> None:
+        step = int(fraction * 4)
+        if step != self.last:
+            self.last = step
+            log.info("loading %s: %d%%", name, int(fraction * 100))
+
+
+def load_engine(settings: Settings) -> tuple[Any, bool]:
+    """A ModelManager with the requested model (or the demo model) loaded; (manager, is_demo)."""
+    from airobackend.manager import ConsoleProgress, ModelManager
+
+    quiet = settings.quiet
+    progress = None if quiet else (ConsoleProgress() if sys.stderr.isatty() else _LogProgress())
+    manager = ModelManager(settings, on_progress=progress)
+    demo = settings.model is None
+    if demo:
+        from airobackend.demo import demo_model_path
+        path = str(demo_model_path(settings.cache_dir))
+        name = manager.register(path)
+    elif os.path.exists(settings.model):
+        name = manager.register(settings.model)
+    else:
+        name = settings.model                     # a name in --model-dir
+    manager.load(name)
+    return manager, demo
+
+
+def main(args: argparse.Namespace) -> int:
+    from airobackend.errors import AiroError
+    from airobackend.plugins import describe_plugins, get_plugin_manager
+    from airobackend.server import create_app, serve_async
+
+    try:
+        settings = settings_from_args(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING if settings.quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    pm = get_plugin_manager(blocked=settings.disable_adapters)
+    if args.list_plugins:
+        print("\n".join(describe_plugins(pm)))
+        return 0
+    for w in security_warnings(settings):
+        log.warning(w)
+    try:
+        engine, demo = load_engine(settings)
+    except (AiroError, OSError) as e:
+        print(f"error: cannot load the model: {e}", file=sys.stderr)
+        return 1
+    app = create_app(engine, settings, pm)
+    names = {name for name, plugin in pm.list_name_plugin() if plugin is not None}
+
+    def ready(listeners: list) -> None:
+        print(banner(settings, listeners, names, engine.model_info(), demo), file=sys.stderr, flush=True)
+
+    try:
+        asyncio.run(serve_async(app, settings, ready=ready))
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
