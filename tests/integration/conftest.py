@@ -1,0 +1,43 @@
+"""Fixtures of the host-integration tests: a llama.cpp fixture model, the demo model, a live `airobackend serve`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from integration_support import FX_MODEL, Server, require_engine, serve_available
+
+
+@pytest.fixture(scope="session")
+def fx_model(fixtures_dir: Path) -> str:
+    require_engine()
+    path = fixtures_dir / "models" / FX_MODEL
+    if not path.is_file():
+        pytest.skip(f"{path} missing")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def demo_model() -> str:
+    require_engine()
+    try:
+        from airobackend.demo import demo_model_path
+    except ImportError as e:
+        pytest.skip(f"airobackend.demo not importable: {e}")
+    return str(demo_model_path())
+
+
+@pytest.fixture(params=["fixture", "demo"])
+def model_path(request) -> str:
+    """Host tests run on a llama.cpp-made fixture model and on the bundled demo model."""
+    require_engine()
+    return request.getfixturevalue("fx_model" if request.param == "fixture" else "demo_model")
+
+
+@pytest.fixture(scope="module")
+def fx_server(fx_model, tmp_path_factory):
+    """`airobackend serve` on a loopback port, serving the fixture model."""
+    serve_available()
+    server = Server(fx_model, tmp_path_factory.mktemp("serve") / "serve.log")
+    yield server
+    server.stop()

@@ -1,0 +1,106 @@
+"""Helpers shared by the host-integration tests: the engine's own output as reference, a live server."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+TGW_EXTENSION = REPO / "integration" / "text_generation_webui" / "airobackend"
+LOLLMS_BINDING = REPO / "integration" / "lollms" / "airobackend_binding"
+FX_MODEL = "fx-q4_0.gguf"
+N_CTX = 512
+
+
+def require_engine() -> None:
+    """Skip (with the reason) while the engine's modules are not importable yet."""
+    try:
+        import airobackend.engine  # noqa: F401
+        import airobackend.llama  # noqa: F401
+        import airobackend.manager  # noqa: F401
+        import airobackend.sampling  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"airobackend engine not importable: {e}")
+
+
+_REFERENCE: dict = {}
+
+
+def engine_text(path: str, prompt: str, max_tokens: int, **sampling) -> str:
+    """What the engine itself generates through its public API (Llama + Engine + GenerationRequest).
+
+    The integrations must hand exactly this to their host: nothing lost, doubled or reordered on the way.
+    """
+    key = (path, prompt, max_tokens, tuple(sorted(sampling.items())))
+    if key not in _REFERENCE:
+        from airobackend.engine import Engine
+        from airobackend.llama import Llama
+        from airobackend.settings import Settings
+        from airobackend.types import GenerationRequest, SamplingParams
+        engine = Engine(Llama(model_path=path, n_ctx=N_CTX, verbose=False), Settings(n_ctx=N_CTX))
+        req = GenerationRequest(prompt=prompt, max_tokens=max_tokens, sampling=SamplingParams(**sampling))
+        _REFERENCE[key] = "".join(ev.text for ev in engine.generate(req))
+    return _REFERENCE[key]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`airobackend serve` in a child process on a loopback port."""
+
+    def __init__(self, model: str, log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ, AIRO_MODEL=model, AIRO_HOST="127.0.0.1", AIRO_PORT=str(self.port),
+                   AIRO_TEXTGEN_STREAM_PORT=str(free_port()), AIRO_N_CTX=str(N_CTX), AIRO_QUIET="1")
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "airobackend", "serve"], env=env, cwd=str(log_path.parent),
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+        self._log_path = log_path
+        deadline = time.monotonic() + 120
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"airobackend serve exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                with urllib.request.urlopen(self.url + "/v1/models", timeout=2) as r:
+                    json.loads(r.read())
+                    return
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"airobackend serve did not answer in 120 s:\n{self.log()}")
+                time.sleep(0.2)
+
+    def log(self) -> str:
+        return self._log_path.read_text(errors="replace")[-4000:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._log.close()
+
+
+def serve_available() -> None:
+    require_engine()
+    try:
+        import airobackend.commands.serve  # noqa: F401
+        import airobackend.server  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"`airobackend serve` not importable: {e}")
+

@@ -1,0 +1,149 @@
+"""The LoLLMS binding, loaded and called the way LoLLMS 11.0.0 does (lollms_standin/README.md)."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import yaml
+
+from integration_support import N_CTX, engine_text
+from lollms_harness import LollmsHost, Personality
+
+PROMPT = "Once upon a time, in a quiet village by the sea,"
+# LoLLMS passes these llama.cpp-named parameters; top_k=1 makes the text deterministic on any model.
+GPT_PARAMS = dict(temperature=0.7, top_k=1, top_p=0.95, repeat_penalty=1.0, repeat_last_n=64)
+ENGINE_PARAMS = dict(temperature=0.7, top_k=1, top_p=0.95, repetition_penalty=1.0, repetition_penalty_range=64)
+
+
+@pytest.fixture
+def lollms(tmp_path):
+    host = LollmsHost(tmp_path)
+    yield host
+    host.close()
+
+
+def built(lollms: LollmsHost, model: str = "", **binding_settings):
+    """Select the binding (first start installs it), set its settings as the UI would, then build the model."""
+    b = lollms.build(model_name=model)
+    for key, value in dict(dict(ctx_size=N_CTX), **binding_settings).items():
+        setattr(b.binding_config, key, value)
+    b.build_model()
+    return b
+
+
+def test_builder_loads_the_folder_installs_once_and_then_reads_the_saved_settings(lollms, fx_model):
+    b = lollms.build(model_name=fx_model)
+    assert type(b).__name__ == "Airobackend" and b.binding_folder_name == "airobackend_binding"
+    saved = yaml.safe_load(lollms.binding_config_file.read_text())
+    assert saved["mode"] == "in-process" and saved["ctx_size"] == 2048 and saved["address"]
+    assert b.models_folders == [lollms.models_folder] and lollms.models_folder.is_dir()
+
+    saved.update(mode="remote", address="http://127.0.0.1:1", ctx_size="1024")
+    lollms.binding_config_file.write_text(yaml.dump(saved))
+    again = lollms.build(model_name=fx_model)
+    assert again.binding_config.mode == "remote"
+    assert again.config.ctx_size == 1024       # the binding casts what LoLLMS hands back as text
+
+
+def test_generate_streams_chunks_to_the_callback_and_returns_the_engine_text(lollms, model_path):
+    b = built(lollms, model_path)
+    chunks, kinds = [], []
+
+    def callback(chunk, kind):
+        chunks.append(chunk)
+        kinds.append(kind)
+        return True
+
+    text = b.generate(PROMPT, 24, callback, **GPT_PARAMS)
+    expected = engine_text(model_path, PROMPT, 24, **ENGINE_PARAMS)
+    assert expected and text == expected and "".join(chunks) == expected
+    assert len(chunks) > 3, "streamed piece by piece"
+    assert set(kinds) == {lollms.types.MSG_OPERATION_TYPE.MSG_OPERATION_TYPE_ADD_CHUNK}
+    assert b.config.ctx_size == N_CTX
+
+
+def test_callback_returning_false_stops_the_generation_at_once(lollms, fx_model):
+    b = built(lollms, fx_model)
+    chunks = []
+
+    def callback(chunk, kind):
+        chunks.append(chunk)
+        return len(chunks) < 3
+
+    text = b.generate(PROMPT, N_CTX - 64, callback, **GPT_PARAMS)
+    assert len(chunks) == 3 and text == "".join(chunks)
+    full = engine_text(fx_model, PROMPT, 24, **ENGINE_PARAMS)
+    assert full.startswith(text)
+    # The engine is free again.
+    assert b.generate(PROMPT, 24, None, **GPT_PARAMS) == full
+
+
+def test_callback_returning_none_does_not_stop(lollms, fx_model):
+    b = built(lollms, fx_model)
+    assert b.generate(PROMPT, 12, lambda chunk, kind: None, **GPT_PARAMS) == \
+        engine_text(fx_model, PROMPT, 12, **ENGINE_PARAMS)
+
+
+def test_personality_generation_stops_at_an_antiprompt(lollms, model_path):
+    b = built(lollms, model_path)
+    full = engine_text(model_path, PROMPT, 24, **ENGINE_PARAMS)
+    anti = full[len(full) // 2: len(full) // 2 + 3]
+    personality = Personality(b, lollms.types, antiprompts=[anti], **GPT_PARAMS)
+    says = personality.generate(PROMPT, max_size=24)
+    assert says == full[:full.lower().find(anti.lower())]
+    assert "".join(personality.received) in full and len("".join(personality.received)) < len(full)
+
+
+def test_tokenize_and_detokenize_are_the_models(lollms, model_path):
+    b = built(lollms, model_path)
+    ids = b.tokenize(PROMPT)
+    assert ids[0] == 1, "BOS first, as LoLLMS's llama.cpp bindings count a prompt"
+    assert ids == b.backend.tokenize(PROMPT, add_bos=True) and len(ids) > 5
+    assert b.detokenize(ids) == PROMPT
+    assert b.get_nb_tokens(PROMPT) == len(ids)
+
+
+def test_list_models_shows_the_library_and_build_model_loads_a_listed_name(lollms, fx_model, fixtures_dir):
+    from airobackend.library import ModelLibrary
+    lollms.models_folder.mkdir(parents=True)
+    for name in ("fx-q4_0.gguf", "fx-q8_0.ggmlv3.bin"):
+        shutil.copy(fixtures_dir / "models" / name, lollms.models_folder / name)
+    b = lollms.build(model_name="")
+    names = b.list_models()
+    library = sorted(e.name for e in ModelLibrary(str(lollms.models_folder)).scan())
+    assert len(library) == 2 and names == ["airobackend-demo"] + library
+    entries = b.get_available_models()
+    assert [e["name"] for e in entries] == names and all(e["variants"] for e in entries)
+
+    ggml = next(n for n in library if "q8_0" in n)
+    b.config.model_name = ggml                 # what LoLLMS sets when the user picks a model
+    b.binding_config.ctx_size = N_CTX
+    b.build_model()
+    path = str(fixtures_dir / "models" / "fx-q8_0.ggmlv3.bin")
+    assert b.generate(PROMPT, 12, None, **GPT_PARAMS) == engine_text(path, PROMPT, 12, **ENGINE_PARAMS)
+
+
+def test_unknown_model_is_reported_to_the_user_and_raises(lollms):
+    b = lollms.build(model_name="no-such-model")
+    with pytest.raises(Exception, match="no-such-model"):
+        b.build_model()
+    assert any(kind == "error" and "no-such-model" in msg for kind, msg in lollms.com.messages)
+
+
+# ------------------------------------------------------------------------------------------------- remote mode
+
+def test_remote_mode_generates_lists_and_stops(lollms, fx_server, fx_model):
+    b = built(lollms, "", mode="remote", address=fx_server.url + "/")
+    assert b.generate(PROMPT, 24, None, **GPT_PARAMS) == engine_text(fx_model, PROMPT, 24, **ENGINE_PARAMS)
+    assert b.backend.model_name in b.list_models()
+    assert b.detokenize(b.tokenize(PROMPT)) == PROMPT
+    chunks = []
+    text = b.generate(PROMPT, N_CTX - 64, lambda c, k: chunks.append(c) or len(chunks) < 3, **GPT_PARAMS)
+    assert len(chunks) == 3 and text == "".join(chunks)
+    assert b.generate(PROMPT, 8, None, **GPT_PARAMS) == engine_text(fx_model, PROMPT, 8, **ENGINE_PARAMS)
+
+
+def test_remote_mode_without_a_server_says_so(lollms):
+    with pytest.raises(Exception, match="127.0.0.1:9"):
+        built(lollms, "", mode="remote", address="http://127.0.0.1:9")
+    assert any(kind == "error" and "is `airobackend serve` running?" in msg for kind, msg in lollms.com.messages)

@@ -1,0 +1,76 @@
+"""Start the miniature text-generation-webui (textgen_host/, see its README) with our extension installed in it."""
+from __future__ import annotations
+
+import importlib
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional
+
+HOST_SRC = Path(__file__).with_name("textgen_host")
+EXTENSION_SRC = Path(__file__).resolve().parents[2] / "integration" / "text_generation_webui" / "airobackend"
+
+
+def default_state(**overrides) -> dict:
+    """The generation state the host's OpenAI API builds for a request (GenerationOptions defaults, §3.6)."""
+    state = {
+        "max_new_tokens": 16, "auto_max_new_tokens": False, "max_tokens_second": 0, "preset": None,
+        "temperature": 1.0, "temperature_last": False, "dynamic_temperature": False, "dynatemp_low": 1.0,
+        "dynatemp_high": 1.0, "dynatemp_exponent": 1.0, "smoothing_factor": 0.0, "smoothing_curve": 1.0,
+        "top_p": 1.0, "min_p": 0.0, "top_k": 0, "typical_p": 1.0, "tfs": 1.0, "top_a": 0.0,
+        "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "repetition_penalty": 1.0, "repetition_penalty_range": 1024,
+        "presence_penalty": 0.0, "frequency_penalty": 0.0, "encoder_repetition_penalty": 1.0,
+        "no_repeat_ngram_size": 0, "guidance_scale": 1.0, "negative_prompt": "", "penalty_alpha": 0.0,
+        "mirostat_mode": 0, "mirostat_tau": 5.0, "mirostat_eta": 0.1, "do_sample": True, "seed": -1,
+        "dry_multiplier": 0.0, "xtc_probability": 0.0, "truncation_length": 2048, "prompt_lookup_num_tokens": 0,
+        "custom_token_bans": "", "sampler_priority": None, "ban_eos_token": False, "add_bos_token": True,
+        "skip_special_tokens": True, "grammar_string": "", "custom_stopping_strings": [], "stream": True,
+    }
+    state.update(overrides)
+    return state
+
+
+class TextgenHost:
+    """A text-generation-webui checkout in `root` with `extensions/airobackend` copied in, as a user installs it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        shutil.copytree(HOST_SRC / "modules", root / "modules")
+        shutil.copytree(EXTENSION_SRC, root / "extensions" / "airobackend",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        self._purge()
+        sys.path.insert(0, str(root))
+        self.shared = importlib.import_module("modules.shared")
+        self.extensions = importlib.import_module("modules.extensions")
+        self.tg = importlib.import_module("modules.text_generation")
+
+    def start(self, *, settings: Optional[dict] = None, call_form: str = "current",
+              extensions: tuple = ("airobackend",)) -> None:
+        """`python server.py --extensions airobackend` with `settings` as settings.yaml."""
+        self.shared.settings.update(settings or {})
+        self.shared.args.extensions = list(extensions)
+        self.tg.CALL_FORM = call_form
+        self.extensions.load_extensions()
+
+    @property
+    def script(self):
+        return sys.modules["extensions.airobackend.script"]
+
+    def generate(self, prompt: str, state: dict, stopping_strings=None, is_chat: bool = False) -> list[str]:
+        """Every value the host's generate_reply yields (what its UI or API receives)."""
+        return list(self.tg.generate_reply(prompt, state, stopping_strings, is_chat=is_chat))
+
+    def close(self) -> None:
+        script = sys.modules.get("extensions.airobackend.script")
+        if script is not None and script.backend is not None:
+            script.backend.close()
+            script.backend = None
+        self._purge()
+        if str(self.root) in sys.path:
+            sys.path.remove(str(self.root))
+
+    @staticmethod
+    def _purge() -> None:
+        for name in list(sys.modules):
+            if name in ("modules", "extensions") or name.startswith(("modules.", "extensions.")):
+                del sys.modules[name]
