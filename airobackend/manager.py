@@ -169,14 +169,11 @@ class ModelManager:
 
     def register(self, path: str, name: Optional[str] = None) -> str:
         """Make a file outside the library folder loadable by name (the `--model` file, the demo model)."""
-        name = self.library.register(path, name)
-        if self._startup_name is None:
-            self._startup_name = name
-        return name
+        return self.library.register(path, name)
 
     @property
     def startup_name(self) -> Optional[str]:
-        """The model the server started with (KoboldCpp's 'initial_model')."""
+        """The first model loaded: the one the server started with (KoboldCpp's 'initial_model')."""
         return self._startup_name
 
     def check_load(self, name: str, *, allow_disk: Optional[bool] = None,
@@ -228,6 +225,8 @@ class ModelManager:
             with self._cond:
                 self._loading = None
                 self._cond.notify_all()
+        if self._startup_name is None:
+            self._startup_name = entry.name
         self._report(1.0, entry.name)
         return entry
 

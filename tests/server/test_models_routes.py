@@ -126,6 +126,31 @@ def test_every_protocol_lists_the_library(library_dir):
             no_paths(c.get(path), library_dir)
 
 
+def _wait_loaded(c, name):
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        status = c.get("/api/admin/load_status").json()
+        if status["loading"] is None and status["loaded"] == name:
+            return status
+        time.sleep(0.01)
+    raise AssertionError(f"{name} did not load: {status}")
+
+
+def test_kobold_admin_initial_model_and_unload_model(library_dir):
+    mgr, settings, _ = scripted_manager(library_dir)
+    mgr.load("fx-q8_0.gguf")              # what `serve --model fx-q8_0.gguf` does at start
+    with client_for(mgr, settings) as c:
+        assert c.get("/api/admin/list_options").json()[:2] == ["initial_model", "unload_model"]
+        assert c.post("/api/admin/reload_config", json={"filename": "fx-q2_K.ggmlv3.bin"}).json()["success"]
+        _wait_loaded(c, "fx-q2_K.ggmlv3.bin")
+        assert c.post("/api/admin/reload_config", json={"filename": "initial_model"}).json()["success"]
+        _wait_loaded(c, "fx-q8_0.gguf")
+        assert c.post("/api/admin/reload_config", json={"filename": "unload_model"}).json() == {"success": True}
+        assert c.get("/api/v1/model").json() == {"result": "ReadOnly"}
+        r = c.post("/api/v1/generate", json={"prompt": "x"})
+        assert r.status_code == 503 and r.json()["detail"]["type"] == "service_unavailable"
+
+
 # ---------------------------------------------------------------- admin key
 
 @pytest.mark.parametrize("keys", [dict(api_key="user-key", admin_key="admin-key"), dict(api_key="user-key"),
@@ -244,9 +269,7 @@ def test_switch_waits_for_a_stream_and_queues_new_requests(library_dir):
     with client_for(mgr, settings) as c:
         assert c.post("/api/admin/reload_config", json={"filename": "fx-q2_K.ggmlv3.bin"},
                       headers=admin).json() == {"success": True}
-        deadline = time.monotonic() + TIMEOUT
-        while mgr.loaded_name != "fx-q2_K.ggmlv3.bin" and time.monotonic() < deadline:
-            time.sleep(0.01)
+        _wait_loaded(c, "fx-q2_K.ggmlv3.bin")
         old = built["fx-q2_K.ggmlv3.bin"]
         old.gate = threading.Semaphore(1)             # the stream's first event may pass, then it is held
 
@@ -347,13 +370,7 @@ def test_kobold_admin_load_generate_switch_generate(library_dir, fixture_index):
     with client_for(mgr, settings) as c:
         for name, model in SWITCHES:
             assert c.post("/api/admin/reload_config", json={"filename": name}).json() == {"success": True}
-            deadline = time.monotonic() + TIMEOUT
-            while time.monotonic() < deadline:
-                status = c.get("/api/admin/load_status").json()
-                if status["loading"] is None and status["loaded"] == name:
-                    break
-                time.sleep(0.02)
-            assert status["loaded"] == name and status["last_error"] is None, status
+            assert _wait_loaded(c, name)["last_error"] is None
             assert c.get("/api/v1/model").json() == {"result": "koboldcpp/" + Path(name).stem}
             r = c.post("/api/v1/generate", json={"prompt": PROMPT, "max_length": 1, "top_k": 1, "rep_pen": 1.0,
                                                  "temperature": 0.0})
