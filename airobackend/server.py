@@ -655,10 +655,11 @@ def sampling_params(payload: dict, n_vocab: int, **defaults: Any):
 
     base = SamplingParams(**{k: v for k, v in defaults.items() if k in SamplingParams.__dataclass_fields__})
     f = Fields(payload)
-    rep_pens = [f.float(n, None) for n in ("rep_pen", "repetition_penalty", "repeat_penalty")]
-    rep_pen = max((r for r in rep_pens if r is not None), default=base.repetition_penalty)  # KoboldCpp: largest
-    if rep_pen <= 0:
-        raise FieldError("'repetition_penalty' must be > 0", "repetition_penalty")
+    rep_pens = [(f.float(n, None), n) for n in ("rep_pen", "repetition_penalty", "repeat_penalty")]
+    for value, name in rep_pens:
+        if value is not None and value <= 0:
+            raise FieldError(f"'{name}' must be > 0 (1.0 = no penalty)", name)
+    rep_pen = max((r for r, _ in rep_pens if r is not None), default=base.repetition_penalty)  # KoboldCpp: largest
     mirostat = f.int(("mirostat", "mirostat_mode"), base.mirostat)
     if mirostat not in (0, 1, 2):
         raise FieldError("'mirostat' must be 0, 1 or 2", "mirostat")

@@ -1,0 +1,219 @@
+"""KoboldAI United / KoboldCpp API: the routes of protocols.md sections 1-2 against the real engine (demo model),
+the `koboldapi` client over a real socket, and KoboldCpp's exact SSE framing."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from starlette.testclient import TestClient
+
+from airobackend.errors import RequestError
+from airobackend.types import FinishReason
+
+from fakes import live, make_app, scripted_engine
+
+SSE_EVENT = re.compile(rb"event: message\ndata: ([^\n]*)\n\n")
+
+
+def sse_events(raw: bytes) -> list[dict]:
+    """Split a Kobold SSE body exactly as KoboldAI Lite's regex does; every byte must belong to an event."""
+    assert b"\r" not in raw
+    events, pos = [], 0
+    for m in SSE_EVENT.finditer(raw):
+        assert m.start() == pos, raw[pos:m.start()]
+        events.append(json.loads(m.group(1)))
+        pos = m.end()
+    assert pos == len(raw)
+    return events
+
+
+@pytest.fixture
+def client(demo_app):
+    return TestClient(demo_app)
+
+
+def test_probes_say_koboldcpp_with_the_loaded_model(client, demo_engine):
+    name = demo_engine.model_info()["name"]
+    assert client.get("/api/v1/model").json() == {"result": f"koboldcpp/{name}"}
+    assert client.get("/api/v1/info/version").json() == {"result": "1.2.5"}
+    v = client.get("/api/extra/version").json()
+    assert v["result"] == "KoboldCpp" and v["protected"] is False
+    assert float(v["version"]) >= 1.74        # Lite enables SSE streaming, grammar, DRY/XTC fields by version
+    assert client.get("/api/v1/config/max_context_length").json() == {"value": 256}
+    assert client.get("/api/extra/true_max_context_length").json() == {"value": 256}
+    assert 0 < client.get("/api/v1/config/max_length").json()["value"] <= 256
+    assert client.get("/api/extra/preloadstory").json() == {}
+    assert client.get("/sdapi/v1/sd-models").json() == []
+    # KoboldCpp matches paths with a trailing slash and under /api/latest
+    assert client.get("/api/latest/model/").json() == {"result": f"koboldcpp/{name}"}
+
+
+def test_generate_is_seeded_and_stops_at_max_length(client, demo_engine):
+    body = {"prompt": "Once upon a time", "max_length": 12, "sampler_seed": 42, "temperature": 0.8}
+    a = client.post("/api/v1/generate", json=body).json()
+    b = client.post("/api/v1/generate", json=body).json()
+    assert a == b
+    assert a["results"][0]["finish_reason"] == "length"
+    assert client.get("/api/extra/perf").json()["last_token_count"] == 12
+    # same request with another seed: another text
+    c = client.post("/api/v1/generate", json=dict(body, sampler_seed=43)).json()
+    assert c["results"][0]["text"] != a["results"][0]["text"]
+
+
+def test_stream_carries_the_same_text_as_generate_in_koboldcpp_framing(client):
+    body = {"prompt": "The llama", "max_length": 10, "sampler_seed": 7, "genkey": "KCPP4321"}
+    text = client.post("/api/v1/generate", json=body).json()["results"][0]["text"]
+    r = client.post("/api/extra/generate/stream", json=body)
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert r.headers["cache-control"] == "no-cache"
+    events = sse_events(r.content)
+    assert all(e["finish_reason"] == "null" for e in events[:-1])     # the string "null", as KoboldCpp sends
+    assert events[-1]["finish_reason"] == "length"
+    assert "".join(e["token"] for e in events) == text
+    assert client.post("/api/extra/generate/check", json={"genkey": "KCPP4321"}).json() == \
+        {"results": [{"text": text}]}
+
+
+def test_tokencount_tokenize_detokenize(client, demo_engine):
+    text = "Hello llamas, how are you?"
+    r = client.post("/api/extra/tokencount", json={"prompt": text}).json()
+    assert r["ids"] == demo_engine.tokenize(text, add_bos=True) and r["value"] == len(r["ids"])
+    no_bos = client.post("/api/extra/tokencount", json={"prompt": text, "special": False}).json()
+    assert no_bos["ids"] == r["ids"][1:]
+    assert client.post("/api/extra/tokenize", json={"prompt": text}).json() == r
+    back = client.post("/api/extra/detokenize", json={"ids": no_bos["ids"]}).json()
+    # SentencePiece: the first piece carries the word's leading space; the engine decides how it is rendered
+    assert back == {"result": demo_engine.detokenize(no_bos["ids"]), "success": True}
+    assert back["result"].lstrip() == text
+    bad = client.post("/api/extra/detokenize", json={"ids": [10**9]})
+    assert bad.status_code == 400 and bad.json()["detail"]["type"] == "bad_input"
+
+
+def test_unknown_fields_and_client_dialects_are_accepted(client):
+    # SillyTavern KoboldAI-Classic body (United flags it sends, which KoboldCpp ignores) and koboldapi's `temp`
+    body = {"prompt": "Hi", "use_story": False, "use_memory": False, "use_authors_note": False,
+            "use_world_info": False, "max_context_length": 4096, "max_length": 4, "rep_pen": 1.1,
+            "rep_pen_range": 320, "rep_pen_slope": 0.7, "temperature": 0.7, "tfs": 1, "top_a": 0, "top_k": 40,
+            "top_p": 0.9, "min_p": 0.05, "typical": 1, "sampler_order": [6, 0, 1, 3, 4, 2, 5], "singleline": False,
+            "use_default_badwordsids": False, "mirostat": 0, "mirostat_eta": 0.1, "mirostat_tau": 5, "grammar": "",
+            "sampler_seed": 1, "stop_sequence": ["\nYou:"], "temp": 0, "n": 1, "images": [], "quiet": True,
+            "dry_multiplier": 0.8, "xtc_probability": 0.5, "smoothing_factor": 0.2, "some_future_field": {"x": 1}}
+    r = client.post("/api/v1/generate", json=body)
+    assert r.status_code == 200 and r.json()["results"][0]["finish_reason"] in ("length", "stop")
+
+
+@pytest.mark.parametrize("body,field", [
+    ({"prompt": 5}, "prompt"),
+    ({"prompt": "x", "max_length": "many"}, "max_length"),
+    ({"prompt": "x", "max_length": -3}, "max_length"),
+    ({"prompt": "x", "temperature": [1]}, "temperature"),
+    ({"prompt": "x", "sampler_order": [6, 0, 9]}, "sampler_order"),
+    ({"prompt": "x", "sampler_order": [6, 6]}, "sampler_order"),
+    ({"prompt": "x", "stop_sequence": [1, 2]}, "stop_sequence"),
+    ({"prompt": "x", "logit_bias": {"abc": 1}}, "logit_bias"),
+    ({"prompt": "x", "mirostat": 3}, "mirostat"),
+    ({"prompt": "x", "rep_pen": 0}, "rep_pen"),
+])
+def test_bad_fields_get_koboldcpp_error_shape_and_server_keeps_serving(client, body, field):
+    for route in ("/api/v1/generate", "/api/extra/generate/stream"):
+        r = client.post(route, json=body)
+        assert r.status_code == 400, r.text
+        detail = r.json()["detail"]
+        assert detail["type"] == "bad_input" and field in detail["msg"]
+    assert client.post("/api/v1/generate", json={"prompt": "x", "max_length": 2}).status_code == 200
+
+
+def test_mapping_defaults_and_aliases():
+    from airobackend.adapters.kobold import to_generation_request
+
+    req = to_generation_request({"prompt": "p"}, n_ctx=2048, n_vocab=32000)
+    s = req.sampling
+    assert (req.max_tokens, s.temperature, s.top_p, s.top_k, s.repetition_penalty, s.repetition_penalty_range) == \
+        (180, 0.7, 0.92, 100, 1.0, 320)
+    assert req.trim_stop is False and req.stop == () and s.seed is None and not s.ban_eos
+    req = to_generation_request({"prompt": "p", "max_length": 10**9, "rep_pen": 1.05, "repetition_penalty": 1.2,
+                                 "use_default_badwordsids": True, "sampler_seed": -1, "memory": "M",
+                                 "stop_sequence": [f"s{i}" for i in range(40)], "trim_stop": True,
+                                 "custom_token_bans": "5, 7", "logit_bias": {"3": 500, "4": -1.5},
+                                 "banned_tokens": ["bad word"], "genkey": "KCPP1"}, n_ctx=2048, n_vocab=32000)
+    assert req.max_tokens == 2048 - 16                  # clamped like KoboldCpp
+    assert req.sampling.repetition_penalty == 1.2       # the largest of the aliases
+    assert req.sampling.ban_eos and req.trim_stop and req.memory == "M" and req.prompt == "p"
+    assert len(req.stop) == 32
+    assert req.sampling.banned_tokens == (5, 7) and req.sampling.banned_strings == ("bad word",)
+    assert req.sampling.logit_bias == {3: 100.0, 4: -1.5}
+    assert req.genkey == "KCPP1"
+    assert to_generation_request({"prompt": "p", "ban_eos_token": False, "use_default_badwordsids": True},
+                                 n_ctx=64, n_vocab=100).sampling.ban_eos is False
+
+
+def test_stop_sequence_kept_unless_trim_stop_and_finish_reasons():
+    engine, _ = scripted_engine("Hello from the scripted model!")
+    c = TestClient(make_app(engine))
+    r = c.post("/api/v1/generate", json={"prompt": "x", "stop_sequence": ["scripted"]}).json()
+    # KoboldCpp returns the stop string unless trim_stop, and reports a custom stop as "length"
+    assert r == {"results": [{"text": "Hello from the scripted", "finish_reason": "length"}]}
+    r = c.post("/api/v1/generate", json={"prompt": "x", "stop_sequence": ["scripted"], "trim_stop": True}).json()
+    assert r["results"][0]["text"] == "Hello from the "
+    r = c.post("/api/v1/generate", json={"prompt": "x"}).json()
+    assert r == {"results": [{"text": "Hello from the scripted model!", "finish_reason": "stop"}]}   # EOS
+    events = sse_events(c.post("/api/extra/generate/stream", json={"prompt": "x"}).content)
+    assert events[-1]["finish_reason"] == "stop"
+    assert "".join(e["token"] for e in events) == "Hello from the scripted model!"
+    # memory goes in front of the prompt (the engine keeps it on a context shift)
+    c.post("/api/v1/generate", json={"prompt": "abc", "memory": "MEM", "max_length": 1})
+    assert engine.perf()["last_input_count"] == len("MEM") + 1 + len("abc")
+
+
+def test_textgen_dialect_on_the_shared_generate_route():
+    """text-generation-webui clients post to the same /api/v1/generate: their stop strings are cut."""
+    engine, _ = scripted_engine("Hello from the scripted model!")
+    c = TestClient(make_app(engine))
+    r = c.post("/api/v1/generate", json={"prompt": "x", "max_new_tokens": 50, "stopping_strings": ["scripted"]})
+    assert r.json()["results"][0]["text"] == "Hello from the "
+
+
+def test_unknown_path_gets_koboldcpp_404(client):
+    r = client.get("/nothing/here")
+    assert r.status_code == 404 and "endpoint does not exist" in r.text
+    r = client.post("/api/extra/nothing", json={})
+    assert r.status_code == 404 and r.json()["detail"]["type"] == "not_found"
+
+
+def test_koboldapi_client_over_a_real_socket(demo_app, demo_engine):
+    from koboldapi.core.api import KoboldAPI
+
+    name = demo_engine.model_info()["name"]
+    with live(demo_app) as srv:
+        api = KoboldAPI(srv.url)
+        assert api.get_version()["result"] == "KoboldCpp"
+        assert api.get_model() == f"koboldcpp/{name}"
+        assert api.get_max_context_length() == 256
+        text = api.generate("Tell me about llamas.", max_length=8, sampler_seed=5)
+        assert isinstance(text, str) and text
+        assert api.check_generation() == text          # last generation under this client's genkey
+        counted = api.count_tokens("a llama")
+        assert counted["tokens"] == demo_engine.tokenize("a llama") and counted["count"] == len(counted["tokens"])
+        ids = api.tokenize("a llama")
+        assert api.detokenize(ids[1:]).lstrip() == "a llama"
+        perf = api.get_performance_stats()
+        assert perf["last_token_count"] == 8 and perf["idle"] == 1
+        assert api.abort_generation() == "false"       # nothing of ours is running
+        streamed = api.generate_sync("Tell me about llamas.", max_length=8, sampler_seed=5)
+        assert streamed == text
+        assert api.get_last_logprobs() is None
+
+
+def test_engine_error_classes_map_to_kobold_shapes():
+    from airobackend.server import error_for_exception
+    from airobackend.errors import ContextOverflowError, EngineBusy, ModelNotLoaded
+
+    assert error_for_exception("/api/v1/generate", EngineBusy("x")).status_code == 503
+    r = error_for_exception("/api/v1/generate", ContextOverflowError("too long"))
+    assert r.status_code == 400 and json.loads(r.body) == {"detail": {"msg": "too long", "type": "bad_input"}}
+    r = error_for_exception("/api/v1/generate", ModelNotLoaded("no model is loaded"))
+    assert r.status_code == 503 and json.loads(r.body)["detail"]["type"] == "service_unavailable"
+    assert error_for_exception("/api/x", RequestError("bad")).status_code == 400
+    assert FinishReason.EOS.value == "eos"
