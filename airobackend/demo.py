@@ -19,7 +19,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -141,6 +141,14 @@ def _tensors(spec: DemoSpec, n_vocab: int) -> list[tuple[str, np.ndarray]]:
     out = []
     for k, (name, shape) in enumerate(shapes):
         x = np.random.default_rng([spec.seed, k]).standard_normal(shape, dtype=np.float32)
+        if name == "output.weight":
+            # Larger output rows make the next-token distribution peaked, so the nonsense is made of whole words;
+            # zero rows for <unk>, <s> and the byte tokens keep lone UTF-8 fragments ('\ufffd') out of it.
+            x = 0.15 * x
+            x[:2] = 0.0
+            x[3:3 + 256] = 0.0
+            out.append((name, x))
+            continue
         out.append((name, (1.0 + 0.02 * x) if len(shape) == 1 else 0.02 * x))
     return out
 
@@ -156,6 +164,17 @@ def _write_gguf(path: Path, spec: DemoSpec, pieces: list[bytes], scores: list[fl
                 tensors: list[tuple[str, np.ndarray]]) -> None:
     import gguf
 
+    gguf_log = logging.getLogger("gguf")           # its writer chats at INFO level; keep the console clean
+    level = gguf_log.level
+    gguf_log.setLevel(logging.WARNING)
+    try:
+        _write_gguf_file(gguf, path, spec, pieces, scores, types, tensors)
+    finally:
+        gguf_log.setLevel(level)
+
+
+def _write_gguf_file(gguf: Any, path: Path, spec: DemoSpec, pieces: list[bytes], scores: list[float],
+                     types: list[int], tensors: list[tuple[str, np.ndarray]]) -> None:
     qtype = gguf.GGMLQuantizationType[spec.weight_type.upper()]
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name("airobackend demo (random weights)")

@@ -1,0 +1,362 @@
+"""`airobackend run`: generate from a prompt on the console, like llama.cpp's `main`.
+
+    airobackend run -m FILE -p "USER: Write a story about llamas\\nASSISTANT:" -n -1 -c 2048 -t 2 --temp 0.7 \\
+        --repeat_penalty 1.1 --color
+
+prints the prompt, then each piece of text as soon as it is generated. `-n -1` generates until EOS or until the
+context is full; ^C stops the generation cleanly (a second ^C quits at once). `-i` starts an interactive chat with
+the model's prompt template (Airoboros 1.x by default), one user turn per stdin line. Without `-m` the demo model is
+used (random weights: it prints nonsense). Escapes such as \\n in -p are processed as llama.cpp does.
+
+Every option is declared once in `OPTIONS`. Options that are Settings fields also read AIRO_<FIELD> from the
+environment when not given on the command line.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import string
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from airobackend.errors import AiroError
+from airobackend.settings import Settings
+from airobackend.types import FinishReason, GenerationRequest, SamplingParams
+
+log = logging.getLogger("airobackend.run")
+
+# llama.cpp main's console colors
+COLOR_PROMPT = "\x1b[33m"            # yellow: the prompt
+COLOR_USER = "\x1b[1m\x1b[32m"       # bold green: what the user types
+COLOR_RESET = "\x1b[0m"
+
+
+@dataclass(frozen=True)
+class Opt:
+    """One command-line option. `setting=True`: a Settings field (default and AIRO_<DEST> env from Settings)."""
+
+    flags: tuple[str, ...]
+    dest: str
+    help: str
+    type: Optional[Callable[[str], Any]] = None     # None: a flag (store_true)
+    default: Any = None
+    setting: bool = False
+    group: str = "sampling"
+    metavar: Optional[str] = None
+    action: Optional[str] = None
+
+
+_D = Settings()
+_S = SamplingParams
+OPTIONS: tuple[Opt, ...] = (
+    # model (Settings fields)
+    Opt(("-m", "--model"), "model", "model file, GGUF or GGML v1-v3 (default: the demo model, random weights)", str,
+        setting=True, group="model", metavar="FILE"),
+    Opt(("-c", "--ctx-size", "--contextsize"), "n_ctx", f"context size in tokens (default {_D.n_ctx})", int,
+        setting=True, group="model", metavar="N"),
+    Opt(("-t", "--threads"), "n_threads", "CPU threads (default: all this process may use)", int, setting=True,
+        group="model", metavar="N"),
+    Opt(("-b", "--batch-size"), "n_batch", f"prompt tokens per forward pass (default {_D.n_batch})", int,
+        setting=True, group="model", metavar="N"),
+    Opt(("-gqa", "--gqa", "--n-gqa"), "n_gqa", "grouped-query factor for GGML v3 files (LLaMA-2 70B: 8)", int,
+        setting=True, group="model", metavar="N"),
+    Opt(("-eps", "--rms-norm-eps"), "rms_norm_eps", "RMS norm epsilon override (GGML v3 LLaMA-2: 1e-5)", float,
+        setting=True, group="model", metavar="EPS"),
+    Opt(("--rope-freq-base",), "rope_freq_base", "RoPE frequency base override (default: from the file, else 10000)",
+        float, setting=True, group="model", metavar="F"),
+    Opt(("--rope-freq-scale",), "rope_freq_scale", "RoPE frequency scale override (linear scaling: 1/factor)",
+        float, setting=True, group="model", metavar="F"),
+    Opt(("--template", "--chat-template"), "template",
+        "prompt template for -i: airoboros, airoboros-1.2, vicuna, alpaca, chatml (default: from the file)", str,
+        setting=True, group="model", metavar="NAME"),
+    Opt(("-s", "--seed"), "seed", "RNG seed, -1 = random (default -1)", int, setting=True, group="model",
+        metavar="N"),
+    Opt(("--cache-dir",), "cache_dir", "where the demo model is kept (default ~/.cache/airobackend)", str,
+        setting=True, group="model", metavar="DIR"),
+    Opt(("--quiet",), "quiet", "no banner, no timings", setting=True, group="model"),
+    # prompt and output
+    Opt(("-p", "--prompt"), "prompt", "prompt to start generation with (default: empty)", str, group="prompt",
+        metavar="TEXT"),
+    Opt(("-f", "--file"), "file", "read the prompt from a file", str, group="prompt", metavar="FILE"),
+    Opt(("-n", "--n-predict", "--predict"), "n_predict",
+        "tokens to generate, -1 = until EOS or the context is full (default 128)", int, default=128, group="prompt",
+        metavar="N"),
+    Opt(("-e", "--escape"), "escape", "process escapes (\\n, \\t, \\\", \\xHH, ...) in the prompt (default: on)",
+        default=True, group="prompt"),
+    Opt(("--no-escape",), "escape", "do not process escapes in the prompt", action="store_false", group="prompt"),
+    Opt(("-r", "--reverse-prompt"), "reverse_prompt",
+        "stop generating at this text (repeatable); in -i mode, it hands the turn back to you", str,
+        action="append", group="prompt", metavar="TEXT"),
+    Opt(("-i", "--interactive"), "interactive", "interactive chat using the prompt template (one line per turn)",
+        group="prompt"),
+    Opt(("--system",), "system", "system prompt for -i (default: the template's preamble)", str, group="prompt",
+        metavar="TEXT"),
+    Opt(("--color",), "color", "colorise the prompt and user input", group="prompt"),
+    Opt(("--no-display-prompt",), "no_display_prompt", "do not print the prompt before the generated text",
+        group="prompt"),
+    Opt(("--ignore-eos",), "ignore_eos", "never end at EOS (ban the EOS token)", group="prompt"),
+    Opt(("--grammar",), "grammar", "GBNF grammar constraining the output", str, group="prompt", metavar="GBNF"),
+    Opt(("--grammar-file",), "grammar_file", "read the GBNF grammar from a file", str, group="prompt",
+        metavar="FILE"),
+    # sampling: llama.cpp main's names and defaults (mid-2023)
+    Opt(("--temp",), "temp", "temperature, <= 0 = greedy (default 0.8)", float, default=0.8, metavar="T"),
+    Opt(("--top-k", "--top_k"), "top_k", "top-k, 0 = off (default 40)", int, default=40, metavar="N"),
+    Opt(("--top-p", "--top_p"), "top_p", "top-p, 1.0 = off (default 0.95)", float, default=0.95, metavar="P"),
+    Opt(("--min-p", "--min_p"), "min_p", "min-p, 0 = off (default 0)", float, default=0.0, metavar="P"),
+    Opt(("--typical",), "typical", "locally typical sampling, 1.0 = off (default 1.0)", float, default=1.0,
+        metavar="P"),
+    Opt(("--tfs",), "tfs", "tail-free sampling z, 1.0 = off (default 1.0)", float, default=1.0, metavar="Z"),
+    Opt(("--repeat-penalty", "--repeat_penalty"), "repeat_penalty", "repetition penalty, 1.0 = off (default 1.1)",
+        float, default=1.1, metavar="F"),
+    Opt(("--repeat-last-n", "--repeat_last_n"), "repeat_last_n",
+        "tokens the repetition penalty looks back, -1 = the whole context (default 64)", int, default=64,
+        metavar="N"),
+    Opt(("--presence-penalty",), "presence_penalty", "presence penalty (default 0)", float, default=0.0,
+        metavar="F"),
+    Opt(("--frequency-penalty",), "frequency_penalty", "frequency penalty (default 0)", float, default=0.0,
+        metavar="F"),
+    Opt(("--mirostat",), "mirostat", "mirostat: 0 off, 1 v1, 2 v2 (default 0)", int, default=0, metavar="N"),
+    Opt(("--mirostat-lr", "--mirostat-eta"), "mirostat_eta", "mirostat learning rate eta (default 0.1)", float,
+        default=0.1, metavar="ETA"),
+    Opt(("--mirostat-ent", "--mirostat-tau"), "mirostat_tau", "mirostat target entropy tau (default 5.0)", float,
+        default=5.0, metavar="TAU"),
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    groups = {name: parser.add_argument_group(name) for name in ("model", "prompt", "sampling")}
+    for o in OPTIONS:
+        kw: dict[str, Any] = {"dest": o.dest, "help": o.help}
+        if o.setting:
+            # Absent unless given, so Settings.from_env can fill it from AIRO_<DEST> (and help shows no 'None').
+            kw["default"] = argparse.SUPPRESS
+        elif o.action != "store_false":
+            kw["default"] = o.default
+        if o.action:
+            kw["action"] = o.action
+            if o.type is not None:
+                kw["type"] = o.type
+        elif o.type is None:
+            kw["action"] = "store_true"
+        else:
+            kw["type"] = o.type
+        if o.metavar and kw.get("action") not in ("store_true", "store_false"):
+            kw["metavar"] = o.metavar
+        groups[o.group].add_argument(*o.flags, **kw)
+
+
+def build_settings(args: argparse.Namespace, environ: Optional[dict] = None) -> Settings:
+    """Settings from AIRO_* environment variables with the command-line values on top."""
+    given = {o.dest: getattr(args, o.dest) for o in OPTIONS if o.setting and hasattr(args, o.dest)}
+    return Settings.from_env(environ, **given)
+
+
+def process_escapes(s: str) -> str:
+    """llama.cpp's `process_escapes`: \\n \\r \\t \\' \\" \\\\ \\a \\b \\f \\v \\? and \\xHH; others stay as typed."""
+    simple = {"n": "\n", "r": "\r", "t": "\t", "'": "'", '"': '"', "\\": "\\", "a": "\a", "b": "\b", "f": "\f",
+              "v": "\v", "?": "?"}
+    out, i = [], 0
+    while i < len(s):
+        c = s[i]
+        if c == "\\" and i + 1 < len(s):
+            n = s[i + 1]
+            if n in simple:
+                out.append(simple[n])
+                i += 2
+                continue
+            if n == "x" and len(s) >= i + 4 and all(ch in string.hexdigits for ch in s[i + 2:i + 4]):
+                out.append(chr(int(s[i + 2:i + 4], 16)))
+                i += 4
+                continue
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def sampling_from_args(args: argparse.Namespace, settings: Settings) -> SamplingParams:
+    grammar = args.grammar
+    if args.grammar_file:
+        with open(args.grammar_file, encoding="utf-8") as f:
+            grammar = f.read()
+    return SamplingParams(
+        temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, typical_p=args.typical,
+        tfs=args.tfs, top_a=0.0, repetition_penalty=args.repeat_penalty,
+        repetition_penalty_range=0 if args.repeat_last_n < 0 else args.repeat_last_n,
+        repetition_penalty_slope=1.0, presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty, mirostat=args.mirostat, mirostat_tau=args.mirostat_tau,
+        mirostat_eta=args.mirostat_eta, seed=settings.seed if settings.seed >= 0 else None,
+        ban_eos=bool(args.ignore_eos), grammar=grammar or None)
+
+
+class _Interrupt:
+    """^C during a generation aborts it (the loop ends within one token); a second ^C raises KeyboardInterrupt."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.hit = False
+        self._old: Any = None
+
+    def __enter__(self) -> "_Interrupt":
+        self.hit = False
+        try:
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:              # not the main thread (embedded use): leave ^C alone
+            self._old = None
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.hit:
+            raise KeyboardInterrupt
+        self.hit = True
+        self.engine.abort()
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _generate(engine: Any, gen: Any, out: Callable[[str], None]) -> tuple[str, Any]:
+    """Print the events of `gen` as they come; ^C aborts the generation."""
+    parts: list[str] = []
+    last = None
+    with _Interrupt(engine):
+        for ev in gen:
+            if ev.text:
+                parts.append(ev.text)
+                out(ev.text)
+            last = ev
+    return "".join(parts), last
+
+
+def _timings(engine: Any, last: Any) -> str:
+    p = engine.perf()
+    proc, ev = p["last_process"], p["last_eval"]
+    n_proc, n_gen = p["last_process_count"], p["last_token_count"]
+    rate = (lambda n, t: f"{n / t:.2f} tok/s" if t > 0 and n else "-")  # noqa: E731
+    reason = last.finish_reason.value if last is not None and last.finish_reason else "?"
+    return (f"prompt: {n_proc} tokens in {proc:.2f} s ({rate(n_proc, proc)}), "
+            f"generated: {n_gen} tokens in {ev:.2f} s ({rate(n_gen, ev)}), seed {p['last_seed']}, stop: {reason}")
+
+
+def main(args: argparse.Namespace) -> int:
+    settings = build_settings(args)
+    logging.basicConfig(level=logging.WARNING if settings.quiet else logging.INFO, stream=sys.stderr,
+                        format="%(message)s")
+    try:
+        sys.stdout.reconfigure(errors="replace")          # type: ignore[attr-defined]
+    except (AttributeError, ValueError):
+        pass
+
+    def info(msg: str) -> None:
+        if not settings.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    try:
+        prompt = args.prompt if args.prompt is not None else ""
+        if args.file:
+            with open(args.file, encoding="utf-8") as f:
+                prompt = f.read()
+        if args.escape:
+            prompt = process_escapes(prompt)
+        sampling = sampling_from_args(args, settings)
+
+        from airobackend.demo import BANNER, demo_model_path
+        path = settings.model
+        if not path:
+            path = str(demo_model_path(settings.cache_dir))
+            info(f"airobackend: no model given (-m FILE): using the {BANNER}")
+        from airobackend.llama import Llama
+        t0 = time.perf_counter()
+        llm = Llama(model_path=path, n_ctx=settings.n_ctx, n_threads=settings.n_threads or None,
+                    n_batch=settings.n_batch, seed=settings.seed, n_gqa=settings.n_gqa,
+                    rms_norm_eps=settings.rms_norm_eps, rope_freq_base=settings.rope_freq_base,
+                    rope_freq_scale=settings.rope_freq_scale, chat_format=settings.template,
+                    verbose=False)
+        from airobackend.engine import Engine
+        engine = Engine(llm, settings)
+        info(f"airobackend: {path} loaded in {time.perf_counter() - t0:.2f} s: n_ctx {engine.n_ctx}, "
+             f"{llm.n_threads} threads, template {engine.template.name}")
+        if args.interactive:
+            return _chat(engine, args, prompt, sampling, info)
+        return _one_shot(engine, args, prompt, sampling, info)
+    except AiroError as e:
+        print(f"airobackend run: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"airobackend run: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _one_shot(engine: Any, args: argparse.Namespace, prompt: str, sampling: SamplingParams,
+              info: Callable[[str], None]) -> int:
+    req = GenerationRequest(prompt=prompt, max_tokens=args.n_predict, stop=tuple(args.reverse_prompt or ()),
+                            trim_stop=False, sampling=sampling, allow_context_shift=True)
+    gen = engine.generate(req)          # a bad request raises here, before anything is printed
+    if not args.no_display_prompt and prompt:
+        _write((COLOR_PROMPT + prompt + COLOR_RESET) if args.color else prompt)
+    _, last = _generate(engine, gen, _write)
+    if last is not None and last.finish_reason is FinishReason.EOS:
+        _write("\n")
+        info("[end of text]")
+    elif last is not None and last.finish_reason is FinishReason.ABORTED:
+        _write("\n")
+        info("[interrupted]")
+    else:
+        _write("\n")
+    info(_timings(engine, last))
+    return 0
+
+
+def _chat(engine: Any, args: argparse.Namespace, first: str, sampling: SamplingParams,
+          info: Callable[[str], None]) -> int:
+    from airobackend.chat import stop_strings
+    template = engine.template
+    messages: list[dict] = [{"role": "system", "content": args.system}] if args.system is not None else []
+    stops = stop_strings(template, args.reverse_prompt or ())
+    info(f"== interactive chat ({template.name} template). One line per turn; ^C stops a reply, "
+         f"^D or ^C at the prompt quits. ==")
+    pending = first.strip()
+    while True:
+        if not pending:
+            _write("\n> ")
+            if args.color:
+                _write(COLOR_USER)
+            try:
+                line = sys.stdin.readline()
+            except KeyboardInterrupt:
+                line = ""
+            if args.color:
+                _write(COLOR_RESET)
+            if not line:
+                _write("\n")
+                return 0
+            pending = line.rstrip("\r\n").strip()
+            if not pending:
+                continue
+        else:
+            _write("> " + pending + "\n")
+        messages.append({"role": "user", "content": pending})
+        pending = ""
+        req = GenerationRequest(prompt=template.format(messages), max_tokens=args.n_predict, stop=stops,
+                                trim_stop=True, sampling=sampling, allow_context_shift=True)
+        started = [False]
+
+        def out(text: str) -> None:
+            if not started[0]:                          # the reply's first space follows "ASSISTANT:"
+                text = text.lstrip()
+                started[0] = bool(text)
+            if text:
+                _write(text)
+        reply, last = _generate(engine, engine.generate(req), out)
+        _write("\n")
+        messages.append({"role": "assistant", "content": reply.strip()})
+        if last is not None and last.finish_reason is FinishReason.ABORTED:
+            info("[interrupted]")
