@@ -1,0 +1,197 @@
+"""OpenAI-compatible routes with the real `openai` SDK over a socket, exact SSE framing, the error envelope, and
+text-generation-webui's /v1/internal routes that SillyTavern's Text Completion mode calls."""
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+from starlette.testclient import TestClient
+
+from fakes import live, make_app, scripted_engine
+
+
+@pytest.fixture
+def client(demo_app):
+    return TestClient(demo_app)
+
+
+def openai_events(raw: bytes) -> list[dict]:
+    """Parse an OpenAI stream strictly: `data: <json>\\n\\n` events, LF only, ending with a terminated [DONE]."""
+    assert b"\r" not in raw
+    assert raw.endswith(b"data: [DONE]\n\n") and raw.count(b"[DONE]") == 1
+    chunks = raw[:-len(b"data: [DONE]\n\n")].split(b"\n\n")
+    assert chunks[-1] == b""
+    out = []
+    for c in chunks[:-1]:
+        assert c.startswith(b"data: ") and b"\n" not in c
+        out.append(json.loads(c[6:]))
+    return out
+
+
+def test_openai_sdk_completions_chat_and_streams(demo_app, demo_engine):
+    name = demo_engine.model_info()["name"]
+    with live(demo_app) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+        models = client.models.list()
+        assert [m.id for m in models.data] == [name]
+        assert models.data[0].owned_by and isinstance(models.data[0].created, int)
+
+        prompt = "Once upon a time there was a llama"
+        c = client.completions.create(model=name, prompt=prompt, max_tokens=9, seed=11, temperature=0.9)
+        assert c.object == "text_completion" and c.model == name
+        assert c.choices[0].finish_reason == "length"
+        assert c.usage.completion_tokens == 9
+        assert c.usage.prompt_tokens == len(demo_engine.tokenize(prompt))
+        assert c.usage.total_tokens == c.usage.prompt_tokens + 9
+
+        chunks = list(client.completions.create(model=name, prompt=prompt, max_tokens=9, seed=11, temperature=0.9,
+                                                stream=True))
+        assert "".join(ch.choices[0].text for ch in chunks) == c.choices[0].text
+        assert chunks[-1].choices[0].finish_reason == "length"
+        assert all(ch.choices[0].finish_reason is None for ch in chunks[:-1])
+
+        messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi there!"}]
+        chat = client.chat.completions.create(model=name, messages=messages, max_tokens=7, seed=3)
+        assert chat.object == "chat.completion" and chat.choices[0].message.role == "assistant"
+        assert chat.choices[0].finish_reason in ("length", "stop")
+        assert chat.usage.prompt_tokens == len(demo_engine.tokenize(demo_engine.format_chat(messages)))
+        deltas = list(client.chat.completions.create(model=name, messages=messages, max_tokens=7, seed=3,
+                                                     stream=True, stream_options={"include_usage": True}))
+        assert deltas[0].choices[0].delta.role == "assistant"
+        assert "".join(d.choices[0].delta.content or "" for d in deltas if d.choices) == \
+            chat.choices[0].message.content
+        assert deltas[-1].usage.completion_tokens == chat.usage.completion_tokens
+
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model=name, prompt="x", max_tokens=-5)
+        assert e.value.status_code == 400 and e.value.body["param"] == "max_tokens"
+
+
+def test_sse_framing_is_exact_and_terminated(client):
+    r = client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 5, "stream": True, "seed": 1})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = openai_events(r.content)
+    assert {e["object"] for e in events} == {"text_completion"} and len({e["id"] for e in events}) == 1
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
+                                                  "stream": True})
+    events = openai_events(r.content)
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert events[-1]["choices"][0]["finish_reason"] in ("length", "stop")
+    assert {e["object"] for e in events} == {"chat.completion.chunk"}
+
+
+def test_logit_bias_forces_a_token(client, demo_engine):
+    tid = demo_engine.tokenize("llama", add_bos=False)[0]
+    r = client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 6, "logit_bias": {str(tid): 100},
+                                             "temperature": 1.0}).json()
+    assert r["choices"][0]["text"] == demo_engine.detokenize([tid] * 6)
+
+
+def test_n_choices_and_token_prompts(client, demo_engine):
+    r = client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 3, "n": 2, "seed": 4}).json()
+    assert [c["index"] for c in r["choices"]] == [0, 1]
+    assert r["usage"]["completion_tokens"] == 6
+    ids = demo_engine.tokenize("Hello")
+    by_ids = client.post("/v1/completions", json={"prompt": ids, "max_tokens": 3, "seed": 4}).json()
+    assert by_ids["choices"][0]["text"] == r["choices"][0]["text"]
+    assert by_ids["usage"]["prompt_tokens"] == len(ids)
+
+
+def test_stop_strings_and_finish_reason_stop():
+    engine, _ = scripted_engine("Hello from the scripted model!")
+    c = TestClient(make_app(engine))
+    r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 100, "stop": "scripted"}).json()
+    assert r["choices"][0] == {"index": 0, "text": "Hello from the ", "logprobs": None, "finish_reason": "stop"}
+    r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 100}).json()
+    assert r["choices"][0]["text"] == "Hello from the scripted model!" and r["choices"][0]["finish_reason"] == "stop"
+    events = openai_events(c.post("/v1/completions", json={"prompt": "x", "max_tokens": 100, "stop": ["model"],
+                                                            "stream": True}).content)
+    assert "".join(e["choices"][0]["text"] for e in events) == "Hello from the scripted "
+    assert events[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_logprobs(client):
+    r = client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 3, "logprobs": 2}).json()
+    lp = r["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == 3
+    assert all(len(t) <= 2 for t in lp["top_logprobs"]) and all(x <= 0 for x in lp["token_logprobs"])
+
+
+@pytest.mark.parametrize("route,body,param", [
+    ("/v1/completions", {"prompt": "x", "max_tokens": "lots"}, "max_tokens"),
+    ("/v1/completions", {"prompt": {"a": 1}}, "prompt"),
+    ("/v1/completions", {"prompt": "x", "temperature": "hot"}, "temperature"),
+    ("/v1/completions", {"prompt": "x", "stop": [1]}, "stop"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"99999999": 5}}, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "n": 50}, "n"),
+    ("/v1/chat/completions", {"messages": "hi"}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, "messages"),
+])
+def test_bad_requests_get_the_openai_error_envelope(client, route, body, param):
+    for stream in (False, True):
+        r = client.post(route, json=dict(body, stream=stream))
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"}
+        assert err["type"] == "invalid_request_error" and err["param"] == param
+    assert client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}).status_code == 200
+
+
+def test_malformed_json_nan_and_unknown_route(client):
+    for raw in (b"{not json", b"[1, 2]", b'{"prompt": "x", "temperature": NaN}', b"\xff\xfe"):
+        r = client.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", raw
+    r = client.get("/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+
+
+def test_internal_routes_used_by_sillytavern(client, demo_engine):
+    text = "The llama spoke."
+    enc = client.post("/v1/internal/encode", json={"text": text}).json()
+    assert enc == {"tokens": demo_engine.tokenize(text), "length": len(demo_engine.tokenize(text))}
+    dec = client.post("/v1/internal/decode", json={"tokens": enc["tokens"][1:]}).json()
+    assert dec["text"].lstrip() == text
+    assert client.post("/v1/internal/token-count", json={"text": text}).json() == {"length": enc["length"]}
+    info = client.get("/v1/internal/model/info").json()
+    assert info["model_name"] == demo_engine.model_info()["name"] and info["lora_names"] == []
+    assert client.post("/v1/internal/stop-generation").json() == "OK"
+    assert client.get(f"/v1/models/{info['model_name']}").json()["id"] == info["model_name"]
+    assert client.get("/v1/models/gpt-4").status_code == 404
+
+
+def test_sillytavern_text_completion_body_is_accepted(client):
+    """SillyTavern forwards its whole settings object to /v1/completions (protocols.md 6.2)."""
+    body = {"prompt": "Hello", "model": "x", "max_new_tokens": 4, "max_tokens": 4, "temperature": 0.7, "top_p": 0.9,
+            "typical_p": 1, "typical": 1, "sampler_seed": 5, "min_p": 0.05, "repetition_penalty": 1.1,
+            "frequency_penalty": 0, "presence_penalty": 0, "top_k": 40, "skew": 0, "min_tokens": 0,
+            "add_bos_token": True, "smoothing_factor": 0, "smoothing_curve": 1, "dry_allowed_length": 2,
+            "dry_multiplier": 0, "dry_base": 1.75, "dry_sequence_breakers": "[\"\\n\", \":\"]",
+            "dry_penalty_last_n": 0, "max_tokens_second": 0, "stopping_strings": ["\nYou:"], "stop": ["\nYou:"],
+            "truncation_length": 4096, "ban_eos_token": False, "skip_special_tokens": True, "top_a": 0, "tfs": 1,
+            "mirostat_mode": 0, "mirostat_tau": 5, "mirostat_eta": 0.1, "custom_token_bans": "",
+            "banned_strings": [], "api_type": "koboldcpp", "api_server": "http://127.0.0.1:5001",
+            "legacy_api": False, "sampler_order": [6, 0, 1, 3, 4, 2, 5], "xtc_threshold": 0.1,
+            "xtc_probability": 0, "grammar": "", "rep_pen": 1.1, "rep_pen_range": 0, "seed": 5,
+            "guidance_scale": 1, "negative_prompt": "", "grammar_string": "", "repeat_penalty": 1.1, "tfs_z": 1,
+            "repeat_last_n": 0, "n_predict": 4, "num_predict": 4, "num_ctx": 4096, "mirostat": 0,
+            "ignore_eos": False, "rep_pen_slope": 1, "stream": False}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] <= 4
+
+
+def test_lollms_vllm_binding_reads_models_and_streams(demo_app):
+    """LoLLMS' vLLM binding: /v1/models entries need id, owned_by and an int created; streams read `data:` lines."""
+    with live(demo_app) as srv:
+        entry = httpx.get(srv.url + "/v1/models").json()["data"][0]
+        assert isinstance(entry["created"], int) and entry["owned_by"] and entry["id"]
+        text = ""
+        with httpx.stream("POST", srv.url + "/v1/completions",
+                          json={"model": entry["id"], "prompt": "Hi", "max_tokens": 5, "stream": True}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    text += json.loads(line[6:])["choices"][0]["text"]
+        assert text
