@@ -54,18 +54,45 @@ def mem_available() -> int:
         return 1 << 62     # unknown: do not refuse
 
 
+def prefetch(paths: list[Path], progress: ProgressFn, lo: float = 0.0, hi: float = 1.0,
+             chunk: int = 16 << 20) -> None:
+    """Read the files once so their pages sit in the page cache, reporting progress from `lo` to `hi`.
+
+    The model maps its file; without this the first generation would fault in gigabytes page by page and the
+    load would show no progress at all. Reading is what takes the time of a load from disk.
+    """
+    total = sum(p.stat().st_size for p in paths) or 1
+    buf = bytearray(chunk)
+    done = 0
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            while True:
+                n = f.readinto(buf)
+                if not n:
+                    break
+                done += n
+                progress(lo + (hi - lo) * done / total)
+
+
 def build_engine(entry: ModelEntry, settings: Settings, progress: ProgressFn) -> tuple[Any, Any]:
-    """The default engine factory: `Llama` over the file, `Engine` over the Llama. Returns (engine, llama)."""
+    """The default engine factory: `Llama` over the file, `Engine` over the Llama. Returns (engine, llama).
+
+    When the file fits in the memory available, it is read through first (progress 0..0.8), so the load shows
+    progress and the first request runs at memory speed; a model run from disk (`allow_disk`) is not read ahead.
+    """
     from airobackend.engine import Engine
     from airobackend.llama import Llama
 
+    if entry.weights_bytes <= mem_available():
+        folder = Path(entry.path).parent
+        prefetch([folder / part for part in entry.parts] or [Path(entry.path)], progress, 0.0, 0.8)
     kwargs = dict(model_path=entry.path, n_ctx=settings.n_ctx, n_threads=settings.n_threads,
                   n_batch=settings.n_batch, seed=settings.seed, n_gqa=settings.n_gqa,
                   rms_norm_eps=settings.rms_norm_eps, rope_freq_base=settings.rope_freq_base,
                   rope_freq_scale=settings.rope_freq_scale, verbose=False)
     params = inspect.signature(Llama).parameters
     if "progress_callback" in params:
-        kwargs["progress_callback"] = progress
+        kwargs["progress_callback"] = lambda f: progress(0.8 + 0.15 * f)
     if "use_mmap" in params:
         kwargs["use_mmap"] = settings.use_mmap
     llama = Llama(**kwargs)

@@ -462,3 +462,13 @@ def test_real_engine_load_generate_switch_generate(tmp_path, fixtures_dir, fixtu
     assert tok == models["fx-q2_K"]["greedy"][0]
     mgr.unload()
     assert mgr.loaded_name is None
+
+
+def test_prefetch_reports_progress_over_every_part(tmp_path):
+    from airobackend.manager import prefetch
+    parts = [tmp_path / "m.z01", tmp_path / "m.zip"]
+    parts[0].write_bytes(b"a" * 3000)
+    parts[1].write_bytes(b"b" * 1000)
+    seen = []
+    prefetch(parts, seen.append, 0.0, 0.8, chunk=1000)
+    assert seen == pytest.approx([0.2, 0.4, 0.6, 0.8])
