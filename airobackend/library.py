@@ -85,9 +85,9 @@ def estimate_ram_bytes(weights_bytes: int, hparams: dict, n_ctx: int) -> int:
 
 def size_class(n_layer: int, n_embd: int, n_head: int, n_head_kv: int, n_params: int) -> str:
     """'65B' for the published LLaMA shapes, else the parameter count rounded ('1.2M', '0.5B')."""
-    for key in ((n_layer, n_embd, None if n_head_kv == n_head else n_head_kv), (n_layer, n_embd, n_head_kv)):
-        if key in _CLASSES:
-            return _CLASSES[key]
+    known = _CLASSES.get((n_layer, n_embd, None if n_head_kv == n_head else n_head_kv))
+    if known is not None:
+        return known
     if n_params >= 1e9:
         return f"{n_params / 1e9:.1f}B"
     if n_params >= 1e6:
@@ -254,6 +254,8 @@ class ModelLibrary:
         if hit is not None:
             return hit
         entry = describe_file(p, name=name, n_ctx=self.n_ctx, template=self.template, opener=self._opener)
+        if entry.error is not None:     # the reader's message names the file by its path: clients see it
+            entry = dataclasses.replace(entry, error=self.redact(entry.error.replace(entry.path, name)))
         if key is not None:
             with self._lock:
                 self._cache[key] = entry
