@@ -150,6 +150,7 @@ def test_bad_file_listed_with_reason_and_others_unaffected(tmp_path, fixtures_di
     assert entries["fx-q4_0.gguf"].loadable
     assert not entries["broken.ggmlv3.bin"].loadable
     assert "broken.ggmlv3.bin" in entries["broken.ggmlv3.bin"].error
+    assert str(tmp_path) not in entries["broken.ggmlv3.bin"].error, "reasons reach clients: no paths"
 
 
 def test_template_from_file_name(tmp_path, fixtures_dir):
