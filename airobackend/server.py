@@ -547,6 +547,7 @@ async def serve_async(app: Any, settings: Settings, *, ready: Optional[Callable[
     pm.hook.startup(engine=engine, settings=settings, app=app)
     listeners = [(settings.host, settings.port)] + list(app.state.extra_listeners)
     servers = [uvicorn.Server(uvicorn_config(app, h, p, settings)) for h, p in listeners]
+    app.state.servers = servers        # set `should_exit` on each to stop serving
     for s in servers:  # Ctrl-C handling is done once, by the caller
         s.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     try:
