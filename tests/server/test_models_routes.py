@@ -360,6 +360,16 @@ def test_openai_style_load_generate_switch_generate(library_dir, fixture_index):
             r = c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 1, "temperature": 0})
             assert r.status_code == 200, r.text
             assert r.json()["choices"][0]["text"] == _expected_text(c, models[model]["greedy"][0])
+        # Context size and template of a load apply to the next request of every protocol.
+        r = c.post("/v1/internal/model/load", json={"model_name": "fxgqa-f16.gguf",
+                                                    "args": {"n_ctx": 64, "instruction_template": "vicuna"}})
+        assert r.json() == "OK"
+        info = c.get("/v1/internal/model/info").json()
+        assert (info["n_ctx"], info["template"]) == (64, "vicuna")
+        assert c.get("/api/extra/true_max_context_length").json() == {"value": 64}
+        n_prompt = c.post("/api/extra/tokencount", json={"prompt": "word " * 80}).json()["value"]
+        r = c.post("/v1/completions", json={"prompt": "word " * 80, "max_tokens": 1})
+        assert n_prompt > 64 and r.json()["usage"]["total_tokens"] == 64, "the prompt is cut to the new context"
         assert c.post("/v1/internal/model/unload").json() is None
         r = c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 1})
         assert r.status_code == 503
