@@ -38,6 +38,7 @@ _UTF8_LEN = bytes([1] * 12 + [2, 2, 3, 4])
 # Cut before every '▁' that does not follow another '▁': the start of each word (and of each run of spaces).
 _WORD_START = re.compile(rb"(?<!\xe2\x96\x81)(?=\xe2\x96\x81)")
 _CACHE_MAX = 1 << 17
+_NUMBA_MIN_BYTES = 2048          # longer fragments (texts without spaces) go to the compiled merge loop
 
 
 def _lstrip_space(t: bytes) -> bytes:
@@ -211,6 +212,13 @@ class Tokenizer:
         n_bytes = len(text)
         if n_bytes == 0:
             return []
+        if n_bytes > _NUMBA_MIN_BYTES:
+            return self._bpe_fast(text)
+        return self._bpe_py(text)
+
+    def _bpe_py(self, text: bytes) -> list[int]:
+        """The merge loop in Python: quickest for short words (no array set-up)."""
+        n_bytes = len(text)
         # symbols: one per UTF-8 character (start offset, byte length), doubly linked
         starts: list[int] = []
         lens: list[int] = []
@@ -269,6 +277,63 @@ class Tokenizer:
             i = nxt[i]
         return out
 
+    def _bpe_fast(self, text: bytes) -> list[int]:
+        """The same merge loop compiled with Numba, over integer symbol ids and a sorted table of mergeable pairs.
+
+        Every symbol during the merge is either one UTF-8 character of the input or a vocabulary entry (a merge only
+        happens when the merged text is one), so "text(a) + text(b) is in the vocabulary" can be precomputed as a
+        table (id(a), id(b)) -> merged id over all vocabulary entries split at every character boundary. Characters
+        that are not entries get ids from n_vocab up; ones that occur in no entry get -1 and never merge.
+        """
+        tables = self._pair_tables()
+        data = np.frombuffer(text, dtype=np.uint8)
+        starts, lens = _utf8_chunks(data)
+        char_keys, char_ids, pair_keys, pair_vals, scores, byte_ids, n_ids = tables
+        keys = _chunk_keys(data, starts, lens)
+        pos = np.searchsorted(char_keys, keys)
+        pos[pos >= char_keys.size] = 0
+        sym = np.where(char_keys[pos] == keys, char_ids[pos], -1).astype(np.int64)
+        out = _spm_merge(data, starts, lens, sym, pair_keys, pair_vals, scores, byte_ids, np.int64(n_ids),
+                         np.int64(self.n_vocab))
+        return out.tolist()
+
+    def _pair_tables(self):
+        t = getattr(self, "_fast_tables", None)
+        if t is not None:
+            return t
+        char_id: dict[bytes, int] = {}
+        for text, tid in self._text_to_id.items():
+            if len(_split_chars(text)) == 1:
+                char_id[text] = tid
+        next_id = self.n_vocab
+        for text in self._text_to_id:
+            for c in _split_chars(text):
+                if c not in char_id:
+                    char_id[c] = next_id
+                    next_id += 1
+        sym_id = dict(char_id)
+        sym_id.update(self._text_to_id)
+        n_ids = next_id
+        pairs: dict[int, int] = {}
+        for text, tid in self._text_to_id.items():
+            chars = _split_chars(text)
+            off = 0
+            for c in chars[:-1]:
+                off += len(c)
+                a, b = sym_id.get(text[:off]), sym_id.get(text[off:])
+                if a is not None and b is not None:
+                    pairs[a * n_ids + b] = tid
+        ck = np.array([_char_key(c) for c in char_id], dtype=np.int64)
+        cv = np.array(list(char_id.values()), dtype=np.int64)
+        o = np.argsort(ck)
+        pk = np.array(list(pairs.keys()), dtype=np.int64)
+        pv = np.array(list(pairs.values()), dtype=np.int64)
+        po = np.argsort(pk)
+        t = (ck[o], cv[o], pk[po], pv[po], self.scores.astype(np.float64),
+             np.array(self._byte_id, dtype=np.int64), n_ids)
+        self._fast_tables = t
+        return t
+
     def _resegment(self, text: bytes, start: int, length: int) -> list[int]:
         # Every merged symbol is a vocabulary entry, so only single characters can miss: they go to byte tokens.
         tid = self._text_to_id.get(text[start:start + length])
@@ -311,3 +376,178 @@ class Tokenizer:
 
     def __len__(self) -> int:
         return self.n_vocab
+
+
+# ---------------------------------------------------------------------------- compiled merge loop (long fragments)
+def _split_chars(text: bytes) -> list[bytes]:
+    out, off = [], 0
+    while off < len(text):
+        ln = min(_UTF8_LEN[text[off] >> 4], len(text) - off)
+        out.append(text[off:off + ln])
+        off += ln
+    return out
+
+
+def _char_key(c: bytes) -> int:
+    # up to 4 bytes and the length, as one integer: the same key _chunk_keys computes
+    return (len(c) << 32) | int.from_bytes(c.ljust(4, b"\0"), "big")
+
+
+def _jit(fn):
+    import numba
+
+    from airobackend.kernels import JIT
+    return numba.njit(**JIT)(fn)
+
+
+_compiled: dict = {}
+
+
+def _kernel(name: str):
+    k = _compiled.get(name)
+    if k is None:
+        k = _compiled[name] = _jit(globals()["_py" + name])
+    return k
+
+
+def _utf8_chunks(data: np.ndarray):
+    return _kernel("_utf8_chunks")(data)
+
+
+def _chunk_keys(data, starts, lens):
+    return _kernel("_chunk_keys")(data, starts, lens)
+
+
+def _spm_merge(data, starts, lens, sym, pair_keys, pair_vals, scores, byte_ids, n_ids, n_vocab):
+    return _kernel("_spm_merge")(data, starts, lens, sym, pair_keys, pair_vals, scores, byte_ids, n_ids, n_vocab)
+
+
+def _py_utf8_chunks(data):
+    n = data.size
+    starts = np.empty(n, np.int64)
+    lens = np.empty(n, np.int64)
+    k = 0
+    off = 0
+    while off < n:
+        hi = data[off] >> 4
+        ln = 1 if hi < 12 else (2 if hi < 14 else (3 if hi == 14 else 4))
+        if ln > n - off:
+            ln = n - off
+        starts[k] = off
+        lens[k] = ln
+        k += 1
+        off += ln
+    return starts[:k], lens[:k]
+
+
+def _py_chunk_keys(data, starts, lens):
+    keys = np.empty(starts.size, np.int64)
+    for i in range(starts.size):
+        v = np.int64(0)
+        for j in range(4):
+            v = v << 8
+            if j < lens[i]:
+                v |= np.int64(data[starts[i] + j])
+        keys[i] = (np.int64(lens[i]) << 32) | v
+    return keys
+
+
+def _py_spm_merge(data, starts, lens, sym, pair_keys, pair_vals, scores, byte_ids, n_ids, n_vocab):
+    n = starts.size
+    lens = lens.copy()
+    sym = sym.copy()
+    prev = np.arange(-1, n - 1)
+    nxt = np.arange(1, n + 1)
+    nxt[n - 1] = -1
+    cap = 3 * n + 8                    # n-1 seeds + at most 2 pushes per merge
+    # the binary heap, entries stored in place (score, left, right, merged id, byte size): higher score first,
+    # then the leftmost pair (llama.cpp llm_bigram_spm::comparator)
+    hs = np.empty(cap, np.float64)
+    hl = np.empty(cap, np.int64)
+    hr = np.empty(cap, np.int64)
+    ht = np.empty(cap, np.int64)
+    hz = np.empty(cap, np.int64)
+    n_heap = 0
+    npk = pair_keys.size
+    cand_l = np.empty(2, np.int64)
+    cand_r = np.empty(2, np.int64)
+    seed_i = 0
+    while True:
+        n_cand = 0
+        if seed_i < n - 1:
+            cand_l[0] = seed_i
+            cand_r[0] = seed_i + 1
+            n_cand = 1
+            seed_i += 1
+        else:
+            if n_heap == 0:
+                break
+            a = hl[0]
+            b = hr[0]
+            t_top = ht[0]
+            z_top = hz[0]
+            n_heap -= 1
+            # sift the last entry down from the root
+            s_, l_, r_, t_, z_ = hs[n_heap], hl[n_heap], hr[n_heap], ht[n_heap], hz[n_heap]
+            i = 0
+            while True:
+                c = 2 * i + 1
+                if c >= n_heap:
+                    break
+                if c + 1 < n_heap and (hs[c + 1] > hs[c] or (hs[c + 1] == hs[c] and hl[c + 1] < hl[c])):
+                    c += 1
+                if hs[c] > s_ or (hs[c] == s_ and hl[c] < l_):
+                    hs[i], hl[i], hr[i], ht[i], hz[i] = hs[c], hl[c], hr[c], ht[c], hz[c]
+                    i = c
+                else:
+                    break
+            hs[i], hl[i], hr[i], ht[i], hz[i] = s_, l_, r_, t_, z_
+            if lens[a] == 0 or lens[b] == 0 or lens[a] + lens[b] != z_top:
+                continue                                 # stale: one side merged since
+            lens[a] += lens[b]
+            lens[b] = 0
+            sym[a] = t_top
+            nb = nxt[b]
+            nxt[a] = nb
+            if nb >= 0:
+                prev[nb] = a
+            if prev[a] >= 0:
+                cand_l[n_cand] = prev[a]
+                cand_r[n_cand] = a
+                n_cand += 1
+            if nb >= 0:
+                cand_l[n_cand] = a
+                cand_r[n_cand] = nb
+                n_cand += 1
+        for q in range(n_cand):
+            left = cand_l[q]
+            right = cand_r[q]
+            if sym[left] < 0 or sym[right] < 0:
+                continue
+            key = sym[left] * n_ids + sym[right]
+            p = np.searchsorted(pair_keys, key)
+            if p < npk and pair_keys[p] == key:
+                s_ = scores[pair_vals[p]]
+                i = n_heap
+                n_heap += 1
+                while i > 0:                             # sift up
+                    par = (i - 1) // 2
+                    if s_ > hs[par] or (s_ == hs[par] and left < hl[par]):
+                        hs[i], hl[i], hr[i], ht[i], hz[i] = hs[par], hl[par], hr[par], ht[par], hz[par]
+                        i = par
+                    else:
+                        break
+                hs[i], hl[i], hr[i], ht[i], hz[i] = s_, left, right, pair_vals[p], lens[left] + lens[right]
+    out = np.empty(data.size, np.int64)
+    k = 0
+    i = 0
+    while i != -1:
+        if 0 <= sym[i] < n_vocab:
+            out[k] = sym[i]
+            k += 1
+        else:
+            for j in range(lens[i]):
+                out[k] = byte_ids[data[starts[i] + j]]
+                k += 1
+        i = nxt[i]
+    return out[:k]

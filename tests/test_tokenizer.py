@@ -115,3 +115,19 @@ def test_fixture_model_reference_tokens(fixtures_dir: Path, fixture_index: dict,
         assert tok.encode(m["text"]) == m["tokens"], m["name"]
         assert tok.decode(m["tokens"]).decode() == m["text"]
     assert seen == {"fx", "fxgqa", "fx32k"}
+
+
+def test_compiled_merge_matches_python_merge(vocab_tok: Tokenizer, fixtures_dir: Path) -> None:
+    """Fragments over 2 KB (text without spaces) use the Numba merge loop over precomputed pair tables; it must
+    give the same ids as the Python loop, including invalid UTF-8 and characters the vocabulary lacks."""
+    import random
+    rng = random.Random(3)
+    alphabet = ["a", "b", "e", "r", "t", "h", " ", "é", "🦙", "\n", "ü", "ш", "!", "3", ".", "中", "文", "\u2581"]
+    cases = [(b" " + s).replace(b" ", "\u2581".encode()) for s, _ in _vocab_cases(fixtures_dir)]
+    cases += [(" " + "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 80)))).encode()
+              .replace(b" ", "\u2581".encode()) for _ in range(200)]
+    cases += [b"\xc3A\xf0\x9f\xe2\x96\x81x\xff\x80", b"\xe2\x96", "a".encode() * 3000]
+    for c in cases:
+        assert vocab_tok._bpe_fast(c) == vocab_tok._bpe_py(c), c
+    long_text = "".join(rng.choice("abcdefghij") for _ in range(5000))
+    assert vocab_tok.encode(long_text) == [1] + vocab_tok._bpe_py(("\u2581" + long_text).encode())
