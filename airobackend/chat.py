@@ -191,6 +191,13 @@ def template_from_chat_template(jinja: str) -> Optional[str]:
     return None
 
 
+def _text(value: Any) -> Optional[str]:
+    """A metadata string value (readers may keep GGUF strings as bytes)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return value if isinstance(value, str) else None
+
+
 def choose_template(override: Optional[str] = None, path: Optional[str] = None,
                     metadata: Optional[Mapping[str, Any]] = None) -> ChatTemplate:
     """The template for a model: the override by name, else the file's chat_template / name, else Airoboros.
@@ -202,12 +209,12 @@ def choose_template(override: Optional[str] = None, path: Optional[str] = None,
         return get_template(override)
     name = (str(path).replace("\\", "/").rsplit("/", 1)[-1] if path else "").lower()
     if metadata:
-        general = metadata.get("general.name")
-        if isinstance(general, str):
+        general = _text(metadata.get("general.name"))
+        if general:
             name = name + " " + general.lower()
     if "airoboros" not in name and metadata:
-        jinja = metadata.get("tokenizer.chat_template")
-        if isinstance(jinja, str):
+        jinja = _text(metadata.get("tokenizer.chat_template"))
+        if jinja:
             found = template_from_chat_template(jinja)
             if found:
                 return TEMPLATES[found]

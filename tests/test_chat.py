@@ -81,6 +81,7 @@ def test_choice_from_metadata_and_override():
     # An airoboros file keeps its own format even when a converter stored a generic chat_template.
     assert choose_template(path="/m/airoboros-65b-gpt4-1.4.Q4_K_M.gguf", metadata=md).name == "airoboros"
     assert choose_template(path="/m/x.gguf", metadata={"general.name": "Airoboros 65B GPT4 1.4"}).name == "airoboros"
+    assert choose_template(path="/m/x.gguf", metadata={"tokenizer.chat_template": b"### Instruction:"}).name == "alpaca"
     assert choose_template("alpaca", path="/m/airoboros-65b.bin").name == "alpaca"
     with pytest.raises(RequestError, match="known: airoboros"):
         choose_template("nonsense")

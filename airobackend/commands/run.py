@@ -267,6 +267,8 @@ def main(args: argparse.Namespace) -> int:
         if args.escape:
             prompt = process_escapes(prompt)
         sampling = sampling_from_args(args, settings)
+        from airobackend.sampling import validate_sampling
+        validate_sampling(sampling)                      # bad values are reported before the model loads
 
         from airobackend.demo import BANNER, demo_model_path
         path = settings.model
