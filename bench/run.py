@@ -1,0 +1,276 @@
+"""Speed benchmark of the fast quantized kernels on LLaMA-shaped weights (one command: `python bench/run.py`).
+
+For each mix (q4_0, q4_K_M, q8_0, f16) it builds a 7B-shaped slice -- n_embd 4096, n_ff 11008, 4 layers plus the
+32000-row output matrix, per-tensor types as llama-quantize assigns them (airobackend.formats.writer.tensor_type_for)
+-- and a 65B-shaped layer (n_embd 8192, n_ff 22016) in q4_K_M, then prints for 1 and 2 threads:
+
+* decode tok/s: one token = a mat-vec through every weight matrix of the slice (activation quantization and Python
+  call overhead included; norms/attention, a few % at short context, are not);
+* prompt tok/s: a 128-token batch through every matrix (mat-mat);
+* GB/s of weights streamed per decode token, the machine's read bandwidth measured in the same run, and the ratio;
+* for 65B: the projected decode tok/s of the full model from the per-layer time (80 layers, half of them with Q6_K
+  attn_v/ffn_down as q4_K_M has it, plus the output matrix).
+
+By default the weights are random blocks of the right types and sizes (speed does not depend on the values) built in
+memory in seconds. `--files` writes real models with the project's writer into ~/.cache/airobackend/bench (or
+$AIRO_BENCH_DIR; reused on the next run) and benchmarks their mmapped tensors.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numba
+import numpy as np
+
+from airobackend.formats.writer import tensor_type_for
+from airobackend.kernels import fast
+from airobackend.quant import BLOCK, GGMLType
+
+MIXES = ("q4_0", "q4_K_M", "q8_0", "f16")
+HALF_FIELDS = {GGMLType.Q4_0: [0], GGMLType.Q4_1: [0, 2], GGMLType.Q5_0: [0], GGMLType.Q5_1: [0, 2],
+               GGMLType.Q8_0: [0], GGMLType.Q2_K: [80, 82], GGMLType.Q3_K: [108], GGMLType.Q4_K: [0, 2],
+               GGMLType.Q5_K: [0, 2], GGMLType.Q6_K: [208]}
+LLAMA_CPP_2T = {"q4_0": (48.7, 166), "q4_K_M": (37.0, 97), "q8_0": (27.4, 121), "f16": (17.8, 114)}
+
+
+def layer_shapes(layer: int, n_embd: int, n_ff: int) -> list[tuple[str, tuple[int, int]]]:
+    p = f"blk.{layer}."
+    return [(p + "attn_q.weight", (n_embd, n_embd)), (p + "attn_k.weight", (n_embd, n_embd)),
+            (p + "attn_v.weight", (n_embd, n_embd)), (p + "attn_output.weight", (n_embd, n_embd)),
+            (p + "ffn_gate.weight", (n_embd, n_ff)), (p + "ffn_down.weight", (n_ff, n_embd)),
+            (p + "ffn_up.weight", (n_embd, n_ff))]
+
+
+def random_raw(t: GGMLType, n_rows: int, n_cols: int, rng: np.random.Generator) -> np.ndarray:
+    per, nb = BLOCK[t]
+    if t == GGMLType.F16:
+        return (rng.standard_normal((n_rows, n_cols), dtype=np.float32) * 0.02).astype(np.float16).view(np.uint8)
+    n_blk = n_cols // per
+    raw = np.frombuffer(rng.bytes(n_rows * n_blk * nb), np.uint8).reshape(n_rows, n_blk, nb).copy()
+    for off in HALF_FIELDS[t]:
+        raw[:, :, off:off + 2] = np.array([0.001], np.float16).view(np.uint8)
+    return raw.reshape(n_rows, n_blk * nb)
+
+
+class Slice:
+    """The prepared weight matrices of one benchmark slice."""
+
+    def __init__(self, label: str, tensors: list[tuple[str, GGMLType, np.ndarray, int, int]]):
+        self.label = label
+        self.weights = []
+        self.nbytes = 0
+        t0 = time.perf_counter()
+        for name, t, raw, n_rows, n_cols in tensors:
+            w = fast.prepare_fast(t, raw, n_rows, n_cols)
+            if w is None:
+                raise SystemExit(f"no fast kernel for {t.name} on this CPU (ISA {fast.ISA})")
+            self.weights.append((name, w))
+            self.nbytes += raw.nbytes
+        self.prepare_s = time.perf_counter() - t0
+        self.types = sorted({w.spec.name for _, w in self.weights})
+
+    def decode_once(self, xs) -> None:
+        for _, w in self.weights:
+            w.matvec(xs[w.n_cols], self._out[w.n_rows])
+
+    def warm(self, n_prompt: int) -> float:
+        """Compile (or load from cache) every kernel used; returns seconds."""
+        rng = np.random.default_rng(0)
+        cols = {w.n_cols for _, w in self.weights}
+        rows = {w.n_rows for _, w in self.weights}
+        self._xs = {c: rng.standard_normal(c, dtype=np.float32) for c in cols}
+        self._Xs = {c: rng.standard_normal((n_prompt, c), dtype=np.float32) for c in cols}
+        self._out = {r: np.empty(r, np.float32) for r in rows}
+        self._Out = {r: np.empty((n_prompt, r), np.float32) for r in rows}
+        t0 = time.perf_counter()
+        seen = set()
+        for _, w in self.weights:
+            if w.spec.name not in seen:
+                seen.add(w.spec.name)
+                w.matvec(self._xs[w.n_cols], self._out[w.n_rows])
+                w.matmat(self._Xs[w.n_cols][:4], self._Out[w.n_rows][:4])
+        return time.perf_counter() - t0
+
+    def decode_time(self, n_tok: int) -> float:
+        times = []
+        for _ in range(n_tok):
+            t0 = time.perf_counter()
+            self.decode_once(self._xs)
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times))
+
+    def prompt_time(self, reps: int = 1) -> float:
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            for _, w in self.weights:
+                w.matmat(self._Xs[w.n_cols], self._Out[w.n_rows])
+            best = min(best, time.perf_counter() - t0)
+        return best
+
+
+# ----------------------------------------------------------------------------------------------- bandwidth
+@numba.njit(parallel=True, cache=True, fastmath=True)
+def _prange_sum(a, n_chunks):
+    per = a.shape[0] // n_chunks
+    s = np.zeros(n_chunks, np.float32)
+    for c in numba.prange(n_chunks):
+        b = a[c * per:(c + 1) * per]
+        acc = np.float32(0.0)
+        for i in range(b.shape[0]):
+            acc += b[i]
+        s[c] = acc
+    return s.sum()
+
+
+def read_bandwidth(buf: np.ndarray, reps: int = 5) -> tuple[float, float]:
+    """(numpy sum GB/s [single-threaded], Numba prange sum GB/s [current thread count]); best of `reps`."""
+    _prange_sum(buf[:1 << 20], 64)
+    best_np = best_nb = 0.0
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        buf.sum()
+        best_np = max(best_np, buf.nbytes / (time.perf_counter() - t0) / 1e9)
+        t0 = time.perf_counter()
+        _prange_sum(buf, 256)
+        best_nb = max(best_nb, buf.nbytes / (time.perf_counter() - t0) / 1e9)
+    return best_np, best_nb
+
+
+# ----------------------------------------------------------------------------------------------- slices
+def slice_7b(mix: str, rng, n_layer=4, n_embd=4096, n_ff=11008, n_vocab=32000, files=False):
+    if files:
+        return slice_from_file(mix, n_layer, n_embd, n_ff, n_vocab)
+    tensors = []
+    for i in range(n_layer):
+        for name, (rows, cols) in layer_shapes(i, n_embd, n_ff):
+            t = tensor_type_for(mix, name, (cols, rows), n_layer)
+            tensors.append((name, t, random_raw(t, rows, cols, rng), rows, cols))
+    t = tensor_type_for(mix, "output.weight", (n_embd, n_vocab), n_layer)
+    tensors.append(("output.weight", t, random_raw(t, n_vocab, n_embd, rng), n_vocab, n_embd))
+    return Slice(f"7B x{n_layer} {mix}", tensors)
+
+
+def slice_from_file(mix, n_layer, n_embd, n_ff, n_vocab):
+    from airobackend.formats import open_model
+    from airobackend.formats.writer import write_synthetic_model
+    root = Path(os.environ.get("AIRO_BENCH_DIR", Path.home() / ".cache" / "airobackend" / "bench"))
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"slice-{n_embd}-{n_ff}-{n_layer}-{n_vocab}-{mix}.gguf"
+    if not path.exists():
+        print(f"writing {path} (once) ...", flush=True)
+        tmp = path.with_suffix(".tmp")
+        write_synthetic_model(tmp, format="gguf", mix=mix, n_vocab=n_vocab, n_embd=n_embd, n_head=n_embd // 128,
+                              n_layer=n_layer, n_ff=n_ff)
+        os.replace(tmp, path)
+    mf = open_model(str(path))
+    tensors = []
+    for name, ti in mf.tensors.items():
+        if len(ti.shape) != 2 or name == "token_embd.weight":
+            continue
+        n_rows, n_cols = ti.shape
+        tensors.append((name, ti.type, ti.data.reshape(n_rows, -1), n_rows, n_cols))
+    s = Slice(f"7B x{n_layer} {mix} (file)", tensors)
+    s._mf = mf
+    return s
+
+
+def slice_65b_layer(rng, use_q6k: bool):
+    n_embd, n_ff = 8192, 22016
+    tensors = []
+    for name, (rows, cols) in layer_shapes(0, n_embd, n_ff):
+        t = GGMLType.Q4_K
+        if use_q6k and name.split(".")[-2] in ("attn_v", "ffn_down"):
+            t = GGMLType.Q6_K
+        tensors.append((name, t, random_raw(t, rows, cols, rng), rows, cols))
+    return Slice(f"65B layer q4_K_M ({'Q6_K' if use_q6k else 'Q4_K'} attn_v/ffn_down)", tensors)
+
+
+# ----------------------------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--mixes", default=",".join(MIXES))
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--tokens", type=int, default=12, help="decode tokens timed (median)")
+    ap.add_argument("--prompt", type=int, default=128, help="prompt batch size")
+    ap.add_argument("--no-65b", action="store_true")
+    ap.add_argument("--files", action="store_true", help="benchmark real files written by the project's writer")
+    args = ap.parse_args(argv)
+    threads = [int(t) for t in args.threads.split(",")]
+    threads = [t for t in threads if t <= numba.config.NUMBA_NUM_THREADS]
+    print(f"airobackend kernel benchmark | ISA {fast.ISA} | numba {numba.__version__} threading layer "
+          f"{numba.config.THREADING_LAYER} | cores {os.cpu_count()} | load avg {os.getloadavg()[0]:.1f}")
+    rng = np.random.default_rng(1)
+    buf = np.ones(1 << 28, np.float32)           # 1 GiB
+    bw = {}
+    for nt in threads:
+        numba.set_num_threads(nt)
+        bw[nt] = read_bandwidth(buf)
+        print(f"read bandwidth, {nt} thread(s): numpy sum {bw[nt][0]:.1f} GB/s (single-threaded), "
+              f"numba prange sum {bw[nt][1]:.1f} GB/s")
+    del buf
+
+    rows = []
+    hdr = (f"{'slice':44s} {'thr':>3s} {'decode tok/s':>12s} {'GB/s':>6s} {'BW GB/s':>7s} {'ratio':>6s} "
+           f"{'prompt tok/s':>12s} {'llama.cpp 2t dec/prompt':>24s}")
+    for mix in args.mixes.split(","):
+        s = slice_7b(mix, rng, files=args.files)
+        warm = s.warm(args.prompt)
+        print(f"\n{s.label}: {s.nbytes / 1e6:.0f} MB of weights ({', '.join(s.types)}), prepare {s.prepare_s:.1f} s, "
+              f"first calls (compile or cache load) {warm:.1f} s")
+        print(hdr)
+        for nt in threads:
+            numba.set_num_threads(nt)
+            s.decode_once(s._xs)
+            td = s.decode_time(args.tokens)
+            tp = s.prompt_time()
+            gbs = s.nbytes / td / 1e9
+            ref = LLAMA_CPP_2T.get(mix, ("", ""))
+            line = (f"{s.label:44s} {nt:3d} {1 / td:12.1f} {gbs:6.1f} {bw[nt][1]:7.1f} {gbs / bw[nt][1]:6.2f} "
+                    f"{args.prompt / tp:12.1f} {ref[0]:>12} / {ref[1]:<10}")
+            print(line, flush=True)
+            rows.append(line)
+        del s
+
+    if not args.no_65b:
+        print("\n65B-shaped layer (n_embd 8192, n_ff 22016), q4_K_M; projection for 80 layers + output (Q6_K):")
+        out_raw = random_raw(GGMLType.Q6_K, 32000, 8192, rng)
+        out_w = fast.prepare_fast(GGMLType.Q6_K, out_raw, 32000, 8192)
+        layers = [slice_65b_layer(rng, False), slice_65b_layer(rng, True)]
+        for s in layers:
+            s.warm(args.prompt)
+        print(hdr)
+        for nt in threads:
+            numba.set_num_threads(nt)
+            x = rng.standard_normal(8192, dtype=np.float32)
+            o = np.empty(32000, np.float32)
+            out_w.matvec(x, o)
+            t_out = min(_timeit(lambda: out_w.matvec(x, o)) for _ in range(3))
+            tl = []
+            for s in layers:
+                s.decode_once(s._xs)
+                td = s.decode_time(max(3, args.tokens // 2))
+                tp = s.prompt_time()
+                tl.append(td)
+                gbs = s.nbytes / td / 1e9
+                print(f"{s.label:44s} {nt:3d} {1 / td:12.2f} {gbs:6.1f} {bw[nt][1]:7.1f} {gbs / bw[nt][1]:6.2f} "
+                      f"{args.prompt / tp:12.1f}", flush=True)
+            t_tok = 40 * tl[0] + 40 * tl[1] + t_out
+            full_bytes = 40 * (layers[0].nbytes + layers[1].nbytes) + out_raw.nbytes
+            print(f"  -> full 65B q4_K_M, {nt} thread(s): {t_tok * 1e3:.0f} ms/token = {1 / t_tok:.2f} tok/s projected "
+                  f"({full_bytes / 1e9:.1f} GB of matmul weights per token, {full_bytes / t_tok / 1e9:.1f} GB/s)")
+    return 0
+
+
+def _timeit(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,651 @@
+"""Fast quantized mat-vec / mat-mat kernels: int8 dot products as llama.cpp's CPU path does them.
+
+Entry point: `prepare_fast(ggml_type, raw2d, n_rows, n_cols)` -> an object with `.matvec(x, out)` and
+`.matmat(X, out)`, or None when this CPU or this type has no fast kernel (the generic f32 kernels are used then).
+
+How it works
+* The activation row is quantized once per call the way llama.cpp does it (kernels/q8.py: Q8_0 / Q8_1 for the legacy
+  types, Q8_K for the k-quants, fp16 rounding for F16 weights), in a byte order chosen so that one 64-byte load of
+  weight quants meets one 64-byte load of activation quants.
+* Inner products run on integers with `vpdpbusd` / `vpmaddubsw`+`vpdpwssd` (AVX-512 VNNI) or `vpmaddubsw`+`vpmaddwd`
+  (AVX2), emitted through llvmlite (kernels/simd.py); block scales are applied in float once per 128/256 weights.
+* k-quants and F16 are read straight from the (mmapped) file bytes. The legacy 32-weight types are repacked once at
+  load into groups of 4 blocks (quants contiguous, then the fp16 scales, then q5's high bits as 64-bit lane masks):
+  exactly the file's size, one stream per row.
+* Decode (`matvec`): `prange` over chunks of 32 rows, one row at a time (the single-row loop already outruns DRAM on
+  one core). Prompt (`matmat`): all tokens quantized first, then `prange` over 32-row chunks, a register tile of
+  R rows x 4 tokens (R = 4 for the legacy types and F16, 2 for the k-quants whose per-sub-block scales need more
+  registers), each weight vector decoded once per tile and used for 4 tokens.
+* The unrolled kernel source is generated per type (for the chosen ISA) into a file under the user cache directory
+  and imported from there, so Numba's `cache=True` works and an AVX2 build never reuses an AVX-512 cache entry.
+
+Threads: the kernels are `parallel=True`; the caller sets the count with `numba.set_num_threads`.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numba
+import numpy as np
+
+from ..quant import GGMLType  # noqa: F401  (type ids used by callers)
+from . import q8, simd
+
+__all__ = ["prepare_fast", "FastWeight", "supported_types", "ISA"]
+
+ISA = simd.ISA
+CHUNK = 32          # rows per prange chunk (a multiple of every tile height)
+TILE_T = 4          # tokens per register tile in matmat
+
+
+# =============================================================================================== per-type code
+class Spec:
+    """Code fragments of one weight type for the generator.
+
+    Per step (128 weights for legacy types, 256 for k-quants, 16 for F16) the kernel runs `row_setup(i)` for each row
+    of the tile, `tok_setup(j)` for each token, then for each part p: `row_part(i, p)`, `tok_part(j, p)` and
+    `acc_part(i, j, p)`, and finally `acc_final(i, j)`. Names available: `wb{i}` (byte offset of the step in W),
+    `xq{j}`, `xd{j}`, `xs{j}` (offsets of the step in XQ, XD, XS/XF), the constants of `consts`.
+    """
+    name = ""
+    layout = ""         # activation layout: 'nib', 'nat8', 'k_nat', 'k_q4k', 'k_q2k', 'f16'
+    block_bytes = 0     # file bytes per block (weights per block = `block_w`)
+    block_w = 32
+    step_w = 128        # weights per kernel step
+    step_bytes = 0      # bytes of (possibly repacked) W per step
+    xq_step = 128
+    xd_step = 16
+    xs_step = 16
+    parts = 1
+    tile_r = 4
+    consts: dict[str, str] = {}
+
+    def row_setup(self, i):
+        return []
+
+    def tok_setup(self, j):
+        return []
+
+    def row_part(self, i, p):
+        return []
+
+    def tok_part(self, j, p):
+        return []
+
+    def acc_part(self, i, j, p):
+        return []
+
+    def acc_final(self, i, j):
+        return []
+
+
+class Q4_0(Spec):
+    name, layout, block_bytes, step_bytes = "q4_0", "nib", 18, 72
+    consts = {"M4": "splat_i(0x0F0F0F0F)", "C8": "splat_i(-8)"}
+    # repacked group: [qs of 4 blocks: 64][d x4: 8]
+    repack = [(b, 2 + j) for b in range(4) for j in range(16)] + [(b, k) for b in range(4) for k in range(2)]
+    bias = "C8"
+
+    def row_part(self, i, p):
+        return [f"w{i} = load_i(W, wb{i})", f"lo{i} = vand(w{i}, M4)", f"hi{i} = vand(vshr(w{i}, 4), M4)",
+                f"dw{i} = load_h4_bcast4(W, wb{i} + 64)"]
+
+    def tok_part(self, j, p):
+        return [f"xl{j} = load_i(XQ, xq{j})", f"xh{j} = load_i(XQ, xq{j} + 64)", f"dx{j} = load_f(XD, xd{j})",
+                f"xc{j} = vmul(load_i(XS, xs{j}), {self.bias})"]
+
+    def acc_part(self, i, j, p):
+        return [f"acc{i}_{j} = fma(cvt(dpbusd(dpbusd(xc{j}, lo{i}, xl{j}), hi{i}, xh{j})), fmul(dw{i}, dx{j}), "
+                f"acc{i}_{j})"]
+
+
+class Q4_1(Q4_0):
+    name, block_bytes, step_bytes = "q4_1", 20, 80
+    consts = {"M4": "splat_i(0x0F0F0F0F)", "Z": "splat_i(0)"}
+    repack = ([(b, 4 + j) for b in range(4) for j in range(16)] + [(b, k) for b in range(4) for k in range(2)]
+              + [(b, 2 + k) for b in range(4) for k in range(2)])
+
+    def row_part(self, i, p):
+        return super().row_part(i, p) + [f"mw{i} = load_h4_bcast4(W, wb{i} + 72)"]
+
+    def tok_part(self, j, p):
+        return [f"xl{j} = load_i(XQ, xq{j})", f"xh{j} = load_i(XQ, xq{j} + 64)", f"dx{j} = load_f(XD, xd{j})",
+                f"xsf{j} = load_f(XF, xs{j})"]
+
+    def acc_part(self, i, j, p):
+        return [f"acc{i}_{j} = fma(cvt(dpbusd(dpbusd(Z, lo{i}, xl{j}), hi{i}, xh{j})), fmul(dw{i}, dx{j}), "
+                f"fma(mw{i}, xsf{j}, acc{i}_{j}))"]
+
+
+class Q5_0(Q4_0):
+    name, block_bytes, step_bytes = "q5_0", 22, 88
+    consts = {"M4": "splat_i(0x0F0F0F0F)", "C16": "splat_i(-16)"}
+    bias = "C16"
+    # [qs 64][low 16 bits of the 4 qh words: 8][high 16 bits: 8][d x4: 8]
+    repack = ([(b, 6 + j) for b in range(4) for j in range(16)] + [(b, 2 + k) for b in range(4) for k in range(2)]
+              + [(b, 4 + k) for b in range(4) for k in range(2)] + [(b, k) for b in range(4) for k in range(2)])
+    d_off = 80
+
+    def row_part(self, i, p):
+        return [f"w{i} = load_i(W, wb{i})",
+                f"lo{i} = vor(vand(w{i}, M4), load_mask64(W, wb{i} + 64, 16))",
+                f"hi{i} = vor(vand(vshr(w{i}, 4), M4), load_mask64(W, wb{i} + 72, 16))",
+                f"dw{i} = load_h4_bcast4(W, wb{i} + {self.d_off})"]
+
+
+class Q5_1(Q4_1):
+    name, block_bytes, step_bytes = "q5_1", 24, 96
+    repack = ([(b, 8 + j) for b in range(4) for j in range(16)] + [(b, 4 + k) for b in range(4) for k in range(2)]
+              + [(b, 6 + k) for b in range(4) for k in range(2)] + [(b, k) for b in range(4) for k in range(2)]
+              + [(b, 2 + k) for b in range(4) for k in range(2)])
+
+    def row_part(self, i, p):
+        return [f"w{i} = load_i(W, wb{i})",
+                f"lo{i} = vor(vand(w{i}, M4), load_mask64(W, wb{i} + 64, 16))",
+                f"hi{i} = vor(vand(vshr(w{i}, 4), M4), load_mask64(W, wb{i} + 72, 16))",
+                f"dw{i} = load_h4_bcast4(W, wb{i} + 80)", f"mw{i} = load_h4_bcast4(W, wb{i} + 88)"]
+
+
+class Q8_0(Spec):
+    name, layout, block_bytes, step_bytes = "q8_0", "nat8", 34, 136
+    xd_step = 32
+    xs_step = 32
+    repack = [(b, 2 + j) for b in range(4) for j in range(32)] + [(b, k) for b in range(4) for k in range(2)]
+    vnni = ISA == "avx512vnni"
+    # VNNI: w + 128 as unsigned bytes (xor 0x80) and -128 * sum(x) per block as the accumulator start.
+    # AVX2: |w| * sign(w)x (vpmaddubsw would saturate on w + 128).
+    consts = ({"M80": f"splat_i({simd.bytes4(0x80)})", "C128": "splat_i(-128)"} if vnni else {"Z": "splat_i(0)"})
+
+    def row_part(self, i, p):
+        if self.vnni:
+            w = [f"u0{i} = vxor(load_i(W, wb{i}), M80)", f"u1{i} = vxor(load_i(W, wb{i} + 64), M80)"]
+        else:
+            w = [f"u0{i} = load_i(W, wb{i})", f"u1{i} = load_i(W, wb{i} + 64)"]
+        return w + [f"dwa{i} = load_h2_bcast8(W, wb{i} + 128)", f"dwb{i} = load_h2_bcast8(W, wb{i} + 132)"]
+
+    def tok_part(self, j, p):
+        t = [f"x0{j} = load_i(XQ, xq{j})", f"x1{j} = load_i(XQ, xq{j} + 64)",
+             f"dxa{j} = load_f(XD, xd{j})", f"dxb{j} = load_f(XD, xd{j} + 16)"]
+        if self.vnni:
+            t += [f"c0{j} = vmul(load_i(XS, xs{j}), C128)", f"c1{j} = vmul(load_i(XS, xs{j} + 16), C128)"]
+        return t
+
+    def acc_part(self, i, j, p):
+        if self.vnni:
+            a = f"dpbusd(c0{j}, u0{i}, x0{j})"
+            b = f"dpbusd(c1{j}, u1{i}, x1{j})"
+        else:
+            a = f"dot_s8s8(Z, u0{i}, x0{j})"
+            b = f"dot_s8s8(Z, u1{i}, x1{j})"
+        return [f"acc{i}_{j} = fma(cvt({a}), fmul(dwa{i}, dxa{j}), acc{i}_{j})",
+                f"acc{i}_{j} = fma(cvt({b}), fmul(dwb{i}, dxb{j}), acc{i}_{j})"]
+
+
+class KSpec(Spec):
+    block_w = step_w = xq_step = 256
+    xd_step = 1
+    xs_step = 16
+    parts = 4
+    tile_r = 2
+
+    def tok_setup(self, j):
+        return [f"dx{j} = XD[xd{j}]", f"xb{j} = load_i(XS, xs{j})"]
+
+    def tok_part(self, j, p):
+        return [f"x{j}_{p} = load_i(XQ, xq{j} + {64 * p})"]
+
+    def acc_part(self, i, j, p):
+        prev = "Z" if p == 0 else f"is{i}_{j}"
+        return [f"is{i}_{j} = dpwssd({prev}, maddubs(n{i}_{p}, x{j}_{p}), s{i}_{p})"]
+
+
+_SC_MASKS = {
+    # q4_K/q5_K scale vectors: lanes 0..7 / 8..15 = the (scale | scale << 16) of two 32-weight sub-blocks
+    "PK0": [0] * 8 + [2] * 8, "PK1": [1] * 8 + [3] * 8, "PK2": [4] * 8 + [6] * 8, "PK3": [5] * 8 + [7] * 8,
+    # q2_K/q3_K: part j covers sub-blocks 2j, 2j+1 (first 128 weights) and 8+2j, 9+2j (second 128)
+    **{f"P2{j}": [2 * j] * 4 + [2 * j + 1] * 4 + [8 + 2 * j] * 4 + [9 + 2 * j] * 4 for j in range(4)},
+    # q6_K: part p covers sub-blocks 4p..4p+3
+    **{f"P6{p}": [4 * p + k for k in range(4) for _ in range(4)] for p in range(4)},
+    # q4_K 6-bit scale/min unpacking (get_scale_min_k4): lanes 0..7 scales, 8..15 mins
+    "PKA": [0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11],
+    "PKB": [0, 0, 0, 0, 0, 1, 2, 3, 0, 0, 0, 0, 4, 5, 6, 7],
+    # q3_K scale unpacking: low 4 bits from bytes 0..7 (low / high nibble), 2 high bits from bytes 8..11
+    "P3A": list(range(8)) * 2, "P3B": [8, 9, 10, 11] * 4,
+}
+_CONSTS = {
+    "K_SHK": [0] * 12 + [4] * 4, "K_MKK": [63] * 4 + [15] * 4 + [63] * 4 + [15] * 4, "K_MHK": ([0] * 4 + [0x30] * 4) * 2,
+    "K_SH3A": [0] * 8 + [4] * 8, "K_SH3B": [0] * 4 + [2] * 4 + [4] * 4 + [6] * 4,
+}
+
+
+class Q4_K(KSpec):
+    name, layout, block_bytes, step_bytes = "q4_K", "k_q4k", 144, 144
+    qs_off = 16
+    consts = {"M4": "splat_i(0x0F0F0F0F)", "Z": "splat_i(0)", "SHK": "K_SHK()", "MKK": "K_MKK()", "MHK": "K_MHK()",
+              "MW": "splat_i(0xFFFF)"}
+
+    def row_setup(self, i):
+        q = f"q{i}"
+        return [f"{q} = load_u8x12(W, wb{i} + 4)",
+                f"scm{i} = vor(vand(vshrv(PKA({q}), SHK), MKK), vand(vshr(PKB({q}), 2), MHK))",
+                f"scp{i} = vor(scm{i}, vshl(scm{i}, 16))",
+                f"d{i} = load_h1(W, wb{i})", f"dm{i} = load_h1(W, wb{i} + 2)"]
+
+    def nibbles(self, i, p):
+        c, o = p // 2, self.qs_off + 64 * (p // 2)
+        if p % 2 == 0:
+            return [f"w{i}_{c} = load_i(W, wb{i} + {o})", f"n{i}_{p} = vand(w{i}_{c}, M4)"]
+        return [f"n{i}_{p} = vand(vshr(w{i}_{c}, 4), M4)"]
+
+    def row_part(self, i, p):
+        return self.nibbles(i, p) + [f"s{i}_{p} = PK{p}(scp{i})"]
+
+    def acc_final(self, i, j):
+        return [f"acc{i}_{j} = fma(cvt(is{i}_{j}), splat_f(d{i} * dx{j}), "
+                f"fma(cvt(vmul(scm{i}, xb{j})), splat_f(-dm{i} * dx{j}), acc{i}_{j}))"]
+
+
+class Q5_K(Q4_K):
+    name, block_bytes, step_bytes = "q5_K", 176, 176
+    qs_off = 48
+    consts = dict(Q4_K.consts, **{f"HB{p}": f"halves_i({simd.bytes4(1 << (p % 2 + 0))}, {simd.bytes4(1 << (p % 2 + 2))})"
+                                  for p in range(2)},
+                  **{f"HB{p}": f"halves_i({simd.bytes4(1 << (p % 2 + 4))}, {simd.bytes4(1 << (p % 2 + 6))})"
+                     for p in range(2, 4)})
+
+    def row_setup(self, i):
+        return super().row_setup(i) + [f"qh{i} = load_i_dup256(W, wb{i} + 16)"]
+
+    def row_part(self, i, p):
+        lines = self.nibbles(i, p)
+        lines[-1] = lines[-1].replace(f"n{i}_{p} = ", f"n{i}_{p} = vor(") + f", bytes_nz(vand(qh{i}, HB{p}), 16))"
+        return lines + [f"s{i}_{p} = PK{p}(scp{i})"]
+
+
+class Q6_K(KSpec):
+    name, layout, block_bytes, step_bytes = "q6_K", "k_nat", 210, 210
+    consts = {"M4": "splat_i(0x0F0F0F0F)", "M30": f"splat_i({simd.bytes4(0x30)})", "Z": "splat_i(0)",
+              "SHL": "halves_i(4, 2)", "SHR": "halves_i(0, 2)", "MW": "splat_i(0xFFFF)"}
+
+    def row_setup(self, i):
+        return [f"sc{i} = load_i8x16(W, wb{i} + 192)", f"scp{i} = vor(vand(sc{i}, MW), vshl(sc{i}, 16))",
+                f"d{i} = load_h1(W, wb{i} + 208)"]
+
+    def row_part(self, i, p):
+        h = p // 2
+        lines = []
+        if p % 2 == 0:
+            lines += [f"L{i}_{h} = load_i(W, wb{i} + {64 * h})", f"H{i}_{h} = load_i_dup256(W, wb{i} + {128 + 32 * h})",
+                      f"n{i}_{p} = vor(vand(L{i}_{h}, M4), vand(vshlv(H{i}_{h}, SHL), M30))"]
+        else:
+            lines += [f"n{i}_{p} = vor(vand(vshr(L{i}_{h}, 4), M4), vand(vshrv(H{i}_{h}, SHR), M30))"]
+        return lines + [f"s{i}_{p} = P6{p}(scp{i})"]
+
+    def acc_final(self, i, j):
+        return [f"acc{i}_{j} = fma(cvt(vsub(is{i}_{j}, vshl(vmul(sc{i}, xb{j}), 5))), splat_f(d{i} * dx{j}), "
+                f"acc{i}_{j})"]
+
+
+class Q3_K(KSpec):
+    name, layout, block_bytes, step_bytes = "q3_K", "k_q2k", 110, 110
+    consts = {"M3": f"splat_i({simd.bytes4(3)})", "Z": "splat_i(0)", "MW": "splat_i(0xFFFF)",
+              "M15": "splat_i(15)", "M3L": "splat_i(3)", "C32": "splat_i(32)", "SH3A": "K_SH3A()", "SH3B": "K_SH3B()",
+              **{f"HB{j}": f"halves_i({simd.bytes4(1 << j)}, {simd.bytes4(1 << (4 + j))})" for j in range(4)}}
+
+    def row_setup(self, i):
+        u = f"u{i}"
+        return [f"{u} = load_u8x12(W, wb{i} + 96)",
+                f"sc{i} = vsub(vor(vand(vshrv(P3A({u}), SH3A), M15), vshl(vand(vshrv(P3B({u}), SH3B), M3L), 4)), C32)",
+                f"scp{i} = vor(vand(sc{i}, MW), vshl(sc{i}, 16))",
+                f"Q{i} = load_i(W, wb{i} + 32)", f"HM{i} = load_i_dup256(W, wb{i})",
+                f"d{i} = load_h1(W, wb{i} + 108)"]
+
+    def row_part(self, i, p):
+        sh = f"vshr(Q{i}, {2 * p})" if p else f"Q{i}"
+        return [f"n{i}_{p} = vor(vand({sh}, M3), bytes_nz(vand(HM{i}, HB{p}), 4))", f"s{i}_{p} = P2{p}(scp{i})"]
+
+    def acc_final(self, i, j):
+        return [f"acc{i}_{j} = fma(cvt(vsub(is{i}_{j}, vshl(vmul(sc{i}, xb{j}), 2))), splat_f(d{i} * dx{j}), "
+                f"acc{i}_{j})"]
+
+
+class Q2_K(KSpec):
+    name, layout, block_bytes, step_bytes = "q2_K", "k_q2k", 84, 84
+    consts = {"M3": f"splat_i({simd.bytes4(3)})", "Z": "splat_i(0)", "M15": "splat_i(15)"}
+
+    def row_setup(self, i):
+        return [f"u{i} = load_u8x16(W, wb{i})", f"sc{i} = vand(u{i}, M15)", f"mn{i} = vshr(u{i}, 4)",
+                f"scp{i} = vor(sc{i}, vshl(sc{i}, 16))", f"Q{i} = load_i(W, wb{i} + 16)",
+                f"d{i} = load_h1(W, wb{i} + 80)", f"dm{i} = load_h1(W, wb{i} + 82)"]
+
+    def row_part(self, i, p):
+        sh = f"vshr(Q{i}, {2 * p})" if p else f"Q{i}"
+        return [f"n{i}_{p} = vand({sh}, M3)", f"s{i}_{p} = P2{p}(scp{i})"]
+
+    def acc_final(self, i, j):
+        return [f"acc{i}_{j} = fma(cvt(is{i}_{j}), splat_f(d{i} * dx{j}), "
+                f"fma(cvt(vmul(mn{i}, xb{j})), splat_f(-dm{i} * dx{j}), acc{i}_{j}))"]
+
+
+class F16(Spec):
+    name, layout, block_bytes, block_w = "f16", "f16", 2, 1
+    step_w, step_bytes, xq_step, xd_step, xs_step = 16, 32, 0, 16, 0
+
+    def row_part(self, i, p):
+        return [f"wf{i} = load_h16(W, wb{i})"]
+
+    def tok_part(self, j, p):
+        return [f"xf{j} = load_f(XD, xd{j})"]
+
+    def acc_part(self, i, j, p):
+        return [f"acc{i}_{j} = fma(wf{i}, xf{j}, acc{i}_{j})"]
+
+
+SPECS: dict[int, Spec] = {int(t): cls() for t, cls in [
+    (GGMLType.Q4_0, Q4_0), (GGMLType.Q4_1, Q4_1), (GGMLType.Q5_0, Q5_0), (GGMLType.Q5_1, Q5_1),
+    (GGMLType.Q8_0, Q8_0), (GGMLType.Q2_K, Q2_K), (GGMLType.Q3_K, Q3_K), (GGMLType.Q4_K, Q4_K),
+    (GGMLType.Q5_K, Q5_K), (GGMLType.Q6_K, Q6_K), (GGMLType.F16, F16)]}
+
+
+def supported_types() -> list[int]:
+    """GGML type ids that have a fast kernel on this CPU (empty without AVX2)."""
+    return sorted(SPECS) if ISA != "none" else []
+
+
+# =============================================================================================== code generator
+_HEADER = '''# Generated by airobackend.kernels.fast for ISA {isa} -- do not edit (regenerated when the generator changes).
+import numba
+from numba import prange
+from airobackend.kernels import JIT_PARALLEL
+from airobackend.kernels.simd import *  # noqa
+from airobackend.kernels.simd import make_perm, make_const, make_load_bytes
+
+load_u8x12 = make_load_bytes(12, False)
+load_u8x16 = make_load_bytes(16, False)
+'''
+
+
+def _emit_tile(spec: Spec, R: int, T: int, ind: str, n_tok_check: bool) -> list[str]:
+    """The body computing one R-rows x T-tokens tile starting at row `r`, token `t0`."""
+    L = []
+    for i in range(R):
+        for j in range(T):
+            L.append(f"acc{i}_{j} = splat_f(0.0)")
+    L.append("for s in range(n_steps):")
+    b = []
+    for i in range(R):
+        b.append(f"wb{i} = (r + {i}) * RB + s * {spec.step_bytes}")
+    for j in range(T):
+        b.append(f"xq{j} = (t0 + {j}) * XQS + s * {spec.xq_step}")
+        b.append(f"xd{j} = (t0 + {j}) * XDS + s * {spec.xd_step}")
+        b.append(f"xs{j} = (t0 + {j}) * XSS + s * {spec.xs_step}")
+    for i in range(R):
+        b += spec.row_setup(i)
+    for j in range(T):
+        b += spec.tok_setup(j)
+    for p in range(spec.parts):
+        for i in range(R):
+            b += spec.row_part(i, p)
+        for j in range(T):
+            b += spec.tok_part(j, p)
+            for i in range(R):
+                b += spec.acc_part(i, j, p)
+    for i in range(R):
+        for j in range(T):
+            b += spec.acc_final(i, j)
+    L += ["    " + x for x in b]
+    for j in range(T):
+        st = [f"out[(t0 + {j}) * n_rows + r + {i}] = hsum_f(acc{i}_{j})" for i in range(R)]
+        if n_tok_check:
+            L.append(f"if t0 + {j} < n_tok:")
+            L += ["    " + x for x in st]
+        else:
+            L += st
+    return [ind + x for x in L]
+
+
+def _emit_consts(spec: Spec, ind: str) -> list[str]:
+    return [f"{ind}{k} = {v}" for k, v in spec.consts.items()]
+
+
+def generate_source(spec: Spec) -> str:
+    """Python source of the module holding `matvec` and `matmat` for one weight type."""
+    src = [_HEADER.format(isa=ISA)]
+    for name, mask in _SC_MASKS.items():
+        src.append(f"{name} = make_perm({mask})")
+    for name, vals in _CONSTS.items():
+        src.append(f"{name} = make_const({vals})")
+    src.append("")
+    # --- matvec: one row at a time, one token
+    src.append("@numba.jit(**JIT_PARALLEL)")
+    src.append("def matvec(W, RB, n_rows, n_steps, XQ, XD, XS, XF, out):")
+    src += _emit_consts(spec, "    ")
+    src += ["    XQS = 0", "    XDS = 0", "    XSS = 0", "    t0 = 0",
+            f"    n_chunks = (n_rows + {CHUNK - 1}) // {CHUNK}",
+            "    for c in prange(n_chunks):",
+            f"        for r in range(c * {CHUNK}, min(c * {CHUNK} + {CHUNK}, n_rows)):"]
+    if isinstance(spec, F16):
+        src += _emit_f16_matvec("            ")
+    else:
+        src += _emit_tile(spec, 1, 1, "            ", False)
+    src.append("")
+    # --- matmat: R x T register tiles; leftover rows of a chunk one at a time
+    R = spec.tile_r
+    src.append("@numba.jit(**JIT_PARALLEL)")
+    src.append("def matmat(W, RB, n_rows, n_steps, XQ, XQS, XD, XDS, XS, XF, XSS, out, n_tok, n_tok_pad):")
+    src += _emit_consts(spec, "    ")
+    src += [f"    n_chunks = (n_rows + {CHUNK - 1}) // {CHUNK}",
+            "    for c in prange(n_chunks):",
+            f"        r0 = c * {CHUNK}",
+            f"        r1 = min(r0 + {CHUNK}, n_rows)",
+            f"        for t0 in range(0, n_tok_pad, {TILE_T}):",
+            "            r = r0",
+            f"            while r + {R} <= r1:"]
+    src += _emit_tile(spec, R, TILE_T, "                ", True)
+    src += [f"                r += {R}", "            while r < r1:"]
+    src += _emit_tile(spec, 1, TILE_T, "                ", True)
+    src += ["                r += 1", ""]
+    return "\n".join(src) + "\n"
+
+
+def _emit_f16_matvec(ind: str) -> list[str]:
+    # 4 independent accumulators (64 weights per iteration) so the FMA latency does not bound the loop.
+    L = [f"a{k} = splat_f(0.0)" for k in range(4)]
+    L.append("for s in range(0, n_steps, 4):")
+    for k in range(4):
+        L.append(f"    a{k} = fma(load_h16(W, r * RB + (s + {k}) * 32), load_f(XD, (s + {k}) * 16), a{k})")
+    L.append("out[r] = hsum_f(fadd(fadd(a0, a1), fadd(a2, a3)))")
+    return [ind + x for x in L]
+
+
+def _cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "airobackend" / "kernels"
+
+
+def _source_hash() -> str:
+    h = hashlib.sha256()
+    for mod in (simd, q8, sys.modules[__name__]):
+        h.update(Path(mod.__file__).read_bytes())
+    h.update(numba.__version__.encode())
+    return h.hexdigest()[:16]
+
+
+_MODULES: dict[str, object] = {}
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    if path.is_file() and path.read_text() == text:
+        return          # keep the mtime: Numba's cache is invalidated by it
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def kernel_module(spec: Spec):
+    """Import (generating first if needed) the kernel module of one type for this ISA."""
+    mod = _MODULES.get(spec.name)
+    if mod is not None:
+        return mod
+    text = generate_source(spec)
+    tag = f"{ISA}-{_source_hash()}"
+    path = None
+    for root in (_cache_root(), Path(tempfile.gettempdir()) / f"airobackend-{os.getuid()}" / "kernels"):
+        try:
+            path = root / tag / f"fast_{spec.name}.py"
+            _write_if_changed(path, text)
+            break
+        except OSError:
+            path = None
+    if path is None:
+        raise OSError("cannot write the generated kernel source anywhere")
+    modname = f"airobackend_fastgen_{ISA}_{spec.name}"
+    ispec = importlib.util.spec_from_file_location(modname, path)
+    mod = importlib.util.module_from_spec(ispec)
+    sys.modules[modname] = mod
+    ispec.loader.exec_module(mod)
+    _MODULES[spec.name] = mod
+    return mod
+
+
+# =============================================================================================== repacking
+@numba.jit(**dict(q8.JITQ, parallel=True))
+def _repack(raw, n_blk, block_bytes, src_blk, src_off, out):
+    """out[r, 4g-group bytes] from raw[r] blocks via the per-group byte map (src_blk, src_off); missing blocks 0."""
+    gb = src_blk.shape[0]
+    for r in numba.prange(raw.shape[0]):
+        for g in range(out.shape[1] // gb):
+            for k in range(gb):
+                b = 4 * g + src_blk[k]
+                out[r, g * gb + k] = raw[r, b * block_bytes + src_off[k]] if b < n_blk else 0
+
+
+def repack_legacy(spec: Spec, raw2d: np.ndarray, n_blk: int) -> np.ndarray:
+    n_grp = (n_blk + 3) // 4
+    src_blk = np.array([b for b, _ in spec.repack], dtype=np.int64)
+    src_off = np.array([o for _, o in spec.repack], dtype=np.int64)
+    assert len(spec.repack) == spec.step_bytes
+    out = np.empty((raw2d.shape[0], n_grp * spec.step_bytes), dtype=np.uint8)
+    _repack(raw2d, n_blk, spec.block_bytes, src_blk, src_off, out)
+    return out
+
+
+# =============================================================================================== the weight object
+_NO_I8 = np.zeros(64, np.int8)
+_NO_I32 = np.zeros(16, np.int32)
+_NO_F32 = np.zeros(16, np.float32)
+_PERMS = {"k_nat": q8.PERM_NATURAL, "k_q4k": q8.PERM_Q4K, "k_q2k": q8.PERM_Q2K}
+
+
+class FastWeight:
+    """One weight matrix prepared for the fast kernels (see module doc). Thread-safe: no shared scratch."""
+
+    def __init__(self, spec: Spec, W: np.ndarray, row_bytes: int, n_rows: int, n_cols: int, n_steps: int):
+        self.spec, self.n_rows, self.n_cols, self.n_steps = spec, n_rows, n_cols, n_steps
+        self.ggml_type = next(t for t, s in SPECS.items() if s is spec)
+        self.row_bytes = row_bytes
+        self.name = f"fast-{spec.name}-{ISA}"
+        self.W = W.reshape(-1)
+        if self.W.flags.writeable:
+            self.W = self.W.view()
+            self.W.flags.writeable = False
+        self.nbytes = self.W.nbytes
+        mod = kernel_module(spec)
+        self._mv, self._mm = mod.matvec, mod.matmat
+
+    # activation buffers for n tokens: (XQ, XD, XS, XF) 2-D, zero-padded rows beyond the real tokens
+    def _quantize(self, X: np.ndarray, n_pad: int):
+        spec, n = self.spec, X.shape[0]
+        lay = spec.layout
+        steps = self.n_steps
+        if lay == "f16":
+            XD = np.zeros((n_pad, steps * 16), np.float32)
+            if n == 1:
+                q8.round_f16(X[0], XD[0])
+            else:
+                q8.round_f16_rows(X, XD[:n])
+            return _NO_I8, 0, XD, steps * 16, _NO_I32, _NO_F32, 0
+        if lay in ("nib", "nat8"):
+            ne = 16 if lay == "nib" else 32
+            XQ = np.zeros((n_pad, steps * 128), np.int8)
+            XD = np.zeros((n_pad, steps * ne), np.float32)
+            XS = np.zeros((n_pad, steps * ne), np.int32)
+            if lay == "nib":
+                XF = np.zeros((n_pad, steps * 16), np.float32)
+                if n == 1:
+                    q8.quantize_q8_0_nibble(X[0], XQ[0], XD[0], XS[0], XF[0])
+                else:
+                    q8.quantize_q8_0_nibble_rows(X, XQ[:n], XD[:n], XS[:n], XF[:n])
+                return XQ, steps * 128, XD, steps * ne, XS, XF.reshape(-1), steps * ne
+            if n == 1:
+                q8.quantize_q8_0_natural(X[0], XQ[0], XD[0], XS[0])
+            else:
+                q8.quantize_q8_0_natural_rows(X, XQ[:n], XD[:n], XS[:n])
+            return XQ, steps * 128, XD, steps * ne, XS, _NO_F32, steps * ne
+        perm, pairs = _PERMS[lay], lay == "k_q4k"
+        XQ = np.zeros((n_pad, steps * 256), np.int8)
+        XD = np.zeros((n_pad, steps), np.float32)
+        XS = np.zeros((n_pad, steps * 16), np.int32)
+        if n == 1:
+            q8.quantize_q8_K(X[0], perm, pairs, XQ[0], XD[0], XS[0])
+        else:
+            q8.quantize_q8_K_rows(X, perm, pairs, XQ[:n], XD[:n], XS[:n])
+        return XQ, steps * 256, XD, steps, XS, _NO_F32, steps * 16
+
+    def matvec(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """out[r] = sum_c W[r, c] * x[c] (x quantized like llama.cpp). x: f32[n_cols]; out: f32[n_rows]."""
+        x = np.ascontiguousarray(x, dtype=np.float32).reshape(1, self.n_cols)
+        XQ, _, XD, _, XS, XF, _ = self._quantize(x, 1)
+        tgt = out if (out.dtype == np.float32 and out.flags.c_contiguous) else np.empty(self.n_rows, np.float32)
+        self._mv(self.W, self.row_bytes, self.n_rows, self.n_steps, XQ.reshape(-1), XD.reshape(-1),
+                 XS.reshape(-1), XF, tgt)
+        if tgt is not out:
+            out[...] = tgt
+        return out
+
+    def matmat(self, X: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """out[t, r] = sum_c W[r, c] * X[t, c]. X: f32[n_tok, n_cols]; out: f32[n_tok, n_rows]."""
+        X = np.ascontiguousarray(X, dtype=np.float32)
+        n_tok = X.shape[0]
+        if n_tok == 0:
+            return out
+        n_pad = -(-n_tok // TILE_T) * TILE_T
+        XQ, XQS, XD, XDS, XS, XF, XSS = self._quantize(X, n_pad)
+        tgt = out if (out.dtype == np.float32 and out.flags.c_contiguous) else np.empty((n_tok, self.n_rows),
+                                                                                        np.float32)
+        self._mm(self.W, self.row_bytes, self.n_rows, self.n_steps, XQ.reshape(-1), XQS, XD.reshape(-1), XDS,
+                 XS.reshape(-1), XF, XSS, tgt.reshape(-1), n_tok, n_pad)
+        if tgt is not out:
+            out[...] = tgt
+        return out
+
+
+def prepare_fast(ggml_type, raw2d: np.ndarray, n_rows: int, n_cols: int) -> FastWeight | None:
+    """A FastWeight for this tensor, or None when the CPU lacks AVX2 or the type/shape has no fast kernel.
+
+    raw2d: uint8[n_rows, row_bytes], the tensor's blocks as stored in the file (read-only views are fine; k-quant and
+    F16 rows are used in place, the legacy types are copied once into the kernel layout)."""
+    if ISA == "none":
+        return None
+    spec = SPECS.get(int(ggml_type))
+    if spec is None or n_rows <= 0 or n_cols <= 0:
+        return None
+    if n_cols % spec.block_w or (spec.layout == "f16" and n_cols % 64):
+        return None
+    n_blk = n_cols // spec.block_w
+    row_bytes = n_blk * spec.block_bytes
+    raw2d = np.asarray(raw2d)
+    if raw2d.dtype != np.uint8 or raw2d.shape != (n_rows, row_bytes):
+        raise ValueError(f"raw2d must be uint8[{n_rows}, {row_bytes}] for {spec.name}, got "
+                         f"{raw2d.dtype}{list(raw2d.shape)}")
+    if hasattr(spec, "repack"):
+        W = repack_legacy(spec, raw2d, n_blk)
+        return FastWeight(spec, W, W.shape[1], n_rows, n_cols, W.shape[1] // spec.step_bytes)
+    W = np.ascontiguousarray(raw2d)
+    return FastWeight(spec, W, row_bytes, n_rows, n_cols, n_cols // spec.step_w)

@@ -1,0 +1,217 @@
+"""Activation quantization exactly as llama.cpp's CPU matmul does it, in the layouts the fast kernels read.
+
+llama.cpp converts the f32 activation row of every quantized matmul to the weight type's `vec_dot_type` (ggml-cpu):
+* Q8_0 (for q4_0, q5_0, q8_0) and Q8_1 (for q4_1, q5_1): blocks of 32, `amax = max|x|`, `d = amax/127` stored as
+  fp16, `q = round_half_even(x * (127/amax))` (the AVX2 quantizer). Q8_1 adds `s = fp16(d * sum(q))`.
+* Q8_K (all k-quants): blocks of 256, the element of largest magnitude `max` (sign kept), `iscale = -127/max`,
+  `q = min(127, nearest_int(iscale*x))`, `d = 1/iscale` as f32, `bsums` = sums of each 16 quants (the scalar
+  reference, which x86 builds use).
+* F16: the row rounded to fp16 (round half to even).
+
+Layouts (one token; the kernels step through the weights in *groups* of 4 legacy blocks = 128 weights, or in 256-weight
+super-blocks, and load activations 64 bytes at a time so that byte lane k meets the weight byte lane k):
+* legacy "nibble" order (q4_0 q4_1 q5_0 q5_1): per group `xq[16b+j] = q[32b+j]`, `xq[64+16b+j] = q[32b+16+j]`
+  (b = block 0..3, j = 0..15): the low nibbles of 4 packed blocks meet the first 64 bytes, the high nibbles the second;
+  `xd[16g + 4b + i] = d_b` (i = 0..3, the four i32 lanes of block b); `xsum[16g + 4b] = sum(q_b)` (other lanes 0);
+  `xs[16g + 4b] = s_b` (the Q8_1 sum, other lanes 0).
+* legacy natural order (q8_0): `xq` as quantized; `xd[32g + 8b + i] = d_b` (i = 0..7); `xsum[32g + 8b] = sum(q_b)`.
+* Q8_K: `xq[256k + i] = q[256k + perm[i]]` with a per-weight-type permutation (PERM_*), `xd[k] = d`, and 16 int32
+  per super-block in `xb` (natural bsums, or for q4_K/q5_K pair sums of the 32-element sub-blocks in lanes 8..15).
+"""
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba import prange
+
+from . import CACHE
+
+JITQ = dict(nopython=True, nogil=True, cache=CACHE, fastmath=False, boundscheck=False)
+
+QK = 32
+GROUP = 128
+QK_K = 256
+
+
+@numba.jit(**JITQ)
+def fp16_round(v):
+    """The float32 value of fp16(v) for finite v >= 0 (round half to even, subnormals included)."""
+    if v == 0.0:
+        return np.float32(0.0)
+    if v < 6.103515625e-05:                       # fp16 subnormal range: multiples of 2^-24
+        return np.float32(np.rint(np.float64(v) * 16777216.0) / 16777216.0)
+    m, e = math.frexp(np.float64(v))              # v = m * 2^e, m in [0.5, 1): keep 11 significant bits
+    return np.float32(math.ldexp(np.rint(m * 2048.0) / 2048.0, e))
+
+
+@numba.jit(**JITQ)
+def _q8_0_block(x, o, q):
+    """Quantize x[o:o+32] into q[0:32] (int32 scratch); returns (fp16-rounded d, unrounded d, sum of q)."""
+    amax = np.float32(0.0)
+    for j in range(QK):
+        a = abs(x[o + j])
+        if a > amax:
+            amax = a
+    d = amax / np.float32(127.0)
+    inv = np.float32(127.0) / amax if amax != 0.0 else np.float32(0.0)
+    s = 0
+    for j in range(QK):
+        v = int(np.rint(x[o + j] * inv))
+        q[j] = v
+        s += v
+    return fp16_round(d), d, s
+
+
+@numba.jit(**JITQ)
+def quantize_q8_0_nibble(x, xq, xd, xsum, xs):
+    """One row, legacy nibble order (see module doc). x: f32[n]; the outputs cover ceil(n/128) groups (padded 0)."""
+    n = x.shape[0]
+    nblk = (n + QK - 1) // QK
+    ngrp = (nblk + 3) // 4
+    q = np.empty(QK, np.int32)
+    xd[:ngrp * 16] = 0.0
+    xsum[:ngrp * 16] = 0
+    xs[:ngrp * 16] = 0.0
+    xq[:ngrp * GROUP] = 0
+    for b in range(nblk):
+        if (b + 1) * QK > n:
+            raise ValueError("row length must be a multiple of 32")
+        dr, d, s = _q8_0_block(x, b * QK, q)
+        g, bb = b // 4, b % 4
+        base = g * GROUP + 16 * bb
+        for j in range(16):
+            xq[base + j] = q[j]
+            xq[base + 64 + j] = q[16 + j]
+        for i in range(4):
+            xd[16 * g + 4 * bb + i] = dr
+        xsum[16 * g + 4 * bb] = s
+        xs[16 * g + 4 * bb] = fp16_round(abs(d * np.float32(s))) * (1.0 if s >= 0 else -1.0)
+
+
+@numba.jit(**JITQ)
+def quantize_q8_0_natural(x, xq, xd, xsum):
+    """One row, natural order for q8_0 weights: xq as quantized, xd[32g + 8b + i] = d of block b of group g,
+    xsum[32g + 8b] = sum of its quants (other lanes 0)."""
+    n = x.shape[0]
+    nblk = (n + QK - 1) // QK
+    ngrp = (nblk + 3) // 4
+    q = np.empty(QK, np.int32)
+    xd[:ngrp * 32] = 0.0
+    xsum[:ngrp * 32] = 0
+    xq[:ngrp * GROUP] = 0
+    for b in range(nblk):
+        if (b + 1) * QK > n:
+            raise ValueError("row length must be a multiple of 32")
+        dr, d, s = _q8_0_block(x, b * QK, q)
+        for j in range(QK):
+            xq[b * QK + j] = q[j]
+        for i in range(8):
+            xd[8 * b + i] = dr
+        xsum[8 * b] = s
+
+
+@numba.jit(**JITQ)
+def quantize_q8_K(x, perm, pairs, xq, xd, xb):
+    """One row to Q8_K: xq permuted by `perm` (256 entries), xd[k] = d, xb[16k..] bsums (pairs=True: the 8 sums of
+    32-element sub-blocks in lanes 8..15, lanes 0..7 zero)."""
+    n = x.shape[0]
+    if n % QK_K:
+        raise ValueError("row length must be a multiple of 256")
+    q = np.empty(QK_K, np.int32)
+    for k in range(n // QK_K):
+        o = k * QK_K
+        amax = np.float32(0.0)
+        mx = np.float32(0.0)
+        for j in range(QK_K):
+            a = abs(x[o + j])
+            if a > amax:
+                amax = a
+                mx = x[o + j]
+        if amax == 0.0:
+            xd[k] = 0.0
+            for j in range(QK_K):
+                q[j] = 0
+        else:
+            iscale = np.float32(-127.0) / mx
+            for j in range(QK_K):
+                v = int(np.rint(iscale * x[o + j]))
+                q[j] = min(127, v)
+            xd[k] = np.float32(1.0) / iscale
+        for j in range(QK_K):
+            xq[o + j] = q[perm[j]]
+        for i in range(16):
+            s = 0
+            for j in range(16):
+                s += q[16 * i + j]
+            if pairs:
+                if i % 2 == 0:
+                    xb[16 * k + i // 2] = 0
+                    xb[16 * k + 8 + i // 2] = s
+                else:
+                    xb[16 * k + 8 + i // 2] += s
+            else:
+                xb[16 * k + i] = s
+
+
+@numba.jit(**JITQ)
+def round_f16(x, out):
+    """out = float32(fp16(x)) (round half to even); infinities/NaN are not expected in activations."""
+    for i in range(x.shape[0]):
+        v = x[i]
+        r = fp16_round(abs(v))
+        out[i] = r if v >= 0 else -r
+
+
+# ------------------------------------------------------------------------------------------- batched (prompt) forms
+@numba.jit(**dict(JITQ, parallel=True))
+def quantize_q8_0_nibble_rows(X, xq, xd, xsum, xs):
+    for t in prange(X.shape[0]):
+        quantize_q8_0_nibble(X[t], xq[t], xd[t], xsum[t], xs[t])
+
+
+@numba.jit(**dict(JITQ, parallel=True))
+def quantize_q8_0_natural_rows(X, xq, xd, xsum):
+    for t in prange(X.shape[0]):
+        quantize_q8_0_natural(X[t], xq[t], xd[t], xsum[t])
+
+
+@numba.jit(**dict(JITQ, parallel=True))
+def quantize_q8_K_rows(X, perm, pairs, xq, xd, xb):
+    for t in prange(X.shape[0]):
+        quantize_q8_K(X[t], perm, pairs, xq[t], xd[t], xb[t])
+
+
+@numba.jit(**dict(JITQ, parallel=True))
+def round_f16_rows(X, out):
+    for t in prange(X.shape[0]):
+        round_f16(X[t], out[t])
+
+
+# ------------------------------------------------------------------------------------------- Q8_K permutations
+def _perm_natural() -> np.ndarray:
+    return np.arange(QK_K, dtype=np.int32)
+
+
+def _perm_q4k() -> np.ndarray:
+    """q4_K/q5_K: 64-byte chunk c of the packed nibbles = 32-byte groups 2c, 2c+1; its low nibbles are elements
+    [128c + 0..32) and [128c + 64..96), its high nibbles [128c + 32..64) and [128c + 96..128)."""
+    p = []
+    for c in range(2):
+        p += list(range(128 * c, 128 * c + 32)) + list(range(128 * c + 64, 128 * c + 96))
+        p += list(range(128 * c + 32, 128 * c + 64)) + list(range(128 * c + 96, 128 * c + 128))
+    return np.array(p, dtype=np.int32)
+
+
+def _perm_q2k() -> np.ndarray:
+    """q2_K/q3_K: the 64 packed bytes hold both 128-halves; shift 2j selects elements [32j..) and [128+32j..)."""
+    p = []
+    for j in range(4):
+        p += list(range(32 * j, 32 * j + 32)) + list(range(128 + 32 * j, 128 + 32 * j + 32))
+    return np.array(p, dtype=np.int32)
+
+
+PERM_NATURAL = _perm_natural()
+PERM_Q4K = _perm_q4k()
+PERM_Q2K = _perm_q2k()

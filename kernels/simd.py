@@ -1,0 +1,487 @@
+"""512-bit vector values and x86 integer dot-product instructions for Numba kernels, emitted through llvmlite.
+
+LLVM's auto-vectorizer never produces `vpdpbusd` / `vpmaddubsw` from Numba code (Numba widens integer arithmetic to
+64 bits, see shared/docs/kernels-speed.md), so the fast kernels spell the vector code out: a value of type `I512` is an
+LLVM `<16 x i32>` (64 bytes, also used as 64 int8 lanes), `F512` a `<16 x float>`. They live in ordinary variables of
+`@njit` code and stay in zmm registers.
+
+Only one intrinsic is ISA-specific: `dpbusd(acc, u, s)` (acc + dot of 4 unsigned bytes of `u` with 4 signed bytes of
+`s` per i32 lane). On AVX-512 VNNI it is `vpdpbusd`; on AVX2 it is `vpmaddubsw` + `vpmaddwd` on each 256-bit half
+(the unsigned operand must then be <= 127 so the 16-bit pair sums cannot saturate: true for every weight format here,
+q8_0 goes through `dot_s8s8`). All other operations are plain LLVM vector IR, which LLVM splits into two 256-bit
+halves on AVX2.
+
+`ISA` is decided once, at import, from the host CPU features (`AIRO_SIMD=avx512vnni|avx2|none` overrides, for tests).
+It must be decided before anything is compiled: LLVM aborts the process when asked for an instruction the target lacks.
+"""
+from __future__ import annotations
+
+import os
+
+import llvmlite.binding as llb
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic, models, register_model
+
+
+_ISAS = ("avx512vnni", "avx2", "none")
+
+
+def detect_isa(env: str | None = None) -> str:
+    """Best instruction set the host supports, or the one forced by AIRO_SIMD (never one the host lacks)."""
+    feats = {k for k, v in llb.get_host_cpu_features().items() if v}
+    have = ["none"]
+    if {"avx2", "fma", "f16c"} <= feats:
+        have.insert(0, "avx2")
+    if {"avx512f", "avx512bw", "avx512vl", "avx512vnni", "fma", "f16c"} <= feats:
+        have.insert(0, "avx512vnni")
+    want = (env if env is not None else os.environ.get("AIRO_SIMD", "")).strip().lower()
+    if not want or want == "auto":
+        return have[0]
+    if want not in _ISAS:
+        raise ValueError(f"AIRO_SIMD={want!r}: expected one of {', '.join(_ISAS)} or auto")
+    return want if want in have else "none"
+
+
+ISA = detect_isa()
+
+
+# ----------------------------------------------------------------------------------------------- vector types
+class Vec(types.Type):
+    """An LLVM vector value of `n` lanes of `kind` ('i32' or 'f32')."""
+
+    def __init__(self, kind: str, n: int):
+        self.kind, self.n = kind, n
+        super().__init__(name=f"Vec{n}x{kind}")
+
+
+_ELT = {"i32": ir.IntType(32), "f32": ir.FloatType()}
+
+
+@register_model(Vec)
+class _VecModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, ir.VectorType(_ELT[fe_type.kind], fe_type.n))
+
+
+I512 = Vec("i32", 16)
+F512 = Vec("f32", 16)
+_I32 = ir.IntType(32)
+_I8 = ir.IntType(8)
+_F32 = ir.FloatType()
+_VI = ir.VectorType(_I32, 16)
+_VF = ir.VectorType(_F32, 16)
+_VB = ir.VectorType(_I8, 64)
+
+
+def _ptr_at(context, builder, arrty, arr, idxty, idx):
+    """Pointer to element `idx` of a C-contiguous array (element units of the array's dtype)."""
+    ary = context.make_array(arrty)(context, builder, arr)
+    i = context.cast(builder, idx, idxty, types.intp)
+    return builder.gep(ary.data, [i])
+
+
+def _load(builder, ptr, vty):
+    return builder.load(builder.bitcast(ptr, vty.as_pointer()), align=1, typ=vty)
+
+
+def _const_vec(elt, values):
+    return ir.Constant(ir.VectorType(elt, len(values)), [ir.Constant(elt, int(v)) for v in values])
+
+
+def _shuffle(builder, a, mask, b=None):
+    b = ir.Constant(a.type, None) if b is None else b
+    return builder.shuffle_vector(a, b, _const_vec(_I32, mask))
+
+
+# ----------------------------------------------------------------------------------------------- loads
+@intrinsic
+def load_i(typingctx, arr, idx):
+    """64 bytes from array `arr` starting at element `idx` (any dtype), as I512."""
+    def codegen(context, builder, sig, args):
+        return _load(builder, _ptr_at(context, builder, sig.args[0], args[0], sig.args[1], args[1]), _VI)
+    return I512(arr, idx), codegen
+
+
+@intrinsic
+def load_f(typingctx, arr, idx):
+    """16 float32 from a float32 array starting at element `idx`."""
+    def codegen(context, builder, sig, args):
+        return _load(builder, _ptr_at(context, builder, sig.args[0], args[0], sig.args[1], args[1]), _VF)
+    return F512(arr, idx), codegen
+
+
+@intrinsic
+def load_i_dup256(typingctx, arr, idx):
+    """32 bytes at element `idx`, repeated into both 256-bit halves."""
+    def codegen(context, builder, sig, args):
+        v = _load(builder, _ptr_at(context, builder, sig.args[0], args[0], sig.args[1], args[1]),
+                  ir.VectorType(_I32, 8))
+        return _shuffle(builder, v, list(range(8)) * 2)
+    return I512(arr, idx), codegen
+
+
+@intrinsic
+def load_h16(typingctx, arr, idx):
+    """16 IEEE halves (32 bytes) at element `idx` of a uint8/uint16 array, widened to float32 (vcvtph2ps)."""
+    def codegen(context, builder, sig, args):
+        v = _load(builder, _ptr_at(context, builder, sig.args[0], args[0], sig.args[1], args[1]),
+                  ir.VectorType(ir.HalfType(), 16))
+        return builder.fpext(v, _VF)
+    return F512(arr, idx), codegen
+
+
+def _make_load_half_bcast(n_half, rep):
+    @intrinsic
+    def load_half_bcast(typingctx, arr, idx):
+        def codegen(context, builder, sig, args):
+            v = _load(builder, _ptr_at(context, builder, sig.args[0], args[0], sig.args[1], args[1]),
+                      ir.VectorType(ir.HalfType(), n_half))
+            f = builder.fpext(v, ir.VectorType(_F32, n_half))
+            return _shuffle(builder, f, [i // rep for i in range(16)])
+        return F512(arr, idx), codegen
+    return load_half_bcast
+
+
+load_h4_bcast4 = _make_load_half_bcast(4, 4)   # 4 halves -> lanes 4k..4k+3 = h[k] (legacy 4-block groups)
+load_h2_bcast8 = _make_load_half_bcast(2, 8)   # 2 halves -> lanes 8k..8k+7 = h[k] (q8_0: 2 blocks per 64 bytes)
+
+
+@intrinsic
+def load_i8x16(typingctx, arr, idx):
+    """16 signed bytes at element `idx`, sign-extended to 16 i32 lanes."""
+    def codegen(context, builder, sig, args):
+        v = _load(builder, _ptr_at(context, builder, sig.args[0], args[0], sig.args[1], args[1]),
+                  ir.VectorType(_I8, 16))
+        return builder.sext(v, _VI)
+    return I512(arr, idx), codegen
+
+
+@intrinsic
+def load_u8x16(typingctx, arr, idx):
+    """16 unsigned bytes at element `idx`, zero-extended to 16 i32 lanes."""
+    def codegen(context, builder, sig, args):
+        v = _load(builder, _ptr_at(context, builder, sig.args[0], args[0], sig.args[1], args[1]),
+                  ir.VectorType(_I8, 16))
+        return builder.zext(v, _VI)
+    return I512(arr, idx), codegen
+
+
+@intrinsic
+def load_mask64(typingctx, arr, idx, val):
+    """8 bytes at element `idx` read as a 64-bit mask: byte lane k = `val` where bit k is set, else 0."""
+    def codegen(context, builder, sig, args):
+        p = _ptr_at(context, builder, sig.args[0], args[0], sig.args[1], args[1])
+        m = builder.load(builder.bitcast(p, ir.IntType(64).as_pointer()), align=1, typ=ir.IntType(64))
+        mb = builder.bitcast(m, ir.VectorType(ir.IntType(1), 64))
+        v8 = builder.trunc(context.cast(builder, args[2], sig.args[2], types.int32), _I8)
+        splat = _shuffle(builder, builder.insert_element(ir.Constant(_VB, None), v8, ir.Constant(_I32, 0)), [0] * 64)
+        return builder.bitcast(builder.select(mb, splat, ir.Constant(_VB, None)), _VI)
+    return I512(arr, idx, val), codegen
+
+
+# ----------------------------------------------------------------------------------------------- arithmetic
+def _splat(builder, scalar, vty):
+    v = builder.insert_element(ir.Constant(vty, None), scalar, ir.Constant(_I32, 0))
+    return _shuffle(builder, v, [0] * vty.count)
+
+
+@intrinsic
+def splat_i(typingctx, x):
+    """Every i32 lane = x (also: 4 bytes repeated, e.g. splat_i(0x0F0F0F0F))."""
+    def codegen(context, builder, sig, args):
+        return _splat(builder, context.cast(builder, args[0], sig.args[0], types.int32), _VI)
+    return I512(x), codegen
+
+
+@intrinsic
+def splat_f(typingctx, x):
+    """Every float lane = x."""
+    def codegen(context, builder, sig, args):
+        return _splat(builder, context.cast(builder, args[0], sig.args[0], types.float32), _VF)
+    return F512(x), codegen
+
+
+def _binop_i(opname):
+    @intrinsic
+    def op(typingctx, a, b):
+        if a != I512 or b != I512:
+            return None
+
+        def codegen(context, builder, sig, args):
+            return getattr(builder, opname)(args[0], args[1])
+        return I512(a, b), codegen
+    return op
+
+
+vand = _binop_i("and_")
+vor = _binop_i("or_")
+vxor = _binop_i("xor")
+vadd = _binop_i("add")
+vsub = _binop_i("sub")
+vmul = _binop_i("mul")          # vpmulld
+vshrv = _binop_i("lshr")        # per-lane logical right shift by a vector
+vshlv = _binop_i("shl")
+
+
+def _shift(opname):
+    @intrinsic
+    def op(typingctx, a, n):
+        def codegen(context, builder, sig, args):
+            s = _splat(builder, context.cast(builder, args[1], sig.args[1], types.int32), _VI)
+            return getattr(builder, opname)(args[0], s)
+        return I512(a, n), codegen
+    return op
+
+
+vshr = _shift("lshr")           # i32 lanes >> n (logical); mask afterwards for byte lanes
+vshl = _shift("shl")
+
+
+@intrinsic
+def halves_i(typingctx, a, b):
+    """i32 lanes 0..7 = a, lanes 8..15 = b (a shift-count or mask vector)."""
+    def codegen(context, builder, sig, args):
+        va = _splat(builder, context.cast(builder, args[0], sig.args[0], types.int32), _VI)
+        vb = _splat(builder, context.cast(builder, args[1], sig.args[1], types.int32), _VI)
+        return _shuffle(builder, va, list(range(8)) + list(range(24, 32)), vb)
+    return I512(a, b), codegen
+
+
+@intrinsic
+def bytes_nz(typingctx, a, val):
+    """Byte lane k = `val` where byte k of `a` is non-zero, else 0."""
+    def codegen(context, builder, sig, args):
+        b = builder.bitcast(args[0], _VB)
+        nz = builder.icmp_unsigned("!=", b, ir.Constant(_VB, None))
+        v8 = builder.trunc(context.cast(builder, args[1], sig.args[1], types.int32), _I8)
+        return builder.bitcast(builder.select(nz, _splat(builder, v8, _VB), ir.Constant(_VB, None)), _VI)
+    return I512(a, val), codegen
+
+
+@intrinsic
+def cvt(typingctx, a):
+    """i32 lanes -> float lanes (vcvtdq2ps)."""
+    def codegen(context, builder, sig, args):
+        return builder.sitofp(args[0], _VF)
+    return F512(a), codegen
+
+
+@intrinsic
+def fma(typingctx, a, b, c):
+    """a * b + c, lane-wise float."""
+    def codegen(context, builder, sig, args):
+        f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VF, [_VF] * 3), "llvm.fma.v16f32")
+        return builder.call(f, args)
+    return F512(a, b, c), codegen
+
+
+def _binop_f(opname):
+    @intrinsic
+    def op(typingctx, a, b):
+        def codegen(context, builder, sig, args):
+            return getattr(builder, opname)(args[0], args[1])
+        return F512(a, b), codegen
+    return op
+
+
+fmul = _binop_f("fmul")
+fadd = _binop_f("fadd")
+fsub = _binop_f("fsub")
+
+
+def _tree_sum(builder, v, add):
+    n = v.type.count
+    while n > 1:
+        n //= 2
+        lo = _shuffle(builder, v, list(range(n)))
+        hi = _shuffle(builder, v, list(range(n, 2 * n)))
+        v = add(lo, hi)
+    return builder.extract_element(v, ir.Constant(_I32, 0))
+
+
+@intrinsic
+def hsum_f(typingctx, a):
+    """Sum of the 16 float lanes (float32)."""
+    def codegen(context, builder, sig, args):
+        return _tree_sum(builder, args[0], builder.fadd)
+    return types.float32(a), codegen
+
+
+@intrinsic
+def hsum_i(typingctx, a):
+    """Sum of the 16 i32 lanes (int32)."""
+    def codegen(context, builder, sig, args):
+        return _tree_sum(builder, args[0], builder.add)
+    return types.int32(a), codegen
+
+
+def make_perm(mask):
+    """An intrinsic returning the i32 (or float) lanes of its argument permuted by the constant `mask`."""
+    mask = [int(m) for m in mask]
+    assert len(mask) == 16
+
+    @intrinsic
+    def perm(typingctx, a):
+        def codegen(context, builder, sig, args):
+            return _shuffle(builder, args[0], mask)
+        return a(a), codegen
+    return perm
+
+
+# ----------------------------------------------------------------------------------------------- dot products
+def _dpbusd_vnni(builder, acc, u, s):
+    f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VI, [_VI] * 3),
+                                       "llvm.x86.avx512.vpdpbusd.512")
+    return builder.call(f, [acc, u, s])
+
+
+def _dpbusd_avx2(builder, acc, u, s):
+    v32b = ir.VectorType(_I8, 32)
+    v16w = ir.VectorType(ir.IntType(16), 16)
+    v8d = ir.VectorType(_I32, 8)
+    maddubs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16w, [v32b, v32b]),
+                                             "llvm.x86.avx2.pmadd.ub.sw")
+    maddwd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8d, [v16w, v16w]),
+                                            "llvm.x86.avx2.pmadd.wd")
+    ones = ir.Constant(v16w, [ir.Constant(ir.IntType(16), 1)] * 16)
+    halves = []
+    for h in range(2):
+        lanes = list(range(8 * h, 8 * h + 8))
+        uh = builder.bitcast(_shuffle(builder, u, lanes), v32b)
+        sh = builder.bitcast(_shuffle(builder, s, lanes), v32b)
+        halves.append(builder.call(maddwd, [builder.call(maddubs, [uh, sh]), ones]))
+    return builder.add(acc, _shuffle(builder, halves[0], list(range(16)), halves[1]))
+
+
+@intrinsic
+def dpbusd(typingctx, acc, u, s):
+    """acc + sum over each 4-byte group of (unsigned byte of u) * (signed byte of s), per i32 lane."""
+    if ISA not in ("avx512vnni", "avx2"):
+        return None
+
+    def codegen(context, builder, sig, args):
+        impl = _dpbusd_vnni if ISA == "avx512vnni" else _dpbusd_avx2
+        return impl(builder, *args)
+    return I512(acc, u, s), codegen
+
+
+@intrinsic
+def dot_s8s8(typingctx, acc, a, b):
+    """acc + dot of signed bytes a and b per 4-byte group (|a| * sign(a)·b; b must not hold -128)."""
+    if ISA not in ("avx512vnni", "avx2"):
+        return None
+
+    def codegen(context, builder, sig, args):
+        acc_, a, b = args
+        ab = builder.bitcast(a, _VB)
+        bb = builder.bitcast(b, _VB)
+        zero = ir.Constant(_VB, None)
+        neg = builder.icmp_signed("<", ab, zero)
+        absa = builder.select(neg, builder.sub(zero, ab), ab)
+        sb = builder.select(neg, builder.sub(zero, bb), bb)
+        impl = _dpbusd_vnni if ISA == "avx512vnni" else _dpbusd_avx2
+        return impl(builder, acc_, builder.bitcast(absa, _VI), builder.bitcast(sb, _VI))
+    return I512(acc, a, b), codegen
+
+
+@intrinsic
+def maddubs(typingctx, u, s):
+    """vpmaddubsw: 32 int16 lanes = u8(u) * s8(s) summed in adjacent pairs (saturating; keep u <= 127)."""
+    if ISA not in ("avx512vnni", "avx2"):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _maddubs(builder, args[0], args[1])
+    return I512(u, s), codegen
+
+
+def _maddubs(builder, u, s):
+    if ISA == "avx512vnni":
+        v64b = ir.VectorType(_I8, 64)
+        v32w = ir.VectorType(ir.IntType(16), 32)
+        f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v32w, [v64b, v64b]),
+                                           "llvm.x86.avx512.pmaddubs.w.512")
+        return builder.bitcast(builder.call(f, [builder.bitcast(u, v64b), builder.bitcast(s, v64b)]), _VI)
+    v32b = ir.VectorType(_I8, 32)
+    v16w = ir.VectorType(ir.IntType(16), 16)
+    f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16w, [v32b, v32b]),
+                                       "llvm.x86.avx2.pmadd.ub.sw")
+    halves = []
+    for h in range(2):
+        lanes = list(range(8 * h, 8 * h + 8))
+        uh = builder.bitcast(_shuffle(builder, u, lanes), v32b)
+        sh = builder.bitcast(_shuffle(builder, s, lanes), v32b)
+        halves.append(builder.bitcast(builder.call(f, [uh, sh]), ir.VectorType(_I32, 8)))
+    return _shuffle(builder, halves[0], list(range(16)), halves[1])
+
+
+@intrinsic
+def dpwssd(typingctx, acc, a, b):
+    """acc + per i32 lane: a.lo16*b.lo16 + a.hi16*b.hi16 (signed words; vpdpwssd / vpmaddwd+vpaddd)."""
+    if ISA not in ("avx512vnni", "avx2"):
+        return None
+
+    def codegen(context, builder, sig, args):
+        acc_, a_, b_ = args
+        if ISA == "avx512vnni":
+            f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VI, [_VI] * 3),
+                                               "llvm.x86.avx512.vpdpwssd.512")
+            return builder.call(f, [acc_, a_, b_])
+        v16w = ir.VectorType(ir.IntType(16), 16)
+        v8d = ir.VectorType(_I32, 8)
+        f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8d, [v16w, v16w]),
+                                           "llvm.x86.avx2.pmadd.wd")
+        halves = []
+        for h in range(2):
+            lanes = list(range(8 * h, 8 * h + 8))
+            ah = builder.bitcast(_shuffle(builder, a_, lanes), v16w)
+            bh = builder.bitcast(_shuffle(builder, b_, lanes), v16w)
+            halves.append(builder.call(f, [ah, bh]))
+        return builder.add(acc_, _shuffle(builder, halves[0], list(range(16)), halves[1]))
+    return I512(acc, a, b), codegen
+
+
+@intrinsic
+def load_h1(typingctx, arr, idx):
+    """One IEEE half at element `idx` (byte index of a uint8 array), as float32."""
+    def codegen(context, builder, sig, args):
+        p = _ptr_at(context, builder, sig.args[0], args[0], sig.args[1], args[1])
+        h = builder.load(builder.bitcast(p, ir.HalfType().as_pointer()), align=1, typ=ir.HalfType())
+        return builder.fpext(h, _F32)
+    return types.float32(arr, idx), codegen
+
+
+def make_load_bytes(n, signed):
+    """An intrinsic loading `n` (<= 16) bytes at element `idx`, extended to i32 lanes 0..n-1 (other lanes 0)."""
+    @intrinsic
+    def load_bytes(typingctx, arr, idx):
+        def codegen(context, builder, sig, args):
+            v = _load(builder, _ptr_at(context, builder, sig.args[0], args[0], sig.args[1], args[1]),
+                      ir.VectorType(_I8, n))
+            w = (builder.sext if signed else builder.zext)(v, ir.VectorType(_I32, n))
+            z = ir.Constant(ir.VectorType(_I32, n), None)
+            return _shuffle(builder, w, [i if i < n else n for i in range(16)], z)
+        return I512(arr, idx), codegen
+    return load_bytes
+
+
+def make_const(values):
+    """An intrinsic with no arguments returning the constant I512 with these 16 i32 lanes."""
+    values = [int(v) for v in values]
+    assert len(values) == 16
+
+    @intrinsic
+    def const(typingctx):
+        def codegen(context, builder, sig, args):
+            return _const_vec(_I32, values)
+        return I512(), codegen
+    return const
+
+
+def bytes4(b: int) -> int:
+    """The i32 with all four bytes = b (a byte-lane constant for splat_i)."""
+    b &= 0xFF
+    v = b * 0x01010101
+    return v - (1 << 32) if v >= 1 << 31 else v

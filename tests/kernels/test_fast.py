@@ -1,0 +1,191 @@
+"""The fast int8 kernels (airobackend.kernels.fast) against float64 oracles.
+
+Two oracles per product:
+* tight: dequantized weights @ the activation quantized like llama.cpp (an independent numpy Q8_0 / Q8_K / fp16
+  quantizer here), so only float summation order differs (~1e-6 relative);
+* loose: dequantized weights @ the float activation, within the error 8-bit activations bring (~6e-3 relative).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from airobackend.kernels import fast
+from airobackend.quant import BLOCK, GGMLType as G
+
+sys.path.insert(0, str(Path(__file__).parent))
+from blocks import dequantize, random_blocks  # noqa: E402
+
+pytestmark = pytest.mark.skipif(fast.ISA == "none", reason="no AVX2 / AVX-512 VNNI on this CPU")
+
+ALL = [G.Q4_0, G.Q4_K, G.Q6_K, G.Q8_0, G.Q5_K, G.Q3_K, G.Q2_K, G.Q5_0, G.Q5_1, G.Q4_1, G.F16]
+LEGACY = {G.Q4_0, G.Q4_1, G.Q5_0, G.Q5_1, G.Q8_0}
+
+
+# ------------------------------------------------------------------------------------------ numpy activation oracle
+def _f16(v):
+    return np.asarray(v, np.float32).astype(np.float16).astype(np.float64)
+
+
+def q8_activation(t: G, x: np.ndarray) -> np.ndarray:
+    """x (f32[n]) as llama.cpp's CPU matmul sees it, dequantized to float64."""
+    x = np.asarray(x, np.float32)
+    if t == G.F16:
+        return _f16(x)
+    if t in LEGACY:
+        b = x.reshape(-1, 32)
+        amax = np.abs(b).max(axis=1).astype(np.float32)
+        d = (amax / np.float32(127.0)).astype(np.float32)
+        with np.errstate(divide="ignore"):
+            inv = np.where(amax != 0, np.float32(127.0) / amax, np.float32(0.0)).astype(np.float32)
+        q = np.rint(b * inv[:, None]).astype(np.float64)
+        return (q * _f16(d)[:, None]).reshape(-1)
+    b = x.reshape(-1, 256)
+    idx = np.abs(b).argmax(axis=1)
+    mx = b[np.arange(b.shape[0]), idx]
+    out = np.zeros(b.shape, np.float64)
+    nz = mx != 0
+    iscale = (np.float32(-127.0) / mx[nz]).astype(np.float32)
+    q = np.minimum(127, np.rint((b[nz] * iscale[:, None]).astype(np.float32)))
+    out[nz] = q * (np.float32(1.0) / iscale).astype(np.float64)[:, None]
+    return out.reshape(-1)
+
+
+def check(t: G, raw: np.ndarray, n_rows: int, n_cols: int, n_tok: int, rng, tight_tol=2e-5):
+    fw = fast.prepare_fast(t, raw, n_rows, n_cols)
+    assert fw is not None, f"no fast kernel for {t.name}"
+    W = dequantize(t, raw, n_cols)
+    X = (rng.standard_normal((n_tok, n_cols)) * rng.uniform(0.1, 3.0, size=(n_tok, 1))).astype(np.float32)
+    out = np.full(n_rows, np.nan, np.float32)
+    fw.matvec(X[0], out)
+    Out = np.full((n_tok, n_rows), np.nan, np.float32)
+    fw.matmat(X, Out)
+    for got, x in [(out, X[0])] + [(Out[i], X[i]) for i in range(n_tok)]:
+        ref_q = W @ q8_activation(t, x)
+        ref = W @ x.astype(np.float64)
+        scale = np.abs(ref).max()
+        assert np.isfinite(got).all()
+        tight = np.abs(got - ref_q).max() / scale
+        loose = np.abs(got - ref).max() / scale
+        # q4_1/q5_1: llama.cpp's Q8_1 carries s = fp16(d*sum q) for the m term, not d*sum q: allow that rounding
+        assert tight < (2e-3 if t in (G.Q4_1, G.Q5_1) else tight_tol), (t.name, tight)
+        if n_rows >= 16:   # a relative bound needs enough rows for max|ref| to be a meaningful scale
+            assert loose < (1e-3 if t == G.F16 else 3e-2), (t.name, loose)
+    return fw
+
+
+@pytest.mark.parametrize("t", ALL, ids=lambda t: t.name)
+def test_random_blocks_odd_rows(t):
+    rng = np.random.default_rng(int(t))
+    n_cols = 512
+    for n_rows, n_tok in [(37, 6), (1, 1), (69, 9)]:
+        raw = random_blocks(t, n_rows, n_cols, rng)
+        raw.flags.writeable = False                 # mmapped tensors are read-only
+        check(t, raw, n_rows, n_cols, n_tok, rng)
+
+
+@pytest.mark.parametrize("t", sorted(LEGACY), ids=lambda t: t.name)
+def test_legacy_partial_group(t):
+    # 96 columns = 3 blocks: the repack pads the last group of 4 blocks with zero blocks
+    rng = np.random.default_rng(7)
+    raw = random_blocks(t, 13, 96, rng)
+    check(t, raw, 13, 96, 5, rng)
+
+
+def test_shape_and_type_gates():
+    rng = np.random.default_rng(1)
+    assert fast.prepare_fast(G.F32, np.zeros((4, 4 * 256 * 4), np.uint8), 4, 1024) is None
+    assert fast.prepare_fast(G.F16, random_blocks(G.F16, 3, 48, rng), 3, 48) is None     # not a multiple of 64
+    with pytest.raises(ValueError):
+        fast.prepare_fast(G.Q4_0, np.zeros((3, 10), np.uint8), 3, 64)
+
+
+def test_non_contiguous_output_and_input():
+    rng = np.random.default_rng(3)
+    raw = random_blocks(G.Q4_K, 40, 256, rng)
+    fw = fast.prepare_fast(G.Q4_K, raw, 40, 256)
+    X = rng.standard_normal((3, 512)).astype(np.float32)[:, ::2]        # strided input
+    big = np.zeros((3, 80), np.float32)
+    fw.matmat(X, big[:, ::2])                                             # strided output
+    ref = np.zeros((3, 40), np.float32)
+    fw.matmat(np.ascontiguousarray(X), ref)
+    np.testing.assert_array_equal(big[:, ::2], ref)
+    v = np.zeros(80, np.float32)
+    fw.matvec(X[1], v[::2])
+    np.testing.assert_allclose(v[::2], ref[1], rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------ real llama.cpp tensors
+FIXTURE_FILES = {
+    G.Q4_0: "fx-q4_0", G.Q4_1: "fx-q4_1", G.Q5_0: "fx-q5_0", G.Q5_1: "fx-q5_1", G.Q8_0: "fx-q8_0",
+    G.Q2_K: "fx-q2_K", G.Q3_K: "fx-q3_K_M", G.Q4_K: "fx-q4_K_M", G.Q5_K: "fx-q5_K_M", G.Q6_K: "fx-q6_K",
+    G.F16: "fx-f16",
+}
+
+
+@pytest.mark.parametrize("t", ALL, ids=lambda t: t.name)
+def test_fixture_tensors(t, fixtures_dir):
+    import gguf
+    path = fixtures_dir / "models" / f"{FIXTURE_FILES[t]}.gguf"
+    reader = gguf.GGUFReader(str(path))
+    rng = np.random.default_rng(11)
+    seen = 0
+    for ten in reader.tensors:
+        if int(ten.tensor_type) != int(t) or len(ten.shape) != 2:
+            continue
+        n_cols, n_rows = int(ten.shape[0]), int(ten.shape[1])
+        raw = np.asarray(ten.data).view(np.uint8).reshape(n_rows, -1)
+        assert raw.shape[1] == n_cols // BLOCK[t][0] * BLOCK[t][1]
+        check(t, raw, n_rows, n_cols, 5, rng)
+        seen += 1
+        if seen == 2:
+            break
+    assert seen, f"no {t.name} tensor in {path.name}"
+
+
+# ------------------------------------------------------------------------------------------ the AVX2 build
+_AVX2_SCRIPT = r"""
+import sys, numpy as np
+sys.path.insert(0, {here!r})
+from airobackend.kernels import fast
+assert fast.ISA == "avx2", fast.ISA
+import test_fast as T
+from airobackend.quant import GGMLType as G
+rng = np.random.default_rng(5)
+for name in {types!r}:
+    t = G[name]
+    raw = random = T.random_blocks(t, 21, 512, rng)
+    T.check(t, raw, 21, 512, 5, rng)
+    print("ok", name)
+"""
+
+
+def _run_avx2(types):
+    env = dict(os.environ, AIRO_SIMD="avx2")
+    code = _AVX2_SCRIPT.format(here=str(Path(__file__).parent), types=[t.name for t in types])
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("ok ") == len(types)
+
+
+@pytest.mark.skipif(fast.simd.detect_isa("avx2") != "avx2", reason="CPU lacks AVX2")
+def test_avx2_path_main_types():
+    _run_avx2([G.Q4_0, G.Q4_K, G.Q6_K, G.Q8_0])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(fast.simd.detect_isa("avx2") != "avx2", reason="CPU lacks AVX2")
+def test_avx2_path_other_types():
+    _run_avx2([G.Q5_K, G.Q3_K, G.Q2_K, G.Q5_0, G.Q5_1, G.Q4_1, G.F16])
+
+
+def test_simd_env_none_disables():
+    r = subprocess.run([sys.executable, "-c", "from airobackend.kernels import fast; import numpy as np;"
+                        "print(fast.ISA, fast.prepare_fast(2, np.zeros((1, 18), np.uint8), 1, 32))"],
+                       env=dict(os.environ, AIRO_SIMD="none"), capture_output=True, text=True, timeout=300)
+    assert r.stdout.split() == ["none", "None"], r.stdout + r.stderr
