@@ -158,3 +158,36 @@ def test_second_turn_reuses_the_cache(llm):
     llm.create_chat_completion(msgs, max_tokens=2, **GREEDY)
     perf = llm.engine.perf()
     assert perf["last_process_count"] < perf["last_input_count"] / 2     # the shared history was not re-evaluated
+
+
+def test_prompt_cache_reuse_gives_the_same_tokens_as_a_fresh_context(demo_model):
+    """Reusing the KV cache of a previous request must not change the answer (stale K/V would)."""
+    from airobackend.engine import Engine
+    from airobackend.types import GenerationRequest, SamplingParams
+    greedy = SamplingParams(temperature=0.0, repetition_penalty=1.0, top_k=0, top_p=1.0)
+    first = "USER: What do llamas eat? ASSISTANT: Grass and hay."
+    second = first + " USER: And where do they live? ASSISTANT:"
+
+    def ids(engine, prompt):
+        return [t for ev in engine.generate(GenerationRequest(prompt=prompt, max_tokens=8, sampling=greedy))
+                for t in ev.token_ids]
+    warm = Engine(Llama(str(demo_model), n_ctx=128, n_threads=2, verbose=False))
+    ids(warm, first)
+    reused = ids(warm, second)
+    assert warm.perf()["last_process_count"] < len(warm.tokenize(second)) - 10
+    fresh = Engine(Llama(str(demo_model), n_ctx=128, n_threads=2, verbose=False))
+    assert ids(fresh, second) == reused
+
+
+def test_context_shift_on_a_real_model(demo_model):
+    from airobackend.engine import Engine
+    from airobackend.types import FinishReason, GenerationRequest, SamplingParams
+    m = Llama(str(demo_model), n_ctx=32, n_threads=2, verbose=False)
+    engine = Engine(m)
+    memory = "A chat about llamas."
+    req = GenerationRequest(prompt=" USER: Tell me a story. ASSISTANT:", memory=memory, max_tokens=70,
+                            sampling=SamplingParams(seed=3, ban_eos=True))
+    events = list(engine.generate(req))
+    assert events[-1].finish_reason is FinishReason.LENGTH and events[-1].completion_tokens == 70
+    keep = engine.tokenize(memory)
+    assert list(m.input_ids[:len(keep)]) == keep and m.n_tokens <= 32        # the memory stayed at the front
