@@ -352,7 +352,14 @@ class Guard:
         path = self.normalise(scope["path"])
         if path != scope["path"]:
             scope = dict(scope, path=path, raw_path=path.encode("utf-8"))
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        raw_headers = scope.get("headers", [])
+        if sum(len(k) + len(v) + 4 for k, v in raw_headers) > MAX_HEADER_BYTES:
+            # h11 bounds only headers that arrive in pieces; a header block sent in one go is bounded here
+            if scope["type"] == "websocket":
+                await receive()
+                return await send({"type": "websocket.close", "code": 1009, "reason": "headers too large"})
+            return await self._plain(send, 431, b"Request header fields too large", [])
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in raw_headers}
         origin = headers.get("origin")
         cors = self.cors_headers(origin)
         websocket = scope["type"] == "websocket"
@@ -468,6 +475,7 @@ def create_app(engine: Any, settings: Settings, pm: Optional[pluggy.PluginManage
     if pm is None:
         pm = get_plugin_manager(blocked=settings.disable_adapters)
     app = FastAPI(title="airobackend", version=_version(), docs_url="/docs", redoc_url=None,
+                  swagger_ui_oauth2_redirect_url=None,
                   openapi_url="/openapi.json",
                   description="KoboldAI/KoboldCpp, text-generation-webui and OpenAI-compatible APIs.")
     app.state.engine = engine

@@ -1,0 +1,225 @@
+"""API key on every route (HTTP and WebSocket) with KoboldCpp's exceptions, CORS as llama.cpp's server answers it,
+body caps, hostile bodies, and no model paths for unauthenticated clients."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+import websockets
+from starlette.testclient import TestClient
+from starlette.testclient import WebSocketDenialResponse
+
+from airobackend.commands.serve import security_warnings
+from airobackend.server import PUBLIC_ROUTES
+from airobackend.settings import Settings
+
+from fakes import live, make_app, scripted_engine
+
+KEY = "s3cret-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+PROTECTED = [
+    ("POST", "/api/v1/generate", {"prompt": "x", "max_length": 2}),
+    ("POST", "/api/extra/generate/stream", {"prompt": "x", "max_length": 2}),
+    ("GET", "/api/extra/generate/check", None),
+    ("POST", "/api/extra/generate/check", {}),
+    ("POST", "/api/extra/abort", {}),
+    ("POST", "/api/extra/tokencount", {"prompt": "x"}),
+    ("POST", "/api/extra/tokenize", {"prompt": "x"}),
+    ("POST", "/api/extra/detokenize", {"ids": [5]}),
+    ("GET", "/api/extra/perf", None),
+    ("POST", "/api/v1/chat", {"user_input": "x"}),
+    ("POST", "/api/v1/model", {"action": "info"}),
+    ("POST", "/api/v1/token-count", {"prompt": "x"}),
+    ("POST", "/api/v1/stop-stream", {}),
+    ("POST", "/v1/completions", {"prompt": "x", "max_tokens": 2}),
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2}),
+    ("POST", "/v1/internal/encode", {"text": "x"}),
+    ("POST", "/v1/internal/decode", {"tokens": [5]}),
+    ("POST", "/v1/internal/token-count", {"text": "x"}),
+    ("GET", "/v1/internal/model/info", None),
+    ("POST", "/v1/internal/stop-generation", {}),
+]
+
+
+@pytest.fixture
+def keyed():
+    engine, _ = scripted_engine()
+    return TestClient(make_app(engine, api_key=KEY))
+
+
+@pytest.mark.parametrize("method,path,body", PROTECTED)
+def test_every_route_needs_the_key(keyed, method, path, body):
+    r = keyed.request(method, path, json=body)
+    assert r.status_code == 401
+    assert r.headers["www-authenticate"] == "Bearer"
+    if path.startswith("/v1/"):
+        assert r.json() == {"error": {"message": "Invalid API Key", "type": "authentication_error", "param": None,
+                                      "code": "invalid_api_key"}}
+    else:
+        assert r.json() == {"detail": {"error": "Unauthorized", "msg": "Authentication key is missing or invalid.",
+                                       "type": "unauthorized"}}
+    wrong = keyed.request(method, path, json=body, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401
+    ok = keyed.request(method, path, json=body, headers=AUTH)
+    assert ok.status_code == 200, ok.text
+
+
+def test_probes_answer_without_the_key_as_koboldcpp_does(keyed):
+    assert keyed.get("/api/v1/model").json() == {"result": "koboldcpp/protected-model"}
+    assert keyed.get("/api/v1/model", headers=AUTH).json() == {"result": "koboldcpp/scripted-7b.q4_0"}
+    assert keyed.get("/api/extra/version").json()["protected"] is True   # Lite then asks the user for the key
+    assert keyed.get("/api/v1/info/version").status_code == 200
+    assert keyed.get("/v1/models").json()["data"][0]["id"] == "protected-model"
+    assert keyed.get("/health").json() == {"status": "ok"}
+    assert keyed.get("/openapi.json").status_code == 200
+
+
+def test_every_registered_route_is_protected_or_a_known_probe():
+    engine, _ = scripted_engine()
+    app = make_app(engine, api_key=KEY)
+    c = TestClient(app)
+    for route in app.routes:
+        for method in sorted(getattr(route, "methods", None) or ()):
+            if method == "HEAD" or "{" in route.path:
+                continue
+            r = c.request(method, route.path, json={})
+            if (method, route.path) in PUBLIC_ROUTES or route.path.startswith("/docs"):
+                assert r.status_code != 401, route.path
+            else:
+                assert r.status_code == 401, (method, route.path)
+
+
+def test_websockets_need_the_key():
+    engine, _ = scripted_engine("hi")
+    app = make_app(engine, api_key=KEY)
+    c = TestClient(app)
+    with pytest.raises(WebSocketDenialResponse) as e:
+        with c.websocket_connect("/api/v1/stream"):
+            pass
+    assert e.value.status_code == 401
+    with c.websocket_connect("/api/v1/stream", headers=dict(AUTH)) as ws:   # (TestClient adds to the dict)
+        ws.send_text('{"prompt": "x"}')
+        assert ws.receive_json()["event"] == "text_stream"
+    with live(app) as srv:
+        async def attempt(uri, headers=None):
+            async with websockets.connect(uri, additional_headers=headers) as ws:
+                await ws.send('{"prompt": "x"}')
+                return json.loads(await ws.recv())
+        with pytest.raises(websockets.exceptions.InvalidStatus) as e:
+            asyncio.run(attempt(f"ws://127.0.0.1:{srv.port}/api/v1/chat-stream"))
+        assert e.value.response.status_code == 401
+        assert asyncio.run(attempt(f"ws://127.0.0.1:{srv.port}/api/v1/stream", AUTH))["event"] == "text_stream"
+        # browsers cannot send headers on a WebSocket: the key may come as a query parameter
+        assert asyncio.run(attempt(f"ws://127.0.0.1:{srv.port}/api/v1/stream?api_key={KEY}"))["event"] == \
+            "text_stream"
+
+
+def test_admin_key_guards_model_loading():
+    engine, _ = scripted_engine()
+    c = TestClient(make_app(engine, api_key=KEY, admin_key="admin!"))
+    r = c.post("/api/v1/model", json={"action": "unload"}, headers=AUTH)
+    assert r.status_code == 403 and r.json()["detail"]["type"] == "unauthorized"
+    r = c.post("/api/v1/model", json={"action": "unload"}, headers={"Authorization": "Bearer admin!"})
+    assert r.status_code == 200          # (this engine has no model library: it says so in the body)
+    assert c.post("/api/v1/model", json={"action": "info"}, headers=AUTH).status_code == 200
+
+
+def test_cors_preflight_and_headers_default_any_origin():
+    engine, _ = scripted_engine()
+    c = TestClient(make_app(engine, api_key=KEY))
+    r = c.options("/api/v1/generate", headers={"Origin": "https://lite.koboldai.net",
+                                                "Access-Control-Request-Method": "POST",
+                                                "Access-Control-Request-Headers": "authorization, content-type"})
+    assert r.status_code == 200 and r.content == b""           # preflights need no key (browsers send none)
+    assert r.headers["access-control-allow-origin"] == "https://lite.koboldai.net"
+    assert r.headers["access-control-allow-credentials"] == "true"
+    assert r.headers["access-control-allow-methods"] == "GET, POST"
+    assert "authorization" in r.headers["access-control-allow-headers"]
+    # every answer carries it, errors included
+    for resp in (c.get("/api/extra/version", headers={"Origin": "http://a.example"}),
+                 c.post("/api/v1/generate", json={}, headers={"Origin": "http://a.example"}),
+                 c.post("/v1/completions", content=b"{", headers={"Origin": "http://a.example", **AUTH})):
+        assert resp.headers["access-control-allow-origin"] == "http://a.example"
+    assert c.get("/api/extra/version").headers["access-control-allow-origin"] == "*"
+
+
+def test_cors_can_be_restricted():
+    engine, _ = scripted_engine()
+    c = TestClient(make_app(engine, cors="http://good.example, http://also.example"))
+    pre = {"Access-Control-Request-Method": "POST"}
+    r = c.options("/v1/completions", headers={"Origin": "http://good.example", **pre})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://good.example"
+    r = c.options("/v1/completions", headers={"Origin": "http://evil.example", **pre})
+    assert r.status_code == 403 and "access-control-allow-origin" not in r.headers
+    r = c.get("/api/extra/version", headers={"Origin": "http://evil.example"})
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+    assert c.get("/api/extra/version", headers={"Origin": "http://also.example"}).headers[
+        "access-control-allow-origin"] == "http://also.example"
+
+
+def test_body_cap():
+    engine, _ = scripted_engine()
+    c = TestClient(make_app(engine, max_body_bytes=1000))
+    big = json.dumps({"prompt": "x" * 2000})
+    r = c.post("/api/v1/generate", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["detail"]["type"] == "bad_input"
+    r = c.post("/v1/completions", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+    def chunks():                      # no Content-Length: counted as it arrives
+        for _ in range(10):
+            yield b" " * 200
+    app = make_app(engine, max_body_bytes=1000)
+    with live(app) as srv:
+        r = httpx.post(srv.url + "/api/v1/generate", content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413
+        assert httpx.post(srv.url + "/api/v1/generate", json={"prompt": "x", "max_length": 2}).status_code == 200
+
+
+@pytest.mark.parametrize("raw", [b"{", b"[]", b"null", b'"text"', b"\xff\xfe\x00", b'{"prompt": Infinity}', b""])
+def test_hostile_bodies_get_error_shapes_and_the_server_keeps_serving(raw):
+    engine, _ = scripted_engine()
+    c = TestClient(make_app(engine))
+    for path, key in (("/api/v1/generate", "detail"), ("/api/extra/generate/stream", "detail"),
+                      ("/v1/completions", "error"), ("/v1/chat/completions", "error"),
+                      ("/api/v1/chat", "detail"), ("/api/extra/tokencount", "detail")):
+        r = c.post(path, content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == 400, (path, raw, r.text)
+        assert key in r.json()
+    r = c.post("/api/v1/generate", json={"prompt": "x", "max_length": 3})
+    assert r.status_code == 200
+
+
+def test_oversized_headers_are_refused():
+    engine, _ = scripted_engine()
+    with live(make_app(engine)) as srv:
+        r = httpx.get(srv.url + "/api/extra/version", headers={"X-Big": "y" * 64 * 1024})
+        assert r.status_code in (400, 431)
+        assert httpx.get(srv.url + "/api/extra/version").status_code == 200
+
+
+def test_model_paths_never_reach_unauthenticated_clients():
+    engine, _ = scripted_engine()
+    assert "/srv/private" in engine.model_info()["path"]
+    app = make_app(engine, api_key=KEY)
+    c = TestClient(app)
+    for route in app.routes:
+        if "GET" in (getattr(route, "methods", None) or ()) and "{" not in route.path:
+            assert "/srv/private" not in c.get(route.path).text, route.path
+    c = TestClient(make_app(engine))      # even with no key, no route shows the file system path
+    for route in app.routes:
+        if "GET" in (getattr(route, "methods", None) or ()) and "{" not in route.path:
+            assert "/srv/private" not in c.get(route.path).text, route.path
+    assert "/srv/private" not in c.post("/api/v1/model", json={"action": "info"}).text
+
+
+def test_warning_when_listening_beyond_loopback_without_a_key():
+    assert security_warnings(Settings(host="0.0.0.0"))
+    assert "API key" in security_warnings(Settings(host="192.168.1.5"))[0]
+    assert security_warnings(Settings(host="0.0.0.0", api_key="k")) == []
+    assert security_warnings(Settings(host="127.0.0.1")) == []
+    assert security_warnings(Settings(host="localhost")) == []
+    assert security_warnings(Settings(host="::1")) == []
