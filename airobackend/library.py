@@ -205,7 +205,7 @@ class ModelLibrary:
         if by_file:
             raise RequestError(f"model name {name!r} is ambiguous; use one of: "
                                f"{', '.join(e.name for e in by_file)}")
-        raise RequestError(f"no model named {name!r} in the library {self.folder}; available: {known}")
+        raise RequestError(f"no model named {name!r} in the model library; available: {known}")
 
     def redact(self, text: str) -> str:
         """`text` with every file system path of the library replaced by the model's name (error messages reach

@@ -13,17 +13,20 @@ A load that fails leaves the previous model serving (rebuilt if it had to be rel
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import inspect
 import logging
+import math
 import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from airobackend.errors import EngineBusy, InsufficientMemory, ModelFileError, ModelNotLoaded, RequestError
+from airobackend.errors import (AiroError, EngineBusy, InsufficientMemory, ModelFileError, ModelNotLoaded,
+                                RequestError)
 from airobackend.library import GB, ModelEntry, ModelLibrary
 from airobackend.settings import Settings
 from airobackend.types import FinishReason, GenerationEvent, GenerationRequest
@@ -34,7 +37,74 @@ log = logging.getLogger("airobackend.manager")
 LOAD_OVERRIDES = ("n_ctx", "n_threads", "n_batch", "n_gqa", "rms_norm_eps", "rope_freq_base", "rope_freq_scale",
                   "template", "seed", "use_mmap")
 
+# Other names clients use for them: text-generation-webui's load `args`, KoboldCpp's config fields.
+OPTION_ALIASES = {"max_seq_len": "n_ctx", "contextsize": "n_ctx", "threads": "n_threads", "blasbatchsize": "n_batch",
+                  "instruction_template": "template"}
+_INT_OPTIONS = {"n_ctx": (16, 1 << 24), "n_threads": (0, 4096), "n_batch": (1, 1 << 16), "n_gqa": (1, 256),
+                "seed": (-1, 2**63 - 1)}
+_FLOAT_OPTIONS = {"rms_norm_eps": (1e-12, 1.0), "rope_freq_base": (1.0, 1e12), "rope_freq_scale": (1e-6, 1e3)}
+_BOOL_OPTIONS = ("allow_disk", "abort_running", "use_mmap")
+
 ProgressFn = Callable[[float], None]
+
+
+def _number(value: Any, where: str, lo: float, hi: float, integer: bool = False) -> float:
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise RequestError(f"'{where}' must be a number, got {value[:40]!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RequestError(f"'{where}' must be a finite number, got {str(value)[:40]!r}")
+    if integer and value != int(value):
+        raise RequestError(f"'{where}' must be an integer, got {value}")
+    if not lo <= value <= hi:
+        raise RequestError(f"'{where}' must be between {lo:g} and {hi:g}, got {value}")
+    return int(value) if integer else float(value)
+
+
+def _flag(value: Any, where: str) -> bool:
+    if isinstance(value, bool) or value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.strip().lower() in ("true", "1", "yes")
+    raise RequestError(f"'{where}' must be true or false, got {str(value)[:40]!r}")
+
+
+def parse_load_options(args: Any, param: str = "args") -> dict:
+    """`load()` keyword arguments from a client's options object, validated (RequestError naming the field).
+
+    Takes our names (LOAD_OVERRIDES, allow_disk, abort_running) and the ones clients send: text-generation-webui's
+    load `args` (threads, max_seq_len, no_mmap, compress_pos_emb, instruction_template) and KoboldCpp's config
+    fields (contextsize, blasbatchsize). Options without meaning for a CPU engine (gpu layers, loader, wbits, ...)
+    are ignored, as text-generation-webui ignores those a loader does not use.
+    """
+    if args is None:
+        return {}
+    if not isinstance(args, dict):
+        raise RequestError(f"'{param}' must be an object")
+    out: dict = {}
+    for key, value in args.items():
+        if value is None:
+            continue
+        where = f"{param}.{key}"
+        name = OPTION_ALIASES.get(key, key)
+        if key == "no_mmap":
+            out["use_mmap"] = not _flag(value, where)
+        elif key == "compress_pos_emb":          # text-generation-webui's linear RoPE scaling factor
+            out["rope_freq_scale"] = 1.0 / _number(value, where, 1.0, 1e3)
+        elif name in _INT_OPTIONS:
+            out[name] = _number(value, where, *_INT_OPTIONS[name], integer=True)
+        elif name in _FLOAT_OPTIONS:
+            out[name] = _number(value, where, *_FLOAT_OPTIONS[name])
+        elif name in _BOOL_OPTIONS:
+            out[name] = _flag(value, where)
+        elif name == "template":
+            if not isinstance(value, str):
+                raise RequestError(f"'{where}' must be a template name")
+            if value and value != "None":
+                out[name] = value
+    return out
 EngineFactory = Callable[[ModelEntry, Settings, ProgressFn], tuple[Any, Any]]
 
 
@@ -184,14 +254,16 @@ class ModelManager:
     def loaded_entry(self) -> Optional[ModelEntry]:
         return self._entry if self._engine is not None else None
 
-    def list_models(self) -> list[dict]:
-        """The library: one dict per model file (ModelEntry.to_dict without paths) with `loaded` set on one."""
+    def list_models(self, include_unreadable: bool = False) -> list[dict]:
+        """The library: one dict per loadable model file (ModelEntry.to_dict, without paths), `loaded` set on the
+        one serving. `include_unreadable` adds the files that cannot be loaded, with their `error`."""
         current = self.loaded_name
         out = []
         for e in self.library.scan():
-            d = e.to_dict()
-            d["loaded"] = e.name == current
-            out.append(d)
+            if e.loadable or include_unreadable:
+                d = e.to_dict()
+                d["loaded"] = e.name == current
+                out.append(d)
         return out
 
     def register(self, path: str, name: Optional[str] = None) -> str:
@@ -203,10 +275,30 @@ class ModelManager:
         """The first model loaded: the one the server started with (KoboldCpp's 'initial_model')."""
         return self._startup_name
 
-    def check_load(self, name: str, *, allow_disk: Optional[bool] = None,
+    def check_load(self, name: str, *, allow_disk: Optional[bool] = None, abort_running: bool = False,
                    **overrides: Any) -> tuple[ModelEntry, Settings, int]:
         """Everything `load` checks before it changes anything: the name, the options, the file's header and the
         RAM. Returns (entry, settings for it, bytes of RAM it needs); raises what `load` would raise."""
+        with self._public_errors():
+            return self._check_load(name, allow_disk=allow_disk, **overrides)
+
+    @contextlib.contextmanager
+    def _public_errors(self) -> Iterator[None]:
+        """Errors of a load reach clients: re-raise them with the library's file system paths replaced by names."""
+        try:
+            yield
+        except AiroError as e:
+            text = self.library.redact(str(e))
+            if text == str(e):
+                raise
+            try:
+                public = type(e)(text)
+            except Exception:   # an error class with another constructor: keep it as it is
+                raise e from None
+            raise public from e
+
+    def _check_load(self, name: str, *, allow_disk: Optional[bool] = None,
+                    **overrides: Any) -> tuple[ModelEntry, Settings, int]:
         unknown = set(overrides) - set(LOAD_OVERRIDES)
         if unknown:
             raise RequestError(f"unknown load option(s) {', '.join(sorted(unknown))}; "
@@ -243,10 +335,11 @@ class ModelManager:
             self._loading, self._progress = entry.name, 0.0
         self._report(0.0)
         try:
-            self._switch(entry, settings, beside_old=beside_old, abort_running=abort_running)
+            with self._public_errors():
+                self._switch(entry, settings, beside_old=beside_old, abort_running=abort_running)
             self.last_error = None
         except BaseException as e:
-            self.last_error = self.library.redact(f"{type(e).__name__}: {e}")
+            self.last_error = f"{type(e).__name__}: {e}"
             raise
         finally:
             with self._cond:

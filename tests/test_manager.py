@@ -307,6 +307,9 @@ def test_unreadable_file_refused_before_anything_changes(library_dir):
     with pytest.raises(ModelFileError, match="bad.gguf"):
         mgr.load("bad.gguf")
     assert factory.calls == ["fx-q2_K.gguf"] and mgr.loaded_name == "fx-q2_K.gguf"
+    assert "bad.gguf" not in [m["name"] for m in mgr.list_models()]
+    [bad] = [m for m in mgr.list_models(include_unreadable=True) if m["name"] == "bad.gguf"]
+    assert bad["error"] and str(library_dir) not in bad["error"]
 
 
 # ---------------------------------------------------------------- loads racing with requests
@@ -472,3 +475,31 @@ def test_prefetch_reports_progress_over_every_part(tmp_path):
     seen = []
     prefetch(parts, seen.append, 0.0, 0.8, chunk=1000)
     assert seen == pytest.approx([0.2, 0.4, 0.6, 0.8])
+
+
+def test_parse_load_options_takes_every_clients_spelling():
+    from airobackend.manager import parse_load_options
+    assert parse_load_options(None) == {}
+    got = parse_load_options({"n_ctx": 4096, "threads": "2", "no_mmap": True, "compress_pos_emb": 4,
+                              "instruction_template": "Vicuna-v1.1", "allow_disk": "true", "n_gpu_layers": 40,
+                              "loader": "llama.cpp", "wbits": "None", "contextsize": None})
+    assert got == {"n_ctx": 4096, "n_threads": 2, "use_mmap": False, "rope_freq_scale": 0.25,
+                   "template": "Vicuna-v1.1", "allow_disk": True}
+    assert parse_load_options({"contextsize": 8192, "blasbatchsize": 256}) == {"n_ctx": 8192, "n_batch": 256}
+    for bad, field in (({"n_ctx": "big"}, "args.n_ctx"), ({"n_ctx": 10**9}, "args.n_ctx"),
+                       ({"threads": 1.5}, "args.threads"), ({"rms_norm_eps": float("nan")}, "args.rms_norm_eps"),
+                       ({"allow_disk": "maybe"}, "args.allow_disk"), ({"n_gqa": True}, "args.n_gqa"),
+                       ({"template": 5}, "args.template")):
+        with pytest.raises(RequestError, match=field.replace(".", r"\.")):
+            parse_load_options(bad)
+    with pytest.raises(RequestError, match="must be an object"):
+        parse_load_options(["n_ctx", 5])
+
+
+def test_load_errors_reach_clients_without_paths(library_dir):
+    mgr, factory, _ = make(library_dir)
+    factory.fail.add("fx-q8_0.gguf")     # raises ModelFileError(path=<absolute path of the file>)
+    with pytest.raises(ModelFileError) as info:
+        mgr.load("fx-q8_0.gguf")
+    assert "fx-q8_0.gguf" in str(info.value) and str(library_dir) not in str(info.value)
+    assert str(library_dir) not in mgr.last_error
