@@ -144,8 +144,44 @@ def validate_sampling(params: SamplingParams, n_vocab: Optional[int] = None) -> 
 
 
 def _softmax(lg: np.ndarray) -> np.ndarray:
-    e = np.exp(lg - lg[0] if lg.size and np.isfinite(lg[0]) else lg - lg.max())
+    e = np.exp(lg - lg.max())
     return e / e.sum()
+
+
+def _is_sorted(ids: np.ndarray, lg: np.ndarray) -> bool:
+    if lg.size < 2:
+        return True
+    d = lg[:-1] - lg[1:]
+    return bool(np.all((d > 0) | ((d == 0) & (ids[:-1] < ids[1:]))))
+
+
+def _sorted(ids: np.ndarray, lg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Best logit first, ties by lower id (deterministic whatever the sort algorithm)."""
+    if _is_sorted(ids, lg):
+        return ids, lg
+    order = np.lexsort((ids, -lg))
+    return ids[order], lg[order]
+
+
+def _select_top(ids: np.ndarray, lg: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best candidates (ties at the cut: lower ids), in no particular order; O(n)."""
+    n = lg.size
+    if k >= n:
+        return ids, lg
+    kth = np.partition(lg, n - k)[n - k]
+    above = np.flatnonzero(lg > kth)
+    eq = np.flatnonzero(lg == kth)
+    if above.size + eq.size > k:
+        eq = eq[np.argsort(ids[eq], kind="stable")[:k - above.size]]
+    sel = np.concatenate((above, eq))
+    return ids[sel], lg[sel]
+
+
+def _top(ids: np.ndarray, lg: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best candidates, sorted."""
+    if _is_sorted(ids, lg):
+        return ids[:k], lg[:k]
+    return _sorted(*_select_top(ids, lg, k))
 
 
 class Sampler:
@@ -269,15 +305,13 @@ class Sampler:
     def _chain(self, x: np.ndarray, history: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         p = self.params
         ok = np.flatnonzero(x > -np.inf)
-        if ok.size > PREFILTER_TOP_K:
-            ok = ok[np.argpartition(-x[ok], PREFILTER_TOP_K - 1)[:PREFILTER_TOP_K]]
-        ids, lg = self._sort(ok, x[ok])
+        ids, lg = _select_top(ok, x[ok], PREFILTER_TOP_K)     # unsorted: each sampler sorts only if it must
         if ids.size == 0:
             return ids, lg
         greedy = p.temperature <= 0
         if p.mirostat in (1, 2):
             ids, lg = self.rep_pen(ids, lg, history)
-            ids, lg = self.temperature(ids, lg)
+            ids, lg = _sorted(*self.temperature(ids, lg))
             if ids.size > 1:
                 ids, lg = (self.mirostat_v1 if p.mirostat == 1 else self.mirostat_v2)(ids, lg)
             return ids, _softmax(lg)
@@ -298,14 +332,12 @@ class Sampler:
             elif s == REP_PEN:
                 ids, lg = self.rep_pen(ids, lg, history)
         if greedy and TEMPERATURE not in self.order:
-            ids, lg = ids[:1], lg[:1]
+            ids, lg = _top(ids, lg, 1)
+        ids, lg = _sorted(ids, lg)
         return ids, _softmax(lg)
 
-    # ------------------------------------------------------------------ the samplers (sorted ids/logits in, out)
-    @staticmethod
-    def _sort(ids: np.ndarray, lg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        order = np.lexsort((ids, -lg))             # best logit first, ties by lower id: deterministic
-        return ids[order], lg[order]
+    # ------------------------------------------------------------------ the samplers: (ids, logits) in and out;
+    # the candidates may arrive unsorted, and a sampler that needs the order sorts them first (best first)
 
     def rep_pen(self, ids: np.ndarray, lg: np.ndarray, history: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         p = self.params
@@ -319,9 +351,13 @@ class Sampler:
             return ids, lg
         half = window.size // 2
         near, far = window[half:], window[:half]
-        in_near = np.isin(ids, near)
-        in_far = np.isin(ids, far) & ~in_near
-        seen = in_near | in_far
+        mask = np.zeros(self.n_vocab, dtype=np.int8)       # 2: nearer half, 1: only the farther half
+        mask[far] = 1
+        mask[near] = 2
+        m = mask[ids]
+        in_near = m == 2
+        in_far = m == 1
+        seen = m > 0
         if not seen.any():
             return ids, lg
         pen_far = 1.0 + (pen - 1.0) * float(p.repetition_penalty_slope) if pen > 1.0 else pen
@@ -334,18 +370,19 @@ class Sampler:
             uniq, counts = np.unique(window, return_counts=True)
             v -= freq * counts[np.searchsorted(uniq, ids[seen])]
         lg[seen] = v
-        return self._sort(ids, lg)
+        return ids, lg
 
     @staticmethod
     def top_k(ids: np.ndarray, lg: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if k <= 0 or k >= ids.size:
             return ids, lg
-        return ids[:k], lg[:k]
+        return _top(ids, lg, k)
 
     @staticmethod
     def top_a(ids: np.ndarray, lg: np.ndarray, a: float) -> tuple[np.ndarray, np.ndarray]:
         if a <= 0 or ids.size <= 1:
             return ids, lg
+        ids, lg = _sorted(ids, lg)
         probs = _softmax(lg)
         below = np.flatnonzero(probs[1:] < a * probs[0] * probs[0])
         n = below[0] + 1 if below.size else ids.size
@@ -355,6 +392,7 @@ class Sampler:
     def top_p(ids: np.ndarray, lg: np.ndarray, top_p: float) -> tuple[np.ndarray, np.ndarray]:
         if top_p >= 1.0:
             return ids, lg
+        ids, lg = _sorted(ids, lg)
         cum = np.cumsum(_softmax(lg))
         reached = np.flatnonzero(cum >= top_p)
         n = reached[0] + 1 if reached.size else ids.size
@@ -364,6 +402,7 @@ class Sampler:
     def min_p(ids: np.ndarray, lg: np.ndarray, min_p: float) -> tuple[np.ndarray, np.ndarray]:
         if min_p <= 0 or ids.size == 0:
             return ids, lg
+        ids, lg = _sorted(ids, lg)
         probs = _softmax(lg)
         below = np.flatnonzero(probs[1:] < min_p * probs[0])
         n = below[0] + 1 if below.size else ids.size
@@ -373,6 +412,7 @@ class Sampler:
     def tail_free(ids: np.ndarray, lg: np.ndarray, z: float) -> tuple[np.ndarray, np.ndarray]:
         if z >= 1.0 or ids.size <= 2:
             return ids, lg
+        ids, lg = _sorted(ids, lg)
         probs = _softmax(lg)
         d2 = np.abs(np.diff(probs, 2))                 # |(p_i - p_i+1) - (p_i+1 - p_i+2)|
         total = d2.sum()
@@ -384,6 +424,7 @@ class Sampler:
     def typical(self, ids: np.ndarray, lg: np.ndarray, typ: float) -> tuple[np.ndarray, np.ndarray]:
         if typ >= 1.0 or ids.size == 0:
             return ids, lg
+        ids, lg = _sorted(ids, lg)
         probs = _softmax(lg)
         with np.errstate(divide="ignore", invalid="ignore"):
             logp = np.log(probs)
@@ -394,13 +435,14 @@ class Sampler:
         over = np.flatnonzero(cum > typ)
         n = over[0] + 1 if over.size else ids.size
         keep = order[:n]
-        return self._sort(ids[keep], lg[keep])
+        return ids[keep], lg[keep]
 
     def temperature(self, ids: np.ndarray, lg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         p = self.params
         temp = float(p.temperature)
         if temp <= 0:
-            return ids[:1], lg[:1] / GREEDY_TEMPERATURE
+            ids, lg = _top(ids, lg, 1)
+            return ids, lg / GREEDY_TEMPERATURE
         if p.dynatemp_range > 0 and p.mirostat not in (1, 2):
             return self.dynamic_temperature(ids, lg)
         return ids, lg / temp
@@ -417,7 +459,7 @@ class Sampler:
         entropy = float(-(nz * np.log(nz)).sum())
         t = t_min + (t_max - t_min) * (entropy / math.log(ids.size)) ** max(0.0, p.dynatemp_exponent)
         if t <= 0:
-            return ids[:1], lg[:1]
+            return _top(ids, lg, 1)
         return ids, lg / t
 
     def mirostat_v1(self, ids: np.ndarray, lg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

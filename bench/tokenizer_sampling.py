@@ -1,0 +1,85 @@
+"""Speed of the tokenizer and the sampler chain on the real LLaMA vocabulary (`python bench/tokenizer_sampling.py`).
+
+Prints tokenizer throughput on ~10 MB of ordinary text (English docs repeated), on space-less text (the compiled
+merge loop), and the per-token cost of the sampler: default KoboldCpp chain, greedy, mirostat 2, and a JSON grammar
+over 32000 logits. Needs the fixtures (../shared/fixtures or $AIRO_FIXTURES).
+"""
+from __future__ import annotations
+
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from airobackend.sampling import Sampler
+from airobackend.tokenizer import Tokenizer
+from airobackend.types import SamplingParams
+
+REPO = Path(__file__).resolve().parent.parent
+FIX = Path(os.environ.get("AIRO_FIXTURES", REPO.parent / "shared" / "fixtures"))
+JSON_GBNF = r'''
+root   ::= object
+value  ::= object | array | string | number | ("true" | "false" | "null") ws
+object ::= "{" ws ( string ":" ws value ("," ws string ":" ws value)* )? "}" ws
+array  ::= "[" ws ( value ("," ws value)* )? "]" ws
+string ::= "\"" ( [^"\\\x7F\x00-\x1F] | "\\" (["\\bfnrt] | "u" [0-9a-fA-F]{4}) )* "\"" ws
+number ::= ("-"? ([0-9] | [1-9] [0-9]{0,15})) ("." [0-9]+)? ([eE] [-+]? [0-9] [1-9]{0,15})? ws
+ws ::= | " " | "\n" [ \t]{0,20}
+'''
+
+
+def timed(fn, *a):
+    t = time.perf_counter()
+    r = fn(*a)
+    return r, time.perf_counter() - t
+
+
+def main() -> int:
+    vocab = FIX / "vocab" / "ggml-vocab-llama-spm.gguf"
+    if not vocab.exists():
+        print(f"fixtures not found at {FIX}", file=sys.stderr)
+        return 1
+    tok, dt = timed(Tokenizer.from_file, str(vocab))
+    print(f"load vocabulary: {dt:.2f} s")
+    docs = "".join(p.read_text() for p in sorted((REPO.parent / "shared" / "docs").glob("*.md"))) or "Hello world. " * 1000
+    big = (docs * (10_000_000 // len(docs) + 1))[:10_000_000]
+    ids, dt = timed(tok.encode, big)
+    print(f"encode 10 MB of docs text: {dt:.2f} s, {len(ids)} tokens, {len(ids) / dt:,.0f} tok/s")
+    tok._cache.clear()
+    tok.encode("a" * 3000)                                   # compile / load the cached Numba merge loop
+    rng = random.Random(0)
+    for n in (1_000_000, 10_000_000):
+        s = "".join(rng.choice("abcdefghij") for _ in range(n))
+        ids, dt = timed(tok.encode, s)
+        print(f"encode {n / 1e6:g} MB without spaces: {dt:.2f} s, {len(ids)} tokens, {len(ids) / dt:,.0f} tok/s")
+
+    g = np.random.default_rng(0)
+    logits = [g.standard_normal(tok.n_vocab).astype(np.float32) * 3 for _ in range(200)]
+    hist = list(g.integers(0, tok.n_vocab, 1024))
+    configs = {
+        "KoboldCpp default chain": SamplingParams(seed=1, repetition_penalty=1.1),
+        "greedy": SamplingParams(seed=1, temperature=0.0),
+        "all samplers on": SamplingParams(seed=1, top_k=0, top_p=0.9, min_p=0.02, typical_p=0.95, tfs=0.95,
+                                          top_a=0.1, repetition_penalty=1.1, frequency_penalty=0.1,
+                                          dynatemp_range=0.3),
+        "mirostat 2": SamplingParams(seed=1, mirostat=2),
+        "JSON grammar, top_k 40": SamplingParams(seed=1, top_k=40, grammar=JSON_GBNF),
+    }
+    for name, p in configs.items():
+        s = Sampler(p, tokenizer=tok)
+        h = list(hist)
+        t = time.perf_counter()
+        for lg in logits:
+            h.append(s.sample(lg, h))
+            if h[-1] == tok.eos_id:                          # a finished grammar: start a new generation
+                s = Sampler(p, tokenizer=tok)
+        dt = (time.perf_counter() - t) / len(logits)
+        print(f"sample ({name}): {dt * 1e3:.2f} ms/token")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
