@@ -1,0 +1,92 @@
+"""`airobackend serve`: KoboldCpp's command line, AIRO_* environment fallbacks, the banner, and a real start."""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from airobackend.commands import serve
+
+from fakes import free_port
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_koboldcpp_command_line():
+    s = serve.settings_from_args(parse(["model.gguf", "5002", "--contextsize", "4096", "--threads", "3",
+                                        "--password", "k", "--multiuser", "--disable-adapter", "openai,textgen",
+                                        "--cors", "http://a.example", "--quiet"]), environ={})
+    assert (s.model, s.port, s.n_ctx, s.n_threads, s.api_key) == ("model.gguf", 5002, 4096, 3, "k")
+    assert s.multiuser == 6 and s.disable_adapters == ("openai", "textgen") and s.cors == "http://a.example"
+    assert s.quiet is True and s.host == "127.0.0.1"
+    s = serve.settings_from_args(parse(["--model", "m.gguf", "--port", "7000", "--api-key", "x", "-c", "512",
+                                        "--multiuser", "0", "--textgen-stream-port", "0", "--admin-key", "adm"]),
+                                 environ={})
+    assert (s.model, s.port, s.api_key, s.n_ctx, s.multiuser, s.textgen_stream_port, s.admin_key) == \
+        ("m.gguf", 7000, "x", 512, 0, 0, "adm")
+    defaults = serve.settings_from_args(parse([]), environ={})
+    assert (defaults.port, defaults.host, defaults.textgen_stream_port, defaults.model) == \
+        (5001, "127.0.0.1", 5005, None)
+
+
+def test_every_flag_falls_back_to_the_environment():
+    env = {"AIRO_PORT": "6001", "AIRO_HOST": "0.0.0.0", "AIRO_API_KEY": "envkey", "AIRO_N_CTX": "1024",
+           "AIRO_MULTIUSER": "3", "AIRO_CORS": "http://b.example", "AIRO_DISABLE_ADAPTERS": "openai",
+           "AIRO_TEXTGEN_STREAM_PORT": "0", "AIRO_MODEL": "env.gguf", "AIRO_QUIET": "1",
+           "AIRO_ADMIN_KEY": "a", "AIRO_MODEL_DIR": "/models", "AIRO_N_THREADS": "2", "AIRO_MAX_BODY_BYTES": "100"}
+    s = serve.settings_from_args(parse([]), environ=env)
+    assert (s.port, s.host, s.api_key, s.n_ctx, s.multiuser, s.cors, s.disable_adapters) == \
+        (6001, "0.0.0.0", "envkey", 1024, 3, "http://b.example", ("openai",))
+    assert (s.textgen_stream_port, s.model, s.quiet, s.admin_key, s.model_dir, s.n_threads, s.max_body_bytes) == \
+        (0, "env.gguf", True, "a", "/models", 2, 100)
+    s = serve.settings_from_args(parse(["--port", "6002", "other.gguf"]), environ=env)
+    assert s.port == 6002 and s.model == "other.gguf"          # the command line wins
+
+
+def test_banner_lists_each_protocol_and_flags_the_demo_model():
+    s = serve.settings_from_args(parse(["--host", "0.0.0.0", "--port", "5001"]), environ={})
+    info = {"name": "tiny", "mix": "q8_0", "n_ctx": 256, "template": "airoboros"}
+    text = serve.banner(s, [("0.0.0.0", 5001), ("0.0.0.0", 5005)], {"kobold", "textgen", "openai"}, info, True)
+    assert "RANDOM weights" in text
+    assert "http://127.0.0.1:5001/api " in text and "http://127.0.0.1:5001/v1 " in text
+    assert "ws://127.0.0.1:5005/api/v1/stream" in text and "http://127.0.0.1:5001/docs" in text
+    text = serve.banner(s, [("127.0.0.1", 5001)], {"openai"}, info, False)
+    assert "/v1" in text and "KoboldAI" not in text and "RANDOM" not in text
+
+
+def test_serve_starts_with_the_demo_model_and_stops_on_ctrl_c(tmp_path):
+    port = free_port()
+    env = dict(os.environ, AIRO_CACHE_DIR=str(tmp_path), AIRO_TEXTGEN_STREAM_PORT="0", AIRO_N_CTX="128")
+    proc = subprocess.Popen([sys.executable, "-m", "airobackend", "--port", str(port), "--host", "127.0.0.1"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/api/v1/model", timeout=1)
+                break
+            except httpx.TransportError:
+                if proc.poll() is not None:
+                    pytest.fail("serve exited: " + proc.stderr.read())
+                time.sleep(0.2)
+        else:
+            pytest.fail("serve did not answer")
+        assert r.json()["result"].startswith("koboldcpp/airobackend-demo")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "RANDOM weights" in err                      # the banner says the demo model prints nonsense
+    assert "without an API key" not in err              # loopback: nothing to warn about
+    assert f"http://127.0.0.1:{port}/v1" in err

@@ -1,0 +1,199 @@
+"""The plugin surface: every hook documented and exercised, third-party plugins from the entry-point group, built-in
+adapters blockable by name, and the built-ins registered the same way as third-party plugins."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import inspect
+import sys
+import textwrap
+import threading
+
+import httpx
+import pytest
+from fastapi import APIRouter
+from starlette.testclient import TestClient
+
+from airobackend import hookspecs
+from airobackend.commands import serve
+from airobackend.hookspecs import hookimpl
+from airobackend.plugins import DEFAULT_PLUGINS, describe_plugins, get_plugin_manager
+from airobackend.server import create_app, serve_async
+from airobackend.settings import Settings
+
+from fakes import free_port, scripted_engine
+
+REPLY = "Hello from the scripted model!"
+HOOKS = [name for name, fn in inspect.getmembers(hookspecs, inspect.isfunction)
+         if hasattr(fn, "airobackend_spec")]
+
+
+def test_hooks_are_few_and_documented():
+    assert sorted(HOOKS) == sorted(["add_cli_arguments", "register_routes", "build_generation_request",
+                                    "format_chat_prompt", "startup", "shutdown"])
+    for name in HOOKS:
+        doc = getattr(hookspecs, name).__doc__
+        assert doc and doc.strip(), name
+
+
+def test_builtins_are_registered_by_dotted_name_and_blockable():
+    pm = get_plugin_manager(load_entrypoints=False)
+    assert {n for n, p in pm.list_name_plugin()} == {"kobold", "textgen", "openai"}
+    assert [p.__name__ for p in pm.get_plugins() if p.__name__ in DEFAULT_PLUGINS]
+    assert all("built-in" in line for line in describe_plugins(pm))
+    pm = get_plugin_manager(load_entrypoints=False, blocked=["openai", "airobackend.adapters.textgen"])
+    assert [n for n, p in pm.list_name_plugin() if p is not None] == ["kobold"]
+    engine, _ = scripted_engine()
+    c = TestClient(create_app(engine, Settings(), pm))
+    assert c.post("/v1/completions", json={"prompt": "x"}).status_code == 404
+    assert c.post("/api/v1/token-count", json={"prompt": "x"}).status_code == 404
+    assert c.post("/api/v1/generate", json={"prompt": "x", "max_length": 3}).json()["results"][0]["text"] == "Hel"
+
+
+class RoutesPlugin:
+    @hookimpl
+    def register_routes(self, engine, settings):
+        router = APIRouter()
+
+        @router.get("/myproto/name")
+        async def name() -> dict:
+            return {"model": engine.model_info()["name"], "ctx": settings.n_ctx}
+
+        return router
+
+
+class CapTokens:
+    """A wrapper adjusting whatever the adapters built (style.md 3(b))."""
+
+    @hookimpl(wrapper=True)
+    def build_generation_request(self, protocol):
+        req = yield
+        if req is not None:
+            req.max_tokens = min(req.max_tokens, 4)
+        return req
+
+
+class Replace:
+    @hookimpl(tryfirst=True)
+    def build_generation_request(self, protocol, payload):
+        if protocol == "kobold" and payload.get("magic"):
+            from airobackend.types import GenerationRequest
+            return GenerationRequest(prompt="x", max_tokens=2)
+        return None
+
+
+class Template:
+    def __init__(self):
+        self.seen = []
+
+    @hookimpl
+    def format_chat_prompt(self, messages, model_info):
+        self.seen.append((messages, model_info["name"]))
+        return "CUSTOM PROMPT"
+
+
+def test_plugin_hooks_change_routes_requests_and_templates():
+    engine, _ = scripted_engine(REPLY)
+    pm = get_plugin_manager(load_entrypoints=False)
+    template = Template()
+    for plugin in (RoutesPlugin(), CapTokens(), Replace(), template):
+        pm.register(plugin)
+    c = TestClient(create_app(engine, Settings(n_ctx=333, api_key="k"), pm))
+    auth = {"Authorization": "Bearer k"}
+    assert c.get("/myproto/name").status_code == 401            # plugin routes are behind the key too
+    assert c.get("/myproto/name", headers=auth).json() == {"model": "scripted-7b.q4_0", "ctx": 333}
+    r = c.post("/api/v1/generate", json={"prompt": "x", "max_length": 100}, headers=auth)
+    assert r.json()["results"][0]["text"] == REPLY[:4]
+    r = c.post("/api/v1/generate", json={"prompt": "x", "magic": True}, headers=auth)
+    assert r.json()["results"][0]["text"] == REPLY[:2]
+    r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}, headers=auth)
+    assert r.json()["usage"]["prompt_tokens"] == len(engine.tokenize("CUSTOM PROMPT"))
+    assert template.seen == [([{"role": "user", "content": "hi"}], "scripted-7b.q4_0")]
+
+
+def test_startup_and_shutdown_hooks_and_extra_listeners():
+    calls = []
+    extra = free_port()
+
+    class Lifecycle:
+        @hookimpl
+        def startup(self, engine, settings, app):
+            calls.append(("startup", settings.port))
+            app.state.extra_listeners.append(("127.0.0.1", extra))
+
+        @hookimpl
+        def shutdown(self, app):
+            calls.append(("shutdown", len(app.state.servers)))
+
+    engine, _ = scripted_engine()
+    pm = get_plugin_manager(load_entrypoints=False, blocked=["textgen"])
+    pm.register(Lifecycle())
+    settings = Settings(port=free_port(), textgen_stream_port=0)
+    app = create_app(engine, settings, pm)
+    ready = threading.Event()
+    t = threading.Thread(target=lambda: asyncio.run(serve_async(app, settings, ready=lambda _: ready.set())),
+                         daemon=True)
+    t.start()
+    assert ready.wait(20)
+    assert httpx.get(f"http://127.0.0.1:{extra}/api/extra/version").json()["result"] == "KoboldCpp"
+    for s in app.state.servers:
+        s.should_exit = True
+    t.join(10)
+    assert calls == [("startup", settings.port), ("shutdown", 2)]
+
+
+PLUGIN_SOURCE = textwrap.dedent('''
+    from fastapi import APIRouter
+    from airobackend.hookspecs import hookimpl
+
+    @hookimpl
+    def add_cli_arguments(parser):
+        parser.add_argument("--myproto-greeting", default="hi")
+
+    @hookimpl
+    def register_routes(engine):
+        router = APIRouter()
+        router.add_api_route("/myproto/ping", lambda: {"pong": True}, methods=["GET"])
+        return router
+''')
+
+
+@pytest.fixture
+def installed_plugin(tmp_path, monkeypatch):
+    """A third-party distribution declaring `[project.entry-points.airobackend] myproto = "airo_testplug"`."""
+    import importlib
+
+    (tmp_path / "airo_testplug.py").write_text(PLUGIN_SOURCE)
+    dist = tmp_path / "airo_testplug-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: airo-testplug\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[airobackend]\nmyproto = airo_testplug\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    monkeypatch.delenv("AIRO_NO_ENTRYPOINTS", raising=False)
+    yield
+    sys.modules.pop("airo_testplug", None)
+
+
+def test_third_party_plugin_from_the_entry_point_group(installed_plugin):
+    pm = get_plugin_manager()
+    assert pm.has_plugin("myproto")
+    assert any("airo-testplug 0.1" in line for line in describe_plugins(pm))
+    engine, _ = scripted_engine()
+    c = TestClient(create_app(engine, Settings(), pm))
+    assert c.get("/myproto/ping").json() == {"pong": True}
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)                 # plugin flags appear on `airobackend serve`
+    assert parser.parse_args(["--myproto-greeting", "yo"]).myproto_greeting == "yo"
+    pm = get_plugin_manager(blocked=["myproto"])
+    assert not pm.has_plugin("myproto")
+    c = TestClient(create_app(engine, Settings(), pm))
+    assert c.get("/myproto/ping").status_code == 404
+
+
+def test_disable_adapter_from_settings_reaches_create_app():
+    engine, _ = scripted_engine()
+    app = create_app(engine, Settings(disable_adapters=("kobold", "textgen")))
+    c = TestClient(app)
+    assert c.get("/api/extra/version").status_code == 404
+    assert c.get("/v1/models").status_code == 200
