@@ -34,7 +34,7 @@ def model_path(request) -> str:
     return request.getfixturevalue("fx_model" if request.param == "fixture" else "demo_model")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def fx_server(fx_model, tmp_path_factory):
     """`airobackend serve` on a loopback port, serving the fixture model."""
     serve_available()

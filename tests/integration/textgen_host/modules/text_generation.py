@@ -110,10 +110,14 @@ def encode(prompt, add_special_tokens=True, add_bos_token=True, truncation_lengt
     input_ids = shared.tokenizer.encode(str(prompt), return_tensors="pt", add_special_tokens=add_special_tokens)
     bos = getattr(shared.tokenizer, "bos_token_id", None)
     if bos is not None:
-        if add_bos_token and (len(input_ids[0]) == 0 or input_ids[0][0] != bos):
-            input_ids = np.concatenate([np.array([[bos]]), np.asarray(input_ids)], axis=1)
-        while len(input_ids[0]) > 1 and input_ids[0][0] == bos and input_ids[0][1] == bos:
-            input_ids = input_ids[:, 1:]
+        if add_bos_token:
+            if len(input_ids[0]) == 0 or input_ids[0][0] != bos:
+                input_ids = np.concatenate([np.array([[bos]]), np.asarray(input_ids)], axis=1)
+            while len(input_ids[0]) > 1 and input_ids[0][0] == bos and input_ids[0][1] == bos:
+                input_ids = input_ids[:, 1:]
+        else:
+            while len(input_ids[0]) > 0 and input_ids[0][0] == bos:
+                input_ids = input_ids[:, 1:]
     if truncation_length is not None:
         input_ids = input_ids[:, -truncation_length:]
     return input_ids
