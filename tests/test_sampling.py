@@ -335,3 +335,28 @@ def test_grammar_forces_yes_or_no() -> None:
                 break
         assert out[-1] == tok.eos_id
         assert tok.decode(out[:-1]) in (b"yes.", b"no.")
+
+
+def test_grammar_with_greedy_picks_best_allowed_token() -> None:
+    tok = toy_tokenizer()
+    ids = {tok.piece_text(i): i for i in range(259, tok.n_vocab)}
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(tok.n_vocab).astype(np.float32)
+    x[ids[" maybe"]] = 50.0
+    allowed = [ids["yes"], ids["no"], ids["ye"], 3 + ord("y"), 3 + ord("n")]
+    best = max(allowed, key=lambda i: x[i])
+    s = Sampler(params((6, 0, 1, 3, 4, 2, 5), temperature=0.0, grammar='root ::= "yes" | "no"'), tokenizer=tok)
+    assert s.sample(x) == best
+
+
+def test_grammar_with_mirostat() -> None:
+    tok = toy_tokenizer()
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        s = Sampler(params((), mirostat=2, mirostat_tau=3.0, seed=seed, grammar='root ::= [a-c]{3}'), tokenizer=tok)
+        out: list[int] = []
+        while not out or out[-1] != tok.eos_id:
+            out.append(s.sample(rng.standard_normal(tok.n_vocab).astype(np.float32), out))
+            assert len(out) <= 4
+        text = tok.decode(out[:-1])
+        assert len(text) == 3 and set(text) <= set(b"abc")
