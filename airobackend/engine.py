@@ -192,12 +192,20 @@ class Engine:
         else:
             if not isinstance(req.prompt, str):
                 raise RequestError("prompt must be a string")
-            body = list(tok.encode(req.prompt, add_bos=req.add_bos and not memory))
             prompt_text = req.prompt
-        tokens = memory + body
+            body = []
+        if memory and req.tokens is None:
+            # Memory and prompt are one text (no second space prefix at the seam); the kept part is the memory's
+            # tokens as far as the joint tokenization shares them.
+            tokens = list(tok.encode(req.memory + req.prompt, add_bos=req.add_bos))
+            n_keep = _common_prefix(memory, tokens)
+        elif memory:
+            tokens, n_keep = memory + body, len(memory)
+        else:
+            tokens = body if req.tokens is not None else list(tok.encode(req.prompt, add_bos=req.add_bos))
+            n_keep = 1 if tokens and tokens[0] == tok.bos_id else 0
         if not tokens:
             raise RequestError("empty prompt: give some text, or leave add_bos on")
-        n_keep = len(memory) if memory else (1 if tokens[0] == tok.bos_id and req.add_bos else 0)
 
         n_ctx, p = self.n_ctx, len(tokens)
         if not req.allow_context_shift:

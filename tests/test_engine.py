@@ -352,6 +352,13 @@ def test_context_shift_keeps_bos_and_memory():
     assert model.kv[:len(memory)] == memory               # BOS + memory survived every shift
 
 
+def test_memory_and_prompt_tokenize_as_one_text():
+    model = ScriptedModel(lambda kv: TOK.eos_id)
+    engine = Engine(FakeLlama(model), Settings())
+    run(engine, request(" USER: Hi", memory="The llama."))
+    assert model.kv == TOK.encode("The llama. USER: Hi")      # no second space prefix where they meet
+
+
 def test_minus_one_runs_until_the_context_is_full():
     model = ScriptedModel(lambda kv: tid("!"), n_ctx=20)
     engine = Engine(FakeLlama(model), Settings())
