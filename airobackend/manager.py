@@ -280,7 +280,7 @@ class ModelManager:
         """Everything `load` checks before it changes anything: the name, the options, the file's header and the
         RAM. Returns (entry, settings for it, bytes of RAM it needs); raises what `load` would raise."""
         with self._public_errors():
-            return self._check_load(name, allow_disk=allow_disk, **overrides)
+            return self._check_load(name, allow_disk=allow_disk, warn=False, **overrides)
 
     @contextlib.contextmanager
     def _public_errors(self) -> Iterator[None]:
@@ -297,7 +297,7 @@ class ModelManager:
                 raise e from None
             raise public from e
 
-    def _check_load(self, name: str, *, allow_disk: Optional[bool] = None,
+    def _check_load(self, name: str, *, allow_disk: Optional[bool], warn: bool,
                     **overrides: Any) -> tuple[ModelEntry, Settings, int]:
         unknown = set(overrides) - set(LOAD_OVERRIDES)
         if unknown:
@@ -309,14 +309,18 @@ class ModelManager:
         settings = dataclasses.replace(self.settings, **{k: v for k, v in overrides.items() if v is not None})
         if settings.n_ctx <= 0:
             raise RequestError(f"n_ctx must be positive, got {settings.n_ctx}")
+        if settings.template:
+            from airobackend.chat import get_template
+            get_template(settings.template)          # RequestError naming the known templates
         need = entry.ram_for(settings.n_ctx)
         allow = self.settings.allow_disk if allow_disk is None else bool(allow_disk)
         room = self._room()
         if need > room:
             if not allow:
                 raise InsufficientMemory(self._refusal(entry, need, room, settings.n_ctx))
-            log.warning("%s needs %.1f GB of RAM but %.1f GB is available: running from disk through mmap, "
-                        "generation will be disk-bound (very slow)", entry.name, need / GB, room / GB)
+            if warn:
+                    log.warning("%s needs %.1f GB of RAM but %.1f GB is available: running from disk through mmap, "
+                            "generation will be disk-bound (very slow)", entry.name, need / GB, room / GB)
         return entry, settings, need
 
     def load(self, name: str, *, allow_disk: Optional[bool] = None, abort_running: bool = False,
@@ -330,7 +334,8 @@ class ModelManager:
         with self._cond:
             if self._loading is not None:
                 raise EngineBusy(f"a model is already loading ({self._loading}); try again when it is ready")
-            entry, settings, need = self.check_load(name, allow_disk=allow_disk, **overrides)
+            with self._public_errors():
+                entry, settings, need = self._check_load(name, allow_disk=allow_disk, warn=True, **overrides)
             beside_old = need <= self._mem_available()
             self._loading, self._progress = entry.name, 0.0
         self._report(0.0)

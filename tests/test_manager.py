@@ -503,3 +503,10 @@ def test_load_errors_reach_clients_without_paths(library_dir):
         mgr.load("fx-q8_0.gguf")
     assert "fx-q8_0.gguf" in str(info.value) and str(library_dir) not in str(info.value)
     assert str(library_dir) not in mgr.last_error
+
+
+def test_unknown_template_refused_before_anything_changes(library_dir):
+    mgr, factory, _ = make(library_dir)
+    with pytest.raises(RequestError, match="unknown prompt template"):
+        mgr.load("fx-q2_K.gguf", template="no-such-template")
+    assert factory.calls == []
