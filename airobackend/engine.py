@@ -48,6 +48,7 @@ class _Job:
     genkey: str
     abort: threading.Event = field(default_factory=threading.Event)
     started: bool = False
+    waiting: bool = False             # its consumer is blocked in next(), waiting for the slot
     finished: bool = False
     text: list[str] = field(default_factory=list)    # emitted deltas, for partial_text
 
@@ -230,8 +231,13 @@ class Engine:
     # ---------------------------------------------------------------------------------------------- queue
     def _run(self, job: _Job) -> Iterator[GenerationEvent]:
         with self._cond:
-            while not job.abort.is_set() and not (self._running is None and self._queue and self._queue[0] is job):
+            # Turns go in arrival order among the jobs whose consumers are waiting: a generation object that was
+            # created but is not being iterated (yet) must not block the others (one thread may hold two streams).
+            job.waiting = True
+            self._cond.notify_all()
+            while not job.abort.is_set() and not (self._running is None and self._first_waiting() is job):
                 self._cond.wait()
+            job.waiting = False
             if job in self._queue:
                 self._queue.remove(job)
             if job.abort.is_set():      # deferred abort (KoboldCpp): ends before it starts
@@ -257,6 +263,9 @@ class Engine:
                 self._last = job
                 self._t_idle_since = time.monotonic()
                 self._cond.notify_all()
+
+    def _first_waiting(self) -> Optional[_Job]:
+        return next((j for j in self._queue if j.waiting), None)
 
     def _forget(self, job: _Job) -> None:
         with self._cond:

@@ -309,6 +309,14 @@ def test_queued_job_aborted_by_genkey_never_runs_and_closed_generation_frees_its
     assert boxd["result"][-1].finish_reason is FinishReason.EOS
 
 
+def test_a_generation_not_being_iterated_does_not_block_the_next():
+    engine, _ = engine_for([tid("!")], multiuser=4)
+    first = engine.generate(request())
+    second = engine.generate(request())
+    assert "".join(e.text for e in second) == "!"        # one thread, two generations: no deadlock
+    assert "".join(e.text for e in first) == "!"
+
+
 # ------------------------------------------------------------------------------------------------ prompt cache
 
 def test_prompt_cache_evaluates_only_the_new_tail():
