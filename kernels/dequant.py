@@ -35,6 +35,17 @@ def _h(src, o, tab):
     return tab[np.int64(src[o]) | (np.int64(src[o + 1]) << 8)]
 
 
+@njit(**JIT)
+def _n(n, tab):
+    """n, hidden from LLVM's constant folding (tab always has 65536 entries).
+
+    A block loop with a constant trip count (16, 32) gets fully unrolled and then stays scalar, because the
+    stores to dst might alias the loads from src; with a run-time trip count LLVM vectorizes it behind a run-time
+    alias check instead (measured 2-3x faster).
+    """
+    return n + tab.shape[0] - 65536
+
+
 # ---- one function per type: dst[:] = the len(dst) weights held by the first blocks of src (a 1-D uint8 view) ----
 
 @njit(**JIT)
@@ -55,10 +66,11 @@ def dequant_f16(src, dst, tab):
 @njit(**JIT)
 def dequant_q4_0(src, dst, tab):
     """Q4_0: 18 B/block = f16 d + qs[16]; 32 weights, y[j] = d*(lo(qs[j])-8), y[j+16] = d*(hi(qs[j])-8)."""
+    n16 = _n(16, tab)
     for b in range(dst.shape[0] // 32):
         o, y = 18 * b, 32 * b
         d = _h(src, o, tab)
-        for j in range(16):
+        for j in range(n16):
             q = np.int32(src[o + 2 + j])
             dst[y + j] = d * np.float32((q & 15) - 8)
             dst[y + j + 16] = d * np.float32((q >> 4) - 8)
@@ -67,10 +79,11 @@ def dequant_q4_0(src, dst, tab):
 @njit(**JIT)
 def dequant_q4_1(src, dst, tab):
     """Q4_1: 20 B/block = f16 d + f16 m + qs[16]; y = d*q + m."""
+    n16 = _n(16, tab)
     for b in range(dst.shape[0] // 32):
         o, y = 20 * b, 32 * b
         d, m = _h(src, o, tab), _h(src, o + 2, tab)
-        for j in range(16):
+        for j in range(n16):
             q = np.int32(src[o + 4 + j])
             dst[y + j] = d * np.float32(q & 15) + m
             dst[y + j + 16] = d * np.float32(q >> 4) + m
@@ -86,11 +99,12 @@ def _qh32(src, o):
 @njit(**JIT)
 def dequant_q5_0(src, dst, tab):
     """Q5_0: 22 B/block = f16 d + u32 qh + qs[16]; y = d*((nibble | 5th bit << 4) - 16)."""
+    n16 = _n(16, tab)
     for b in range(dst.shape[0] // 32):
         o, y = 22 * b, 32 * b
         d = _h(src, o, tab)
         qh = _qh32(src, o + 2)
-        for j in range(16):
+        for j in range(n16):
             q = np.int64(src[o + 6 + j])
             lo = (q & 15) | (((qh >> j) & 1) << 4)
             hi = (q >> 4) | (((qh >> (j + 16)) & 1) << 4)
@@ -101,11 +115,12 @@ def dequant_q5_0(src, dst, tab):
 @njit(**JIT)
 def dequant_q5_1(src, dst, tab):
     """Q5_1: 24 B/block = f16 d + f16 m + u32 qh + qs[16]; y = d*(nibble | 5th bit << 4) + m."""
+    n16 = _n(16, tab)
     for b in range(dst.shape[0] // 32):
         o, y = 24 * b, 32 * b
         d, m = _h(src, o, tab), _h(src, o + 2, tab)
         qh = _qh32(src, o + 4)
-        for j in range(16):
+        for j in range(n16):
             q = np.int64(src[o + 8 + j])
             lo = (q & 15) | (((qh >> j) & 1) << 4)
             hi = (q >> 4) | (((qh >> (j + 16)) & 1) << 4)
@@ -116,10 +131,11 @@ def dequant_q5_1(src, dst, tab):
 @njit(**JIT)
 def dequant_q8_0(src, dst, tab):
     """Q8_0: 34 B/block = f16 d + int8 qs[32]; y = d*q."""
+    n32 = _n(32, tab)
     for b in range(dst.shape[0] // 32):
         o, y = 34 * b, 32 * b
         d = _h(src, o, tab)
-        for j in range(32):
+        for j in range(n32):
             q = np.int32(src[o + 2 + j])
             dst[y + j] = d * np.float32(q - ((q >> 7) << 8))     # uint8 -> int8
 
@@ -128,47 +144,51 @@ def dequant_q8_0(src, dst, tab):
 def dequant_q2_k(src, dst, tab):
     """Q2_K: 84 B/super-block = scales[16] (lo nibble scale, hi nibble min) + qs[64] + f16 d + f16 dmin.
 
-    Half h (128 weights) reads qs[32h:32h+32]; 2-bit plane j (shift 2j) gives 32 weights = two sub-blocks of 16.
+    Half h (128 weights) reads qs[32h:32h+32]; 2-bit plane j (shift 2j) gives 32 weights y[128h+32j+l],
+    l = 0..31, in two sub-blocks of 16 with scale bytes 8h+2j (l < 16) and 8h+2j+1.
     """
+    n32 = _n(32, tab)
     for b in range(dst.shape[0] // 256):
         o, y = 84 * b, 256 * b
         d, dmin = _h(src, o + 80, tab), _h(src, o + 82, tab)
         for h in range(2):
             for j in range(4):
-                for s in range(2):
-                    sc = np.int32(src[o + 8 * h + 2 * j + s])
-                    dl, ml = d * np.float32(sc & 15), dmin * np.float32(sc >> 4)
-                    qo = o + 16 + 32 * h + 16 * s
-                    yo = y + 128 * h + 32 * j + 16 * s
-                    for l in range(16):
-                        dst[yo + l] = dl * np.float32((np.int32(src[qo + l]) >> (2 * j)) & 3) - ml
+                sc0, sc1 = np.int32(src[o + 8 * h + 2 * j]), np.int32(src[o + 8 * h + 2 * j + 1])
+                dl0, ml0 = d * np.float32(sc0 & 15), dmin * np.float32(sc0 >> 4)
+                dl1, ml1 = d * np.float32(sc1 & 15), dmin * np.float32(sc1 >> 4)
+                qo, yo = o + 16 + 32 * h, y + 128 * h + 32 * j
+                for l in range(n32):
+                    q = np.float32((np.int32(src[qo + l]) >> (2 * j)) & 3)
+                    dst[yo + l] = (dl0 * q - ml0) if l < 16 else (dl1 * q - ml1)
 
 
 @njit(**JIT)
 def dequant_q3_k(src, dst, tab):
     """Q3_K: 110 B = hmask[32] + qs[64] + scales[12] (16 signed 6-bit, +32 offset) + f16 d.
 
-    As Q2_K's 2-bit planes; the hmask bit (4h + j) of byte l set means +0, clear means -4.
+    As Q2_K's 2-bit planes; bit (4h + j) of hmask[l] set means +0, clear means -4.
     """
+    n32 = _n(32, tab)
     for b in range(dst.shape[0] // 256):
         o, y = 110 * b, 256 * b
         d = _h(src, o + 108, tab)
         for h in range(2):
             for j in range(4):
                 m = 1 << (4 * h + j)
-                for s in range(2):
-                    k = 8 * h + 2 * j + s
-                    low = (np.int32(src[o + 96 + k]) & 15) if k < 8 else (np.int32(src[o + 96 + k - 8]) >> 4)
-                    high = (np.int32(src[o + 96 + 8 + (k & 3)]) >> (2 * (k >> 2))) & 3
-                    dl = d * np.float32((low | (high << 4)) - 32)
-                    qo = o + 32 + 32 * h + 16 * s
-                    ho = o + 16 * s
-                    yo = y + 128 * h + 32 * j + 16 * s
-                    for l in range(16):
-                        q = (np.int32(src[qo + l]) >> (2 * j)) & 3
-                        if (np.int32(src[ho + l]) & m) == 0:
-                            q -= 4
-                        dst[yo + l] = dl * np.float32(q)
+                dl0 = d * np.float32(_q3_scale(src, o + 96, 8 * h + 2 * j))
+                dl1 = d * np.float32(_q3_scale(src, o + 96, 8 * h + 2 * j + 1))
+                qo, yo = o + 32 + 32 * h, y + 128 * h + 32 * j
+                for l in range(n32):
+                    q = ((np.int32(src[qo + l]) >> (2 * j)) & 3) - (((np.int32(src[o + l]) & m) == 0) << 2)
+                    dst[yo + l] = (dl0 if l < 16 else dl1) * np.float32(q)
+
+
+@njit(**JIT)
+def _q3_scale(src, o, k):
+    """Q3_K sub-block k's signed 6-bit scale from the 12 packed bytes at src[o:o+12]."""
+    low = (np.int32(src[o + k]) & 15) if k < 8 else (np.int32(src[o + k - 8]) >> 4)
+    high = (np.int32(src[o + 8 + (k & 3)]) >> (2 * (k >> 2))) & 3
+    return (low | (high << 4)) - 32
 
 
 @njit(**JIT)
@@ -187,6 +207,7 @@ def dequant_q4_k(src, dst, tab):
 
     Group g (64 weights) reads qs[32g:32g+32]: low nibbles -> sub-block 2g, high nibbles -> sub-block 2g+1.
     """
+    n32 = _n(32, tab)
     for b in range(dst.shape[0] // 256):
         o, y = 144 * b, 256 * b
         d, dmin = _h(src, o, tab), _h(src, o + 2, tab)
@@ -196,7 +217,7 @@ def dequant_q4_k(src, dst, tab):
             d0, m0 = d * np.float32(sc0), dmin * np.float32(mn0)
             d1, m1 = d * np.float32(sc1), dmin * np.float32(mn1)
             qo, yo = o + 16 + 32 * g, y + 64 * g
-            for l in range(32):
+            for l in range(n32):
                 q = np.int32(src[qo + l])
                 dst[yo + l] = d0 * np.float32(q & 15) - m0
                 dst[yo + 32 + l] = d1 * np.float32(q >> 4) - m1
@@ -205,6 +226,7 @@ def dequant_q4_k(src, dst, tab):
 @njit(**JIT)
 def dequant_q5_k(src, dst, tab):
     """Q5_K: 176 B = f16 d + f16 dmin + scales[12] + qh[32] + qs[128]; as Q4_K, 5th bit = bit k of qh[l]."""
+    n32 = _n(32, tab)
     for b in range(dst.shape[0] // 256):
         o, y = 176 * b, 256 * b
         d, dmin = _h(src, o, tab), _h(src, o + 2, tab)
@@ -214,7 +236,7 @@ def dequant_q5_k(src, dst, tab):
             d0, m0 = d * np.float32(sc0), dmin * np.float32(mn0)
             d1, m1 = d * np.float32(sc1), dmin * np.float32(mn1)
             qo, yo = o + 48 + 32 * g, y + 64 * g
-            for l in range(32):
+            for l in range(n32):
                 q = np.int32(src[qo + l])
                 qh = np.int32(src[o + 16 + l])
                 dst[yo + l] = d0 * np.float32((q & 15) | (((qh >> (2 * g)) & 1) << 4)) - m0
@@ -222,29 +244,37 @@ def dequant_q5_k(src, dst, tab):
 
 
 @njit(**JIT)
+def _i8(src, o):
+    q = np.int32(src[o])
+    return q - ((q >> 7) << 8)
+
+
+@njit(**JIT)
 def dequant_q6_k(src, dst, tab):
     """Q6_K: 210 B = ql[128] + qh[64] + int8 scales[16] + f16 d; 16 sub-blocks of 16, value = 6 bits - 32.
 
-    Half h reads ql[64h:], qh[32h:]; its part p (32 weights, l = 0..31) takes the 4 low bits from
-    ql[l + 32*(p & 1)] (low nibble for p < 2, high for p >= 2) and the 2 high bits from qh[l] >> 2p.
+    Half h reads ql[64h:], qh[32h:], scales[8h:]; for l = 0..31 it yields four weights (llama.cpp order):
+    y[128h+l]    = lo(ql[l])    | (qh[l] & 3) << 4        scale sc[2*0 + l//16]
+    y[128h+l+32] = lo(ql[l+32]) | (qh[l] >> 2 & 3) << 4   scale sc[2*1 + l//16]
+    y[128h+l+64] = hi(ql[l])    | (qh[l] >> 4 & 3) << 4   scale sc[2*2 + l//16]
+    y[128h+l+96] = hi(ql[l+32]) | (qh[l] >> 6 & 3) << 4   scale sc[2*3 + l//16]   (each minus 32)
     """
+    n32 = _n(32, tab)
     for b in range(dst.shape[0] // 256):
         o, y = 210 * b, 256 * b
         d = _h(src, o + 208, tab)
         for h in range(2):
-            lo_, ho_, so = o + 64 * h, o + 128 + 32 * h, o + 192 + 8 * h
-            for p in range(4):
-                for half in range(2):
-                    s = np.int32(src[so + 2 * p + half])
-                    dl = d * np.float32(s - ((s >> 7) << 8))       # int8 scale
-                    yo = y + 128 * h + 32 * p + 16 * half
-                    for i in range(16):
-                        l = 16 * half + i
-                        qh = (np.int32(src[ho_ + l]) >> (2 * p)) & 3
-                        ql = np.int32(src[lo_ + l + 32 * (p & 1)])
-                        if p >= 2:
-                            ql >>= 4
-                        dst[yo + i] = dl * np.float32(((ql & 15) | (qh << 4)) - 32)
+            lo_, ho_, so, yo = o + 64 * h, o + 128 + 32 * h, o + 192 + 8 * h, y + 128 * h
+            s0, s1, s2, s3 = d * _i8(src, so), d * _i8(src, so + 1), d * _i8(src, so + 2), d * _i8(src, so + 3)
+            s4, s5, s6, s7 = d * _i8(src, so + 4), d * _i8(src, so + 5), d * _i8(src, so + 6), d * _i8(src, so + 7)
+            for l in range(n32):
+                a, c = np.int32(src[lo_ + l]), np.int32(src[lo_ + l + 32])
+                qh = np.int32(src[ho_ + l])
+                first = l < 16
+                dst[yo + l] = (s0 if first else s1) * np.float32(((a & 15) | ((qh & 3) << 4)) - 32)
+                dst[yo + l + 32] = (s2 if first else s3) * np.float32(((c & 15) | (((qh >> 2) & 3) << 4)) - 32)
+                dst[yo + l + 64] = (s4 if first else s5) * np.float32(((a >> 4) | (((qh >> 4) & 3) << 4)) - 32)
+                dst[yo + l + 96] = (s6 if first else s7) * np.float32(((c >> 4) | (((qh >> 6) & 3) << 4)) - 32)
 
 
 @njit(**JIT)
