@@ -1,0 +1,66 @@
+"""The bridge both integrations vendor: one file, two copies, clear errors before any engine is involved."""
+from __future__ import annotations
+
+import importlib.util
+import socket
+
+import pytest
+
+from integration_support import LOLLMS_BINDING, TGW_EXTENSION
+
+
+def load_bridge():
+    spec = importlib.util.spec_from_file_location("airo_bridge_under_test", TGW_EXTENSION / "airo_bridge.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_both_integration_folders_carry_the_same_bridge():
+    a = (TGW_EXTENSION / "airo_bridge.py").read_bytes()
+    b = (LOLLMS_BINDING / "airo_bridge.py").read_bytes()
+    assert a == b, "edit integration/text_generation_webui/airobackend/airo_bridge.py and copy it to the LoLLMS folder"
+
+
+def test_bridge_needs_only_the_standard_library():
+    """Remote mode must work in a host that has nothing installed; airobackend is imported lazily, in-process only."""
+    import ast
+    import sys
+    names = set()
+    for node in ast.parse((TGW_EXTENSION / "airo_bridge.py").read_text()).body:
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module.split(".")[0])
+    assert names and names <= set(sys.stdlib_module_names) | {"__future__"}, names
+
+
+def test_unknown_options_and_modes_are_refused_with_the_known_names():
+    bridge = load_bridge()
+    with pytest.raises(bridge.BridgeError, match="temprature.*known"):
+        bridge.check_options({"temprature": 0.5})
+    assert bridge.check_options({"temperature": 0.5, "top_k": None}) == {"temperature": 0.5}
+    with pytest.raises(bridge.BridgeError, match="unknown mode 'cloud'"):
+        bridge.connect("cloud")
+    with pytest.raises(bridge.BridgeError, match="remote mode needs the URL"):
+        bridge.connect("remote", server_url="")
+    with pytest.raises(bridge.BridgeError, match="not an http"):
+        bridge.RemoteBackend("ftp://example.org")
+
+
+def test_remote_urls_are_normalised():
+    bridge = load_bridge()
+    assert bridge.RemoteBackend("127.0.0.1:5001/").url == "http://127.0.0.1:5001"
+    assert bridge.RemoteBackend("https://host.example/airo/").url == "https://host.example/airo"
+
+
+def test_a_server_that_is_not_there_is_named_in_the_error():
+    bridge = load_bridge()
+    with socket.socket() as s:          # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    backend = bridge.RemoteBackend(f"http://127.0.0.1:{port}", timeout=5)
+    with pytest.raises(bridge.BridgeError, match=f"127.0.0.1:{port}.*airobackend serve"):
+        backend.list_models()
+    with pytest.raises(bridge.BridgeError, match=f"127.0.0.1:{port}"):
+        list(backend.stream("hello", {"max_tokens": 4}))
