@@ -235,11 +235,14 @@ def open_model(path: Union[str, os.PathLike], *, n_gqa: Optional[int] = None, rm
                      rope_freq_scale=rope_freq_scale, n_ctx_train=n_ctx_train)
     _check_overrides(path, overrides)
     container, member = "file", None
-    if _zip.looks_like_zip(path):
-        src, member = _zip.open_zip_member(path)
-        container = "zip"
-    else:
-        src = Source.open_file(path)
+    try:
+        if _zip.looks_like_zip(path):
+            src, member = _zip.open_zip_member(path)
+            container = "zip"
+        else:
+            src = Source.open_file(path)
+    except ModelFileError as e:
+        raise _tidy(e) from None
     try:
         magic = src.bytes(0, 4, what="magic") if src.size >= 4 else b""
         if magic == b"GGUF":
@@ -250,13 +253,26 @@ def open_model(path: Union[str, os.PathLike], *, n_gqa: Optional[int] = None, rm
         if not vocab_only:
             validate(mf)
         return mf
-    except ModelFileError:
+    except ModelFileError as e:
         src.close()
-        raise
+        raise _tidy(e) from None
     except (ValueError, OverflowError, IndexError, KeyError, UnicodeDecodeError, MemoryError) as e:
         # Defence in depth: a check we missed must still end as a ModelFileError.
         src.close()
         raise ModelFileError(f"malformed model file: {type(e).__name__}: {e}", path=path) from e
+
+
+def _tidy(e: ModelFileError) -> ModelFileError:
+    """Keep messages one readable line: garbage names from a corrupted file are escaped and clipped."""
+    msg = str(e)
+    if len(msg) > 400 or not msg.isprintable():
+        msg = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in msg)
+        if len(msg) > 400:
+            msg = msg[:200] + " ... " + msg[-180:]
+        e.args = (msg,)
+    if e.tensor is not None and len(e.tensor) > 64:
+        e.tensor = e.tensor[:64] + "..."
+    return e
 
 
 def is_model_file(path: Union[str, os.PathLike]) -> bool:

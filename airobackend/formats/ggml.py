@@ -21,7 +21,7 @@ from ._source import Cursor, Source
 
 MAGICS = {0x67676D6C: "ggml", 0x67676D66: "ggmf", 0x67676A74: "ggjt"}
 NOT_MODELS = {0x67676C61: "a LoRA adapter ('ggla'), not a model", 0x6767736E: "a llama.cpp session file ('ggsn')"}
-MAX_NAME = 512
+MAX_NAME = 256
 _HP = struct.Struct("<7I")
 _REC = struct.Struct("<3I")
 
@@ -110,7 +110,9 @@ def read_ggml(src: Source, overrides: dict, *, vocab_only: bool = False) -> Mode
             try:
                 legacy = raw_name.decode("utf-8")
             except UnicodeDecodeError:
-                raise c.fail(f"tensor name {raw_name[:64]!r} is not UTF-8", offset=rpos) from None
+                raise c.fail(f"tensor name {raw_name[:48]!r} is not UTF-8", offset=rpos) from None
+            if not legacy.isprintable():
+                raise c.fail(f"garbled tensor name {legacy[:48]!r}", offset=rpos)
             if any(d < 1 for d in ne):
                 raise c.fail(f"zero dimension in {list(ne)}", offset=rpos, tensor=legacy)
             layout = _legacy_layout(gen, version, ttype)

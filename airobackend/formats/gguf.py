@@ -18,8 +18,8 @@ from ..quant import BLOCK, WEIGHT_TYPES, GGMLType
 from . import HParams, ModelFile, TensorInfo, Vocab, apply_overrides, legacy_tensor_name, mix_name_for
 from ._source import Cursor, Source
 
-MAX_NAME = 1024          # llama.cpp's GGML_MAX_NAME is 64; anything beyond this is garbage
-MAX_KEY = 1 << 16
+MAX_NAME = 256           # llama.cpp's GGML_MAX_NAME is 64; anything beyond this is garbage
+MAX_KEY = 256
 MAX_DIMS = 4
 MAX_DIM = 1 << 40
 
@@ -114,6 +114,8 @@ def read_gguf(src: Source, overrides: dict, *, vocab_only: bool = False) -> Mode
     for _ in range(n_kv):
         kpos = c.pos
         key = p.string("metadata key", MAX_KEY).decode("utf-8", "replace")
+        if not key.isprintable():
+            raise c.fail(f"garbled metadata key {key[:48]!r}", offset=kpos)
         vtype = c.u32(f"type of {key}")
         if key in meta:
             raise c.fail(f"duplicate metadata key {key!r}", offset=kpos)
@@ -137,6 +139,8 @@ def read_gguf(src: Source, overrides: dict, *, vocab_only: bool = False) -> Mode
     for i in range(n_tensors):
         tpos = c.pos
         name = p.string("tensor name", MAX_NAME).decode("utf-8", "replace")
+        if not name.isprintable():
+            raise c.fail(f"garbled tensor name {name[:48]!r}", offset=tpos)
         n_dims = c.u32("n_dims", name)
         if not 1 <= n_dims <= MAX_DIMS:
             raise c.fail(f"tensor has {n_dims} dimensions", offset=c.pos - 4, tensor=name)

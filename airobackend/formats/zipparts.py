@@ -165,6 +165,10 @@ def _member(whole: Source, path: str, starts: list, cd_disk: int, n_entries: int
     if data + usize > whole.size:
         raise ModelFileError(f"member {name!r} ({usize} bytes) runs past the end of the archive parts", path=path,
                              offset=data)
+    if lpos < cd_start < data + usize:
+        # The central directory follows the data; if it now starts inside the member, a part before it is short.
+        raise ModelFileError(f"member {name!r} overlaps the central directory: a split part is truncated or "
+                             f"damaged (compare the part sizes with the download)", path=path, offset=cd_start)
     return whole.sub(data, usize, path=where), name
 
 
