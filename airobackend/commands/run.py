@@ -129,7 +129,13 @@ OPTIONS: tuple[Opt, ...] = (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     groups = {name: parser.add_argument_group(name) for name in ("model", "prompt", "sampling")}
     for o in OPTIONS:
-        kw: dict[str, Any] = {"dest": o.dest, "help": o.help}
+        # Each help text states its own default; "%(default).0s" (prints nothing) stops the CLI's
+        # ArgumentDefaultsHelpFormatter from appending "(default: None)" as well.
+        kw: dict[str, Any] = {"dest": o.dest, "help": o.help.replace("%", "%%")}
+        if o.setting:
+            kw["help"] += f" [env AIRO_{o.dest.upper()}]"
+        else:
+            kw["help"] += "%(default).0s"
         if o.setting:
             # Absent unless given, so Settings.from_env can fill it from AIRO_<DEST> (and help shows no 'None').
             kw["default"] = argparse.SUPPRESS
