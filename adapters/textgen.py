@@ -40,10 +40,6 @@ TEXTGEN_DEFAULTS = dict(temperature=0.5, top_k=0, top_p=1.0, min_p=0.0, typical_
                         presence_penalty=0.0, frequency_penalty=0.0, mirostat=0, mirostat_tau=5.0, mirostat_eta=0.1,
                         seed=None, ban_eos=False)
 MAX_NEW_TOKENS = 200
-# `args` of a text-generation-webui model load that mean something here -> ModelManager.load overrides
-LOAD_ARGS = {"n_ctx": "n_ctx", "threads": "n_threads", "n_batch": "n_batch", "n_gqa": "n_gqa",
-             "rms_norm_eps": "rms_norm_eps", "rope_freq_base": "rope_freq_base", "compress_pos_emb": None,
-             "template": "template", "seed": "seed"}
 
 GENERATE_EXAMPLE = {"prompt": "USER: Hello! ASSISTANT:", "max_new_tokens": 64, "temperature": 0.7,
                     "stopping_strings": ["USER:"]}
@@ -113,6 +109,12 @@ def chat_messages(payload: dict, internal: list[list[str]], user_input: str) -> 
         messages.append({"role": "assistant", "content": b})
     messages.append({"role": "user", "content": user_input})
     return messages
+
+
+def load_options(args: Any) -> dict:
+    """A text-generation-webui load's `args` (threads, n_ctx, no_mmap, compress_pos_emb, ...) as load() options."""
+    from airobackend.manager import parse_load_options   # the manager owns what a load may change
+    return parse_load_options(args, "args")
 
 
 # ---------------------------------------------------------------------------------------------- plugin hooks
@@ -212,10 +214,7 @@ class TextgenRoutes:
                 name = f.str("model_name", "")
                 if not name:
                     raise FieldError("'model_name' is required to load a model", "model_name")
-                args = body.get("args") or {}
-                if not isinstance(args, dict):
-                    raise FieldError("'args' must be an object", "args")
-                overrides = {LOAD_ARGS[k]: v for k, v in args.items() if LOAD_ARGS.get(k) and v is not None}
+                overrides = load_options(body.get("args"))
                 await run_in_threadpool(lambda: fn(name, **overrides))
             else:
                 await run_in_threadpool(fn)

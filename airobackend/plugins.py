@@ -1,7 +1,7 @@
 """The plugin manager: built-in adapters and third-party plugins, registered the same way.
 
 `get_plugin_manager()` is a factory, not an import-time global, so tests build a fresh one each time. Built-ins are
-registered by dotted module name under their short name ("kobold", "textgen", "openai"); third-party plugins come
+registered by dotted module name under their short name ("kobold", "textgen", "openai", "models"); third-party plugins come
 from the entry-point group "airobackend" under their entry-point name. `--disable-adapter NAME` blocks a plugin by
 either spelling before it is imported. Plugins registered later are called first (pluggy's LIFO order), so a
 third-party plugin can override a built-in route or request mapping.
@@ -25,6 +25,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "airobackend.adapters.kobold",
     "airobackend.adapters.textgen",
     "airobackend.adapters.openai",
+    "airobackend.adapters.models",     # model library routes (on when the engine is a ModelManager)
 )
 
 

@@ -117,7 +117,9 @@ def banner(settings: Settings, listeners: list, plugin_names: set, info: dict, d
     if "textgen" in plugin_names:
         ws = [url(h, p, "ws") for h, p in listeners[1:]] or [url(host, port, "ws")]
         lines.append(f"  text-generation-webui API  {base}/api/v1/generate, {ws[0]}/api/v1/stream")
-    for name in sorted(plugin_names - {"kobold", "openai", "textgen"}):
+    if "models" in plugin_names:
+        lines.append(f"  model library (admin)      {base}/api/admin/list_options, {base}/v1/internal/model/list")
+    for name in sorted(plugin_names - {"kobold", "openai", "textgen", "models"}):
         lines.append(f"  plugin {name}")
     lines.append(f"  API documentation          {base}/docs")
     if settings.api_key:

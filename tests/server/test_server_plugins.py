@@ -38,10 +38,10 @@ def test_hooks_are_few_and_documented():
 
 def test_builtins_are_registered_by_dotted_name_and_blockable():
     pm = get_plugin_manager(load_entrypoints=False)
-    assert {n for n, p in pm.list_name_plugin()} == {"kobold", "textgen", "openai"}
+    assert {n for n, p in pm.list_name_plugin()} == {"kobold", "textgen", "openai", "models"}
     assert [p.__name__ for p in pm.get_plugins() if p.__name__ in DEFAULT_PLUGINS]
     assert all("built-in" in line for line in describe_plugins(pm))
-    pm = get_plugin_manager(load_entrypoints=False, blocked=["openai", "airobackend.adapters.textgen"])
+    pm = get_plugin_manager(load_entrypoints=False, blocked=["openai", "airobackend.adapters.textgen", "models"])
     assert [n for n, p in pm.list_name_plugin() if p is not None] == ["kobold"]
     engine, _ = scripted_engine()
     c = TestClient(create_app(engine, Settings(), pm))
