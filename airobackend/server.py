@@ -47,7 +47,6 @@ PUBLIC_ROUTES: frozenset[tuple[str, str]] = frozenset({
 KOBOLD_UNAUTHORIZED = {"detail": {"error": "Unauthorized", "msg": "Authentication key is missing or invalid.",
                                   "type": "unauthorized"}}
 MAX_HEADER_BYTES = 16 * 1024     # h11's incomplete-event limit: bounds request line + headers
-MAX_WS_FRAME_BYTES = 1 * 1024 * 1024
 
 
 # ---------------------------------------------------------------------------------------------- errors and bodies
@@ -542,7 +541,7 @@ def uvicorn_config(app: Any, host: str, port: int, settings: Settings, **kw: Any
     return uvicorn.Config(
         app, host=host, port=port, ws="websockets-sansio", http="h11", lifespan="off",
         log_level="warning" if settings.quiet else "info", access_log=not settings.quiet,
-        h11_max_incomplete_event_size=MAX_HEADER_BYTES, ws_max_size=MAX_WS_FRAME_BYTES,
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES, ws_max_size=int(settings.max_body_bytes),
         ws_ping_interval=None, timeout_graceful_shutdown=3, **kw)
 
 

@@ -197,3 +197,16 @@ def test_disable_adapter_from_settings_reaches_create_app():
     c = TestClient(app)
     assert c.get("/api/extra/version").status_code == 404
     assert c.get("/v1/models").status_code == 200
+
+
+def test_openapi_page_documents_every_protocol():
+    engine, _ = scripted_engine()
+    c = TestClient(create_app(engine, Settings()))
+    page = c.get("/docs")
+    assert page.status_code == 200 and "swagger" in page.text.lower()
+    spec = c.get("/openapi.json").json()
+    for path in ("/api/v1/generate", "/api/extra/generate/stream", "/api/extra/abort", "/api/v1/chat",
+                 "/api/v1/token-count", "/v1/completions", "/v1/chat/completions", "/v1/internal/encode"):
+        assert path in spec["paths"], path
+    body = spec["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]
+    assert body["example"]["messages"][0]["role"] == "user"
