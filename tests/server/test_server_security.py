@@ -223,3 +223,16 @@ def test_warning_when_listening_beyond_loopback_without_a_key():
     assert security_warnings(Settings(host="127.0.0.1")) == []
     assert security_warnings(Settings(host="localhost")) == []
     assert security_warnings(Settings(host="::1")) == []
+
+
+def test_websocket_messages_are_capped():
+    engine, _ = scripted_engine("ok")
+    with live(make_app(engine, max_body_bytes=1000)) as srv:
+        async def go():
+            async with websockets.connect(f"ws://127.0.0.1:{srv.port}/api/v1/stream") as ws:
+                await ws.send(json.dumps({"prompt": "x" * 5000}))
+                with pytest.raises(websockets.exceptions.ConnectionClosed) as e:
+                    await ws.recv()
+                return e.value.rcvd.code
+        assert asyncio.run(go()) == 1009            # "message too big"
+        assert httpx.post(srv.url + "/api/v1/generate", json={"prompt": "x", "max_length": 1}).status_code == 200
