@@ -19,7 +19,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -162,51 +162,27 @@ def write_demo_model(path: Path, spec: DemoSpec = DEFAULT_SPEC) -> None:
 
 def _write_gguf(path: Path, spec: DemoSpec, pieces: list[bytes], scores: list[float], types: list[int],
                 tensors: list[tuple[str, np.ndarray]]) -> None:
-    import gguf
+    """Write with the project's GGUF writer and quantizers (airobackend.formats.writer / .quantize)."""
+    from airobackend.formats import HParams, Vocab
+    from airobackend.formats.quantize import quantize
+    from airobackend.formats.writer import MIX_FTYPE, TensorSpec, write_gguf
+    from airobackend.quant import GGMLType
 
-    gguf_log = logging.getLogger("gguf")           # its writer chats at INFO level; keep the console clean
-    level = gguf_log.level
-    gguf_log.setLevel(logging.WARNING)
-    try:
-        _write_gguf_file(gguf, path, spec, pieces, scores, types, tensors)
-    finally:
-        gguf_log.setLevel(level)
+    weight_type = GGMLType[spec.weight_type.upper()]
+    hp = HParams(n_vocab=len(pieces), n_embd=spec.n_embd, n_head=spec.n_head, n_head_kv=spec.n_head,
+                 n_layer=spec.n_layer, n_ff=spec.n_ff, n_rot=spec.n_embd // spec.n_head,
+                 n_ctx_train=spec.n_ctx_train, rms_norm_eps=spec.rms_norm_eps, rope_freq_base=spec.rope_freq_base)
+    vocab = Vocab(pieces=pieces, scores=np.asarray(scores, np.float32), types=np.asarray(types, np.int32),
+                  spelling="gguf")
+    values = dict(tensors)
+    specs = [TensorSpec(name, GGMLType.F32 if x.ndim == 1 else weight_type, tuple(reversed(x.shape)))
+             for name, x in tensors]
 
+    def data(t: TensorSpec):
+        yield quantize(values[t.name], t.type)
 
-def _write_gguf_file(gguf: Any, path: Path, spec: DemoSpec, pieces: list[bytes], scores: list[float],
-                     types: list[int], tensors: list[tuple[str, np.ndarray]]) -> None:
-    qtype = gguf.GGMLQuantizationType[spec.weight_type.upper()]
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_name("airobackend demo (random weights)")
-    w.add_context_length(spec.n_ctx_train)
-    w.add_embedding_length(spec.n_embd)
-    w.add_block_count(spec.n_layer)
-    w.add_feed_forward_length(spec.n_ff)
-    w.add_rope_dimension_count(spec.n_embd // spec.n_head)
-    w.add_head_count(spec.n_head)
-    w.add_head_count_kv(spec.n_head)
-    w.add_layer_norm_rms_eps(spec.rms_norm_eps)
-    w.add_rope_freq_base(spec.rope_freq_base)
-    w.add_file_type(int(gguf.LlamaFileType[f"MOSTLY_{spec.weight_type.upper()}"]))
-    w.add_tokenizer_model("llama")
-    w.add_token_list(pieces)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_unk_token_id(0)
-    w.add_add_bos_token(True)
-    w.add_add_space_prefix(True)
-    for name, x in tensors:
-        if x.ndim == 1:
-            w.add_tensor(name, x)
-        else:
-            q = gguf.quants.quantize(x, qtype)
-            w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_gguf(path, hparams=hp, vocab=vocab, tensors=specs, data=data, ftype=MIX_FTYPE[spec.weight_type],
+               name="airobackend demo (random weights)")
 
 
 def default_cache_dir() -> Path:
