@@ -169,6 +169,9 @@ class Engine:
             raise RequestError(f"max_tokens {mt} is absurd (limit {MAX_TOKENS_LIMIT})")
         if isinstance(req.stop, str) or not all(isinstance(s, str) for s in req.stop):
             raise RequestError("stop must be a list of strings")
+        if isinstance(req.n_probs, bool) or not isinstance(req.n_probs, (int, np.integer)) \
+                or not 0 <= req.n_probs <= self.n_vocab:
+            raise RequestError(f"n_probs must be an integer in 0..{self.n_vocab}, not {req.n_probs!r}")
         if req.genkey is not None and not isinstance(req.genkey, str):
             raise RequestError("genkey must be a string")
         if not isinstance(req.sampling, SamplingParams):

@@ -405,7 +405,7 @@ def test_too_long_prompt_is_cut_at_the_start_when_shifting_is_allowed():
     dict(max_tokens=-2), dict(max_tokens=10 ** 9), dict(max_tokens="5"), dict(max_tokens=True),
     dict(tokens=[1, 2]), dict(stop="USER:"), dict(stop=(1,)),
     dict(sampling=SamplingParams(mirostat=3)), dict(sampling=SamplingParams(sampler_order=(6, 0, 9))),
-    dict(sampling=SamplingParams(top_p=2.0)),
+    dict(sampling=SamplingParams(top_p=2.0)), dict(n_probs=-1), dict(n_probs=10 ** 7),
 ])
 def test_bad_requests_raise_before_any_event(change):
     engine, model = engine_for([tid("!")])
