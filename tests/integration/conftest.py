@@ -41,3 +41,13 @@ def fx_server(fx_model, tmp_path_factory):
     server = Server(fx_model, tmp_path_factory.mktemp("serve") / "serve.log")
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def fx_server_with_key(fx_model, tmp_path_factory):
+    """The same with `--api-key secret-key`."""
+    serve_available()
+    server = Server(fx_model, tmp_path_factory.mktemp("serve-key") / "serve.log", api_key="secret-key")
+    server.api_key = "secret-key"
+    yield server
+    server.stop()

@@ -147,3 +147,14 @@ def test_remote_mode_without_a_server_says_so(lollms):
     with pytest.raises(Exception, match="127.0.0.1:9"):
         built(lollms, "", mode="remote", address="http://127.0.0.1:9")
     assert any(kind == "error" and "is `airobackend serve` running?" in msg for kind, msg in lollms.com.messages)
+
+
+def test_card_files_follow_the_zoo_layout():
+    from lollms_harness import BINDING_SRC
+    card = yaml.safe_load((BINDING_SRC / "binding_card.yaml").read_text())
+    assert {"name", "author", "version", "link", "description"} <= set(card)
+    models = yaml.safe_load((BINDING_SRC / "models.yaml").read_text())
+    keys = {"description", "filename", "license", "owner_link", "owner", "server", "sha256", "model_type"}
+    assert models and all(keys <= set(m) for m in models)
+    assert (BINDING_SRC / "logo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (BINDING_SRC / "requirements.txt").is_file()

@@ -225,3 +225,60 @@ def test_remote_mode_stop_button_closes_the_stream(host, fx_server, fx_model):
     host.shared.stop_everything = False
     assert host.generate(PROMPT, default_state(max_new_tokens=8, **GREEDY))[-1] == \
         engine_text(fx_model, PROMPT, 8, **GREEDY_ENGINE)
+
+
+def test_remote_mode_sends_the_api_key(host, fx_server_with_key, fx_model, capsys):
+    server = fx_server_with_key
+    host.start(settings={"airobackend-mode": "remote", "airobackend-server_url": server.url})
+    assert host.shared.model is None and "401" in capsys.readouterr().out, "no key: refused, reported, UI stays up"
+    host.script.params["api_key"] = server.api_key
+    host.script.connect()
+    assert host.generate(PROMPT, default_state(max_new_tokens=8, **GREEDY))[-1] == \
+        engine_text(fx_model, PROMPT, 8, **GREEDY_ENGINE)
+
+
+# ------------------------------------------------------------------------------------------------- set-up paths
+
+def test_a_bad_model_does_not_take_the_web_ui_down_and_generation_names_it(host, fx_model, capsys):
+    host.start(settings={"airobackend-model": "/nowhere/airoboros-65b.q4_K_M.bin"})
+    assert host.shared.model is None and "not connected yet" in capsys.readouterr().out
+    with pytest.raises(Exception, match="airoboros-65b.q4_K_M"):
+        host.generate(PROMPT, default_state(max_new_tokens=4, **GREEDY))
+
+
+def test_ui_apply_reconnects_with_the_new_settings(host, fx_model, demo_model, monkeypatch):
+    """The UI block's Apply button (wired through a recording stand-in for gradio) switches the model."""
+    import sys
+    import types
+
+    recorded = {}
+
+    class Component:
+        def __init__(self, *args, **kwargs):
+            self.kwargs = kwargs
+
+        def click(self, fn, inputs, outputs):
+            recorded["apply"] = (fn, inputs)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    gradio = types.ModuleType("gradio")
+    for name in ("Accordion", "Radio", "Dropdown", "Textbox", "Number", "Markdown", "Button"):
+        setattr(gradio, name, Component)
+    monkeypatch.setitem(sys.modules, "gradio", gradio)
+
+    start_in_process(host, fx_model)
+    host.script.ui()
+    fn, inputs = recorded["apply"]
+    values = [c.kwargs.get("value") for c in inputs]
+    assert values[0] == "in-process" and values[1] == fx_model
+    values[1] = demo_model
+    status = fn(*values)
+    assert status.startswith("Connected: airobackend-demo"), status
+    assert host.shared.model_name.startswith("airobackend-demo")
+    assert host.generate(PROMPT, default_state(max_new_tokens=12, **GREEDY))[-1] == \
+        engine_text(demo_model, PROMPT, 12, **GREEDY_ENGINE)

@@ -54,21 +54,33 @@ def _shared():
 
 
 def connect() -> Any:
-    """(Re)connect the backend from `params` and install it as the host's model and tokenizer."""
+    """(Re)connect the backend from `params` and install it as the host's model and tokenizer.
+
+    The new backend is checked (model name, context size) before it replaces the old one, so a failed Apply
+    leaves the previous connection serving.
+    """
     global backend
     with _backend_lock:
+        if backend is not None and params["mode"] == "in-process":
+            backend.close()           # in-process: free the old model's memory before loading the next
+            backend = None
+        shared = _shared()
+        try:
+            b = bridge.connect(params["mode"], model=params["model"], model_dir=params["model_dir"],
+                               n_ctx=int(params["n_ctx"]), n_threads=int(params["n_threads"]),
+                               server_url=params["server_url"], api_key=params["api_key"])
+            name, n_ctx = b.model_name, b.n_ctx
+        except Exception:
+            if backend is None and isinstance(shared.model, AirobackendModel):
+                shared.model, shared.tokenizer, shared.model_name = None, None, "None"   # ours is gone
+            raise
         if backend is not None:
             backend.close()
-            backend = None
-        b = bridge.connect(params["mode"], model=params["model"], model_dir=params["model_dir"],
-                           n_ctx=int(params["n_ctx"]), n_threads=int(params["n_threads"]),
-                           server_url=params["server_url"], api_key=params["api_key"])
-        shared = _shared()
-        shared.model = AirobackendModel(b)
+        shared.model = AirobackendModel(b, name)
         shared.tokenizer = AirobackendTokenizer(b)
-        shared.model_name = b.model_name
+        shared.model_name = name
         if isinstance(getattr(shared, "settings", None), dict) and "truncation_length" in shared.settings:
-            shared.settings["truncation_length"] = b.n_ctx
+            shared.settings["truncation_length"] = n_ctx
         backend = b
         return b
 
@@ -89,11 +101,11 @@ def setup() -> None:
 class AirobackendModel:
     """What the host sees as `shared.model`: its presence tells the UI and API that a model is loaded."""
 
-    def __init__(self, backend: Any) -> None:
-        self.backend = backend
+    def __init__(self, backend: Any, name: str) -> None:
+        self.backend, self.name = backend, name
 
     def __repr__(self) -> str:
-        return f"AirobackendModel({self.backend.model_name!r})"
+        return f"AirobackendModel({self.name!r})"
 
 
 class AirobackendTokenizer:
