@@ -479,3 +479,27 @@ def test_model_info_template_and_tokenize():
     assert engine.format_chat([{"role": "user", "content": "Hi"}]).endswith("USER: Hi ASSISTANT:")
     ids = engine.tokenize("Hello world")
     assert ids[0] == TOK.bos_id and engine.detokenize(ids) == "Hello world"
+
+
+def test_other_threads_may_poll_while_generating():
+    engine, model = engine_for([], then=tid("!"), delay=0.002)
+    stop = threading.Event()
+    errors: list = []
+
+    def poll():
+        try:
+            while not stop.is_set():
+                engine.perf(), engine.partial_text("K"), engine.abort("not-this-one"), engine.is_running()
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+    pollers = [threading.Thread(target=poll) for _ in range(3)]
+    for t in pollers:
+        t.start()
+    try:
+        _, text, last = run(engine, request(max_tokens=50, genkey="K"))
+    finally:
+        stop.set()
+        for t in pollers:
+            t.join(10)
+    assert not errors and text == "!" * 50 and last.finish_reason is FinishReason.LENGTH
+    assert engine.partial_text("K") == text
