@@ -288,12 +288,12 @@ class Tokenizer:
         tables = self._pair_tables()
         data = np.frombuffer(text, dtype=np.uint8)
         starts, lens = _utf8_chunks(data)
-        char_keys, char_ids, pair_keys, pair_vals, scores, byte_ids, n_ids = tables
+        char_keys, char_ids, pair_keys, pair_vals, rank, byte_ids, n_ids = tables
         keys = _chunk_keys(data, starts, lens)
         pos = np.searchsorted(char_keys, keys)
         pos[pos >= char_keys.size] = 0
         sym = np.where(char_keys[pos] == keys, char_ids[pos], -1).astype(np.int64)
-        out = _spm_merge(data, starts, lens, sym, pair_keys, pair_vals, scores, byte_ids, np.int64(n_ids),
+        out = _spm_merge(data, starts, lens, sym, pair_keys, pair_vals, rank, byte_ids, np.int64(n_ids),
                          np.int64(self.n_vocab))
         return out.tolist()
 
@@ -329,7 +329,10 @@ class Tokenizer:
         pk = np.array(list(pairs.keys()), dtype=np.int64)
         pv = np.array(list(pairs.values()), dtype=np.int64)
         po = np.argsort(pk)
-        t = (ck[o], cv[o], pk[po], pv[po], self.scores.astype(np.float64),
+        # dense rank of each score, best first: equal scores share a rank (ties then go to the leftmost pair)
+        uniq = np.unique(self.scores.astype(np.float64))[::-1]
+        rank = np.searchsorted(-uniq, -self.scores.astype(np.float64)).astype(np.int64)
+        t = (ck[o], cv[o], pk[po], pv[po], rank,
              np.array(self._byte_id, dtype=np.int64), n_ids)
         self._fast_tables = t
         return t
@@ -418,8 +421,8 @@ def _chunk_keys(data, starts, lens):
     return _kernel("_chunk_keys")(data, starts, lens)
 
 
-def _spm_merge(data, starts, lens, sym, pair_keys, pair_vals, scores, byte_ids, n_ids, n_vocab):
-    return _kernel("_spm_merge")(data, starts, lens, sym, pair_keys, pair_vals, scores, byte_ids, n_ids, n_vocab)
+def _spm_merge(data, starts, lens, sym, pair_keys, pair_vals, rank, byte_ids, n_ids, n_vocab):
+    return _kernel("_spm_merge")(data, starts, lens, sym, pair_keys, pair_vals, rank, byte_ids, n_ids, n_vocab)
 
 
 def _py_utf8_chunks(data):
@@ -452,25 +455,25 @@ def _py_chunk_keys(data, starts, lens):
     return keys
 
 
-def _py_spm_merge(data, starts, lens, sym, pair_keys, pair_vals, scores, byte_ids, n_ids, n_vocab):
+def _py_spm_merge(data, starts, lens, sym, pair_keys, pair_vals, rank, byte_ids, n_ids, n_vocab):
     n = starts.size
-    lens = lens.copy()
-    sym = sym.copy()
-    prev = np.arange(-1, n - 1)
-    nxt = np.arange(1, n + 1)
+    lens = lens.astype(np.int32)       # int32 symbol arrays: half the memory traffic of int64
+    sym = sym.astype(np.int32)
+    prev = np.arange(-1, n - 1).astype(np.int32)
+    nxt = np.arange(1, n + 1).astype(np.int32)
     nxt[n - 1] = -1
-    cap = 3 * n + 8                    # n-1 seeds + at most 2 pushes per merge
-    # the binary heap, entries stored in place (score, left, right, merged id, byte size): higher score first,
-    # then the leftmost pair (llama.cpp llm_bigram_spm::comparator)
-    hs = np.empty(cap, np.float64)
-    hl = np.empty(cap, np.int64)
-    hr = np.empty(cap, np.int64)
-    ht = np.empty(cap, np.int64)
-    hz = np.empty(cap, np.int64)
+    cap = n + 16                       # grows by doubling when full
+    # 4-ary min-heap of one int64 key per entry: (dense score rank of the merged token << 40) | left symbol, i.e.
+    # higher score first, then the leftmost pair (llama.cpp llm_bigram_spm::comparator); the payload packs the
+    # right symbol and the merged byte size (staleness check)
+    hk = np.empty(cap, np.int64)
+    hp = np.empty(cap, np.int64)
     n_heap = 0
     npk = pair_keys.size
-    cand_l = np.empty(2, np.int64)
-    cand_r = np.empty(2, np.int64)
+    LEFT_MASK = (np.int64(1) << 40) - 1
+    SIZE_MASK = (np.int64(1) << 20) - 1
+    cand_l = np.empty(2, np.int32)
+    cand_r = np.empty(2, np.int32)
     seed_i = 0
     while True:
         n_cand = 0
@@ -482,31 +485,37 @@ def _py_spm_merge(data, starts, lens, sym, pair_keys, pair_vals, scores, byte_id
         else:
             if n_heap == 0:
                 break
-            a = hl[0]
-            b = hr[0]
-            t_top = ht[0]
-            z_top = hz[0]
+            k_top = hk[0]
+            p_top = hp[0]
             n_heap -= 1
-            # sift the last entry down from the root
-            s_, l_, r_, t_, z_ = hs[n_heap], hl[n_heap], hr[n_heap], ht[n_heap], hz[n_heap]
+            kx = hk[n_heap]
+            px = hp[n_heap]
             i = 0
-            while True:
-                c = 2 * i + 1
+            while True:                                  # sift the last entry down from the root
+                c = 4 * i + 1
                 if c >= n_heap:
                     break
-                if c + 1 < n_heap and (hs[c + 1] > hs[c] or (hs[c + 1] == hs[c] and hl[c + 1] < hl[c])):
-                    c += 1
-                if hs[c] > s_ or (hs[c] == s_ and hl[c] < l_):
-                    hs[i], hl[i], hr[i], ht[i], hz[i] = hs[c], hl[c], hr[c], ht[c], hz[c]
-                    i = c
+                best = c
+                end = c + 4 if c + 4 <= n_heap else n_heap
+                for j in range(c + 1, end):
+                    if hk[j] < hk[best]:
+                        best = j
+                if hk[best] < kx:
+                    hk[i] = hk[best]
+                    hp[i] = hp[best]
+                    i = best
                 else:
                     break
-            hs[i], hl[i], hr[i], ht[i], hz[i] = s_, l_, r_, t_, z_
-            if lens[a] == 0 or lens[b] == 0 or lens[a] + lens[b] != z_top:
+            hk[i] = kx
+            hp[i] = px
+            a = np.int32(k_top & LEFT_MASK)
+            b = np.int32(p_top >> 20)
+            if lens[a] == 0 or lens[b] == 0 or lens[a] + lens[b] != (p_top & SIZE_MASK):
                 continue                                 # stale: one side merged since
+            key = np.int64(sym[a]) * n_ids + sym[b]
+            sym[a] = pair_vals[np.searchsorted(pair_keys, key)]
             lens[a] += lens[b]
             lens[b] = 0
-            sym[a] = t_top
             nb = nxt[b]
             nxt[a] = nb
             if nb >= 0:
@@ -524,20 +533,31 @@ def _py_spm_merge(data, starts, lens, sym, pair_keys, pair_vals, scores, byte_id
             right = cand_r[q]
             if sym[left] < 0 or sym[right] < 0:
                 continue
-            key = sym[left] * n_ids + sym[right]
+            key = np.int64(sym[left]) * n_ids + sym[right]
             p = np.searchsorted(pair_keys, key)
             if p < npk and pair_keys[p] == key:
-                s_ = scores[pair_vals[p]]
+                kx = (rank[pair_vals[p]] << 40) | np.int64(left)
+                px = (np.int64(right) << 20) | np.int64(lens[left] + lens[right])
+                if n_heap == cap:
+                    cap *= 2
+                    hk2 = np.empty(cap, np.int64)
+                    hp2 = np.empty(cap, np.int64)
+                    hk2[:n_heap] = hk[:n_heap]
+                    hp2[:n_heap] = hp[:n_heap]
+                    hk = hk2
+                    hp = hp2
                 i = n_heap
                 n_heap += 1
                 while i > 0:                             # sift up
-                    par = (i - 1) // 2
-                    if s_ > hs[par] or (s_ == hs[par] and left < hl[par]):
-                        hs[i], hl[i], hr[i], ht[i], hz[i] = hs[par], hl[par], hr[par], ht[par], hz[par]
+                    par = (i - 1) // 4
+                    if kx < hk[par]:
+                        hk[i] = hk[par]
+                        hp[i] = hp[par]
                         i = par
                     else:
                         break
-                hs[i], hl[i], hr[i], ht[i], hz[i] = s_, left, right, pair_vals[p], lens[left] + lens[right]
+                hk[i] = kx
+                hp[i] = px
     out = np.empty(data.size, np.int64)
     k = 0
     i = 0
