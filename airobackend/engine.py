@@ -26,7 +26,9 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
+from airobackend.detok import IncrementalDecoder, StopStringMatcher
 from airobackend.errors import ContextOverflowError, EngineBusy, RequestError
+from airobackend.sampling import Sampler, validate_sampling
 from airobackend.settings import Settings
 from airobackend.types import FinishReason, GenerationEvent, GenerationRequest, SamplingParams
 
@@ -83,31 +85,6 @@ class Generation:
             pass
 
 
-def _model_parts(llama: Any) -> tuple[Any, Any]:
-    """The forward pass (LlamaModel) and the tokenizer behind a Llama facade."""
-    return llama.model, llama.tokenizer
-
-
-def _new_sampler(params: SamplingParams, tokenizer: Any, n_vocab: int) -> Any:
-    from airobackend.sampling import Sampler
-    return Sampler(params, tokenizer=tokenizer, n_vocab=n_vocab)
-
-
-def _validate_sampling(params: SamplingParams, n_vocab: int) -> None:
-    from airobackend.sampling import validate_sampling
-    validate_sampling(params, n_vocab=n_vocab)
-
-
-def _new_decoder(tokenizer: Any) -> Any:
-    from airobackend.detok import IncrementalDecoder
-    return IncrementalDecoder(tokenizer)
-
-
-def _new_stop_matcher(stops: Sequence[str], trim: bool) -> Any:
-    from airobackend.detok import StopStringMatcher
-    return StopStringMatcher(stops, trim=trim)
-
-
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     i = 0
@@ -122,7 +99,7 @@ class Engine:
     def __init__(self, llama: Any, settings: Optional[Settings] = None) -> None:
         self.llama = llama
         self.settings = settings or Settings()
-        self.model, self.tokenizer = _model_parts(llama)
+        self.model, self.tokenizer = llama.model, llama.tokenizer
         self.n_ctx = int(self.model.n_ctx)
         self.n_vocab = int(self.model.n_vocab)
         self.n_batch = max(1, int(getattr(self.model, "n_batch", 0) or self.settings.n_batch or 512))
@@ -176,7 +153,7 @@ class Engine:
             raise RequestError("genkey must be a string")
         if not isinstance(req.sampling, SamplingParams):
             raise RequestError("sampling must be SamplingParams")
-        _validate_sampling(req.sampling, self.n_vocab)
+        validate_sampling(req.sampling, n_vocab=self.n_vocab)
 
         tok = self.tokenizer
         memory: list[int] = []
@@ -328,9 +305,9 @@ class Engine:
     def _generate(self, job: _Job) -> Iterator[GenerationEvent]:
         req, tok = job.req, self.tokenizer
         seed = self._resolve_seed(req.sampling)
-        sampler = _new_sampler(req.sampling.replace(seed=seed), tok, self.n_vocab)
-        decoder = _new_decoder(tok)
-        stops = _new_stop_matcher(req.stop, req.trim_stop)
+        sampler = Sampler(req.sampling.replace(seed=seed), tokenizer=tok, n_vocab=self.n_vocab)
+        decoder = IncrementalDecoder(tok)
+        stops = StopStringMatcher(req.stop, trim=req.trim_stop)
         tokens = job.tokens
         t0 = time.perf_counter()
 
