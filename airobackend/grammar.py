@@ -536,7 +536,8 @@ class GrammarMatcher:
                 r = self.can_end
             else:
                 piece = self.tok.token_bytes(tid)
-                r = bool(piece) and self._state_after(piece) is not None
+                # empty pieces and pieces starting with NUL are never grammar text (as in llama.cpp)
+                r = bool(piece) and piece[0] != 0 and self._state_after(piece) is not None
             self._memo[tid] = r
         return r
 
@@ -607,7 +608,7 @@ def _token_trie(tok) -> tuple[list[int], dict]:
         trie = ([], {})
         for tid in range(tok.n_vocab):
             piece = tok.token_bytes(tid)
-            if not piece or tid == tok.eos_id:
+            if not piece or piece[0] == 0 or tid == tok.eos_id:
                 continue
             node = trie
             for b in piece:

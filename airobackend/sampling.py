@@ -347,6 +347,7 @@ class Sampler:
         rng = int(p.repetition_penalty_range)
         hist = np.asarray(history, dtype=np.int64).reshape(-1)
         window = hist[-rng:] if rng > 0 else hist
+        window = window[(window >= 0) & (window < self.n_vocab)]
         if window.size == 0:
             return ids, lg
         half = window.size // 2

@@ -191,3 +191,11 @@ def test_real_vocab_json_sampling(fixtures_dir: Path) -> None:
         assert out[-1] == tok.eos_id
         value = json.loads(tok.decode(out[:-1]))
         assert set(value) == {"answer"}
+
+
+def test_nul_and_empty_pieces_never_allowed() -> None:
+    m = GrammarMatcher(Grammar.parse('root ::= [^a]*'), TOK)
+    assert not m.allows(3 + 0x00)                        # llama.cpp never feeds NUL to the grammar
+    assert not m.allows(1) and not m.allows(0)           # BOS / unk print nothing
+    assert m.allows(3 + 0x01) and m.allows(TOK.eos_id)
+    assert 3 not in m.allowed_ids().tolist()
