@@ -48,6 +48,7 @@ class _Job:
     prompt_text: str                  # for echo
     max_tokens: int                   # -1 = until EOS or context full
     genkey: str
+    stop: tuple[str, ...]
     abort: threading.Event = field(default_factory=threading.Event)
     started: bool = False
     waiting: bool = False             # its consumer is blocked in next(), waiting for the slot
@@ -144,7 +145,8 @@ class Engine:
             raise RequestError(f"max_tokens must be >= 0 (or -1 = until EOS / context full), not {mt}")
         if mt > MAX_TOKENS_LIMIT:
             raise RequestError(f"max_tokens {mt} is absurd (limit {MAX_TOKENS_LIMIT})")
-        if isinstance(req.stop, str) or not all(isinstance(s, str) for s in req.stop):
+        stop = req.stop if req.stop is not None else ()
+        if isinstance(stop, str) or not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
             raise RequestError("stop must be a list of strings")
         if isinstance(req.n_probs, bool) or not isinstance(req.n_probs, (int, np.integer)) \
                 or not 0 <= req.n_probs <= self.n_vocab:
@@ -206,7 +208,7 @@ class Engine:
                         f"the memory part ({n_keep} tokens) leaves no room in the context of {n_ctx} tokens")
                 tokens = tokens[:n_keep] + tokens[p - room:]
         return _Job(req=req, tokens=tokens, n_keep=n_keep, prompt_text=prompt_text, max_tokens=mt,
-                    genkey=req.genkey or "")
+                    genkey=req.genkey or "", stop=tuple(stop))
 
     # ---------------------------------------------------------------------------------------------- queue
     def _run(self, job: _Job) -> Iterator[GenerationEvent]:
@@ -307,7 +309,7 @@ class Engine:
         seed = self._resolve_seed(req.sampling)
         sampler = Sampler(req.sampling.replace(seed=seed), tokenizer=tok, n_vocab=self.n_vocab)
         decoder = IncrementalDecoder(tok)
-        stops = StopStringMatcher(req.stop, trim=req.trim_stop)
+        stops = StopStringMatcher(job.stop, trim=req.trim_stop)
         tokens = job.tokens
         t0 = time.perf_counter()
 
