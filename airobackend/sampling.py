@@ -12,7 +12,8 @@ distribution of the last call (for n_probs / logprobs).
 Order of work per token (KoboldCpp `SampleLogits`):
 
 1. logit_bias is added; banned token ids, tokens matching banned strings and (with ban_eos) EOS are set to -inf.
-2. The candidates are cut to the 5000 best logits (KoboldCpp's speed pre-filter) and sorted, best first.
+2. The candidates are cut to the 5000 best logits (KoboldCpp's speed pre-filter; ties at a cut go to the lower id).
+   Samplers that need the order sort them (best first, ties by lower id); top_k selects in O(n) first.
 3. Mirostat 1/2 when enabled: repetition penalty -> temperature -> mirostat (sampler_order ignored, as KoboldCpp).
    Otherwise the samplers run in `sampler_order` (KoboldCpp ids): 0 top_k, 1 top_a, 2 top_p then min_p, 3 tfs,
    4 typical, 5 temperature (dynamic temperature when dynatemp_range > 0), 6 repetition penalty
