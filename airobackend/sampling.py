@@ -251,6 +251,7 @@ class Sampler:
         if x.shape[0] != self.n_vocab:
             raise RequestError(f"logits have {x.shape[0]} entries, expected n_vocab = {self.n_vocab}")
         x[np.isnan(x)] = -np.inf
+        x[x == np.inf] = 1e30                       # a broken model row must not turn the softmax into NaN
         if self._bias_ids.size:
             np.add.at(x, self._bias_ids, self._bias_vals)
         if self._banned.size:
