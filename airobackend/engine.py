@@ -311,11 +311,10 @@ class Engine:
         decoder = IncrementalDecoder(tok)
         stops = StopStringMatcher(job.stop, trim=req.trim_stop)
         tokens = job.tokens
-        t0 = time.perf_counter()
-
         if req.echo and job.prompt_text:
             job.text.append(job.prompt_text)
             yield GenerationEvent(text=job.prompt_text)
+        t0 = time.perf_counter()
 
         # Prompt cache: keep the common prefix, evaluate the tail (at least the last token, for its logits).
         n_reuse = min(_common_prefix(self._cache, tokens), len(tokens) - 1)
@@ -338,9 +337,10 @@ class Engine:
                 if job.abort.is_set():
                     finish = FinishReason.ABORTED
                     break
+                lp = self._log_softmax(logits) if logprobs is not None else None   # before the sampler sees it
                 tid = int(sampler.sample(logits, history))
                 if logprobs is not None:
-                    logprobs.append(self._logprobs(logits, tid, req.n_probs))
+                    logprobs.append(self._logprob_entry(lp, tid, req.n_probs))
                 if tid == tok.eos_id:
                     finish = FinishReason.EOS
                     break
@@ -386,14 +386,19 @@ class Engine:
         yield GenerationEvent(text=tail, token_ids=tuple(pending_ids), finish_reason=finish,
                               prompt_tokens=len(tokens), completion_tokens=n_gen, logprobs=logprobs or None)
 
-    def _logprobs(self, logits: np.ndarray, tid: int, n: int) -> dict[str, Any]:
-        """Log-probabilities of the raw model distribution: the chosen token and the top `n`."""
+    @staticmethod
+    def _log_softmax(logits: np.ndarray) -> np.ndarray:
         x = np.asarray(logits, dtype=np.float64)
-        lp = x - (x.max() + np.log(np.exp(x - x.max()).sum()))
-        top = np.argsort(-lp, kind="stable")[:n]
-        piece = lambda i: self.tokenizer.token_bytes(int(i)).decode("utf-8", errors="replace")  # noqa: E731
+        m = x.max()
+        return x - (m + np.log(np.exp(x - m).sum()))
+
+    def _logprob_entry(self, lp: np.ndarray, tid: int, n: int) -> dict[str, Any]:
+        """Log-probabilities of the raw model distribution: the chosen token and the top `n`."""
+        top = np.argpartition(-lp, n - 1)[:n] if n < lp.size else np.arange(lp.size)
+        top = top[np.argsort(-lp[top], kind="stable")]
+        piece = self.tokenizer.piece_text
         return {"id": tid, "token": piece(tid), "logprob": float(lp[tid]),
-                "top_logprobs": [{"id": int(i), "token": piece(i), "logprob": float(lp[i])} for i in top]}
+                "top_logprobs": [{"id": int(i), "token": piece(int(i)), "logprob": float(lp[i])} for i in top]}
 
     # ---------------------------------------------------------------------------------------------- other threads
     def abort(self, genkey: Optional[str] = None) -> bool:
