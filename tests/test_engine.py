@@ -503,3 +503,17 @@ def test_other_threads_may_poll_while_generating():
             t.join(10)
     assert not errors and text == "!" * 50 and last.finish_reason is FinishReason.LENGTH
     assert engine.partial_text("K") == text
+
+
+def test_logprobs_of_the_raw_distribution():
+    reply = [tid(SP + "Hello"), tid("!")]
+    engine, _ = engine_for(reply)
+    events = list(engine.generate(request(n_probs=2)))
+    entries = [e for ev in events for e in (ev.logprobs or [])]
+    assert [e["id"] for e in entries] == reply + [TOK.eos_id]          # one per sampled token, EOS included
+    expected = 20.0 - np.log(np.exp(20.0) + TOK.n_vocab - 1)          # the fake puts 20 on one logit, 0 elsewhere
+    for e in entries:
+        assert e["logprob"] == pytest.approx(expected)
+        assert len(e["top_logprobs"]) == 2 and e["top_logprobs"][0]["id"] == e["id"]
+        assert e["top_logprobs"][1]["logprob"] == pytest.approx(-np.log(np.exp(20.0) + TOK.n_vocab - 1))
+    assert entries[0]["token"] == " Hello"
