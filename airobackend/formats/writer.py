@@ -426,6 +426,9 @@ def write_model_like(path: Union[str, os.PathLike], mf, *, format: str,
     """Re-write an opened ModelFile (GGML v3 or GGUF) in `format` with payloads copied unchanged."""
     specs = [TensorSpec(t.name, t.type, t.ne) for t in mf.tensors.values()
              if tensor_filter is None or tensor_filter(t.name)]
+    order = {n: i for i, n in enumerate((llama_tensor_order if format == "gguf" else ggml_tensor_order)(
+        mf.hparams.n_layer))}
+    specs.sort(key=lambda s: order.get(s.name, len(order)))      # the order each converter wrote
 
     def data(spec: TensorSpec):
         yield mf.tensors[spec.name].data
