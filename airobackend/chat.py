@@ -207,7 +207,8 @@ def choose_template(override: Optional[str] = None, path: Optional[str] = None,
     """
     if override:
         return get_template(override)
-    name = (str(path).replace("\\", "/").rsplit("/", 1)[-1] if path else "").lower()
+    # The file name and its folder's (downloads often sit in a folder named after the model).
+    name = ("/".join(str(path).replace("\\", "/").split("/")[-2:]) if path else "").lower()
     if metadata:
         general = _text(metadata.get("general.name"))
         if general:

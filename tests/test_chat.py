@@ -69,6 +69,8 @@ def test_content_parts_and_bad_messages():
     ("/m/ggml-alpaca-7b-q4.bin", "alpaca"),
     ("/m/openhermes-2.5-mistral-7b.Q4_K_M.gguf", "chatml"),
     ("/m/fx-q4_0.gguf", "airoboros"),                 # unknown -> the default for these models
+    ("/m/vicuna-7B-GGML/ggml-model-q4_0.bin", "vicuna"),      # the folder is named after the model
+    ("/home/alpaca/models/Airoboros-65B-GPT4-1.3-GGML/model.q4_K_M.bin", "airoboros-1.2"),
     (None, "airoboros"),
 ])
 def test_choice_from_file_name(path, expected):
