@@ -18,6 +18,7 @@ some stack is empty (the grammar may end there).
 """
 from __future__ import annotations
 
+import functools
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
@@ -338,6 +339,12 @@ class Grammar:
         names = {v: k for k, v in p.symbol_ids.items()}
         return cls(p.rules, p.symbol_ids["root"], names)
 
+    @staticmethod
+    def cached(src: str) -> "Grammar":
+        """`parse` with a small cache: frontends resend the same grammar with every request, and the parsed
+        grammar's expansion memo stays warm across them (it is only ever added to, so sharing is safe)."""
+        return _parse_cached(src)
+
     # ------------------------------------------------------------------ analysis
     def _check_left_recursion(self, rules: dict[int, list[tuple[int, int]]]) -> None:
         alts = {rid: [[]] for rid in rules}
@@ -451,6 +458,11 @@ class Grammar:
                 ns = st[:-1] if self._is_end(nxt) else st[:-1] + (nxt,)
                 out |= self.advance(ns)
         return frozenset(out)
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_cached(src: str) -> Grammar:
+    return Grammar.parse(src)
 
 
 # ---------------------------------------------------------------------- UTF-8 with a carried partial sequence

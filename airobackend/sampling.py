@@ -140,8 +140,10 @@ def validate_sampling(params: SamplingParams, n_vocab: Optional[int] = None) -> 
         if not isinstance(s, str):
             raise RequestError(f"banned strings must be strings, got {s!r}")
     if p.grammar:
-        from airobackend.grammar import Grammar
-        Grammar.parse(p.grammar)
+        from airobackend.grammar import Grammar, GrammarError
+        if not isinstance(p.grammar, str):
+            raise GrammarError(f"grammar must be a string, not {type(p.grammar).__name__}")
+        Grammar.cached(p.grammar)
 
 
 def _softmax(lg: np.ndarray) -> np.ndarray:
@@ -217,7 +219,7 @@ class Sampler:
             if tokenizer is None:
                 raise RequestError("a grammar needs the model's tokenizer")
             from airobackend.grammar import Grammar, GrammarMatcher
-            self.grammar = GrammarMatcher(Grammar.parse(p.grammar), tokenizer)
+            self.grammar = GrammarMatcher(Grammar.cached(p.grammar), tokenizer)
         self.last_ids = np.zeros(0, dtype=np.int64)
         self.last_probs = np.zeros(0, dtype=np.float64)
 
