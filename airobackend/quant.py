@@ -64,3 +64,11 @@ def tensor_nbytes(ggml_type: GGMLType, n_elements: int) -> int:
 def ftype_name(ftype: int) -> str:
     """The mix name for a llama_ftype number, e.g. 15 -> 'q4_K_M' (or 'unknown(N)')."""
     return FTYPE_NAMES.get(int(ftype) % 1000, f"unknown({ftype})")
+
+
+def mix_ftype(mix: str) -> int:
+    """The llama_ftype number of a mix name, e.g. 'q4_K_M' -> 15 (inverse of ftype_name)."""
+    for k, v in FTYPE_NAMES.items():
+        if v == mix:
+            return k
+    raise ValueError(f"unknown mix {mix!r} (one of {', '.join(FTYPE_NAMES.values())})")
