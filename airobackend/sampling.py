@@ -361,7 +361,6 @@ class Sampler:
         mask[near] = 2
         m = mask[ids]
         in_near = m == 2
-        in_far = m == 1
         seen = m > 0
         if not seen.any():
             return ids, lg
