@@ -6,7 +6,8 @@ For each mix (q4_0, q4_K_M, q8_0, f16) it builds a 7B-shaped slice -- n_embd 409
 
 * decode tok/s: one token = a mat-vec through every weight matrix of the slice (activation quantization and Python
   call overhead included; norms/attention, a few % at short context, are not);
-* prompt tok/s: a 128-token batch through every matrix (mat-mat);
+* prompt tok/s: a 128-token batch through every layer matrix (mat-mat) and the output matrix for the last token
+  (as llama.cpp does without logits_all);
 * GB/s of weights streamed per decode token, the machine's read bandwidth measured in the same run, and the ratio;
 * for 65B: the projected decode tok/s of the full model from the per-layer time (80 layers, half of them with Q6_K
   attn_v/ffn_down as q4_K_M has it, plus the output matrix).
@@ -107,8 +108,11 @@ class Slice:
         best = float("inf")
         for _ in range(reps):
             t0 = time.perf_counter()
-            for _, w in self.weights:
-                w.matmat(self._Xs[w.n_cols], self._Out[w.n_rows])
+            for name, w in self.weights:
+                if name == "output.weight":     # llama.cpp computes logits for the batch's last token only
+                    w.matvec(self._Xs[w.n_cols][-1], self._out[w.n_rows])
+                else:
+                    w.matmat(self._Xs[w.n_cols], self._Out[w.n_rows])
             best = min(best, time.perf_counter() - t0)
         return best
 

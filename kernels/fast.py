@@ -53,7 +53,7 @@ class Spec:
     `xq{j}`, `xd{j}`, `xs{j}` (offsets of the step in XQ, XD, XS/XF), the constants of `consts`.
     """
     name = ""
-    layout = ""         # activation layout: 'nib', 'nat8', 'k_nat', 'k_q4k', 'k_q2k', 'f16'
+    layout = ""         # activation layout: 'nib', 'k_nat', 'k_q4k', 'k_q2k', 'f16'
     block_bytes = 0     # file bytes per block (weights per block = `block_w`)
     block_w = 32
     step_w = 128        # weights per kernel step
@@ -151,13 +151,15 @@ class Q5_1(Q4_1):
                 f"dw{i} = load_h4_bcast4(W, wb{i} + 80)", f"mw{i} = load_h4_bcast4(W, wb{i} + 88)"]
 
 
-class Q8_0(Spec):
-    name, layout, block_bytes, step_bytes = "q8_0", "nat8", 34, 136
-    xd_step = 32
-    xs_step = 32
-    repack = [(b, 2 + j) for b in range(4) for j in range(32)] + [(b, k) for b in range(4) for k in range(2)]
+class Q8_0(Q4_0):
+    """Repacked so that the first 64 bytes of a group hold bytes 0..15 of its 4 blocks and the second 64 bytes bytes
+    16..31: both loads then meet the nibble-order activations, and i32 lanes 4b..4b+3 of both products belong to block
+    b, so one conversion and one FMA per group serve both halves (as for q4_0)."""
+    name, block_bytes, step_bytes = "q8_0", 34, 136
+    repack = ([(b, 2 + j) for b in range(4) for j in range(16)] + [(b, 18 + j) for b in range(4) for j in range(16)]
+              + [(b, k) for b in range(4) for k in range(2)])
     vnni = ISA == "avx512vnni"
-    # VNNI: w + 128 as unsigned bytes (xor 0x80) and -128 * sum(x) per block as the accumulator start.
+    # VNNI: w + 128 as unsigned bytes (xor 0x80), and -128 * sum(x) per block as the accumulator start.
     # AVX2: |w| * sign(w)x (vpmaddubsw would saturate on w + 128).
     consts = ({"M80": f"splat_i({simd.bytes4(0x80)})", "C128": "splat_i(-128)"} if vnni else {"Z": "splat_i(0)"})
 
@@ -166,24 +168,20 @@ class Q8_0(Spec):
             w = [f"u0{i} = vxor(load_i(W, wb{i}), M80)", f"u1{i} = vxor(load_i(W, wb{i} + 64), M80)"]
         else:
             w = [f"u0{i} = load_i(W, wb{i})", f"u1{i} = load_i(W, wb{i} + 64)"]
-        return w + [f"dwa{i} = load_h2_bcast8(W, wb{i} + 128)", f"dwb{i} = load_h2_bcast8(W, wb{i} + 132)"]
+        return w + [f"dw{i} = load_h4_bcast4(W, wb{i} + 128)"]
 
     def tok_part(self, j, p):
-        t = [f"x0{j} = load_i(XQ, xq{j})", f"x1{j} = load_i(XQ, xq{j} + 64)",
-             f"dxa{j} = load_f(XD, xd{j})", f"dxb{j} = load_f(XD, xd{j} + 16)"]
+        t = [f"xl{j} = load_i(XQ, xq{j})", f"xh{j} = load_i(XQ, xq{j} + 64)", f"dx{j} = load_f(XD, xd{j})"]
         if self.vnni:
-            t += [f"c0{j} = vmul(load_i(XS, xs{j}), C128)", f"c1{j} = vmul(load_i(XS, xs{j} + 16), C128)"]
+            t.append(f"xc{j} = vmul(load_i(XS, xs{j}), C128)")
         return t
 
     def acc_part(self, i, j, p):
         if self.vnni:
-            a = f"dpbusd(c0{j}, u0{i}, x0{j})"
-            b = f"dpbusd(c1{j}, u1{i}, x1{j})"
+            dot = f"dpbusd(dpbusd(xc{j}, u0{i}, xl{j}), u1{i}, xh{j})"
         else:
-            a = f"dot_s8s8(Z, u0{i}, x0{j})"
-            b = f"dot_s8s8(Z, u1{i}, x1{j})"
-        return [f"acc{i}_{j} = fma(cvt({a}), fmul(dwa{i}, dxa{j}), acc{i}_{j})",
-                f"acc{i}_{j} = fma(cvt({b}), fmul(dwb{i}, dxb{j}), acc{i}_{j})"]
+            dot = f"dot_s8s8(dot_s8s8(Z, u0{i}, xl{j}), u1{i}, xh{j})"
+        return [f"acc{i}_{j} = fma(cvt({dot}), fmul(dw{i}, dx{j}), acc{i}_{j})"]
 
 
 class KSpec(Spec):
@@ -571,23 +569,16 @@ class FastWeight:
             else:
                 q8.round_f16_rows(X, XD[:n])
             return _NO_I8, 0, XD, steps * 16, _NO_I32, _NO_F32, 0
-        if lay in ("nib", "nat8"):
-            ne = 16 if lay == "nib" else 32
+        if lay == "nib":
             XQ = np.zeros((n_pad, steps * 128), np.int8)
-            XD = np.zeros((n_pad, steps * ne), np.float32)
-            XS = np.zeros((n_pad, steps * ne), np.int32)
-            if lay == "nib":
-                XF = np.zeros((n_pad, steps * 16), np.float32)
-                if n == 1:
-                    q8.quantize_q8_0_nibble(X[0], XQ[0], XD[0], XS[0], XF[0])
-                else:
-                    q8.quantize_q8_0_nibble_rows(X, XQ[:n], XD[:n], XS[:n], XF[:n])
-                return XQ, steps * 128, XD, steps * ne, XS, XF.reshape(-1), steps * ne
+            XD = np.zeros((n_pad, steps * 16), np.float32)
+            XS = np.zeros((n_pad, steps * 16), np.int32)
+            XF = np.zeros((n_pad, steps * 16), np.float32)
             if n == 1:
-                q8.quantize_q8_0_natural(X[0], XQ[0], XD[0], XS[0])
+                q8.quantize_q8_0_nibble(X[0], XQ[0], XD[0], XS[0], XF[0])
             else:
-                q8.quantize_q8_0_natural_rows(X, XQ[:n], XD[:n], XS[:n])
-            return XQ, steps * 128, XD, steps * ne, XS, _NO_F32, steps * ne
+                q8.quantize_q8_0_nibble_rows(X, XQ[:n], XD[:n], XS[:n], XF[:n])
+            return XQ, steps * 128, XD, steps * 16, XS, XF.reshape(-1), steps * 16
         perm, pairs = _PERMS[lay], lay == "k_q4k"
         XQ = np.zeros((n_pad, steps * 256), np.int8)
         XD = np.zeros((n_pad, steps), np.float32)

@@ -10,11 +10,10 @@ llama.cpp converts the f32 activation row of every quantized matmul to the weigh
 
 Layouts (one token; the kernels step through the weights in *groups* of 4 legacy blocks = 128 weights, or in 256-weight
 super-blocks, and load activations 64 bytes at a time so that byte lane k meets the weight byte lane k):
-* legacy "nibble" order (q4_0 q4_1 q5_0 q5_1): per group `xq[16b+j] = q[32b+j]`, `xq[64+16b+j] = q[32b+16+j]`
+* legacy "nibble" order (all legacy types; q8_0 weights are repacked to match): per group `xq[16b+j] = q[32b+j]`, `xq[64+16b+j] = q[32b+16+j]`
   (b = block 0..3, j = 0..15): the low nibbles of 4 packed blocks meet the first 64 bytes, the high nibbles the second;
   `xd[16g + 4b + i] = d_b` (i = 0..3, the four i32 lanes of block b); `xsum[16g + 4b] = sum(q_b)` (other lanes 0);
   `xs[16g + 4b] = s_b` (the Q8_1 sum, other lanes 0).
-* legacy natural order (q8_0): `xq` as quantized; `xd[32g + 8b + i] = d_b` (i = 0..7); `xsum[32g + 8b] = sum(q_b)`.
 * Q8_K: `xq[256k + i] = q[256k + perm[i]]` with a per-weight-type permutation (PERM_*), `xd[k] = d`, and 16 int32
   per super-block in `xb` (natural bsums, or for q4_K/q5_K pair sums of the 32-element sub-blocks in lanes 8..15).
 """
@@ -91,28 +90,6 @@ def quantize_q8_0_nibble(x, xq, xd, xsum, xs):
 
 
 @numba.jit(**JITQ)
-def quantize_q8_0_natural(x, xq, xd, xsum):
-    """One row, natural order for q8_0 weights: xq as quantized, xd[32g + 8b + i] = d of block b of group g,
-    xsum[32g + 8b] = sum of its quants (other lanes 0)."""
-    n = x.shape[0]
-    nblk = (n + QK - 1) // QK
-    ngrp = (nblk + 3) // 4
-    q = np.empty(QK, np.int32)
-    xd[:ngrp * 32] = 0.0
-    xsum[:ngrp * 32] = 0
-    xq[:ngrp * GROUP] = 0
-    for b in range(nblk):
-        if (b + 1) * QK > n:
-            raise ValueError("row length must be a multiple of 32")
-        dr, d, s = _q8_0_block(x, b * QK, q)
-        for j in range(QK):
-            xq[b * QK + j] = q[j]
-        for i in range(8):
-            xd[8 * b + i] = dr
-        xsum[8 * b] = s
-
-
-@numba.jit(**JITQ)
 def quantize_q8_K(x, perm, pairs, xq, xd, xb):
     """One row to Q8_K: xq permuted by `perm` (256 entries), xd[k] = d, xb[16k..] bsums (pairs=True: the 8 sums of
     32-element sub-blocks in lanes 8..15, lanes 0..7 zero)."""
@@ -169,12 +146,6 @@ def round_f16(x, out):
 def quantize_q8_0_nibble_rows(X, xq, xd, xsum, xs):
     for t in prange(X.shape[0]):
         quantize_q8_0_nibble(X[t], xq[t], xd[t], xsum[t], xs[t])
-
-
-@numba.jit(**dict(JITQ, parallel=True))
-def quantize_q8_0_natural_rows(X, xq, xd, xsum):
-    for t in prange(X.shape[0]):
-        quantize_q8_0_natural(X[t], xq[t], xd[t], xsum[t])
 
 
 @numba.jit(**dict(JITQ, parallel=True))
