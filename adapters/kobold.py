@@ -183,17 +183,14 @@ class KoboldRoutes:
         body = await read_json(request)
         stream = GenerationStream(self.engine, self._request(body))
 
-        async def work():
-            return await collect(stream, await stream.start())
-
-        text, last = await run_watching_disconnect(request, work(), stream.cancel)
+        text, last = await run_watching_disconnect(request, collect(stream), stream.cancel)
         return JSONResponse({"results": [{"text": text, "finish_reason": finish_reason(last)}]})
 
     async def stream(self, request: Request) -> SSEResponse:
         body = await read_json(request)
         stream = GenerationStream(self.engine, self._request(body))
-        first = await run_watching_disconnect(request, stream.start(), stream.cancel)
-        return SSEResponse(kobold_sse(stream, first), on_disconnect=stream.cancel)
+        await run_watching_disconnect(request, stream.start(), stream.cancel)   # refusals still get a status
+        return SSEResponse(kobold_sse(stream), on_disconnect=stream.cancel)
 
     async def check_get(self) -> dict:
         return {"results": [{"text": self.engine.partial_text(None)}]}
@@ -249,22 +246,20 @@ class KoboldRoutes:
         return {"logprobs": None}   # logprobs are not recorded for Kobold requests (KoboldCpp's answer then)
 
 
-async def kobold_sse(stream: GenerationStream, first: Optional[GenerationEvent]) -> AsyncIterator[bytes]:
-    """KoboldCpp's SSE: `event: message` + `data: {"token", "finish_reason"}`; "null" (a string) until the end."""
-    ev = first
+async def kobold_sse(stream: GenerationStream) -> AsyncIterator[bytes]:
+    """KoboldCpp's SSE: `event: message` + `data: {"token", "finish_reason"}`; "null" (a string) until the end.
+
+    Headers go out as soon as the engine accepts the request, as KoboldCpp sends them; no keep-alive comments,
+    because KoboldAI Lite's parser expects nothing but `event:`/`data:` pairs."""
     try:
-        while ev is not None:
+        async for ev in stream:
             if ev.finish_reason is not None:
                 yield encode_sse({"token": ev.text, "finish_reason": finish_reason(ev)}, "message")
                 return
             if ev.text:
                 yield encode_sse({"token": ev.text, "finish_reason": "null"}, "message")
-            ev = await stream.__anext__()
-    except StopAsyncIteration:
-        pass
     except Exception as e:  # headers are out; end the stream the way every client understands
         log.error("generation failed mid-stream: %s", e)
     finally:
         await stream.aclose()
     yield encode_sse({"token": "", "finish_reason": "length"}, "message")
-

@@ -273,8 +273,8 @@ class OpenAIRoutes:
             so = body.get("stream_options")
             include_usage = isinstance(so, dict) and bool(so.get("include_usage"))
             gs = GenerationStream(self.engine, reqs[0])
-            first = await run_watching_disconnect(request, gs.start(), gs.cancel)
-            chunks = (chat_chunks if chat else completion_chunks)(gs, first, cid, created, model, include_usage)
+            await run_watching_disconnect(request, gs.start(), gs.cancel)      # refusals still get a status
+            chunks = (chat_chunks if chat else completion_chunks)(gs, cid, created, model, include_usage)
             return SSEResponse(chunks, on_disconnect=gs.cancel)
 
         choices, last_events = [], []
@@ -283,8 +283,8 @@ class OpenAIRoutes:
 
             async def work(gs=gs):
                 parts, entries, last = [], [], None
-                ev = await gs.start()
-                async for ev in _events(gs, ev):
+                await gs.start()
+                async for ev in _events(gs, keepalive=False):
                     if ev is _FAILED:
                         raise RuntimeError("generation failed")
                     parts.append(ev.text)
@@ -345,11 +345,14 @@ def _chunk(cid: str, obj: str, created: int, model: str, choice: dict) -> dict:
             "choices": [choice]}
 
 
-async def completion_chunks(gs: GenerationStream, first: Optional[GenerationEvent], cid: str, created: int,
-                            model: str, include_usage: bool) -> AsyncIterator[bytes]:
+async def completion_chunks(gs: GenerationStream, cid: str, created: int, model: str,
+                            include_usage: bool) -> AsyncIterator[bytes]:
     """text_completion chunks: one per text delta, the last with finish_reason, then [DONE]."""
     obj, offset = "text_completion", 0
-    async for ev in _events(gs, first):
+    async for ev in _events(gs):
+        if ev is _PING:
+            yield KEEPALIVE
+            continue
         if ev is _FAILED:
             yield encode_sse({"error": {"message": "generation failed", "type": "server_error", "param": None,
                                         "code": None}})
@@ -365,13 +368,16 @@ async def completion_chunks(gs: GenerationStream, first: Optional[GenerationEven
     yield DONE
 
 
-async def chat_chunks(gs: GenerationStream, first: Optional[GenerationEvent], cid: str, created: int,
-                      model: str, include_usage: bool) -> AsyncIterator[bytes]:
+async def chat_chunks(gs: GenerationStream, cid: str, created: int, model: str,
+                      include_usage: bool) -> AsyncIterator[bytes]:
     """chat.completion.chunk: a role chunk, content deltas, a final chunk with finish_reason, then [DONE]."""
     obj = "chat.completion.chunk"
     yield encode_sse(_chunk(cid, obj, created, model, {"index": 0, "delta": {"role": "assistant", "content": ""},
                                                        "logprobs": None, "finish_reason": None}))
-    async for ev in _events(gs, first):
+    async for ev in _events(gs):
+        if ev is _PING:
+            yield KEEPALIVE
+            continue
         if ev is _FAILED:
             yield encode_sse({"error": {"message": "generation failed", "type": "server_error", "param": None,
                                         "code": None}})
@@ -390,20 +396,25 @@ async def chat_chunks(gs: GenerationStream, first: Optional[GenerationEvent], ci
 
 
 _FAILED: Any = object()
+_PING: Any = object()
+KEEPALIVE = b": keep-alive\n\n"   # an SSE comment: every OpenAI client skips it (sse-starlette sends ": ping")
+KEEPALIVE_S = 15.0                  # while a long prompt is evaluated, proxies and clients see the stream alive
 
 
-async def _events(gs: GenerationStream, first: Optional[GenerationEvent]) -> AsyncIterator[Any]:
-    """The stream's events from `first` on; `_FAILED` once if the engine fails after the headers went out."""
-    ev = first
+async def _events(gs: GenerationStream, keepalive: bool = True) -> AsyncIterator[Any]:
+    """The stream's events; `_PING` after each KEEPALIVE_S seconds without one (if `keepalive`); `_FAILED` once if
+    the engine fails after the headers went out."""
     try:
-        while ev is not None:
+        while True:
+            ev = await gs.next_event(KEEPALIVE_S if keepalive else None)
+            if ev is None:
+                yield _PING
+                continue
             yield ev
             if ev.finish_reason is not None:
                 return
-            try:
-                ev = await gs.__anext__()
-            except StopAsyncIteration:
-                return
+    except StopAsyncIteration:
+        return
     except Exception as e:
         log.error("generation failed mid-stream: %s", e)
         yield _FAILED

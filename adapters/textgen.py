@@ -227,10 +227,7 @@ class TextgenRoutes:
         body = await read_json(request)
         stream = GenerationStream(self.engine, build_request(self.pm, "textgen", body, self.settings, self.engine))
 
-        async def work():
-            return await collect(stream, await stream.start())
-
-        text, _ = await run_watching_disconnect(request, work(), stream.cancel)
+        text, _ = await run_watching_disconnect(request, collect(stream), stream.cancel)
         return {"results": [{"text": text}]}
 
     def _chat_request(self, body: dict) -> tuple[GenerationRequest, str, list, list, bool, str]:
@@ -257,10 +254,7 @@ class TextgenRoutes:
         req, user_input, internal, visible, _, prefix = self._chat_request(body)
         stream = GenerationStream(self.engine, req)
 
-        async def work():
-            return await collect(stream, await stream.start())
-
-        text, _ = await run_watching_disconnect(request, work(), stream.cancel)
+        text, _ = await run_watching_disconnect(request, collect(stream), stream.cancel)
         return {"results": [{"history": self._history(user_input, internal, visible, prefix + text)}]}
 
     async def token_count(self, request: Request) -> dict:
@@ -341,9 +335,9 @@ class TextgenRoutes:
             gs = GenerationStream(self.engine, req)
             current.append(gs)
             try:
-                ev = await gs.start()
+                await gs.start()
                 reply = prefix if chat else ""
-                while ev is not None:
+                async for ev in gs:
                     if ev.text or (n == 0 and ev.finish_reason is None):
                         reply += ev.text
                         out = ({"event": "text_stream", "message_num": n,
@@ -353,9 +347,6 @@ class TextgenRoutes:
                         n += 1
                     if ev.finish_reason is not None:
                         break
-                    ev = await gs.__anext__()
-            except StopAsyncIteration:
-                pass
             finally:
                 await gs.aclose()
                 current.remove(gs)

@@ -5,8 +5,11 @@ Each generation runs in its own worker thread, which pushes events into an async
 answered while a model decodes. `cancel()` (client went away, or the handler was cancelled) calls
 `engine.abort(key)` for exactly this request, and the worker stops reading after the next event.
 
-Errors the engine raises before its first event (EngineBusy, RequestError, ContextOverflowError, ModelNotLoaded)
-come out of `start()`, so a handler can still choose the HTTP status before any header is sent.
+The engine validates and queues a request when `generate()` is called (EngineBusy, RequestError,
+ContextOverflowError, ModelNotLoaded are raised there); the events come later, after any wait in the queue and the
+prompt evaluation, which takes minutes for a long prompt on a 65B model. So `start()` returns as soon as the engine
+has *accepted* the request, or raises its refusal: a handler chooses the HTTP status before any header is sent, and
+a streaming response can send its headers (and keep-alive comments) while the prompt is evaluated.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from .types import GenerationEvent, GenerationRequest
 log = logging.getLogger("airobackend.aio")
 
 _END = object()
+_ACCEPTED = object()
 
 
 class GenerationStream:
@@ -29,8 +33,8 @@ class GenerationStream:
     Usage::
 
         stream = GenerationStream(engine, req)
-        first = await stream.start()        # raises the engine's request errors
-        async for ev in stream: ...         # the remaining events (first one excluded)
+        await stream.start()                # raises the engine's refusal (busy, bad request, no model)
+        async for ev in stream: ...         # the events; the last one has finish_reason set
         await stream.aclose()               # aborts if not finished; always safe
     """
 
@@ -50,8 +54,8 @@ class GenerationStream:
         """The key `engine.abort()` is called with: the client's genkey, else our request id."""
         return self.req.genkey or self.req.request_id  # type: ignore[return-value]
 
-    async def start(self) -> Optional[GenerationEvent]:
-        """Start the worker and wait for the first event (None if the generation ended without one)."""
+    async def start(self) -> None:
+        """Start the worker and wait until the engine accepted the request (or raise what it refused it with)."""
         loop = asyncio.get_running_loop()
         self._queue = asyncio.Queue()
 
@@ -68,6 +72,7 @@ class GenerationStream:
                     put(_END)
                     return
                 gen = self.engine.generate(self.req)
+                put(_ACCEPTED)
                 for ev in gen:
                     put(ev)
                     if self._stop.is_set():
@@ -86,19 +91,32 @@ class GenerationStream:
         self._thread = threading.Thread(target=work, name=f"generate-{self.req.request_id}", daemon=True)
         self._thread.start()
         try:
-            return await self._next()
-        except StopAsyncIteration:
-            return None
+            item = await self._queue.get()
         except BaseException:
-            if not self.finished:
-                self.cancel()
+            self.cancel()
             raise
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        if item is not _ACCEPTED:      # (cannot happen with an engine that follows the contract)
+            self._queue.put_nowait(item)
+
+    async def next_event(self, timeout: Optional[float] = None) -> Optional[GenerationEvent]:
+        """The next event; None if none came within `timeout` seconds (nothing is lost: ask again)."""
+        if timeout is None:
+            return await self._next()
+        try:
+            return await asyncio.wait_for(self._next(), timeout)
+        except asyncio.TimeoutError:
+            return None
 
     async def _next(self) -> GenerationEvent:
         assert self._queue is not None, "start() first"
         if self.finished:
             raise StopAsyncIteration
         item = await self._queue.get()
+        while item is _ACCEPTED:
+            item = await self._queue.get()
         if item is _END:
             self.finished = True
             raise StopAsyncIteration
@@ -134,12 +152,11 @@ class GenerationStream:
             self.cancel()
 
 
-async def collect(stream: GenerationStream, first: Optional[GenerationEvent]) -> tuple[str, Optional[GenerationEvent]]:
-    """Concatenate the text of a started stream; returns (text, last event)."""
+async def collect(stream: GenerationStream) -> tuple[str, Optional[GenerationEvent]]:
+    """Start `stream` and concatenate its text; returns (text, last event)."""
+    await stream.start()
     parts: list[str] = []
-    last = first
-    if first is not None:
-        parts.append(first.text)
+    last = None
     async for ev in stream:
         parts.append(ev.text)
         last = ev

@@ -195,3 +195,24 @@ def test_lollms_vllm_binding_reads_models_and_streams(demo_app):
                 if line.startswith("data: ") and line != "data: [DONE]":
                     text += json.loads(line[6:])["choices"][0]["text"]
         assert text
+
+
+def test_keepalive_comments_while_the_engine_is_slow(monkeypatch):
+    """During a long prompt evaluation the headers are already out and SSE comments keep the stream alive; the
+    openai SDK skips them."""
+    import airobackend.adapters.openai as oa
+
+    monkeypatch.setattr(oa, "KEEPALIVE_S", 0.02)
+    engine, _ = scripted_engine("slow reply", delay=0.06)
+    with live(make_app(engine)) as srv:
+        with httpx.stream("POST", srv.url + "/v1/completions",
+                          json={"prompt": "x", "max_tokens": 4, "stream": True}) as r:
+            raw = r.read()
+        assert b": keep-alive\n\n" in raw and raw.endswith(b"data: [DONE]\n\n")
+        texts = [json.loads(line[6:])["choices"][0]["text"] for line in raw.decode().split("\n\n")
+                 if line.startswith("data: {")]
+        assert "".join(texts) == "slow"
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+        chunks = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}],
+                                                max_tokens=4, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == "slow"
