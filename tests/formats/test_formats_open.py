@@ -175,3 +175,18 @@ def test_zero_copy_views_and_close(fixtures_dir):
     d = t.data
     mf.close()
     assert d.size == t.nbytes               # a view handed out stays readable after close
+
+
+def test_gguf_v2_and_is_model_file(tmp_path, fixtures_dir):
+    """GGUF v2 has the v3 little-endian layout; only the version field differs."""
+    from airobackend.formats import is_model_file
+    raw = bytearray((fixtures_dir / "models" / "fx-q4_0.gguf").read_bytes())
+    raw[4:8] = (2).to_bytes(4, "little")
+    p = tmp_path / "v2.gguf"
+    p.write_bytes(raw)
+    mf = open_model(p)
+    assert (mf.format, mf.version, mf.version_name) == ("gguf", 2, "GGUF v2") and len(mf.tensors) == 21
+    assert is_model_file(p) and is_model_file(fixtures_dir / "models" / "fx-q4_0.ggmlv3.bin")
+    txt = tmp_path / "notes.txt"
+    txt.write_text("hello")
+    assert not is_model_file(txt)
