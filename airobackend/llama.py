@@ -188,7 +188,7 @@ class Llama:
                           stream: bool = False, seed: Optional[int] = None, tfs_z: float = 1.0,
                           mirostat_mode: int = 0, mirostat_tau: float = 5.0, mirostat_eta: float = 0.1,
                           model: Optional[str] = None, stopping_criteria: Any = None, logits_processor: Any = None,
-                          grammar: Any = None, logit_bias: Optional[dict] = None, **ignored: Any) -> Any:
+                          grammar: Any = None, logit_bias: Optional[dict] = None) -> Any:
         """Complete `prompt` (text or token ids), like llama-cpp-python: an OpenAI-shaped "text_completion" dict,
         or with stream=True an iterator of chunk dicts. max_tokens None or <= 0 = until EOS or the context is full.
 
@@ -231,7 +231,8 @@ class Llama:
                                frequency_penalty: float = 0.0, repeat_penalty: float = 1.1, tfs_z: float = 1.0,
                                mirostat_mode: int = 0, mirostat_tau: float = 5.0, mirostat_eta: float = 0.1,
                                model: Optional[str] = None, logits_processor: Any = None, grammar: Any = None,
-                               logit_bias: Optional[dict] = None, **ignored: Any) -> Any:
+                               logit_bias: Optional[dict] = None, logprobs: Optional[bool] = None,
+                               top_logprobs: Optional[int] = None) -> Any:
         """Answer a chat with the model's prompt template (Airoboros by default; `Llama(chat_format=...)` picks
         another): a "chat.completion" dict, or with stream=True an iterator of "chat.completion.chunk" dicts."""
         if functions or tools or function_call or tool_choice:
@@ -247,16 +248,19 @@ class Llama:
                            mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, grammar=grammar,
                            logit_bias=logit_bias, seed=self._next_seed(seed))
         from airobackend.chat import stop_strings
-        req = _request(template.format(messages), max_tokens, stop_strings(template, _stops(stop)), params)
+        n_probs = max(1, int(top_logprobs or 0)) if logprobs else 0
+        req = _request(template.format(messages), max_tokens, stop_strings(template, _stops(stop)), params,
+                       n_probs=n_probs)
         events = self.engine.generate(req)
         cid, created, name = "chatcmpl-" + uuid.uuid4().hex, int(time.time()), model or self.model_path
         if stream:
             return _chat_chunks(events, cid, created, name)
-        text, last, _ = _collect(events)
+        text, last, lps = _collect(events)
         return {
             "id": cid, "object": "chat.completion", "created": created, "model": name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text.lstrip()},
-                         "logprobs": None, "finish_reason": _finish(last)}],
+                         "logprobs": _chat_logprobs(lps, int(top_logprobs or 0)) if logprobs else None,
+                         "finish_reason": _finish(last)}],
             "usage": _usage(last),
         }
 
@@ -353,6 +357,13 @@ def _openai_logprobs(entries: list, offset: int) -> dict:
         token_lps.append(e["logprob"])
         tops.append({t["token"]: t["logprob"] for t in e["top_logprobs"]})
     return {"tokens": tokens, "text_offset": offsets, "token_logprobs": token_lps, "top_logprobs": tops}
+
+
+def _chat_logprobs(entries: list, top: int) -> dict:
+    """The engine's per-token logprobs in the chat shape ({"content": [{token, logprob, bytes, top_logprobs}]})."""
+    def item(e: dict) -> dict:
+        return {"token": e["token"], "logprob": e["logprob"], "bytes": list(e["token"].encode())}
+    return {"content": [dict(item(e), top_logprobs=[item(t) for t in e["top_logprobs"][:top]]) for e in entries]}
 
 
 def _completion_chunks(events: Any, cid: str, created: int, name: str, tok: Any, n_probs: int) -> Iterator[dict]:

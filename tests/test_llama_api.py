@@ -191,3 +191,14 @@ def test_context_shift_on_a_real_model(demo_model):
     assert events[-1].finish_reason is FinishReason.LENGTH and events[-1].completion_tokens == 70
     keep = engine.tokenize(memory)
     assert list(m.input_ids[:len(keep)]) == keep and m.n_tokens <= 32        # the memory stayed at the front
+
+
+def test_chat_logprobs_and_unknown_arguments(llm):
+    out = llm.create_chat_completion([{"role": "user", "content": "Hi"}], max_tokens=3, logprobs=True, top_logprobs=2,
+                                     **GREEDY)
+    content = out["choices"][0]["logprobs"]["content"]
+    assert len(content) >= out["usage"]["completion_tokens"]
+    for c in content:
+        assert c["logprob"] <= 0 and len(c["top_logprobs"]) == 2 and c["top_logprobs"][0]["logprob"] >= c["logprob"]
+    with pytest.raises(TypeError):
+        llm("Hi", max_tokns=3)                       # a misspelt argument is an error, as in llama-cpp-python
