@@ -298,6 +298,11 @@ def main(args: argparse.Namespace) -> int:
     except AiroError as e:
         print(f"airobackend run: error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # The reader went away (`airobackend run ... | head`): stop quietly, as a Unix filter does.
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as e:
         print(f"airobackend run: error: {e}", file=sys.stderr)
         return 1
