@@ -5,17 +5,31 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def demo_engine(tmp_path_factory):
-    """The real engine on the demo model (random weights), loaded through the ModelManager as `serve` does."""
+def demo_file(tmp_path_factory) -> str:
+    """The demo model (a tiny LLaMA GGUF with random weights), written under pytest's tmp folder."""
     from airobackend.demo import demo_model_path
+    return str(demo_model_path(tmp_path_factory.mktemp("demo-model")))
+
+
+def _manager(path: str, n_ctx: int):
     from airobackend.manager import ModelManager
     from airobackend.settings import Settings
 
-    path = demo_model_path(tmp_path_factory.mktemp("demo-model"))
-    settings = Settings(n_ctx=256, multiuser=4)
-    manager = ModelManager(settings)
-    manager.load(manager.register(str(path)))
+    manager = ModelManager(Settings(n_ctx=n_ctx, multiuser=4))
+    manager.load(manager.register(path))
     return manager
+
+
+@pytest.fixture(scope="session")
+def demo_engine(demo_file):
+    """The real engine on the demo model, loaded through the ModelManager as `serve` does (context 256)."""
+    return _manager(demo_file, 256)
+
+
+@pytest.fixture(scope="session")
+def small_demo_engine(demo_file):
+    """The same with a 64-token context, so that any request, however long it asks, ends quickly."""
+    return _manager(demo_file, 64)
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import httpx
 import pytest
@@ -15,7 +16,7 @@ from airobackend.commands.serve import security_warnings
 from airobackend.server import PUBLIC_ROUTES
 from airobackend.settings import Settings
 
-from fakes import live, make_app, scripted_engine
+from fakes import live, make_app
 
 KEY = "s3cret-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -30,7 +31,7 @@ PROTECTED = [
     ("POST", "/api/extra/tokenize", {"prompt": "x"}),
     ("POST", "/api/extra/detokenize", {"ids": [5]}),
     ("GET", "/api/extra/perf", None),
-    ("POST", "/api/v1/chat", {"user_input": "x"}),
+    ("POST", "/api/v1/chat", {"user_input": "x", "max_new_tokens": 2}),
     ("POST", "/api/v1/model", {"action": "info"}),
     ("POST", "/api/v1/token-count", {"prompt": "x"}),
     ("POST", "/api/v1/stop-stream", {}),
@@ -45,9 +46,8 @@ PROTECTED = [
 
 
 @pytest.fixture
-def keyed():
-    engine, _ = scripted_engine()
-    return TestClient(make_app(engine, api_key=KEY))
+def keyed(demo_engine):
+    return TestClient(make_app(demo_engine, api_key=KEY))
 
 
 @pytest.mark.parametrize("method,path,body", PROTECTED)
@@ -67,9 +67,10 @@ def test_every_route_needs_the_key(keyed, method, path, body):
     assert ok.status_code == 200, ok.text
 
 
-def test_probes_answer_without_the_key_as_koboldcpp_does(keyed):
+def test_probes_answer_without_the_key_as_koboldcpp_does(keyed, demo_engine):
     assert keyed.get("/api/v1/model").json() == {"result": "koboldcpp/protected-model"}
-    assert keyed.get("/api/v1/model", headers=AUTH).json() == {"result": "koboldcpp/scripted-7b.q4_0"}
+    assert keyed.get("/api/v1/model", headers=AUTH).json() == \
+        {"result": "koboldcpp/" + demo_engine.model_info()["name"]}
     assert keyed.get("/api/extra/version").json()["protected"] is True   # Lite then asks the user for the key
     assert keyed.get("/api/v1/info/version").status_code == 200
     assert keyed.get("/v1/models").json()["data"][0]["id"] == "protected-model"
@@ -77,9 +78,8 @@ def test_probes_answer_without_the_key_as_koboldcpp_does(keyed):
     assert keyed.get("/openapi.json").status_code == 200
 
 
-def test_every_registered_route_is_protected_or_a_known_probe():
-    engine, _ = scripted_engine()
-    app = make_app(engine, api_key=KEY)
+def test_every_registered_route_is_protected_or_a_known_probe(demo_engine):
+    app = make_app(demo_engine, api_key=KEY)
     c = TestClient(app)
     for route in app.routes:
         for method in sorted(getattr(route, "methods", None) or ()):
@@ -92,21 +92,20 @@ def test_every_registered_route_is_protected_or_a_known_probe():
                 assert r.status_code == 401, (method, route.path)
 
 
-def test_websockets_need_the_key():
-    engine, _ = scripted_engine("hi")
-    app = make_app(engine, api_key=KEY)
+def test_websockets_need_the_key(demo_engine):
+    app = make_app(demo_engine, api_key=KEY)
     c = TestClient(app)
     with pytest.raises(WebSocketDenialResponse) as e:
         with c.websocket_connect("/api/v1/stream"):
             pass
     assert e.value.status_code == 401
     with c.websocket_connect("/api/v1/stream", headers=dict(AUTH)) as ws:   # (TestClient adds to the dict)
-        ws.send_text('{"prompt": "x"}')
+        ws.send_text('{"prompt": "x", "max_new_tokens": 2}')
         assert ws.receive_json()["event"] == "text_stream"
     with live(app) as srv:
         async def attempt(uri, headers=None):
             async with websockets.connect(uri, additional_headers=headers) as ws:
-                await ws.send('{"prompt": "x"}')
+                await ws.send('{"prompt": "x", "max_new_tokens": 2}')
                 return json.loads(await ws.recv())
         with pytest.raises(websockets.exceptions.InvalidStatus) as e:
             asyncio.run(attempt(f"ws://127.0.0.1:{srv.port}/api/v1/chat-stream"))
@@ -117,19 +116,24 @@ def test_websockets_need_the_key():
             "text_stream"
 
 
-def test_admin_key_guards_model_loading():
-    engine, _ = scripted_engine()
-    c = TestClient(make_app(engine, api_key=KEY, admin_key="admin!"))
+def test_admin_key_guards_model_loading(demo_file):
+    from airobackend.manager import ModelManager
+
+    manager = ModelManager(Settings(n_ctx=64))
+    name = manager.register(demo_file)
+    manager.load(name)
+    c = TestClient(make_app(manager, api_key=KEY, admin_key="admin!", n_ctx=64))
     r = c.post("/api/v1/model", json={"action": "unload"}, headers=AUTH)
     assert r.status_code == 403 and r.json()["detail"]["type"] == "unauthorized"
+    assert manager.loaded_name == name
     r = c.post("/api/v1/model", json={"action": "unload"}, headers={"Authorization": "Bearer admin!"})
-    assert r.status_code == 200          # (this engine has no model library: it says so in the body)
+    assert r.status_code == 200 and r.json()["result"]["model_name"] == "None"
+    assert manager.loaded_name is None
     assert c.post("/api/v1/model", json={"action": "info"}, headers=AUTH).status_code == 200
 
 
-def test_cors_preflight_and_headers_default_any_origin():
-    engine, _ = scripted_engine()
-    c = TestClient(make_app(engine, api_key=KEY))
+def test_cors_preflight_and_headers_default_any_origin(demo_engine):
+    c = TestClient(make_app(demo_engine, api_key=KEY))
     r = c.options("/api/v1/generate", headers={"Origin": "https://lite.koboldai.net",
                                                 "Access-Control-Request-Method": "POST",
                                                 "Access-Control-Request-Headers": "authorization, content-type"})
@@ -146,9 +150,8 @@ def test_cors_preflight_and_headers_default_any_origin():
     assert c.get("/api/extra/version").headers["access-control-allow-origin"] == "*"
 
 
-def test_cors_can_be_restricted():
-    engine, _ = scripted_engine()
-    c = TestClient(make_app(engine, cors="http://good.example, http://also.example"))
+def test_cors_can_be_restricted(demo_engine):
+    c = TestClient(make_app(demo_engine, cors="http://good.example, http://also.example"))
     pre = {"Access-Control-Request-Method": "POST"}
     r = c.options("/v1/completions", headers={"Origin": "http://good.example", **pre})
     assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://good.example"
@@ -160,8 +163,8 @@ def test_cors_can_be_restricted():
         "access-control-allow-origin"] == "http://also.example"
 
 
-def test_body_cap():
-    engine, _ = scripted_engine()
+def test_body_cap(demo_engine):
+    engine = demo_engine
     c = TestClient(make_app(engine, max_body_bytes=1000))
     big = json.dumps({"prompt": "x" * 2000})
     r = c.post("/api/v1/generate", content=big, headers={"content-type": "application/json"})
@@ -180,9 +183,8 @@ def test_body_cap():
 
 
 @pytest.mark.parametrize("raw", [b"{", b"[]", b"null", b'"text"', b"\xff\xfe\x00", b'{"prompt": Infinity}', b""])
-def test_hostile_bodies_get_error_shapes_and_the_server_keeps_serving(raw):
-    engine, _ = scripted_engine()
-    c = TestClient(make_app(engine))
+def test_hostile_bodies_get_error_shapes_and_the_server_keeps_serving(raw, demo_engine):
+    c = TestClient(make_app(demo_engine))
     for path, key in (("/api/v1/generate", "detail"), ("/api/extra/generate/stream", "detail"),
                       ("/v1/completions", "error"), ("/v1/chat/completions", "error"),
                       ("/api/v1/chat", "detail"), ("/api/extra/tokencount", "detail")):
@@ -193,27 +195,27 @@ def test_hostile_bodies_get_error_shapes_and_the_server_keeps_serving(raw):
     assert r.status_code == 200
 
 
-def test_oversized_headers_are_refused():
-    engine, _ = scripted_engine()
-    with live(make_app(engine)) as srv:
+def test_oversized_headers_are_refused(demo_engine):
+    with live(make_app(demo_engine)) as srv:
         r = httpx.get(srv.url + "/api/extra/version", headers={"X-Big": "y" * 64 * 1024})
         assert r.status_code in (400, 431)
         assert httpx.get(srv.url + "/api/extra/version").status_code == 200
 
 
-def test_model_paths_never_reach_unauthenticated_clients():
-    engine, _ = scripted_engine()
-    assert "/srv/private" in engine.model_info()["path"]
-    app = make_app(engine, api_key=KEY)
+def test_model_paths_never_reach_unauthenticated_clients(demo_engine):
+    folder = str(Path(demo_engine.model_info()["path"]).parent)
+    app = make_app(demo_engine, api_key=KEY)
     c = TestClient(app)
     for route in app.routes:
         if "GET" in (getattr(route, "methods", None) or ()) and "{" not in route.path:
-            assert "/srv/private" not in c.get(route.path).text, route.path
-    c = TestClient(make_app(engine))      # even with no key, no route shows the file system path
+            assert folder not in c.get(route.path).text, route.path
+    c = TestClient(make_app(demo_engine))      # even with no key, no route shows the file system path
     for route in app.routes:
         if "GET" in (getattr(route, "methods", None) or ()) and "{" not in route.path:
-            assert "/srv/private" not in c.get(route.path).text, route.path
-    assert "/srv/private" not in c.post("/api/v1/model", json={"action": "info"}).text
+            assert folder not in c.get(route.path).text, route.path
+    for action in ("info", "list"):
+        assert folder not in c.post("/api/v1/model", json={"action": action}).text
+    assert folder not in c.post("/api/v1/model", json={"action": "load", "model_name": "../../etc/passwd"}).text
 
 
 def test_warning_when_listening_beyond_loopback_without_a_key():
@@ -225,9 +227,8 @@ def test_warning_when_listening_beyond_loopback_without_a_key():
     assert security_warnings(Settings(host="::1")) == []
 
 
-def test_websocket_messages_are_capped():
-    engine, _ = scripted_engine("ok")
-    with live(make_app(engine, max_body_bytes=1000)) as srv:
+def test_websocket_messages_are_capped(demo_engine):
+    with live(make_app(demo_engine, max_body_bytes=1000)) as srv:
         async def go():
             async with websockets.connect(f"ws://127.0.0.1:{srv.port}/api/v1/stream") as ws:
                 await ws.send(json.dumps({"prompt": "x" * 5000}))
