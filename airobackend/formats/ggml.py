@@ -145,6 +145,8 @@ def read_ggml(src: Source, overrides: dict, *, vocab_only: bool = False) -> Mode
                 raise c.fail(f"tensor data ({file_bytes} bytes) runs past the end of the file ({src.size} bytes)",
                              offset=start, tensor=legacy)
             name = gguf_tensor_name(legacy)
+            if len(tensors) >= 9 * n_layer + 64:
+                raise c.fail(f"more tensors than a {n_layer}-layer LLaMA has", offset=rpos, tensor=legacy)
             if name in tensors:
                 raise c.fail("duplicate tensor", offset=rpos, tensor=legacy)
             loader = _loader(src, start, file_bytes, legacy, conv)

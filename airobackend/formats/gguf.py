@@ -135,6 +135,9 @@ def read_gguf(src: Source, overrides: dict, *, vocab_only: bool = False) -> Mode
     if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1) or alignment > 1 << 20:
         raise ModelFileError(f"bad general.alignment {alignment!r}", path=path)
 
+    if n_tensors > 9 * hp.n_layer + 64 and not vocab_only:
+        raise ModelFileError(f"{n_tensors} tensors is far more than a {hp.n_layer}-layer LLaMA has", path=path,
+                             offset=8)
     infos = []
     for i in range(n_tensors):
         tpos = c.pos
@@ -210,8 +213,8 @@ def _hparams_and_vocab(meta: dict, arch: str, path: str, o: dict, vocab_only: bo
 
     a = arch + "."
     tokens = meta.get("tokenizer.ggml.tokens")
-    if not isinstance(tokens, list):
-        raise ModelFileError("no vocabulary (tokenizer.ggml.tokens) in this file", path=path)
+    if not isinstance(tokens, list) or not all(isinstance(t, bytes) for t in tokens):
+        raise ModelFileError("no vocabulary (tokenizer.ggml.tokens, an array of strings) in this file", path=path)
     n_vocab = len(tokens)
     scores = meta.get("tokenizer.ggml.scores")
     types = meta.get("tokenizer.ggml.token_type")
