@@ -383,3 +383,26 @@ def test_kobold_admin_load_generate_switch_generate(library_dir, fixture_index):
             assert r.json()["results"][0]["text"] == _expected_text(c, models[model]["greedy"][0])
         assert c.post("/api/admin/reload_config", json={"filename": "unload_model"}).json() == {"success": True}
         assert c.get("/api/v1/model").json() == {"result": "ReadOnly"}
+
+
+# ---------------------------------------------------------------- `serve` wiring
+
+def test_serve_hands_the_server_a_manager_over_the_library(library_dir, fixtures_dir):
+    """`serve --model-dir DIR --model NAME` (and `--model FILE` outside the folder) with the default plugins."""
+    from airobackend.commands.serve import load_engine
+
+    settings = Settings(model_dir=str(library_dir), model="fx-q8_0.gguf", n_ctx=128, n_threads=1)
+    manager, demo = load_engine(settings)
+    assert not demo and manager.loaded_name == "fx-q8_0.gguf"
+    with TestClient(create_app(manager, settings)) as c:
+        assert c.get("/api/admin/list_options").json() == [
+            "initial_model", "unload_model", "fx-q2_K.ggmlv3.bin", "fx-q8_0.gguf", "fxgqa-f16.gguf"]
+        assert c.get("/api/v1/model").json() == {"result": "koboldcpp/fx-q8_0"}
+        assert c.get("/v1/internal/model/list").json()["model_names"] == [
+            "fx-q2_K.ggmlv3.bin", "fx-q8_0.gguf", "fxgqa-f16.gguf"]
+
+    outside = fixtures_dir / "models" / "fx-q4_0.ggmlv3.bin"
+    settings = Settings(model_dir=str(library_dir), model=str(outside), n_ctx=128, n_threads=1)
+    manager, _ = load_engine(settings)
+    assert manager.loaded_name == "fx-q4_0.ggmlv3.bin"
+    assert "fx-q4_0.ggmlv3.bin" in [m["name"] for m in manager.list_models()]
