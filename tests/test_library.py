@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from airobackend.errors import RequestError
-from airobackend.library import GB, ModelLibrary, describe_file, size_class, split_parts
+from airobackend.library import GB, ModelLibrary, size_class, split_parts
 from airobackend.quant import BLOCK, GGMLType
 
 

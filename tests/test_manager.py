@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from airobackend.errors import EngineBusy, InsufficientMemory, ModelFileError, ModelNotLoaded, RequestError
-from airobackend.library import GB, ModelLibrary
+from airobackend.library import GB
 from airobackend.manager import ConsoleProgress, ModelManager, mem_available
 from airobackend.settings import Settings
 from airobackend.types import FinishReason, GenerationEvent, GenerationRequest, SamplingParams
