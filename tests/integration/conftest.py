@@ -1,6 +1,7 @@
 """Fixtures of the host-integration tests: a llama.cpp fixture model, the demo model, a live `airobackend serve`."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -44,10 +45,14 @@ def fx_server(fx_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def fx_server_with_key(fx_model, tmp_path_factory):
-    """The same with `--api-key secret-key`."""
+def fx_server_with_key(fx_model, fixtures_dir, tmp_path_factory):
+    """The same with `--api-key secret-key` and a model library holding a second model (fx-q8_0, GGML v3)."""
     serve_available()
-    server = Server(fx_model, tmp_path_factory.mktemp("serve-key") / "serve.log", api_key="secret-key")
+    library = tmp_path_factory.mktemp("library")
+    shutil.copy(fixtures_dir / "models" / "fx-q8_0.ggmlv3.bin", library / "fx-q8_0.ggmlv3.bin")
+    server = Server(fx_model, tmp_path_factory.mktemp("serve-key") / "serve.log", api_key="secret-key",
+                    model_dir=str(library))
     server.api_key = "secret-key"
+    server.second_model = str(fixtures_dir / "models" / "fx-q8_0.ggmlv3.bin")
     yield server
     server.stop()

@@ -59,13 +59,15 @@ def free_port() -> int:
 class Server:
     """`airobackend serve` in a child process on a loopback port."""
 
-    def __init__(self, model: str, log_path: Path, api_key: str = "") -> None:
+    def __init__(self, model: str, log_path: Path, api_key: str = "", model_dir: str = "") -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, AIRO_MODEL=model, AIRO_HOST="127.0.0.1", AIRO_PORT=str(self.port),
                    AIRO_TEXTGEN_STREAM_PORT=str(free_port()), AIRO_N_CTX=str(N_CTX), AIRO_QUIET="1")
         if api_key:
             env["AIRO_API_KEY"] = api_key
+        if model_dir:
+            env["AIRO_MODEL_DIR"] = model_dir
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "airobackend", "serve"], env=env, cwd=str(log_path.parent),
                                      stdout=self._log, stderr=subprocess.STDOUT)

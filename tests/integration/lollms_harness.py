@@ -56,7 +56,7 @@ class LollmsHost:
 
 def _purge() -> None:
     for name in list(sys.modules):
-        if name == "lollms" or name.startswith("lollms.") or name == FOLDER:
+        if name == "lollms" or name.startswith("lollms.") or name in (FOLDER, "airobackend_lollms_bridge"):
             del sys.modules[name]
 
 

@@ -64,3 +64,10 @@ def test_a_server_that_is_not_there_is_named_in_the_error():
         backend.list_models()
     with pytest.raises(bridge.BridgeError, match=f"127.0.0.1:{port}"):
         list(backend.stream("hello", {"max_tokens": 4}))
+
+
+def test_model_names_with_and_without_extensions_are_the_same_model():
+    same = load_bridge().same_model
+    assert same("fx-q8_0.ggmlv3.bin", "fx-q8_0.ggmlv3") and same("fx-q8_0.ggmlv3.bin", "fx-q8_0")
+    assert same("airoboros-65b.Q4_K_M.gguf", "airoboros-65b.Q4_K_M")
+    assert not same("fx-q8_0.ggmlv3.bin", "fx-q4_0.gguf")

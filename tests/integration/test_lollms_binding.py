@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 
 import pytest
 import yaml
@@ -135,12 +136,30 @@ def test_unknown_model_is_reported_to_the_user_and_raises(lollms):
 def test_remote_mode_generates_lists_and_stops(lollms, fx_server, fx_model):
     b = built(lollms, "", mode="remote", address=fx_server.url + "/")
     assert b.generate(PROMPT, 24, None, **GPT_PARAMS) == engine_text(fx_model, PROMPT, 24, **ENGINE_PARAMS)
-    assert b.backend.model_name in b.list_models()
+    same_model = sys.modules[type(b).__module__].bridge.same_model
+    assert any(same_model(b.backend.model_name, name) for name in b.list_models())
     assert b.detokenize(b.tokenize(PROMPT)) == PROMPT
     chunks = []
     text = b.generate(PROMPT, N_CTX - 64, lambda c, k: chunks.append(c) or len(chunks) < 3, **GPT_PARAMS)
     assert len(chunks) == 3 and text == "".join(chunks)
     assert b.generate(PROMPT, 8, None, **GPT_PARAMS) == engine_text(fx_model, PROMPT, 8, **ENGINE_PARAMS)
+
+
+def test_remote_mode_switches_the_servers_model_from_its_library(lollms, fx_server_with_key, fx_model):
+    server = fx_server_with_key
+    b = built(lollms, "", mode="remote", address=server.url, server_key=server.api_key)
+    startup = b.backend.model_name
+    second = next(n for n in b.list_models() if "q8_0" in n)
+    try:
+        b.config.model_name = second              # the user picks a model LoLLMS listed
+        b.build_model()
+        assert sys.modules[type(b).__module__].bridge.same_model(b.backend.model_name, second)
+        assert b.generate(PROMPT, 12, None, **GPT_PARAMS) == \
+            engine_text(server.second_model, PROMPT, 12, **ENGINE_PARAMS)
+    finally:
+        b.config.model_name = startup
+        b.build_model()
+    assert b.generate(PROMPT, 12, None, **GPT_PARAMS) == engine_text(fx_model, PROMPT, 12, **ENGINE_PARAMS)
 
 
 def test_remote_mode_without_a_server_says_so(lollms):

@@ -128,10 +128,13 @@ class Airobackend(LLMBinding):
         return list(self.models_folders)
 
     def _model_path(self, name: Optional[str]) -> str:
-        """'' for the demo model; a file path for a file (a LoLLMS `.reference` file holds the path of a file
-        elsewhere); else the name itself, which the model library of the first models folder resolves."""
-        if not name or name == DEMO_MODEL or self.binding_config.mode != "in-process":
+        """'' for the demo model (in-process) or the server's current model (remote); a file path for a file (a
+        LoLLMS `.reference` file holds the path of a file elsewhere); else the name itself, which the model library
+        resolves (of the first models folder in-process, of the server in remote mode)."""
+        if not name or name == DEMO_MODEL:
             return ""
+        if self.binding_config.mode != "in-process":
+            return name
         if Path(name).is_absolute():
             return name
         for folder in self._model_dirs():

@@ -19,6 +19,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import socket
 import threading
 import urllib.parse
@@ -318,8 +319,12 @@ class RemoteBackend:
         return int(info.get("value")) if isinstance(info, dict) and info.get("value") else 2048
 
     def list_models(self) -> list[str]:
-        data = self._call("GET", "/v1/models")
-        return [m["id"] for m in data.get("data", [])]
+        """The server's model library (`/v1/internal/model/list`), else what `/v1/models` lists."""
+        try:
+            return [str(n) for n in self._call("GET", "/v1/internal/model/list")["model_names"]]
+        except (BridgeError, KeyError, TypeError):
+            data = self._call("GET", "/v1/models")
+            return [m["id"] for m in data.get("data", [])]
 
     def load_model(self, name: str) -> None:
         self._call("POST", "/v1/internal/model/load", {"model_name": name})
@@ -376,14 +381,29 @@ class RemoteBackend:
         pass
 
 
+def same_model(a: str, b: str) -> bool:
+    """Whether two names denote the same model file: servers name a model with or without its file extension."""
+    def stem(name: str) -> str:
+        name = re.sub(r"\.(gguf|bin|zip)$", "", name.strip(), flags=re.IGNORECASE)
+        return re.sub(r"\.ggml(v\d)?$", "", name, flags=re.IGNORECASE)
+    return stem(a) == stem(b)
+
+
 def connect(mode: str, *, model: str = "", model_dir: str = "", n_ctx: int = 2048, n_threads: int = 0,
             server_url: str = "", api_key: str = "") -> Union[InProcessBackend, RemoteBackend]:
-    """The backend for a host's settings: mode 'in-process' (default) or 'remote'."""
+    """The backend for a host's settings: mode 'in-process' (default) or 'remote'.
+
+    `model`: in-process, a file path or a library name ('' = the demo model); remote, a name from the server's
+    library to switch to ('' = whatever the server has loaded).
+    """
     mode = (mode or "in-process").strip().lower().replace("_", "-")
     if mode in ("remote", "server", "http"):
         if not server_url:
             raise BridgeError("remote mode needs the URL of a running `airobackend serve` (e.g. http://127.0.0.1:5001)")
-        return RemoteBackend(server_url, api_key=api_key)
+        remote = RemoteBackend(server_url, api_key=api_key)
+        if model and not same_model(model, remote.model_name):
+            remote.load_model(model)      # a name from the server's library; needs the admin (or API) key
+        return remote
     if mode in ("in-process", "inprocess", "local"):
         return InProcessBackend(model, model_dir=model_dir, n_ctx=n_ctx, n_threads=n_threads)
     raise BridgeError(f"unknown mode {mode!r}: use 'in-process' or 'remote'")

@@ -34,7 +34,8 @@ params = {
     "display_name": "airobackend",
     "is_tab": False,
     "mode": "in-process",                 # 'in-process' (the engine runs inside the web UI) or 'remote'
-    "model": "",                          # in-process: a .bin/.gguf/.zip path or a library name; '' = the demo model
+    "model": "",                          # a .bin/.gguf/.zip path or a library name; '' = the demo model
+                                          # (remote: a name in the server's library to switch to; '' = keep)
     "model_dir": "models",                # in-process: the model library folder listed in the UI
     "n_ctx": 2048,
     "n_threads": 0,                       # 0 = all physical cores
@@ -141,9 +142,6 @@ class AirobackendTokenizer:
             flat = [self.bos_token_id] + flat     # the engine drops the space after BOS, as llama.cpp does
         return self.backend.detokenize(flat)
 
-    def __len__(self) -> int:
-        return 0
-
 
 def _as_array(rows):
     import numpy
@@ -151,15 +149,12 @@ def _as_array(rows):
 
 
 def _flatten(ids: Any) -> list:
+    """Token ids from a list, a [1, n] nesting, a numpy array or a torch tensor."""
     if hasattr(ids, "tolist"):
         ids = ids.tolist()
-    if isinstance(ids, int):
-        return [ids]
-    out = []
-    for x in ids:
-        out.extend(_flatten(x) if isinstance(x, (list, tuple)) or hasattr(x, "tolist") and not isinstance(x, int)
-                   else [x])
-    return out
+    if isinstance(ids, (list, tuple)):
+        return [t for x in ids for t in _flatten(x)]
+    return [ids]
 
 
 def custom_tokenized_length(prompt: str) -> int:
