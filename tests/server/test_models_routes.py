@@ -71,6 +71,8 @@ class ScriptedEngine:
 
     def abort(self, genkey=None):
         self._abort.set()
+        if self.gate is not None:
+            self.gate.release(10)
         return True
 
     def tokenize(self, text, add_bos=True):
@@ -311,6 +313,32 @@ def test_switch_waits_for_a_stream_and_queues_new_requests(library_dir):
         assert c.get("/api/v1/model").json() == {"result": "koboldcpp/fx-q8_0"}
         status = c.get("/api/admin/load_status").json()
         assert status == {"loaded": "fx-q8_0.gguf", "loading": None, "progress": 1.0, "last_error": None}
+
+
+def test_switch_proceeds_when_the_client_aborts_its_stream(library_dir):
+    mgr, settings, built = scripted_manager(library_dir)
+    mgr.load("fx-q2_K.ggmlv3.bin")
+    with client_for(mgr, settings) as c:
+        old = built["fx-q2_K.ggmlv3.bin"]
+        old.gate = threading.Semaphore(1)
+        stream = {}
+
+        def read_stream():
+            r = c.post("/api/extra/generate/stream", json={"prompt": "old", "genkey": "KCPP4321"})
+            stream["events"] = _sse_events(r.text)
+
+        t_stream = threading.Thread(target=read_stream, daemon=True)
+        t_stream.start()
+        assert old.started.wait(TIMEOUT)
+        assert c.post("/api/admin/reload_config", json={"filename": "fx-q8_0.gguf"}).json() == {"success": True}
+        time.sleep(0.2)
+        assert mgr.loaded_name == "fx-q2_K.ggmlv3.bin", "the switch waits for the stream"
+        assert c.post("/api/extra/abort", json={"genkey": "KCPP4321"}).json()["success"] == "true"
+        t_stream.join(TIMEOUT)
+        assert not t_stream.is_alive()
+        assert "".join(e["token"] for e in stream["events"]) != "fx-q2_K.ggmlv3.bin:old"   # cut short
+        _wait_loaded(c, "fx-q8_0.gguf")
+        assert c.post("/api/v1/generate", json={"prompt": "n"}).json()["results"][0]["text"] == "fx-q8_0.gguf:n"
 
 
 # ---------------------------------------------------------------- the real engine, through every protocol
