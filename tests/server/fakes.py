@@ -157,3 +157,13 @@ class LiveServer:
 def live(app) -> Iterator[LiveServer]:
     with LiveServer(app) as server:
         yield server
+
+
+def pick_stop(text: str) -> tuple[int, str]:
+    """A 3-character piece of `text` (past its first third) that first occurs at the returned index: stopping on
+    it must cut the text exactly there. Used to test stop strings against the real model's output."""
+    for i in range(len(text) // 3, len(text) - 3):
+        piece = text[i:i + 3]
+        if piece.strip() and "\ufffd" not in piece and text.find(piece) == i:
+            return i, piece
+    raise AssertionError(f"no usable stop string in {text!r}")

@@ -11,7 +11,7 @@ from starlette.testclient import TestClient
 from airobackend.errors import RequestError
 from airobackend.types import FinishReason
 
-from fakes import live, make_app, scripted_engine
+from fakes import live, pick_stop
 
 SSE_EVENT = re.compile(rb"event: message\ndata: ([^\n]*)\n\n")
 
@@ -149,30 +149,36 @@ def test_mapping_defaults_and_aliases():
                                  n_ctx=64, n_vocab=100).sampling.ban_eos is False
 
 
-def test_stop_sequence_kept_unless_trim_stop_and_finish_reasons():
-    engine, _ = scripted_engine("Hello from the scripted model!")
-    c = TestClient(make_app(engine))
-    r = c.post("/api/v1/generate", json={"prompt": "x", "stop_sequence": ["scripted"]}).json()
+def test_stop_sequence_kept_unless_trim_stop_and_finish_reasons(client, demo_engine):
+    base = {"prompt": "The old llama said", "max_length": 40, "sampler_seed": 9, "use_default_badwordsids": True}
+    text = client.post("/api/v1/generate", json=base).json()["results"][0]["text"]
+    i, stop = pick_stop(text)
+    r = client.post("/api/v1/generate", json=dict(base, stop_sequence=[stop])).json()
     # KoboldCpp returns the stop string unless trim_stop, and reports a custom stop as "length"
-    assert r == {"results": [{"text": "Hello from the scripted", "finish_reason": "length"}]}
-    r = c.post("/api/v1/generate", json={"prompt": "x", "stop_sequence": ["scripted"], "trim_stop": True}).json()
-    assert r["results"][0]["text"] == "Hello from the "
-    r = c.post("/api/v1/generate", json={"prompt": "x"}).json()
-    assert r == {"results": [{"text": "Hello from the scripted model!", "finish_reason": "stop"}]}   # EOS
-    events = sse_events(c.post("/api/extra/generate/stream", json={"prompt": "x"}).content)
-    assert events[-1]["finish_reason"] == "stop"
-    assert "".join(e["token"] for e in events) == "Hello from the scripted model!"
+    assert r == {"results": [{"text": text[:i + len(stop)], "finish_reason": "length"}]}
+    r = client.post("/api/v1/generate", json=dict(base, stop_sequence=[stop], trim_stop=True)).json()
+    assert r["results"][0]["text"] == text[:i]
+    events = sse_events(client.post("/api/extra/generate/stream",
+                                    json=dict(base, stop_sequence=[stop], trim_stop=True)).content)
+    assert "".join(e["token"] for e in events) == text[:i]
+    # EOS is the only "stop": make it certain with a logit bias
+    eos = {str(demo_engine.tokenizer.eos_id): 100}
+    r = client.post("/api/v1/generate", json={"prompt": "x", "logit_bias": eos}).json()
+    assert r == {"results": [{"text": "", "finish_reason": "stop"}]}
+    events = sse_events(client.post("/api/extra/generate/stream", json={"prompt": "x", "logit_bias": eos}).content)
+    assert events == [{"token": "", "finish_reason": "stop"}]
     # memory goes in front of the prompt (the engine keeps it on a context shift)
-    c.post("/api/v1/generate", json={"prompt": "abc", "memory": "MEM", "max_length": 1})
-    assert engine.perf()["last_input_count"] == len("MEM") + 1 + len("abc")
+    client.post("/api/v1/generate", json={"prompt": " and then", "memory": "Long ago,", "max_length": 1})
+    assert demo_engine.perf()["last_input_count"] == len(demo_engine.tokenize("Long ago, and then"))
 
 
-def test_textgen_dialect_on_the_shared_generate_route():
+def test_textgen_dialect_on_the_shared_generate_route(client):
     """text-generation-webui clients post to the same /api/v1/generate: their stop strings are cut."""
-    engine, _ = scripted_engine("Hello from the scripted model!")
-    c = TestClient(make_app(engine))
-    r = c.post("/api/v1/generate", json={"prompt": "x", "max_new_tokens": 50, "stopping_strings": ["scripted"]})
-    assert r.json()["results"][0]["text"] == "Hello from the "
+    base = {"prompt": "The old llama said", "max_new_tokens": 40, "seed": 9, "ban_eos_token": True}
+    text = client.post("/api/v1/generate", json=base).json()["results"][0]["text"]
+    i, stop = pick_stop(text)
+    r = client.post("/api/v1/generate", json=dict(base, stopping_strings=[stop]))
+    assert r.json()["results"][0]["text"] == text[:i]
 
 
 def test_unknown_path_gets_koboldcpp_404(client):

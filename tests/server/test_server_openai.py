@@ -9,7 +9,7 @@ import openai
 import pytest
 from starlette.testclient import TestClient
 
-from fakes import live, make_app, scripted_engine
+from fakes import live, make_app, pick_stop, scripted_engine
 
 
 @pytest.fixture
@@ -99,17 +99,18 @@ def test_n_choices_and_token_prompts(client, demo_engine):
     assert by_ids["usage"]["prompt_tokens"] == len(ids)
 
 
-def test_stop_strings_and_finish_reason_stop():
-    engine, _ = scripted_engine("Hello from the scripted model!")
-    c = TestClient(make_app(engine))
-    r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 100, "stop": "scripted"}).json()
-    assert r["choices"][0] == {"index": 0, "text": "Hello from the ", "logprobs": None, "finish_reason": "stop"}
-    r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 100}).json()
-    assert r["choices"][0]["text"] == "Hello from the scripted model!" and r["choices"][0]["finish_reason"] == "stop"
-    events = openai_events(c.post("/v1/completions", json={"prompt": "x", "max_tokens": 100, "stop": ["model"],
-                                                            "stream": True}).content)
-    assert "".join(e["choices"][0]["text"] for e in events) == "Hello from the scripted "
+def test_stop_strings_and_finish_reason_stop(client, demo_engine):
+    base = {"prompt": "The old llama said", "max_tokens": 40, "seed": 9, "ignore_eos": True}
+    text = client.post("/v1/completions", json=base).json()["choices"][0]["text"]
+    i, stop = pick_stop(text)
+    r = client.post("/v1/completions", json=dict(base, stop=stop)).json()
+    assert r["choices"][0] == {"index": 0, "text": text[:i], "logprobs": None, "finish_reason": "stop"}
+    events = openai_events(client.post("/v1/completions", json=dict(base, stop=[stop], stream=True)).content)
+    assert "".join(e["choices"][0]["text"] for e in events) == text[:i]
     assert events[-1]["choices"][0]["finish_reason"] == "stop"
+    eos = {str(demo_engine.tokenizer.eos_id): 100}              # EOS is a "stop" too
+    r = client.post("/v1/completions", json={"prompt": "x", "logit_bias": eos}).json()
+    assert r["choices"][0]["text"] == "" and r["choices"][0]["finish_reason"] == "stop"
 
 
 def test_logprobs(client):

@@ -21,9 +21,7 @@ from airobackend.plugins import DEFAULT_PLUGINS, describe_plugins, get_plugin_ma
 from airobackend.server import create_app, serve_async
 from airobackend.settings import Settings
 
-from fakes import free_port, scripted_engine
-
-REPLY = "Hello from the scripted model!"
+from fakes import free_port
 HOOKS = [name for name, fn in inspect.getmembers(hookspecs, inspect.isfunction)
          if hasattr(fn, "airobackend_spec")]
 
@@ -36,18 +34,18 @@ def test_hooks_are_few_and_documented():
         assert doc and doc.strip(), name
 
 
-def test_builtins_are_registered_by_dotted_name_and_blockable():
+def test_builtins_are_registered_by_dotted_name_and_blockable(demo_engine):
     pm = get_plugin_manager(load_entrypoints=False)
     assert {n for n, p in pm.list_name_plugin()} == {"kobold", "textgen", "openai", "models"}
     assert [p.__name__ for p in pm.get_plugins() if p.__name__ in DEFAULT_PLUGINS]
     assert all("built-in" in line for line in describe_plugins(pm))
     pm = get_plugin_manager(load_entrypoints=False, blocked=["openai", "airobackend.adapters.textgen", "models"])
     assert [n for n, p in pm.list_name_plugin() if p is not None] == ["kobold"]
-    engine, _ = scripted_engine()
-    c = TestClient(create_app(engine, Settings(), pm))
+    c = TestClient(create_app(demo_engine, Settings(), pm))
     assert c.post("/v1/completions", json={"prompt": "x"}).status_code == 404
     assert c.post("/api/v1/token-count", json={"prompt": "x"}).status_code == 404
-    assert c.post("/api/v1/generate", json={"prompt": "x", "max_length": 3}).json()["results"][0]["text"] == "Hel"
+    assert c.get("/api/admin/list_options").status_code == 404
+    assert c.post("/api/v1/generate", json={"prompt": "x", "max_length": 3}).status_code == 200
 
 
 class RoutesPlugin:
@@ -92,8 +90,9 @@ class Template:
         return "CUSTOM PROMPT"
 
 
-def test_plugin_hooks_change_routes_requests_and_templates():
-    engine, _ = scripted_engine(REPLY)
+def test_plugin_hooks_change_routes_requests_and_templates(demo_engine):
+    engine = demo_engine
+    name = engine.model_info()["name"]
     pm = get_plugin_manager(load_entrypoints=False)
     template = Template()
     for plugin in (RoutesPlugin(), CapTokens(), Replace(), template):
@@ -101,17 +100,18 @@ def test_plugin_hooks_change_routes_requests_and_templates():
     c = TestClient(create_app(engine, Settings(n_ctx=333, api_key="k"), pm))
     auth = {"Authorization": "Bearer k"}
     assert c.get("/myproto/name").status_code == 401            # plugin routes are behind the key too
-    assert c.get("/myproto/name", headers=auth).json() == {"model": "scripted-7b.q4_0", "ctx": 333}
-    r = c.post("/api/v1/generate", json={"prompt": "x", "max_length": 100}, headers=auth)
-    assert r.json()["results"][0]["text"] == REPLY[:4]
+    assert c.get("/myproto/name", headers=auth).json() == {"model": name, "ctx": 333}
+    r = c.post("/api/v1/generate", json={"prompt": "x", "max_length": 100, "use_default_badwordsids": True},
+               headers=auth)
+    assert r.status_code == 200 and engine.perf()["last_token_count"] == 4          # the wrapper capped it
     r = c.post("/api/v1/generate", json={"prompt": "x", "magic": True}, headers=auth)
-    assert r.json()["results"][0]["text"] == REPLY[:2]
+    assert r.status_code == 200 and engine.perf()["last_token_count"] <= 2          # replaced outright
     r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}, headers=auth)
     assert r.json()["usage"]["prompt_tokens"] == len(engine.tokenize("CUSTOM PROMPT"))
-    assert template.seen == [([{"role": "user", "content": "hi"}], "scripted-7b.q4_0")]
+    assert template.seen == [([{"role": "user", "content": "hi"}], name)]
 
 
-def test_startup_and_shutdown_hooks_and_extra_listeners():
+def test_startup_and_shutdown_hooks_and_extra_listeners(demo_engine):
     calls = []
     extra = free_port()
 
@@ -125,11 +125,10 @@ def test_startup_and_shutdown_hooks_and_extra_listeners():
         def shutdown(self, app):
             calls.append(("shutdown", len(app.state.servers)))
 
-    engine, _ = scripted_engine()
     pm = get_plugin_manager(load_entrypoints=False, blocked=["textgen"])
     pm.register(Lifecycle())
     settings = Settings(port=free_port(), textgen_stream_port=0)
-    app = create_app(engine, settings, pm)
+    app = create_app(demo_engine, settings, pm)
     ready = threading.Event()
     t = threading.Thread(target=lambda: asyncio.run(serve_async(app, settings, ready=lambda _: ready.set())),
                          daemon=True)
@@ -175,11 +174,11 @@ def installed_plugin(tmp_path, monkeypatch):
     sys.modules.pop("airo_testplug", None)
 
 
-def test_third_party_plugin_from_the_entry_point_group(installed_plugin):
+def test_third_party_plugin_from_the_entry_point_group(installed_plugin, demo_engine):
     pm = get_plugin_manager()
     assert pm.has_plugin("myproto")
     assert any("airo-testplug 0.1" in line for line in describe_plugins(pm))
-    engine, _ = scripted_engine()
+    engine = demo_engine
     c = TestClient(create_app(engine, Settings(), pm))
     assert c.get("/myproto/ping").json() == {"pong": True}
     parser = argparse.ArgumentParser()
@@ -191,17 +190,15 @@ def test_third_party_plugin_from_the_entry_point_group(installed_plugin):
     assert c.get("/myproto/ping").status_code == 404
 
 
-def test_disable_adapter_from_settings_reaches_create_app():
-    engine, _ = scripted_engine()
-    app = create_app(engine, Settings(disable_adapters=("kobold", "textgen")))
+def test_disable_adapter_from_settings_reaches_create_app(demo_engine):
+    app = create_app(demo_engine, Settings(disable_adapters=("kobold", "textgen")))
     c = TestClient(app)
     assert c.get("/api/extra/version").status_code == 404
     assert c.get("/v1/models").status_code == 200
 
 
-def test_openapi_page_documents_every_protocol():
-    engine, _ = scripted_engine()
-    c = TestClient(create_app(engine, Settings()))
+def test_openapi_page_documents_every_protocol(demo_engine):
+    c = TestClient(create_app(demo_engine, Settings()))
     page = c.get("/docs")
     assert page.status_code == 200 and "swagger" in page.text.lower()
     spec = c.get("/openapi.json").json()

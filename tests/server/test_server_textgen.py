@@ -17,7 +17,7 @@ from starlette.testclient import TestClient
 from airobackend.server import serve_async
 from airobackend.settings import Settings
 
-from fakes import free_port, live, make_app, scripted_engine
+from fakes import free_port, live, make_app, pick_stop, scripted_engine
 
 # text-generation-webui's api-examples/api-example-stream.py request (2023-10-25), with a fixed seed and a
 # shorter max_new_tokens so the demo model answers quickly.
@@ -112,14 +112,21 @@ def test_chat_stream_example_grows_the_history(demo_app):
         assert blocking["results"][0]["history"] == final
 
 
-def test_chat_regenerate_and_continue():
-    engine, _ = scripted_engine("Hello from the scripted model!")
-    c = TestClient(make_app(engine))
+def test_chat_regenerate_and_continue(demo_app, demo_engine):
+    from airobackend.server import chat_stops
+
+    c = TestClient(demo_app)
+    params = {"max_new_tokens": 12, "seed": 5, "ban_eos_token": True}
+    fresh = c.post("/api/v1/chat", json=dict(params, user_input="Hi")).json()
+    reply = fresh["results"][0]["history"]["internal"][-1][1]
     h = {"internal": [["Hi", "old answer"]], "visible": [["Hi", "old answer"]]}
-    r = c.post("/api/v1/chat", json={"user_input": "", "history": h, "regenerate": True}).json()
-    assert r["results"][0]["history"]["internal"] == [["Hi", "Hello from the scripted model!"]]
-    r = c.post("/api/v1/chat", json={"user_input": "", "history": h, "_continue": True}).json()
-    assert r["results"][0]["history"]["internal"] == [["Hi", "old answerHello from the scripted model!"]]
+    r = c.post("/api/v1/chat", json=dict(params, user_input="", history=h, regenerate=True)).json()
+    assert r["results"][0]["history"]["internal"] == [["Hi", reply]]       # the same turn, answered anew
+    r = c.post("/api/v1/chat", json=dict(params, user_input="", history=h, _continue=True)).json()
+    prompt = demo_engine.format_chat([{"role": "user", "content": "Hi"}]) + "old answer"
+    more = c.post("/api/v1/generate", json=dict(params, prompt=prompt,
+                                                stopping_strings=list(chat_stops(demo_engine)))).json()
+    assert r["results"][0]["history"]["internal"] == [["Hi", "old answer" + more["results"][0]["text"]]]
     bad = c.post("/api/v1/chat", json={"history": {"internal": "nope"}})
     assert bad.status_code == 400 and "history" in bad.json()["detail"]["msg"]
 
@@ -136,17 +143,19 @@ def test_blocking_routes(demo_app, demo_engine):
     assert c.post("/api/v1/model", json={}).json() == {"result": demo_engine.model_info()["name"]}
 
 
-def test_stop_strings_are_cut_from_the_output():
-    engine, _ = scripted_engine("Hello from the scripted model!")
-    c = TestClient(make_app(engine))
-    r = c.post("/api/v1/generate", json={"prompt": "x", "max_new_tokens": 100, "stopping_strings": ["model"]})
-    assert r.json()["results"][0]["text"] == "Hello from the scripted "     # (kobold's handler adds finish_reason)
+def test_stop_strings_are_cut_from_the_output(demo_app):
+    c = TestClient(demo_app)
+    base = {"prompt": "The old llama said", "max_new_tokens": 40, "seed": 9, "ban_eos_token": True}
+    text = c.post("/api/v1/generate", json=base).json()["results"][0]["text"]
+    i, stop = pick_stop(text)
+    r = c.post("/api/v1/generate", json=dict(base, stopping_strings=[stop]))
+    assert r.json()["results"][0]["text"] == text[:i]
     with c.websocket_connect("/api/v1/stream") as ws:
-        ws.send_text(json.dumps({"prompt": "x", "stopping_strings": ["scripted"]}))
-        text = ""
+        ws.send_text(json.dumps(dict(base, stopping_strings=[stop])))
+        streamed = ""
         while (m := ws.receive_json())["event"] == "text_stream":
-            text += m["text"]
-        assert text == "Hello from the " and m == {"event": "stream_end", "message_num": m["message_num"]}
+            streamed += m["text"]
+        assert streamed == text[:i] and m == {"event": "stream_end", "message_num": m["message_num"]}
 
 
 def test_websocket_exact_messages_and_errors_keep_the_socket():
@@ -201,18 +210,22 @@ def test_model_actions_with_the_model_manager(tmp_path, demo_engine):
     assert r.status_code == 503 and r.json()["error"]["code"] == "model_not_loaded"
 
 
-def test_model_actions_without_a_manager_say_so():
-    engine, _ = scripted_engine()
-    c = TestClient(make_app(engine))
+def test_model_actions_without_a_manager_say_so(demo_file):
+    from airobackend.engine import Engine
+    from airobackend.llama import Llama
+
+    engine = Engine(Llama(model_path=demo_file, n_ctx=64, verbose=False), Settings(n_ctx=64))
+    c = TestClient(make_app(engine, n_ctx=64))
     r = c.post("/api/v1/model", json={"action": "list"}).json()
     assert "not available" in r["error"]["message"]
+    assert c.post("/api/v1/model", json={"action": "info"}).json()["result"]["model_name"] == \
+        engine.model_info()["name"]
 
 
-def test_textgen_alone_answers_the_shared_routes():
+def test_textgen_alone_answers_the_shared_routes(demo_engine):
     """With the kobold adapter disabled, GET /api/v1/model and POST /api/v1/generate are text-generation-webui's."""
-    engine, _ = scripted_engine("Hello from the scripted model!")
-    c = TestClient(make_app(engine, disable_adapters=("kobold",)))
-    assert c.get("/api/v1/model").json() == {"result": "scripted-7b.q4_0"}
-    r = c.post("/api/v1/generate", json={"prompt": "x", "max_length": 5})
-    assert r.json() == {"results": [{"text": "Hello"}]}
+    c = TestClient(make_app(demo_engine, disable_adapters=("kobold",)))
+    assert c.get("/api/v1/model").json() == {"result": demo_engine.model_info()["name"]}
+    r = c.post("/api/v1/generate", json={"prompt": "x", "max_length": 5, "ban_eos_token": True})
+    assert set(r.json()["results"][0]) == {"text"} and demo_engine.perf()["last_token_count"] == 5
     assert c.get("/api/extra/version").status_code == 404
