@@ -367,13 +367,17 @@ def write_synthetic_model(path: Union[str, os.PathLike], *, format: str = "gguf"
                           n_vocab: int = 1024, n_embd: int = 256, n_head: int = 4, n_head_kv: Optional[int] = None,
                           n_layer: int = 2, n_ff: Optional[int] = None, seed: int = 11,
                           vocab: Optional[Vocab] = None, rules: Optional[str] = None, n_ctx_train: int = 2048,
-                          rms_norm_eps: float = 5e-6, chunk_bytes: int = 32 << 20, sparse: bool = False) -> dict:
+                          rms_norm_eps: float = 5e-6, chunk_bytes: int = 32 << 20, sparse: bool = False,
+                          tile_rows: Optional[int] = None) -> dict:
     """Write a seeded random LLaMA model (format 'gguf' or 'ggml' = GGML v3) in `mix` ('f32', 'q4_K_M', ...).
 
     Per-tensor types follow llama.cpp's rules (`rules` '2025' for GGUF, '2023' for GGML v3 by default; see
     tensor_type_for). Weights follow the fixtures' recipe; with seed 11 and the fx shapes the payloads equal
     llama.cpp's fx-* files. Memory use is bounded by `chunk_bytes` of float32 values per step whatever the shape.
     sparse=True writes only the headers and leaves the tensor data as holes (instant 65B-sized files).
+    tile_rows=N (benchmarks): quantize only the first N rows of each matrix and repeat their blocks over the rest,
+    so 7B/65B-shaped k-quant slices are written at disk speed (the numpy k-quantizers do ~1 M weights/s); the
+    values then follow the recipe only in those rows.
     Returns {gguf name: GGMLType}.
     """
     if format not in ("gguf", "ggml"):
@@ -409,6 +413,17 @@ def write_synthetic_model(path: Union[str, os.PathLike], *, format: str = "gguf"
     def data(spec: TensorSpec) -> Iterator[np.ndarray]:
         per_row = spec.ne[0] * 4
         rows = max(1, chunk_bytes // per_row)
+        n_rows = spec.ne[1] if len(spec.ne) > 1 else 1
+        if tile_rows and n_rows > tile_rows:
+            head = next(synthetic_values(seed, k_of[spec.name], spec.ne, f16=from_f16, rows_per_chunk=tile_rows))
+            block = quantize(head, spec.type)
+            reps = max(1, rows // tile_rows)
+            for r in range(0, n_rows, tile_rows * reps):
+                m = min(tile_rows * reps, n_rows - r)
+                whole, part = divmod(m, tile_rows)
+                out = np.tile(block, whole)
+                yield np.concatenate([out, block[:part * (block.size // tile_rows)]]) if part else out
+            return
         for v in synthetic_values(seed, k_of[spec.name], spec.ne, f16=from_f16, rows_per_chunk=rows):
             yield quantize(v, spec.type)
 

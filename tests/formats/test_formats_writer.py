@@ -199,3 +199,17 @@ def test_writer_memory_7b_wide_slice(tmp_path):
                                                         n_head=32, n_layer=1, n_ff=11008, chunk_bytes=8 << 20))
     assert open_model(p).hparams.n_ff == 11008
     assert peak < 160, peak
+
+
+def test_tiled_benchmark_slices(tmp_path):
+    """tile_rows: the first rows follow the recipe (equal to an untiled file), the rest repeats their blocks."""
+    kw = dict(format="gguf", mix="q4_K_M", n_vocab=512, n_embd=256, n_head=4, n_layer=1, n_ff=768, seed=3)
+    write_synthetic_model(tmp_path / "full.gguf", **kw)
+    write_synthetic_model(tmp_path / "tiled.gguf", tile_rows=16, chunk_bytes=40 * 1024, **kw)
+    full, tiled = open_model(tmp_path / "full.gguf"), open_model(tmp_path / "tiled.gguf")
+    for n, t in tiled.tensors.items():
+        a = np.asarray(t.data).reshape(t.shape[0] if len(t.shape) == 2 else 1, -1)
+        b = np.asarray(full.tensors[n].data).reshape(a.shape)
+        assert np.array_equal(a[:16], b[:16]), n
+        if a.shape[0] > 16:
+            assert np.array_equal(a[16:32], a[:16]) and np.array_equal(a[-1], a[(a.shape[0] - 1) % 16]), n
