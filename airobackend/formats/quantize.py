@@ -46,8 +46,13 @@ def quantize(values: np.ndarray, ggml_type: GGMLType) -> np.ndarray:
 # ---- helpers ---------------------------------------------------------------------------------------------------
 
 def _seqsum(a: np.ndarray) -> np.ndarray:
-    """Sum along the last axis in sequential float32 order (C's `for (...) s += a[i]`)."""
-    return np.cumsum(a, axis=-1, dtype=f32)[..., -1]
+    """Sum along the last axis in sequential float32 order (C's `for (...) s += a[i]`): one vector add per
+    element position, across all rows at once (numpy's own sum is pairwise and rounds differently)."""
+    a = np.asarray(a, dtype=f32)
+    acc = a[..., 0].copy()
+    for i in range(1, a.shape[-1]):
+        acc += a[..., i]
+    return acc
 
 
 def _nint(a: np.ndarray) -> np.ndarray:
