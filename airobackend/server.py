@@ -26,8 +26,7 @@ import pluggy
 from fastapi import APIRouter, FastAPI
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
-from starlette.routing import BaseRoute
+from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from .errors import AiroError, ContextOverflowError, EngineBusy, ModelNotLoaded, RequestError
 from .settings import Settings
@@ -590,11 +589,7 @@ def build_request(pm: pluggy.PluginManager, protocol: str, payload: dict, settin
 
 def chat_prompt(pm: pluggy.PluginManager, engine: Any, messages: list[dict]) -> str:
     """Render chat messages with a `format_chat_prompt` plugin if one answers, else the model's own template."""
-    try:
-        info = engine.model_info()
-    except ModelNotLoaded:
-        raise
-    prompt = pm.hook.format_chat_prompt(messages=messages, model_info=info)
+    prompt = pm.hook.format_chat_prompt(messages=messages, model_info=engine.model_info())
     return prompt if prompt is not None else engine.format_chat(messages)
 
 

@@ -7,10 +7,8 @@ import html
 import json
 import shutil
 import threading
-import time
 
 import httpx
-import pytest
 import websockets
 from starlette.testclient import TestClient
 
