@@ -201,6 +201,14 @@ def test_remote_mode_streams_the_servers_text(host, fx_server, fx_model, call_fo
     assert values[-1] == engine_text(fx_model, PROMPT, 24, **GREEDY_ENGINE)
 
 
+def test_remote_mode_forwards_every_sampler_setting(host, fx_server, fx_model):
+    """A seeded sampled generation on the server equals the engine's own only if seed, top_p, the repetition
+    penalty and its range all arrive."""
+    start_remote(host, fx_server)
+    state = default_state(max_new_tokens=20, seed=1234, ban_eos_token=True, truncation_length=N_CTX, **SAMPLED)
+    assert host.generate(PROMPT, state)[-1] == engine_text(fx_model, PROMPT, 20, seed=1234, ban_eos=True, **SAMPLED)
+
+
 def test_remote_mode_stop_string_and_tokenizer(host, fx_server, fx_model):
     start_remote(host, fx_server)
     full = engine_text(fx_model, PROMPT, 24, **GREEDY_ENGINE)

@@ -74,13 +74,11 @@ class _EngineStream(Stream):
     def __init__(self, engine: Any, request: Any) -> None:
         self._engine, self._request = engine, request
         self._cancelled = threading.Event()
-        self._started = threading.Event()
         self._events = None
 
     def __iter__(self) -> Iterator[str]:
         self._events = self._engine.generate(self._request)
-        self._started.set()
-        if self._cancelled.is_set():          # cancelled before the first event: stop at once
+        if self._cancelled.is_set():          # cancelled before the request reached the engine: stop at once
             self._engine.abort(self._request.genkey)
         finished = False
         try:
