@@ -1,4 +1,5 @@
-"""Read a model straight out of a *stored* zip archive, single or split (`NAME.z01`, `NAME.z02`, ..., `NAME.zip`).
+"""Read a model straight out of a *stored* zip archive, single or split (`NAME.z01`, `NAME.z02`, ..., `NAME.zip`,
+as Info-ZIP `zip -s` and WinZip write them, or 7-Zip's byte volumes `NAME.zip.001`, `NAME.zip.002`, ...).
 
 The parts are mapped, never read or extracted: the member's bytes become a `Source` of segments, one per part it
 touches, so tensor data stay zero-copy views (a tensor straddling a part boundary is copied once on first use).
@@ -7,6 +8,7 @@ ZIP64 (members over 4 GiB, as for 65B files) is supported. A compressed or encry
 from __future__ import annotations
 
 import os
+import re
 import struct
 from typing import Optional
 
@@ -22,9 +24,12 @@ MODEL_EXT = (".bin", ".gguf", ".ggml", ".ggmlv3")
 MAX_PARTS = 1000
 
 
+_VOLUME = re.compile(r"\.zip\.(\d{3})$", re.IGNORECASE)
+
+
 def looks_like_zip(path: str) -> bool:
     low = path.lower()
-    if low.endswith(".zip") or (len(low) > 4 and low[-4:-2] == ".z" and low[-2:].isdigit()):
+    if low.endswith(".zip") or (len(low) > 4 and low[-4:-2] == ".z" and low[-2:].isdigit()) or _VOLUME.search(low):
         return True
     try:
         with open(path, "rb") as f:
@@ -44,8 +49,46 @@ def _main_zip(path: str) -> str:
     return path
 
 
+def _open_volumes(path: str) -> tuple[Source, str]:
+    """7-Zip's split volumes NAME.zip.001, .002, ...: plain byte slices of one ordinary (single-disk) zip."""
+    base = path[:_VOLUME.search(path).start()] + ".zip"
+    srcs: list = []
+    try:
+        i = 1
+        while os.path.exists(f"{base}.{i:03d}"):
+            if i > MAX_PARTS:
+                raise ModelFileError("absurd number of volumes", path=path)
+            srcs.append(Source.open_file(f"{base}.{i:03d}"))
+            i += 1
+        if not srcs:
+            raise ModelFileError(f"first volume {os.path.basename(base)}.001 is missing", path=path)
+    except ModelFileError:
+        for s in srcs:
+            s.close()
+        raise
+    segs, maps, pos = [], [], 0
+    for s in srcs:
+        for seg in s.segments:
+            segs.append(Segment(pos + seg.start, seg.arr, seg.file_path, seg.file_offset))
+        maps.extend(s._maps)
+        pos += s.size
+    name = f"{base}.001"
+    whole = Source(name, segs, maps, size=pos)
+    try:
+        disk, cd_disk, n_entries, cd_size, cd_off = _find_eocd(whole, name)
+        if disk or cd_disk:
+            raise ModelFileError(f"volumes end with disk number {disk}: a volume after "
+                                 f"{os.path.basename(base)}.{len(srcs):03d} is missing", path=name)
+        return _member(whole, name, [0], cd_disk, n_entries, cd_size, cd_off)
+    except ModelFileError:
+        whole.close()
+        raise
+
+
 def open_zip_member(path: str) -> tuple[Source, str]:
     """Map the archive's parts and return (Source over the model member, member name)."""
+    if _VOLUME.search(path):
+        return _open_volumes(path)
     zpath = _main_zip(path)
     last = Source.open_file(zpath)
     try:

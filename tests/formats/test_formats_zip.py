@@ -104,3 +104,20 @@ def test_not_a_zip_and_empty_archive(tmp_path):
     e.write_bytes(b"PK\x05\x06" + b"\0" * 18)
     with pytest.raises(ModelFileError):
         open_model(e)
+
+
+def test_7zip_byte_volumes(tmp_path, fixtures_dir):
+    """7-Zip's 'split to volumes' cuts one ordinary zip into NAME.zip.001, .002, ... at byte boundaries."""
+    src = fixtures_dir / "models" / "fx-q4_0.gguf"
+    z = _zip(tmp_path, src, "vol")
+    raw = z.read_bytes()
+    z.unlink()
+    cut = len(raw) // 3
+    for i, chunk in enumerate((raw[:cut], raw[cut:2 * cut], raw[2 * cut:]), start=1):
+        (z.parent / f"vol.zip.{i:03d}").write_bytes(chunk)
+    mf = open_model(z.parent / "vol.zip.001")
+    assert mf.member == "fx-q4_0.gguf" and len(_straddling(mf)) >= 1
+    _same_tensors(mf, open_model(src))
+    (z.parent / "vol.zip.003").unlink()
+    with pytest.raises(ModelFileError):
+        open_model(z.parent / "vol.zip.001")
