@@ -124,6 +124,13 @@ def test_list_models_shows_the_library_and_build_model_loads_a_listed_name(lollm
     assert b.generate(PROMPT, 12, None, **GPT_PARAMS) == engine_text(path, PROMPT, 12, **ENGINE_PARAMS)
 
 
+def test_a_bad_request_is_reported_and_returns_what_was_made(lollms, fx_model):
+    b = built(lollms, fx_model)
+    assert b.generate(PROMPT, 8, None, **dict(GPT_PARAMS, repeat_penalty=-1.0)) == ""
+    assert any(kind == "error" and "RequestError" in msg for kind, msg in lollms.com.messages), lollms.com.messages
+    assert b.generate(PROMPT, 8, None, **GPT_PARAMS) == engine_text(fx_model, PROMPT, 8, **ENGINE_PARAMS)
+
+
 def test_unknown_model_is_reported_to_the_user_and_raises(lollms):
     b = lollms.build(model_name="no-such-model")
     with pytest.raises(Exception, match="no-such-model"):

@@ -185,7 +185,8 @@ class Airobackend(LLMBinding):
         """Generate up to `n_predict` tokens; each new piece of text goes to `callback(chunk, ADD_CHUNK)`.
 
         A callback that returns False stops the generation at once (LoLLMS does that when its antiprompt shows up or
-        the user presses Stop); other return values, None included, continue. Returns the text generated.
+        the user presses Stop); other return values, None included, continue. Returns the text generated; an error
+        is reported to the user (`self.error`) and ends the generation with the text made so far.
         """
         b = self._need_backend()
         options = options_from_gpt_params(gpt_params, n_predict, default_seed=int(self.binding_config.seed))
@@ -198,8 +199,10 @@ class Airobackend(LLMBinding):
                     print(delta, end="", flush=True)
                 if callback is not None and callback(delta, ADD_CHUNK) is False:
                     break
-        except bridge.BridgeError as e:
-            self.error(str(e))
+        except Exception as e:
+            # LoLLMS shows a binding's errors as notifications and keeps what was generated (as the zoo's
+            # bindings do); a bad request or a lost server must not take the discussion down.
+            self.error(f"airobackend: {type(e).__name__}: {e}")
         finally:
             deltas.close()  # stops the engine (or closes the server connection) when we leave early
         return text
