@@ -284,6 +284,7 @@ def test_ui_apply_reconnects_with_the_new_settings(host, fx_model, demo_model, m
     fn, inputs = recorded["apply"]
     values = [c.kwargs.get("value") for c in inputs]
     assert values[0] == "in-process" and values[1] == fx_model
+    assert any(name.startswith("fx-q4_0") for name in inputs[1].kwargs["choices"]), "the library in the dropdown"
     values[1] = demo_model
     status = fn(*values)
     assert status.startswith("Connected: airobackend-demo"), status
