@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pytest
 
+from fakes import demo_manager
+
 
 @pytest.fixture(scope="session")
 def demo_file(tmp_path_factory) -> str:
@@ -11,25 +13,16 @@ def demo_file(tmp_path_factory) -> str:
     return str(demo_model_path(tmp_path_factory.mktemp("demo-model")))
 
 
-def _manager(path: str, n_ctx: int):
-    from airobackend.manager import ModelManager
-    from airobackend.settings import Settings
-
-    manager = ModelManager(Settings(n_ctx=n_ctx, multiuser=4))
-    manager.load(manager.register(path))
-    return manager
-
-
 @pytest.fixture(scope="session")
 def demo_engine(demo_file):
     """The real engine on the demo model, loaded through the ModelManager as `serve` does (context 256)."""
-    return _manager(demo_file, 256)
+    return demo_manager(demo_file, 256)
 
 
 @pytest.fixture(scope="session")
 def small_demo_engine(demo_file):
     """The same with a 64-token context, so that any request, however long it asks, ends quickly."""
-    return _manager(demo_file, 64)
+    return demo_manager(demo_file, 64)
 
 
 @pytest.fixture

@@ -167,3 +167,13 @@ def pick_stop(text: str) -> tuple[int, str]:
         if piece.strip() and "\ufffd" not in piece and text.find(piece) == i:
             return i, piece
     raise AssertionError(f"no usable stop string in {text!r}")
+
+
+def demo_manager(path: str, n_ctx: int, multiuser: int = 4):
+    """A ModelManager serving the demo file (its own engine, queue and counters)."""
+    from airobackend.manager import ModelManager
+    from airobackend.settings import Settings
+
+    manager = ModelManager(Settings(n_ctx=n_ctx, multiuser=multiuser))
+    manager.load(manager.register(path))
+    return manager
