@@ -73,6 +73,9 @@ class GenerationStream:
                     return
                 gen = self.engine.generate(self.req)
                 put(_ACCEPTED)
+                if self._stop.is_set():   # cancelled while waiting to be accepted (e.g. during a model load)
+                    put(_END)
+                    return
                 for ev in gen:
                     put(ev)
                     if self._stop.is_set():
