@@ -90,3 +90,13 @@ def test_serve_starts_with_the_demo_model_and_stops_on_ctrl_c(tmp_path):
     assert "RANDOM weights" in err                      # the banner says the demo model prints nonsense
     assert "without an API key" not in err              # loopback: nothing to warn about
     assert f"http://127.0.0.1:{port}/v1" in err
+
+
+def test_serve_refuses_a_bad_model_file_with_a_clear_message(tmp_path, capsys, monkeypatch):
+    junk = tmp_path / "broken.gguf"
+    junk.write_bytes(b"GGUF" + b"\xff" * 64)
+    monkeypatch.setenv("AIRO_MODEL_DIR", str(tmp_path / "empty"))
+    assert serve.main(parse(["--model", str(junk), "--port", str(free_port())])) == 1
+    assert "cannot load the model" in capsys.readouterr().err
+    assert serve.main(parse(["--model", "no-such-model", "--port", str(free_port())])) == 1
+    assert "no-such-model" in capsys.readouterr().err
