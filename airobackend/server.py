@@ -551,7 +551,12 @@ async def serve_async(app: Any, settings: Settings, *, ready: Optional[Callable[
     pm: pluggy.PluginManager = app.state.pm
     engine = app.state.engine
     pm.hook.startup(engine=engine, settings=settings, app=app)
-    listeners = [(settings.host, settings.port)] + list(app.state.extra_listeners)
+    listeners = [(settings.host, settings.port)]
+    for host, port in app.state.extra_listeners:
+        if _can_bind(host, port):
+            listeners.append((host, port))
+        else:  # an extra port (text-generation-webui's 5005) in use must not stop the main server
+            log.warning("cannot listen on %s:%s (in use?); serving without it", host, port)
     servers = [uvicorn.Server(uvicorn_config(app, h, p, settings)) for h, p in listeners]
     app.state.servers = servers        # set `should_exit` on each to stop serving
     for s in servers:  # Ctrl-C handling is done once, by the caller
@@ -707,3 +712,17 @@ def sampling_params(payload: dict, n_vocab: int, **defaults: Any):
         ban_eos=ban_eos,
         grammar=f.str(("grammar", "grammar_string"), "") or base.grammar,
     )
+
+
+def _can_bind(host: str, port: int) -> bool:
+    """Whether (host, port) is free to listen on (checked the way uvicorn binds: SO_REUSEADDR)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True

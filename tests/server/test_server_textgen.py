@@ -227,3 +227,25 @@ def test_textgen_alone_answers_the_shared_routes(demo_engine):
     r = c.post("/api/v1/generate", json={"prompt": "x", "max_length": 5, "ban_eos_token": True})
     assert set(r.json()["results"][0]) == {"text"} and demo_engine.perf()["last_token_count"] == 5
     assert c.get("/api/extra/version").status_code == 404
+
+
+def test_a_busy_legacy_port_does_not_stop_the_server(demo_engine):
+    import socket
+
+    port = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        app = make_app(demo_engine, port=port, textgen_stream_port=taken.getsockname()[1])
+        ready = threading.Event()
+        t = threading.Thread(target=lambda: asyncio.run(serve_async(app, app.state.settings,
+                                                                    ready=lambda _: ready.set())), daemon=True)
+        t.start()
+        try:
+            assert ready.wait(20)
+            assert len(app.state.servers) == 1
+            assert httpx.get(f"http://127.0.0.1:{port}/api/extra/version").status_code == 200
+        finally:
+            for s in app.state.servers:
+                s.should_exit = True
+            t.join(10)
