@@ -291,3 +291,13 @@ def test_ui_apply_reconnects_with_the_new_settings(host, fx_model, demo_model, m
     assert host.shared.model_name.startswith("airobackend-demo")
     assert host.generate(PROMPT, default_state(max_new_tokens=12, **GREEDY))[-1] == \
         engine_text(demo_model, PROMPT, 12, **GREEDY_ENGINE)
+
+
+def test_older_callers_passing_is_chat_positionally(host, fx_model):
+    """Extensions and hosts from 2023 call `(question, original_question, seed, state, stopping_strings, is_chat)`."""
+    start_in_process(host, fx_model)
+    state = default_state(max_new_tokens=6, **GREEDY)
+    chat = list(host.script.custom_generate_reply(PROMPT, PROMPT, 7, state, [], True))
+    plain = list(host.script.custom_generate_reply(PROMPT, PROMPT, 7, state, []))
+    assert chat[0] != "" and plain[0] == "" and chat[-1] == plain[-1] == \
+        engine_text(fx_model, PROMPT, 6, **GREEDY_ENGINE)

@@ -252,6 +252,9 @@ def custom_generate_reply(question: str, original_question: str, *args: Any, is_
                           **kwargs: Any) -> Iterator[str]:
     """Generate `question`'s continuation; yields the whole reply so far (see the module docstring)."""
     seed, state, stopping_strings = _split_args(args, kwargs)
+    tail = args[3:] if args and not isinstance(args[0], dict) else args[2:]
+    if tail:                              # is_chat passed positionally (older extensions call it that way)
+        is_chat = bool(tail[0])
     b = _backend()
     o = options_from_state(state, stopping_strings, seed)
     prompt = _prepare_prompt(b, question, state, o)
