@@ -1,0 +1,251 @@
+"""Soak: 16 concurrent streaming clients across the three protocols against the demo model on a real server.
+
+A real `airobackend serve` process (uvicorn on a loopback port, the demo model, `--multiuser 2`: one generation
+runs, two wait, the rest are answered busy) is driven for a fixed time by 16 client threads, four per streaming
+route: KoboldCpp SSE (/api/extra/generate/stream), text-generation-webui WebSocket (/api/v1/stream, several
+requests per socket as its clients send them), OpenAI SSE chat (/v1/chat/completions) and completions
+(/v1/completions). Each client loops: a request with a random length, every sixth one abandoned after the first
+chunk (the client closes the connection: the server must abort it and go on), and on a busy answer a short pause and
+a retry, as SillyTavern does.
+
+Promises checked: zero errors (every answer is a well-formed stream to its end, parsed strictly by
+hardening_support, or the protocol's busy shape); every protocol both streamed and got busy answers; the server's RSS
+is flat (growth between the first quarter of the run and the end bounded by RSS_GROWTH_LIMIT); afterwards the queue
+is empty, the model idle, a normal request works, the server log has no traceback, and no answer carried the
+server's file system paths.
+
+The default suite runs a short soak (AIRO_SOAK_SHORT_SECONDS, default 20 s). The long one is marked slow:
+
+    AIRO_SOAK_SECONDS=600 .venv/bin/python -m pytest tests/hardening/test_soak.py -m slow -s
+
+(`-s` prints the figures: requests per protocol, busy answers, tokens, RSS before/after.)
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+
+import httpx
+import pytest
+from websockets.sync.client import connect as ws_connect
+
+from hardening_support import (BUSY_MESSAGE, Malformed, ServerProcess, TextgenStream, check_kobold_busy,
+                               check_openai_busy, parse_kobold_sse, parse_openai_sse, rss_bytes)
+
+N_CLIENTS = 16
+MULTIUSER = 2
+PROTOCOLS = ("kobold", "textgen", "chat", "completions")
+RSS_GROWTH_LIMIT = 24 * 2**20     # bytes; the server holds ~200 MB, so this is "flat" (see docs/reliability.md)
+PROMPTS = ["Once upon a time", "The capital of France is", "USER: Tell me a story.\nASSISTANT:",
+           "def fibonacci(n):", "In a hole in the ground there lived", "\u00e9t\u00e9 \u65e5\u672c \U0001f600"]
+
+
+@dataclass
+class Stats:
+    streams: int = 0
+    busy: int = 0
+    abandoned: int = 0
+    pieces: int = 0
+    errors: list = field(default_factory=list)
+
+
+@dataclass
+class SoakResult:
+    seconds: float
+    clients: int
+    stats: dict
+    rss_before: int
+    rss_quarter: int
+    rss_after: int
+    rss_max: int
+    total_gens: int
+
+
+def _client(proto: str, idx: int, url: str, port: int, deadline: float, stats: Stats, lock: threading.Lock,
+            forbidden: str) -> None:
+    rng = random.Random(1000 * idx + 7)
+    http = httpx.Client(base_url=url, timeout=60)
+    ws = None
+    n = 0
+
+    def record(**kw) -> None:
+        with lock:
+            for k, v in kw.items():
+                setattr(stats, k, getattr(stats, k) + v)
+
+    def body_ok(raw: bytes) -> None:
+        if forbidden.encode() in raw:
+            raise Malformed(f"{proto}: answer contains the server's file system path")
+
+    try:
+        while time.time() < deadline:
+            n += 1
+            abandon = n % 6 == 0
+            prompt = rng.choice(PROMPTS) + f" (client {idx}, request {n})"
+            max_tokens = rng.randrange(4, 40)
+            if proto == "textgen":
+                if ws is None:
+                    ws = ws_connect(f"ws://127.0.0.1:{port}/api/v1/stream", open_timeout=30).__enter__()
+                ws.send(json.dumps({"prompt": prompt, "max_new_tokens": max_tokens, "seed": n}))
+                parser = TextgenStream()
+                while True:
+                    raw = ws.recv(timeout=60)
+                    body_ok(raw.encode() if isinstance(raw, str) else raw)
+                    if parser.feed(raw):
+                        break
+                    if abandon and parser.n >= 2:
+                        ws.close()
+                        ws = None
+                        break
+                if ws is None:
+                    record(abandoned=1)
+                elif parser.error is not None:
+                    if parser.error != BUSY_MESSAGE:
+                        raise Malformed(f"textgen: error event {parser.error!r}")
+                    record(busy=1)
+                    time.sleep(rng.uniform(0.05, 0.2))
+                else:
+                    record(streams=1, pieces=len(parser.text))
+                continue
+
+            if proto == "kobold":
+                path, body = "/api/extra/generate/stream", {"prompt": prompt, "max_length": max_tokens,
+                                                            "genkey": f"KCPP{idx:02d}{n:04d}"}
+            elif proto == "chat":
+                path, body = "/v1/chat/completions", {"messages": [{"role": "user", "content": prompt}],
+                                                      "max_tokens": max_tokens, "stream": True}
+            else:
+                path, body = "/v1/completions", {"prompt": prompt, "max_tokens": max_tokens, "stream": True}
+            with http.stream("POST", path, json=body) as r:
+                if r.status_code == 503:
+                    raw = r.read()
+                    body_ok(raw)
+                    (check_kobold_busy if proto == "kobold" else check_openai_busy)(r)
+                    if r.headers.get("retry-after") is None:
+                        raise Malformed(f"{proto}: busy answer without retry-after")
+                    record(busy=1)
+                    time.sleep(rng.uniform(0.05, 0.2))
+                    continue
+                if r.status_code != 200:
+                    raise Malformed(f"{proto}: status {r.status_code}: {r.read()[:300]!r}")
+                if not r.headers["content-type"].startswith("text/event-stream"):
+                    raise Malformed(f"{proto}: content-type {r.headers['content-type']}")
+                if abandon:
+                    next(r.iter_raw())
+                    record(abandoned=1)
+                    continue                 # leaving the block closes the connection mid-stream
+                raw = r.read()
+            body_ok(raw)
+            if proto == "kobold":
+                text, _ = parse_kobold_sse(raw)
+            else:
+                text, _ = parse_openai_sse(raw, chat=proto == "chat")
+            record(streams=1, pieces=1 if text else 0)
+    except Exception as e:   # counted: the soak promises zero errors
+        with lock:
+            stats.errors.append(f"{proto}#{idx} request {n}: {type(e).__name__}: {e}")
+    finally:
+        http.close()
+        if ws is not None:
+            ws.close()
+
+
+def _warm_up(srv: ServerProcess) -> None:
+    """One request per protocol, so first-use costs (JIT, imports, buffers) are paid before RSS is measured."""
+    r = httpx.post(srv.url + "/api/extra/generate/stream", json={"prompt": "warm", "max_length": 8}, timeout=120)
+    parse_kobold_sse(r.content)
+    r = httpx.post(srv.url + "/v1/completions", json={"prompt": "warm", "max_tokens": 8, "stream": True}, timeout=60)
+    parse_openai_sse(r.content, chat=False)
+    r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "warm"}],
+                                                           "max_tokens": 8, "stream": True}, timeout=60)
+    parse_openai_sse(r.content, chat=True)
+    with ws_connect(f"ws://127.0.0.1:{srv.port}/api/v1/stream") as ws:
+        ws.send('{"prompt": "warm", "max_new_tokens": 8}')
+        p = TextgenStream()
+        while not p.feed(ws.recv(timeout=60)):
+            pass
+
+
+def run_soak(workdir, demo_path, seconds: float, clients: int = N_CLIENTS) -> SoakResult:
+    with ServerProcess(workdir, "--model", str(demo_path), "--multiuser", str(MULTIUSER),
+                       "--contextsize", "512") as srv:
+        _warm_up(srv)
+        time.sleep(0.5)
+        rss_before = rss_bytes(srv.pid)
+        lock = threading.Lock()
+        stats = {p: Stats() for p in PROTOCOLS}
+        start = time.time()
+        deadline = start + seconds
+        threads = [threading.Thread(target=_client, args=(PROTOCOLS[i % 4], i, srv.url, srv.port, deadline,
+                                                          stats[PROTOCOLS[i % 4]], lock, str(workdir)),
+                                    daemon=True) for i in range(clients)]
+        for t in threads:
+            t.start()
+        samples = []
+        while any(t.is_alive() for t in threads):
+            samples.append((time.time() - start, rss_bytes(srv.pid)))
+            time.sleep(0.25)
+            if time.time() > deadline + 120:
+                break
+        for t in threads:
+            t.join(5)
+        assert not any(t.is_alive() for t in threads), "a client hung"
+        # idle again: the queue drains, the abandoned generations are gone
+        perf = None
+        for _ in range(100):
+            perf = httpx.get(srv.url + "/api/extra/perf", timeout=10).json()
+            if perf["idle"] == 1 and perf["queue"] == 0:
+                break
+            time.sleep(0.1)
+        assert perf["idle"] == 1 and perf["queue"] == 0, perf
+        time.sleep(0.5)
+        rss_after = rss_bytes(srv.pid)
+        quarter = [rss for t, rss in samples if t >= seconds / 4]
+        r = httpx.post(srv.url + "/api/v1/generate", json={"prompt": "after", "max_length": 5,
+                                                           "use_default_badwordsids": True}, timeout=60)
+        assert r.status_code == 200 and r.json()["results"][0]["text"]
+        log = srv.stderr_text()
+        assert "Traceback" not in log and " ERROR " not in log, log[-3000:]
+        return SoakResult(seconds, clients, stats, rss_before, quarter[0] if quarter else rss_before, rss_after,
+                          max(rss for _, rss in samples), int(perf["total_gens"]))
+
+
+def check(result: SoakResult) -> None:
+    errors = [e for s in result.stats.values() for e in s.errors]
+    assert not errors, errors[:10]
+    for proto, s in result.stats.items():
+        assert s.streams > 0, (proto, s)
+        assert s.busy > 0, (proto, "a full queue never answered busy")
+    growth = result.rss_after - result.rss_quarter
+    assert growth < RSS_GROWTH_LIMIT, (result.rss_quarter, result.rss_after)
+    completed = sum(s.streams for s in result.stats.values())
+    assert result.total_gens >= completed
+
+
+def report(result: SoakResult) -> str:
+    mb = 2**20
+    lines = [f"soak: {result.seconds:.0f} s, {result.clients} clients, multiuser {MULTIUSER}"]
+    for proto, s in result.stats.items():
+        lines.append(f"  {proto:12s} streams {s.streams:5d}  busy {s.busy:5d}  abandoned {s.abandoned:4d}  "
+                     f"errors {len(s.errors)}")
+    lines.append(f"  generations run by the server: {result.total_gens}")
+    lines.append(f"  RSS before {result.rss_before / mb:.1f} MiB, at 1/4 {result.rss_quarter / mb:.1f} MiB, "
+                 f"after {result.rss_after / mb:.1f} MiB, max {result.rss_max / mb:.1f} MiB")
+    return "\n".join(lines)
+
+
+def test_soak_short(tmp_path, demo_path):
+    result = run_soak(tmp_path, demo_path, float(os.environ.get("AIRO_SOAK_SHORT_SECONDS", "20")))
+    print(report(result))
+    check(result)
+
+
+@pytest.mark.slow
+def test_soak_long(tmp_path, demo_path):
+    result = run_soak(tmp_path, demo_path, float(os.environ.get("AIRO_SOAK_SECONDS", "600")))
+    print(report(result))
+    check(result)
