@@ -15,7 +15,9 @@ in other files, so a kernel module never calls jitted code from another module.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.core.errors import TypingError
+from numba.extending import overload, typeof_impl
 
 from airobackend.kernels import JIT, JIT_PARALLEL
 from airobackend.quant import BLOCK, GGMLType
@@ -277,35 +279,48 @@ def dequant_q6_k(src, dst, tab):
                 dst[yo + l + 96] = (s6 if first else s7) * np.float32(((c >> 4) | (((qh >> 6) & 3) << 4)) - 32)
 
 
-@njit(**JIT)
+class TypeId(int):
+    """A GGML type id that Numba types as a compile-time constant (Literal[int]).
+
+    Kernels take the weight type as a TypeId, so each (kernel, type) pair is compiled on first use and contains
+    only that type's dequantizer: a q4_K_M model compiles Q4_K and Q6_K code, not all twelve types (first-start
+    compile time), and the compiled code is cached on disk per type.
+    """
+
+    def __repr__(self) -> str:
+        return f"TypeId({GGMLType(int(self)).name})"
+
+
+@typeof_impl.register(TypeId)
+def _typeof_type_id(val, c):
+    return types.literal(int(val))
+
+
+_DEQUANT_BY_ID = {
+    0: dequant_f32, 1: dequant_f16, 2: dequant_q4_0, 3: dequant_q4_1, 6: dequant_q5_0, 7: dequant_q5_1,
+    8: dequant_q8_0, 10: dequant_q2_k, 11: dequant_q3_k, 12: dequant_q4_k, 13: dequant_q5_k, 14: dequant_q6_k,
+}
+
+
 def dequant_row(ttype, src, dst, tab):
-    """Dispatch on the GGML type id: dst[:] = dequantized weights from the blocks at the start of src."""
-    if ttype == 0:
-        dequant_f32(src, dst, tab)
-    elif ttype == 1:
-        dequant_f16(src, dst, tab)
-    elif ttype == 2:
-        dequant_q4_0(src, dst, tab)
-    elif ttype == 3:
-        dequant_q4_1(src, dst, tab)
-    elif ttype == 6:
-        dequant_q5_0(src, dst, tab)
-    elif ttype == 7:
-        dequant_q5_1(src, dst, tab)
-    elif ttype == 8:
-        dequant_q8_0(src, dst, tab)
-    elif ttype == 10:
-        dequant_q2_k(src, dst, tab)
-    elif ttype == 11:
-        dequant_q3_k(src, dst, tab)
-    elif ttype == 12:
-        dequant_q4_k(src, dst, tab)
-    elif ttype == 13:
-        dequant_q5_k(src, dst, tab)
-    elif ttype == 14:
-        dequant_q6_k(src, dst, tab)
-    else:
-        raise ValueError("unsupported tensor type")
+    """dst[:] = the weights held by the first blocks of src, for GGML type `ttype` (a TypeId).
+
+    Jitted code only: resolved at compile time to the one per-type dequantizer.
+    """
+    raise NotImplementedError("dequant_row is called from jitted kernels only")
+
+
+@overload(dequant_row, prefer_literal=True, jit_options=JIT)
+def _dequant_row_impl(ttype, src, dst, tab):
+    if not isinstance(ttype, types.IntegerLiteral):
+        raise TypingError("dequant kernels take the tensor type as a dequant.TypeId (a compile-time constant)")
+    fn = _DEQUANT_BY_ID.get(ttype.literal_value)
+    if fn is None:
+        raise TypingError(f"no dequantizer for GGML type {ttype.literal_value}")
+
+    def impl(ttype, src, dst, tab):
+        fn(src, dst, tab)
+    return impl
 
 
 # ---- kernels built on dequant_row ----
@@ -372,5 +387,5 @@ def dequantize(data: np.ndarray, ggml_type: int, n_rows: int, n_cols: int) -> np
     """Dequantize a whole [n_rows, n_cols] tensor (1-D tensors: n_rows = 1) to float32 with the Numba kernels."""
     w = as_rows(data, ggml_type, n_rows, n_cols)
     out = np.empty((n_rows, n_cols), np.float32)
-    dequant_rows(w, int(ggml_type), np.arange(n_rows, dtype=np.int64), out, _F16_TABLE)
+    dequant_rows(w, TypeId(ggml_type), np.arange(n_rows, dtype=np.int64), out, _F16_TABLE)
     return out

@@ -29,7 +29,7 @@ class GenericKernel:
     name = "generic"
 
     def __init__(self, ggml_type: int, raw2d: np.ndarray, n_rows: int, n_cols: int) -> None:
-        self.ggml_type, self.raw2d, self.n_rows, self.n_cols = int(ggml_type), raw2d, n_rows, n_cols
+        self.ggml_type, self.raw2d, self.n_rows, self.n_cols = dequant.TypeId(ggml_type), raw2d, n_rows, n_cols
         self.tab = dequant.f16_table()
         # Enough chunks for the threads to balance, each long enough to amortize its scratch allocation.
         self.rows_per_chunk = max(1, min(32, n_rows // 64))
@@ -65,7 +65,8 @@ class Weight:
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """Dequantized rows `ids` as float32 [len(ids), n_cols] (the embedding lookup)."""
         out = np.empty((len(ids), self.n_cols), np.float32)
-        dequant.dequant_rows(self.raw2d, self.ggml_type, np.asarray(ids, np.int64), out, dequant.f16_table())
+        dequant.dequant_rows(self.raw2d, dequant.TypeId(self.ggml_type), np.asarray(ids, np.int64), out,
+                             dequant.f16_table())
         return out
 
     def __repr__(self) -> str:

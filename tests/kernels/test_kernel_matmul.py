@@ -49,7 +49,7 @@ def test_dequant_rows_embedding_lookup(blocks, tname):
     raw, n_cols = blocks[tname]
     ids = np.array([raw.shape[0] - 1, 0, 5, 5, 3], np.int64)
     out = np.empty((len(ids), n_cols), np.float32)
-    dequant.dequant_rows(raw, int(GGMLType[tname]), ids, out, dequant.f16_table())
+    dequant.dequant_rows(raw, dequant.TypeId(GGMLType[tname]), ids, out, dequant.f16_table())
     np.testing.assert_array_equal(out, _ref_rows(raw, tname, n_cols)[ids], err_msg=tname)
 
 
