@@ -14,8 +14,8 @@ How it works
   exactly the file's size, one stream per row.
 * Decode (`matvec`): `prange` over chunks of 32 rows, one row at a time (the single-row loop already outruns DRAM on
   one core). Prompt (`matmat`): all tokens quantized first, then `prange` over 32-row chunks, a register tile of
-  R rows x 4 tokens (R = 4 for the legacy types and F16, 2 for the k-quants whose per-sub-block scales need more
-  registers), each weight vector decoded once per tile and used for 4 tokens.
+  R rows x 4 tokens (R = 4 for the legacy types and F16, 2 for the k-quants, whose per-sub-block scale vectors take
+  more registers; 4 measured no faster), each weight vector decoded once per tile and used for 4 tokens.
 * The unrolled kernel source is generated per type (for the chosen ISA) into a file under the user cache directory
   and imported from there, so Numba's `cache=True` works and an AVX2 build never reuses an AVX-512 cache entry.
 
@@ -63,6 +63,7 @@ class Spec:
     xs_step = 16
     parts = 1
     tile_r = 4
+    tile_t = TILE_T
     consts: dict[str, str] = {}
 
     def row_setup(self, i):
@@ -369,15 +370,19 @@ load_u8x16 = make_load_bytes(16, False)
 
 
 def _emit_tile(spec: Spec, R: int, T: int, ind: str, n_tok_check: bool) -> list[str]:
-    """The body computing one R-rows x T-tokens tile starting at row `r`, token `t0`."""
+    """The body computing one R-rows x T-tokens tile starting at row `r`, token `t0`. With R > 1, rows past the
+    chunk end `r1` re-read the chunk's last row and are not stored (one body instead of a remainder loop: half the
+    compile time)."""
     L = []
+    if R > 1:
+        L += [f"ri{i} = min(r + {i}, r1 - 1)" for i in range(R)]
     for i in range(R):
         for j in range(T):
             L.append(f"acc{i}_{j} = splat_f(0.0)")
     L.append("for s in range(n_steps):")
     b = []
     for i in range(R):
-        b.append(f"wb{i} = (r + {i}) * RB + s * {spec.step_bytes}")
+        b.append(f"wb{i} = {f'ri{i}' if R > 1 else 'r'} * RB + s * {spec.step_bytes}")
     for j in range(T):
         b.append(f"xq{j} = (t0 + {j}) * XQS + s * {spec.xq_step}")
         b.append(f"xd{j} = (t0 + {j}) * XDS + s * {spec.xd_step}")
@@ -398,7 +403,13 @@ def _emit_tile(spec: Spec, R: int, T: int, ind: str, n_tok_check: bool) -> list[
             b += spec.acc_final(i, j)
     L += ["    " + x for x in b]
     for j in range(T):
-        st = [f"out[(t0 + {j}) * n_rows + r + {i}] = hsum_f(acc{i}_{j})" for i in range(R)]
+        st = []
+        for i in range(R):
+            if R > 1 and i > 0:
+                st.append(f"if r + {i} < r1:")
+                st.append(f"    out[(t0 + {j}) * n_rows + r + {i}] = hsum_f(acc{i}_{j})")
+            else:
+                st.append(f"out[(t0 + {j}) * n_rows + r + {i}] = hsum_f(acc{i}_{j})")
         if n_tok_check:
             L.append(f"if t0 + {j} < n_tok:")
             L += ["    " + x for x in st]
@@ -441,13 +452,11 @@ def generate_source(spec: Spec) -> str:
             "    for c in prange(n_chunks):",
             f"        r0 = c * {CHUNK}",
             f"        r1 = min(r0 + {CHUNK}, n_rows)",
-            f"        for t0 in range(0, n_tok_pad, {TILE_T}):",
+            f"        for t0 in range(0, n_tok_pad, {spec.tile_t}):",
             "            r = r0",
-            f"            while r + {R} <= r1:"]
-    src += _emit_tile(spec, R, TILE_T, "                ", True)
-    src += [f"                r += {R}", "            while r < r1:"]
-    src += _emit_tile(spec, 1, TILE_T, "                ", True)
-    src += ["                r += 1", ""]
+            "            while r < r1:"]
+    src += _emit_tile(spec, R, spec.tile_t, "                ", True)
+    src += [f"                r += {R}", ""]
     return "\n".join(src) + "\n"
 
 
@@ -606,7 +615,7 @@ class FastWeight:
         n_tok = X.shape[0]
         if n_tok == 0:
             return out
-        n_pad = -(-n_tok // TILE_T) * TILE_T
+        n_pad = -(-n_tok // self.spec.tile_t) * self.spec.tile_t
         XQ, XQS, XD, XDS, XS, XF, XSS = self._quantize(X, n_pad)
         tgt = out if (out.dtype == np.float32 and out.flags.c_contiguous) else np.empty((n_tok, self.n_rows),
                                                                                         np.float32)
