@@ -170,3 +170,24 @@ def test_kv_shift_rerotates_kept_keys(fixtures_dir, entries):
     assert a.model.eval(tokens[20:21], 14).shape == (1, a.n_vocab())
     for llm in (a, b):
         llm.close()
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "ggmlv3"])
+def test_tokenize_detokenize_and_threads(fixtures_dir, entries, fmt):
+    """tokenize() gives llama.cpp's tokens for the reference text; n_threads is honoured and does not change results."""
+    import numba
+    entry = entries["fx32k-q4_0"]
+    ref = np.load(fixtures_dir / entry["reference"])
+    path = str(fixtures_dir / entry["files"][fmt]["path"])
+    one = Llama(path, n_ctx=32, n_threads=1, verbose=False, kernels="generic")
+    assert one.tokenize(entry["text"].encode()) == ref["tokens"].tolist()
+    assert one.detokenize(ref["tokens"][1:]).strip() == entry["text"].encode().strip()
+    assert (one.token_bos(), one.token_eos()) == (1, 2)
+    one.eval(ref["tokens"][:6])
+    assert numba.get_num_threads() == 1
+    two = Llama(path, n_ctx=32, n_threads=min(2, numba.config.NUMBA_NUM_THREADS), verbose=False, kernels="generic")
+    two.eval(ref["tokens"][:6])
+    assert numba.get_num_threads() == two.n_threads
+    np.testing.assert_array_equal(one.scores[5], two.scores[5])     # rows are split between threads, not sums
+    one.close()
+    two.close()
