@@ -21,7 +21,6 @@ no answer ever contains a file system path.
 from __future__ import annotations
 
 import logging
-import threading
 from typing import Any, Optional
 
 import pluggy
@@ -52,8 +51,6 @@ class ModelRoutes:
 
     def __init__(self, manager: Any, settings: Settings) -> None:
         self.manager, self.settings = manager, settings
-        self._background: Optional[threading.Thread] = None
-        self._background_name: Optional[str] = None
         r = self.router = APIRouter(tags=["Model library"])
         r.add_api_route("/v1/internal/model/list", self.internal_list, methods=["GET"],
                         summary="text-generation-webui: the library (admin)")
@@ -160,32 +157,15 @@ class ModelRoutes:
             if not name:
                 raise FieldError("the server was started without a model: there is no initial_model", "filename")
         try:
-            # Checked now, so a wrong name or a model that does not fit is refused in this answer; the load itself
-            # runs in the background while the client polls /api/v1/model or /api/admin/load_status.
-            await run_in_threadpool(lambda: self.manager.check_load(name, **options))
+            # Everything that refuses the switch (a wrong name, a model that does not fit, a load under way) is
+            # answered now; the switch itself runs in the background while the client polls /api/v1/model or
+            # /api/admin/load_status.
+            await run_in_threadpool(lambda: self.manager.start_load(name, **options))
         except AiroError as e:
             return self._failed(e, str(e))
-        if self._loading() is not None:
-            return self._failed(EngineBusy(), "a model is already loading; try again when it is ready")
-
-        def work() -> None:
-            try:
-                self.manager.load(name, **options)
-            except AiroError as e:      # recorded in manager.last_error, shown by /api/admin/load_status
-                log.error("loading %s failed: %s", name, e)
-
-        self._background = threading.Thread(target=work, name="airo-model-load", daemon=True)
-        self._background_name = name
-        self._background.start()
         return {"success": True}
-
-    def _loading(self) -> Optional[str]:
-        """The model being loaded, counting a background load whose thread has not reached manager.load yet (else
-        a client polling load_status right after reload_config would see 'nothing loading' and give up)."""
-        bg = self._background
-        return self.manager.loading_name or (self._background_name if bg is not None and bg.is_alive() else None)
 
     async def admin_status(self) -> dict:
         m = self.manager
-        return {"loaded": m.loaded_name, "loading": self._loading(), "progress": round(m.load_progress, 4),
+        return {"loaded": m.loaded_name, "loading": m.loading_name or None, "progress": round(m.load_progress, 4),
                 "last_error": m.last_error}

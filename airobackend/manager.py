@@ -330,6 +330,29 @@ class ModelManager:
         InsufficientMemory (does not fit and `allow_disk` is off; nothing changes), EngineBusy (another load
         is running). `abort_running` aborts generations in flight instead of letting them finish.
         """
+        job = self._begin_load(name, allow_disk, overrides)
+        self._finish_load(*job, abort_running=abort_running)
+        return job[0]
+
+    def start_load(self, name: str, *, allow_disk: Optional[bool] = None, abort_running: bool = False,
+                   **overrides: Any) -> ModelEntry:
+        """`load` in a background thread: everything that refuses a load is raised here, and `loading_name` is
+        set before this returns (a client polling right away sees the load); a failure after that is in
+        `last_error`. KoboldCpp's reload_config answers this way."""
+        job = self._begin_load(name, allow_disk, overrides)
+
+        def work() -> None:
+            try:
+                self._finish_load(*job, abort_running=abort_running)
+            except AiroError as e:      # recorded in last_error for the status routes
+                log.error("loading %s failed: %s", job[0].name, e)
+
+        threading.Thread(target=work, name="airo-model-load", daemon=True).start()
+        return job[0]
+
+    def _begin_load(self, name: str, allow_disk: Optional[bool],
+                    overrides: dict) -> tuple[ModelEntry, Settings, bool]:
+        """Checks, then marks the load as under way (new requests wait from now on). (entry, settings, beside_old)"""
         with self._cond:
             if self._loading is not None:
                 raise EngineBusy(f"a model is already loading ({self._loading}); try again when it is ready")
@@ -338,6 +361,9 @@ class ModelManager:
             beside_old = need <= self._mem_available()
             self._loading, self._progress = entry.name, 0.0
         self._report(0.0)
+        return entry, settings, beside_old
+
+    def _finish_load(self, entry: ModelEntry, settings: Settings, beside_old: bool, *, abort_running: bool) -> None:
         try:
             with self._public_errors():
                 self._switch(entry, settings, beside_old=beside_old, abort_running=abort_running)
@@ -352,7 +378,6 @@ class ModelManager:
         if self._startup_name is None:
             self._startup_name = entry.name
         self._report(1.0, entry.name)
-        return entry
 
     def unload(self, *, abort_running: bool = False) -> None:
         """Release the model after the generations in flight finish; Engine calls then raise ModelNotLoaded."""

@@ -510,3 +510,27 @@ def test_unknown_template_refused_before_anything_changes(library_dir):
     with pytest.raises(RequestError, match="unknown prompt template"):
         mgr.load("fx-q2_K.gguf", template="no-such-template")
     assert factory.calls == []
+
+
+def test_start_load_marks_the_load_before_returning(library_dir):
+    mgr, factory, mem = make(library_dir)
+    factory.hold = threading.Event()
+    entry = mgr.start_load("fx-q2_K.gguf")
+    assert entry.name == "fx-q2_K.gguf" and mgr.loading_name == "fx-q2_K.gguf"   # visible at once
+    with pytest.raises(EngineBusy):
+        mgr.start_load("fx-q8_0.gguf")
+    factory.hold.set()
+    deadline = time.monotonic() + TIMEOUT
+    while mgr.loaded_name != "fx-q2_K.gguf" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert mgr.loaded_name == "fx-q2_K.gguf" and mgr.loading_name is None
+    # Refusals come out of start_load itself; a failure later is in last_error.
+    mem["bytes"] = 1
+    with pytest.raises(InsufficientMemory):
+        mgr.start_load("fx-f16.gguf")
+    mem["bytes"] = 1 << 50
+    factory.fail.add("fx-q8_0.gguf")
+    mgr.start_load("fx-q8_0.gguf")
+    while mgr.loading_name is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert "runs past the end" in mgr.last_error and mgr.loaded_name == "fx-q2_K.gguf"
