@@ -95,9 +95,11 @@ class LlamaModel:
             log.warning("n_head_kv %s in the header disagrees with attn_k's shape; using %d (n_gqa %d)",
                         hp.n_head_kv, self.n_head_kv, self.n_head // self.n_head_kv)
         self.n_embd_gqa = n_embd_gqa
-        # KV cache: fp16 bit patterns, one [n_ctx, n_embd_gqa] plane per layer (llama.cpp's default F16 cache).
-        self.k_cache = np.zeros((self.n_layer, self.n_ctx, n_embd_gqa), np.uint16)
-        self.v_cache = np.zeros((self.n_layer, self.n_ctx, n_embd_gqa), np.uint16)
+        # KV cache: fp16 bit patterns like llama.cpp's default F16 cache, head-major [n_layer, n_head_kv, n_ctx, hd]
+        # so that attention streams one head's keys and values contiguously.
+        shape = (self.n_layer, self.n_head_kv, self.n_ctx, self.head_dim)
+        self.k_cache = np.zeros(shape, np.uint16)
+        self.v_cache = np.zeros(shape, np.uint16)
         self._tab = dequant.f16_table()
 
     # ---- public API ----
@@ -134,10 +136,10 @@ class LlamaModel:
         if m:
             pos = np.full(m, -n_discard, np.int64)       # rotating by a delta: R(p - n) = R(-n) R(p)
             for il in range(self.n_layer):
-                k = self._tab[self.k_cache[il, src]].reshape(m, self.n_head_kv, self.head_dim)
+                k = np.ascontiguousarray(self._tab[self.k_cache[il, :, src]].transpose(1, 0, 2))   # [m, n_head_kv, hd]
                 ops.rope(k, pos, self.n_rot, self.freq_base, self.freq_scale)
-                self.k_cache[il, dst] = ops.f32_to_f16_bits(k.reshape(m, self.n_embd_gqa))
-                self.v_cache[il, dst] = self.v_cache[il, src]
+                self.k_cache[il, :, dst] = ops.f32_to_f16_bits(k.transpose(1, 0, 2))
+                self.v_cache[il, :, dst] = self.v_cache[il, :, src]
         return n_past - n_discard
 
     # ---- the forward pass ----
@@ -155,8 +157,9 @@ class LlamaModel:
             v = layer.wv(h)                                                     # [n, g]
             ops.rope(q, pos, self.n_rot, self.freq_base, self.freq_scale)
             ops.rope(k, pos, self.n_rot, self.freq_base, self.freq_scale)
-            self.k_cache[il, n_past:n_past + n] = ops.f32_to_f16_bits(k.reshape(n, self.n_embd_gqa))
-            self.v_cache[il, n_past:n_past + n] = ops.f32_to_f16_bits(v)
+            v = v.reshape(n, self.n_head_kv, hd)
+            self.k_cache[il, :, n_past:n_past + n] = ops.f32_to_f16_bits(k.transpose(1, 0, 2))     # [kv head, pos, hd]
+            self.v_cache[il, :, n_past:n_past + n] = ops.f32_to_f16_bits(v.transpose(1, 0, 2))
             ops.attention(q, self.k_cache[il], self.v_cache[il], n_past, self._tab, attn)
             ops.add(x, layer.wo(attn))
             ops.rmsnorm(x, layer.ffn_norm, self.eps, h)

@@ -91,41 +91,54 @@ def softmax(s):
         s[j] *= inv
 
 
+@njit(**JIT)
+def f16_to_f32(h):
+    """The fp16 bit pattern h as float32, in arithmetic that vectorizes (no table gather).
+
+    Sign, exponent and mantissa moved into float32 position, times 2^112 (the exponent bias difference): exact for
+    normal and subnormal halves. (fp16 inf/NaN, which a KV cache never holds, would come out finite.)
+    """
+    h = np.int32(h)
+    bits = np.uint32(((h & 0x7FFF) << 13) | ((h & 0x8000) << 16))
+    return bits.view(np.float32) * np.float32(5.192296858534828e33)
+
+
 @njit(**JIT_PARALLEL)
 def attention(q, k_cache, v_cache, n_past, tab, out):
     """Causal grouped-query attention for n_tok new tokens at positions n_past .. n_past+n_tok-1.
 
-    q: float32 [n_tok, n_head, head_dim] (already roped); k_cache, v_cache: uint16 (fp16 bits) [n_ctx, n_head_kv *
-    head_dim] holding positions 0 .. n_past+n_tok-1; out: float32 [n_tok, n_head * head_dim].
+    q: float32 [n_tok, n_head, head_dim] (already roped); k_cache, v_cache: uint16 (fp16 bits) [n_head_kv, n_ctx,
+    head_dim] holding positions 0 .. n_past+n_tok-1 (head-major, so one head's keys stream contiguously);
+    out: float32 [n_tok, n_head * head_dim]; tab: the fp16 table (unused: cache values are converted in registers
+    by f16_to_f32; kept for a stable signature).
     Query head h reads kv head h // (n_head / n_head_kv). As llama.cpp with an F16 cache: q and the softmax row are
     rounded to fp16 before their dot products; scores are scaled by 1/sqrt(head_dim) after the dot product.
     """
     n_tok, n_head, head_dim = q.shape
-    n_head_kv = k_cache.shape[1] // head_dim
-    n_gqa = n_head // n_head_kv
+    n_gqa = n_head // k_cache.shape[0]
     scale = np.float32(1.0 / math.sqrt(head_dim))
     for th in prange(n_tok * n_head):
         t, h = th // n_head, th % n_head
         n_kv = n_past + t + 1                          # causal: position n_past+t sees 0 .. n_past+t
-        ko = (h // n_gqa) * head_dim
+        kh, vh = k_cache[h // n_gqa], v_cache[h // n_gqa]   # [n_ctx, head_dim] of this query head's kv head
         qh = q[t, h].copy()
         round_f16(qh)
         s = np.empty(n_kv, np.float32)
         for j in range(n_kv):
-            kj = k_cache[j]
+            kj = kh[j]
             acc = np.float32(0.0)
             for d in range(head_dim):
-                acc += qh[d] * tab[kj[ko + d]]
+                acc += qh[d] * f16_to_f32(kj[d])
             s[j] = acc * scale
         softmax(s)
         round_f16(s)
         o = out[t, h * head_dim:(h + 1) * head_dim]
         o[:] = 0.0
         for j in range(n_kv):
-            vj = v_cache[j]
+            vj = vh[j]
             p = s[j]
             for d in range(head_dim):
-                o[d] += p * tab[vj[ko + d]]
+                o[d] += p * f16_to_f32(vj[d])
 
 
 @njit(**JIT_PARALLEL)

@@ -57,6 +57,13 @@ def test_round_f16_equals_numpy_half():
         np.testing.assert_array_equal(ours, a.astype(np.float16).astype(np.float32))
 
 
+def test_f16_to_f32_every_finite_half():
+    bits = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+    finite = (bits & 0x7C00) != 0x7C00
+    ours = np.array([ops.f16_to_f32(b) for b in bits[finite][::7]], np.float32)   # scalar helper, any half
+    np.testing.assert_array_equal(ours, bits[finite][::7].view(np.float16).astype(np.float32))
+
+
 def test_softmax_and_silu_mul():
     rng = np.random.default_rng(2)
     s = (rng.standard_normal(77) * 4).astype(np.float32)
@@ -78,15 +85,15 @@ def test_attention_gqa_causal(n_head, n_head_kv, n_past, n_tok):
     q = rng.standard_normal((n_tok, n_head, hd)).astype(np.float32)
     k = rng.standard_normal((n_kv, n_head_kv, hd)).astype(np.float32)
     v = rng.standard_normal((n_kv, n_head_kv, hd)).astype(np.float32)
-    k_cache = np.full((n_ctx, n_head_kv * hd), 0x7C00, np.uint16)     # +inf beyond n_kv: must never be read
+    k_cache = np.full((n_head_kv, n_ctx, hd), 0x7BFF, np.uint16)     # 65504 beyond n_kv: must never be read
     v_cache = k_cache.copy()
-    k_cache[:n_kv] = ops.f32_to_f16_bits(k.reshape(n_kv, -1))
-    v_cache[:n_kv] = ops.f32_to_f16_bits(v.reshape(n_kv, -1))
+    k_cache[:, :n_kv] = ops.f32_to_f16_bits(k.transpose(1, 0, 2))
+    v_cache[:, :n_kv] = ops.f32_to_f16_bits(v.transpose(1, 0, 2))
     out = np.empty((n_tok, n_head * hd), np.float32)
     ops.attention(q, k_cache, v_cache, n_past, f16_table(), out)
     tab = f16_table()
-    expect = reference.attention(q, tab[k_cache[:n_kv]].reshape(n_kv, n_head_kv, hd),
-                                 tab[v_cache[:n_kv]].reshape(n_kv, n_head_kv, hd), n_past)
+    expect = reference.attention(q, tab[k_cache[:, :n_kv]].transpose(1, 0, 2),
+                                 tab[v_cache[:, :n_kv]].transpose(1, 0, 2), n_past)
     # ours rounds q and the probabilities to fp16 like llama.cpp's F16 cache path; the oracle does not
     np.testing.assert_allclose(out, expect.reshape(n_tok, -1), atol=3e-3, rtol=0)
     assert np.isfinite(out).all()
