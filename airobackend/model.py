@@ -154,10 +154,9 @@ class LlamaModel:
             ops.rmsnorm(x, layer.attention_norm, self.eps, h)
             q = layer.wq(h).reshape(n, self.n_head, hd)
             k = layer.wk(h).reshape(n, self.n_head_kv, hd)
-            v = layer.wv(h)                                                     # [n, g]
+            v = layer.wv(h).reshape(n, self.n_head_kv, hd)
             ops.rope(q, pos, self.n_rot, self.freq_base, self.freq_scale)
             ops.rope(k, pos, self.n_rot, self.freq_base, self.freq_scale)
-            v = v.reshape(n, self.n_head_kv, hd)
             self.k_cache[il, :, n_past:n_past + n] = ops.f32_to_f16_bits(k.transpose(1, 0, 2))     # [kv head, pos, hd]
             self.v_cache[il, :, n_past:n_past + n] = ops.f32_to_f16_bits(v.transpose(1, 0, 2))
             ops.attention(q, self.k_cache[il], self.v_cache[il], n_past, self._tab, attn)
