@@ -278,6 +278,8 @@ def _tidy(e: ModelFileError) -> ModelFileError:
 def is_model_file(path: Union[str, os.PathLike]) -> bool:
     """Cheap test by magic (or .zip extension) used by the model library to list folders."""
     path = os.fspath(path)
+    if not os.path.isfile(path):
+        return False
     if path.lower().endswith(".zip"):
         return True
     try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 import struct
 from typing import Callable, Optional
 
@@ -40,6 +41,8 @@ class Source:
     @classmethod
     def open_file(cls, path: str) -> "Source":
         try:
+            if not stat.S_ISREG(os.stat(path).st_mode):      # a FIFO would block open(), a device has no size
+                raise ModelFileError("not a regular file", path=path)
             with open(path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
                 if size == 0:

@@ -31,6 +31,8 @@ def looks_like_zip(path: str) -> bool:
     low = path.lower()
     if low.endswith(".zip") or (len(low) > 4 and low[-4:-2] == ".z" and low[-2:].isdigit()) or _VOLUME.search(low):
         return True
+    if not os.path.isfile(path):          # never open() a FIFO or device just to sniff it
+        return False
     try:
         with open(path, "rb") as f:
             return f.read(4) in (b"PK\x03\x04", b"PK\x07\x08", b"PK\x05\x06")

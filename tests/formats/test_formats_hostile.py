@@ -203,5 +203,9 @@ def test_not_a_model_and_missing_file(tmp_path):
     _expect_error(txt)
     with pytest.raises(ModelFileError, match="cannot open"):
         open_model(tmp_path / "nope.gguf")
-    with pytest.raises(ModelFileError):
+    with pytest.raises(ModelFileError, match="not a regular file"):
         open_model(tmp_path)                                    # a directory
+    if hasattr(os, "mkfifo"):
+        fifo = tmp_path / "pipe.gguf"
+        os.mkfifo(fifo)
+        _expect_error(fifo)                                     # must not block in open()
