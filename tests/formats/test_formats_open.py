@@ -9,7 +9,6 @@ import pytest
 
 from airobackend.errors import ModelFileError
 from airobackend.formats import estimate_ram, gguf_tensor_name, legacy_tensor_name, open_model
-from airobackend.quant import GGMLType
 
 gguf = pytest.importorskip("gguf")
 from gguf.quants import dequantize as gguf_dequantize  # noqa: E402
