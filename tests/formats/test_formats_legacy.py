@@ -96,3 +96,31 @@ def test_q4_2_is_refused_with_the_reason(legacy):
         open_model(d / "models" / "fx-q4_2.ggjt1.bin")
     assert "fx-q4_2.ggjt1.bin" in str(e.value) and "tok_embeddings.weight" in str(e.value)
     assert isinstance(e.value, ModelFileError)
+
+
+def test_ggjt_v2_q8_0_and_q4_1(legacy, tmp_path):
+    """Not shipped, but described by the README: 'ggjt' v2 Q8_0 is byte-identical to v1 except the version field;
+    v2 Q4_1 is v1's blocks with the nibbles in halves order (f32 scales kept)."""
+    d, _ = legacy
+    raw = bytearray((d / "models" / "fx-q8_0.ggjt1.bin").read_bytes())
+    raw[4] = 2
+    (tmp_path / "q8.ggjt2.bin").write_bytes(raw)
+    a, b = open_model(d / "models" / "fx-q8_0.ggjt1.bin"), open_model(tmp_path / "q8.ggjt2.bin")
+    assert b.version == 2 and all(np.array_equal(t.data, b.tensors[n].data) for n, t in a.tensors.items())
+
+    v1 = open_model(d / "models" / "fx-q4_1.ggjt1.bin")
+    raw = bytearray((d / "models" / "fx-q4_1.ggjt1.bin").read_bytes())
+    raw[4] = 2
+    for t in v1.tensors.values():
+        if t.type != GGMLType.Q4_1:
+            continue
+        blocks = np.frombuffer(raw, np.uint8, count=t.n_elements // 32 * 24, offset=t.offset).reshape(-1, 24)
+        e = np.empty((blocks.shape[0], 32), np.uint8)
+        e[:, 0::2], e[:, 1::2] = blocks[:, 8:] & 15, blocks[:, 8:] >> 4          # pairs -> element order
+        halves = e[:, :16] | (e[:, 16:] << 4)
+        raw[t.offset:t.offset + blocks.size] = np.concatenate([blocks[:, :8], halves], axis=1).tobytes()
+    (tmp_path / "q41.ggjt2.bin").write_bytes(raw)
+    v2 = open_model(tmp_path / "q41.ggjt2.bin")
+    assert v2.version == 2
+    for n, t in v1.tensors.items():
+        assert np.array_equal(t.data, v2.tensors[n].data), n
