@@ -192,8 +192,15 @@ def _hparams(path: str, gen: str, version: int, o: dict, tensors: dict, **h) -> 
 
 
 def _loader(src: Source, start: int, nbytes: int, name: str, conv: Optional[Callable]):
-    if conv is None:
+    if conv is None and start % 32 == 0:
         return lambda: src.view(start, nbytes, tensor=name)
+    if conv is None:
+        # 'ggml'/'ggmf' data are unaligned; kernels view F16/F32 rows as floats, so hand out an aligned copy
+        def aligned() -> np.ndarray:
+            out = src.view(start, nbytes, tensor=name).copy()
+            out.flags.writeable = False
+            return out
+        return aligned
 
     def load() -> np.ndarray:
         out = conv(np.asarray(src.view(start, nbytes, tensor=name)))

@@ -124,3 +124,12 @@ def test_ggjt_v2_q8_0_and_q4_1(legacy, tmp_path):
     assert v2.version == 2
     for n, t in v1.tensors.items():
         assert np.array_equal(t.data, v2.tensors[n].data), n
+
+
+def test_unaligned_generations_hand_out_aligned_data(legacy):
+    d, _ = legacy
+    mf = open_model(d / "models" / "fx-f16.ggml.bin")
+    t = mf.tensors["token_embd.weight"]
+    assert t.offset % 32 != 0                            # 'ggml' files have no alignment padding
+    assert t.data.ctypes.data % 16 == 0 and not t.data.flags.writeable
+    assert t.data.view(np.float16).shape == (256 * 1024,)
