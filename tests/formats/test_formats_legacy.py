@@ -129,7 +129,8 @@ def test_ggjt_v2_q8_0_and_q4_1(legacy, tmp_path):
 def test_unaligned_generations_hand_out_aligned_data(legacy):
     d, _ = legacy
     mf = open_model(d / "models" / "fx-f16.ggml.bin")
-    t = mf.tensors["token_embd.weight"]
-    assert t.offset % 32 != 0                            # 'ggml' files have no alignment padding
-    assert t.data.ctypes.data % 16 == 0 and not t.data.flags.writeable
-    assert t.data.view(np.float16).shape == (256 * 1024,)
+    unaligned = [t for t in mf.tensors.values() if t.offset % 32]     # 'ggml' files have no alignment padding
+    assert len(unaligned) > 10
+    for t in unaligned:
+        assert t.data.ctypes.data % 16 == 0 and not t.data.flags.writeable
+        assert t.data.view(np.float16 if t.type == GGMLType.F16 else np.float32).size == t.n_elements
