@@ -336,9 +336,13 @@ def validate(mf: ModelFile) -> None:
     def bad(msg: str, t: Optional[TensorInfo] = None) -> ModelFileError:
         return ModelFileError(msg, path=mf.path, offset=t.offset if t else None, tensor=t.name if t else None)
 
-    if hp.n_embd <= 0 or hp.n_head <= 0 or hp.n_layer <= 0 or hp.n_vocab <= 0 or hp.n_ff <= 0:
+    if not (0 < hp.n_embd <= 1 << 17 and 0 < hp.n_head <= 4096 and 0 < hp.n_layer <= 4096
+            and 0 < hp.n_vocab <= 1 << 22 and 0 < hp.n_ff <= 1 << 20):
         raise bad(f"implausible hyper-parameters n_vocab={hp.n_vocab} n_embd={hp.n_embd} n_head={hp.n_head} "
                   f"n_layer={hp.n_layer} n_ff={hp.n_ff}")
+    if 9 * hp.n_layer + 2 > len(mf.tensors):
+        raise bad(f"n_layer={hp.n_layer} needs at least {9 * hp.n_layer + 2} tensors, the file has "
+                  f"{len(mf.tensors)}")
     if hp.n_embd % hp.n_head:
         raise bad(f"n_embd={hp.n_embd} is not a multiple of n_head={hp.n_head}")
     if hp.n_head_kv <= 0 or hp.n_head % hp.n_head_kv:

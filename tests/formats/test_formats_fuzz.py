@@ -39,6 +39,10 @@ def _fields_gguf(raw: bytes, mf) -> list:
     """(offset, width, must_fail_values) of header fields worth corrupting in a GGUF file."""
     huge64 = [1 << 62, (1 << 64) - 1, 1 << 40]
     out = [(8, 8, huge64), (16, 8, huge64)]                                        # tensor / kv counts
+    for key in ("llama.block_count", "llama.embedding_length", "llama.attention.head_count",
+                "llama.feed_forward_length", "llama.attention.head_count_kv"):
+        k = struct.pack("<Q", len(key)) + key.encode()
+        out.append((raw.index(k) + len(k) + 4, 4, [0, 1 << 31, 0xFFFFFFFF, 3]))  # the u32 value
     for t in mf.tensors.values():
         key = struct.pack("<Q", len(t.name)) + t.name.encode()
         at = raw.index(key)

@@ -173,6 +173,9 @@ def test_targeted_gguf_corruptions(tmp_path, fixtures_dir):
     case(lambda m: struct.pack_into("<Q", m, 8, 1 << 60), "absurd tensor count")
     case(lambda m: struct.pack_into("<Q", m, 16, 1 << 60), "absurd metadata count")
     case(lambda m: struct.pack_into("<Q", m, 24, 1 << 50), "absurd metadata key length")
+    bc = raw.index(b"llama.block_count") + len("llama.block_count") + 4
+    case(lambda m: struct.pack_into("<I", m, bc, 1 << 30), "implausible hyper-parameters")   # no 2^30-layer loop
+    case(lambda m: struct.pack_into("<I", m, bc, 3), "n_layer=3 needs at least 29 tensors")
     arch = raw.index(b"llama")
     case(lambda m: m.__setitem__(slice(arch, arch + 5), b"gpt2x"), "architecture 'gpt2x' is not supported")
     toks = raw.index(b"tokenizer.ggml.tokens") + len("tokenizer.ggml.tokens") + 4 + 4
