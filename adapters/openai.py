@@ -217,16 +217,25 @@ class OpenAIRoutes:
         return {"id": model_id, "object": "model", "created": self.created, "owned_by": "airobackend",
                 "permission": [], "root": model_id, "parent": None}
 
+    def _library(self, request: Request) -> list[str]:
+        """Names of the other loadable models of the library (a ModelManager's list_models), for /v1/models."""
+        if self.settings.api_key and not request.scope.get("airo.authenticated", False):
+            return []                                   # masked, like the served model's name
+        list_models = getattr(self.engine, "list_models", None) if hasattr(type(self.engine), "list_models") else None
+        return [str(m["name"]) for m in list_models() if not m.get("loaded")] if list_models else []
+
     async def models(self, request: Request) -> dict:
-        return {"object": "list", "data": [self._model_entry(self._model_id(request))]}
+        """The served model first, then the rest of the model library (switch with /v1/internal/model/load)."""
+        names = await run_in_threadpool(self._library, request)
+        return {"object": "list", "data": [self._model_entry(n) for n in [self._model_id(request), *names]]}
 
     async def model(self, request: Request, model_id: str) -> Response:
         mine = self._model_id(request)
-        if model_id != mine:
+        if model_id != mine and model_id not in await run_in_threadpool(self._library, request):
             return JSONResponse({"error": {"message": f"The model '{model_id}' does not exist",
                                            "type": "invalid_request_error", "param": "model",
                                            "code": "model_not_found"}}, status_code=404)
-        return JSONResponse(self._model_entry(mine))
+        return JSONResponse(self._model_entry(model_id))
 
     # -- generation
     async def completions(self, request: Request) -> Response:

@@ -184,6 +184,9 @@ def test_model_changes_need_the_admin_key(library_dir, keys):
                 else:
                     assert r.json()["detail"]["type"] == "unauthorized"
             assert mgr.loaded_name is None, "a refused request changed the model"
+        if "api_key" in keys:   # /v1/models answers without the key, masked: no library names either
+            assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["protected-model"]
+            assert len(c.get("/v1/models", headers=user).json()["data"]) == 4
         # Reading is allowed with the API key alone.
         assert c.post("/api/v1/model", json={"action": "list"}, headers=user).status_code == 200
         assert c.get("/v1/internal/model/info", headers=user).status_code == 200
@@ -380,6 +383,11 @@ def test_openai_style_load_generate_switch_generate(library_dir, fixture_index):
     with client_for(mgr, settings) as c:
         for name, model in SWITCHES:
             assert c.post("/v1/internal/model/load", json={"model_name": name}).json() == "OK"
+            # /v1/models: the served model first, then the rest of the library.
+            ids = [m["id"] for m in c.get("/v1/models").json()["data"]]
+            assert ids[0] == Path(name).stem and sorted(ids[1:]) == sorted(
+                n for n in ("fx-q2_K.ggmlv3.bin", "fx-q8_0.gguf", "fxgqa-f16.gguf") if n != name)
+            assert c.get(f"/v1/models/{ids[1]}").json()["id"] == ids[1]
             assert c.get("/v1/internal/model/info").json()["model_name"] == Path(name).stem
             assert mgr.model_info()["n_vocab"] == models[model]["hparams"]["n_vocab"]
             r = c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 1, "temperature": 0})
