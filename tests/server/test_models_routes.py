@@ -347,8 +347,6 @@ def test_switch_proceeds_when_the_client_aborts_its_stream(library_dir):
 # ---------------------------------------------------------------- the real engine, through every protocol
 
 def _real_manager(library_dir, fixture_index):
-    for module in ("airobackend.llama", "airobackend.sampling"):
-        pytest.importorskip(module, reason=f"{module} is not in this tree yet")
     settings = Settings(model_dir=str(library_dir), n_ctx=128, n_threads=1)
     models = {m["name"]: m for m in fixture_index["models"]}
     return ModelManager(settings), settings, models
