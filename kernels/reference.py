@@ -255,12 +255,15 @@ def silu_mul(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     return (g / (1.0 + np.exp(-g)) * up).astype(np.float32)
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_past: int) -> np.ndarray:
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_past: int, f16_round: bool = False) -> np.ndarray:
     """Causal attention with grouped-query heads.
 
     q: [n_tok, n_head, head_dim] for positions n_past..n_past+n_tok-1; k, v: [n_past+n_tok, n_head_kv, head_dim]
     (the whole cache up to the last new position). Returns [n_tok, n_head, head_dim].
+    f16_round: round q and the softmax row to fp16 before their products, as llama.cpp does with an F16 KV cache.
     """
+    if f16_round:
+        q = q.astype(np.float16).astype(np.float32)
     n_tok, n_head, head_dim = q.shape
     n_head_kv = k.shape[1]
     n_gqa = n_head // n_head_kv
@@ -269,6 +272,8 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_past: int) -> np.nd
         n_kv = n_past + t + 1
         for h in range(n_head):
             kh, vh = k[:n_kv, h // n_gqa].astype(np.float64), v[:n_kv, h // n_gqa].astype(np.float64)
-            p = softmax(kh @ q[t, h].astype(np.float64) / np.sqrt(head_dim))
+            p = softmax((kh @ q[t, h].astype(np.float64)).astype(np.float32) / np.sqrt(head_dim))
+            if f16_round:
+                p = p.astype(np.float32).astype(np.float16).astype(np.float64)
             out[t, h] = p @ vh
     return out

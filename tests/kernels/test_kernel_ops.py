@@ -92,8 +92,9 @@ def test_attention_gqa_causal(n_head, n_head_kv, n_past, n_tok):
     out = np.empty((n_tok, n_head * hd), np.float32)
     ops.attention(q, k_cache, v_cache, n_past, f16_table(), out)
     tab = f16_table()
-    expect = reference.attention(q, tab[k_cache[:, :n_kv]].transpose(1, 0, 2),
-                                 tab[v_cache[:, :n_kv]].transpose(1, 0, 2), n_past)
-    # ours rounds q and the probabilities to fp16 like llama.cpp's F16 cache path; the oracle does not
-    np.testing.assert_allclose(out, expect.reshape(n_tok, -1), atol=3e-3, rtol=0)
+    kf, vf = tab[k_cache[:, :n_kv]].transpose(1, 0, 2), tab[v_cache[:, :n_kv]].transpose(1, 0, 2)
+    # ours rounds q and the probabilities to fp16 like llama.cpp's F16 cache path
+    expect = reference.attention(q, kf, vf, n_past, f16_round=True)
+    np.testing.assert_allclose(out, expect.reshape(n_tok, -1), atol=2e-5, rtol=0)
+    assert np.abs(out - reference.attention(q, kf, vf, n_past).reshape(n_tok, -1)).max() < 3e-3
     assert np.isfinite(out).all()
