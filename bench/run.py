@@ -8,9 +8,17 @@ For each mix (q4_0, q4_K_M, q8_0, f16) it builds a 7B-shaped slice -- n_embd 409
   call overhead included; norms/attention, a few % at short context, are not);
 * prompt tok/s: a 128-token batch through every layer matrix (mat-mat) and the output matrix for the last token
   (as llama.cpp does without logits_all);
-* GB/s of weights streamed per decode token, the machine's read bandwidth measured in the same run, and the ratio;
+* GB/s of weights streamed per decode token, the machine's read bandwidth measured in the same run (a Numba prange sum
+  over 256 MB with the same thread count, sampled between the timed tokens; numpy's single-threaded sum is printed
+  once at the start), and the ratio;
 * for 65B: the projected decode tok/s of the full model from the per-layer time (80 layers, half of them with Q6_K
   attn_v/ffn_down as q4_K_M has it, plus the output matrix).
+
+On a machine shared with other work, wall-clock numbers drop with the load; the `cpu-GB/s` and `cpu-tok/s` columns
+divide by the process CPU time per thread instead (what the kernels do while they hold the cores; the bandwidth they
+compete for is still shared), which is the fairer figure there; `cpu-BW` is the bandwidth sample normalized the same
+way and the second `ratio` compares the two. Each decode token is interleaved with a bandwidth
+sample, so `ratio` compares numbers taken at the same moments.
 
 By default the weights are random blocks of the right types and sizes (speed does not depend on the values) built in
 memory in seconds. `--files` writes real models with the project's writer into ~/.cache/airobackend/bench (or
@@ -96,24 +104,39 @@ class Slice:
                 w.matmat(self._Xs[w.n_cols][:4], self._Out[w.n_rows][:4])
         return time.perf_counter() - t0
 
-    def decode_time(self, n_tok: int) -> float:
-        times = []
+    def decode_time(self, n_tok: int, bw_buf: np.ndarray | None = None) -> tuple[float, float]:
+        """(median seconds per decode token, median read GB/s sampled between the tokens). Sampling the bandwidth
+        interleaved with the tokens keeps the ratio meaningful on a machine shared with other work."""
+        times, bws, cpus, cbws = [], [], [], []
         for _ in range(n_tok):
+            if bw_buf is not None:
+                t0 = time.perf_counter()
+                c0 = time.process_time()
+                _prange_sum(bw_buf, 256)
+                bws.append(bw_buf.nbytes / (time.perf_counter() - t0) / 1e9)
+                cbws.append(bw_buf.nbytes / ((time.process_time() - c0) / numba.get_num_threads()) / 1e9)
             t0 = time.perf_counter()
+            c0 = time.process_time()
             self.decode_once(self._xs)
             times.append(time.perf_counter() - t0)
-        return float(np.median(times))
+            cpus.append(time.process_time() - c0)
+        self.last_cpu = float(np.median(cpus))
+        self.last_cpu_bw = float(np.median(cbws)) if cbws else float("nan")
+        return float(np.median(times)), (float(np.median(bws)) if bws else float("nan"))
 
     def prompt_time(self, reps: int = 1) -> float:
         best = float("inf")
         for _ in range(reps):
             t0 = time.perf_counter()
+            c0 = time.process_time()
             for name, w in self.weights:
                 if name == "output.weight":     # llama.cpp computes logits for the batch's last token only
                     w.matvec(self._Xs[w.n_cols][-1], self._out[w.n_rows])
                 else:
                     w.matmat(self._Xs[w.n_cols], self._Out[w.n_rows])
-            best = min(best, time.perf_counter() - t0)
+            if time.perf_counter() - t0 < best:
+                best = time.perf_counter() - t0
+                self.last_cpu = time.process_time() - c0
         return best
 
 
@@ -217,10 +240,11 @@ def main(argv=None) -> int:
         print(f"read bandwidth, {nt} thread(s): numpy sum {bw[nt][0]:.1f} GB/s (single-threaded), "
               f"numba prange sum {bw[nt][1]:.1f} GB/s")
     del buf
+    bw_buf = np.ones(1 << 26, np.float32)        # 256 MB, sampled between decode tokens
 
     rows = []
     hdr = (f"{'slice':44s} {'thr':>3s} {'decode tok/s':>12s} {'GB/s':>6s} {'BW GB/s':>7s} {'ratio':>6s} "
-           f"{'prompt tok/s':>12s} {'llama.cpp 2t dec/prompt':>24s}")
+           f"{'cpu-GB/s':>8s} {'cpu-BW':>6s} {'ratio':>5s} {'prompt tok/s':>12s} {'cpu-tok/s':>9s} {'llama.cpp 2t dec/prompt':>24s}")
     for mix in args.mixes.split(","):
         s = slice_7b(mix, rng, files=args.files)
         warm = s.warm(args.prompt)
@@ -230,12 +254,16 @@ def main(argv=None) -> int:
         for nt in threads:
             numba.set_num_threads(nt)
             s.decode_once(s._xs)
-            td = s.decode_time(args.tokens)
+            td, bwi = s.decode_time(args.tokens, bw_buf)
+            cpu_d = s.last_cpu / nt
             tp = s.prompt_time()
+            cpu_p = s.last_cpu / nt
             gbs = s.nbytes / td / 1e9
             ref = LLAMA_CPP_2T.get(mix, ("", ""))
-            line = (f"{s.label:44s} {nt:3d} {1 / td:12.1f} {gbs:6.1f} {bw[nt][1]:7.1f} {gbs / bw[nt][1]:6.2f} "
-                    f"{args.prompt / tp:12.1f} {ref[0]:>12} / {ref[1]:<10}")
+            line = (f"{s.label:44s} {nt:3d} {1 / td:12.1f} {gbs:6.1f} {bwi:7.1f} {gbs / bwi:6.2f} "
+                    f"{s.nbytes / cpu_d / 1e9:8.1f} {s.last_cpu_bw:6.1f} {s.nbytes / cpu_d / 1e9 / s.last_cpu_bw:5.2f} "
+                    f"{args.prompt / tp:12.1f} {args.prompt / cpu_p:9.1f} "
+                    f"{ref[0]:>12} / {ref[1]:<10}")
             print(line, flush=True)
             rows.append(line)
         del s
@@ -257,12 +285,16 @@ def main(argv=None) -> int:
             tl = []
             for s in layers:
                 s.decode_once(s._xs)
-                td = s.decode_time(max(3, args.tokens // 2))
+                td, bwi = s.decode_time(max(3, args.tokens // 2), bw_buf)
+                cpu_d = s.last_cpu / nt
+                cbw = s.last_cpu_bw
                 tp = s.prompt_time()
+                cpu_p = s.last_cpu / nt
                 tl.append(td)
                 gbs = s.nbytes / td / 1e9
-                print(f"{s.label:44s} {nt:3d} {1 / td:12.2f} {gbs:6.1f} {bw[nt][1]:7.1f} {gbs / bw[nt][1]:6.2f} "
-                      f"{args.prompt / tp:12.1f}", flush=True)
+                print(f"{s.label:44s} {nt:3d} {1 / td:12.2f} {gbs:6.1f} {bwi:7.1f} {gbs / bwi:6.2f} "
+                      f"{s.nbytes / cpu_d / 1e9:8.1f} {cbw:6.1f} {s.nbytes / cpu_d / 1e9 / cbw:5.2f} "
+                      f"{args.prompt / tp:12.1f} {args.prompt / cpu_p:9.1f}", flush=True)
             t_tok = 40 * tl[0] + 40 * tl[1] + t_out
             full_bytes = 40 * (layers[0].nbytes + layers[1].nbytes) + out_raw.nbytes
             print(f"  -> full 65B q4_K_M, {nt} thread(s): {t_tok * 1e3:.0f} ms/token = {1 / t_tok:.2f} tok/s projected "

@@ -573,10 +573,7 @@ class FastWeight:
         steps = self.n_steps
         if lay == "f16":
             XD = np.zeros((n_pad, steps * 16), np.float32)
-            if n == 1:
-                q8.round_f16(X[0], XD[0])
-            else:
-                q8.round_f16_rows(X, XD[:n])
+            XD[:n] = X.astype(np.float16)       # llama.cpp rounds activations to fp16 for F16 weights (RNE)
             return _NO_I8, 0, XD, steps * 16, _NO_I32, _NO_F32, 0
         if lay == "nib":
             XQ = np.zeros((n_pad, steps * 128), np.int8)

@@ -6,7 +6,7 @@ llama.cpp converts the f32 activation row of every quantized matmul to the weigh
 * Q8_K (all k-quants): blocks of 256, the element of largest magnitude `max` (sign kept), `iscale = -127/max`,
   `q = min(127, nearest_int(iscale*x))`, `d = 1/iscale` as f32, `bsums` = sums of each 16 quants (the scalar
   reference, which x86 builds use).
-* F16: the row rounded to fp16 (round half to even).
+* F16: the row rounded to fp16 (round half to even; numpy's astype does it, see fast.py).
 
 Layouts (one token; the kernels step through the weights in *groups* of 4 legacy blocks = 128 weights, or in 256-weight
 super-blocks, and load activations 64 bytes at a time so that byte lane k meets the weight byte lane k):
@@ -132,15 +132,6 @@ def quantize_q8_K(x, perm, pairs, xq, xd, xb):
                 xb[16 * k + i] = s
 
 
-@numba.jit(**JITQ)
-def round_f16(x, out):
-    """out = float32(fp16(x)) (round half to even); infinities/NaN are not expected in activations."""
-    for i in range(x.shape[0]):
-        v = x[i]
-        r = fp16_round(abs(v))
-        out[i] = r if v >= 0 else -r
-
-
 # ------------------------------------------------------------------------------------------- batched (prompt) forms
 @numba.jit(**dict(JITQ, parallel=True))
 def quantize_q8_0_nibble_rows(X, xq, xd, xsum, xs):
@@ -152,12 +143,6 @@ def quantize_q8_0_nibble_rows(X, xq, xd, xsum, xs):
 def quantize_q8_K_rows(X, perm, pairs, xq, xd, xb):
     for t in prange(X.shape[0]):
         quantize_q8_K(X[t], perm, pairs, xq[t], xd[t], xb[t])
-
-
-@numba.jit(**dict(JITQ, parallel=True))
-def round_f16_rows(X, out):
-    for t in prange(X.shape[0]):
-        round_f16(X[t], out[t])
 
 
 # ------------------------------------------------------------------------------------------- Q8_K permutations
