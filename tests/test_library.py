@@ -89,9 +89,8 @@ def test_lists_ggml_gguf_and_split_zip(tmp_path, fixtures_dir, fixture_index):
     for name in ("fx-q4_K_M.ggmlv3.bin", "fx-q4_K_M.gguf", "fxgqa-q4_0.gguf", "fx-q8_0.ggmlv3.bin"):
         _copy(fixtures_dir, name, lib_dir)
     legacy = fixtures_dir / "legacy" / "models"
-    for name in ("fx-f16.ggml.bin", "fx-q4_0.ggmf.bin", "fx-q4_0.ggjt2.bin"):
-        if (legacy / name).exists():
-            shutil.copyfile(legacy / name, lib_dir / name)
+    for name in ("fx-f16.ggml.bin", "fx-q4_0.ggmf.bin", "fx-q4_0.ggjt1.bin", "fx-q4_0.ggjt2.bin", "fx-q4_2.ggjt1.bin"):
+        shutil.copyfile(legacy / name, lib_dir / name)
     parts = _split_zip(fixtures_dir / "models" / "fx-q6_K.ggmlv3.bin", lib_dir / "fx-q6_K.ggmlv3.zip")
     assert len(parts) >= 2, "the split archive should have at least one .z01 part"
     (lib_dir / "notes.txt").write_text("not a model")
@@ -133,13 +132,16 @@ def test_lists_ggml_gguf_and_split_zip(tmp_path, fixtures_dir, fixture_index):
     assert entries["fx-q6_K.ggmlv3.zip"].parts == tuple(p.name for p in parts)
     assert entries["fx-q8_0.ggmlv3.bin"].file_size == models["fx-q8_0"]["files"]["ggmlv3"]["size"]
 
-    # Older GGML generations are listed with their format (loadable or not is the reader's verdict, with reason).
-    for name, fmt in (("fx-f16.ggml.bin", "ggml"), ("fx-q4_0.ggmf.bin", "ggmf"), ("fx-q4_0.ggjt2.bin", "ggjt")):
-        if name in entries:
-            e = entries[name]
-            assert e.loadable or e.error, name
-            if e.loadable:
-                assert e.format == fmt
+    # Every older GGML generation is listed with its format and version and the llama.cpp-made tensor shapes.
+    for name, fmt, version, mix in (("fx-f16.ggml.bin", "ggml", 0, "f16"), ("fx-q4_0.ggmf.bin", "ggmf", 1, "q4_0"),
+                                    ("fx-q4_0.ggjt1.bin", "ggjt", 1, "q4_0"), ("fx-q4_0.ggjt2.bin", "ggjt", 2, "q4_0")):
+        e = entries[name]
+        assert e.loadable, e.error
+        assert (e.format, e.version, e.mix) == (fmt, version, mix)
+        assert e.n_params == entries["fx-q8_0.ggmlv3.bin"].n_params
+    # Q4_2 no longer exists anywhere: listed, not loadable, with the reader's reason (and no path in it).
+    q4_2 = entries["fx-q4_2.ggjt1.bin"]
+    assert not q4_2.loadable and "Q4_2" in q4_2.error and str(tmp_path) not in q4_2.error
 
 
 def test_bad_file_listed_with_reason_and_others_unaffected(tmp_path, fixtures_dir):
