@@ -69,10 +69,11 @@ def _copy(fixtures_dir: Path, name: str, dest: Path) -> Path:
     return out
 
 
+needs_zip = pytest.mark.skipif(shutil.which("zip") is None, reason="Info-ZIP `zip` not installed (apt-get install zip)")
+
+
 def _split_zip(src: Path, dest_zip: Path) -> list[Path]:
     """NAME.zip + NAME.z01 made with `zip -0 -s` (stored, split), as the seed card's files are."""
-    if shutil.which("zip") is None:
-        pytest.skip("the `zip` tool is not installed (needed to make a split archive)")
     subprocess.run(["zip", "-q", "-0", "-j", "-s", "1m", str(dest_zip), str(src)], check=True)
     return split_parts(dest_zip)
 
@@ -83,6 +84,7 @@ def _by_name(entries):
 
 # ---------------------------------------------------------------- listing
 
+@needs_zip
 def test_lists_ggml_gguf_and_split_zip(tmp_path, fixtures_dir, fixture_index):
     lib_dir = tmp_path / "models"
     lib_dir.mkdir()
@@ -252,6 +254,7 @@ def test_entry_dict_hides_path(tmp_path, fixtures_dir):
 SMALL = dict(n_vocab=512, n_layer=1)     # one layer is enough to list; keeps the numpy quantizers quick
 
 
+@needs_zip
 def test_lists_models_written_by_the_project_writer(tmp_path):
     """GGUF, GGML v3 and a split archive made from the project's own writer, next to each other."""
     from airobackend.formats.writer import write_synthetic_model
