@@ -366,6 +366,10 @@ class Guard:
         scope["airo.admin"] = admin
 
         if websocket:
+            if origin and not cors:
+                # Browsers apply no CORS to WebSockets: with --cors restricting origins, the server refuses the
+                # handshake from a page of any other origin itself (clients outside a browser send no Origin).
+                return await self._deny_websocket(scope, receive, send, 403, b"CORS origin not allowed")
             if not authenticated:
                 return await self._deny_websocket(scope, receive, send)
             return await self.app(scope, receive, send)
@@ -421,18 +425,22 @@ class Guard:
 
         await self.app(scope, capped_receive, send_with_cors)
 
-    async def _deny_websocket(self, scope, receive, send) -> None:
+    async def _deny_websocket(self, scope, receive, send, status: int = 401, reason: Optional[bytes] = None) -> None:
         message = await receive()  # websocket.connect
         if message["type"] != "websocket.connect":
             return
         if "websocket.http.response" in scope.get("extensions", {}):
-            body = json.dumps(KOBOLD_UNAUTHORIZED).encode()
-            await send({"type": "websocket.http.response.start", "status": 401,
-                        "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer"),
-                                    (b"content-length", str(len(body)).encode())]})
+            if status == 401:
+                body = json.dumps(KOBOLD_UNAUTHORIZED).encode()
+                headers = [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]
+            else:
+                body, headers = reason or b"", [(b"content-type", b"text/plain")]
+            await send({"type": "websocket.http.response.start", "status": status,
+                        "headers": headers + [(b"content-length", str(len(body)).encode())]})
             await send({"type": "websocket.http.response.body", "body": body})
         else:
-            await send({"type": "websocket.close", "code": 1008, "reason": "API key missing or invalid"})
+            await send({"type": "websocket.close", "code": 1008,
+                        "reason": "API key missing or invalid" if status == 401 else (reason or b"").decode()})
 
     @staticmethod
     async def _plain(send, status: int, body: bytes, headers: list, content_type: bytes = b"text/plain") -> None:
