@@ -75,7 +75,8 @@ class ServerProcess:
             cmd += ["--host", host]
         self.cmd = cmd
         self.env = dict(os.environ, AIRO_CACHE_DIR=str(self.workdir / "cache"), AIRO_TEXTGEN_STREAM_PORT="0",
-                        AIRO_MODEL_DIR=str(self.workdir / "no-models"), **(env or {}))
+                        AIRO_MODEL_DIR=str(self.workdir / "no-models"))
+        self.env.update(env or {})
         self.proc: Optional[subprocess.Popen] = None
 
     @property
