@@ -366,7 +366,8 @@ def matmat_f32(w, ttype, x, out, tab, rows_per_chunk):
     """out[t, r] = dot(dequant(w[r]), x[t]) for all tokens t and rows r (prompt batches).
 
     x: float32 [n_tok, n_cols]; out: float32 [n_tok, n_rows]. Each chunk dequantizes its rows once into an
-    f32 tile and reuses it for every token, so weight bytes are decoded once per batch.
+    f32 tile and reuses it for every token, four tokens at a time so each weight load feeds four products.
+    Every (t, r) is the same float32 sum as matvec_f32 computes, in the same order.
     """
     n_rows, n_tok, n_cols = w.shape[0], x.shape[0], x.shape[1]
     n_chunks = (n_rows + rows_per_chunk - 1) // rows_per_chunk
@@ -376,7 +377,27 @@ def matmat_f32(w, ttype, x, out, tab, rows_per_chunk):
         tile = np.empty((r1 - r0, n_cols), np.float32)
         for r in range(r0, r1):
             dequant_row(ttype, w[r], tile[r - r0], tab)
-        for t in range(n_tok):
+        t = 0
+        while t + 4 <= n_tok:
+            x0, x1, x2, x3 = x[t], x[t + 1], x[t + 2], x[t + 3]
+            for r in range(r0, r1):
+                wr = tile[r - r0]
+                a0 = np.float32(0.0)
+                a1 = np.float32(0.0)
+                a2 = np.float32(0.0)
+                a3 = np.float32(0.0)
+                for i in range(n_cols):
+                    wi = wr[i]
+                    a0 += wi * x0[i]
+                    a1 += wi * x1[i]
+                    a2 += wi * x2[i]
+                    a3 += wi * x3[i]
+                out[t, r] = a0
+                out[t + 1, r] = a1
+                out[t + 2, r] = a2
+                out[t + 3, r] = a3
+            t += 4
+        for t in range(t, n_tok):                    # the last n_tok % 4 tokens
             xt = x[t]
             for r in range(r0, r1):
                 wr = tile[r - r0]
