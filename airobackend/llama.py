@@ -38,7 +38,7 @@ class Llama:
 
     Args:
         model_path: path of the .gguf / .bin file (or a split .zip).
-        n_ctx: context length (KV cache size in tokens).
+        n_ctx: context length (KV cache size in tokens); 0 = the model's training context.
         n_threads: compute threads; None or 0 = all CPUs this process may use.
         n_batch: tokens per forward pass when evaluating a prompt.
         seed: RNG seed for sampling (-1 = random); kept as `self.seed` for the generation code.
@@ -71,6 +71,7 @@ class Llama:
         self.n_threads = int(n_threads) if n_threads else default_n_threads()
         self.model_file = open_model(self.model_path, n_gqa=n_gqa, rms_norm_eps=rms_norm_eps,
                                      rope_freq_base=rope_freq_base, rope_freq_scale=rope_freq_scale)
+        n_ctx = int(n_ctx) or int(self.model_file.hparams.n_ctx_train)
         try:
             self.model = LlamaModel(self.model_file, n_ctx=n_ctx, n_threads=self.n_threads, n_batch=self.n_batch,
                                     kernels=kernels)

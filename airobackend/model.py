@@ -12,7 +12,7 @@ from typing import Any, Optional
 import numba
 import numpy as np
 
-from airobackend.errors import ContextOverflowError, ModelFileError
+from airobackend.errors import ContextOverflowError, ModelFileError, RequestError
 from airobackend.kernels import dequant, ops
 from airobackend.kernels.matmul import Weight, prepare
 
@@ -110,11 +110,11 @@ class LlamaModel:
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
         n = tokens.shape[0]
         if n == 0:
-            raise ValueError("eval() needs at least one token")
+            raise RequestError("eval() needs at least one token")
         if n_past < 0 or n_past + n > self.n_ctx:
             raise ContextOverflowError(f"{n_past} cached + {n} new tokens do not fit in n_ctx = {self.n_ctx}")
         if tokens.min() < 0 or tokens.max() >= self.n_vocab:
-            raise ValueError(f"token id out of range 0..{self.n_vocab - 1}")
+            raise RequestError(f"token id out of range 0..{self.n_vocab - 1}")
         numba.set_num_threads(self.n_threads)       # thread-local in Numba: set on the calling thread
         outs = []
         for i in range(0, n, self.n_batch):

@@ -143,7 +143,11 @@ def test_context_overflow_and_overwrite(fixtures_dir, entries):
     assert llm.n_tokens == 20
     llm.eval(tokens[20:])
     assert np.abs(llm.scores[:24] - ref["logits_f32deq"]).max() <= F32_TOL
+    from airobackend.errors import RequestError
+    with pytest.raises(RequestError):
+        llm.model.eval([0, llm.n_vocab()], 0)             # token id out of range
     llm.close()
+    assert Llama(str(fixtures_dir / entry["files"]["gguf"]["path"]), n_ctx=0, verbose=False).n_ctx() == 2048
 
 
 def test_kv_shift_rerotates_kept_keys(fixtures_dir, entries):
