@@ -246,7 +246,7 @@ class Q4_K(KSpec):
 
     def acc_final(self, i, j):
         return [f"acc{i}_{j} = fma(cvt(is{i}_{j}), splat_f(d{i} * dx{j}), "
-                f"fma(cvt(vmul(scm{i}, xb{j})), splat_f(-dm{i} * dx{j}), acc{i}_{j}))"]
+                f"fma(cvt(dpwssd(Z, scm{i}, xb{j})), splat_f(-dm{i} * dx{j}), acc{i}_{j}))"]
 
 
 class Q5_K(Q4_K):
@@ -272,7 +272,8 @@ class Q6_K(KSpec):
               "SHL": "halves_i(4, 2)", "SHR": "halves_i(0, 2)", "MW": "splat_i(0xFFFF)"}
 
     def row_setup(self, i):
-        return [f"sc{i} = load_i8x16(W, wb{i} + 192)", f"scp{i} = vor(vand(sc{i}, MW), vshl(sc{i}, 16))",
+        return [f"sc{i} = load_i8x16(W, wb{i} + 192)", f"scl{i} = vand(sc{i}, MW)",
+                f"scp{i} = vor(scl{i}, vshl(sc{i}, 16))",
                 f"d{i} = load_h1(W, wb{i} + 208)"]
 
     def row_part(self, i, p):
@@ -286,7 +287,7 @@ class Q6_K(KSpec):
         return lines + [f"s{i}_{p} = P6{p}(scp{i})"]
 
     def acc_final(self, i, j):
-        return [f"acc{i}_{j} = fma(cvt(vsub(is{i}_{j}, vshl(vmul(sc{i}, xb{j}), 5))), splat_f(d{i} * dx{j}), "
+        return [f"acc{i}_{j} = fma(cvt(vsub(is{i}_{j}, vshl(dpwssd(Z, scl{i}, xb{j}), 5))), splat_f(d{i} * dx{j}), "
                 f"acc{i}_{j})"]
 
 
@@ -300,7 +301,7 @@ class Q3_K(KSpec):
         u = f"u{i}"
         return [f"{u} = load_u8x12(W, wb{i} + 96)",
                 f"sc{i} = vsub(vor(vand(vshrv(P3A({u}), SH3A), M15), vshl(vand(vshrv(P3B({u}), SH3B), M3L), 4)), C32)",
-                f"scp{i} = vor(vand(sc{i}, MW), vshl(sc{i}, 16))",
+                f"scl{i} = vand(sc{i}, MW)", f"scp{i} = vor(scl{i}, vshl(sc{i}, 16))",
                 f"Q{i} = load_i(W, wb{i} + 32)", f"HM{i} = load_i_dup256(W, wb{i})",
                 f"d{i} = load_h1(W, wb{i} + 108)"]
 
@@ -309,7 +310,7 @@ class Q3_K(KSpec):
         return [f"n{i}_{p} = vor(vand({sh}, M3), bytes_nz(vand(HM{i}, HB{p}), 4))", f"s{i}_{p} = P2{p}(scp{i})"]
 
     def acc_final(self, i, j):
-        return [f"acc{i}_{j} = fma(cvt(vsub(is{i}_{j}, vshl(vmul(sc{i}, xb{j}), 2))), splat_f(d{i} * dx{j}), "
+        return [f"acc{i}_{j} = fma(cvt(vsub(is{i}_{j}, vshl(dpwssd(Z, scl{i}, xb{j}), 2))), splat_f(d{i} * dx{j}), "
                 f"acc{i}_{j})"]
 
 
@@ -328,7 +329,7 @@ class Q2_K(KSpec):
 
     def acc_final(self, i, j):
         return [f"acc{i}_{j} = fma(cvt(is{i}_{j}), splat_f(d{i} * dx{j}), "
-                f"fma(cvt(vmul(mn{i}, xb{j})), splat_f(-dm{i} * dx{j}), acc{i}_{j}))"]
+                f"fma(cvt(dpwssd(Z, mn{i}, xb{j})), splat_f(-dm{i} * dx{j}), acc{i}_{j}))"]
 
 
 class F16(Spec):
