@@ -47,6 +47,7 @@ class Llama:
             (LLaMA-2 70B needs n_gqa=8); None = from the file, else llama.cpp's defaults.
         verbose: log loading details at INFO level (else DEBUG).
         kernels: 'auto' | 'generic' | 'fast' matmul kernels (None = AIRO_KERNELS or 'auto').
+        progress_callback: called with the loaded fraction (0..1) while the weights are prepared.
         **kwargs: other llama-cpp-python arguments (n_gpu_layers, use_mlock, ...) are accepted and ignored.
     """
 
@@ -54,7 +55,7 @@ class Llama:
                  seed: int = -1, logits_all: bool = False, n_gqa: Optional[int] = None,
                  rms_norm_eps: Optional[float] = None, rope_freq_base: Optional[float] = None,
                  rope_freq_scale: Optional[float] = None, verbose: bool = True, kernels: Optional[str] = None,
-                 **kwargs: Any) -> None:
+                 progress_callback: Optional[Callable[[float], None]] = None, **kwargs: Any) -> None:
         from airobackend.formats import open_model
         from airobackend.model import LlamaModel
 
@@ -74,7 +75,7 @@ class Llama:
         n_ctx = int(n_ctx) or int(self.model_file.hparams.n_ctx_train)
         try:
             self.model = LlamaModel(self.model_file, n_ctx=n_ctx, n_threads=self.n_threads, n_batch=self.n_batch,
-                                    kernels=kernels)
+                                    kernels=kernels, progress=progress_callback)
         except BaseException:
             self.model_file.close()
             raise

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numba
 import numpy as np
@@ -41,10 +41,11 @@ class LlamaModel:
         n_threads: Numba threads for every kernel; 0 = all Numba threads.
         n_batch: tokens per forward pass inside `eval` (longer inputs are split).
         kernels: 'auto', 'generic' or 'fast' (see kernels.matmul.prepare); None reads AIRO_KERNELS.
+        progress: called with the fraction of layers prepared (0..1) while loading.
     """
 
     def __init__(self, mf: Any, n_ctx: int = 2048, n_threads: int = 0, n_batch: int = 512,
-                 kernels: Optional[str] = None) -> None:
+                 kernels: Optional[str] = None, progress: Optional[Callable[[float], None]] = None) -> None:
         hp = mf.hparams
         self.mf, self.hparams = mf, hp
         self.n_ctx, self.n_vocab, self.n_batch = int(n_ctx), int(hp.n_vocab), max(1, int(n_batch))
@@ -76,14 +77,18 @@ class LlamaModel:
         self.norm = vector("output_norm.weight")
         # Files with tied embeddings have no output matrix; the embedding matrix plays both roles.
         self.output = weight("output.weight" if "output.weight" in t else "token_embd.weight")
-        self.layers = [Layer(
-            attention_norm=vector(f"blk.{i}.attn_norm.weight"),
-            wq=weight(f"blk.{i}.attn_q.weight"), wk=weight(f"blk.{i}.attn_k.weight"),
-            wv=weight(f"blk.{i}.attn_v.weight"), wo=weight(f"blk.{i}.attn_output.weight"),
-            ffn_norm=vector(f"blk.{i}.ffn_norm.weight"),
-            w1=weight(f"blk.{i}.ffn_gate.weight"), w2=weight(f"blk.{i}.ffn_down.weight"),
-            w3=weight(f"blk.{i}.ffn_up.weight"),
-        ) for i in range(self.n_layer)]
+        self.layers = []
+        for i in range(self.n_layer):
+            self.layers.append(Layer(
+                attention_norm=vector(f"blk.{i}.attn_norm.weight"),
+                wq=weight(f"blk.{i}.attn_q.weight"), wk=weight(f"blk.{i}.attn_k.weight"),
+                wv=weight(f"blk.{i}.attn_v.weight"), wo=weight(f"blk.{i}.attn_output.weight"),
+                ffn_norm=vector(f"blk.{i}.ffn_norm.weight"),
+                w1=weight(f"blk.{i}.ffn_gate.weight"), w2=weight(f"blk.{i}.ffn_down.weight"),
+                w3=weight(f"blk.{i}.ffn_up.weight"),
+            ))
+            if progress is not None:
+                progress((i + 1) / self.n_layer)
 
         # K/V width from the tensors themselves: a GGML v3 file cannot say n_gqa, the wk shape always does.
         n_embd_gqa = self.layers[0].wk.n_rows if self.layers else self.n_embd

@@ -147,7 +147,10 @@ def test_context_overflow_and_overwrite(fixtures_dir, entries):
     with pytest.raises(RequestError):
         llm.model.eval([0, llm.n_vocab()], 0)             # token id out of range
     llm.close()
-    assert Llama(str(fixtures_dir / entry["files"]["gguf"]["path"]), n_ctx=0, verbose=False).n_ctx() == 2048
+    seen = []
+    default_ctx = Llama(str(fixtures_dir / entry["files"]["gguf"]["path"]), n_ctx=0, verbose=False,
+                        progress_callback=seen.append)
+    assert default_ctx.n_ctx() == 2048 and seen == [0.5, 1.0]
 
 
 def test_kv_shift_rerotates_kept_keys(fixtures_dir, entries):
