@@ -6,6 +6,7 @@ airobackend.kernels. Shapes in comments: n = tokens in this batch, d = n_embd, h
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -129,6 +130,18 @@ class LlamaModel:
             if logits is not None:
                 outs.append(logits)
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
+
+    def warmup(self) -> float:
+        """Compile (or load from Numba's on-disk cache) every kernel this model uses, by evaluating one token and
+        a two-token batch at position 0; returns the seconds it took. Cached positions are overwritten, so call
+        it before evaluating anything that must be kept."""
+        t0 = time.perf_counter()
+        bos = int(getattr(self.hparams, "bos_id", 1))
+        bos = bos if 0 <= bos < self.n_vocab else 0
+        self.eval([bos], 0)
+        if self.n_ctx >= 2:
+            self.eval([bos, bos], 0)
+        return time.perf_counter() - t0
 
     def kv_shift(self, n_keep: int, n_discard: int, n_past: int) -> int:
         """Drop cached positions n_keep .. n_keep+n_discard-1, move the rest down and re-rotate their keys by

@@ -151,6 +151,7 @@ def test_context_overflow_and_overwrite(fixtures_dir, entries):
     default_ctx = Llama(str(fixtures_dir / entry["files"]["gguf"]["path"]), n_ctx=0, verbose=False,
                         progress_callback=seen.append)
     assert default_ctx.n_ctx() == 2048 and seen == [0.5, 1.0]
+    assert default_ctx.model.warmup() >= 0.0
 
 
 def test_kv_shift_rerotates_kept_keys(fixtures_dir, entries):
