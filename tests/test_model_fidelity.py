@@ -124,6 +124,11 @@ def test_last_row_only_without_logits_all_and_split_batches(fixtures_dir, entrie
     assert filled.tolist() == [9, len(tokens) - 1]          # the last row of each eval() call
     assert np.abs(llm.scores[len(tokens) - 1] - ref["batch_last_logits_f32deq"]).max() <= F32_TOL
     llm.close()
+    every = Llama(str(fixtures_dir / entry["files"]["gguf"]["path"]), n_ctx=32, n_batch=5, logits_all=True,
+                  verbose=False, kernels="generic")
+    every.eval(tokens)                                      # 5 forward passes of 5, 5, 5, 5, 4 tokens
+    assert np.abs(every.scores[:len(tokens)] - ref["logits_f32deq"]).max() <= F32_TOL
+    every.close()
 
 
 def test_context_overflow_and_overwrite(fixtures_dir, entries):
