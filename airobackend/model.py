@@ -177,7 +177,7 @@ class LlamaModel:
             ops.rope(k, pos, self.n_rot, self.freq_base, self.freq_scale)
             self.k_cache[il, :, n_past:n_past + n] = ops.f32_to_f16_bits(k.transpose(1, 0, 2))     # [kv head, pos, hd]
             self.v_cache[il, :, n_past:n_past + n] = ops.f32_to_f16_bits(v.transpose(1, 0, 2))
-            ops.attention(q, self.k_cache[il], self.v_cache[il], n_past, self._tab, attn)
+            ops.attention(q, self.k_cache[il], self.v_cache[il], n_past, attn)
             ops.add(x, layer.wo(attn))
             ops.rmsnorm(x, layer.ffn_norm, self.eps, h)
             gate = layer.w1(h)                                                  # [n, n_ff]

@@ -2,8 +2,8 @@
 
 RMSNorm, RoPE ("normal" mode 0: adjacent pairs, with frequency base and scale), causal grouped-query attention over
 an fp16 KV cache, softmax, SwiGLU. Activations are float32 C-contiguous arrays; the KV cache holds fp16 bit
-patterns as uint16 (2 bytes per value, like llama.cpp's default F16 cache) decoded through the same 65536-entry
-table as the weights (`dequant.f16_table()`).
+patterns as uint16 (2 bytes per value, like llama.cpp's default F16 cache), head-major, converted to float32 in
+registers (`f16_to_f32`).
 """
 from __future__ import annotations
 
@@ -104,13 +104,12 @@ def f16_to_f32(h):
 
 
 @njit(**JIT_PARALLEL)
-def attention(q, k_cache, v_cache, n_past, tab, out):
+def attention(q, k_cache, v_cache, n_past, out):
     """Causal grouped-query attention for n_tok new tokens at positions n_past .. n_past+n_tok-1.
 
     q: float32 [n_tok, n_head, head_dim] (already roped); k_cache, v_cache: uint16 (fp16 bits) [n_head_kv, n_ctx,
     head_dim] holding positions 0 .. n_past+n_tok-1 (head-major, so one head's keys stream contiguously);
-    out: float32 [n_tok, n_head * head_dim]; tab: the fp16 table (unused: cache values are converted in registers
-    by f16_to_f32; kept for a stable signature).
+    out: float32 [n_tok, n_head * head_dim].
     Query head h reads kv head h // (n_head / n_head_kv). As llama.cpp with an F16 cache: q and the softmax row are
     rounded to fp16 before their dot products; scores are scaled by 1/sqrt(head_dim) after the dot product.
     """

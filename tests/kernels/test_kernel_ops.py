@@ -90,7 +90,7 @@ def test_attention_gqa_causal(n_head, n_head_kv, n_past, n_tok):
     k_cache[:, :n_kv] = ops.f32_to_f16_bits(k.transpose(1, 0, 2))
     v_cache[:, :n_kv] = ops.f32_to_f16_bits(v.transpose(1, 0, 2))
     out = np.empty((n_tok, n_head * hd), np.float32)
-    ops.attention(q, k_cache, v_cache, n_past, f16_table(), out)
+    ops.attention(q, k_cache, v_cache, n_past, out)
     tab = f16_table()
     kf, vf = tab[k_cache[:, :n_kv]].transpose(1, 0, 2), tab[v_cache[:, :n_kv]].transpose(1, 0, 2)
     # ours rounds q and the probabilities to fp16 like llama.cpp's F16 cache path
