@@ -51,7 +51,7 @@ class LlamaModel:
         self.mf, self.hparams = mf, hp
         self.n_ctx, self.n_vocab, self.n_batch = int(n_ctx), int(hp.n_vocab), max(1, int(n_batch))
         if self.n_ctx < 1:
-            raise ValueError(f"n_ctx must be positive, got {n_ctx}")
+            raise RequestError(f"n_ctx must be positive, got {n_ctx}")
         self.n_threads = int(n_threads) or numba.config.NUMBA_NUM_THREADS
         self.n_threads = min(self.n_threads, numba.config.NUMBA_NUM_THREADS)
         self.n_embd, self.n_head, self.n_layer = int(hp.n_embd), int(hp.n_head), int(hp.n_layer)
@@ -93,7 +93,7 @@ class LlamaModel:
 
         # K/V width from the tensors themselves: a GGML v3 file cannot say n_gqa, the wk shape always does.
         n_embd_gqa = self.layers[0].wk.n_rows if self.layers else self.n_embd
-        if n_embd_gqa % self.head_dim or self.n_head % (n_embd_gqa // self.head_dim):
+        if n_embd_gqa < self.head_dim or n_embd_gqa % self.head_dim or self.n_head % (n_embd_gqa // self.head_dim):
             raise ModelFileError(f"attn_k has {n_embd_gqa} rows, not a whole number of kv heads of {self.head_dim}",
                                  path=getattr(mf, "path", None), tensor="blk.0.attn_k.weight")
         self.n_head_kv = n_embd_gqa // self.head_dim
