@@ -601,6 +601,9 @@ class FastWeight:
 
     def matvec(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
         """out[r] = sum_c W[r, c] * x[c] (x quantized like llama.cpp). x: f32[n_cols]; out: f32[n_rows]."""
+        if x.shape != (self.n_cols,) or out.shape != (self.n_rows,):
+            raise ValueError(f"matvec: x{list(x.shape)} / out{list(out.shape)} do not fit a "
+                             f"{self.n_rows}x{self.n_cols} weight")
         x = np.ascontiguousarray(x, dtype=np.float32).reshape(1, self.n_cols)
         XQ, _, XD, _, XS, XF, _ = self._quantize(x, 1)
         tgt = out if (out.dtype == np.float32 and out.flags.c_contiguous) else np.empty(self.n_rows, np.float32)
@@ -612,6 +615,9 @@ class FastWeight:
 
     def matmat(self, X: np.ndarray, out: np.ndarray) -> np.ndarray:
         """out[t, r] = sum_c W[r, c] * X[t, c]. X: f32[n_tok, n_cols]; out: f32[n_tok, n_rows]."""
+        if X.ndim != 2 or X.shape[1] != self.n_cols or out.shape != (X.shape[0], self.n_rows):
+            raise ValueError(f"matmat: X{list(X.shape)} / out{list(out.shape)} do not fit a "
+                             f"{self.n_rows}x{self.n_cols} weight")
         X = np.ascontiguousarray(X, dtype=np.float32)
         n_tok = X.shape[0]
         if n_tok == 0:

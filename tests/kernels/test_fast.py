@@ -105,6 +105,19 @@ def test_shape_and_type_gates():
         fast.prepare_fast(G.Q4_0, np.zeros((3, 10), np.uint8), 3, 64)
 
 
+def test_shape_mismatch_is_an_error_not_a_stray_write():
+    rng = np.random.default_rng(2)
+    fw = fast.prepare_fast(G.Q4_0, random_blocks(G.Q4_0, 8, 64, rng), 8, 64)
+    with pytest.raises(ValueError):
+        fw.matvec(np.zeros(96, np.float32), np.zeros(8, np.float32))
+    with pytest.raises(ValueError):
+        fw.matvec(np.zeros(64, np.float32), np.zeros(4, np.float32))
+    with pytest.raises(ValueError):
+        fw.matmat(np.zeros((3, 64), np.float32), np.zeros((2, 8), np.float32))
+    with pytest.raises(ValueError):
+        fw.matmat(np.zeros((3, 32), np.float32), np.zeros((3, 8), np.float32))
+
+
 def test_non_contiguous_output_and_input():
     rng = np.random.default_rng(3)
     raw = random_blocks(G.Q4_K, 40, 256, rng)
