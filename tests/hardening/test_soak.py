@@ -63,6 +63,7 @@ class SoakResult:
     rss_after: int
     rss_max: int
     total_gens: int
+    rss_quarters: tuple = ()
 
 
 def _client(proto: str, idx: int, url: str, port: int, deadline: float, stats: Stats, lock: threading.Lock,
@@ -210,8 +211,9 @@ def run_soak(workdir, demo_path, seconds: float, clients: int = N_CLIENTS) -> So
         assert r.status_code == 200 and r.json()["results"][0]["text"]
         log = srv.stderr_text()
         assert "Traceback" not in log and " ERROR " not in log, log[-3000:]
+        quarters = tuple(next((rss for t, rss in samples if t >= seconds * q / 4), rss_after) for q in (1, 2, 3))
         return SoakResult(seconds, clients, stats, rss_before, quarter[0] if quarter else rss_before, rss_after,
-                          max(rss for _, rss in samples), int(perf["total_gens"]))
+                          max(rss for _, rss in samples), int(perf["total_gens"]), quarters)
 
 
 def check(result: SoakResult) -> None:
@@ -235,6 +237,7 @@ def report(result: SoakResult) -> str:
     lines.append(f"  generations run by the server: {result.total_gens}")
     lines.append(f"  RSS before {result.rss_before / mb:.1f} MiB, at 1/4 {result.rss_quarter / mb:.1f} MiB, "
                  f"after {result.rss_after / mb:.1f} MiB, max {result.rss_max / mb:.1f} MiB")
+    lines.append("  RSS at 1/4, 1/2, 3/4: " + ", ".join(f"{r / mb:.1f}" for r in result.rss_quarters) + " MiB")
     return "\n".join(lines)
 
 
