@@ -101,12 +101,18 @@ def register_routes(engine: Any, settings: Settings, pm: pluggy.PluginManager) -
     return KoboldRoutes(engine, settings, pm).router
 
 
+def kobold_model_name(file_name: str) -> str:
+    """KoboldCpp names a model by its file name without the last extension ('x.ggmlv3.q4_K_M.bin' -> 'x.ggmlv3.q4_K_M')."""
+    stem, dot, ext = str(file_name).rpartition(".")
+    return stem if dot and stem and ext.lower() in ("bin", "gguf", "zip", "ggml") else str(file_name)
+
+
 def model_result(engine: Any, request: Request, settings: Settings) -> str:
     """GET /api/v1/model's `result`: 'koboldcpp/<name>', masked without the key, 'ReadOnly' with no model."""
     if settings.api_key and not request.scope.get("airo.authenticated", False):
         return "koboldcpp/protected-model"
     try:
-        return "koboldcpp/" + str(engine.model_info()["name"])
+        return "koboldcpp/" + kobold_model_name(engine.model_info()["name"])
     except ModelNotLoaded:
         return "ReadOnly"      # KoboldAI Lite and SillyTavern read this as "no model loaded"
 

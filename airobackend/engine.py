@@ -497,7 +497,7 @@ class Engine:
         path = self.model_path
         mf = self._model_file()
         return {
-            "name": Path(path).stem if path else "model",
+            "name": Path(path).name if path else "model",   # the file name, as the model library lists it
             "path": path,
             "mix": getattr(mf, "mix_name", None),
             "format": getattr(mf, "format", None),

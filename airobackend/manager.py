@@ -441,6 +441,8 @@ class ModelManager:
         """The engine's model_info plus `library_name` (what list_models calls it) and `load_progress`."""
         info = dict(self._current().model_info())
         info["library_name"] = self.loaded_name
+        if self.loaded_name:
+            info["name"] = self.loaded_name      # one name in every protocol: the one list_models() shows
         info["load_progress"] = self.load_progress
         return info
 

@@ -474,7 +474,7 @@ def test_same_seed_same_text():
 def test_model_info_template_and_tokenize():
     engine, _ = engine_for([])
     info = engine.model_info()
-    assert info["name"] == "airoboros-65b-gpt4-1.4.ggmlv3.q4_K_M" and info["template"] == "airoboros"
+    assert info["name"] == "airoboros-65b-gpt4-1.4.ggmlv3.q4_K_M.bin" and info["template"] == "airoboros"
     assert info["n_ctx"] == 256 and info["n_vocab"] == TOK.n_vocab
     assert engine.format_chat([{"role": "user", "content": "Hi"}]).endswith("USER: Hi ASSISTANT:")
     ids = engine.tokenize("Hello world")

@@ -88,7 +88,7 @@ class ScriptedEngine:
         return {"queue": 0, "idle": 1}
 
     def model_info(self):
-        return {"name": Path(self.name).stem, "path": None, "mix": "q", "format": "gguf", "n_ctx": 256,
+        return {"name": Path(self.name).name, "path": None, "mix": "q", "format": "gguf", "n_ctx": 256,
                 "n_vocab": 1000, "template": "airoboros"}
 
     def format_chat(self, messages):
@@ -383,10 +383,10 @@ def test_openai_style_load_generate_switch_generate(library_dir, fixture_index):
             assert c.post("/v1/internal/model/load", json={"model_name": name}).json() == "OK"
             # /v1/models: the served model first, then the rest of the library.
             ids = [m["id"] for m in c.get("/v1/models").json()["data"]]
-            assert ids[0] == Path(name).stem and sorted(ids[1:]) == sorted(
+            assert ids[0] == name and sorted(ids[1:]) == sorted(
                 n for n in ("fx-q2_K.ggmlv3.bin", "fx-q8_0.gguf", "fxgqa-f16.gguf") if n != name)
             assert c.get(f"/v1/models/{ids[1]}").json()["id"] == ids[1]
-            assert c.get("/v1/internal/model/info").json()["model_name"] == Path(name).stem
+            assert c.get("/v1/internal/model/info").json()["model_name"] == name
             assert mgr.model_info()["n_vocab"] == models[model]["hparams"]["n_vocab"]
             r = c.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 1, "temperature": 0})
             assert r.status_code == 200, r.text

@@ -2,6 +2,8 @@
 the `koboldapi` client over a real socket, and KoboldCpp's exact SSE framing."""
 from __future__ import annotations
 
+from airobackend.adapters.kobold import kobold_model_name
+
 import json
 import re
 
@@ -34,7 +36,7 @@ def client(demo_app):
 
 
 def test_probes_say_koboldcpp_with_the_loaded_model(client, demo_engine):
-    name = demo_engine.model_info()["name"]
+    name = kobold_model_name(demo_engine.model_info()["name"])
     assert client.get("/api/v1/model").json() == {"result": f"koboldcpp/{name}"}
     assert client.get("/api/v1/info/version").json() == {"result": "1.2.5"}
     v = client.get("/api/extra/version").json()
@@ -191,7 +193,7 @@ def test_unknown_path_gets_koboldcpp_404(client):
 def test_koboldapi_client_over_a_real_socket(demo_app, demo_engine):
     from koboldapi.core.api import KoboldAPI
 
-    name = demo_engine.model_info()["name"]
+    name = kobold_model_name(demo_engine.model_info()["name"])
     with live(demo_app) as srv:
         api = KoboldAPI(srv.url)
         assert api.get_version()["result"] == "KoboldCpp"

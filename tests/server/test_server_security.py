@@ -2,6 +2,8 @@
 body caps, hostile bodies, and no model paths for unauthenticated clients."""
 from __future__ import annotations
 
+from airobackend.adapters.kobold import kobold_model_name
+
 import asyncio
 import json
 from pathlib import Path
@@ -70,7 +72,7 @@ def test_every_route_needs_the_key(keyed, method, path, body):
 def test_probes_answer_without_the_key_as_koboldcpp_does(keyed, demo_engine):
     assert keyed.get("/api/v1/model").json() == {"result": "koboldcpp/protected-model"}
     assert keyed.get("/api/v1/model", headers=AUTH).json() == \
-        {"result": "koboldcpp/" + demo_engine.model_info()["name"]}
+        {"result": "koboldcpp/" + kobold_model_name(demo_engine.model_info()["name"])}
     assert keyed.get("/api/extra/version").json()["protected"] is True   # Lite then asks the user for the key
     assert keyed.get("/api/v1/info/version").status_code == 200
     assert keyed.get("/v1/models").json()["data"][0]["id"] == "protected-model"
