@@ -14,7 +14,7 @@ is flat (growth between the first quarter of the run and the end bounded by RSS_
 is empty, the model idle, a normal request works, the server log has no traceback, and no answer carried the
 server's file system paths.
 
-The default suite runs a short soak (AIRO_SOAK_SHORT_SECONDS, default 20 s). The long one is marked slow:
+The default suite runs a short soak (AIRO_SOAK_SHORT_SECONDS, default 15 s). The long one is marked slow:
 
     AIRO_SOAK_SECONDS=600 .venv/bin/python -m pytest tests/hardening/test_soak.py -m slow -s
 
@@ -242,7 +242,7 @@ def report(result: SoakResult) -> str:
 
 
 def test_soak_short(tmp_path, demo_path):
-    result = run_soak(tmp_path, demo_path, float(os.environ.get("AIRO_SOAK_SHORT_SECONDS", "20")))
+    result = run_soak(tmp_path, demo_path, float(os.environ.get("AIRO_SOAK_SHORT_SECONDS", "15")))
     print(report(result))
     check(result)
 
