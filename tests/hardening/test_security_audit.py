@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
@@ -189,6 +190,7 @@ def test_no_answer_shows_the_library_folder(manager, library):
     assert n > 150
 
 
+@pytest.mark.skipif(not Path("/proc/self/net/tcp").exists(), reason="reads the listening sockets from /proc (Linux)")
 def test_real_server_binds_loopback_and_guards_both_ports(tmp_path, demo_path):
     ws_port = free_port()
     with ServerProcess(tmp_path, "--model", str(demo_path), "--api-key", KEY, host=None,
@@ -251,8 +253,8 @@ def test_serve_warns_when_listening_beyond_loopback_without_a_key(monkeypatch, c
             assert serve.main(parser.parse_args(list(argv))) == 0
         return [r.getMessage() for r in caplog.records if r.name == "airobackend.serve"]
 
-    env_clean = {k: v for k, v in __import__("os").environ.items() if not k.startswith("AIRO_")}
-    monkeypatch.setattr(__import__("os"), "environ", env_clean)
+    for k in [k for k in os.environ if k.startswith("AIRO_")]:
+        monkeypatch.delenv(k)
     assert any("without an API key" in m for m in run("--host", "0.0.0.0"))
     assert not any("without an API key" in m for m in run("--host", "0.0.0.0", "--api-key", "k"))
     assert not any("without an API key" in m for m in run())                  # default: 127.0.0.1

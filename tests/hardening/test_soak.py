@@ -28,6 +28,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 import pytest
@@ -241,12 +242,17 @@ def report(result: SoakResult) -> str:
     return "\n".join(lines)
 
 
+needs_proc = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the server's RSS from /proc")
+
+
+@needs_proc
 def test_soak_short(tmp_path, demo_path):
     result = run_soak(tmp_path, demo_path, float(os.environ.get("AIRO_SOAK_SHORT_SECONDS", "15")))
     print(report(result))
     check(result)
 
 
+@needs_proc
 @pytest.mark.slow
 def test_soak_long(tmp_path, demo_path):
     result = run_soak(tmp_path, demo_path, float(os.environ.get("AIRO_SOAK_SECONDS", "600")))
