@@ -40,6 +40,9 @@ TEXTGEN_DEFAULTS = dict(temperature=0.5, top_k=0, top_p=1.0, min_p=0.0, typical_
                         presence_penalty=0.0, frequency_penalty=0.0, mirostat=0, mirostat_tau=5.0, mirostat_eta=0.1,
                         seed=None, ban_eos=False)
 MAX_NEW_TOKENS = 200
+# Requests a client may send ahead of their answers on one socket (its clients send one and wait for stream_end).
+# Together with a byte bound (one body's worth) this keeps a client from piling up memory faster than it is served.
+MAX_PENDING_MESSAGES = 8
 
 GENERATE_EXAMPLE = {"prompt": "USER: Hello! ASSISTANT:", "max_new_tokens": 64, "temperature": 0.7,
                     "stopping_strings": ["USER:"]}
@@ -280,6 +283,7 @@ class TextgenRoutes:
         await websocket.accept()
         inbox: asyncio.Queue = asyncio.Queue()
         current: list[GenerationStream] = []
+        pending = [0]                  # characters waiting in the inbox
 
         async def read() -> None:
             try:
@@ -290,10 +294,18 @@ class TextgenRoutes:
                     data = msg.get("text")
                     if data is None:
                         data = (msg.get("bytes") or b"").decode("utf-8", errors="replace")
+                    if inbox.qsize() >= MAX_PENDING_MESSAGES or \
+                            pending[0] + len(data) > int(self.settings.max_body_bytes):
+                        log.warning("a WebSocket client sent too many requests ahead of their answers; closing it")
+                        await websocket.close(code=1008, reason="too many requests sent ahead of their answers")
+                        break
+                    pending[0] += len(data)
                     await inbox.put(data)
             finally:
                 for gs in current:
                     gs.cancel()
+                while not inbox.empty():   # the client is gone: nobody waits for answers to what it sent ahead
+                    inbox.get_nowait()
                 await inbox.put(None)
 
         reader = asyncio.create_task(read())
@@ -302,6 +314,7 @@ class TextgenRoutes:
                 data = await inbox.get()
                 if data is None:
                     break
+                pending[0] -= len(data)
                 if not await self._ws_one(websocket, data, chat, current):
                     break
         except (WebSocketDisconnect, RuntimeError, OSError):
