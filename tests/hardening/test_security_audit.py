@@ -259,3 +259,32 @@ def test_serve_warns_when_listening_beyond_loopback_without_a_key(monkeypatch, c
     assert not any("without an API key" in m for m in run("--host", "0.0.0.0", "--api-key", "k"))
     assert not any("without an API key" in m for m in run())                  # default: 127.0.0.1
     assert started == ["0.0.0.0", "0.0.0.0", "127.0.0.1"]
+
+
+def test_websocket_cannot_pile_up_requests_ahead_of_their_answers():
+    """One socket may send a few requests ahead (answered in order); a flood is closed with 1008, not buffered."""
+    from fakes import live, make_app, scripted_engine
+
+    engine, model = scripted_engine("abcdef", delay=0.01, multiuser=2)
+    with live(make_app(engine, max_body_bytes=100_000)) as srv:
+        with ws_connect(f"ws://127.0.0.1:{srv.port}/api/v1/stream") as ws:
+            for i in range(3):
+                ws.send(json.dumps({"prompt": f"p{i}", "max_new_tokens": 4}))
+            texts = []
+            for i in range(3):
+                parts = []
+                while (m := json.loads(ws.recv(timeout=10)))["event"] != "stream_end":
+                    parts.append(m["text"])
+                texts.append("".join(parts))
+            assert texts == ["abcd"] * 3
+        with ws_connect(f"ws://127.0.0.1:{srv.port}/api/v1/stream") as ws:
+            big = json.dumps({"prompt": "x" * 20_000, "max_new_tokens": 50})
+            with pytest.raises(websockets.exceptions.ConnectionClosed) as e:
+                for _ in range(50):
+                    ws.send(big)
+                while True:
+                    ws.recv(timeout=10)
+            assert e.value.rcvd is not None and e.value.rcvd.code == 1008
+        # the flood's generation was aborted and the server serves the next client
+        assert httpx.post(srv.url + "/api/v1/generate", json={"prompt": "x", "max_length": 3},
+                          timeout=10).json()["results"][0]["text"] == "abc"
