@@ -59,8 +59,8 @@ class Spec:
     step_w = 128        # weights per kernel step
     step_bytes = 0      # bytes of (possibly repacked) W per step
     xq_step = 128
-    xd_step = 16
-    xs_step = 16
+    xd_step = 4
+    xs_step = 4
     parts = 1
     tile_r = 4
     tile_t = TILE_T
@@ -98,8 +98,8 @@ class Q4_0(Spec):
                 f"dw{i} = load_h4_bcast4(W, wb{i} + 64)"]
 
     def tok_part(self, j, p):
-        return [f"xl{j} = load_i(XQ, xq{j})", f"xh{j} = load_i(XQ, xq{j} + 64)", f"dx{j} = load_f(XD, xd{j})",
-                f"xc{j} = vmul(load_i(XS, xs{j}), {self.bias})"]
+        return [f"xl{j} = load_i(XQ, xq{j})", f"xh{j} = load_i(XQ, xq{j} + 64)", f"dx{j} = load_f4_bcast4(XD, xd{j})",
+                f"xc{j} = vmul(load_i4_spread4(XS, xs{j}), {self.bias})"]
 
     def acc_part(self, i, j, p):
         return [f"acc{i}_{j} = fma(cvt(dpbusd(dpbusd(xc{j}, lo{i}, xl{j}), hi{i}, xh{j})), fmul(dw{i}, dx{j}), "
@@ -116,8 +116,8 @@ class Q4_1(Q4_0):
         return super().row_part(i, p) + [f"mw{i} = load_h4_bcast4(W, wb{i} + 72)"]
 
     def tok_part(self, j, p):
-        return [f"xl{j} = load_i(XQ, xq{j})", f"xh{j} = load_i(XQ, xq{j} + 64)", f"dx{j} = load_f(XD, xd{j})",
-                f"xsf{j} = load_f(XF, xs{j})"]
+        return [f"xl{j} = load_i(XQ, xq{j})", f"xh{j} = load_i(XQ, xq{j} + 64)", f"dx{j} = load_f4_bcast4(XD, xd{j})",
+                f"xsf{j} = load_f4_spread4(XF, xs{j})"]
 
     def acc_part(self, i, j, p):
         return [f"acc{i}_{j} = fma(cvt(dpbusd(dpbusd(Z, lo{i}, xl{j}), hi{i}, xh{j})), fmul(dw{i}, dx{j}), "
@@ -173,9 +173,9 @@ class Q8_0(Q4_0):
         return w + [f"dw{i} = load_h4_bcast4(W, wb{i} + 128)"]
 
     def tok_part(self, j, p):
-        t = [f"xl{j} = load_i(XQ, xq{j})", f"xh{j} = load_i(XQ, xq{j} + 64)", f"dx{j} = load_f(XD, xd{j})"]
+        t = [f"xl{j} = load_i(XQ, xq{j})", f"xh{j} = load_i(XQ, xq{j} + 64)", f"dx{j} = load_f4_bcast4(XD, xd{j})"]
         if self.vnni:
-            t.append(f"xc{j} = vmul(load_i(XS, xs{j}), C128)")
+            t.append(f"xc{j} = vmul(load_i4_spread4(XS, xs{j}), C128)")
         return t
 
     def acc_part(self, i, j, p):
@@ -335,13 +335,14 @@ class Q2_K(KSpec):
 
 class F16(Spec):
     name, layout, block_bytes, block_w = "f16", "f16", 2, 1
-    step_w, step_bytes, xq_step, xd_step, xs_step = 16, 32, 0, 16, 0
+    # activations kept as fp16 bytes in XQ (converted on load like the weights): half the activation traffic of f32
+    step_w, step_bytes, xq_step, xd_step, xs_step = 16, 32, 32, 0, 0
 
     def row_part(self, i, p):
         return [f"wf{i} = load_h16(W, wb{i})"]
 
     def tok_part(self, j, p):
-        return [f"xf{j} = load_f(XD, xd{j})"]
+        return [f"xf{j} = load_h16(XQ, xq{j})"]
 
     def acc_part(self, i, j, p):
         return [f"acc{i}_{j} = fma(wf{i}, xf{j}, acc{i}_{j})"]
@@ -469,7 +470,7 @@ def _emit_f16_matvec(ind: str) -> list[str]:
     L = [f"a{k} = splat_f(0.0)" for k in range(4)]
     L.append("for s in range(0, n_steps, 4):")
     for k in range(4):
-        L.append(f"    a{k} = fma(load_h16(W, r * RB + (s + {k}) * 32), load_f(XD, (s + {k}) * 16), a{k})")
+        L.append(f"    a{k} = fma(load_h16(W, r * RB + (s + {k}) * 32), load_h16(XQ, (s + {k}) * 32), a{k})")
     L.append("out[r] = hsum_f(fadd(fadd(a0, a1), fadd(a2, a3)))")
     return [ind + x for x in L]
 
@@ -576,19 +577,19 @@ class FastWeight:
         lay = spec.layout
         steps = self.n_steps
         if lay == "f16":
-            XD = np.zeros((n_pad, steps * 16), np.float32)
-            XD[:n] = X.astype(np.float16)       # llama.cpp rounds activations to fp16 for F16 weights (RNE)
-            return _NO_I8, 0, XD, steps * 16, _NO_I32, _NO_F32, 0
+            XQ = np.zeros((n_pad, steps * 32), np.int8)
+            XQ[:n] = X.astype(np.float16).view(np.int8)   # llama.cpp rounds activations to fp16 for F16 weights
+            return XQ, steps * 32, _NO_F32, 0, _NO_I32, _NO_F32, 0
         if lay == "nib":
             XQ = np.zeros((n_pad, steps * 128), np.int8)
-            XD = np.zeros((n_pad, steps * 16), np.float32)
-            XS = np.zeros((n_pad, steps * 16), np.int32)
-            XF = np.zeros((n_pad, steps * 16), np.float32)
+            XD = np.zeros((n_pad, steps * 4), np.float32)
+            XS = np.zeros((n_pad, steps * 4), np.int32)
+            XF = np.zeros((n_pad, steps * 4), np.float32)
             if n == 1:
                 q8.quantize_q8_0_nibble(X[0], XQ[0], XD[0], XS[0], XF[0])
             else:
                 q8.quantize_q8_0_nibble_rows(X, XQ[:n], XD[:n], XS[:n], XF[:n])
-            return XQ, steps * 128, XD, steps * 16, XS, XF.reshape(-1), steps * 16
+            return XQ, steps * 128, XD, steps * 4, XS, XF.reshape(-1), steps * 4
         perm, pairs = _PERMS[lay], lay == "k_q4k"
         XQ = np.zeros((n_pad, steps * 256), np.int8)
         XD = np.zeros((n_pad, steps), np.float32)
