@@ -34,6 +34,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="CPU threads (default: physical cores; env AIRO_N_THREADS)")
     m.add_argument("--template", help="chat prompt template: airoboros, vicuna, alpaca, chatml "
                    "(default: from the file; env AIRO_TEMPLATE)")
+    # GGML v3 files cannot store these; llama.cpp's defaults apply unless given (engine.md 1.7).
+    m.add_argument("--n-gqa", "--gqa", dest="n_gqa", type=int, metavar="N",
+                   help="grouped-query attention factor (default: from the tensor shapes; env AIRO_N_GQA)")
+    m.add_argument("--rms-norm-eps", "--eps", dest="rms_norm_eps", type=float, metavar="EPS",
+                   help="RMSNorm epsilon (default: the file's, else 5e-6; env AIRO_RMS_NORM_EPS)")
+    m.add_argument("--rope-freq-base", dest="rope_freq_base", type=float, metavar="BASE",
+                   help="RoPE frequency base (default: the file's, else 10000; env AIRO_ROPE_FREQ_BASE)")
+    m.add_argument("--rope-freq-scale", dest="rope_freq_scale", type=float, metavar="SCALE",
+                   help="RoPE linear position scale, 0.25 for SuperHOT-8K (default 1; env AIRO_ROPE_FREQ_SCALE)")
+    m.add_argument("--ropeconfig", nargs=2, type=float, metavar=("SCALE", "BASE"),
+                   help="KoboldCpp's spelling of --rope-freq-scale SCALE --rope-freq-base BASE")
     m.add_argument("--allow-disk", action="store_true", default=None,
                    help="load a model larger than free RAM, reading it from disk (slow; env AIRO_ALLOW_DISK)")
     s = parser.add_argument_group("server")
@@ -71,6 +82,9 @@ def settings_from_args(args: argparse.Namespace, environ: Optional[dict] = None)
     overrides: dict[str, Any] = dict(
         model=args.model or args.model_pos, model_dir=args.model_dir, n_ctx=args.n_ctx, n_threads=args.n_threads,
         template=args.template, allow_disk=args.allow_disk, host=args.host,
+        n_gqa=args.n_gqa, rms_norm_eps=args.rms_norm_eps,
+        rope_freq_scale=args.ropeconfig[0] if args.ropeconfig else args.rope_freq_scale,
+        rope_freq_base=args.ropeconfig[1] if args.ropeconfig else args.rope_freq_base,
         port=args.port if args.port is not None else args.port_pos, multiuser=args.multiuser,
         api_key=args.api_key, admin_key=args.admin_key, cors=args.cors, disable_adapters=disabled,
         max_body_bytes=args.max_body_bytes, quiet=args.quiet,

@@ -39,6 +39,17 @@ def test_koboldcpp_command_line():
         (5001, "127.0.0.1", 5005, None)
 
 
+def test_hparam_overrides_for_ggml_v3_files():
+    # llama.cpp's spellings and KoboldCpp's --ropeconfig SCALE BASE reach the loader through Settings.
+    s = serve.settings_from_args(parse(["m.bin", "--n-gqa", "8", "--rms-norm-eps", "1e-5",
+                                        "--rope-freq-base", "20000", "--rope-freq-scale", "0.5"]), environ={})
+    assert (s.n_gqa, s.rms_norm_eps, s.rope_freq_base, s.rope_freq_scale) == (8, 1e-5, 20000.0, 0.5)
+    s = serve.settings_from_args(parse(["m.bin", "--ropeconfig", "0.25", "10000"]), environ={})
+    assert (s.rope_freq_scale, s.rope_freq_base) == (0.25, 10000.0)
+    s = serve.settings_from_args(parse([]), environ={"AIRO_N_GQA": "8", "AIRO_ROPE_FREQ_BASE": "5e5"})
+    assert (s.n_gqa, s.rope_freq_base, s.rms_norm_eps) == (8, 5e5, None)
+
+
 def test_every_flag_falls_back_to_the_environment():
     env = {"AIRO_PORT": "6001", "AIRO_HOST": "0.0.0.0", "AIRO_API_KEY": "envkey", "AIRO_N_CTX": "1024",
            "AIRO_MULTIUSER": "3", "AIRO_CORS": "http://b.example", "AIRO_DISABLE_ADAPTERS": "openai",
