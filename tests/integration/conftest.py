@@ -19,13 +19,10 @@ def fx_model(fixtures_dir: Path) -> str:
 
 
 @pytest.fixture(scope="session")
-def demo_model() -> str:
-    require_engine()
-    try:
-        from airobackend.demo import demo_model_path
-    except ImportError as e:
-        pytest.skip(f"airobackend.demo not importable: {e}")
-    return str(demo_model_path())
+def demo_model(tmp_path_factory) -> str:
+    """The demo model, written once per session under pytest's tmp dir (never into the user's cache)."""
+    from airobackend.demo import demo_model_path
+    return str(demo_model_path(tmp_path_factory.mktemp("demo")))
 
 
 @pytest.fixture(params=["fixture", "demo"])
