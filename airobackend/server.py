@@ -549,7 +549,8 @@ def uvicorn_config(app: Any, host: str, port: int, settings: Settings, **kw: Any
         app, host=host, port=port, ws="websockets-sansio", http="h11", lifespan="off",
         log_level="warning" if settings.quiet else "info", access_log=not settings.quiet,
         h11_max_incomplete_event_size=MAX_HEADER_BYTES, ws_max_size=int(settings.max_body_bytes),
-        ws_ping_interval=None, timeout_graceful_shutdown=3, **kw)
+        ws_ping_interval=None, timeout_graceful_shutdown=3,
+        limit_concurrency=int(settings.max_connections) if settings.max_connections > 0 else None, **kw)
 
 
 async def serve_async(app: Any, settings: Settings, *, ready: Optional[Callable[[list], None]] = None) -> None:

@@ -31,6 +31,7 @@ class Settings:
     cors: Optional[str] = None             # None -> any origin, like KoboldCpp / llama.cpp / text-generation-webui
     multiuser: int = 1                     # queue length of waiting requests (KoboldCpp --multiuser N)
     max_body_bytes: int = 32 * 1024 * 1024
+    max_connections: int = 64             # open connections at once; more get 503 (bounds memory: N x body cap)
     disable_adapters: tuple[str, ...] = ()
     quiet: bool = False
     allow_disk: bool = False               # load a model that does not fit in RAM, running from disk via mmap

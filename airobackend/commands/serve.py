@@ -65,6 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(repeatable or comma-separated; env AIRO_DISABLE_ADAPTERS)")
     s.add_argument("--max-body-bytes", type=int, metavar="N",
                    help=f"largest request body accepted (default {d.max_body_bytes}; env AIRO_MAX_BODY_BYTES)")
+    s.add_argument("--max-connections", type=int, metavar="N",
+                   help=f"open connections served at once, more get 503; with the body cap this bounds memory "
+                        f"(default {d.max_connections}, 0 = no limit; env AIRO_MAX_CONNECTIONS)")
     s.add_argument("--quiet", action="store_true", default=None, help="log warnings only (env AIRO_QUIET)")
     s.add_argument("--list-plugins", action="store_true", help="print the registered adapter plugins and exit")
     try:
@@ -87,7 +90,7 @@ def settings_from_args(args: argparse.Namespace, environ: Optional[dict] = None)
         rope_freq_base=args.ropeconfig[1] if args.ropeconfig else args.rope_freq_base,
         port=args.port if args.port is not None else args.port_pos, multiuser=args.multiuser,
         api_key=args.api_key, admin_key=args.admin_key, cors=args.cors, disable_adapters=disabled,
-        max_body_bytes=args.max_body_bytes, quiet=args.quiet,
+        max_body_bytes=args.max_body_bytes, max_connections=args.max_connections, quiet=args.quiet,
         textgen_stream_port=getattr(args, "textgen_stream_port", None))
     return Settings.from_env(environ, **overrides)
 

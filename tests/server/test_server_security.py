@@ -2,10 +2,10 @@
 body caps, hostile bodies, and no model paths for unauthenticated clients."""
 from __future__ import annotations
 
-from airobackend.adapters.kobold import kobold_model_name
-
 import asyncio
 import json
+import socket
+import time
 from pathlib import Path
 
 import httpx
@@ -14,6 +14,7 @@ import websockets
 from starlette.testclient import TestClient
 from starlette.testclient import WebSocketDenialResponse
 
+from airobackend.adapters.kobold import kobold_model_name
 from airobackend.commands.serve import security_warnings
 from airobackend.server import PUBLIC_ROUTES
 from airobackend.settings import Settings
@@ -239,3 +240,25 @@ def test_websocket_messages_are_capped(demo_engine):
                 return e.value.rcvd.code
         assert asyncio.run(go()) == 1009            # "message too big"
         assert httpx.post(srv.url + "/api/v1/generate", json={"prompt": "x", "max_length": 1}).status_code == 200
+
+
+def test_connections_beyond_the_limit_get_503_and_the_server_keeps_serving(demo_engine):
+    # Each connection may carry a body up to the cap, so their number is what bounds the server's memory.
+    app = make_app(demo_engine, max_connections=3)   # uvicorn counts the asking connection too
+    with live(app) as srv:
+        idle = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(2)]
+        try:
+            for s in idle:                                   # two keep-alive connections held open
+                s.sendall(b"GET /api/extra/version HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert s.recv(4096).startswith(b"HTTP/1.1 200")
+            r = httpx.get(srv.url + "/api/extra/version", timeout=10)
+            assert r.status_code == 503
+        finally:
+            for s in idle:
+                s.close()
+        for _ in range(50):                                  # the slots free as the connections close
+            r = httpx.get(srv.url + "/api/extra/version", timeout=10)
+            if r.status_code == 200:
+                break
+            time.sleep(0.05)
+        assert r.status_code == 200 and r.json()["result"] == "KoboldCpp"
