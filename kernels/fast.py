@@ -205,36 +205,33 @@ class KSpec(Spec):
 
 
 _SC_MASKS = {
-    # q4_K/q5_K scale vectors: lanes 0..7 / 8..15 = the (scale | scale << 16) of two 32-weight sub-blocks
-    "PK0": [0] * 8 + [2] * 8, "PK1": [1] * 8 + [3] * 8, "PK2": [4] * 8 + [6] * 8, "PK3": [5] * 8 + [7] * 8,
     # q2_K/q3_K: part j covers sub-blocks 2j, 2j+1 (first 128 weights) and 8+2j, 9+2j (second 128)
     **{f"P2{j}": [2 * j] * 4 + [2 * j + 1] * 4 + [8 + 2 * j] * 4 + [9 + 2 * j] * 4 for j in range(4)},
     # q6_K: part p covers sub-blocks 4p..4p+3
     **{f"P6{p}": [4 * p + k for k in range(4) for _ in range(4)] for p in range(4)},
-    # q4_K 6-bit scale/min unpacking (get_scale_min_k4): lanes 0..7 scales, 8..15 mins
-    "PKA": [0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11],
-    "PKB": [0, 0, 0, 0, 0, 1, 2, 3, 0, 0, 0, 0, 4, 5, 6, 7],
     # q3_K scale unpacking: low 4 bits from bytes 0..7 (low / high nibble), 2 high bits from bytes 8..11
     "P3A": list(range(8)) * 2, "P3B": [8, 9, 10, 11] * 4,
 }
+# q4_K/q5_K scale vectors (simd.make_q4k_words): i32 lanes 0..7 / 8..15 = (scale | scale << 16) of the two
+# 32-weight sub-blocks that a 64-byte part meets (low nibbles: sub-blocks 0, 2 / 4, 6; high nibbles: 1, 3 / 5, 7)
+_SC_WORDS = {f"PW{p}": [a] * 16 + [b] * 16 for p, (a, b) in enumerate([(0, 2), (1, 3), (4, 6), (5, 7)])}
 _CONSTS = {
-    "K_SHK": [0] * 12 + [4] * 4, "K_MKK": [63] * 4 + [15] * 4 + [63] * 4 + [15] * 4, "K_MHK": ([0] * 4 + [0x30] * 4) * 2,
     "K_SH3A": [0] * 8 + [4] * 8, "K_SH3B": [0] * 4 + [2] * 4 + [4] * 4 + [6] * 4,
 }
 
 
 class Q4_K(KSpec):
+    """The 6-bit scales/mins (12 packed bytes per super-block) are unpacked with 16-byte vector ops (simd.q4k_scales)
+    and widened straight into the four per-part word-scale vectors (one `vpermw` each): the earlier 512-bit decode
+    plus `vpermd`s took ~17 of the ~58 vector instructions per super-block. Unpacking them once at load into a side
+    array (16 B per super-block) was measured too: as fast in L3, slower from DRAM (+11 % bytes)."""
     name, layout, block_bytes, step_bytes = "q4_K", "k_q4k", 144, 144
     qs_off = 16
-    consts = {"M4": "splat_i(0x0F0F0F0F)", "Z": "splat_i(0)", "SHK": "K_SHK()", "MKK": "K_MKK()", "MHK": "K_MHK()",
-              "MW": "splat_i(0xFFFF)"}
+    consts = {"M4": "splat_i(0x0F0F0F0F)", "Z": "splat_i(0)"}
 
     def row_setup(self, i):
-        q = f"q{i}"
-        return [f"{q} = load_u8x12(W, wb{i} + 4)",
-                f"scm{i} = vor(vand(vshrv(PKA({q}), SHK), MKK), vand(vshr(PKB({q}), 2), MHK))",
-                f"scp{i} = vor(scm{i}, vshl(scm{i}, 16))",
-                f"d{i} = load_h1(W, wb{i})", f"dm{i} = load_h1(W, wb{i} + 2)"]
+        # scm: i32 lanes 0..7 = scales, 8..15 = mins (the mins meet the activation block sums in acc_final)
+        return [f"scm{i} = q4k_scales(W, wb{i} + 4)", f"d{i} = load_h1(W, wb{i})", f"dm{i} = load_h1(W, wb{i} + 2)"]
 
     def nibbles(self, i, p):
         c, o = p // 2, self.qs_off + 64 * (p // 2)
@@ -243,7 +240,7 @@ class Q4_K(KSpec):
         return [f"n{i}_{p} = vand(vshr(w{i}_{c}, 4), M4)"]
 
     def row_part(self, i, p):
-        return self.nibbles(i, p) + [f"s{i}_{p} = PK{p}(scp{i})"]
+        return self.nibbles(i, p) + [f"s{i}_{p} = PW{p}(W, wb{i} + 4)"]
 
     def acc_final(self, i, j):
         return [f"acc{i}_{j} = fma(cvt(is{i}_{j}), splat_f(d{i} * dx{j}), "
@@ -264,7 +261,7 @@ class Q5_K(Q4_K):
     def row_part(self, i, p):
         lines = self.nibbles(i, p)
         lines[-1] = lines[-1].replace(f"n{i}_{p} = ", f"n{i}_{p} = vor(") + f", bytes_nz(vand(qh{i}, HB{p}), 16))"
-        return lines + [f"s{i}_{p} = PK{p}(scp{i})"]
+        return lines + [f"s{i}_{p} = PW{p}(W, wb{i} + 4)"]
 
 
 class Q6_K(KSpec):
@@ -365,7 +362,7 @@ import numba
 from numba import prange
 from airobackend.kernels import JIT_PARALLEL
 from airobackend.kernels.simd import *  # noqa
-from airobackend.kernels.simd import make_perm, make_const, make_load_bytes
+from airobackend.kernels.simd import make_perm, make_const, make_load_bytes, make_q4k_words
 
 load_u8x12 = make_load_bytes(12, False)
 load_u8x16 = make_load_bytes(16, False)
@@ -432,6 +429,8 @@ def generate_source(spec: Spec) -> str:
         src.append(f"{name} = make_perm({mask})")
     for name, vals in _CONSTS.items():
         src.append(f"{name} = make_const({vals})")
+    for name, mask in _SC_WORDS.items():
+        src.append(f"{name} = make_q4k_words({mask})")
     src.append("")
     # --- matvec: one row at a time, one token
     src.append("@numba.jit(**JIT_PARALLEL)")
