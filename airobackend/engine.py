@@ -235,16 +235,27 @@ class Engine:
             return
         try:
             self._sync_in()
-            yield from self._generate(job)
+            for event in self._generate(job):
+                if event.finish_reason is not None:
+                    # Free the slot before the last event reaches the client, so a /perf or /check it sends on
+                    # receiving the answer already sees the engine idle and the next request can start at once.
+                    self._release(job)
+                yield event
         finally:
+            self._release(job)
+
+    def _release(self, job: _Job) -> None:
+        """End `job`'s turn (once): hand the cache state to the facade and wake the next request."""
+        with self._cond:
+            if job.finished:
+                return
             self._sync_out()
-            with self._cond:
-                job.finished = True
-                if self._running is job:
-                    self._running = None
-                self._last = job
-                self._t_idle_since = time.monotonic()
-                self._cond.notify_all()
+            job.finished = True
+            if self._running is job:
+                self._running = None
+            self._last = job
+            self._t_idle_since = time.monotonic()
+            self._cond.notify_all()
 
     def _first_waiting(self) -> Optional[_Job]:
         return next((j for j in self._queue if j.waiting), None)

@@ -131,6 +131,19 @@ def test_text_deltas_eos_and_usage():
     assert [t for e in events for t in e.token_ids] == reply     # EOS is not part of the output
 
 
+def test_engine_is_idle_when_the_last_event_arrives():
+    # A client that polls /api/extra/perf (or sends its next request) on receiving the answer must find the
+    # slot free, without waiting for the worker thread to close the generator.
+    engine, model = engine_for([tid(SP + "Hello"), tid("!")])
+    gen = engine.generate(request())
+    for event in gen:
+        if event.finish_reason is not None:
+            assert engine.perf()["idle"] == 1 and engine.queue_length == 0
+            nxt = engine.generate(request(max_tokens=1))     # admitted and runs while `gen` is still open
+            assert next(iter(nxt)).text
+    gen.close()
+
+
 def test_max_tokens_gives_length():
     reply = [tid(SP + "llama")] * 10
     engine, _ = engine_for(reply)
