@@ -212,9 +212,11 @@ _SC_MASKS = {
     # q3_K scale unpacking: low 4 bits from bytes 0..7 (low / high nibble), 2 high bits from bytes 8..11
     "P3A": list(range(8)) * 2, "P3B": [8, 9, 10, 11] * 4,
 }
-# q4_K/q5_K scale vectors (simd.make_q4k_words): i32 lanes 0..7 / 8..15 = (scale | scale << 16) of the two
-# 32-weight sub-blocks that a 64-byte part meets (low nibbles: sub-blocks 0, 2 / 4, 6; high nibbles: 1, 3 / 5, 7)
-_SC_WORDS = {f"PW{p}": [a] * 16 + [b] * 16 for p, (a, b) in enumerate([(0, 2), (1, 3), (4, 6), (5, 7)])}
+# q4_K/q5_K word scales (simd.make_q4k_words) for packs(P_2h, P_2h+1) of the per-part dpbusd sums: part p's i32
+# lanes 0..7 / 8..15 belong to sub-blocks _K4_SB[p] (low nibbles: 0, 2 / 4, 6; high nibbles: 1, 3 / 5, 7), and
+# 128-bit chunk c of the packed words holds lanes 4c..4c+3 of the even part, then of the odd part.
+_K4_SB = [(0, 2), (1, 3), (4, 6), (5, 7)]
+_SC_WORDS = {f"PW{h}": [_K4_SB[2 * h + w // 4][c // 2] for c in range(4) for w in range(8)] for h in range(2)}
 _CONSTS = {
     "K_SH3A": [0] * 8 + [4] * 8, "K_SH3B": [0] * 4 + [2] * 4 + [4] * 4 + [6] * 4,
 }
@@ -239,8 +241,20 @@ class Q4_K(KSpec):
             return [f"w{i}_{c} = load_i(W, wb{i} + {o})", f"n{i}_{p} = vand(w{i}_{c}, M4)"]
         return [f"n{i}_{p} = vand(vshr(w{i}_{c}, 4), M4)"]
 
+    def scales(self, i, p):
+        return [f"s{i}_{p // 2} = PW{p // 2}(W, wb{i} + 4)"] if p % 2 == 0 else []
+
     def row_part(self, i, p):
-        return self.nibbles(i, p) + [f"s{i}_{p} = PW{p}(W, wb{i} + 4)"]
+        return self.nibbles(i, p) + self.scales(i, p)
+
+    def acc_part(self, i, j, p):
+        # one vpdpbusd per part (the sums of 4 products fit in 16 bits), two parts packed to words and scaled with one
+        # vpdpwssd: 10 instead of 12 512-bit ops per super-block (was vpmaddubsw + vpdpwssd + scale widening per part)
+        lines = [f"P{i}_{j}_{p} = dpbusd(Z, n{i}_{p}, x{j}_{p})"]
+        if p % 2:
+            prev = "Z" if p == 1 else f"is{i}_{j}"
+            lines.append(f"is{i}_{j} = dpwssd({prev}, packs(P{i}_{j}_{p - 1}, P{i}_{j}_{p}), s{i}_{p // 2})")
+        return lines
 
     def acc_final(self, i, j):
         return [f"acc{i}_{j} = fma(cvt(is{i}_{j}), splat_f(d{i} * dx{j}), "
@@ -261,7 +275,7 @@ class Q5_K(Q4_K):
     def row_part(self, i, p):
         lines = self.nibbles(i, p)
         lines[-1] = lines[-1].replace(f"n{i}_{p} = ", f"n{i}_{p} = vor(") + f", bytes_nz(vand(qh{i}, HB{p}), 16))"
-        return lines + [f"s{i}_{p} = PW{p}(W, wb{i} + 4)"]
+        return lines + self.scales(i, p)
 
 
 class Q6_K(KSpec):

@@ -550,3 +550,30 @@ def make_q4k_words(mask):
             return builder.bitcast(_shuffle(builder, w, mask), _VI)
         return I512(arr, idx), codegen
     return q4k_words
+
+
+@intrinsic
+def packs(typingctx, a, b):
+    """vpackssdw: i32 lanes of a and b saturated to words; per 128-bit chunk c the words are a's lanes 4c..4c+3,
+    then b's lanes 4c..4c+3 (the same on AVX2, which packs each 256-bit half)."""
+    if ISA not in ("avx512vnni", "avx2"):
+        return None
+
+    def codegen(context, builder, sig, args):
+        a_, b_ = args
+        if ISA == "avx512vnni":
+            v32w = ir.VectorType(ir.IntType(16), 32)
+            f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v32w, [_VI, _VI]),
+                                               "llvm.x86.avx512.packssdw.512")
+            return builder.bitcast(builder.call(f, [a_, b_]), _VI)
+        v8d = ir.VectorType(_I32, 8)
+        v16w = ir.VectorType(ir.IntType(16), 16)
+        f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16w, [v8d, v8d]),
+                                           "llvm.x86.avx2.packssdw")
+        halves = []
+        for h in range(2):
+            lanes = list(range(8 * h, 8 * h + 8))
+            r = builder.call(f, [_shuffle(builder, a_, lanes), _shuffle(builder, b_, lanes)])
+            halves.append(builder.bitcast(r, v8d))
+        return _shuffle(builder, halves[0], list(range(16)), halves[1])
+    return I512(a, b), codegen
