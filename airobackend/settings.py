@@ -29,7 +29,7 @@ class Settings:
     api_key: Optional[str] = None
     admin_key: Optional[str] = None
     cors: Optional[str] = None             # None -> any origin, like KoboldCpp / llama.cpp / text-generation-webui
-    multiuser: int = 1                     # queue length of waiting requests (KoboldCpp --multiuser N)
+    multiuser: int = 6                     # requests that may wait while one generates (KoboldCpp's default)
     max_body_bytes: int = 32 * 1024 * 1024
     max_connections: int = 64             # open connections at once; more get 503 (bounds memory: N x body cap)
     disable_adapters: tuple[str, ...] = ()

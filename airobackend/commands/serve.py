@@ -50,9 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s = parser.add_argument_group("server")
     s.add_argument("--host", help=f"address to listen on (default {d.host}: this machine only; env AIRO_HOST)")
     s.add_argument("--port", type=int, help=f"port (default {d.port}, KoboldCpp's; env AIRO_PORT)")
-    s.add_argument("--multiuser", type=int, nargs="?", const=6, metavar="N",
-                   help=f"requests that may wait while one generates; more get 503 busy, 0 answers busy at once "
-                        f"(default {d.multiuser}; without N: 6, as KoboldCpp; env AIRO_MULTIUSER)")
+    s.add_argument("--multiuser", type=int, nargs="?", const=1, metavar="N",
+                   help="KoboldCpp's queue: N requests in all, i.e. N-1 may wait while one generates (1 or no N: "
+                        "6 may wait, as KoboldCpp); more get 503 busy; 0 answers busy at once "
+                        f"(default: {d.multiuser} waiting; env AIRO_MULTIUSER = how many may wait)")
     s.add_argument("--password", "--api-key", dest="api_key", metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on every route but the version/model probes "
                         "(env AIRO_API_KEY)")
@@ -77,6 +78,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         print(f"warning: plugin flags unavailable: {e}", file=sys.stderr)
 
 
+def kobold_waiting_places(multiuser: Optional[int]) -> Optional[int]:
+    """KoboldCpp's --multiuser N as the number of requests that may wait (Settings.multiuser): N-1, except that
+    1 means 6 ("backwards compatibility for up to 7", protocols.md 2.5) and 0 means none."""
+    if multiuser is None:
+        return None
+    if multiuser <= 0:
+        return 0
+    return 6 if multiuser == 1 else multiuser - 1
+
+
 def settings_from_args(args: argparse.Namespace, environ: Optional[dict] = None) -> Settings:
     """Settings from AIRO_* variables, overridden by the flags given (KoboldCpp positionals included)."""
     disabled = None
@@ -88,7 +99,7 @@ def settings_from_args(args: argparse.Namespace, environ: Optional[dict] = None)
         n_gqa=args.n_gqa, rms_norm_eps=args.rms_norm_eps,
         rope_freq_scale=args.ropeconfig[0] if args.ropeconfig else args.rope_freq_scale,
         rope_freq_base=args.ropeconfig[1] if args.ropeconfig else args.rope_freq_base,
-        port=args.port if args.port is not None else args.port_pos, multiuser=args.multiuser,
+        port=args.port if args.port is not None else args.port_pos, multiuser=kobold_waiting_places(args.multiuser),
         api_key=args.api_key, admin_key=args.admin_key, cors=args.cors, disable_adapters=disabled,
         max_body_bytes=args.max_body_bytes, max_connections=args.max_connections, quiet=args.quiet,
         textgen_stream_port=getattr(args, "textgen_stream_port", None))

@@ -1,6 +1,6 @@
 """Soak: 16 concurrent streaming clients across the three protocols against the demo model on a real server.
 
-A real `airobackend serve` process (uvicorn on a loopback port, the demo model, `--multiuser 2`: one generation
+A real `airobackend serve` process (uvicorn on a loopback port, the demo model, `--multiuser 3` as KoboldCpp reads it: one generation
 runs, two wait, the rest are answered busy) is driven for a fixed time by 16 client threads, four per streaming
 route: KoboldCpp SSE (/api/extra/generate/stream), text-generation-webui WebSocket (/api/v1/stream, several
 requests per socket as its clients send them), OpenAI SSE chat (/v1/chat/completions) and completions
@@ -38,7 +38,7 @@ from hardening_support import (BUSY_MESSAGE, Malformed, ServerProcess, TextgenSt
                                check_openai_busy, parse_kobold_sse, parse_openai_sse, rss_bytes)
 
 N_CLIENTS = 16
-MULTIUSER = 2
+MULTIUSER = 3           # KoboldCpp semantics: 3 requests in all, so two may wait
 PROTOCOLS = ("kobold", "textgen", "chat", "completions")
 RSS_GROWTH_LIMIT = 24 * 2**20     # bytes; the server holds ~200 MB, so this is "flat" (see docs/reliability.md)
 PROMPTS = ["Once upon a time", "The capital of France is", "USER: Tell me a story.\nASSISTANT:",

@@ -39,6 +39,14 @@ def test_koboldcpp_command_line():
         (5001, "127.0.0.1", 5005, None)
 
 
+def test_multiuser_counts_as_koboldcpp_does():
+    # protocols.md 2.5: --multiuser N admits N requests (N-1 waiting); 1 (and the bare flag) lets 6 wait; 0 none.
+    waiting = {argv: serve.settings_from_args(parse(list(argv)), environ={}).multiuser
+               for argv in [(), ("--multiuser",), ("--multiuser", "1"), ("--multiuser", "3"), ("--multiuser", "0")]}
+    assert waiting == {(): 6, ("--multiuser",): 6, ("--multiuser", "1"): 6, ("--multiuser", "3"): 2,
+                       ("--multiuser", "0"): 0}
+
+
 def test_hparam_overrides_for_ggml_v3_files():
     # llama.cpp's spellings and KoboldCpp's --ropeconfig SCALE BASE reach the loader through Settings.
     s = serve.settings_from_args(parse(["m.bin", "--n-gqa", "8", "--rms-norm-eps", "1e-5",
