@@ -207,8 +207,6 @@ class KSpec(Spec):
 _SC_MASKS = {
     # q2_K/q3_K: part j covers sub-blocks 2j, 2j+1 (first 128 weights) and 8+2j, 9+2j (second 128)
     **{f"P2{j}": [2 * j] * 4 + [2 * j + 1] * 4 + [8 + 2 * j] * 4 + [9 + 2 * j] * 4 for j in range(4)},
-    # q6_K: part p covers sub-blocks 4p..4p+3
-    **{f"P6{p}": [4 * p + k for k in range(4) for _ in range(4)] for p in range(4)},
     # q3_K scale unpacking: low 4 bits from bytes 0..7 (low / high nibble), 2 high bits from bytes 8..11
     "P3A": list(range(8)) * 2, "P3B": [8, 9, 10, 11] * 4,
 }
@@ -217,6 +215,9 @@ _SC_MASKS = {
 # 128-bit chunk c of the packed words holds lanes 4c..4c+3 of the even part, then of the odd part.
 _K4_SB = [(0, 2), (1, 3), (4, 6), (5, 7)]
 _SC_WORDS = {f"PW{h}": [_K4_SB[2 * h + w // 4][c // 2] for c in range(4) for w in range(8)] for h in range(2)}
+# q6_K word scales (simd.make_s8_words) for packs(P_2h, P_2h+1): i32 lanes 4c..4c+3 of part p belong to the 16-weight
+# sub-block 4p + c
+_S6_WORDS = {f"SW{h}": [4 * (2 * h + w // 4) + c for c in range(4) for w in range(8)] for h in range(2)}
 _CONSTS = {
     "K_SH3A": [0] * 8 + [4] * 8, "K_SH3B": [0] * 4 + [2] * 4 + [4] * 4 + [6] * 4,
 }
@@ -284,9 +285,8 @@ class Q6_K(KSpec):
               "SHL": "halves_i(4, 2)", "SHR": "halves_i(0, 2)", "MW": "splat_i(0xFFFF)"}
 
     def row_setup(self, i):
-        return [f"sc{i} = load_i8x16(W, wb{i} + 192)", f"scl{i} = vand(sc{i}, MW)",
-                f"scp{i} = vor(scl{i}, vshl(sc{i}, 16))",
-                f"d{i} = load_h1(W, wb{i} + 208)"]
+        # scl: the scales as the low word of each i32 lane, for the -32 offset against the block sums in acc_final
+        return [f"scl{i} = vand(load_i8x16(W, wb{i} + 192), MW)", f"d{i} = load_h1(W, wb{i} + 208)"]
 
     def row_part(self, i, p):
         h = p // 2
@@ -296,7 +296,9 @@ class Q6_K(KSpec):
                       f"n{i}_{p} = vor(vand(L{i}_{h}, M4), vand(vshlv(H{i}_{h}, SHL), M30))"]
         else:
             lines += [f"n{i}_{p} = vor(vand(vshr(L{i}_{h}, 4), M4), vand(vshrv(H{i}_{h}, SHR), M30))"]
-        return lines + [f"s{i}_{p} = P6{p}(scp{i})"]
+        return lines + ([f"s{i}_{h} = SW{h}(W, wb{i} + 192)"] if p % 2 == 0 else [])
+
+    acc_part = Q4_K.acc_part    # 6-bit quants: a sum of 4 products still fits in 16 bits (<= 4 * 63 * 128)
 
     def acc_final(self, i, j):
         return [f"acc{i}_{j} = fma(cvt(vsub(is{i}_{j}, vshl(dpwssd(Z, scl{i}, xb{j}), 5))), splat_f(d{i} * dx{j}), "
@@ -376,7 +378,7 @@ import numba
 from numba import prange
 from airobackend.kernels import JIT_PARALLEL
 from airobackend.kernels.simd import *  # noqa
-from airobackend.kernels.simd import make_perm, make_const, make_load_bytes, make_q4k_words
+from airobackend.kernels.simd import make_perm, make_const, make_load_bytes, make_q4k_words, make_s8_words
 
 load_u8x12 = make_load_bytes(12, False)
 load_u8x16 = make_load_bytes(16, False)
@@ -445,6 +447,8 @@ def generate_source(spec: Spec) -> str:
         src.append(f"{name} = make_const({vals})")
     for name, mask in _SC_WORDS.items():
         src.append(f"{name} = make_q4k_words({mask})")
+    for name, mask in _S6_WORDS.items():
+        src.append(f"{name} = make_s8_words({mask})")
     src.append("")
     # --- matvec: one row at a time, one token
     src.append("@numba.jit(**JIT_PARALLEL)")

@@ -577,3 +577,20 @@ def packs(typingctx, a, b):
             halves.append(builder.bitcast(r, v8d))
         return _shuffle(builder, halves[0], list(range(16)), halves[1])
     return I512(a, b), codegen
+
+
+def make_s8_words(mask):
+    """An intrinsic returning, as an I512, the 32 words picked by the constant `mask` (word k = byte mask[k]) of the
+    16 signed bytes at element `idx` sign-extended to 16 bits (q6_K's sub-block scales; `vpermb` + `vpmovsxbw`)."""
+    mask = [int(m) for m in mask]
+    assert len(mask) == 32 and all(0 <= m < 16 for m in mask)
+
+    @intrinsic
+    def s8_words(typingctx, arr, idx):
+        def codegen(context, builder, sig, args):
+            v = _load(builder, _ptr_at(context, builder, sig.args[0], args[0], sig.args[1], args[1]),
+                      ir.VectorType(_I8, 16))
+            w = builder.sext(v, ir.VectorType(ir.IntType(16), 16))
+            return builder.bitcast(_shuffle(builder, w, mask), _VI)
+        return I512(arr, idx), codegen
+    return s8_words
