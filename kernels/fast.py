@@ -225,9 +225,9 @@ _CONSTS = {
 
 class Q4_K(KSpec):
     """The 6-bit scales/mins (12 packed bytes per super-block) are unpacked with 16-byte vector ops (simd.q4k_scales)
-    and widened straight into the four per-part word-scale vectors (one `vpermw` each): the earlier 512-bit decode
-    plus `vpermd`s took ~17 of the ~58 vector instructions per super-block. Unpacking them once at load into a side
-    array (16 B per super-block) was measured too: as fast in L3, slower from DRAM (+11 % bytes)."""
+    and widened straight into the two word-scale vectors of `acc_part` (`vpermb` + `vpmovzxbw` each): the earlier
+    512-bit decode plus `vpermd`s took ~17 of the ~58 vector instructions per super-block. Unpacking them once at load
+    into a side array (16 B per super-block) was measured too: as fast in L3, slower from DRAM (+11 % bytes)."""
     name, layout, block_bytes, step_bytes = "q4_K", "k_q4k", 144, 144
     qs_off = 16
     consts = {"M4": "splat_i(0x0F0F0F0F)", "Z": "splat_i(0)"}
