@@ -15,7 +15,7 @@ import numpy as np
 
 from airobackend.errors import ContextOverflowError, ModelFileError, RequestError
 from airobackend.kernels import dequant, ops
-from airobackend.kernels.matmul import Weight, prepare
+from airobackend.kernels.matmul import Weight, prepare, project
 
 log = logging.getLogger("airobackend.model")
 
@@ -31,6 +31,19 @@ class Layer:
     w1: Weight                      # ffn_gate [n_ff, d]
     w2: Weight                      # ffn_down [d, n_ff]
     w3: Weight                      # ffn_up   [n_ff, d]
+
+
+class Buffers:
+    """Activations of one batch size, allocated once and reused by every layer (and every decode token)."""
+
+    def __init__(self, m: "LlamaModel", n: int) -> None:
+        def f32(width: int) -> np.ndarray:
+            return np.empty((n, width), np.float32)
+        n_q, n_ff = m.n_head * m.head_dim, (m.layers[0].w1.n_rows if m.layers else 0)
+        self.n = n
+        self.h, self.attn, self.o = f32(m.n_embd), f32(n_q), f32(m.n_embd)
+        self.qkv = [f32(n_q), f32(m.n_embd_gqa), f32(m.n_embd_gqa)]
+        self.ffn = [f32(n_ff), f32(n_ff)]
 
 
 class LlamaModel:
@@ -107,6 +120,7 @@ class LlamaModel:
         self.k_cache = np.zeros(shape, np.uint16)
         self.v_cache = np.zeros(shape, np.uint16)
         self._tab = dequant.f16_table()
+        self._buffers: Optional[Buffers] = None
 
     # ---- public API ----
 
@@ -162,27 +176,32 @@ class LlamaModel:
 
     # ---- the forward pass ----
 
+    def buffers(self, n: int) -> Buffers:
+        """Scratch activations for an n-token batch (kept for the next call with the same n: every decode token)."""
+        if self._buffers is None or self._buffers.n != n:
+            self._buffers = Buffers(self, n)
+        return self._buffers
+
     def forward(self, tokens: np.ndarray, n_past: int, want_logits: bool, all_rows: bool) -> Optional[np.ndarray]:
         n, hd = tokens.shape[0], self.head_dim
         pos = np.arange(n_past, n_past + n, dtype=np.int64)
         x = self.tok_embeddings.rows(tokens)                                    # [n, d]
-        h = np.empty_like(x)
-        attn = np.empty((n, self.n_head * hd), np.float32)
+        b = self.buffers(n)
+        h = b.h
         for il, layer in enumerate(self.layers):
             ops.rmsnorm(x, layer.attention_norm, self.eps, h)
-            q = layer.wq(h).reshape(n, self.n_head, hd)
-            k = layer.wk(h).reshape(n, self.n_head_kv, hd)
-            v = layer.wv(h).reshape(n, self.n_head_kv, hd)
+            q, k, v = project(h, layer.wq, layer.wk, layer.wv, outs=b.qkv)      # h quantized once for all three
+            q, k, v = q.reshape(n, self.n_head, hd), k.reshape(n, self.n_head_kv, hd), v.reshape(n, self.n_head_kv, hd)
             ops.rope(q, pos, self.n_rot, self.freq_base, self.freq_scale)
             ops.rope(k, pos, self.n_rot, self.freq_base, self.freq_scale)
             self.k_cache[il, :, n_past:n_past + n] = ops.f32_to_f16_bits(k.transpose(1, 0, 2))     # [kv head, pos, hd]
             self.v_cache[il, :, n_past:n_past + n] = ops.f32_to_f16_bits(v.transpose(1, 0, 2))
-            ops.attention(q, self.k_cache[il], self.v_cache[il], n_past, attn)
-            ops.add(x, layer.wo(attn))
+            ops.attention(q, self.k_cache[il], self.v_cache[il], n_past, b.attn)
+            ops.add(x, layer.wo(b.attn, b.o))
             ops.rmsnorm(x, layer.ffn_norm, self.eps, h)
-            gate = layer.w1(h)                                                  # [n, n_ff]
-            ops.silu_mul(gate, layer.w3(h))
-            ops.add(x, layer.w2(gate))
+            gate, up = project(h, layer.w1, layer.w3, outs=b.ffn)              # [n, n_ff] each
+            ops.silu_mul(gate, up)
+            ops.add(x, layer.w2(gate, b.o))
         if not want_logits:
             return None
         if not all_rows:

@@ -587,68 +587,111 @@ class FastWeight:
         self.nbytes = self.W.nbytes
         mod = kernel_module(spec)
         self._mv, self._mm = mod.matvec, mod.matmat
+        # weights with equal act_key read the same quantized activations (all legacy types share the nibble
+        # layout with Q8_0 and Q8_1 fields; k-quants differ by byte permutation; F16 reads fp16 bytes)
+        self.act_key = (spec.layout, n_cols)
 
     # activation buffers for n tokens: (XQ, XD, XS, XF) 2-D, zero-padded rows beyond the real tokens
     def _quantize(self, X: np.ndarray, n_pad: int):
         spec, n = self.spec, X.shape[0]
         lay = spec.layout
         steps = self.n_steps
+        new = np.empty if n_pad == n else np.zeros      # the quantizers write every byte of the real rows
         if lay == "f16":
-            XQ = np.zeros((n_pad, steps * 32), np.int8)
+            XQ = new((n_pad, steps * 32), np.int8)
             XQ[:n] = X.astype(np.float16).view(np.int8)   # llama.cpp rounds activations to fp16 for F16 weights
             return XQ, steps * 32, _NO_F32, 0, _NO_I32, _NO_F32, 0
         if lay == "nib":
-            XQ = np.zeros((n_pad, steps * 128), np.int8)
-            XD = np.zeros((n_pad, steps * 4), np.float32)
-            XS = np.zeros((n_pad, steps * 4), np.int32)
-            XF = np.zeros((n_pad, steps * 4), np.float32)
+            XQ = new((n_pad, steps * 128), np.int8)
+            XD = new((n_pad, steps * 4), np.float32)
+            XS = new((n_pad, steps * 4), np.int32)
+            XF = new((n_pad, steps * 4), np.float32)
             if n == 1:
                 q8.quantize_q8_0_nibble(X[0], XQ[0], XD[0], XS[0], XF[0])
             else:
                 q8.quantize_q8_0_nibble_rows(X, XQ[:n], XD[:n], XS[:n], XF[:n])
             return XQ, steps * 128, XD, steps * 4, XS, XF.reshape(-1), steps * 4
         perm, pairs = _PERMS[lay], lay == "k_q4k"
-        XQ = np.zeros((n_pad, steps * 256), np.int8)
-        XD = np.zeros((n_pad, steps), np.float32)
-        XS = np.zeros((n_pad, steps * 16), np.int32)
+        XQ = new((n_pad, steps * 256), np.int8)
+        XD = new((n_pad, steps), np.float32)
+        XS = new((n_pad, steps * 16), np.int32)
         if n == 1:
             q8.quantize_q8_K(X[0], perm, pairs, XQ[0], XD[0], XS[0])
         else:
             q8.quantize_q8_K_rows(X, perm, pairs, XQ[:n], XD[:n], XS[:n])
         return XQ, steps * 256, XD, steps, XS, _NO_F32, steps * 16
 
+    def quantize_input(self, X: np.ndarray) -> tuple:
+        """Quantize activations X f32[n_tok, n_cols] (or f32[n_cols]) once for `matvec_q` / `matmat_q`.
+
+        The handle may be passed to any FastWeight with the same `act_key` (same activation layout and row length):
+        the weights that read one input (wq/wk/wv, w1/w3) then share one quantization."""
+        X = np.ascontiguousarray(X, dtype=np.float32)
+        if X.ndim == 1:
+            X = X.reshape(1, -1)
+        if X.ndim != 2 or X.shape[1] != self.n_cols:
+            raise ValueError(f"quantize_input: X{list(X.shape)} does not fit a {self.n_rows}x{self.n_cols} weight")
+        n_tok = X.shape[0]
+        n_pad = 1 if n_tok == 1 else -(-n_tok // self.spec.tile_t) * self.spec.tile_t
+        return self._handle(X, n_pad)
+
+    def _handle(self, X: np.ndarray, n_pad: int) -> tuple:
+        # flat views made here once, not per kernel call (Numba's dispatch cost grows with every argument to check)
+        XQ, XQS, XD, XDS, XS, XF, XSS = self._quantize(X, n_pad)
+        return (self.act_key, X.shape[0], n_pad, XQ.reshape(-1), XQS, XD.reshape(-1), XDS, XS.reshape(-1), XF, XSS)
+
+    def _check_handle(self, xq: tuple) -> None:
+        if xq[0] != self.act_key:
+            raise ValueError(f"activations quantized as {xq[0]} cannot feed a {self.name} weight ({self.act_key})")
+
+    def matvec_q(self, xq: tuple, out: np.ndarray) -> np.ndarray:
+        """`matvec` on activations already quantized by `quantize_input` (one token). out: f32[n_rows]."""
+        self._check_handle(xq)
+        _, n_tok, _, XQ, _, XD, _, XS, XF, _ = xq
+        if n_tok != 1 or out.shape != (self.n_rows,):
+            raise ValueError(f"matvec_q: {n_tok} tokens / out{list(out.shape)} do not fit a {self.n_rows}-row weight")
+        tgt = out if (out.dtype == np.float32 and out.flags.c_contiguous) else np.empty(self.n_rows, np.float32)
+        self._mv(self.W, self.row_bytes, self.n_rows, self.n_steps, XQ, XD, XS, XF, tgt)
+        if tgt is not out:
+            out[...] = tgt
+        return out
+
+    def matmat_q(self, xq: tuple, out: np.ndarray) -> np.ndarray:
+        """`matmat` on activations already quantized by `quantize_input`. out: f32[n_tok, n_rows]."""
+        self._check_handle(xq)
+        _, n_tok, n_pad, XQ, XQS, XD, XDS, XS, XF, XSS = xq
+        if out.shape != (n_tok, self.n_rows):
+            raise ValueError(f"matmat_q: out{list(out.shape)} does not fit {n_tok} tokens x {self.n_rows} rows")
+        if n_tok == 0:
+            return out
+        if n_pad % self.spec.tile_t:
+            raise ValueError("matmat_q needs activations quantized for more than one token")
+        tgt = out if (out.dtype == np.float32 and out.flags.c_contiguous) else np.empty((n_tok, self.n_rows),
+                                                                                        np.float32)
+        self._mm(self.W, self.row_bytes, self.n_rows, self.n_steps, XQ, XQS, XD, XDS, XS, XF, XSS, tgt.reshape(-1),
+                 n_tok, n_pad)
+        if tgt is not out:
+            out[...] = tgt
+        return out
+
     def matvec(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
         """out[r] = sum_c W[r, c] * x[c] (x quantized like llama.cpp). x: f32[n_cols]; out: f32[n_rows]."""
         if x.shape != (self.n_cols,) or out.shape != (self.n_rows,):
             raise ValueError(f"matvec: x{list(x.shape)} / out{list(out.shape)} do not fit a "
                              f"{self.n_rows}x{self.n_cols} weight")
-        x = np.ascontiguousarray(x, dtype=np.float32).reshape(1, self.n_cols)
-        XQ, _, XD, _, XS, XF, _ = self._quantize(x, 1)
-        tgt = out if (out.dtype == np.float32 and out.flags.c_contiguous) else np.empty(self.n_rows, np.float32)
-        self._mv(self.W, self.row_bytes, self.n_rows, self.n_steps, XQ.reshape(-1), XD.reshape(-1),
-                 XS.reshape(-1), XF, tgt)
-        if tgt is not out:
-            out[...] = tgt
-        return out
+        return self.matvec_q(self.quantize_input(x), out)
 
     def matmat(self, X: np.ndarray, out: np.ndarray) -> np.ndarray:
         """out[t, r] = sum_c W[r, c] * X[t, c]. X: f32[n_tok, n_cols]; out: f32[n_tok, n_rows]."""
         if X.ndim != 2 or X.shape[1] != self.n_cols or out.shape != (X.shape[0], self.n_rows):
             raise ValueError(f"matmat: X{list(X.shape)} / out{list(out.shape)} do not fit a "
                              f"{self.n_rows}x{self.n_cols} weight")
-        X = np.ascontiguousarray(X, dtype=np.float32)
-        n_tok = X.shape[0]
-        if n_tok == 0:
+        if X.shape[0] == 0:
             return out
-        n_pad = -(-n_tok // self.spec.tile_t) * self.spec.tile_t
-        XQ, XQS, XD, XDS, XS, XF, XSS = self._quantize(X, n_pad)
-        tgt = out if (out.dtype == np.float32 and out.flags.c_contiguous) else np.empty((n_tok, self.n_rows),
-                                                                                        np.float32)
-        self._mm(self.W, self.row_bytes, self.n_rows, self.n_steps, XQ.reshape(-1), XQS, XD.reshape(-1), XDS,
-                 XS.reshape(-1), XF, XSS, tgt.reshape(-1), n_tok, n_pad)
-        if tgt is not out:
-            out[...] = tgt
-        return out
+        xq = self.quantize_input(X)
+        if xq[2] % self.spec.tile_t:            # a single token through the mat-mat kernel: pad to a tile
+            xq = self._handle(np.ascontiguousarray(X, np.float32), self.spec.tile_t)
+        return self.matmat_q(xq, out)
 
 
 def prepare_fast(ggml_type, raw2d: np.ndarray, n_rows: int, n_cols: int) -> FastWeight | None:

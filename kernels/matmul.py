@@ -45,22 +45,38 @@ class Weight:
     """A weight matrix W [n_rows, n_cols] (ggml ne = [n_cols, n_rows]) ready for `W @ x`.
 
     Attributes: name, ggml_type, n_rows, n_cols, raw2d (uint8 [n_rows, row_bytes] over the file's blocks),
-    kernel (the object doing the products), kernel_name ('generic' or the fast kernel's name).
+    kernel (the object doing the products), kernel_name ('generic' or the fast kernel's name), act_key (the
+    activation format the kernel quantizes x to, or None).
     """
 
     def __init__(self, name: str, ggml_type: int, raw2d: np.ndarray, n_rows: int, n_cols: int, kernel: Any) -> None:
         self.name, self.ggml_type, self.raw2d = name, int(ggml_type), raw2d
         self.n_rows, self.n_cols, self.kernel = n_rows, n_cols, kernel
         self.kernel_name = getattr(kernel, "name", "fast")
+        # weights with the same act_key (not None) can share one quantization of their input
+        self.act_key = getattr(kernel, "act_key", None) if hasattr(kernel, "quantize_input") else None
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        """x float32 [n_tok, n_cols] -> float32 [n_tok, n_rows] (mat-vec for one token, mat-mat for more)."""
-        out = np.empty((x.shape[0], self.n_rows), np.float32)
-        if x.shape[0] == 1:
+    def __call__(self, x: np.ndarray, out: Optional[np.ndarray] = None, xq: Any = None) -> np.ndarray:
+        """x float32 [n_tok, n_cols] -> float32 [n_tok, n_rows] (mat-vec for one token, mat-mat for more).
+
+        out: where to write (allocated when None). xq: `quantize(x)` of an earlier weight with the same `act_key`,
+        so that weights reading one input quantize it once (see `project`)."""
+        if out is None:
+            out = np.empty((x.shape[0], self.n_rows), np.float32)
+        if xq is not None:
+            if x.shape[0] == 1:
+                self.kernel.matvec_q(xq, out[0])
+            else:
+                self.kernel.matmat_q(xq, out)
+        elif x.shape[0] == 1:
             self.kernel.matvec(x[0], out[0])
         else:
             self.kernel.matmat(x, out)
         return out
+
+    def quantize(self, x: np.ndarray) -> Any:
+        """x quantized for this weight's kernel (None for kernels that take float32 x directly)."""
+        return self.kernel.quantize_input(x) if self.act_key is not None else None
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """Dequantized rows `ids` as float32 [len(ids), n_cols] (the embedding lookup)."""
@@ -72,6 +88,22 @@ class Weight:
     def __repr__(self) -> str:
         return (f"Weight({self.name!r}, {GGMLType(self.ggml_type).name}, {self.n_rows}x{self.n_cols}, "
                 f"kernel={self.kernel_name})")
+
+
+def project(x: np.ndarray, *weights: Weight, outs: Optional[list] = None) -> list:
+    """[w(x) for w in weights], quantizing x once per distinct activation format (wq/wk/wv, w1/w3 share an input).
+
+    outs: optional output arrays (one per weight, float32 [n_tok, w.n_rows]) to write into instead of allocating."""
+    shared: dict = {}
+    res = []
+    for i, w in enumerate(weights):
+        xq = None
+        if w.act_key is not None:
+            xq = shared.get(w.act_key)
+            if xq is None:
+                xq = shared[w.act_key] = w.quantize(x)
+        res.append(w(x, None if outs is None else outs[i], xq))
+    return res
 
 
 def _fast_module():

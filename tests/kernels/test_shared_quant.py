@@ -1,0 +1,50 @@
+"""Activations quantized once and shared by several weights (kernels.matmul.project, FastWeight.matvec_q/matmat_q)
+give exactly the products of the one-weight-at-a-time path, for every pair of types that share an activation format."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from airobackend.kernels import fast, matmul
+from airobackend.quant import GGMLType as G
+
+sys.path.insert(0, str(Path(__file__).parent))
+from blocks import random_blocks  # noqa: E402
+
+pytestmark = pytest.mark.skipif(fast.ISA == "none", reason="no AVX2 / AVX-512 VNNI on this CPU")
+
+N_COLS = 512
+
+
+def _weight(t: G, n_rows: int, seed: int) -> matmul.Weight:
+    raw = random_blocks(t, n_rows, N_COLS, np.random.default_rng(seed))
+    info = SimpleNamespace(name=f"w{seed}", type=t, ne=(N_COLS, n_rows), data=raw.reshape(-1))
+    return matmul.prepare(info, kernels="fast")
+
+
+# wq/wk/wv of a q4_K_M file (q4_K, q4_K, q6_K), the legacy types (all one nibble layout), k-quants of one permutation
+GROUPS = [(G.Q4_K, G.Q4_K, G.Q6_K), (G.Q4_0, G.Q5_1, G.Q8_0, G.Q4_1), (G.Q2_K, G.Q3_K), (G.F16, G.Q4_K)]
+
+
+@pytest.mark.parametrize("types", GROUPS, ids=lambda ts: "-".join(t.name for t in ts))
+@pytest.mark.parametrize("n_tok", [1, 3, 9])
+def test_project_equals_separate_calls(types, n_tok):
+    ws = [_weight(t, 64 + 32 * i, i) for i, t in enumerate(types)]
+    x = np.random.default_rng(7).standard_normal((n_tok, N_COLS)).astype(np.float32)
+    outs = [np.full((n_tok, w.n_rows), np.nan, np.float32) for w in ws]
+    got = matmul.project(x, *ws, outs=outs)
+    for w, g, o in zip(ws, got, outs):
+        assert g is o
+        np.testing.assert_array_equal(g, w(x))
+
+
+def test_handle_of_another_format_is_refused():
+    a, b = _weight(G.Q4_K, 32, 1), _weight(G.Q6_K, 32, 2)
+    assert a.act_key != b.act_key
+    xq = a.quantize(np.ones((1, N_COLS), np.float32))
+    with pytest.raises(ValueError):
+        b.kernel.matvec_q(xq, np.empty(32, np.float32))
