@@ -14,7 +14,7 @@ def fx_model(fixtures_dir: Path) -> str:
     require_engine()
     path = fixtures_dir / "models" / FX_MODEL
     if not path.is_file():
-        pytest.skip(f"{path} missing")
+        pytest.skip(f"llama.cpp fixture {path} missing (set AIRO_FIXTURES)")
     return str(path)
 
 
