@@ -363,8 +363,7 @@ async def completion_chunks(gs: GenerationStream, cid: str, created: int, model:
             yield KEEPALIVE
             continue
         if ev is _FAILED:
-            yield encode_sse({"error": {"message": "generation failed", "type": "server_error", "param": None,
-                                        "code": None}})
+            yield FAILED_SSE
             break
         if ev.text or ev.finish_reason is not None:
             yield encode_sse(_chunk(cid, obj, created, model, {
@@ -388,8 +387,7 @@ async def chat_chunks(gs: GenerationStream, cid: str, created: int, model: str,
             yield KEEPALIVE
             continue
         if ev is _FAILED:
-            yield encode_sse({"error": {"message": "generation failed", "type": "server_error", "param": None,
-                                        "code": None}})
+            yield FAILED_SSE
             break
         if ev.text:
             yield encode_sse(_chunk(cid, obj, created, model, {"index": 0, "delta": {"content": ev.text},
@@ -406,6 +404,9 @@ async def chat_chunks(gs: GenerationStream, cid: str, created: int, model: str,
 
 _FAILED: Any = object()
 _PING: Any = object()
+# What a stream sends in place of its next chunk when generation fails after the headers went out.
+FAILED_SSE = encode_sse({"error": {"message": "generation failed", "type": "server_error", "param": None,
+                                   "code": None}})
 KEEPALIVE = b": keep-alive\n\n"   # an SSE comment: every OpenAI client skips it (sse-starlette sends ": ping")
 KEEPALIVE_S = 15.0                  # while a long prompt is evaluated, proxies and clients see the stream alive
 
