@@ -181,6 +181,21 @@ def load_mask64(typingctx, arr, idx, val):
     return I512(arr, idx, val), codegen
 
 
+@intrinsic
+def prefetch_l2(typingctx, arr, idx):
+    """Prefetch the cache line holding element `idx` into L2 (`prefetcht1`); never faults, so `idx` may run past
+    the array. Why: on this kind of VM the hardware prefetcher stops following the weight stream once the activation
+    row no longer fits L1 beside it (65B ffn_down: 9 GB/s per core instead of 25); an explicit L2 prefetch ~8 KB
+    ahead keeps one core streaming at the kernel's own speed for every row length."""
+    def codegen(context, builder, sig, args):
+        p = builder.bitcast(_ptr_at(context, builder, sig.args[0], args[0], sig.args[1], args[1]), _I8.as_pointer())
+        fnty = ir.FunctionType(ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
+        builder.call(fn, [p, ir.Constant(_I32, 0), ir.Constant(_I32, 2), ir.Constant(_I32, 1)])  # read, L2, data
+        return context.get_dummy_value()
+    return types.void(arr, idx), codegen
+
+
 # ----------------------------------------------------------------------------------------------- arithmetic
 def _splat(builder, scalar, vty):
     v = builder.insert_element(ir.Constant(vty, None), scalar, ir.Constant(_I32, 0))

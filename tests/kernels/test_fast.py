@@ -89,6 +89,23 @@ def test_random_blocks_odd_rows(t):
         check(t, raw, n_rows, n_cols, n_tok, rng)
 
 
+@pytest.mark.parametrize("t", ALL, ids=lambda t: t.name)
+def test_long_rows_take_the_prefetching_matvec(t):
+    # 65B ffn_down rows (22016 columns): the activation row outgrows L1, so the mat-vec prefetches the weight
+    # stream; it must give the same numbers as the plain loop and the oracle.
+    rng = np.random.default_rng(100 + int(t))
+    n_rows, n_cols = 19, 22016 if t not in LEGACY else 22016 - 96
+    raw = random_blocks(t, n_rows, n_cols, rng)
+    fw = check(t, raw, n_rows, n_cols, 1, rng)
+    assert fw._pf
+    x = rng.standard_normal(n_cols).astype(np.float32)
+    with_pf = fw.matvec(x, np.empty(n_rows, np.float32)).copy()
+    fw._pf = False
+    assert np.array_equal(fw.matvec(x, np.empty(n_rows, np.float32)), with_pf)
+    short = fast.prepare_fast(t, random_blocks(t, 3, 512, rng), 3, 512)
+    assert not short._pf
+
+
 @pytest.mark.parametrize("t", sorted(LEGACY), ids=lambda t: t.name)
 def test_legacy_partial_group(t):
     # 96 columns = 3 blocks: the repack pads the last group of 4 blocks with zero blocks
