@@ -182,6 +182,35 @@ def load_mask64(typingctx, arr, idx, val):
 
 
 @intrinsic
+def store_f(typingctx, arr, idx, v):
+    """Store 16 float32 (F512) at element `idx` of array `arr` (any dtype; 64 bytes)."""
+    def codegen(context, builder, sig, args):
+        p = _ptr_at(context, builder, sig.args[0], args[0], sig.args[1], args[1])
+        builder.store(args[2], builder.bitcast(p, _VF.as_pointer()), align=1)
+        return context.get_dummy_value()
+    return types.void(arr, idx, F512), codegen
+
+
+@intrinsic
+def store_h16(typingctx, arr, idx, v):
+    """Store F512 rounded to 16 IEEE halves (round to nearest even, `vcvtps2ph`) at element `idx` (32 bytes)."""
+    def codegen(context, builder, sig, args):
+        p = _ptr_at(context, builder, sig.args[0], args[0], sig.args[1], args[1])
+        hv = builder.fptrunc(args[2], ir.VectorType(ir.HalfType(), 16))
+        builder.store(hv, builder.bitcast(p, hv.type.as_pointer()), align=1)
+        return context.get_dummy_value()
+    return types.void(arr, idx, F512), codegen
+
+
+@intrinsic
+def round_h16(typingctx, v):
+    """F512 rounded to fp16 precision and widened back (what an fp16 store and reload would give)."""
+    def codegen(context, builder, sig, args):
+        return builder.fpext(builder.fptrunc(args[0], ir.VectorType(ir.HalfType(), 16)), _VF)
+    return F512(F512), codegen
+
+
+@intrinsic
 def prefetch_l2(typingctx, arr, idx):
     """Prefetch the cache line holding element `idx` into L2 (`prefetcht1`); never faults, so `idx` may run past
     the array. Why: on this kind of VM the hardware prefetcher stops following the weight stream once the activation
