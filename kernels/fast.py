@@ -206,8 +206,6 @@ class KSpec(Spec):
 
 
 _SC_MASKS = {
-    # q2_K/q3_K: part j covers sub-blocks 2j, 2j+1 (first 128 weights) and 8+2j, 9+2j (second 128)
-    **{f"P2{j}": [2 * j] * 4 + [2 * j + 1] * 4 + [8 + 2 * j] * 4 + [9 + 2 * j] * 4 for j in range(4)},
     # q3_K scale unpacking: low 4 bits from bytes 0..7 (low / high nibble), 2 high bits from bytes 8..11
     "P3A": list(range(8)) * 2, "P3B": [8, 9, 10, 11] * 4,
 }
@@ -219,6 +217,11 @@ _SC_WORDS = {f"PW{h}": [_K4_SB[2 * h + w // 4][c // 2] for c in range(4) for w i
 # q6_K word scales (simd.make_s8_words) for packs(P_2h, P_2h+1): i32 lanes 4c..4c+3 of part p belong to the 16-weight
 # sub-block 4p + c
 _S6_WORDS = {f"SW{h}": [4 * (2 * h + w // 4) + c for c in range(4) for w in range(8)] for h in range(2)}
+# q2_K/q3_K word scales (simd.make_words) for packs(P_2h, P_2h+1): part p (shift 2p of the 64 packed bytes) covers
+# sub-blocks 2p, 2p+1 (first 128 weights) and 8+2p, 9+2p (second 128), so its i32 lanes 4c..4c+3 belong to sub-block
+# (2p, 2p+1, 8+2p, 9+2p)[c]; 128-bit chunk c of the packed words holds those lanes of part 2h, then of part 2h+1
+_K2_WORDS = {f"K2W{h}": [[2 * p, 2 * p + 1, 8 + 2 * p, 9 + 2 * p][c] for c in range(4) for p in (2 * h, 2 * h + 1)
+                         for _ in range(4)] for h in range(2)}
 _CONSTS = {
     "K_SH3A": [0] * 8 + [4] * 8, "K_SH3B": [0] * 4 + [2] * 4 + [4] * 4 + [6] * 4,
 }
@@ -316,13 +319,16 @@ class Q3_K(KSpec):
         u = f"u{i}"
         return [f"{u} = load_u8x12(W, wb{i} + 96)",
                 f"sc{i} = vsub(vor(vand(vshrv(P3A({u}), SH3A), M15), vshl(vand(vshrv(P3B({u}), SH3B), M3L), 4)), C32)",
-                f"scl{i} = vand(sc{i}, MW)", f"scp{i} = vor(scl{i}, vshl(sc{i}, 16))",
+                f"scl{i} = vand(sc{i}, MW)",
                 f"Q{i} = load_i(W, wb{i} + 32)", f"HM{i} = load_i_dup256(W, wb{i})",
                 f"d{i} = load_h1(W, wb{i} + 108)"]
 
     def row_part(self, i, p):
         sh = f"vshr(Q{i}, {2 * p})" if p else f"Q{i}"
-        return [f"n{i}_{p} = vor(vand({sh}, M3), bytes_nz(vand(HM{i}, HB{p}), 4))", f"s{i}_{p} = P2{p}(scp{i})"]
+        return ([f"n{i}_{p} = vor(vand({sh}, M3), bytes_nz(vand(HM{i}, HB{p}), 4))"] +
+                ([f"s{i}_{p // 2} = K2W{p // 2}(sc{i})"] if p % 2 == 0 else []))
+
+    acc_part = Q4_K.acc_part    # quants 0..7 (the -4 goes through the block sums): 4 products fit in 16 bits
 
     def acc_final(self, i, j):
         return [f"acc{i}_{j} = fma(cvt(vsub(is{i}_{j}, vshl(dpwssd(Z, scl{i}, xb{j}), 2))), splat_f(d{i} * dx{j}), "
@@ -335,12 +341,14 @@ class Q2_K(KSpec):
 
     def row_setup(self, i):
         return [f"u{i} = load_u8x16(W, wb{i})", f"sc{i} = vand(u{i}, M15)", f"mn{i} = vshr(u{i}, 4)",
-                f"scp{i} = vor(sc{i}, vshl(sc{i}, 16))", f"Q{i} = load_i(W, wb{i} + 16)",
+                f"Q{i} = load_i(W, wb{i} + 16)",
                 f"d{i} = load_h1(W, wb{i} + 80)", f"dm{i} = load_h1(W, wb{i} + 82)"]
 
     def row_part(self, i, p):
         sh = f"vshr(Q{i}, {2 * p})" if p else f"Q{i}"
-        return [f"n{i}_{p} = vand({sh}, M3)", f"s{i}_{p} = P2{p}(scp{i})"]
+        return [f"n{i}_{p} = vand({sh}, M3)"] + ([f"s{i}_{p // 2} = K2W{p // 2}(sc{i})"] if p % 2 == 0 else [])
+
+    acc_part = Q4_K.acc_part    # one vpdpbusd per part, two parts packed and scaled by one vpdpwssd
 
     def acc_final(self, i, j):
         return [f"acc{i}_{j} = fma(cvt(is{i}_{j}), splat_f(d{i} * dx{j}), "
@@ -381,7 +389,7 @@ import numba
 from numba import prange
 from airobackend.kernels import JIT_PARALLEL
 from airobackend.kernels.simd import *  # noqa
-from airobackend.kernels.simd import make_perm, make_const, make_load_bytes, make_q4k_words, make_s8_words
+from airobackend.kernels.simd import make_perm, make_const, make_load_bytes, make_q4k_words, make_s8_words, make_words
 
 load_u8x12 = make_load_bytes(12, False)
 load_u8x16 = make_load_bytes(16, False)
@@ -456,6 +464,8 @@ def generate_source(spec: Spec) -> str:
         src.append(f"{name} = make_q4k_words({mask})")
     for name, mask in _S6_WORDS.items():
         src.append(f"{name} = make_s8_words({mask})")
+    for name, mask in _K2_WORDS.items():
+        src.append(f"{name} = make_words({mask})")
     src.append("")
     # --- matvec: one row at a time, one token
     src.append("@numba.jit(**JIT_PARALLEL)")

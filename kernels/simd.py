@@ -623,6 +623,21 @@ def packs(typingctx, a, b):
     return I512(a, b), codegen
 
 
+def make_words(mask):
+    """An intrinsic returning, as an I512, the 32 words picked by the constant `mask` from the i32 lanes of its
+    argument (word k = the low 16 bits of lane mask[k]; one `vpermw`): q2_K/q3_K sub-block scales for `vpdpwssd`."""
+    mask = [int(m) for m in mask]
+    assert len(mask) == 32 and all(0 <= m < 16 for m in mask)
+
+    @intrinsic
+    def words(typingctx, a):
+        def codegen(context, builder, sig, args):
+            w = builder.bitcast(args[0], ir.VectorType(ir.IntType(16), 32))
+            return builder.bitcast(_shuffle(builder, w, [2 * m for m in mask]), _VI)
+        return I512(a), codegen
+    return words
+
+
 def make_s8_words(mask):
     """An intrinsic returning, as an I512, the 32 words picked by the constant `mask` (word k = byte mask[k]) of the
     16 signed bytes at element `idx` sign-extended to 16 bits (q6_K's sub-block scales; `vpermb` + `vpmovsxbw`)."""
