@@ -12,7 +12,9 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from airobackend.kernels import JIT, JIT_PARALLEL
+from airobackend.kernels import JIT, JIT_PARALLEL, simd
+from airobackend.kernels.simd import (exp_f, fadd, fdiv, fma, fmax, fmul, fsub, hsum_f, load_f, load_h16, round_h16,
+                                      splat_f, store_f)
 
 
 @njit(**JIT_PARALLEL)
@@ -103,9 +105,248 @@ def f16_to_f32(h):
     return bits.view(np.float32) * np.float32(5.192296858534828e33)
 
 
+ATT_TILE = 16   # query tokens that share one pass over the keys and values in attention_tiled
+
+
+def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, n_past: int, out: np.ndarray) -> None:
+    """Causal grouped-query attention (see attention_rows for the arguments and llama.cpp's rounding). A batch takes
+    attention_tiled, which reads each key and value once per tile of ATT_TILE query tokens instead of once per
+    token: for a prompt batch late in a long context that is most of the time spent outside the weights."""
+    if simd.ISA != "none" and q.shape[2] % 16 == 0:
+        attention_simd(q, k_cache, v_cache, n_past, out)
+    elif q.shape[0] >= 4:
+        attention_tiled(q, k_cache, v_cache, n_past, out)
+    else:
+        attention_rows(q, k_cache, v_cache, n_past, out)
+
+
+@njit(**JIT)
+def softmax_f16_simd(s, tail):
+    """softmax(s) rounded to fp16, in place, 16 lanes at a time (exp by simd.exp_f, the sum in float32 lanes).
+    `tail`: 16 floats of scratch for the last partial vector."""
+    n = s.shape[0]
+    mx = -np.inf
+    for j in range(n):
+        mx = max(mx, s[j])
+    vm = splat_f(mx)
+    n16 = n - n % 16
+    acc = splat_f(0.0)
+    for j in range(0, n16, 16):
+        e = exp_f(fsub(load_f(s, j), vm))
+        store_f(s, j, e)
+        acc = fadd(acc, e)
+    total = hsum_f(acc)
+    if n16 < n:
+        for j in range(16):
+            tail[j] = s[n16 + j] if n16 + j < n else np.float32(-1e30)   # finite: fastmath assumes no inf
+        e = exp_f(fsub(load_f(tail, 0), vm))
+        store_f(tail, 0, e)
+        for j in range(n - n16):
+            total += tail[j]
+            s[n16 + j] = tail[j]
+    inv = splat_f(np.float32(1.0) / total)
+    for j in range(0, n16, 16):
+        store_f(s, j, round_h16(fmul(load_f(s, j), inv)))
+    for j in range(n16, n):
+        tail[j - n16] = s[j]
+    if n16 < n:
+        store_f(tail, 0, round_h16(fmul(load_f(tail, 0), inv)))
+        for j in range(n - n16):
+            s[n16 + j] = tail[j]
+
+
+@njit(**JIT)
+def _pv_pair128(pa, pb, st, vh, n_a, oa, ob):
+    """oa = sum_j<n_a pa[j*st] v_j, ob = sum_j<=n_a pb[j*st] v_j (head_dim 128): each value row is widened once for
+    both tokens, 16 accumulators in registers."""
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = splat_f(0.0)
+    b0 = b1 = b2 = b3 = b4 = b5 = b6 = b7 = splat_f(0.0)
+    for j in range(n_a):
+        o = j * 128
+        v0, v1, v2, v3 = load_h16(vh, o), load_h16(vh, o + 16), load_h16(vh, o + 32), load_h16(vh, o + 48)
+        v4, v5, v6, v7 = load_h16(vh, o + 64), load_h16(vh, o + 80), load_h16(vh, o + 96), load_h16(vh, o + 112)
+        p = splat_f(pa[j * st])
+        a0, a1, a2, a3 = fma(p, v0, a0), fma(p, v1, a1), fma(p, v2, a2), fma(p, v3, a3)
+        a4, a5, a6, a7 = fma(p, v4, a4), fma(p, v5, a5), fma(p, v6, a6), fma(p, v7, a7)
+        p = splat_f(pb[j * st])
+        b0, b1, b2, b3 = fma(p, v0, b0), fma(p, v1, b1), fma(p, v2, b2), fma(p, v3, b3)
+        b4, b5, b6, b7 = fma(p, v4, b4), fma(p, v5, b5), fma(p, v6, b6), fma(p, v7, b7)
+    o = n_a * 128                                     # the second token also sees key n_a
+    p = splat_f(pb[n_a * st])
+    b0, b1, b2, b3 = (fma(p, load_h16(vh, o), b0), fma(p, load_h16(vh, o + 16), b1), fma(p, load_h16(vh, o + 32), b2),
+                      fma(p, load_h16(vh, o + 48), b3))
+    b4, b5, b6, b7 = (fma(p, load_h16(vh, o + 64), b4), fma(p, load_h16(vh, o + 80), b5),
+                      fma(p, load_h16(vh, o + 96), b6), fma(p, load_h16(vh, o + 112), b7))
+    for c, (va, vb) in enumerate(((a0, b0), (a1, b1), (a2, b2), (a3, b3), (a4, b4), (a5, b5), (a6, b6), (a7, b7))):
+        store_f(oa, 16 * c, va)
+        store_f(ob, 16 * c, vb)
+
+
+@njit(**JIT)
+def _attention_tile128(q, kh, vh, n_past, t0, m, h, scale, out):
+    """One query head, tokens t0 .. t0+m-1 (m <= 16), head_dim 128, scores kept transposed: lane tt of ST[j] is the
+    score of token t0+tt for key j. Q is stored transposed (QT[d] = lane tt: q[t0+tt, h, d]), so the 16 scores of
+    a key are 128 vector FMAs of QT[d] with the key's broadcast elements -- no horizontal sums -- and 8 keys at a
+    time keep 8 independent FMA chains. The softmax then runs lane-wise down the columns."""
+    n_kv = n_past + t0 + m
+    QT = np.zeros(128 * 16, np.float32)
+    for tt in range(m):
+        qt = q[t0 + tt, h]
+        for c in range(8):
+            store_f(QT, 16 * (8 * tt + c), round_h16(load_f(qt, 16 * c)))   # row-major [tt][d] for now ...
+    QR = QT.copy()
+    for tt in range(16):                                                    # ... then transposed to [d][tt]
+        for d in range(128):
+            QT[16 * d + tt] = QR[128 * tt + d] if tt < m else np.float32(0.0)
+    ST = np.empty(((n_kv + 7) // 8 * 8) * 16, np.float32)
+    KF = np.empty(8 * 128, np.float32)
+    vscale = splat_f(scale)
+    for j0 in range(0, n_kv, 8):
+        nk = min(8, n_kv - j0)
+        for k in range(8):
+            jk = j0 + k if k < nk else j0                   # a short last block recomputes key j0 (not stored)
+            for c in range(8):
+                store_f(KF, 128 * k + 16 * c, load_h16(kh, jk * 128 + 16 * c))
+        a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = splat_f(0.0)
+        for d in range(128):
+            qd = load_f(QT, 16 * d)
+            a0, a1 = fma(splat_f(KF[d]), qd, a0), fma(splat_f(KF[128 + d]), qd, a1)
+            a2, a3 = fma(splat_f(KF[256 + d]), qd, a2), fma(splat_f(KF[384 + d]), qd, a3)
+            a4, a5 = fma(splat_f(KF[512 + d]), qd, a4), fma(splat_f(KF[640 + d]), qd, a5)
+            a6, a7 = fma(splat_f(KF[768 + d]), qd, a6), fma(splat_f(KF[896 + d]), qd, a7)
+        for k, a in enumerate((a0, a1, a2, a3, a4, a5, a6, a7)):
+            store_f(ST, 16 * (j0 + k), fmul(a, vscale))
+    # causal mask: key j is in the future of token t0+tt when tt < j - n_past - t0 (only the last m keys)
+    for j in range(n_past + t0 + 1, n_kv):
+        for tt in range(j - n_past - t0):
+            ST[16 * j + tt] = np.float32(-1e30)
+    vm = splat_f(-1e30)
+    for j in range(n_kv):
+        vm = fmax(vm, load_f(ST, 16 * j))
+    total = splat_f(0.0)
+    for j in range(n_kv):
+        e = exp_f(fsub(load_f(ST, 16 * j), vm))
+        store_f(ST, 16 * j, e)
+        total = fadd(total, e)
+    inv = fdiv(splat_f(1.0), total)
+    for j in range(n_kv):
+        store_f(ST, 16 * j, round_h16(fmul(load_f(ST, 16 * j), inv)))
+    for tt in range(0, m, 2):
+        t1 = min(tt + 1, m - 1)                         # odd m: the last token pairs with itself
+        _pv_pair128(ST[tt:], ST[t1:], 16, vh, n_past + t0 + t1, out[t0 + tt, h * 128:(h + 1) * 128],
+                    out[t0 + t1, h * 128:(h + 1) * 128])
+
+
 @njit(**JIT_PARALLEL)
-def attention(q, k_cache, v_cache, n_past, out):
-    """Causal grouped-query attention for n_tok new tokens at positions n_past .. n_past+n_tok-1.
+def attention_simd(q, k_cache, v_cache, n_past, out):
+    """attention_tiled with 16-lane vectors (head_dim % 16 == 0; needs F16C): keys and values are widened by
+    `vcvtph2ps` as they are read, scores of one key for one token are one vector FMA chain + horizontal sum, and
+    the value sum keeps 4 independent accumulators per 16 output lanes."""
+    n_tok, n_head, head_dim = q.shape
+    n_gqa = n_head // k_cache.shape[0]
+    nc = head_dim // 16
+    scale = np.float32(1.0 / math.sqrt(head_dim))
+    n_tiles = (n_tok + ATT_TILE - 1) // ATT_TILE
+    for item in prange(n_head * n_tiles):
+        h, t0 = item // n_tiles, (item % n_tiles) * ATT_TILE
+        m = min(ATT_TILE, n_tok - t0)
+        n_kv = n_past + t0 + m
+        kh, vh = k_cache[h // n_gqa], v_cache[h // n_gqa]
+        if head_dim == 128 and m >= 8:
+            _attention_tile128(q, kh, vh, n_past, t0, m, h, scale, out)
+            continue
+        Q = np.empty(m * head_dim, np.float32)         # scratch per tile (not per key)
+        for tt in range(m):
+            qt = q[t0 + tt, h]
+            for c in range(nc):
+                store_f(Q, tt * head_dim + 16 * c, round_h16(load_f(qt, 16 * c)))
+        S = np.empty(m * n_kv, np.float32)             # row tt: the scores of token t0+tt
+        tail = np.empty(16, np.float32)
+        for j in range(n_kv):
+            for tt in range(max(0, j - n_past - t0), m):     # token t0+tt sees keys 0 .. n_past+t0+tt
+                acc = splat_f(0.0)
+                for c in range(nc):
+                    acc = fma(load_f(Q, tt * head_dim + 16 * c), load_h16(kh, j * head_dim + 16 * c), acc)
+                S[tt * n_kv + j] = hsum_f(acc) * scale
+        for tt in range(m):
+            softmax_f16_simd(S[tt * n_kv:tt * n_kv + n_past + t0 + tt + 1], tail)
+        if head_dim == 128:         # LLaMA's head size: value rows read in order (two tokens share each when m > 1)
+            for tt in range(0, m, 2):
+                t1 = min(tt + 1, m - 1)                 # odd m: the last token pairs with itself
+                _pv_pair128(S[tt * n_kv:], S[t1 * n_kv:], 1, vh, n_past + t0 + t1,
+                            out[t0 + tt, h * 128:(h + 1) * 128], out[t0 + t1, h * 128:(h + 1) * 128])
+            continue
+        for tt in range(m):
+            n_t = n_past + t0 + tt + 1
+            srow = S[tt * n_kv:tt * n_kv + n_t]
+            orow = out[t0 + tt, h * head_dim:(h + 1) * head_dim]
+            for c in range(nc):
+                a0 = splat_f(0.0)
+                a1 = splat_f(0.0)
+                a2 = splat_f(0.0)
+                a3 = splat_f(0.0)
+                j = 0
+                while j + 4 <= n_t:
+                    a0 = fma(splat_f(srow[j]), load_h16(vh, j * head_dim + 16 * c), a0)
+                    a1 = fma(splat_f(srow[j + 1]), load_h16(vh, (j + 1) * head_dim + 16 * c), a1)
+                    a2 = fma(splat_f(srow[j + 2]), load_h16(vh, (j + 2) * head_dim + 16 * c), a2)
+                    a3 = fma(splat_f(srow[j + 3]), load_h16(vh, (j + 3) * head_dim + 16 * c), a3)
+                    j += 4
+                while j < n_t:
+                    a0 = fma(splat_f(srow[j]), load_h16(vh, j * head_dim + 16 * c), a0)
+                    j += 1
+                store_f(orow, 16 * c, fadd(fadd(a0, a1), fadd(a2, a3)))
+
+
+@njit(**JIT_PARALLEL)
+def attention_tiled(q, k_cache, v_cache, n_past, out):
+    """attention_rows, computed per (query head, tile of ATT_TILE tokens): each key/value row is converted from fp16
+    once per tile and meets every token of the tile that may see it."""
+    n_tok, n_head, head_dim = q.shape
+    n_gqa = n_head // k_cache.shape[0]
+    scale = np.float32(1.0 / math.sqrt(head_dim))
+    n_tiles = (n_tok + ATT_TILE - 1) // ATT_TILE
+    for item in prange(n_head * n_tiles):
+        h, t0 = item // n_tiles, (item % n_tiles) * ATT_TILE
+        m = min(ATT_TILE, n_tok - t0)
+        n_kv = n_past + t0 + m                         # keys seen by the tile's last token
+        kh, vh = k_cache[h // n_gqa], v_cache[h // n_gqa]
+        Q = np.empty((m, head_dim), np.float32)        # scratch per tile (not per key)
+        for tt in range(m):
+            Q[tt] = q[t0 + tt, h]
+            round_f16(Q[tt])
+        S = np.empty((m, n_kv), np.float32)
+        row = np.empty(head_dim, np.float32)
+        for j in range(n_kv):
+            kj = kh[j]
+            for d in range(head_dim):
+                row[d] = f16_to_f32(kj[d])
+            for tt in range(max(0, j - n_past - t0), m):     # token t0+tt sees keys 0 .. n_past+t0+tt
+                acc = np.float32(0.0)
+                for d in range(head_dim):
+                    acc += Q[tt, d] * row[d]
+                S[tt, j] = acc * scale
+        for tt in range(m):
+            s = S[tt, :n_past + t0 + tt + 1]
+            softmax(s)
+            round_f16(s)
+        O = np.zeros((m, head_dim), np.float32)
+        for j in range(n_kv):
+            vj = vh[j]
+            for d in range(head_dim):
+                row[d] = f16_to_f32(vj[d])
+            for tt in range(max(0, j - n_past - t0), m):
+                p = S[tt, j]
+                for d in range(head_dim):
+                    O[tt, d] += p * row[d]
+        for tt in range(m):
+            out[t0 + tt, h * head_dim:(h + 1) * head_dim] = O[tt]
+
+
+@njit(**JIT_PARALLEL)
+def attention_rows(q, k_cache, v_cache, n_past, out):
+    """Causal grouped-query attention for n_tok new tokens at positions n_past .. n_past+n_tok-1, one (token, head)
+    per work item (decode).
 
     q: float32 [n_tok, n_head, head_dim] (already roped); k_cache, v_cache: uint16 (fp16 bits) [n_head_kv, n_ctx,
     head_dim] holding positions 0 .. n_past+n_tok-1 (head-major, so one head's keys stream contiguously);

@@ -181,6 +181,39 @@ def load_mask64(typingctx, arr, idx, val):
     return I512(arr, idx, val), codegen
 
 
+def _fconst(v: float) -> ir.Constant:
+    import numpy as np
+    return ir.Constant(_VF, [ir.Constant(_F32, float(np.float32(v)))] * 16)
+
+
+def _vcall(builder, name, args):
+    f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VF, [_VF] * len(args)), name)
+    return builder.call(f, args)
+
+
+@intrinsic
+def exp_f(typingctx, a):
+    """exp of 16 float32 lanes, ggml's `ggml_v_expf` polynomial (within ~2 ulp of expf); inputs below -87 (-inf
+    included) give exp(-87) ~ 1.6e-38 instead of underflowing (softmax's s - max: such terms vanish in the sum and
+    the fp16 rounding). Why: Numba's scalar math.exp does not vectorize, and it was most of a long-context softmax.
+    Written with LLVM intrinsic calls (maxnum, roundeven, fma) where order matters: Numba's fastmath pass puts
+    'fast' flags on every fadd/fmul of the module, which would let LLVM reassociate the range reduction."""
+    def codegen(context, builder, sig, args):
+        x = _vcall(builder, "llvm.maxnum.v16f32", [args[0], _fconst(-87.0)])
+        n = _vcall(builder, "llvm.roundeven.v16f32", [builder.fmul(x, _fconst(float.fromhex("0x1.715476p+0")))])
+        b = _vcall(builder, "llvm.fma.v16f32", [n, _fconst(-float.fromhex("0x1.62e4p-1")), x])
+        b = _vcall(builder, "llvm.fma.v16f32", [n, _fconst(-float.fromhex("0x1.7f7d1cp-20")), b])
+        u = builder.fmul(b, b)
+        fma3 = lambda p, q, r: _vcall(builder, "llvm.fma.v16f32", [p, q, r])  # noqa: E731
+        p1 = fma3(_fconst(float.fromhex("0x1.0e4020p-7")), b, _fconst(float.fromhex("0x1.573e2ep-5")))
+        p2 = fma3(_fconst(float.fromhex("0x1.555e66p-3")), b, _fconst(float.fromhex("0x1.fffdb6p-2")))
+        j = fma3(fma3(p1, u, p2), u, builder.fmul(_fconst(float.fromhex("0x1.ffffecp-1")), b))
+        e = builder.shl(builder.fptosi(n, _VI), ir.Constant(_VI, [ir.Constant(_I32, 23)] * 16))
+        k = builder.bitcast(builder.add(e, ir.Constant(_VI, [ir.Constant(_I32, 0x3F800000)] * 16)), _VF)
+        return fma3(j, k, k)
+    return F512(F512), codegen
+
+
 @intrinsic
 def store_f(typingctx, arr, idx, v):
     """Store 16 float32 (F512) at element `idx` of array `arr` (any dtype; 64 bytes)."""
@@ -333,6 +366,15 @@ def _binop_f(opname):
 fmul = _binop_f("fmul")
 fadd = _binop_f("fadd")
 fsub = _binop_f("fsub")
+fdiv = _binop_f("fdiv")
+
+
+@intrinsic
+def fmax(typingctx, a, b):
+    """Lane-wise maximum of two F512 (`vmaxps`)."""
+    def codegen(context, builder, sig, args):
+        return _vcall(builder, "llvm.maxnum.v16f32", [args[0], args[1]])
+    return F512(a, b), codegen
 
 
 def _tree_sum(builder, v, add):
