@@ -194,8 +194,8 @@ class LlamaModel:
             q, k, v = q.reshape(n, self.n_head, hd), k.reshape(n, self.n_head_kv, hd), v.reshape(n, self.n_head_kv, hd)
             ops.rope(q, pos, self.n_rot, self.freq_base, self.freq_scale)
             ops.rope(k, pos, self.n_rot, self.freq_base, self.freq_scale)
-            self.k_cache[il, :, n_past:n_past + n] = ops.f32_to_f16_bits(k.transpose(1, 0, 2))     # [kv head, pos, hd]
-            self.v_cache[il, :, n_past:n_past + n] = ops.f32_to_f16_bits(v.transpose(1, 0, 2))
+            ops.store_kv(k, self.k_cache[il], n_past)                          # cache: [kv head, pos, hd] fp16
+            ops.store_kv(v, self.v_cache[il], n_past)
             ops.attention(q, self.k_cache[il], self.v_cache[il], n_past, b.attn)
             ops.add(x, layer.wo(b.attn, b.o))
             ops.rmsnorm(x, layer.ffn_norm, self.eps, h)

@@ -14,7 +14,7 @@ from numba import njit, prange
 
 from airobackend.kernels import JIT, JIT_PARALLEL, simd
 from airobackend.kernels.simd import (exp_f, fadd, fdiv, fma, fmax, fmul, fsub, hsum_f, load_f, load_h16, round_h16,
-                                      splat_f, store_f)
+                                      splat_f, store_f, store_h16)
 
 
 @njit(**JIT_PARALLEL)
@@ -400,6 +400,26 @@ def add(x, y):
             xt[i] += yt[i]
 
 
+def store_kv(x: np.ndarray, cache: np.ndarray, n_past: int) -> None:
+    """cache[g, n_past + t] = fp16 bits of x[t, g] (x: float32 [n, n_head_kv, head_dim], C-contiguous; cache: uint16
+    [n_head_kv, n_ctx, head_dim]): the new keys or values of one layer written straight into the fp16 cache."""
+    if simd.ISA != "none" and x.shape[2] % 16 == 0:
+        _store_kv_simd(x, cache, n_past)
+    else:
+        cache[:, n_past:n_past + x.shape[0]] = f32_to_f16_bits(x.transpose(1, 0, 2))
+
+
+@njit(**JIT)
+def _store_kv_simd(x, cache, n_past):
+    n, n_kv_head, head_dim = x.shape
+    for t in range(n):
+        for g in range(n_kv_head):
+            src, dst = x[t, g], cache[g, n_past + t]
+            for c in range(head_dim // 16):
+                store_h16(dst, 16 * c, load_f(src, 16 * c))
+
+
 def f32_to_f16_bits(x: np.ndarray) -> np.ndarray:
     """float32 -> fp16 bit patterns as uint16 (round to nearest even), for writing the KV cache."""
-    return x.astype(np.float16).view(np.uint16)
+    with np.errstate(over="ignore"):          # beyond 65504 is inf in fp16, as in llama.cpp's cache
+        return x.astype(np.float16).view(np.uint16)

@@ -111,3 +111,17 @@ def test_attention_gqa_causal(kernel, n_head, n_head_kv, n_past, n_tok, hd):
     np.testing.assert_allclose(out, expect.reshape(n_tok, -1), atol=atol, rtol=0)
     assert np.abs(out - reference.attention(q, kf, vf, n_past).reshape(n_tok, -1)).max() < 3e-3
     assert np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("hd", [32, 24])
+def test_store_kv_writes_fp16_bits_in_place(hd):
+    # the forward pass writes new keys/values straight into the fp16 cache; other positions stay untouched
+    rng = np.random.default_rng(hd)
+    x = (rng.standard_normal((5, 3, hd)) * 4).astype(np.float32)
+    x[0, 0, :3] = [70000.0, 1e-7, -0.0]
+    cache = np.full((3, 12, hd), 0x1234, np.uint16)
+    ops.store_kv(x, cache, 6)
+    with np.errstate(over="ignore"):
+        expect = x.astype(np.float16).view(np.uint16).transpose(1, 0, 2)
+    np.testing.assert_array_equal(cache[:, 6:11], expect)
+    assert (cache[:, :6] == 0x1234).all() and (cache[:, 11:] == 0x1234).all()
