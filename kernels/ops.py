@@ -381,9 +381,28 @@ def attention_rows(q, k_cache, v_cache, n_past, out):
                 o[d] += p * f16_to_f32(vj[d])
 
 
+def silu_mul(gate: np.ndarray, up: np.ndarray) -> None:
+    """SwiGLU in place: gate = silu(gate) * up, silu(z) = z / (1 + exp(-z)); float32 [n_tok, n_ff]. With SIMD the
+    exp is simd.exp_f, 16 lanes at a time (Numba's scalar exp was ~60 us per 11008-wide row)."""
+    if simd.ISA != "none" and gate.shape[1] % 16 == 0:
+        _silu_mul_simd(gate, up)
+    else:
+        _silu_mul(gate, up)
+
+
 @njit(**JIT_PARALLEL)
-def silu_mul(gate, up):
-    """SwiGLU in place: gate = silu(gate) * up, silu(z) = z / (1 + exp(-z)); float32 [n_tok, n_ff]."""
+def _silu_mul_simd(gate, up):
+    one = splat_f(1.0)
+    n_blk = gate.shape[1] // 16
+    for t in prange(gate.shape[0]):
+        g, u = gate[t], up[t]
+        for b in range(n_blk):
+            z = load_f(g, 16 * b)
+            store_f(g, 16 * b, fmul(fdiv(z, fadd(one, exp_f(fsub(splat_f(0.0), z)))), load_f(u, 16 * b)))
+
+
+@njit(**JIT_PARALLEL)
+def _silu_mul(gate, up):
     for t in prange(gate.shape[0]):
         g, u = gate[t], up[t]
         for i in range(g.shape[0]):

@@ -193,13 +193,14 @@ def _vcall(builder, name, args):
 
 @intrinsic
 def exp_f(typingctx, a):
-    """exp of 16 float32 lanes, ggml's `ggml_v_expf` polynomial (within ~2 ulp of expf); inputs below -87 (-inf
-    included) give exp(-87) ~ 1.6e-38 instead of underflowing (softmax's s - max: such terms vanish in the sum and
-    the fp16 rounding). Why: Numba's scalar math.exp does not vectorize, and it was most of a long-context softmax.
+    """exp of 16 float32 lanes, ggml's `ggml_v_expf` polynomial (within ~2 ulp of expf); inputs are clamped to
+    [-87, 88] (-inf included): exp(-87) ~ 1.6e-38 instead of underflowing (softmax's s - max: such terms vanish in
+    the sum and the fp16 rounding), exp(88) ~ 1.7e38 instead of inf (SiLU's 1 + exp(-z)). Why: Numba's scalar math.exp does not vectorize, and it was most of a long-context softmax.
     Written with LLVM intrinsic calls (maxnum, roundeven, fma) where order matters: Numba's fastmath pass puts
     'fast' flags on every fadd/fmul of the module, which would let LLVM reassociate the range reduction."""
     def codegen(context, builder, sig, args):
-        x = _vcall(builder, "llvm.maxnum.v16f32", [args[0], _fconst(-87.0)])
+        x = _vcall(builder, "llvm.minnum.v16f32", [_vcall(builder, "llvm.maxnum.v16f32", [args[0], _fconst(-87.0)]),
+                                                    _fconst(88.0)])
         n = _vcall(builder, "llvm.roundeven.v16f32", [builder.fmul(x, _fconst(float.fromhex("0x1.715476p+0")))])
         b = _vcall(builder, "llvm.fma.v16f32", [n, _fconst(-float.fromhex("0x1.62e4p-1")), x])
         b = _vcall(builder, "llvm.fma.v16f32", [n, _fconst(-float.fromhex("0x1.7f7d1cp-20")), b])

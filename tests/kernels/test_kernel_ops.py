@@ -75,6 +75,13 @@ def test_softmax_and_silu_mul():
     ours = g.copy()
     ops.silu_mul(ours, u)
     np.testing.assert_allclose(ours, reference.silu_mul(g, u), rtol=1e-6, atol=1e-7)
+    # a row width the SIMD kernel takes (n_ff of LLaMA 7B), with saturating inputs
+    g = (rng.standard_normal((3, 11008)) * 8).astype(np.float32)
+    g[0, :6] = [100.0, -100.0, 0.0, 88.5, -88.5, 1e-30]
+    u = rng.standard_normal((3, 11008)).astype(np.float32)
+    ours = g.copy()
+    ops.silu_mul(ours, u)
+    np.testing.assert_allclose(ours, reference.silu_mul(g, u), rtol=1e-6, atol=1e-7)
 
 
 ATTENTION_KERNELS = ["attention", "attention_rows", "attention_tiled"] + (
