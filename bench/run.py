@@ -12,7 +12,11 @@ For each mix (q4_0, q4_K_M, q8_0, f16) it builds a 7B-shaped slice -- n_embd 409
   over 256 MB with the same thread count, sampled between the timed tokens; numpy's single-threaded sum is printed
   once at the start), and the ratio;
 * for 65B: the projected decode tok/s of the full model from the per-layer time (80 layers, half of them with Q6_K
-  attn_v/ffn_down as q4_K_M has it, plus the output matrix).
+  attn_v/ffn_down as q4_K_M has it, plus the output matrix);
+* per weight type (`--types`, default all eleven with a fast kernel): decode through a 65B layer whose seven matrices
+  all have that type, GB/s and the ratio to the bandwidth sampled beside it;
+* attention (`--no-attention` skips it): ms per layer over a 2048-position fp16 KV cache at 7B and 65B head counts,
+  decode and a 128-token prompt batch early and late in the context.
 
 On a machine shared with other work, wall-clock numbers drop with the load; the `cpu-GB/s` and `cpu-tok/s` columns
 divide by the process CPU time per thread instead (what the kernels do while they hold the cores; the bandwidth they
@@ -206,6 +210,33 @@ def slice_from_file(mix, n_layer, n_embd, n_ff, n_vocab):
     return s
 
 
+def slice_65b_type(rng, t: GGMLType):
+    """One 65B layer with every matrix in type t (the per-type decode table)."""
+    tensors = [(name, t, random_raw(t, rows, cols, rng), rows, cols)
+               for name, (rows, cols) in layer_shapes(0, 8192, 22016)]
+    return Slice(f"65B layer, all {t.name}", tensors)
+
+
+def attention_table(threads: list[int], rng) -> None:
+    """ms per layer of causal attention over the fp16 KV cache (ops.attention, as the forward pass calls it)."""
+    from airobackend.kernels import ops
+    print("\nattention per layer (fp16 KV cache, n_ctx 2048): decode = 1 token, prompt = a 128-token batch")
+    print(f"{'shape':24s} {'thr':>3s} {'decode @511':>12s} {'decode @2047':>13s} {'prompt @0':>10s} {'prompt @1920':>13s}")
+    for label, n_head in (("7B (32 heads x 128)", 32), ("65B (64 heads x 128)", 64)):
+        kc = (rng.standard_normal((n_head, 2048, 128), dtype=np.float32) * 0.5).astype(np.float16).view(np.uint16)
+        vc = (rng.standard_normal((n_head, 2048, 128), dtype=np.float32) * 0.5).astype(np.float16).view(np.uint16)
+        for nt in threads:
+            numba.set_num_threads(nt)
+            cells = []
+            for n_tok, n_past in ((1, 511), (1, 2047), (128, 0), (128, 1920)):
+                q = rng.standard_normal((n_tok, n_head, 128), dtype=np.float32)
+                out = np.empty((n_tok, n_head * 128), np.float32)
+                ops.attention(q, kc, vc, n_past, out)
+                cells.append(min(_timeit(lambda: ops.attention(q, kc, vc, n_past, out)) for _ in range(3)) * 1e3)
+            print(f"{label:24s} {nt:3d} {cells[0]:9.2f} ms {cells[1]:10.2f} ms {cells[2]:7.1f} ms {cells[3]:10.1f} ms",
+                  flush=True)
+
+
 def slice_65b_layer(rng, use_q6k: bool):
     n_embd, n_ff = 8192, 22016
     tensors = []
@@ -225,6 +256,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=12, help="decode tokens timed (median)")
     ap.add_argument("--prompt", type=int, default=128, help="prompt batch size")
     ap.add_argument("--no-65b", action="store_true")
+    ap.add_argument("--types", default="all",
+                    help="weight types for the per-type 65B-layer decode table (comma list, 'all' or 'none')")
+    ap.add_argument("--no-attention", action="store_true")
     ap.add_argument("--files", action="store_true", help="benchmark real files written by the project's writer")
     args = ap.parse_args(argv)
     threads = [int(t) for t in args.threads.split(",")]
@@ -299,6 +333,27 @@ def main(argv=None) -> int:
             full_bytes = 40 * (layers[0].nbytes + layers[1].nbytes) + out_raw.nbytes
             print(f"  -> full 65B q4_K_M, {nt} thread(s): {t_tok * 1e3:.0f} ms/token = {1 / t_tok:.2f} tok/s projected "
                   f"({full_bytes / 1e9:.1f} GB of matmul weights per token, {full_bytes / t_tok / 1e9:.1f} GB/s)")
+        del layers, out_w, out_raw
+
+    if args.types != "none":
+        names = [GGMLType(t).name for t in fast.supported_types()] if args.types == "all" else args.types.split(",")
+        print("\nper weight type: decode through one 65B layer (n_embd 8192, n_ff 22016) with every matrix in that type")
+        print(f"{'slice':44s} {'thr':>3s} {'decode ms':>9s} {'GB/s':>6s} {'BW GB/s':>7s} {'ratio':>6s} "
+              f"{'cpu-GB/s':>8s} {'cpu-BW':>6s} {'ratio':>5s}")
+        for name in names:
+            s = slice_65b_type(rng, GGMLType[name.strip()])
+            s.warm(4)
+            for nt in threads:
+                numba.set_num_threads(nt)
+                s.decode_once(s._xs)
+                td, bwi = s.decode_time(max(3, args.tokens // 2), bw_buf)
+                gbs, cpu_gbs = s.nbytes / td / 1e9, s.nbytes / (s.last_cpu / nt) / 1e9
+                print(f"{s.label:44s} {nt:3d} {td * 1e3:9.1f} {gbs:6.1f} {bwi:7.1f} {gbs / bwi:6.2f} "
+                      f"{cpu_gbs:8.1f} {s.last_cpu_bw:6.1f} {cpu_gbs / s.last_cpu_bw:5.2f}", flush=True)
+            del s
+
+    if not args.no_attention:
+        attention_table(threads, rng)
     return 0
 
 
