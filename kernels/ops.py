@@ -244,58 +244,66 @@ def attention_simd(q, k_cache, v_cache, n_past, out):
     the value sum keeps 4 independent accumulators per 16 output lanes."""
     n_tok, n_head, head_dim = q.shape
     n_gqa = n_head // k_cache.shape[0]
-    nc = head_dim // 16
     scale = np.float32(1.0 / math.sqrt(head_dim))
     n_tiles = (n_tok + ATT_TILE - 1) // ATT_TILE
     for item in prange(n_head * n_tiles):
+        # the work item is a plain function: Numba compiles a large parallel loop body several times slower
         h, t0 = item // n_tiles, (item % n_tiles) * ATT_TILE
         m = min(ATT_TILE, n_tok - t0)
-        n_kv = n_past + t0 + m
         kh, vh = k_cache[h // n_gqa], v_cache[h // n_gqa]
         if head_dim == 128 and m >= 8:
             _attention_tile128(q, kh, vh, n_past, t0, m, h, scale, out)
-            continue
-        Q = np.empty(m * head_dim, np.float32)         # scratch per tile (not per key)
-        for tt in range(m):
-            qt = q[t0 + tt, h]
+        else:
+            _attention_tile(q, kh, vh, n_past, t0, m, h, scale, out)
+
+
+@njit(**JIT)
+def _attention_tile(q, kh, vh, n_past, t0, m, h, scale, out):
+    """attention_simd for one query head and tokens t0 .. t0+m-1, any head_dim % 16 == 0 (and decode)."""
+    head_dim = q.shape[2]
+    nc = head_dim // 16
+    n_kv = n_past + t0 + m
+    Q = np.empty(m * head_dim, np.float32)         # scratch per tile (not per key)
+    for tt in range(m):
+        qt = q[t0 + tt, h]
+        for c in range(nc):
+            store_f(Q, tt * head_dim + 16 * c, round_h16(load_f(qt, 16 * c)))
+    S = np.empty(m * n_kv, np.float32)             # row tt: the scores of token t0+tt
+    tail = np.empty(16, np.float32)
+    for j in range(n_kv):
+        for tt in range(max(0, j - n_past - t0), m):     # token t0+tt sees keys 0 .. n_past+t0+tt
+            acc = splat_f(0.0)
             for c in range(nc):
-                store_f(Q, tt * head_dim + 16 * c, round_h16(load_f(qt, 16 * c)))
-        S = np.empty(m * n_kv, np.float32)             # row tt: the scores of token t0+tt
-        tail = np.empty(16, np.float32)
-        for j in range(n_kv):
-            for tt in range(max(0, j - n_past - t0), m):     # token t0+tt sees keys 0 .. n_past+t0+tt
-                acc = splat_f(0.0)
-                for c in range(nc):
-                    acc = fma(load_f(Q, tt * head_dim + 16 * c), load_h16(kh, j * head_dim + 16 * c), acc)
-                S[tt * n_kv + j] = hsum_f(acc) * scale
-        for tt in range(m):
-            softmax_f16_simd(S[tt * n_kv:tt * n_kv + n_past + t0 + tt + 1], tail)
-        if head_dim == 128:         # LLaMA's head size: value rows read in order (two tokens share each when m > 1)
-            for tt in range(0, m, 2):
-                t1 = min(tt + 1, m - 1)                 # odd m: the last token pairs with itself
-                _pv_pair128(S[tt * n_kv:], S[t1 * n_kv:], 1, vh, n_past + t0 + t1,
-                            out[t0 + tt, h * 128:(h + 1) * 128], out[t0 + t1, h * 128:(h + 1) * 128])
-            continue
-        for tt in range(m):
-            n_t = n_past + t0 + tt + 1
-            srow = S[tt * n_kv:tt * n_kv + n_t]
-            orow = out[t0 + tt, h * head_dim:(h + 1) * head_dim]
-            for c in range(nc):
-                a0 = splat_f(0.0)
-                a1 = splat_f(0.0)
-                a2 = splat_f(0.0)
-                a3 = splat_f(0.0)
-                j = 0
-                while j + 4 <= n_t:
-                    a0 = fma(splat_f(srow[j]), load_h16(vh, j * head_dim + 16 * c), a0)
-                    a1 = fma(splat_f(srow[j + 1]), load_h16(vh, (j + 1) * head_dim + 16 * c), a1)
-                    a2 = fma(splat_f(srow[j + 2]), load_h16(vh, (j + 2) * head_dim + 16 * c), a2)
-                    a3 = fma(splat_f(srow[j + 3]), load_h16(vh, (j + 3) * head_dim + 16 * c), a3)
-                    j += 4
-                while j < n_t:
-                    a0 = fma(splat_f(srow[j]), load_h16(vh, j * head_dim + 16 * c), a0)
-                    j += 1
-                store_f(orow, 16 * c, fadd(fadd(a0, a1), fadd(a2, a3)))
+                acc = fma(load_f(Q, tt * head_dim + 16 * c), load_h16(kh, j * head_dim + 16 * c), acc)
+            S[tt * n_kv + j] = hsum_f(acc) * scale
+    for tt in range(m):
+        softmax_f16_simd(S[tt * n_kv:tt * n_kv + n_past + t0 + tt + 1], tail)
+    if head_dim == 128:         # LLaMA's head size: value rows read in order (two tokens share each when m > 1)
+        for tt in range(0, m, 2):
+            t1 = min(tt + 1, m - 1)                 # odd m: the last token pairs with itself
+            _pv_pair128(S[tt * n_kv:], S[t1 * n_kv:], 1, vh, n_past + t0 + t1,
+                        out[t0 + tt, h * 128:(h + 1) * 128], out[t0 + t1, h * 128:(h + 1) * 128])
+        return
+    for tt in range(m):
+        n_t = n_past + t0 + tt + 1
+        srow = S[tt * n_kv:tt * n_kv + n_t]
+        orow = out[t0 + tt, h * head_dim:(h + 1) * head_dim]
+        for c in range(nc):
+            a0 = splat_f(0.0)
+            a1 = splat_f(0.0)
+            a2 = splat_f(0.0)
+            a3 = splat_f(0.0)
+            j = 0
+            while j + 4 <= n_t:
+                a0 = fma(splat_f(srow[j]), load_h16(vh, j * head_dim + 16 * c), a0)
+                a1 = fma(splat_f(srow[j + 1]), load_h16(vh, (j + 1) * head_dim + 16 * c), a1)
+                a2 = fma(splat_f(srow[j + 2]), load_h16(vh, (j + 2) * head_dim + 16 * c), a2)
+                a3 = fma(splat_f(srow[j + 3]), load_h16(vh, (j + 3) * head_dim + 16 * c), a3)
+                j += 4
+            while j < n_t:
+                a0 = fma(splat_f(srow[j]), load_h16(vh, j * head_dim + 16 * c), a0)
+                j += 1
+            store_f(orow, 16 * c, fadd(fadd(a0, a1), fadd(a2, a3)))
 
 
 @njit(**JIT_PARALLEL)
