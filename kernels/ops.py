@@ -247,7 +247,7 @@ def attention_simd(q, k_cache, v_cache, n_past, out):
     scale = np.float32(1.0 / math.sqrt(head_dim))
     n_tiles = (n_tok + ATT_TILE - 1) // ATT_TILE
     for item in prange(n_head * n_tiles):
-        # the work item is a plain function: Numba compiles a large parallel loop body several times slower
+        # each work item is one tile of one query head
         h, t0 = item // n_tiles, (item % n_tiles) * ATT_TILE
         m = min(ATT_TILE, n_tok - t0)
         kh, vh = k_cache[h // n_gqa], v_cache[h // n_gqa]
