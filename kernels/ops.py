@@ -239,9 +239,11 @@ def _attention_tile128(q, kh, vh, n_past, t0, m, h, scale, out):
 
 @njit(**JIT_PARALLEL)
 def attention_simd(q, k_cache, v_cache, n_past, out):
-    """attention_tiled with 16-lane vectors (head_dim % 16 == 0; needs F16C): keys and values are widened by
-    `vcvtph2ps` as they are read, scores of one key for one token are one vector FMA chain + horizontal sum, and
-    the value sum keeps 4 independent accumulators per 16 output lanes."""
+    """attention_tiled with 16-lane vectors (head_dim % 16 == 0; needs F16C), one work item per (query head, tile of
+    ATT_TILE tokens). Keys and values are widened by `vcvtph2ps` as they are read; the softmax is
+    softmax_f16_simd. At head_dim 128 a tile of >= 8 tokens takes _attention_tile128 (transposed scores, no
+    horizontal sums) and the value sums run two tokens per pass over the value rows (_pv_pair128); otherwise a
+    score is one vector FMA chain + horizontal sum (_attention_tile), which is also the decode path."""
     n_tok, n_head, head_dim = q.shape
     n_gqa = n_head // k_cache.shape[0]
     scale = np.float32(1.0 / math.sqrt(head_dim))
