@@ -25,12 +25,14 @@ way and the second `ratio` compares the two. Each decode token is interleaved wi
 sample, so `ratio` compares numbers taken at the same moments.
 
 By default the weights are random blocks of the right types and sizes (speed does not depend on the values) built in
-memory in seconds. `--files` writes real models with the project's writer into ~/.cache/airobackend/bench (or
-$AIRO_BENCH_DIR; reused on the next run) and benchmarks their mmapped tensors.
+seconds, in anonymous mmaps (4 KB pages, like a model file's page cache; the kernels prefetch such weights).
+`--files` writes real models with the project's writer into ~/.cache/airobackend/bench (or $AIRO_BENCH_DIR; reused
+on the next run) and benchmarks their mmapped tensors.
 """
 from __future__ import annotations
 
 import argparse
+import mmap
 import os
 import sys
 import time
@@ -59,14 +61,21 @@ def layer_shapes(layer: int, n_embd: int, n_ff: int) -> list[tuple[str, tuple[in
 
 
 def random_raw(t: GGMLType, n_rows: int, n_cols: int, rng: np.random.Generator) -> np.ndarray:
+    """Random blocks of type t, in an anonymous mmap: 4 KB pages like the page cache behind a model file's mapping
+    (numpy's own large arrays get transparent huge pages, which streams differently and would flatter the k-quant
+    and F16 weights that the engine reads in place from the file)."""
     per, nb = BLOCK[t]
     if t == GGMLType.F16:
-        return (rng.standard_normal((n_rows, n_cols), dtype=np.float32) * 0.02).astype(np.float16).view(np.uint8)
-    n_blk = n_cols // per
-    raw = np.frombuffer(rng.bytes(n_rows * n_blk * nb), np.uint8).reshape(n_rows, n_blk, nb).copy()
-    for off in HALF_FIELDS[t]:
-        raw[:, :, off:off + 2] = np.array([0.001], np.float16).view(np.uint8)
-    return raw.reshape(n_rows, n_blk * nb)
+        src = (rng.standard_normal((n_rows, n_cols), dtype=np.float32) * 0.02).astype(np.float16).view(np.uint8)
+    else:
+        n_blk = n_cols // per
+        src = np.frombuffer(rng.bytes(n_rows * n_blk * nb), np.uint8).reshape(n_rows, n_blk, nb).copy()
+        for off in HALF_FIELDS[t]:
+            src[:, :, off:off + 2] = np.array([0.001], np.float16).view(np.uint8)
+        src = src.reshape(n_rows, n_blk * nb)
+    raw = np.frombuffer(mmap.mmap(-1, src.nbytes), np.uint8).reshape(src.shape)
+    raw[...] = src
+    return raw
 
 
 class Slice:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import mmap
 import os
 import sys
 import tempfile
@@ -592,6 +593,18 @@ _NO_F32 = np.zeros(16, np.float32)
 _PERMS = {"k_nat": q8.PERM_NATURAL, "k_q4k": q8.PERM_Q4K, "k_q2k": q8.PERM_Q2K}
 
 
+def _file_backed(a) -> bool:
+    """True when the array's memory is an mmap (the model file's mapping), following .base / memoryview.obj."""
+    for _ in range(16):
+        if isinstance(a, mmap.mmap):
+            return True
+        nxt = a.obj if isinstance(a, memoryview) else getattr(a, "base", None)
+        if nxt is None:
+            return False
+        a = nxt
+    return False
+
+
 # bytes of quantized activation per weight column read by the mat-vec (XQ + XD + XS [+ XF])
 _ACT_BYTES = {"f16": 2.0, "nib": 176 / 128, "k_nat": 324 / 256, "k_q4k": 324 / 256, "k_q2k": 324 / 256}
 PF_MIN_ACT = 14 * 1024
@@ -615,10 +628,13 @@ class FastWeight:
         # weights with equal act_key read the same quantized activations (all legacy types share the nibble
         # layout with Q8_0 and Q8_1 fields; k-quants differ by byte permutation; F16 reads fp16 bytes)
         self.act_key = (spec.layout, n_cols)
-        # Software prefetch only where the hardware prefetcher loses the weight stream: once the activation row
-        # stops fitting L1 beside it (measured cliff between 15 and 21 KB of activations; 65B ffn_down 9 -> 25
-        # GB/s per core). For short rows it measured equal or up to 5 % slower on 2 threads (q8_0: 25 % on one).
-        self._pf = n_cols * _ACT_BYTES[spec.layout] > PF_MIN_ACT
+        # Software prefetch where the hardware prefetcher loses the weight stream: (1) once the activation row stops
+        # fitting L1 beside it (measured cliff between 15 and 21 KB of activations; 65B ffn_down 9 -> 25 GB/s per
+        # core); (2) for weights read in place from the model file's mapping: page-cache memory comes in 4 KB pages,
+        # where the hardware prefetchers stop (7B q4_K_M slice from a file, 2 threads: 30-42 -> 51-58 tok/s). For
+        # short rows in anonymous (huge-page) memory, e.g. the repacked legacy types, it measured equal or up to 5 %
+        # slower on 2 threads (q8_0: 10-25 %), so it stays off there.
+        self._pf = n_cols * _ACT_BYTES[spec.layout] > PF_MIN_ACT or _file_backed(W)
 
     # activation buffers for n tokens: (XQ, XD, XS, XF) 2-D, zero-padded rows beyond the real tokens
     def _quantize(self, X: np.ndarray, n_pad: int):

@@ -197,6 +197,26 @@ def test_fixture_tensors(t, fixtures_dir):
     assert seen, f"no {t.name} tensor in {path.name}"
 
 
+def test_weights_read_from_the_file_mapping_prefetch(fixtures_dir):
+    # page-cache memory comes in 4 KB pages where the hardware prefetchers stop: weights used in place from the
+    # model file's mapping take the prefetching mat-vec; repacked legacy weights and short rows in memory do not
+    from airobackend.formats import open_model
+
+    def prefetching(fixture):
+        mf = open_model(str(fixtures_dir / "models" / fixture))
+        got = set()
+        for ti in mf.tensors.values():
+            if len(ti.shape) == 2 and int(ti.type) in fast.SPECS:
+                n_rows, n_cols = ti.shape
+                w = fast.prepare_fast(ti.type, ti.data.reshape(n_rows, -1), n_rows, n_cols)
+                got.add((w.spec.name, w._pf))
+        return got
+    assert prefetching("fx-q4_K_M.gguf") == {("q4_K", True), ("q6_K", True)}     # read in place from the mapping
+    assert prefetching("fx-q4_0.gguf") == {("q4_0", False), ("q6_K", True)}      # q4_0 repacked into memory
+    rng = np.random.default_rng(3)
+    assert not fast.prepare_fast(G.Q4_K, random_blocks(G.Q4_K, 4, 512, rng), 4, 512)._pf
+
+
 # ------------------------------------------------------------------------------------------ the AVX2 build
 _AVX2_SCRIPT = r"""
 import sys, numpy as np
