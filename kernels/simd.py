@@ -195,7 +195,8 @@ def _vcall(builder, name, args):
 def exp_f(typingctx, a):
     """exp of 16 float32 lanes, ggml's `ggml_v_expf` polynomial (within ~2 ulp of expf); inputs are clamped to
     [-87, 88] (-inf included): exp(-87) ~ 1.6e-38 instead of underflowing (softmax's s - max: such terms vanish in
-    the sum and the fp16 rounding), exp(88) ~ 1.7e38 instead of inf (SiLU's 1 + exp(-z)). Why: Numba's scalar math.exp does not vectorize, and it was most of a long-context softmax.
+    the sum and the fp16 rounding), exp(88) ~ 1.7e38 instead of inf (SiLU's 1 + exp(-z)). Why: Numba's scalar
+    math.exp does not vectorize, and it was most of a long-context softmax.
     Written with LLVM intrinsic calls (maxnum, roundeven, fma) where order matters: Numba's fastmath pass puts
     'fast' flags on every fadd/fmul of the module, which would let LLVM reassociate the range reduction."""
     def codegen(context, builder, sig, args):
