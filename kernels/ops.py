@@ -204,7 +204,7 @@ def _attention_tile128(q, kh, vh, n_past, t0, m, h, scale, out):
     for j0 in range(0, n_kv, 8):
         nk = min(8, n_kv - j0)
         for k in range(8):
-            jk = j0 + k if k < nk else j0                   # a short last block recomputes key j0 (not stored)
+            jk = j0 + k if k < nk else j0                   # a short last block recomputes key j0 into ST padding
             for c in range(8):
                 store_f(KF, 128 * k + 16 * c, load_h16(kh, jk * 128 + 16 * c))
         a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = splat_f(0.0)
