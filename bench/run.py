@@ -270,6 +270,12 @@ def main(argv=None) -> int:
     ap.add_argument("--no-attention", action="store_true")
     ap.add_argument("--files", action="store_true", help="benchmark real files written by the project's writer")
     args = ap.parse_args(argv)
+    fast_names = [GGMLType(t).name for t in fast.supported_types()]
+    if args.types not in ("all", "none"):
+        unknown = [n for n in args.types.split(",") if n.strip() not in fast_names]
+        if unknown:
+            ap.error(f"--types: no fast kernel for {', '.join(unknown)} on this CPU; "
+                     f"choose from {', '.join(fast_names) or '(none: no AVX2)'}, 'all' or 'none'")
     threads = [int(t) for t in args.threads.split(",")]
     threads = [t for t in threads if t <= numba.config.NUMBA_NUM_THREADS]
     print(f"airobackend kernel benchmark | ISA {fast.ISA} | numba {numba.__version__} threading layer "
@@ -345,7 +351,7 @@ def main(argv=None) -> int:
         del layers, out_w, out_raw
 
     if args.types != "none":
-        names = [GGMLType(t).name for t in fast.supported_types()] if args.types == "all" else args.types.split(",")
+        names = fast_names if args.types == "all" else [n.strip() for n in args.types.split(",")]
         print("\nper weight type: decode through one 65B layer (n_embd 8192, n_ff 22016) with every matrix in that type")
         print(f"{'slice':44s} {'thr':>3s} {'decode ms':>9s} {'GB/s':>6s} {'BW GB/s':>7s} {'ratio':>6s} "
               f"{'cpu-GB/s':>8s} {'cpu-BW':>6s} {'ratio':>5s}")
