@@ -169,16 +169,17 @@ def load_u8x16(typingctx, arr, idx):
 
 
 @intrinsic
-def load_mask64(typingctx, arr, idx, val):
-    """8 bytes at element `idx` read as a 64-bit mask: byte lane k = `val` where bit k is set, else 0."""
+def add_mask64(typingctx, a, arr, idx, val):
+    """Byte lane k = byte k of `a` + `val` where bit k of the 8 bytes at element `idx` is set (a k-mask load and one
+    merge-masked vpaddb: q5's fifth bits)."""
     def codegen(context, builder, sig, args):
-        p = _ptr_at(context, builder, sig.args[0], args[0], sig.args[1], args[1])
+        p = _ptr_at(context, builder, sig.args[1], args[1], sig.args[2], args[2])
         m = builder.load(builder.bitcast(p, ir.IntType(64).as_pointer()), align=1, typ=ir.IntType(64))
         mb = builder.bitcast(m, ir.VectorType(ir.IntType(1), 64))
-        v8 = builder.trunc(context.cast(builder, args[2], sig.args[2], types.int32), _I8)
-        splat = _shuffle(builder, builder.insert_element(ir.Constant(_VB, None), v8, ir.Constant(_I32, 0)), [0] * 64)
-        return builder.bitcast(builder.select(mb, splat, ir.Constant(_VB, None)), _VI)
-    return I512(arr, idx, val), codegen
+        v8 = builder.trunc(context.cast(builder, args[3], sig.args[3], types.int32), _I8)
+        a8 = builder.bitcast(args[0], _VB)
+        return builder.bitcast(builder.select(mb, builder.add(a8, _splat(builder, v8, _VB)), a8), _VI)
+    return I512(a, arr, idx, val), codegen
 
 
 def _fconst(v: float) -> ir.Constant:
@@ -329,14 +330,15 @@ def halves_i(typingctx, a, b):
 
 
 @intrinsic
-def bytes_nz(typingctx, a, val):
-    """Byte lane k = `val` where byte k of `a` is non-zero, else 0."""
+def add_nz(typingctx, a, m, val):
+    """Byte lane k = byte k of `a` + `val` where byte k of `m` is non-zero, else byte k of `a` (one vptestmb and one
+    merge-masked vpaddb)."""
     def codegen(context, builder, sig, args):
-        b = builder.bitcast(args[0], _VB)
-        nz = builder.icmp_unsigned("!=", b, ir.Constant(_VB, None))
-        v8 = builder.trunc(context.cast(builder, args[1], sig.args[1], types.int32), _I8)
-        return builder.bitcast(builder.select(nz, _splat(builder, v8, _VB), ir.Constant(_VB, None)), _VI)
-    return I512(a, val), codegen
+        a8, m8 = builder.bitcast(args[0], _VB), builder.bitcast(args[1], _VB)
+        nz = builder.icmp_unsigned("!=", m8, ir.Constant(_VB, None))
+        v8 = builder.trunc(context.cast(builder, args[2], sig.args[2], types.int32), _I8)
+        return builder.bitcast(builder.select(nz, builder.add(a8, _splat(builder, v8, _VB)), a8), _VI)
+    return I512(a, m, val), codegen
 
 
 @intrinsic
@@ -403,19 +405,6 @@ def hsum_i(typingctx, a):
     def codegen(context, builder, sig, args):
         return _tree_sum(builder, args[0], builder.add)
     return types.int32(a), codegen
-
-
-def make_perm(mask):
-    """An intrinsic returning the i32 (or float) lanes of its argument permuted by the constant `mask`."""
-    mask = [int(m) for m in mask]
-    assert len(mask) == 16
-
-    @intrinsic
-    def perm(typingctx, a):
-        def codegen(context, builder, sig, args):
-            return _shuffle(builder, args[0], mask)
-        return a(a), codegen
-    return perm
 
 
 # ----------------------------------------------------------------------------------------------- dot products
@@ -541,33 +530,6 @@ def load_h1(typingctx, arr, idx):
     return types.float32(arr, idx), codegen
 
 
-def make_load_bytes(n, signed):
-    """An intrinsic loading `n` (<= 16) bytes at element `idx`, extended to i32 lanes 0..n-1 (other lanes 0)."""
-    @intrinsic
-    def load_bytes(typingctx, arr, idx):
-        def codegen(context, builder, sig, args):
-            v = _load(builder, _ptr_at(context, builder, sig.args[0], args[0], sig.args[1], args[1]),
-                      ir.VectorType(_I8, n))
-            w = (builder.sext if signed else builder.zext)(v, ir.VectorType(_I32, n))
-            z = ir.Constant(ir.VectorType(_I32, n), None)
-            return _shuffle(builder, w, [i if i < n else n for i in range(16)], z)
-        return I512(arr, idx), codegen
-    return load_bytes
-
-
-def make_const(values):
-    """An intrinsic with no arguments returning the constant I512 with these 16 i32 lanes."""
-    values = [int(v) for v in values]
-    assert len(values) == 16
-
-    @intrinsic
-    def const(typingctx):
-        def codegen(context, builder, sig, args):
-            return _const_vec(_I32, values)
-        return I512(), codegen
-    return const
-
-
 def bytes4(b: int) -> int:
     """The i32 with all four bytes = b (a byte-lane constant for splat_i)."""
     b &= 0xFF
@@ -594,7 +556,6 @@ def _make_load4(elt, spread):
 load_f4_bcast4 = _make_load4(_F32, False)
 load_f4_spread4 = _make_load4(_F32, True)
 load_i4_spread4 = _make_load4(_I32, True)
-
 
 
 def _q4k_scales(builder, ptr):
@@ -697,3 +658,46 @@ def make_s8_words(mask):
             return builder.bitcast(_shuffle(builder, w, mask), _VI)
         return I512(arr, idx), codegen
     return s8_words
+
+
+def _q3k_scales(builder, ptr):
+    """The 16 packed 6-bit scales of a q3_K super-block as <16 x i16> (minus 32), from 16 bytes loaded at `ptr` =
+    block + 94 (the last two quant bytes, the 12 scale bytes, d; all inside the block). Low 4 bits: byte k's low
+    nibble (k < 8) or byte k-8's high nibble; high 2 bits: byte 8 + k%4, bits 2*(k//4). 256-bit word ops, which
+    Zen 4 runs at full rate (the 512-bit i32-lane decode took ~12 double-pumped ops per super-block)."""
+    v16b = ir.VectorType(_I8, 16)
+    v16w = ir.VectorType(ir.IntType(16), 16)
+    q = _load(builder, ptr, v16b)
+    lo = builder.zext(_shuffle(builder, q, [2 + k % 8 for k in range(16)]), v16w)
+    lo = builder.and_(builder.lshr(lo, _const_vec(ir.IntType(16), [0] * 8 + [4] * 8)), _const_vec(ir.IntType(16), [15] * 16))
+    hi = builder.zext(_shuffle(builder, q, [10 + k % 4 for k in range(16)]), v16w)
+    hi = builder.shl(hi, _const_vec(ir.IntType(16), [4] * 16))
+    hi = builder.and_(builder.lshr(hi, _const_vec(ir.IntType(16), [2 * (k // 4) for k in range(16)])),
+                      _const_vec(ir.IntType(16), [0x30] * 16))
+    return builder.sub(builder.or_(lo, hi), _const_vec(ir.IntType(16), [32] * 16))
+
+
+def make_q3k_words(mask):
+    """An intrinsic returning, as an I512, the 32 words picked by the constant `mask` (word k = scale mask[k]) of the
+    q3_K super-block whose 16 bytes at element `idx` (block + 94) hold its scales (`_q3k_scales`; LLVM decodes once
+    per block for all users): `vpdpwssd` scale vectors."""
+    mask = [int(m) for m in mask]
+    assert len(mask) == 32 and all(0 <= m < 16 for m in mask)
+
+    @intrinsic
+    def q3k_words(typingctx, arr, idx):
+        def codegen(context, builder, sig, args):
+            v = _q3k_scales(builder, _ptr_at(context, builder, sig.args[0], args[0], sig.args[1], args[1]))
+            return builder.bitcast(_shuffle(builder, v, mask), _VI)
+        return I512(arr, idx), codegen
+    return q3k_words
+
+
+@intrinsic
+def q3k_scl(typingctx, arr, idx):
+    """The q3_K scales (as `make_q3k_words`) as the low word of i32 lanes 0..15, high words 0 (for `vpdpwssd` with
+    the activation block sums)."""
+    def codegen(context, builder, sig, args):
+        v = _q3k_scales(builder, _ptr_at(context, builder, sig.args[0], args[0], sig.args[1], args[1]))
+        return builder.zext(v, _VI)
+    return I512(arr, idx), codegen
