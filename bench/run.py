@@ -260,7 +260,7 @@ def slice_65b_layer(rng, use_q6k: bool):
 # ----------------------------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--mixes", default=",".join(MIXES))
+    ap.add_argument("--mixes", default=",".join(MIXES), help="7B-slice quantization mixes (comma list or 'none')")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--tokens", type=int, default=12, help="decode tokens timed (median)")
     ap.add_argument("--prompt", type=int, default=128, help="prompt batch size")
@@ -271,11 +271,22 @@ def main(argv=None) -> int:
     ap.add_argument("--files", action="store_true", help="benchmark real files written by the project's writer")
     args = ap.parse_args(argv)
     fast_names = [GGMLType(t).name for t in fast.supported_types()]
+    by_lower = {n.lower(): n for n in fast_names}
+    type_names = []
     if args.types not in ("all", "none"):
-        unknown = [n for n in args.types.split(",") if n.strip() not in fast_names]
+        asked = [n.strip() for n in args.types.split(",") if n.strip()]
+        unknown = [n for n in asked if n.lower() not in by_lower]
         if unknown:
             ap.error(f"--types: no fast kernel for {', '.join(unknown)} on this CPU; "
                      f"choose from {', '.join(fast_names) or '(none: no AVX2)'}, 'all' or 'none'")
+        type_names = [by_lower[n.lower()] for n in asked]
+    elif args.types == "all":
+        type_names = fast_names
+    from airobackend.formats.writer import MIX_BASE
+    mixes = [] if args.mixes == "none" else [m.strip() for m in args.mixes.split(",") if m.strip()]
+    bad = [m for m in mixes if m not in MIX_BASE]
+    if bad:
+        ap.error(f"--mixes: unknown {', '.join(bad)}; choose from {', '.join(MIX_BASE)} or 'none'")
     threads = [int(t) for t in args.threads.split(",")]
     threads = [t for t in threads if t <= numba.config.NUMBA_NUM_THREADS]
     print(f"airobackend kernel benchmark | ISA {fast.ISA} | numba {numba.__version__} threading layer "
@@ -294,7 +305,7 @@ def main(argv=None) -> int:
     rows = []
     hdr = (f"{'slice':44s} {'thr':>3s} {'decode tok/s':>12s} {'GB/s':>6s} {'BW GB/s':>7s} {'ratio':>6s} "
            f"{'cpu-GB/s':>8s} {'cpu-BW':>6s} {'ratio':>5s} {'prompt tok/s':>12s} {'cpu-tok/s':>9s} {'llama.cpp 2t dec/prompt':>24s}")
-    for mix in args.mixes.split(","):
+    for mix in mixes:
         s = slice_7b(mix, rng, files=args.files)
         warm = s.warm(args.prompt)
         print(f"\n{s.label}: {s.nbytes / 1e6:.0f} MB of weights ({', '.join(s.types)}), prepare {s.prepare_s:.1f} s, "
@@ -350,8 +361,8 @@ def main(argv=None) -> int:
                   f"({full_bytes / 1e9:.1f} GB of matmul weights per token, {full_bytes / t_tok / 1e9:.1f} GB/s)")
         del layers, out_w, out_raw
 
-    if args.types != "none":
-        names = fast_names if args.types == "all" else [n.strip() for n in args.types.split(",")]
+    if type_names:
+        names = type_names
         print("\nper weight type: decode through one 65B layer (n_embd 8192, n_ff 22016) with every matrix in that type")
         print(f"{'slice':44s} {'thr':>3s} {'decode ms':>9s} {'GB/s':>6s} {'BW GB/s':>7s} {'ratio':>6s} "
               f"{'cpu-GB/s':>8s} {'cpu-BW':>6s} {'ratio':>5s}")

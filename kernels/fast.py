@@ -326,8 +326,9 @@ class Q3_K(KSpec):
     acc_part = Q4_K.acc_part    # quants 0..7 (the -4 goes through the block sums): 4 products fit in 16 bits
 
     def acc_final(self, i, j):
-        return [f"acc{i}_{j} = fma(cvt(vsub(is{i}_{j}, vshl(dpwssd(Z, scl{i}, xb{j}), 2))), splat_f(d{i} * dx{j}), "
-                f"acc{i}_{j})"]
+        # the k_q2k block sums come multiplied by -4 (FastWeight._quantize): the quants' -4 offset is one more
+        # vpdpwssd on the same accumulator
+        return [f"acc{i}_{j} = fma(cvt(dpwssd(is{i}_{j}, scl{i}, xb{j})), splat_f(d{i} * dx{j}), acc{i}_{j})"]
 
 
 class Q2_K(KSpec):
@@ -346,8 +347,9 @@ class Q2_K(KSpec):
     acc_part = Q4_K.acc_part    # one vpdpbusd per part, two parts packed and scaled by one vpdpwssd
 
     def acc_final(self, i, j):
+        # block sums times -4 (k_q2k layout): -dm * sum(mn * bsum) = dm / 4 * sum(mn * xb), exact in float
         return [f"acc{i}_{j} = fma(cvt(is{i}_{j}), splat_f(d{i} * dx{j}), "
-                f"fma(cvt(dpwssd(Z, mn{i}, xb{j})), splat_f(-dm{i} * dx{j}), acc{i}_{j}))"]
+                f"fma(cvt(dpwssd(Z, mn{i}, xb{j})), splat_f(dm{i} * dx{j} * 0.25), acc{i}_{j}))"]
 
 
 class F16(Spec):
@@ -650,13 +652,14 @@ class FastWeight:
                 q8.quantize_q8_0_nibble_rows(X, XQ[:n], XD[:n], XS[:n], XF[:n])
             return XQ, steps * 128, XD, steps * 4, XS, XF.reshape(-1), steps * 4
         perm, pairs = _PERMS[lay], lay == "k_q4k"
+        bmul = -4 if lay == "k_q2k" else 1      # q2_K/q3_K: see Q3_K.acc_final
         XQ = new((n_pad, steps * 256), np.int8)
         XD = new((n_pad, steps), np.float32)
         XS = new((n_pad, steps * 16), np.int32)
         if n == 1:
-            q8.quantize_q8_K(X[0], perm, pairs, XQ[0], XD[0], XS[0])
+            q8.quantize_q8_K(X[0], perm, pairs, bmul, XQ[0], XD[0], XS[0])
         else:
-            q8.quantize_q8_K_rows(X, perm, pairs, XQ[:n], XD[:n], XS[:n])
+            q8.quantize_q8_K_rows(X, perm, pairs, bmul, XQ[:n], XD[:n], XS[:n])
         return XQ, steps * 256, XD, steps, XS, _NO_F32, steps * 16
 
     def quantize_input(self, X: np.ndarray) -> tuple:

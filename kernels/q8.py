@@ -91,9 +91,9 @@ def quantize_q8_0_nibble(x, xq, xd, xsum, xs):
 
 
 @numba.jit(**JITQ)
-def quantize_q8_K(x, perm, pairs, xq, xd, xb):
-    """One row to Q8_K: xq permuted by `perm` (256 entries), xd[k] = d, xb[16k..] bsums (pairs=True: the 8 sums of
-    32-element sub-blocks in lanes 8..15, lanes 0..7 zero)."""
+def quantize_q8_K(x, perm, pairs, bmul, xq, xd, xb):
+    """One row to Q8_K: xq permuted by `perm` (256 entries), xd[k] = d, xb[16k..] bsums times `bmul` (pairs=True: the
+    8 sums of 32-element sub-blocks in lanes 8..15, lanes 0..7 zero)."""
     n = x.shape[0]
     if n % QK_K:
         raise ValueError("row length must be a multiple of 256")
@@ -126,11 +126,11 @@ def quantize_q8_K(x, perm, pairs, xq, xd, xb):
             if pairs:
                 if i % 2 == 0:
                     xb[16 * k + i // 2] = 0
-                    xb[16 * k + 8 + i // 2] = s
+                    xb[16 * k + 8 + i // 2] = s * bmul
                 else:
-                    xb[16 * k + 8 + i // 2] += s
+                    xb[16 * k + 8 + i // 2] += s * bmul
             else:
-                xb[16 * k + i] = s
+                xb[16 * k + i] = s * bmul
 
 
 # ------------------------------------------------------------------------------------------- batched (prompt) forms
@@ -141,9 +141,9 @@ def quantize_q8_0_nibble_rows(X, xq, xd, xsum, xs):
 
 
 @numba.jit(**dict(JITQ, parallel=True))
-def quantize_q8_K_rows(X, perm, pairs, xq, xd, xb):
+def quantize_q8_K_rows(X, perm, pairs, bmul, xq, xd, xb):
     for t in prange(X.shape[0]):
-        quantize_q8_K(X[t], perm, pairs, xq[t], xd[t], xb[t])
+        quantize_q8_K(X[t], perm, pairs, bmul, xq[t], xd[t], xb[t])
 
 
 @numba.jit(**dict(JITQ, parallel=True))

@@ -701,3 +701,4 @@ def q3k_scl(typingctx, arr, idx):
         v = _q3k_scales(builder, _ptr_at(context, builder, sig.args[0], args[0], sig.args[1], args[1]))
         return builder.zext(v, _VI)
     return I512(arr, idx), codegen
+
