@@ -25,7 +25,10 @@ way and the second `ratio` compares the two. Each decode token is interleaved wi
 sample, so `ratio` compares numbers taken at the same moments.
 
 By default the weights are random blocks of the right types and sizes (speed does not depend on the values) built in
-seconds, in anonymous mmaps (4 KB pages, like a model file's page cache; the kernels prefetch such weights).
+seconds, written to unlinked files under ~/.cache/airobackend/bench (or $AIRO_BENCH_DIR) and read through mmaps of
+them, as the engine reads a model file (the legacy types are repacked from there into the kernel layout).
+`--small-pages` puts them in anonymous 4 KB-page mmaps instead: a page cache filled by small writes (a fresh
+download) maps with 4 KB pages, one re-read from disk with large folios (2 MB mappings on Linux 6.18/ext4 here).
 `--files` writes real models with the project's writer into ~/.cache/airobackend/bench (or $AIRO_BENCH_DIR; reused
 on the next run) and benchmarks their mmapped tensors.
 """
@@ -35,6 +38,7 @@ import argparse
 import mmap
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -60,10 +64,20 @@ def layer_shapes(layer: int, n_embd: int, n_ff: int) -> list[tuple[str, tuple[in
             (p + "ffn_up.weight", (n_embd, n_ff))]
 
 
+SMALL_PAGES = False     # --small-pages: random weights in anonymous 4 KB-page mmaps instead of a file mapping
+
+
+def bench_dir() -> Path:
+    return Path(os.environ.get("AIRO_BENCH_DIR", Path.home() / ".cache" / "airobackend" / "bench"))
+
+
 def random_raw(t: GGMLType, n_rows: int, n_cols: int, rng: np.random.Generator) -> np.ndarray:
-    """Random blocks of type t, in an anonymous mmap: 4 KB pages like the page cache behind a model file's mapping
-    (numpy's own large arrays get transparent huge pages, which streams differently and would flatter the k-quant
-    and F16 weights that the engine reads in place from the file)."""
+    """Random blocks of type t, written to an (unlinked) file under bench_dir() and read back through a read-only
+    mmap of it: the memory the engine reads k-quant and F16 weights from is a model file's page cache, whose page
+    size depends on the kernel and file system (4 KB pages on older kernels; on Linux 6.18/ext4 here, large folios
+    mapped as 2 MB pages, unless the file came into the cache through small writes, e.g. a fresh download), and it
+    streams differently from numpy's own (huge-page) or anonymous 4 KB memory. `--small-pages` (SMALL_PAGES) puts
+    them in anonymous 4 KB-page mmaps instead, which stream like a small-folio page cache."""
     per, nb = BLOCK[t]
     if t == GGMLType.F16:
         src = (rng.standard_normal((n_rows, n_cols), dtype=np.float32) * 0.02).astype(np.float16).view(np.uint8)
@@ -73,9 +87,17 @@ def random_raw(t: GGMLType, n_rows: int, n_cols: int, rng: np.random.Generator) 
         for off in HALF_FIELDS[t]:
             src[:, :, off:off + 2] = np.array([0.001], np.float16).view(np.uint8)
         src = src.reshape(n_rows, n_blk * nb)
-    raw = np.frombuffer(mmap.mmap(-1, src.nbytes), np.uint8).reshape(src.shape)
-    raw[...] = src
-    return raw
+    if SMALL_PAGES:
+        raw = np.frombuffer(mmap.mmap(-1, src.nbytes), np.uint8).reshape(src.shape)
+        raw[...] = src
+        return raw
+    d = bench_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=d) as f:
+        f.write(memoryview(np.ascontiguousarray(src)).cast("B"))
+        f.flush()
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)     # the mapping keeps the unlinked file alive
+    return np.frombuffer(mm, np.uint8).reshape(src.shape)
 
 
 class Slice:
@@ -198,7 +220,7 @@ def slice_7b(mix: str, rng, n_layer=4, n_embd=4096, n_ff=11008, n_vocab=32000, f
 def slice_from_file(mix, n_layer, n_embd, n_ff, n_vocab):
     from airobackend.formats import open_model
     from airobackend.formats.writer import write_synthetic_model
-    root = Path(os.environ.get("AIRO_BENCH_DIR", Path.home() / ".cache" / "airobackend" / "bench"))
+    root = bench_dir()
     root.mkdir(parents=True, exist_ok=True)
     path = root / f"slice-{n_embd}-{n_ff}-{n_layer}-{n_vocab}-{mix}.gguf"
     if not path.exists():
@@ -269,7 +291,12 @@ def main(argv=None) -> int:
                     help="weight types for the per-type 65B-layer decode table (comma list, 'all' or 'none')")
     ap.add_argument("--no-attention", action="store_true")
     ap.add_argument("--files", action="store_true", help="benchmark real files written by the project's writer")
+    ap.add_argument("--small-pages", action="store_true",
+                    help="random weights in anonymous 4 KB-page memory (like a freshly downloaded file's page cache) "
+                         "instead of a file mapping")
     args = ap.parse_args(argv)
+    global SMALL_PAGES
+    SMALL_PAGES = args.small_pages
     fast_names = [GGMLType(t).name for t in fast.supported_types()]
     by_lower = {n.lower(): n for n in fast_names}
     type_names = []
