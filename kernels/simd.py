@@ -228,6 +228,16 @@ def store_f(typingctx, arr, idx, v):
 
 
 @intrinsic
+def store_i(typingctx, arr, idx, v):
+    """Store an I512 (64 bytes) at element `idx` of array `arr` (any dtype)."""
+    def codegen(context, builder, sig, args):
+        p = _ptr_at(context, builder, sig.args[0], args[0], sig.args[1], args[1])
+        builder.store(args[2], builder.bitcast(p, _VI.as_pointer()), align=1)
+        return context.get_dummy_value()
+    return types.void(arr, idx, I512), codegen
+
+
+@intrinsic
 def store_h16(typingctx, arr, idx, v):
     """Store F512 rounded to 16 IEEE halves (round to nearest even, `vcvtps2ph`) at element `idx` (32 bytes)."""
     def codegen(context, builder, sig, args):
@@ -702,3 +712,32 @@ def q3k_scl(typingctx, arr, idx):
         return builder.zext(v, _VI)
     return I512(arr, idx), codegen
 
+
+
+_HAS_GFNI = ISA == "avx512vnni" and bool(llb.get_host_cpu_features().get("gfni"))
+
+
+def make_bitfield(lo: int, n: int):
+    """An intrinsic: each byte of its I512 argument -> its bits lo..lo+n-1, moved to bits 0..n-1 (others 0).
+
+    With GFNI one `vgf2p8affineqb` (a per-byte bit-matrix product) replaces the shift and the mask; else a 32-bit
+    lane shift and a byte mask."""
+    assert 0 <= lo and 1 <= n and lo + n <= 8
+    # gf2p8affine: result bit i = parity(matrix byte (7 - i) & x); matrix byte (7 - i) = 1 << (lo + i) for i < n
+    matrix = sum((1 << (lo + i)) << (8 * (7 - i)) for i in range(n))
+    matrix = matrix - (1 << 64) if matrix >= 1 << 63 else matrix
+    mask = (1 << n) - 1
+
+    @intrinsic
+    def bitfield(typingctx, a):
+        def codegen(context, builder, sig, args):
+            if _HAS_GFNI:
+                f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VB, [_VB, _VB, _I8]),
+                                                   "llvm.x86.vgf2p8affineqb.512")
+                mat = builder.bitcast(_const_vec(ir.IntType(64), [matrix] * 8), _VB)
+                return builder.bitcast(builder.call(f, [builder.bitcast(args[0], _VB), mat, ir.Constant(_I8, 0)]),
+                                       _VI)
+            v = builder.lshr(args[0], _const_vec(_I32, [lo] * 16)) if lo else args[0]
+            return builder.and_(v, _const_vec(_I32, [mask * 0x01010101] * 16))
+        return I512(a), codegen
+    return bitfield

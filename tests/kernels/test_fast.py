@@ -125,6 +125,24 @@ def test_f16_activation_rounding_matches_numpy():
     assert np.array_equal(out.view(np.uint32), ref_rows.reshape(-1).view(np.uint32))
 
 
+def test_bitfield_extracts_every_field_of_every_byte():
+    # the q2_K/q3_K 2-bit fields; with GFNI a bit-matrix product whose matrix layout is easy to get backwards
+    import numba
+    from airobackend.kernels import simd
+    a = np.arange(256, dtype=np.uint8)
+    for lo in range(8):
+        for n in range(1, 9 - lo):
+            f = simd.make_bitfield(lo, n)
+
+            @numba.njit
+            def run(a, out):
+                for k in range(0, a.shape[0], 64):
+                    simd.store_i(out, k, f(simd.load_i(a, k)))
+            out = np.zeros_like(a)
+            run(a, out)
+            assert np.array_equal(out, (a >> lo) & ((1 << n) - 1)), (lo, n, simd._HAS_GFNI)
+
+
 @pytest.mark.parametrize("t", sorted(LEGACY), ids=lambda t: t.name)
 def test_legacy_partial_group(t):
     # 96 columns = 3 blocks: the repack pads the last group of 4 blocks with zero blocks
