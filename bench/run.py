@@ -96,6 +96,7 @@ def random_raw(t: GGMLType, n_rows: int, n_cols: int, rng: np.random.Generator) 
     with tempfile.TemporaryFile(dir=d) as f:
         f.write(memoryview(np.ascontiguousarray(src)).cast("B"))
         f.flush()
+        os.fsync(f.fileno())        # write back now, not as background I/O in the middle of the timed tokens
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)     # the mapping keeps the unlinked file alive
     return np.frombuffer(mm, np.uint8).reshape(src.shape)
 

@@ -43,6 +43,11 @@ ISA = simd.ISA
 CHUNK = 32          # rows per prange chunk (a multiple of every tile height)
 TILE_T = 4          # tokens per register tile in matmat
 PF_DIST = 8192      # bytes of W the mat-vec prefetches ahead into L2 (simd.prefetch_l2; 8 and 16 KB measured alike)
+# Row chunks a thread takes at a time (numba.set_parallel_chunksize around each kernel call: inside the kernel it would
+# make Numba refuse to cache it; 0 = Numba's static split into one equal range per thread). Dynamic chunks let a thread whose vCPU runs fast take over the work of one that the host slows down: with
+# the static split a 2-thread mat-vec ran at the 1-thread speed whenever one vCPU was slowed (seen in bench runs on
+# the shared VM), and with one thread artificially 3x slower a test loop took 21.1 ms static vs 10.6 ms dynamic.
+PAR_CHUNKS = 4
 
 
 # =============================================================================================== per-type code
@@ -698,7 +703,11 @@ class FastWeight:
         if n_tok != 1 or out.shape != (self.n_rows,):
             raise ValueError(f"matvec_q: {n_tok} tokens / out{list(out.shape)} do not fit a {self.n_rows}-row weight")
         tgt = out if (out.dtype == np.float32 and out.flags.c_contiguous) else np.empty(self.n_rows, np.float32)
-        self._mv(self.W, self.row_bytes, self.n_rows, self.n_steps, XQ, XD, XS, XF, tgt, self._pf)
+        old = numba.set_parallel_chunksize(PAR_CHUNKS)
+        try:
+            self._mv(self.W, self.row_bytes, self.n_rows, self.n_steps, XQ, XD, XS, XF, tgt, self._pf)
+        finally:
+            numba.set_parallel_chunksize(old)
         if tgt is not out:
             out[...] = tgt
         return out
@@ -715,8 +724,12 @@ class FastWeight:
             raise ValueError("matmat_q needs activations quantized for more than one token")
         tgt = out if (out.dtype == np.float32 and out.flags.c_contiguous) else np.empty((n_tok, self.n_rows),
                                                                                         np.float32)
-        self._mm(self.W, self.row_bytes, self.n_rows, self.n_steps, XQ, XQS, XD, XDS, XS, XF, XSS, tgt.reshape(-1),
-                 n_tok, n_pad)
+        old = numba.set_parallel_chunksize(PAR_CHUNKS)
+        try:
+            self._mm(self.W, self.row_bytes, self.n_rows, self.n_steps, XQ, XQS, XD, XDS, XS, XF, XSS,
+                     tgt.reshape(-1), n_tok, n_pad)
+        finally:
+            numba.set_parallel_chunksize(old)
         if tgt is not out:
             out[...] = tgt
         return out
