@@ -217,24 +217,19 @@ def exp_f(typingctx, a):
     return F512(F512), codegen
 
 
-@intrinsic
-def store_f(typingctx, arr, idx, v):
-    """Store 16 float32 (F512) at element `idx` of array `arr` (any dtype; 64 bytes)."""
-    def codegen(context, builder, sig, args):
-        p = _ptr_at(context, builder, sig.args[0], args[0], sig.args[1], args[1])
-        builder.store(args[2], builder.bitcast(p, _VF.as_pointer()), align=1)
-        return context.get_dummy_value()
-    return types.void(arr, idx, F512), codegen
+def _make_store(vty, vtype):
+    @intrinsic
+    def store(typingctx, arr, idx, v):
+        def codegen(context, builder, sig, args):
+            p = _ptr_at(context, builder, sig.args[0], args[0], sig.args[1], args[1])
+            builder.store(args[2], builder.bitcast(p, vty.as_pointer()), align=1)
+            return context.get_dummy_value()
+        return types.void(arr, idx, vtype), codegen
+    return store
 
 
-@intrinsic
-def store_i(typingctx, arr, idx, v):
-    """Store an I512 (64 bytes) at element `idx` of array `arr` (any dtype)."""
-    def codegen(context, builder, sig, args):
-        p = _ptr_at(context, builder, sig.args[0], args[0], sig.args[1], args[1])
-        builder.store(args[2], builder.bitcast(p, _VI.as_pointer()), align=1)
-        return context.get_dummy_value()
-    return types.void(arr, idx, I512), codegen
+store_f = _make_store(_VF, F512)     # 16 float32 (64 bytes) at element `idx` of an array of any dtype
+store_i = _make_store(_VI, I512)     # an I512 (64 bytes) at element `idx` of an array of any dtype
 
 
 @intrinsic
@@ -593,22 +588,29 @@ def q4k_scales(typingctx, arr, idx):
     return I512(arr, idx), codegen
 
 
-def make_q4k_words(mask):
-    """An intrinsic returning, as an I512, the 32 words picked by the constant `mask` (word k = byte mask[k]) of the
-    16 unpacked scales/mins (`_q4k_scales`, zero-extended to 16 bits) of the q4_K/q5_K super-block whose packed scales
-    start at element `idx` (block + 4): one `vpmovzxbw` + `vpermw` per per-part scale vector for `vpdpwssd` (LLVM
-    unpacks once per block for all users)."""
+def _make_words_of(decode, mask):
+    """An intrinsic returning, as an I512, the 32 words picked by the constant `mask` from the <16 x i16> that
+    `decode(builder, ptr)` builds from the bytes at element `idx` (LLVM decodes once per block for all users)."""
     mask = [int(m) for m in mask]
     assert len(mask) == 32 and all(0 <= m < 16 for m in mask)
 
     @intrinsic
-    def q4k_words(typingctx, arr, idx):
+    def words(typingctx, arr, idx):
         def codegen(context, builder, sig, args):
-            v = _q4k_scales(builder, _ptr_at(context, builder, sig.args[0], args[0], sig.args[1], args[1]))
-            w = builder.zext(v, ir.VectorType(ir.IntType(16), 16))
-            return builder.bitcast(_shuffle(builder, w, mask), _VI)
+            v = decode(builder, _ptr_at(context, builder, sig.args[0], args[0], sig.args[1], args[1]))
+            return builder.bitcast(_shuffle(builder, v, mask), _VI)
         return I512(arr, idx), codegen
-    return q4k_words
+    return words
+
+
+_V16W = ir.VectorType(ir.IntType(16), 16)
+
+
+def make_q4k_words(mask):
+    """Word k = scale/min mask[k] of the 16 unpacked scales/mins (`_q4k_scales`, zero-extended to 16 bits) of the
+    q4_K/q5_K super-block whose packed scales start at element `idx` (block + 4): one `vpmovzxbw` + `vpermw` per
+    per-part scale vector for `vpdpwssd`."""
+    return _make_words_of(lambda builder, ptr: builder.zext(_q4k_scales(builder, ptr), _V16W), mask)
 
 
 @intrinsic
@@ -654,20 +656,11 @@ def make_words(mask):
 
 
 def make_s8_words(mask):
-    """An intrinsic returning, as an I512, the 32 words picked by the constant `mask` (word k = byte mask[k]) of the
-    16 signed bytes at element `idx` sign-extended to 16 bits (q6_K's sub-block scales; `vpermb` + `vpmovsxbw`)."""
-    mask = [int(m) for m in mask]
-    assert len(mask) == 32 and all(0 <= m < 16 for m in mask)
-
-    @intrinsic
-    def s8_words(typingctx, arr, idx):
-        def codegen(context, builder, sig, args):
-            v = _load(builder, _ptr_at(context, builder, sig.args[0], args[0], sig.args[1], args[1]),
-                      ir.VectorType(_I8, 16))
-            w = builder.sext(v, ir.VectorType(ir.IntType(16), 16))
-            return builder.bitcast(_shuffle(builder, w, mask), _VI)
-        return I512(arr, idx), codegen
-    return s8_words
+    """Word k = byte mask[k] of the 16 signed bytes at element `idx` sign-extended to 16 bits (q6_K's sub-block
+    scales; `vpermb` + `vpmovsxbw`)."""
+    def decode(builder, ptr):
+        return builder.sext(_load(builder, ptr, ir.VectorType(_I8, 16)), _V16W)
+    return _make_words_of(decode, mask)
 
 
 def _q3k_scales(builder, ptr):
@@ -688,19 +681,9 @@ def _q3k_scales(builder, ptr):
 
 
 def make_q3k_words(mask):
-    """An intrinsic returning, as an I512, the 32 words picked by the constant `mask` (word k = scale mask[k]) of the
-    q3_K super-block whose 16 bytes at element `idx` (block + 94) hold its scales (`_q3k_scales`; LLVM decodes once
-    per block for all users): `vpdpwssd` scale vectors."""
-    mask = [int(m) for m in mask]
-    assert len(mask) == 32 and all(0 <= m < 16 for m in mask)
-
-    @intrinsic
-    def q3k_words(typingctx, arr, idx):
-        def codegen(context, builder, sig, args):
-            v = _q3k_scales(builder, _ptr_at(context, builder, sig.args[0], args[0], sig.args[1], args[1]))
-            return builder.bitcast(_shuffle(builder, v, mask), _VI)
-        return I512(arr, idx), codegen
-    return q3k_words
+    """Word k = scale mask[k] of the q3_K super-block whose 16 bytes at element `idx` (block + 94) hold its scales
+    (`_q3k_scales`): `vpdpwssd` scale vectors."""
+    return _make_words_of(_q3k_scales, mask)
 
 
 @intrinsic
