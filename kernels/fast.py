@@ -72,6 +72,7 @@ class Spec:
     tile_r = 4
     tile_t = TILE_T
     mv_rows = 1         # rows per mat-vec step (2 measured 2x slower from DRAM: one stream per core streams best)
+    prefetch_short = False  # prefetch short rows in anonymous memory too (see FastWeight._pf)
     consts: dict[str, str] = {}
 
     def row_setup(self, i):
@@ -94,6 +95,7 @@ class Spec:
 
 
 class Q4_0(Spec):
+    prefetch_short = True   # q4_0/q4_1/q5_0/q5_1 (not q8_0, whose Q8_0 subclass turns it off again)
     name, layout, block_bytes, step_bytes = "q4_0", "nib", 18, 72
     consts = {"M4": "splat_i(0x0F0F0F0F)", "C8": "splat_i(-8)"}
     # repacked group: [qs of 4 blocks: 64][d x4: 8]
@@ -165,6 +167,7 @@ class Q8_0(Q4_0):
     16..31: both loads then meet the nibble-order activations, and i32 lanes 4b..4b+3 of both products belong to block
     b, so one conversion and one FMA per group serve both halves (as for q4_0)."""
     name, block_bytes, step_bytes = "q8_0", 34, 136
+    prefetch_short = False
     repack = ([(b, 2 + j) for b in range(4) for j in range(16)] + [(b, 18 + j) for b in range(4) for j in range(16)]
               + [(b, k) for b in range(4) for k in range(2)])
     vnni = ISA == "avx512vnni"
@@ -633,10 +636,12 @@ class FastWeight:
         # core); (2) for weights read in place from the model file's mapping, whatever its page size: with a 4 KB-page
         # page cache, where the hardware prefetchers stop (7B q4_K_M slice from a file, 2 threads: 30-42 -> 51-58
         # tok/s), and with the 2 MB-mapped large folios of Linux 6.18 on ext4 (65B-layer shapes, 2 threads, against
-        # a 41-45 GB/s bandwidth sample: q4_K 30.7 -> 37.1 GB/s, F16 28.8 -> 42.0, q6_K 37.2 -> 43.4). For
-        # short rows in anonymous (huge-page) memory, e.g. the repacked legacy types, it measured equal or up to 5 %
-        # slower on 2 threads (q8_0: 10-25 %), so it stays off there.
-        self._pf = n_cols * _ACT_BYTES[spec.layout] > PF_MIN_ACT or _file_backed(W)
+        # a 41-45 GB/s bandwidth sample: q4_K 30.7 -> 37.1 GB/s, F16 28.8 -> 42.0, q6_K 37.2 -> 43.4); (3) for the
+        # repacked 4- and 5-bit legacy types (anonymous huge-page memory) at any row length: a 65B layer's seven
+        # matrices interleaved, prefetch off for short rows -> on, mean GB/s: q4_0 29.8 -> 31.4 (2 thr), 21.5 -> 23.0
+        # (1 thr); q5_0 33.1 -> 33.0, 22.5 -> 23.6; q4_1 +1-2 %, q5_1 +0-3 %; but q8_0 34.5 -> 30.9, 20.7 -> 18.9,
+        # so not for q8_0 (Spec.prefetch_short).
+        self._pf = n_cols * _ACT_BYTES[spec.layout] > PF_MIN_ACT or _file_backed(W) or spec.prefetch_short
 
     # activation buffers for n tokens: (XQ, XD, XS, XF) 2-D, zero-padded rows beyond the real tokens
     def _quantize(self, X: np.ndarray, n_pad: int):
