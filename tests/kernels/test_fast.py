@@ -236,6 +236,47 @@ def test_weights_read_from_the_file_mapping_prefetch(fixtures_dir):
     assert not fast.prepare_fast(G.Q4_K, random_blocks(G.Q4_K, 4, 512, rng), 4, 512)._pf
 
 
+def _mapping_rss_kb(addr: int) -> int:
+    lines = open("/proc/self/smaps").read().splitlines()
+    for i, line in enumerate(lines):
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            if lo <= addr < hi:
+                return next(int(x.split()[1]) for x in lines[i + 1:] if x.startswith("Rss:"))
+    raise AssertionError("mapping not found")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux /proc/self/smaps")
+def test_repacked_weights_release_the_file_pages(tmp_path):
+    # a repacked tensor's bytes in the model file's mapping are dropped from the process once copied, so RSS stays
+    # about the file size instead of file + copy; the numbers must not change, and in-place weights keep theirs
+    import mmap
+    rng = np.random.default_rng(11)
+    n_rows, n_cols = 512, 4096                          # ~1.2 MB each: hundreds of whole pages
+    raws = {t: random_blocks(t, n_rows, n_cols, rng) for t in (G.Q4_0, G.Q4_K)}
+    for t, raw in raws.items():
+        path = tmp_path / f"{t.name}.bin"
+        path.write_bytes(raw.tobytes())
+        with open(path, "rb") as f:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        view = np.frombuffer(mm, np.uint8).reshape(raw.shape)
+        addr = view.ctypes.data
+        assert int(view.sum(dtype=np.uint64)) == int(raw.sum(dtype=np.uint64))     # every page resident now
+        before = _mapping_rss_kb(addr)
+        assert before * 1024 >= raw.nbytes - mmap.PAGESIZE
+        fw = fast.prepare_fast(t, view, n_rows, n_cols)
+        after = _mapping_rss_kb(addr)
+        if t == G.Q4_0:
+            assert after * 1024 <= 2 * mmap.PAGESIZE, (before, after)
+        else:
+            assert after == before                      # k-quants are read in place: nothing to release
+        x = rng.standard_normal(n_cols).astype(np.float32)
+        ref = fast.prepare_fast(t, raw, n_rows, n_cols).matvec(x, np.empty(n_rows, np.float32))
+        assert np.array_equal(fw.matvec(x, np.empty(n_rows, np.float32)), ref)
+        del fw, view
+
+
 # ------------------------------------------------------------------------------------------ the AVX2 build
 _AVX2_SCRIPT = r"""
 import sys, numpy as np
