@@ -663,37 +663,7 @@ def make_s8_words(mask):
     return _make_words_of(decode, mask)
 
 
-def _q3k_scales(builder, ptr):
-    """The 16 packed 6-bit scales of a q3_K super-block as <16 x i16> (minus 32), from 16 bytes loaded at `ptr` =
-    block + 94 (the last two quant bytes, the 12 scale bytes, d; all inside the block). Low 4 bits: byte k's low
-    nibble (k < 8) or byte k-8's high nibble; high 2 bits: byte 8 + k%4, bits 2*(k//4). 256-bit word ops, which
-    Zen 4 runs at full rate (the 512-bit i32-lane decode took ~12 double-pumped ops per super-block)."""
-    v16b = ir.VectorType(_I8, 16)
-    v16w = ir.VectorType(ir.IntType(16), 16)
-    q = _load(builder, ptr, v16b)
-    lo = builder.zext(_shuffle(builder, q, [2 + k % 8 for k in range(16)]), v16w)
-    lo = builder.and_(builder.lshr(lo, _const_vec(ir.IntType(16), [0] * 8 + [4] * 8)), _const_vec(ir.IntType(16), [15] * 16))
-    hi = builder.zext(_shuffle(builder, q, [10 + k % 4 for k in range(16)]), v16w)
-    hi = builder.shl(hi, _const_vec(ir.IntType(16), [4] * 16))
-    hi = builder.and_(builder.lshr(hi, _const_vec(ir.IntType(16), [2 * (k // 4) for k in range(16)])),
-                      _const_vec(ir.IntType(16), [0x30] * 16))
-    return builder.sub(builder.or_(lo, hi), _const_vec(ir.IntType(16), [32] * 16))
 
-
-def make_q3k_words(mask):
-    """Word k = scale mask[k] of the q3_K super-block whose 16 bytes at element `idx` (block + 94) hold its scales
-    (`_q3k_scales`): `vpdpwssd` scale vectors."""
-    return _make_words_of(_q3k_scales, mask)
-
-
-@intrinsic
-def q3k_scl(typingctx, arr, idx):
-    """The q3_K scales (as `make_q3k_words`) as the low word of i32 lanes 0..15, high words 0 (for `vpdpwssd` with
-    the activation block sums)."""
-    def codegen(context, builder, sig, args):
-        v = _q3k_scales(builder, _ptr_at(context, builder, sig.args[0], args[0], sig.args[1], args[1]))
-        return builder.zext(v, _VI)
-    return I512(arr, idx), codegen
 
 
 

@@ -103,7 +103,8 @@ def test_long_rows_take_the_prefetching_matvec(t):
     fw._pf = False
     assert np.array_equal(fw.matvec(x, np.empty(n_rows, np.float32)), with_pf)
     short = fast.prepare_fast(t, random_blocks(t, 3, 512, rng), 3, 512)
-    assert short._pf == (t in (G.Q4_0, G.Q4_1, G.Q5_0, G.Q5_1))     # in memory, short rows: those four only
+    assert short._pf == (t in (G.Q4_0, G.Q4_1, G.Q5_0, G.Q5_1, G.Q3_K))    # in memory, short rows: the repacked
+                                                                            # types but q8_0
 
 
 def test_f16_activation_rounding_matches_numpy():
@@ -254,7 +255,7 @@ def test_repacked_weights_release_the_file_pages(tmp_path):
     import mmap
     rng = np.random.default_rng(11)
     n_rows, n_cols = 512, 4096                          # ~1.2 MB each: hundreds of whole pages
-    raws = {t: random_blocks(t, n_rows, n_cols, rng) for t in (G.Q4_0, G.Q4_K)}
+    raws = {t: random_blocks(t, n_rows, n_cols, rng) for t in (G.Q4_0, G.Q3_K, G.Q4_K)}
     for t, raw in raws.items():
         path = tmp_path / f"{t.name}.bin"
         path.write_bytes(raw.tobytes())
@@ -267,7 +268,7 @@ def test_repacked_weights_release_the_file_pages(tmp_path):
         assert before * 1024 >= raw.nbytes - mmap.PAGESIZE
         fw = fast.prepare_fast(t, view, n_rows, n_cols)
         after = _mapping_rss_kb(addr)
-        if t == G.Q4_0:
+        if t != G.Q4_K:                                 # q4_0 and q3_K are repacked
             assert after * 1024 <= 2 * mmap.PAGESIZE, (before, after)
         else:
             assert after == before                      # k-quants are read in place: nothing to release
