@@ -9,9 +9,10 @@ How it works
   weight quants meets one 64-byte load of activation quants.
 * Inner products run on integers with `vpdpbusd` / `vpmaddubsw`+`vpdpwssd` (AVX-512 VNNI) or `vpmaddubsw`+`vpmaddwd`
   (AVX2), emitted through llvmlite (kernels/simd.py); block scales are applied in float once per 128/256 weights.
-* k-quants and F16 are read straight from the (mmapped) file bytes. The legacy 32-weight types are repacked once at
-  load into groups of 4 blocks (quants contiguous, then the fp16 scales, then q5's high bits as 64-bit lane masks):
-  exactly the file's size, one stream per row.
+* k-quants and F16 are read straight from the (mmapped) file bytes, but q3_K, repacked once at load with its scales
+  pre-decoded (114-byte blocks). The legacy 32-weight types are repacked once at load into groups of 4 blocks (quants
+  contiguous, then the fp16 scales, then q5's high bits as 64-bit lane masks): exactly the file's size, one stream
+  per row. The file pages a repack read are then released from the process.
 * Decode (`matvec`): `prange` over chunks of 32 rows, one row at a time (the single-row loop already outruns DRAM on
   one core). Prompt (`matmat`): all tokens quantized first, then `prange` over 32-row chunks, a register tile of
   R rows x 4 tokens (R = 4 for the legacy types and F16, 2 for the k-quants, whose per-sub-block scale vectors take
@@ -812,7 +813,7 @@ def prepare_fast(ggml_type, raw2d: np.ndarray, n_rows: int, n_cols: int) -> Fast
     """A FastWeight for this tensor, or None when the CPU lacks AVX2 or the type/shape has no fast kernel.
 
     raw2d: uint8[n_rows, row_bytes], the tensor's blocks as stored in the file (read-only views are fine; k-quant and
-    F16 rows are used in place, the legacy types are copied once into the kernel layout)."""
+    F16 rows are used in place, the legacy types and q3_K are copied once into the kernel layout)."""
     if ISA == "none":
         return None
     spec = SPECS.get(int(ggml_type))
