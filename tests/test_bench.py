@@ -1,0 +1,40 @@
+"""bench/run.py's command line: nonsense is a usage error naming the valid choices, before any measuring starts."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+RUN = Path(__file__).resolve().parents[1] / "bench" / "run.py"
+
+
+def _bench(*args: str, timeout: int = 120, env_dir: Path | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, **({"AIRO_BENCH_DIR": str(env_dir)} if env_dir else {}))
+    return subprocess.run([sys.executable, str(RUN), *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.parametrize("args, names", [
+    (["--mixes", "q9_X"], ["--mixes: unknown q9_X", "q4_K_M", "'none'"]),
+    (["--mixes", "none", "--types", "q7_K"], ["--types: no fast kernel for q7_K", "'all' or 'none'"]),
+])
+def test_unknown_choices_are_usage_errors(args, names):
+    r = _bench(*args)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    for n in names:
+        assert n in r.stderr, r.stderr
+    assert "read bandwidth" not in r.stdout        # refused before measuring anything
+
+
+@pytest.mark.skipif(__import__("airobackend.kernels.fast", fromlist=["ISA"]).ISA == "none",
+                    reason="no fast kernels on this CPU: --types has nothing to match")
+def test_type_names_match_case_insensitively(tmp_path):
+    # 'q4_k' names Q4_K: one 65B layer in q4_K (its random weights in an unlinked file under AIRO_BENCH_DIR)
+    r = _bench("--mixes", "none", "--no-65b", "--no-attention", "--types", "q4_k", "--threads", "1", "--tokens", "1",
+               env_dir=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "65B layer, all Q4_K" in r.stdout
+    assert list(tmp_path.iterdir()) == []           # the weight file was unlinked
