@@ -73,6 +73,7 @@ _F32 = ir.FloatType()
 _VI = ir.VectorType(_I32, 16)
 _VF = ir.VectorType(_F32, 16)
 _VB = ir.VectorType(_I8, 64)
+_V16W = ir.VectorType(ir.IntType(16), 16)     # 16 x i16: one 256-bit vector of words
 
 
 def _ptr_at(context, builder, arrty, arr, idxty, idx):
@@ -168,6 +169,13 @@ def load_u8x16(typingctx, arr, idx):
     return I512(arr, idx), codegen
 
 
+def _add_where(context, builder, mask, a, val, valty):
+    """Byte lane k of I512 `a` plus scalar `val` where bit k of the <64 x i1> `mask` is set (merge-masked vpaddb)."""
+    a8 = builder.bitcast(a, _VB)
+    v8 = builder.trunc(context.cast(builder, val, valty, types.int32), _I8)
+    return builder.bitcast(builder.select(mask, builder.add(a8, _splat(builder, v8, _VB)), a8), _VI)
+
+
 @intrinsic
 def add_mask64(typingctx, a, arr, idx, val):
     """Byte lane k = byte k of `a` + `val` where bit k of the 8 bytes at element `idx` is set (a k-mask load and one
@@ -176,9 +184,7 @@ def add_mask64(typingctx, a, arr, idx, val):
         p = _ptr_at(context, builder, sig.args[1], args[1], sig.args[2], args[2])
         m = builder.load(builder.bitcast(p, ir.IntType(64).as_pointer()), align=1, typ=ir.IntType(64))
         mb = builder.bitcast(m, ir.VectorType(ir.IntType(1), 64))
-        v8 = builder.trunc(context.cast(builder, args[3], sig.args[3], types.int32), _I8)
-        a8 = builder.bitcast(args[0], _VB)
-        return builder.bitcast(builder.select(mb, builder.add(a8, _splat(builder, v8, _VB)), a8), _VI)
+        return _add_where(context, builder, mb, args[0], args[3], sig.args[3])
     return I512(a, arr, idx, val), codegen
 
 
@@ -339,10 +345,8 @@ def add_nz(typingctx, a, m, val):
     """Byte lane k = byte k of `a` + `val` where byte k of `m` is non-zero, else byte k of `a` (one vptestmb and one
     merge-masked vpaddb)."""
     def codegen(context, builder, sig, args):
-        a8, m8 = builder.bitcast(args[0], _VB), builder.bitcast(args[1], _VB)
-        nz = builder.icmp_unsigned("!=", m8, ir.Constant(_VB, None))
-        v8 = builder.trunc(context.cast(builder, args[2], sig.args[2], types.int32), _I8)
-        return builder.bitcast(builder.select(nz, builder.add(a8, _splat(builder, v8, _VB)), a8), _VI)
+        nz = builder.icmp_unsigned("!=", builder.bitcast(args[1], _VB), ir.Constant(_VB, None))
+        return _add_where(context, builder, nz, args[0], args[2], sig.args[2])
     return I512(a, m, val), codegen
 
 
@@ -421,13 +425,12 @@ def _dpbusd_vnni(builder, acc, u, s):
 
 def _dpbusd_avx2(builder, acc, u, s):
     v32b = ir.VectorType(_I8, 32)
-    v16w = ir.VectorType(ir.IntType(16), 16)
     v8d = ir.VectorType(_I32, 8)
-    maddubs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16w, [v32b, v32b]),
+    maddubs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16W, [v32b, v32b]),
                                              "llvm.x86.avx2.pmadd.ub.sw")
-    maddwd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8d, [v16w, v16w]),
+    maddwd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8d, [_V16W, _V16W]),
                                             "llvm.x86.avx2.pmadd.wd")
-    ones = ir.Constant(v16w, [ir.Constant(ir.IntType(16), 1)] * 16)
+    ones = ir.Constant(_V16W, [ir.Constant(ir.IntType(16), 1)] * 16)
     halves = []
     for h in range(2):
         lanes = list(range(8 * h, 8 * h + 8))
@@ -487,8 +490,7 @@ def _maddubs(builder, u, s):
                                            "llvm.x86.avx512.pmaddubs.w.512")
         return builder.bitcast(builder.call(f, [builder.bitcast(u, v64b), builder.bitcast(s, v64b)]), _VI)
     v32b = ir.VectorType(_I8, 32)
-    v16w = ir.VectorType(ir.IntType(16), 16)
-    f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16w, [v32b, v32b]),
+    f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16W, [v32b, v32b]),
                                        "llvm.x86.avx2.pmadd.ub.sw")
     halves = []
     for h in range(2):
@@ -511,15 +513,14 @@ def dpwssd(typingctx, acc, a, b):
             f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VI, [_VI] * 3),
                                                "llvm.x86.avx512.vpdpwssd.512")
             return builder.call(f, [acc_, a_, b_])
-        v16w = ir.VectorType(ir.IntType(16), 16)
         v8d = ir.VectorType(_I32, 8)
-        f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8d, [v16w, v16w]),
+        f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v8d, [_V16W, _V16W]),
                                            "llvm.x86.avx2.pmadd.wd")
         halves = []
         for h in range(2):
             lanes = list(range(8 * h, 8 * h + 8))
-            ah = builder.bitcast(_shuffle(builder, a_, lanes), v16w)
-            bh = builder.bitcast(_shuffle(builder, b_, lanes), v16w)
+            ah = builder.bitcast(_shuffle(builder, a_, lanes), _V16W)
+            bh = builder.bitcast(_shuffle(builder, b_, lanes), _V16W)
             halves.append(builder.call(f, [ah, bh]))
         return builder.add(acc_, _shuffle(builder, halves[0], list(range(16)), halves[1]))
     return I512(acc, a, b), codegen
@@ -603,8 +604,6 @@ def _make_words_of(decode, mask):
     return words
 
 
-_V16W = ir.VectorType(ir.IntType(16), 16)
-
 
 def make_q4k_words(mask):
     """Word k = scale/min mask[k] of the 16 unpacked scales/mins (`_q4k_scales`, zero-extended to 16 bits) of the
@@ -628,8 +627,7 @@ def packs(typingctx, a, b):
                                                "llvm.x86.avx512.packssdw.512")
             return builder.bitcast(builder.call(f, [a_, b_]), _VI)
         v8d = ir.VectorType(_I32, 8)
-        v16w = ir.VectorType(ir.IntType(16), 16)
-        f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v16w, [v8d, v8d]),
+        f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16W, [v8d, v8d]),
                                            "llvm.x86.avx2.packssdw")
         halves = []
         for h in range(2):
@@ -661,10 +659,6 @@ def make_s8_words(mask):
     def decode(builder, ptr):
         return builder.sext(_load(builder, ptr, ir.VectorType(_I8, 16)), _V16W)
     return _make_words_of(decode, mask)
-
-
-
-
 
 
 _HAS_GFNI = ISA == "avx512vnni" and bool(llb.get_host_cpu_features().get("gfni"))
