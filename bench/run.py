@@ -390,12 +390,11 @@ def main(argv=None) -> int:
         del layers, out_w, out_raw
 
     if type_names:
-        names = type_names
         print("\nper weight type: decode through one 65B layer (n_embd 8192, n_ff 22016) with every matrix in that type")
         print(f"{'slice':44s} {'thr':>3s} {'decode ms':>9s} {'GB/s':>6s} {'BW GB/s':>7s} {'ratio':>6s} "
               f"{'cpu-GB/s':>8s} {'cpu-BW':>6s} {'ratio':>5s}")
-        for name in names:
-            s = slice_65b_type(rng, GGMLType[name.strip()])
+        for name in type_names:
+            s = slice_65b_type(rng, GGMLType[name])
             s.warm(4)
             for nt in threads:
                 numba.set_num_threads(nt)
