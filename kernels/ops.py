@@ -237,6 +237,21 @@ def _attention_tile128(q, kh, vh, n_past, t0, m, h, scale, out):
                     out[t0 + t1, h * 128:(h + 1) * 128])
 
 
+@njit(**JIT)
+def _tile_plan(q, k_cache):
+    """(n_gqa, 1 / sqrt(head_dim), tiles per head) of the tiled attention kernels, whose work items are one tile of
+    ATT_TILE query tokens of one query head each."""
+    n_tok, n_head, head_dim = q.shape
+    return n_head // k_cache.shape[0], np.float32(1.0 / math.sqrt(head_dim)), (n_tok + ATT_TILE - 1) // ATT_TILE
+
+
+@njit(**JIT)
+def _tile_of(item, n_tiles, n_tok):
+    """(query head, first token, tokens) of work item `item` of a tiled attention kernel."""
+    t0 = (item % n_tiles) * ATT_TILE
+    return item // n_tiles, t0, min(ATT_TILE, n_tok - t0)
+
+
 @njit(**JIT_PARALLEL)
 def attention_simd(q, k_cache, v_cache, n_past, out):
     """attention_tiled with 16-lane vectors (head_dim % 16 == 0; needs F16C), one work item per (query head, tile of
@@ -245,13 +260,9 @@ def attention_simd(q, k_cache, v_cache, n_past, out):
     horizontal sums) and the value sums run two tokens per pass over the value rows (_pv_pair128); otherwise a
     score is one vector FMA chain + horizontal sum (_attention_tile), which is also the decode path."""
     n_tok, n_head, head_dim = q.shape
-    n_gqa = n_head // k_cache.shape[0]
-    scale = np.float32(1.0 / math.sqrt(head_dim))
-    n_tiles = (n_tok + ATT_TILE - 1) // ATT_TILE
+    n_gqa, scale, n_tiles = _tile_plan(q, k_cache)
     for item in prange(n_head * n_tiles):
-        # each work item is one tile of one query head
-        h, t0 = item // n_tiles, (item % n_tiles) * ATT_TILE
-        m = min(ATT_TILE, n_tok - t0)
+        h, t0, m = _tile_of(item, n_tiles, n_tok)
         kh, vh = k_cache[h // n_gqa], v_cache[h // n_gqa]
         if head_dim == 128 and m >= 8:
             _attention_tile128(q, kh, vh, n_past, t0, m, h, scale, out)
@@ -313,12 +324,9 @@ def attention_tiled(q, k_cache, v_cache, n_past, out):
     """attention_rows, computed per (query head, tile of ATT_TILE tokens): each key/value row is converted from fp16
     once per tile and meets every token of the tile that may see it."""
     n_tok, n_head, head_dim = q.shape
-    n_gqa = n_head // k_cache.shape[0]
-    scale = np.float32(1.0 / math.sqrt(head_dim))
-    n_tiles = (n_tok + ATT_TILE - 1) // ATT_TILE
+    n_gqa, scale, n_tiles = _tile_plan(q, k_cache)
     for item in prange(n_head * n_tiles):
-        h, t0 = item // n_tiles, (item % n_tiles) * ATT_TILE
-        m = min(ATT_TILE, n_tok - t0)
+        h, t0, m = _tile_of(item, n_tiles, n_tok)
         n_kv = n_past + t0 + m                         # keys seen by the tile's last token
         kh, vh = k_cache[h // n_gqa], v_cache[h // n_gqa]
         Q = np.empty((m, head_dim), np.float32)        # scratch per tile (not per key)
