@@ -9,8 +9,9 @@ How it works
   weight quants meets one 64-byte load of activation quants.
 * Inner products run on integers with `vpdpbusd` / `vpmaddubsw`+`vpdpwssd` (AVX-512 VNNI) or `vpmaddubsw`+`vpmaddwd`
   (AVX2), emitted through llvmlite (kernels/simd.py); block scales are applied in float once per 128/256 weights.
-* k-quants and F16 are read straight from the (mmapped) file bytes, but q3_K, repacked once at load with its scales
-  pre-decoded (114-byte blocks). The legacy 32-weight types are repacked once at load into groups of 4 blocks (quants
+* q4_K, q5_K, q6_K and F16 are read straight from the (mmapped) file bytes. q2_K and q3_K are repacked once at load
+  so that every i32 lane of a dot product holds one 16-weight sub-block (q3_K with its scales pre-decoded, 114-byte
+  blocks; see `_K2`). The legacy 32-weight types are repacked once at load into groups of 4 blocks (quants
   contiguous, then the fp16 scales, then q5's high bits as 64-bit lane masks): exactly the file's size, one stream
   per row. The file pages a repack read are then released from the process.
 * Decode (`matvec`): `prange` over chunks of 32 rows, one row at a time (the single-row loop already outruns DRAM on
@@ -62,7 +63,7 @@ class Spec:
     `xq{j}`, `xd{j}`, `xs{j}` (offsets of the step in XQ, XD, XS/XF), the constants of `consts`.
     """
     name = ""
-    layout = ""         # activation layout: 'nib', 'k_nat', 'k_q4k', 'k_q2k', 'f16'
+    layout = ""         # activation layout: 'nib', 'k_nat', 'k_q4k', 'k_sub', 'f16'
     block_bytes = 0     # file bytes per block (weights per block = `block_w`)
     block_w = 32
     step_w = 128        # weights per kernel step
@@ -224,12 +225,6 @@ _SC_WORDS = {f"PW{h}": [_K4_SB[2 * h + w // 4][c // 2] for c in range(4) for w i
 # q6_K word scales (simd.make_s8_words) for packs(P_2h, P_2h+1): i32 lanes 4c..4c+3 of part p belong to the 16-weight
 # sub-block 4p + c
 _S6_WORDS = {f"SW{h}": [4 * (2 * h + w // 4) + c for c in range(4) for w in range(8)] for h in range(2)}
-# q2_K/q3_K word scales (simd.make_words) for packs(P_2h, P_2h+1): part p (shift 2p of the 64 packed bytes) covers
-# sub-blocks 2p, 2p+1 (first 128 weights) and 8+2p, 9+2p (second 128), so its i32 lanes 4c..4c+3 belong to sub-block
-# (2p, 2p+1, 8+2p, 9+2p)[c]; 128-bit chunk c of the packed words holds those lanes of part 2h, then of part 2h+1
-_K2_WORDS = {f"K2W{h}": [[2 * p, 2 * p + 1, 8 + 2 * p, 9 + 2 * p][c] for c in range(4) for p in (2 * h, 2 * h + 1)
-                         for _ in range(4)] for h in range(2)}
-_K3_WORDS = {f"K3W{h}": m for h, m in enumerate(_K2_WORDS.values())}     # the same order (simd.make_s8_words)
 # q2_K/q3_K 2-bit fields: part p = bits 2p, 2p+1 of every packed byte (simd.make_bitfield: one vgf2p8affineqb with
 # GFNI instead of a shift and a mask; +2-6 % per core, same-process A/B; on q4_K's nibbles it measured nothing, the
 # instruction shares the VNNI pipes there)
@@ -319,18 +314,31 @@ class Q6_K(KSpec):
                 f"acc{i}_{j})"]
 
 
-class Q3_K(KSpec):
-    """Repacked once at load (`repack_q3k`) into 114-byte blocks [hmask 32][qs 64][16 scales as int8, already minus
-    32][d 2]: the kernel then sign-extends its scales instead of unpacking 12 bytes of 6-bit fields per super-block
-    (+4-8 % per core from L3, +4-16 % from DRAM, for 3.6 % more bytes). The high bit goes in with one merge-masked
-    byte add (an OR of a masked move took one op more)."""
-    name, layout, block_bytes, step_bytes = "q3_K", "k_q2k", 110, 114
-    prefetch_short = True
+class _K2(KSpec):
+    """q2_K and q3_K, repacked once at load (`repack_k2`) so that i32 lane k of every 64-byte part belongs to the
+    16-weight sub-block k (byte 4k + b of part p = weight 16k + 4p + b; the activations follow, q8.PERM_SUB). The four
+    parts' vpdpbusd then run into one accumulator whose lanes are whole sub-block sums, scaled by one vpdpwssd against
+    the scales as the low words of the lanes (a sub-block sum fits in 16 bits). The file's order has every part on
+    other sub-blocks: there each pair of parts took a vpackssdw, a scale-word shuffle and a vpdpwssd. q3_K per core from
+    L3 17.3 -> 25.8 GB/s, q2_K 17.3 -> 19.5 (same-process A/B)."""
+    layout, parts = "k_sub", 4
+    prefetch_short = True   # repacked (anonymous memory): q2_K 2 threads from DRAM 32.7 -> 36.4 GB/s with it
+
+    def acc_part(self, i, j, p):
+        return [f"A{i}_{j} = dpbusd({self.acc_start(j) if p == 0 else f'A{i}_{j}'}, n{i}_{p}, x{j}_{p})"]
+
+
+class Q3_K(_K2):
+    """114-byte blocks [hmask 32][qs 64][16 scales as int8, already minus 32][d 2]: the kernel sign-extends its scales
+    instead of unpacking 12 bytes of 6-bit fields per super-block (+4-8 % per core from L3, +4-16 % from DRAM, for
+    3.6 % more bytes). The high bit goes in with one merge-masked byte add (an OR of a masked move took one op more);
+    the quants' -4 offset enters as the accumulator's start, the activation block sums times -4."""
+    name, block_bytes, step_bytes = "q3_K", 110, 114
     consts = {"Z": "splat_i(0)", "MW": "splat_i(0xFFFF)",
               **{f"HB{j}": f"halves_i({simd.bytes4(1 << j)}, {simd.bytes4(1 << (4 + j))})" for j in range(4)}}
 
     def repack_rows(self, raw2d, n_blk):
-        return repack_q3k(raw2d, n_blk)
+        return repack_k2(raw2d, n_blk, True)
 
     def row_setup(self, i):
         return [f"scl{i} = vand(load_i8x16(W, wb{i} + 96), MW)",
@@ -338,20 +346,21 @@ class Q3_K(KSpec):
                 f"d{i} = load_h1(W, wb{i} + 112)"]
 
     def row_part(self, i, p):
-        return ([f"n{i}_{p} = add_nz(BF{2 * p}(Q{i}), vand(HM{i}, HB{p}), 4)"] +
-                ([f"s{i}_{p // 2} = K3W{p // 2}(W, wb{i} + 96)"] if p % 2 == 0 else []))
+        return [f"n{i}_{p} = add_nz(BF{2 * p}(Q{i}), vand(HM{i}, HB{p}), 4)"]
 
-    acc_part = Q4_K.acc_part    # quants 0..7 (the -4 goes through the block sums): 4 products fit in 16 bits
+    def acc_start(self, j):
+        return f"xb{j}"     # sum((q + 4) x) - 4 sum(x): |result| <= 16 * 4 * 127 still fits 16 bits
 
     def acc_final(self, i, j):
-        # the k_q2k block sums come multiplied by -4 (FastWeight._quantize): the quants' -4 offset is one more
-        # vpdpwssd on the same accumulator
-        return [f"acc{i}_{j} = fma(cvt(dpwssd(is{i}_{j}, scl{i}, xb{j})), splat_f(d{i} * dx{j}), acc{i}_{j})"]
+        return [f"acc{i}_{j} = fma(cvt(dpwssd(Z, A{i}_{j}, scl{i})), splat_f(d{i} * dx{j}), acc{i}_{j})"]
 
 
-class Q2_K(KSpec):
-    name, layout, block_bytes, step_bytes = "q2_K", "k_q2k", 84, 84
+class Q2_K(_K2):
+    name, block_bytes, step_bytes = "q2_K", 84, 84
     consts = {"Z": "splat_i(0)", "M15": "splat_i(15)"}
+
+    def repack_rows(self, raw2d, n_blk):
+        return repack_k2(raw2d, n_blk, False)
 
     def row_setup(self, i):
         return [f"u{i} = load_u8x16(W, wb{i})", f"sc{i} = vand(u{i}, M15)", f"mn{i} = vshr(u{i}, 4)",
@@ -359,13 +368,14 @@ class Q2_K(KSpec):
                 f"d{i} = load_h1(W, wb{i} + 80)", f"dm{i} = load_h1(W, wb{i} + 82)"]
 
     def row_part(self, i, p):
-        return [f"n{i}_{p} = BF{2 * p}(Q{i})"] + ([f"s{i}_{p // 2} = K2W{p // 2}(sc{i})"] if p % 2 == 0 else [])
+        return [f"n{i}_{p} = BF{2 * p}(Q{i})"]
 
-    acc_part = Q4_K.acc_part    # one vpdpbusd per part, two parts packed and scaled by one vpdpwssd
+    def acc_start(self, j):
+        return "Z"
 
     def acc_final(self, i, j):
-        # block sums times -4 (k_q2k layout): -dm * sum(mn * bsum) = dm / 4 * sum(mn * xb), exact in float
-        return [f"acc{i}_{j} = fma(cvt(is{i}_{j}), splat_f(d{i} * dx{j}), "
+        # block sums times -4 (k_sub layout): -dm * sum(mn * bsum) = dm / 4 * sum(mn * xb), exact in float
+        return [f"acc{i}_{j} = fma(cvt(dpwssd(Z, A{i}_{j}, sc{i})), splat_f(d{i} * dx{j}), "
                 f"fma(cvt(dpwssd(Z, mn{i}, xb{j})), splat_f(dm{i} * dx{j} * 0.25), acc{i}_{j}))"]
 
 
@@ -403,7 +413,7 @@ import numba
 from numba import prange
 from airobackend.kernels import JIT_PARALLEL
 from airobackend.kernels.simd import *  # noqa
-from airobackend.kernels.simd import make_q4k_words, make_s8_words, make_words, make_bitfield
+from airobackend.kernels.simd import make_q4k_words, make_s8_words, make_bitfield
 '''
 
 
@@ -470,10 +480,6 @@ def generate_source(spec: Spec) -> str:
     for name, mask in _SC_WORDS.items():
         src.append(f"{name} = make_q4k_words({mask})")
     for name, mask in _S6_WORDS.items():
-        src.append(f"{name} = make_s8_words({mask})")
-    for name, mask in _K2_WORDS.items():
-        src.append(f"{name} = make_words({mask})")
-    for name, mask in _K3_WORDS.items():
         src.append(f"{name} = make_s8_words({mask})")
     for name, (lo, n) in _BITFIELDS.items():
         src.append(f"{name} = make_bitfield({lo}, {n})")
@@ -586,25 +592,73 @@ def _repack(raw, n_blk, block_bytes, src_blk, src_off, out):
                 out[r, g * gb + k] = raw[r, b * block_bytes + src_off[k]] if b < n_blk else 0
 
 
+# The sub-block-lane order of `_K2` (q2_K/q3_K): new byte 4k + b, shift 2p <- weight 16k + 4p + b. For k = 8h + 2j + s
+# those weights sit in the file's bytes 32h + 16s + 4p + b at shift 2j, so i32 lane k of the new 64 bytes takes lane
+# 8h + 4s + p of the old 64 shifted right by 2j, for p = 0..3 (a 4 x 4 transpose of 2-bit fields, one vpermd,
+# vpsrlvd, vpand and a shifted OR per p). q3_K's high bits: new position m = 4k + b of part p at byte m % 32, bit
+# p + 4h (h = m // 32 = k // 8), from the file's byte 16s + 4p + b (of 32), bit 4h + j; computed for both h in the
+# two 256-bit halves, then ORed together.
+_LP = [simd.make_lanes([8 * (k >> 3) + 4 * (k & 1) + p for k in range(16)]) for p in range(4)]
+_LQ0, _LQ1, _LQ2, _LQ3 = _LP
+_LH = [simd.make_lanes([4 * (k & 1) + p for k in range(16)]) for p in range(4)]
+_LH0, _LH1, _LH2, _LH3 = _LH
+_LHI = simd.make_lanes([8 + (k & 7) for k in range(16)])
+_SUB_CONST = np.array([[2 * ((k >> 1) & 3) for k in range(16)],             # qs: right shift 2j
+                       [4 * (k >> 3) + ((k & 7) >> 1) for k in range(16)],   # hmask: right shift 4h + j
+                       [4 * (k >> 3) for k in range(16)]], dtype=np.int32)   # hmask: left shift 4h
+
+
+@numba.jit(**q8.JITQ)
+def _sub_lanes(raw, qi, hi, out, qo, ho, C):
+    """One super-block's 2-bit fields (64 bytes at raw[qi]) and, for q3_K (hi >= 0), high bits (32 bytes at raw[hi])
+    into the `_K2` order at out[qo] / out[ho] (see above). The high bits are stored first: their 64-byte store runs
+    into the quants' place, which the quants' store then overwrites."""
+    if hi >= 0:
+        g = simd.load_i_dup256(raw, hi)
+        sh, m1 = simd.load_i(C, 16), simd.splat_i(0x01010101)
+        h = simd.vand(simd.vshrv(_LH0(g), sh), m1)
+        h = simd.vor(h, simd.vshl(simd.vand(simd.vshrv(_LH1(g), sh), m1), 1))
+        h = simd.vor(h, simd.vshl(simd.vand(simd.vshrv(_LH2(g), sh), m1), 2))
+        h = simd.vor(h, simd.vshl(simd.vand(simd.vshrv(_LH3(g), sh), m1), 3))
+        h = simd.vshlv(h, simd.load_i(C, 32))
+        simd.store_i(out, ho, simd.vor(h, _LHI(h)))
+    w = simd.load_i(raw, qi)
+    sh, m3 = simd.load_i(C, 0), simd.splat_i(0x03030303)
+    q = simd.vand(simd.vshrv(_LQ0(w), sh), m3)
+    q = simd.vor(q, simd.vshl(simd.vand(simd.vshrv(_LQ1(w), sh), m3), 2))
+    q = simd.vor(q, simd.vshl(simd.vand(simd.vshrv(_LQ2(w), sh), m3), 4))
+    q = simd.vor(q, simd.vshl(simd.vand(simd.vshrv(_LQ3(w), sh), m3), 6))
+    simd.store_i(out, qo, q)
+
+
 @numba.jit(**dict(q8.JITQ, parallel=True))
-def _repack_q3k(raw, n_blk, out):
+def _repack_k2(raw, n_blk, q3, out, C):
+    ib, ob = (110, 114) if q3 else (84, 84)
     for r in numba.prange(raw.shape[0]):
+        src, dst = raw[r], out[r]
         for b in range(n_blk):
-            i, o = b * 110, b * 114
-            for k in range(96):                 # hmask, qs
-                out[r, o + k] = raw[r, i + k]
-            for k in range(16):                 # llama.cpp's q3_K scale unpacking (engine.md), minus 32
-                lo = (raw[r, i + 96 + k % 8] >> (4 * (k // 8))) & 15
-                hi = (raw[r, i + 104 + k % 4] >> (2 * (k // 4))) & 3
-                out[r, o + 96 + k] = np.uint8(((lo | (hi << 4)) - 32) & 0xFF)
-            out[r, o + 112] = raw[r, i + 108]   # d
-            out[r, o + 113] = raw[r, i + 109]
+            i, o = b * ib, b * ob
+            if q3:
+                _sub_lanes(src, i + 32, i, dst, o + 32, o, C)
+                for k in range(16):                 # llama.cpp's q3_K scale unpacking (engine.md), minus 32
+                    lo = (src[i + 96 + k % 8] >> (4 * (k // 8))) & 15
+                    hi = (src[i + 104 + k % 4] >> (2 * (k // 4))) & 3
+                    dst[o + 96 + k] = np.uint8(((lo | (hi << 4)) - 32) & 0xFF)
+                dst[o + 112] = src[i + 108]         # d
+                dst[o + 113] = src[i + 109]
+            else:
+                _sub_lanes(src, i + 16, -1, dst, o + 16, -1, C)
+                for k in range(16):                 # scales / mins
+                    dst[o + k] = src[i + k]
+                for k in range(80, 84):             # d, dmin
+                    dst[o + k] = src[i + k]
 
 
-def repack_q3k(raw2d: np.ndarray, n_blk: int) -> np.ndarray:
-    """q3_K rows (110-byte blocks) -> Q3_K's kernel layout (114-byte blocks, scales as int8)."""
-    out = np.empty((raw2d.shape[0], n_blk * 114), dtype=np.uint8)
-    _repack_q3k(raw2d, n_blk, out)
+def repack_k2(raw2d: np.ndarray, n_blk: int, q3: bool) -> np.ndarray:
+    """q2_K rows (84-byte blocks, same size out) or q3_K rows (110-byte blocks -> 114, scales as int8) -> the kernel
+    layout of `_K2` (see `_sub_lanes`)."""
+    out = np.empty((raw2d.shape[0], n_blk * (114 if q3 else 84)), dtype=np.uint8)
+    _repack_k2(np.ascontiguousarray(raw2d), n_blk, q3, out, _SUB_CONST.reshape(-1))
     return out
 
 
@@ -622,7 +676,7 @@ def repack_legacy(spec: Spec, raw2d: np.ndarray, n_blk: int) -> np.ndarray:
 _NO_I8 = np.zeros(64, np.int8)
 _NO_I32 = np.zeros(16, np.int32)
 _NO_F32 = np.zeros(16, np.float32)
-_PERMS = {"k_nat": q8.PERM_NATURAL, "k_q4k": q8.PERM_Q4K, "k_q2k": q8.PERM_Q2K}
+_PERMS = {"k_nat": q8.PERM_NATURAL, "k_q4k": q8.PERM_Q4K, "k_sub": q8.PERM_SUB}
 
 
 def _mapping_of(a) -> mmap.mmap | None:
@@ -660,7 +714,7 @@ def _release_pages(a: np.ndarray) -> None:
 
 
 # bytes of quantized activation per weight column read by the mat-vec (XQ + XD + XS [+ XF])
-_ACT_BYTES = {"f16": 2.0, "nib": 176 / 128, "k_nat": 324 / 256, "k_q4k": 324 / 256, "k_q2k": 324 / 256}
+_ACT_BYTES = {"f16": 2.0, "nib": 176 / 128, "k_nat": 324 / 256, "k_q4k": 324 / 256, "k_sub": 324 / 256}
 PF_MIN_ACT = 14 * 1024
 
 
@@ -719,7 +773,7 @@ class FastWeight:
                 q8.quantize_q8_0_nibble_rows(X, XQ[:n], XD[:n], XS[:n], XF[:n])
             return XQ, steps * 128, XD, steps * 4, XS, XF.reshape(-1), steps * 4
         perm, pairs = _PERMS[lay], lay == "k_q4k"
-        bmul = -4 if lay == "k_q2k" else 1      # q2_K/q3_K: see Q3_K.acc_final
+        bmul = -4 if lay == "k_sub" else 1      # q2_K/q3_K: see Q3_K.acc_start, Q2_K.acc_final
         XQ = new((n_pad, steps * 256), np.int8)
         XD = new((n_pad, steps), np.float32)
         XS = new((n_pad, steps * 16), np.int32)

@@ -16,7 +16,8 @@ super-blocks, and load activations 64 bytes at a time so that byte lane k meets 
   `xs[4g + b] = s_b` (the Q8_1 sum); the kernels spread these 4 values over the 16 i32 lanes (lanes 4b..4b+3 belong
   to block b) with a shuffle, so the activation side streams 16 bytes per group and array, not 64.
 * Q8_K: `xq[256k + i] = q[256k + perm[i]]` with a per-weight-type permutation (PERM_*), `xd[k] = d`, and 16 int32
-  per super-block in `xb` (natural bsums, or for q4_K/q5_K pair sums of the 32-element sub-blocks in lanes 8..15).
+  per super-block in `xb` (natural bsums, times -4 for q2_K/q3_K, or for q4_K/q5_K pair sums of the 32-element
+  sub-blocks in lanes 8..15).
 """
 from __future__ import annotations
 
@@ -180,14 +181,12 @@ def _perm_q4k() -> np.ndarray:
     return np.array(p, dtype=np.int32)
 
 
-def _perm_q2k() -> np.ndarray:
-    """q2_K/q3_K: the 64 packed bytes hold both 128-halves; shift 2j selects elements [32j..) and [128+32j..)."""
-    p = []
-    for j in range(4):
-        p += list(range(32 * j, 32 * j + 32)) + list(range(128 + 32 * j, 128 + 32 * j + 32))
-    return np.array(p, dtype=np.int32)
+def _perm_sub() -> np.ndarray:
+    """q2_K/q3_K as repacked at load (fast.repack_k2): byte 4k + b of part p (the 2-bit field at shift 2p of the 64
+    packed bytes) is element 16k + 4p + b, so that i32 lane k of every part belongs to the 16-element sub-block k."""
+    return np.array([16 * k + 4 * p + b for p in range(4) for k in range(16) for b in range(4)], dtype=np.int32)
 
 
 PERM_NATURAL = _perm_natural()
 PERM_Q4K = _perm_q4k()
-PERM_Q2K = _perm_q2k()
+PERM_SUB = _perm_sub()

@@ -638,19 +638,17 @@ def packs(typingctx, a, b):
     return I512(a, b), codegen
 
 
-def make_words(mask):
-    """An intrinsic returning, as an I512, the 32 words picked by the constant `mask` from the i32 lanes of its
-    argument (word k = the low 16 bits of lane mask[k]; one `vpermw`): q2_K/q3_K sub-block scales for `vpdpwssd`."""
+def make_lanes(mask):
+    """An intrinsic returning, as an I512, i32 lane mask[k] of its argument in lane k (one `vpermd`)."""
     mask = [int(m) for m in mask]
-    assert len(mask) == 32 and all(0 <= m < 16 for m in mask)
+    assert len(mask) == 16 and all(0 <= m < 16 for m in mask)
 
     @intrinsic
-    def words(typingctx, a):
+    def lanes(typingctx, a):
         def codegen(context, builder, sig, args):
-            w = builder.bitcast(args[0], ir.VectorType(ir.IntType(16), 32))
-            return builder.bitcast(_shuffle(builder, w, [2 * m for m in mask]), _VI)
+            return _shuffle(builder, args[0], mask)
         return I512(a), codegen
-    return words
+    return lanes
 
 
 def make_s8_words(mask):
