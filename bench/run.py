@@ -140,25 +140,27 @@ class Slice:
                 w.matmat(self._Xs[w.n_cols][:4], self._Out[w.n_rows][:4])
         return time.perf_counter() - t0
 
+    def token(self, bw_buf: np.ndarray | None = None) -> tuple[float, float, float, float]:
+        """One decode token after one bandwidth sample: (seconds, read GB/s, CPU seconds, CPU-time GB/s)."""
+        bw = cbw = float("nan")
+        if bw_buf is not None:
+            t0 = time.perf_counter()
+            c0 = time.process_time()
+            _prange_sum(bw_buf, 256)
+            bw = bw_buf.nbytes / (time.perf_counter() - t0) / 1e9
+            cbw = bw_buf.nbytes / ((time.process_time() - c0) / numba.get_num_threads()) / 1e9
+        t0 = time.perf_counter()
+        c0 = time.process_time()
+        self.decode_once(self._xs)
+        return time.perf_counter() - t0, bw, time.process_time() - c0, cbw
+
     def decode_time(self, n_tok: int, bw_buf: np.ndarray | None = None) -> tuple[float, float]:
         """(median seconds per decode token, median read GB/s sampled between the tokens). Sampling the bandwidth
         interleaved with the tokens keeps the ratio meaningful on a machine shared with other work."""
-        times, bws, cpus, cbws = [], [], [], []
-        for _ in range(n_tok):
-            if bw_buf is not None:
-                t0 = time.perf_counter()
-                c0 = time.process_time()
-                _prange_sum(bw_buf, 256)
-                bws.append(bw_buf.nbytes / (time.perf_counter() - t0) / 1e9)
-                cbws.append(bw_buf.nbytes / ((time.process_time() - c0) / numba.get_num_threads()) / 1e9)
-            t0 = time.perf_counter()
-            c0 = time.process_time()
-            self.decode_once(self._xs)
-            times.append(time.perf_counter() - t0)
-            cpus.append(time.process_time() - c0)
+        times, bws, cpus, cbws = zip(*(self.token(bw_buf) for _ in range(n_tok)))
         self.last_cpu = float(np.median(cpus))
-        self.last_cpu_bw = float(np.median(cbws)) if cbws else float("nan")
-        return float(np.median(times)), (float(np.median(bws)) if bws else float("nan"))
+        self.last_cpu_bw = float(np.median(cbws))
+        return float(np.median(times)), float(np.median(bws))
 
     def prompt_time(self, reps: int = 1) -> float:
         best = float("inf")
@@ -290,6 +292,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-65b", action="store_true")
     ap.add_argument("--types", default="all",
                     help="weight types for the per-type 65B-layer decode table (comma list, 'all' or 'none')")
+    ap.add_argument("--rounds", type=int, default=15, help="rounds over the types in the per-type table")
     ap.add_argument("--no-attention", action="store_true")
     ap.add_argument("--files", action="store_true", help="benchmark real files written by the project's writer")
     ap.add_argument("--small-pages", action="store_true",
@@ -315,6 +318,8 @@ def main(argv=None) -> int:
     bad = [m for m in mixes if m not in MIX_BASE]
     if bad:
         ap.error(f"--mixes: unknown {', '.join(bad)}; choose from {', '.join(MIX_BASE)} or 'none'")
+    if args.rounds < 1 or args.tokens < 1:
+        ap.error("--rounds and --tokens must be at least 1")
     threads = [int(t) for t in args.threads.split(",")]
     threads = [t for t in threads if t <= numba.config.NUMBA_NUM_THREADS]
     print(f"airobackend kernel benchmark | ISA {fast.ISA} | numba {numba.__version__} threading layer "
@@ -390,20 +395,35 @@ def main(argv=None) -> int:
         del layers, out_w, out_raw
 
     if type_names:
-        print("\nper weight type: decode through one 65B layer (n_embd 8192, n_ff 22016) with every matrix in that type")
-        print(f"{'slice':44s} {'thr':>3s} {'decode ms':>9s} {'GB/s':>6s} {'BW GB/s':>7s} {'ratio':>6s} "
-              f"{'cpu-GB/s':>8s} {'cpu-BW':>6s} {'ratio':>5s}")
+        # All types are built first and timed round-robin, one token each per round: the VM's slow phases (seconds
+        # long: a lower bandwidth level, or two vCPUs that deliver one core) then fall on every type alike instead of
+        # on whichever type happened to be timed in them.
+        slices = []
         for name in type_names:
-            s = slice_65b_type(rng, GGMLType[name])
-            s.warm(4)
-            for nt in threads:
-                numba.set_num_threads(nt)
+            slices.append(slice_65b_type(rng, GGMLType[name]))
+            slices[-1].warm(4)
+        print(f"\nper weight type: decode through one 65B layer (n_embd 8192, n_ff 22016) with every matrix in that "
+              f"type; {args.rounds} rounds over the types, one token each (ratio: median of the per-token ratios)")
+        print(f"{'slice':44s} {'thr':>3s} {'decode ms':>9s} {'GB/s':>6s} {'BW GB/s':>7s} {'ratio':>6s} "
+              f"{'p25-p75':>9s} {'cpu-GB/s':>8s} {'cpu-BW':>6s} {'ratio':>5s}")
+        for nt in threads:
+            numba.set_num_threads(nt)
+            rec = {id(s): [] for s in slices}
+            for s in slices:
                 s.decode_once(s._xs)
-                td, bwi = s.decode_time(max(3, args.tokens // 2), bw_buf)
-                gbs, cpu_gbs = s.nbytes / td / 1e9, s.nbytes / (s.last_cpu / nt) / 1e9
-                print(f"{s.label:44s} {nt:3d} {td * 1e3:9.1f} {gbs:6.1f} {bwi:7.1f} {gbs / bwi:6.2f} "
-                      f"{cpu_gbs:8.1f} {s.last_cpu_bw:6.1f} {cpu_gbs / s.last_cpu_bw:5.2f}", flush=True)
-            del s
+            for _ in range(args.rounds):
+                for s in slices:
+                    rec[id(s)].append(s.token(bw_buf))
+            for s in slices:
+                t, bw, cpu, cbw = (np.array(v) for v in zip(*rec[id(s)]))
+                r = s.nbytes / t / 1e9 / bw
+                rc = s.nbytes / (cpu / nt) / 1e9 / cbw
+                p25, p75 = np.percentile(r, [25, 75])
+                print(f"{s.label:44s} {nt:3d} {np.median(t) * 1e3:9.1f} {s.nbytes / np.median(t) / 1e9:6.1f} "
+                      f"{np.median(bw):7.1f} {np.median(r):6.2f} {p25:4.2f}-{p75:4.2f} "
+                      f"{s.nbytes / (np.median(cpu) / nt) / 1e9:8.1f} {np.median(cbw):6.1f} {np.median(rc):5.2f}",
+                      flush=True)
+        del slices
 
     if not args.no_attention:
         attention_table(threads, rng)

@@ -19,6 +19,7 @@ def _bench(*args: str, timeout: int = 120, env_dir: Path | None = None) -> subpr
 @pytest.mark.parametrize("args, names", [
     (["--mixes", "q9_X"], ["--mixes: unknown q9_X", "q4_K_M", "'none'"]),
     (["--mixes", "none", "--types", "q7_K"], ["--types: no fast kernel for q7_K", "'all' or 'none'"]),
+    (["--mixes", "none", "--rounds", "0"], ["--rounds and --tokens must be at least 1"]),
 ])
 def test_unknown_choices_are_usage_errors(args, names):
     r = _bench(*args)
@@ -34,7 +35,10 @@ def test_unknown_choices_are_usage_errors(args, names):
 def test_type_names_match_case_insensitively(tmp_path):
     # 'q4_k' names Q4_K: one 65B layer in q4_K (its random weights in an unlinked file under AIRO_BENCH_DIR)
     r = _bench("--mixes", "none", "--no-65b", "--no-attention", "--types", "q4_k", "--threads", "1", "--tokens", "1",
-               env_dir=tmp_path, timeout=600)
+               "--rounds", "2", env_dir=tmp_path, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "65B layer, all Q4_K" in r.stdout
+    row = next(line for line in r.stdout.splitlines() if line.startswith("65B layer, all Q4_K"))
+    ratio, spread = row.split()[8:10]           # median ratio, then its p25-p75 over the 2 rounds
+    lo, hi = map(float, spread.split("-"))
+    assert 0 < lo <= float(ratio) <= hi
     assert list(tmp_path.iterdir()) == []           # the weight file was unlinked
