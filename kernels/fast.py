@@ -70,7 +70,7 @@ class Spec:
     step_bytes = 0      # bytes of (possibly repacked) W per step
     xq_step = 128
     xd_step = 4
-    xs_step = 4
+    xs_step = 16
     parts = 1
     tile_r = 4
     tile_t = TILE_T
@@ -100,10 +100,10 @@ class Spec:
 class Q4_0(Spec):
     prefetch_short = True   # q4_0/q4_1/q5_0/q5_1 (not q8_0, whose Q8_0 subclass turns it off again)
     name, layout, block_bytes, step_bytes = "q4_0", "nib", 18, 72
-    consts = {"M4": "splat_i(0x0F0F0F0F)", "C8": "splat_i(-8)"}
+    consts = {"M4": "splat_i(0x0F0F0F0F)"}
     # repacked group: [qs of 4 blocks: 64][d x4: 8]
     repack = [(b, 2 + j) for b in range(4) for j in range(16)] + [(b, k) for b in range(4) for k in range(2)]
-    bias = "C8"
+    bias_shift = 3      # the quants' offset -8 = 2^3 times the activation block sums, stored negated
 
     def row_part(self, i, p):
         return [f"w{i} = load_i(W, wb{i})", f"lo{i} = vand(w{i}, M4)", f"hi{i} = vand(vshr(w{i}, 4), M4)",
@@ -111,7 +111,7 @@ class Q4_0(Spec):
 
     def tok_part(self, j, p):
         return [f"xl{j} = load_i(XQ, xq{j})", f"xh{j} = load_i(XQ, xq{j} + 64)", f"dx{j} = load_f4_bcast4(XD, xd{j})",
-                f"xc{j} = vmul(load_i4_spread4(XS, xs{j}), {self.bias})"]
+                f"xc{j} = vshl(load_i(XS, xs{j}), {self.bias_shift})"]
 
     def acc_part(self, i, j, p):
         return [f"acc{i}_{j} = fma(cvt(dpbusd(dpbusd(xc{j}, lo{i}, xl{j}), hi{i}, xh{j})), fmul(dw{i}, dx{j}), "
@@ -129,7 +129,7 @@ class Q4_1(Q4_0):
 
     def tok_part(self, j, p):
         return [f"xl{j} = load_i(XQ, xq{j})", f"xh{j} = load_i(XQ, xq{j} + 64)", f"dx{j} = load_f4_bcast4(XD, xd{j})",
-                f"xsf{j} = load_f4_spread4(XF, xs{j})"]
+                f"xsf{j} = load_f(XF, xs{j})"]
 
     def acc_part(self, i, j, p):
         return [f"acc{i}_{j} = fma(cvt(dpbusd(dpbusd(Z, lo{i}, xl{j}), hi{i}, xh{j})), fmul(dw{i}, dx{j}), "
@@ -138,8 +138,7 @@ class Q4_1(Q4_0):
 
 class Q5_0(Q4_0):
     name, block_bytes, step_bytes = "q5_0", 22, 88
-    consts = {"M4": "splat_i(0x0F0F0F0F)", "C16": "splat_i(-16)"}
-    bias = "C16"
+    bias_shift = 4
     # [qs 64][low 16 bits of the 4 qh words: 8][high 16 bits: 8][d x4: 8]
     repack = ([(b, 6 + j) for b in range(4) for j in range(16)] + [(b, 2 + k) for b in range(4) for k in range(2)]
               + [(b, 4 + k) for b in range(4) for k in range(2)] + [(b, k) for b in range(4) for k in range(2)])
@@ -176,7 +175,7 @@ class Q8_0(Q4_0):
     vnni = ISA == "avx512vnni"
     # VNNI: w + 128 as unsigned bytes (xor 0x80), and -128 * sum(x) per block as the accumulator start.
     # AVX2: |w| * sign(w)x (vpmaddubsw would saturate on w + 128).
-    consts = ({"M80": f"splat_i({simd.bytes4(0x80)})", "C128": "splat_i(-128)"} if vnni else {"Z": "splat_i(0)"})
+    consts = ({"M80": f"splat_i({simd.bytes4(0x80)})"} if vnni else {"Z": "splat_i(0)"})
 
     def row_part(self, i, p):
         if self.vnni:
@@ -188,7 +187,7 @@ class Q8_0(Q4_0):
     def tok_part(self, j, p):
         t = [f"xl{j} = load_i(XQ, xq{j})", f"xh{j} = load_i(XQ, xq{j} + 64)", f"dx{j} = load_f4_bcast4(XD, xd{j})"]
         if self.vnni:
-            t.append(f"xc{j} = vmul(load_i4_spread4(XS, xs{j}), C128)")
+            t.append(f"xc{j} = vshl(load_i(XS, xs{j}), 7)")
         return t
 
     def acc_part(self, i, j, p):
@@ -714,7 +713,7 @@ def _release_pages(a: np.ndarray) -> None:
 
 
 # bytes of quantized activation per weight column read by the mat-vec (XQ + XD + XS [+ XF])
-_ACT_BYTES = {"f16": 2.0, "nib": 176 / 128, "k_nat": 324 / 256, "k_q4k": 324 / 256, "k_sub": 324 / 256}
+_ACT_BYTES = {"f16": 2.0, "nib": 208 / 128, "k_nat": 324 / 256, "k_q4k": 324 / 256, "k_sub": 324 / 256}
 PF_MIN_ACT = 14 * 1024
 
 
@@ -765,13 +764,13 @@ class FastWeight:
         if lay == "nib":
             XQ = new((n_pad, steps * 128), np.int8)
             XD = new((n_pad, steps * 4), np.float32)
-            XS = new((n_pad, steps * 4), np.int32)
-            XF = new((n_pad, steps * 4), np.float32)
+            XS = new((n_pad, steps * 16), np.int32)
+            XF = new((n_pad, steps * 16), np.float32)
             if n == 1:
                 q8.quantize_q8_0_nibble(X[0], XQ[0], XD[0], XS[0], XF[0])
             else:
                 q8.quantize_q8_0_nibble_rows(X, XQ[:n], XD[:n], XS[:n], XF[:n])
-            return XQ, steps * 128, XD, steps * 4, XS, XF.reshape(-1), steps * 4
+            return XQ, steps * 128, XD, steps * 4, XS, XF.reshape(-1), steps * 16
         perm, pairs = _PERMS[lay], lay == "k_q4k"
         bmul = -4 if lay == "k_sub" else 1      # q2_K/q3_K: see Q3_K.acc_start, Q2_K.acc_final
         XQ = new((n_pad, steps * 256), np.int8)

@@ -543,25 +543,15 @@ def bytes4(b: int) -> int:
     return v - (1 << 32) if v >= 1 << 31 else v
 
 
-def _make_load4(elt, spread):
-    """4 elements (float32 or int32) at `idx`: broadcast to lanes 4k..4k+3 (spread=False) or put in lane 4k with 0
-    in the other three lanes (spread=True): one 16-byte load instead of a 64-byte pre-expanded vector."""
-    vt = ir.VectorType(elt, 4)
+@intrinsic
+def load_f4_bcast4(typingctx, arr, idx):
+    """4 float32 at element `idx`, element k broadcast to lanes 4k..4k+3 (one 16-byte load and a vpermps)."""
+    vt = ir.VectorType(_F32, 4)
 
-    @intrinsic
-    def load4(typingctx, arr, idx):
-        def codegen(context, builder, sig, args):
-            v = _load(builder, _ptr_at(context, builder, sig.args[0], args[0], sig.args[1], args[1]), vt)
-            if spread:
-                return _shuffle(builder, v, [k // 4 if k % 4 == 0 else 4 for k in range(16)], ir.Constant(vt, None))
-            return _shuffle(builder, v, [k // 4 for k in range(16)])
-        return (F512 if elt == _F32 else I512)(arr, idx), codegen
-    return load4
-
-
-load_f4_bcast4 = _make_load4(_F32, False)
-load_f4_spread4 = _make_load4(_F32, True)
-load_i4_spread4 = _make_load4(_I32, True)
+    def codegen(context, builder, sig, args):
+        v = _load(builder, _ptr_at(context, builder, sig.args[0], args[0], sig.args[1], args[1]), vt)
+        return _shuffle(builder, v, [k // 4 for k in range(16)])
+    return F512(arr, idx), codegen
 
 
 def _q4k_scales(builder, ptr):

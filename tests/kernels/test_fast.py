@@ -103,8 +103,8 @@ def test_long_rows_take_the_prefetching_matvec(t):
     fw._pf = False
     assert np.array_equal(fw.matvec(x, np.empty(n_rows, np.float32)), with_pf)
     short = fast.prepare_fast(t, random_blocks(t, 3, 512, rng), 3, 512)
-    assert short._pf == (t in (G.Q4_0, G.Q4_1, G.Q5_0, G.Q5_1, G.Q3_K))    # in memory, short rows: the repacked
-                                                                            # types but q8_0
+    # in memory, short rows: the repacked types but q8_0
+    assert short._pf == (t in (G.Q4_0, G.Q4_1, G.Q5_0, G.Q5_1, G.Q2_K, G.Q3_K))
 
 
 def test_f16_activation_rounding_matches_numpy():
