@@ -70,7 +70,7 @@ class Spec:
     step_bytes = 0      # bytes of (possibly repacked) W per step
     xq_step = 128
     xd_step = 4
-    xs_step = 16
+    xs_step = 4
     parts = 1
     tile_r = 4
     tile_t = TILE_T
@@ -103,7 +103,8 @@ class Q4_0(Spec):
     consts = {"M4": "splat_i(0x0F0F0F0F)"}
     # repacked group: [qs of 4 blocks: 64][d x4: 8]
     repack = [(b, 2 + j) for b in range(4) for j in range(16)] + [(b, k) for b in range(4) for k in range(2)]
-    bias_shift = 3      # the quants' offset -8 = 2^3 times the activation block sums, stored negated
+    # the quants' offset -8 times the block sum (stored negated) over the 4 lanes of a block: -sum << 1 in each
+    bias_shift = 1
 
     def row_part(self, i, p):
         return [f"w{i} = load_i(W, wb{i})", f"lo{i} = vand(w{i}, M4)", f"hi{i} = vand(vshr(w{i}, 4), M4)",
@@ -111,7 +112,7 @@ class Q4_0(Spec):
 
     def tok_part(self, j, p):
         return [f"xl{j} = load_i(XQ, xq{j})", f"xh{j} = load_i(XQ, xq{j} + 64)", f"dx{j} = load_f4_bcast4(XD, xd{j})",
-                f"xc{j} = vshl(load_i(XS, xs{j}), {self.bias_shift})"]
+                f"xc{j} = vshl(load_i4_bcast4(XS, xs{j}), {self.bias_shift})"]
 
     def acc_part(self, i, j, p):
         return [f"acc{i}_{j} = fma(cvt(dpbusd(dpbusd(xc{j}, lo{i}, xl{j}), hi{i}, xh{j})), fmul(dw{i}, dx{j}), "
@@ -129,7 +130,7 @@ class Q4_1(Q4_0):
 
     def tok_part(self, j, p):
         return [f"xl{j} = load_i(XQ, xq{j})", f"xh{j} = load_i(XQ, xq{j} + 64)", f"dx{j} = load_f4_bcast4(XD, xd{j})",
-                f"xsf{j} = load_f(XF, xs{j})"]
+                f"xsf{j} = load_f4_bcast4(XF, xs{j})"]
 
     def acc_part(self, i, j, p):
         return [f"acc{i}_{j} = fma(cvt(dpbusd(dpbusd(Z, lo{i}, xl{j}), hi{i}, xh{j})), fmul(dw{i}, dx{j}), "
@@ -138,7 +139,7 @@ class Q4_1(Q4_0):
 
 class Q5_0(Q4_0):
     name, block_bytes, step_bytes = "q5_0", 22, 88
-    bias_shift = 4
+    bias_shift = 2      # -16 = 4 lanes x -4
     # [qs 64][low 16 bits of the 4 qh words: 8][high 16 bits: 8][d x4: 8]
     repack = ([(b, 6 + j) for b in range(4) for j in range(16)] + [(b, 2 + k) for b in range(4) for k in range(2)]
               + [(b, 4 + k) for b in range(4) for k in range(2)] + [(b, k) for b in range(4) for k in range(2)])
@@ -187,7 +188,7 @@ class Q8_0(Q4_0):
     def tok_part(self, j, p):
         t = [f"xl{j} = load_i(XQ, xq{j})", f"xh{j} = load_i(XQ, xq{j} + 64)", f"dx{j} = load_f4_bcast4(XD, xd{j})"]
         if self.vnni:
-            t.append(f"xc{j} = vshl(load_i(XS, xs{j}), 7)")
+            t.append(f"xc{j} = vshl(load_i4_bcast4(XS, xs{j}), 5)")     # -128 = 4 lanes x -32
         return t
 
     def acc_part(self, i, j, p):
@@ -713,7 +714,7 @@ def _release_pages(a: np.ndarray) -> None:
 
 
 # bytes of quantized activation per weight column read by the mat-vec (XQ + XD + XS [+ XF])
-_ACT_BYTES = {"f16": 2.0, "nib": 208 / 128, "k_nat": 324 / 256, "k_q4k": 324 / 256, "k_sub": 324 / 256}
+_ACT_BYTES = {"f16": 2.0, "nib": 176 / 128, "k_nat": 324 / 256, "k_q4k": 324 / 256, "k_sub": 324 / 256}
 PF_MIN_ACT = 14 * 1024
 
 
@@ -764,13 +765,13 @@ class FastWeight:
         if lay == "nib":
             XQ = new((n_pad, steps * 128), np.int8)
             XD = new((n_pad, steps * 4), np.float32)
-            XS = new((n_pad, steps * 16), np.int32)
-            XF = new((n_pad, steps * 16), np.float32)
+            XS = new((n_pad, steps * 4), np.int32)
+            XF = new((n_pad, steps * 4), np.float32)
             if n == 1:
                 q8.quantize_q8_0_nibble(X[0], XQ[0], XD[0], XS[0], XF[0])
             else:
                 q8.quantize_q8_0_nibble_rows(X, XQ[:n], XD[:n], XS[:n], XF[:n])
-            return XQ, steps * 128, XD, steps * 4, XS, XF.reshape(-1), steps * 16
+            return XQ, steps * 128, XD, steps * 4, XS, XF.reshape(-1), steps * 4
         perm, pairs = _PERMS[lay], lay == "k_q4k"
         bmul = -4 if lay == "k_sub" else 1      # q2_K/q3_K: see Q3_K.acc_start, Q2_K.acc_final
         XQ = new((n_pad, steps * 256), np.int8)

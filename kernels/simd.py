@@ -543,15 +543,22 @@ def bytes4(b: int) -> int:
     return v - (1 << 32) if v >= 1 << 31 else v
 
 
-@intrinsic
-def load_f4_bcast4(typingctx, arr, idx):
-    """4 float32 at element `idx`, element k broadcast to lanes 4k..4k+3 (one 16-byte load and a vpermps)."""
-    vt = ir.VectorType(_F32, 4)
+def _make_load4_bcast4(elt, vty):
+    """4 elements (float32 or int32) at element `idx`, element k broadcast to lanes 4k..4k+3 (one 16-byte load and
+    one vpermps/vpermd): the per-block values of the legacy 4-block groups."""
+    vt = ir.VectorType(elt, 4)
 
-    def codegen(context, builder, sig, args):
-        v = _load(builder, _ptr_at(context, builder, sig.args[0], args[0], sig.args[1], args[1]), vt)
-        return _shuffle(builder, v, [k // 4 for k in range(16)])
-    return F512(arr, idx), codegen
+    @intrinsic
+    def load4(typingctx, arr, idx):
+        def codegen(context, builder, sig, args):
+            v = _load(builder, _ptr_at(context, builder, sig.args[0], args[0], sig.args[1], args[1]), vt)
+            return _shuffle(builder, v, [k // 4 for k in range(16)])
+        return vty(arr, idx), codegen
+    return load4
+
+
+load_f4_bcast4 = _make_load4_bcast4(_F32, F512)
+load_i4_bcast4 = _make_load4_bcast4(_I32, I512)
 
 
 def _q4k_scales(builder, ptr):
