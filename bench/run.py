@@ -57,11 +57,14 @@ LLAMA_CPP_2T = {"q4_0": (48.7, 166), "q4_K_M": (37.0, 97), "q8_0": (27.4, 121), 
 
 
 def layer_shapes(layer: int, n_embd: int, n_ff: int) -> list[tuple[str, tuple[int, int]]]:
+    """(name, (rows, cols)) of one layer's matrices as the model multiplies them: ffn_gate/ffn_up map n_embd -> n_ff
+    (n_ff rows of n_embd), ffn_down n_ff -> n_embd (n_embd rows of n_ff: the long rows). GGUF lists shapes the other
+    way round (ne = [cols, rows])."""
     p = f"blk.{layer}."
     return [(p + "attn_q.weight", (n_embd, n_embd)), (p + "attn_k.weight", (n_embd, n_embd)),
             (p + "attn_v.weight", (n_embd, n_embd)), (p + "attn_output.weight", (n_embd, n_embd)),
-            (p + "ffn_gate.weight", (n_embd, n_ff)), (p + "ffn_down.weight", (n_ff, n_embd)),
-            (p + "ffn_up.weight", (n_embd, n_ff))]
+            (p + "ffn_gate.weight", (n_ff, n_embd)), (p + "ffn_down.weight", (n_embd, n_ff)),
+            (p + "ffn_up.weight", (n_ff, n_embd))]
 
 
 SMALL_PAGES = False     # --small-pages: random weights in anonymous 4 KB-page mmaps instead of a file mapping
