@@ -228,7 +228,9 @@ _S6_WORDS = {f"SW{h}": [4 * (2 * h + w // 4) + c for c in range(4) for w in rang
 # q2_K/q3_K 2-bit fields: part p = bits 2p, 2p+1 of every packed byte (simd.make_bitfield: one vgf2p8affineqb with
 # GFNI instead of a shift and a mask; +2-6 % per core, same-process A/B; on q4_K's nibbles it measured nothing, the
 # instruction shares the VNNI pipes there)
-_BITFIELDS = {f"BF{2 * p}": (2 * p, 2) for p in range(4)}
+_BITFIELDS = {**{f"BF{2 * p}": (2 * p, 2) for p in range(4)},
+              # Q3_K's 3-bit fields: n1 (X bits 3..5), n2's low bits (X bits 6, 7), n2's bit 2 and n3 from Y
+              "BF33": (3, 3), "BF62": (6, 2), "YH2": (0, 1, 2, 1), "Y3": (2, 3, 0, 5)}
 
 
 class Q4_K(KSpec):
@@ -329,24 +331,28 @@ class _K2(KSpec):
 
 
 class Q3_K(_K2):
-    """114-byte blocks [hmask 32][qs 64][16 scales as int8, already minus 32][d 2]: the kernel sign-extends its scales
-    instead of unpacking 12 bytes of 6-bit fields per super-block (+4-8 % per core from L3, +4-16 % from DRAM, for
-    3.6 % more bytes). The high bit goes in with one merge-masked byte add (an OR of a masked move took one op more);
-    the quants' -4 offset enters as the accumulator's start, the activation block sums times -4."""
+    """114-byte blocks [X 64][Y 32][16 scales as int8, already minus 32][d 2]. With n_p = the 3-bit quant of part p
+    (low 2 bits + 4 * high bit, 0..7; the value is n - 4) at byte m of the `_K2` order: X[m] = n0 | n1 << 3 | (n2 & 3)
+    << 6; Y[m] (m < 32) = n2(m) >> 2 | (n2(32 + m) >> 2) << 1 | n3(m) << 2 | n3(32 + m) << 5. Each part is then one
+    or two bit-field ops (Y read into both 256-bit halves, each half taking its own bits): 6 vector ops per
+    super-block for the quants, where the file's 2-bit fields plus high-bit mask took 13 (4 fields, 4 vptestmb, 4
+    masked adds, one more for part 0); per core from L3 24.2-24.7 -> 28.7-30.1 GB/s. The scales are pre-decoded
+    (sign-extended, not 12 bytes of 6-bit fields unpacked per super-block); the quants' -4 offset enters as the
+    accumulator's start, the activation block sums times -4."""
     name, block_bytes, step_bytes = "q3_K", 110, 114
-    consts = {"Z": "splat_i(0)", "MW": "splat_i(0xFFFF)",
-              **{f"HB{j}": f"halves_i({simd.bytes4(1 << j)}, {simd.bytes4(1 << (4 + j))})" for j in range(4)}}
+    consts = {"Z": "splat_i(0)", "MW": "splat_i(0xFFFF)", "M7": f"splat_i({simd.bytes4(7)})"}
 
     def repack_rows(self, raw2d, n_blk):
         return repack_k2(raw2d, n_blk, True)
 
     def row_setup(self, i):
         return [f"scl{i} = vand(load_i8x16(W, wb{i} + 96), MW)",
-                f"Q{i} = load_i(W, wb{i} + 32)", f"HM{i} = load_i_dup256(W, wb{i})",
+                f"X{i} = load_i(W, wb{i})", f"Y{i} = load_i_dup256(W, wb{i} + 64)",
                 f"d{i} = load_h1(W, wb{i} + 112)"]
 
     def row_part(self, i, p):
-        return [f"n{i}_{p} = add_nz(BF{2 * p}(Q{i}), vand(HM{i}, HB{p}), 4)"]
+        return [[f"n{i}_0 = vand(X{i}, M7)", f"n{i}_1 = BF33(X{i})", f"n{i}_2 = vor(BF62(X{i}), YH2(Y{i}))",
+                 f"n{i}_3 = Y3(Y{i})"][p]]
 
     def acc_start(self, j):
         return f"xb{j}"     # sum((q + 4) x) - 4 sum(x): |result| <= 16 * 4 * 127 still fits 16 bits
@@ -481,8 +487,8 @@ def generate_source(spec: Spec) -> str:
         src.append(f"{name} = make_q4k_words({mask})")
     for name, mask in _S6_WORDS.items():
         src.append(f"{name} = make_s8_words({mask})")
-    for name, (lo, n) in _BITFIELDS.items():
-        src.append(f"{name} = make_bitfield({lo}, {n})")
+    for name, args in _BITFIELDS.items():
+        src.append(f"{name} = make_bitfield{args}")
     src.append("")
     # --- matvec: one row at a time, one token
     src.append("@numba.jit(**JIT_PARALLEL)")
@@ -595,40 +601,55 @@ def _repack(raw, n_blk, block_bytes, src_blk, src_off, out):
 # The sub-block-lane order of `_K2` (q2_K/q3_K): new byte 4k + b, shift 2p <- weight 16k + 4p + b. For k = 8h + 2j + s
 # those weights sit in the file's bytes 32h + 16s + 4p + b at shift 2j, so i32 lane k of the new 64 bytes takes lane
 # 8h + 4s + p of the old 64 shifted right by 2j, for p = 0..3 (a 4 x 4 transpose of 2-bit fields, one vpermd,
-# vpsrlvd, vpand and a shifted OR per p). q3_K's high bits: new position m = 4k + b of part p at byte m % 32, bit
-# p + 4h (h = m // 32 = k // 8), from the file's byte 16s + 4p + b (of 32), bit 4h + j; computed for both h in the
-# two 256-bit halves, then ORed together.
+# vpsrlvd, vpand and a shifted OR per p). q3_K's high bits: those of new position m = 4k + b (h = m // 32 = k // 8)
+# come from the file's byte 16s + 4p + b (of 32), bit 4h + j.
 _LP = [simd.make_lanes([8 * (k >> 3) + 4 * (k & 1) + p for k in range(16)]) for p in range(4)]
 _LQ0, _LQ1, _LQ2, _LQ3 = _LP
 _LH = [simd.make_lanes([4 * (k & 1) + p for k in range(16)]) for p in range(4)]
 _LH0, _LH1, _LH2, _LH3 = _LH
 _LHI = simd.make_lanes([8 + (k & 7) for k in range(16)])
 _SUB_CONST = np.array([[2 * ((k >> 1) & 3) for k in range(16)],             # qs: right shift 2j
-                       [4 * (k >> 3) + ((k & 7) >> 1) for k in range(16)],   # hmask: right shift 4h + j
-                       [4 * (k >> 3) for k in range(16)]], dtype=np.int32)   # hmask: left shift 4h
+                       [4 * (k >> 3) + ((k & 7) >> 1) for k in range(16)]],  # hmask: right shift 4h + j
+                      dtype=np.int32)
 
 
 @numba.jit(**q8.JITQ)
-def _sub_lanes(raw, qi, hi, out, qo, ho, C):
-    """One super-block's 2-bit fields (64 bytes at raw[qi]) and, for q3_K (hi >= 0), high bits (32 bytes at raw[hi])
-    into the `_K2` order at out[qo] / out[ho] (see above). The high bits are stored first: their 64-byte store runs
-    into the quants' place, which the quants' store then overwrites."""
-    if hi >= 0:
-        g = simd.load_i_dup256(raw, hi)
-        sh, m1 = simd.load_i(C, 16), simd.splat_i(0x01010101)
-        h = simd.vand(simd.vshrv(_LH0(g), sh), m1)
-        h = simd.vor(h, simd.vshl(simd.vand(simd.vshrv(_LH1(g), sh), m1), 1))
-        h = simd.vor(h, simd.vshl(simd.vand(simd.vshrv(_LH2(g), sh), m1), 2))
-        h = simd.vor(h, simd.vshl(simd.vand(simd.vshrv(_LH3(g), sh), m1), 3))
-        h = simd.vshlv(h, simd.load_i(C, 32))
-        simd.store_i(out, ho, simd.vor(h, _LHI(h)))
+def _sub_q(raw, qi, C):
+    """The 2-bit fields of one super-block (64 bytes at raw[qi]) in the `_K2` order: bits 2p of byte m = part p."""
     w = simd.load_i(raw, qi)
     sh, m3 = simd.load_i(C, 0), simd.splat_i(0x03030303)
     q = simd.vand(simd.vshrv(_LQ0(w), sh), m3)
     q = simd.vor(q, simd.vshl(simd.vand(simd.vshrv(_LQ1(w), sh), m3), 2))
     q = simd.vor(q, simd.vshl(simd.vand(simd.vshrv(_LQ2(w), sh), m3), 4))
-    q = simd.vor(q, simd.vshl(simd.vand(simd.vshrv(_LQ3(w), sh), m3), 6))
-    simd.store_i(out, qo, q)
+    return simd.vor(q, simd.vshl(simd.vand(simd.vshrv(_LQ3(w), sh), m3), 6))
+
+
+@numba.jit(**q8.JITQ)
+def _sub_h(raw, hi, C):
+    """q3_K's high bits (32 bytes at raw[hi]) in the `_K2` order: bit p of byte m = part p's high bit at m."""
+    g = simd.load_i_dup256(raw, hi)
+    sh, m1 = simd.load_i(C, 16), simd.splat_i(0x01010101)
+    h = simd.vand(simd.vshrv(_LH0(g), sh), m1)
+    h = simd.vor(h, simd.vshl(simd.vand(simd.vshrv(_LH1(g), sh), m1), 1))
+    h = simd.vor(h, simd.vshl(simd.vand(simd.vshrv(_LH2(g), sh), m1), 2))
+    return simd.vor(h, simd.vshl(simd.vand(simd.vshrv(_LH3(g), sh), m1), 3))
+
+
+@numba.jit(**q8.JITQ)
+def _q3_fields(raw, qi, hi, out, o, C):
+    """One q3_K super-block's quants as Q3_K's 96 bytes at out[o] (see Q3_K): n_p = low 2 bits + 4 * high bit of part
+    p, X = n0 | n1 << 3 | (n2 & 3) << 6 (64 bytes), then Y (32 bytes): n2's bit 2 and n3 for positions m and 32 + m."""
+    q, h = _sub_q(raw, qi, C), _sub_h(raw, hi, C)
+    m1, m3 = simd.splat_i(0x01010101), simd.splat_i(0x03030303)
+    n0 = simd.vor(simd.vand(q, m3), simd.vshl(simd.vand(h, m1), 2))
+    n1 = simd.vor(simd.vand(simd.vshr(q, 2), m3), simd.vshl(simd.vand(simd.vshr(h, 1), m1), 2))
+    n2 = simd.vor(simd.vand(simd.vshr(q, 4), m3), simd.vshl(simd.vand(simd.vshr(h, 2), m1), 2))
+    n3 = simd.vor(simd.vand(simd.vshr(q, 6), m3), simd.vshl(simd.vand(simd.vshr(h, 3), m1), 2))
+    simd.store_i(out, o, simd.vor(simd.vor(n0, simd.vshl(n1, 3)), simd.vshl(simd.vand(n2, m3), 6)))
+    t = simd.vor(simd.vand(simd.vshr(n2, 2), m1), simd.vshl(n3, 2))
+    th = _LHI(t)
+    y = simd.vor(t, simd.vor(simd.vshl(simd.vand(th, m1), 1), simd.vshl(simd.vand(th, simd.splat_i(0x1C1C1C1C)), 3)))
+    simd.store_i_lo256(out, o + 64, y)
 
 
 @numba.jit(**dict(q8.JITQ, parallel=True))
@@ -639,7 +660,7 @@ def _repack_k2(raw, n_blk, q3, out, C):
         for b in range(n_blk):
             i, o = b * ib, b * ob
             if q3:
-                _sub_lanes(src, i + 32, i, dst, o + 32, o, C)
+                _q3_fields(src, i + 32, i, dst, o, C)
                 for k in range(16):                 # llama.cpp's q3_K scale unpacking (engine.md), minus 32
                     lo = (src[i + 96 + k % 8] >> (4 * (k // 8))) & 15
                     hi = (src[i + 104 + k % 4] >> (2 * (k // 4))) & 3
@@ -647,7 +668,7 @@ def _repack_k2(raw, n_blk, q3, out, C):
                 dst[o + 112] = src[i + 108]         # d
                 dst[o + 113] = src[i + 109]
             else:
-                _sub_lanes(src, i + 16, -1, dst, o + 16, -1, C)
+                simd.store_i(dst, o + 16, _sub_q(src, i + 16, C))
                 for k in range(16):                 # scales / mins
                     dst[o + k] = src[i + k]
                 for k in range(80, 84):             # d, dmin
@@ -656,7 +677,7 @@ def _repack_k2(raw, n_blk, q3, out, C):
 
 def repack_k2(raw2d: np.ndarray, n_blk: int, q3: bool) -> np.ndarray:
     """q2_K rows (84-byte blocks, same size out) or q3_K rows (110-byte blocks -> 114, scales as int8) -> the kernel
-    layout of `_K2` (see `_sub_lanes`)."""
+    layouts of Q2_K / Q3_K."""
     out = np.empty((raw2d.shape[0], n_blk * (114 if q3 else 84)), dtype=np.uint8)
     _repack_k2(np.ascontiguousarray(raw2d), n_blk, q3, out, _SUB_CONST.reshape(-1))
     return out
@@ -868,7 +889,7 @@ def prepare_fast(ggml_type, raw2d: np.ndarray, n_rows: int, n_cols: int) -> Fast
     """A FastWeight for this tensor, or None when the CPU lacks AVX2 or the type/shape has no fast kernel.
 
     raw2d: uint8[n_rows, row_bytes], the tensor's blocks as stored in the file (read-only views are fine; k-quant and
-    F16 rows are used in place, the legacy types and q3_K are copied once into the kernel layout)."""
+    F16 rows are used in place, the legacy types, q2_K and q3_K are copied once into the kernel layout)."""
     if ISA == "none":
         return None
     spec = SPECS.get(int(ggml_type))

@@ -239,6 +239,17 @@ store_i = _make_store(_VI, I512)     # an I512 (64 bytes) at element `idx` of an
 
 
 @intrinsic
+def store_i_lo256(typingctx, arr, idx, v):
+    """The low 256 bits (32 bytes) of an I512 at element `idx` of an array of any dtype."""
+    def codegen(context, builder, sig, args):
+        p = _ptr_at(context, builder, sig.args[0], args[0], sig.args[1], args[1])
+        lo = _shuffle(builder, args[2], list(range(8)))
+        builder.store(lo, builder.bitcast(p, lo.type.as_pointer()), align=1)
+        return context.get_dummy_value()
+    return types.void(arr, idx, I512), codegen
+
+
+@intrinsic
 def store_h16(typingctx, arr, idx, v):
     """Store F512 rounded to 16 IEEE halves (round to nearest even, `vcvtps2ph`) at element `idx` (32 bytes)."""
     def codegen(context, builder, sig, args):
@@ -659,28 +670,39 @@ def make_s8_words(mask):
 _HAS_GFNI = ISA == "avx512vnni" and bool(llb.get_host_cpu_features().get("gfni"))
 
 
-def make_bitfield(lo: int, n: int):
-    """An intrinsic: each byte of its I512 argument -> its bits lo..lo+n-1, moved to bits 0..n-1 (others 0).
+def make_bitfield(lo: int, n: int, dst: int = 0, lo_hi: int | None = None):
+    """An intrinsic: each byte of its I512 argument -> its bits lo..lo+n-1 (in the upper 256-bit half: bits
+    lo_hi..lo_hi+n-1 if given), moved to bits dst..dst+n-1, the other bits 0.
 
-    With GFNI one `vgf2p8affineqb` (a per-byte bit-matrix product) replaces the shift and the mask; else a 32-bit
-    lane shift and a byte mask. A field at bit 0 is a plain AND either way: any ALU pipe runs that, while the affine
-    op shares the VNNI pipes with the dot products (q2_K/q3_K +1-5 % per core from L3 for their part 0)."""
-    assert 0 <= lo and 1 <= n and lo + n <= 8
-    # gf2p8affine: result bit i = parity(matrix byte (7 - i) & x); matrix byte (7 - i) = 1 << (lo + i) for i < n
-    matrix = sum((1 << (lo + i)) << (8 * (7 - i)) for i in range(n))
-    matrix = matrix - (1 << 64) if matrix >= 1 << 63 else matrix
-    mask = (1 << n) - 1
+    With GFNI one `vgf2p8affineqb` (a per-byte bit-matrix product, one matrix per 64-bit lane) replaces the shift and
+    the mask; else a 32-bit lane shift and a byte mask. A field at bit 0 staying there is a plain AND either way: any
+    ALU pipe runs that, while the affine op shares the VNNI pipes with the dot products (q2_K/q3_K +1-5 % per core
+    from L3 for their part 0)."""
+    lo_hi = lo if lo_hi is None else lo_hi
+    assert 1 <= n and 0 <= dst and dst + n <= 8 and all(0 <= x and x + n <= 8 for x in (lo, lo_hi))
+    assert (lo - dst) * (lo_hi - dst) >= 0, "both halves must shift the same way"
+
+    def qword(src):
+        # gf2p8affine: result bit t = parity(matrix byte (7 - t) & x); byte (7 - (dst + i)) = 1 << (src + i)
+        m = sum((1 << (src + i)) << (8 * (7 - dst - i)) for i in range(n))
+        return m - (1 << 64) if m >= 1 << 63 else m
+    matrix = [qword(lo)] * 4 + [qword(lo_hi)] * 4
+    mask = ((1 << n) - 1) << dst
+    plain_and = lo == lo_hi == dst
 
     @intrinsic
     def bitfield(typingctx, a):
         def codegen(context, builder, sig, args):
-            if _HAS_GFNI and lo:
+            if _HAS_GFNI and not plain_and:
                 f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VB, [_VB, _VB, _I8]),
                                                    "llvm.x86.vgf2p8affineqb.512")
-                mat = builder.bitcast(_const_vec(ir.IntType(64), [matrix] * 8), _VB)
+                mat = builder.bitcast(_const_vec(ir.IntType(64), matrix), _VB)
                 return builder.bitcast(builder.call(f, [builder.bitcast(args[0], _VB), mat, ir.Constant(_I8, 0)]),
                                        _VI)
-            v = builder.lshr(args[0], _const_vec(_I32, [lo] * 16)) if lo else args[0]
+            v = args[0]
+            if lo != dst or lo_hi != dst:
+                shifts = _const_vec(_I32, [abs(lo - dst)] * 8 + [abs(lo_hi - dst)] * 8)
+                v = builder.lshr(v, shifts) if lo >= dst and lo_hi >= dst else builder.shl(v, shifts)
             return builder.and_(v, _const_vec(_I32, [mask * 0x01010101] * 16))
         return I512(a), codegen
     return bitfield

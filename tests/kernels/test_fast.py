@@ -126,22 +126,32 @@ def test_f16_activation_rounding_matches_numpy():
     assert np.array_equal(out.view(np.uint32), ref_rows.reshape(-1).view(np.uint32))
 
 
-def test_bitfield_extracts_every_field_of_every_byte():
-    # the q2_K/q3_K 2-bit fields; with GFNI a bit-matrix product whose matrix layout is easy to get backwards
+@pytest.mark.parametrize("gfni", [True, False], ids=["gfni", "shift-mask"])
+def test_bitfield_extracts_every_field_of_every_byte(gfni, monkeypatch):
+    # the q2_K/q3_K bit fields; with GFNI a bit-matrix product whose matrix layout is easy to get backwards. Each byte
+    # value appears in both 256-bit halves (which may take their field from other bits), and the fields are moved
+    # to `dst`. The shift-and-mask path (CPUs without GFNI) is compiled here by turning GFNI off for the codegen.
     import numba
     from airobackend.kernels import simd
-    a = np.arange(256, dtype=np.uint8)
-    for lo in range(8):
-        for n in range(1, 9 - lo):
-            f = simd.make_bitfield(lo, n)
+    if gfni and not simd._HAS_GFNI:
+        pytest.skip("this CPU has no GFNI")
+    monkeypatch.setattr(simd, "_HAS_GFNI", gfni)
+    a = np.concatenate([np.arange(256), np.roll(np.arange(256), 32)]).astype(np.uint8)
+    upper = (np.arange(a.size) % 64) >= 32
+    cases = [(lo, n, 0, None) for lo in range(8) for n in range(1, 9 - lo)]
+    cases += [(0, 1, 2, 1), (2, 3, 0, 5), (6, 2, 0, None), (3, 3, 0, 3), (1, 2, 4, 3), (4, 2, 1, 6)]
+    for lo, n, dst, lo_hi in cases:
+        f = simd.make_bitfield(lo, n, dst, lo_hi)
 
-            @numba.njit
-            def run(a, out):
-                for k in range(0, a.shape[0], 64):
-                    simd.store_i(out, k, f(simd.load_i(a, k)))
-            out = np.zeros_like(a)
-            run(a, out)
-            assert np.array_equal(out, (a >> lo) & ((1 << n) - 1)), (lo, n, simd._HAS_GFNI)
+        @numba.njit
+        def run(a, out):
+            for k in range(0, a.shape[0], 64):
+                simd.store_i(out, k, f(simd.load_i(a, k)))
+        out = np.zeros_like(a)
+        run(a, out)
+        src = np.where(upper, lo if lo_hi is None else lo_hi, lo)
+        want = (((a >> src) & ((1 << n) - 1)) << dst).astype(np.uint8)
+        assert np.array_equal(out, want), (lo, n, dst, lo_hi, gfni)
 
 
 @pytest.mark.parametrize("t", sorted(LEGACY), ids=lambda t: t.name)
