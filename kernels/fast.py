@@ -614,25 +614,27 @@ _SUB_CONST = np.array([[2 * ((k >> 1) & 3) for k in range(16)],             # qs
 
 
 @numba.jit(**q8.JITQ)
+def _gather_fields(a0, a1, a2, a3, sh, mask, width):
+    """Lane-wise (a_p >> sh) & mask placed at bit width * p, ORed over p = 0..3 (the a_p already lane-permuted)."""
+    f0 = simd.vand(simd.vshrv(a0, sh), mask)
+    f1 = simd.vshl(simd.vand(simd.vshrv(a1, sh), mask), width)
+    f2 = simd.vshl(simd.vand(simd.vshrv(a2, sh), mask), 2 * width)
+    f3 = simd.vshl(simd.vand(simd.vshrv(a3, sh), mask), 3 * width)
+    return simd.vor(simd.vor(f0, f1), simd.vor(f2, f3))
+
+
+@numba.jit(**q8.JITQ)
 def _sub_q(raw, qi, C):
     """The 2-bit fields of one super-block (64 bytes at raw[qi]) in the `_K2` order: bits 2p of byte m = part p."""
     w = simd.load_i(raw, qi)
-    sh, m3 = simd.load_i(C, 0), simd.splat_i(0x03030303)
-    q = simd.vand(simd.vshrv(_LQ0(w), sh), m3)
-    q = simd.vor(q, simd.vshl(simd.vand(simd.vshrv(_LQ1(w), sh), m3), 2))
-    q = simd.vor(q, simd.vshl(simd.vand(simd.vshrv(_LQ2(w), sh), m3), 4))
-    return simd.vor(q, simd.vshl(simd.vand(simd.vshrv(_LQ3(w), sh), m3), 6))
+    return _gather_fields(_LQ0(w), _LQ1(w), _LQ2(w), _LQ3(w), simd.load_i(C, 0), simd.splat_i(0x03030303), 2)
 
 
 @numba.jit(**q8.JITQ)
 def _sub_h(raw, hi, C):
     """q3_K's high bits (32 bytes at raw[hi]) in the `_K2` order: bit p of byte m = part p's high bit at m."""
     g = simd.load_i_dup256(raw, hi)
-    sh, m1 = simd.load_i(C, 16), simd.splat_i(0x01010101)
-    h = simd.vand(simd.vshrv(_LH0(g), sh), m1)
-    h = simd.vor(h, simd.vshl(simd.vand(simd.vshrv(_LH1(g), sh), m1), 1))
-    h = simd.vor(h, simd.vshl(simd.vand(simd.vshrv(_LH2(g), sh), m1), 2))
-    return simd.vor(h, simd.vshl(simd.vand(simd.vshrv(_LH3(g), sh), m1), 3))
+    return _gather_fields(_LH0(g), _LH1(g), _LH2(g), _LH3(g), simd.load_i(C, 16), simd.splat_i(0x01010101), 1)
 
 
 @numba.jit(**q8.JITQ)
