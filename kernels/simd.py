@@ -146,7 +146,6 @@ def _make_load_half_bcast(n_half, rep):
 
 
 load_h4_bcast4 = _make_load_half_bcast(4, 4)   # 4 halves -> lanes 4k..4k+3 = h[k] (legacy 4-block groups)
-load_h2_bcast8 = _make_load_half_bcast(2, 8)   # 2 halves -> lanes 8k..8k+7 = h[k] (q8_0: 2 blocks per 64 bytes)
 
 
 @intrinsic
@@ -322,7 +321,6 @@ vor = _binop_i("or_")
 vxor = _binop_i("xor")
 vadd = _binop_i("add")
 vsub = _binop_i("sub")
-vmul = _binop_i("mul")          # vpmulld
 vshrv = _binop_i("lshr")        # per-lane logical right shift by a vector
 vshlv = _binop_i("shl")
 
@@ -417,14 +415,6 @@ def hsum_f(typingctx, a):
     def codegen(context, builder, sig, args):
         return _tree_sum(builder, args[0], builder.fadd)
     return types.float32(a), codegen
-
-
-@intrinsic
-def hsum_i(typingctx, a):
-    """Sum of the 16 i32 lanes (int32)."""
-    def codegen(context, builder, sig, args):
-        return _tree_sum(builder, args[0], builder.add)
-    return types.int32(a), codegen
 
 
 # ----------------------------------------------------------------------------------------------- dot products
