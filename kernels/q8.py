@@ -20,7 +20,7 @@ super-blocks, and load activations 64 bytes at a time so that byte lane k meets 
   8192 x 22016, 1 thread: 12.8 GB/s against 18.1 this way).
 * Q8_K: `xq[256k + i] = q[256k + perm[i]]` with a per-weight-type permutation (PERM_*), `xd[k] = d`, and 16 int32
   per super-block in `xb` (natural bsums, times -4 for q2_K/q3_K, or for q4_K/q5_K pair sums of the 32-element
-  sub-blocks in lanes 8..15).
+  sub-blocks in lanes 8..15); for q2_K/q3_K also `xf[16k + i] = -d * bsum_i` as float, q2_K's min term.
 """
 from __future__ import annotations
 
@@ -95,9 +95,10 @@ def quantize_q8_0_nibble(x, xq, xd, xsum, xs):
 
 
 @numba.jit(**JITQ)
-def quantize_q8_K(x, perm, pairs, bmul, xq, xd, xb):
+def quantize_q8_K(x, perm, pairs, bmul, xq, xd, xb, xf):
     """One row to Q8_K: xq permuted by `perm` (256 entries), xd[k] = d, xb[16k..] bsums times `bmul` (pairs=True: the
-    8 sums of 32-element sub-blocks in lanes 8..15, lanes 0..7 zero)."""
+    8 sums of 32-element sub-blocks in lanes 8..15, lanes 0..7 zero); if xf is not empty, xf[16k + i] = -d * bsum_i
+    in float (q2_K's min term)."""
     n = x.shape[0]
     if n % QK_K:
         raise ValueError("row length must be a multiple of 256")
@@ -135,6 +136,8 @@ def quantize_q8_K(x, perm, pairs, bmul, xq, xd, xb):
                     xb[16 * k + 8 + i // 2] += s * bmul
             else:
                 xb[16 * k + i] = s * bmul
+            if xf.shape[0]:
+                xf[16 * k + i] = -xd[k] * np.float32(s)
 
 
 # ------------------------------------------------------------------------------------------- batched (prompt) forms
@@ -145,9 +148,9 @@ def quantize_q8_0_nibble_rows(X, xq, xd, xsum, xs):
 
 
 @numba.jit(**dict(JITQ, parallel=True))
-def quantize_q8_K_rows(X, perm, pairs, bmul, xq, xd, xb):
+def quantize_q8_K_rows(X, perm, pairs, bmul, xq, xd, xb, xf):
     for t in prange(X.shape[0]):
-        quantize_q8_K(X[t], perm, pairs, bmul, xq[t], xd[t], xb[t])
+        quantize_q8_K(X[t], perm, pairs, bmul, xq[t], xd[t], xb[t], xf[t])
 
 
 @numba.jit(**dict(JITQ, parallel=True))
