@@ -268,8 +268,9 @@ class Q4_K(KSpec):
         return lines
 
     def acc_final(self, i, j):
+        # mins (scm lanes 8..15) in float against XF = -dx * the 32-element sums (lanes 0..7 zero), as Q2_K: +3-5 %
         return [f"acc{i}_{j} = fma(cvt(is{i}_{j}), splat_f(d{i} * dx{j}), "
-                f"fma(cvt(dpwssd(Z, scm{i}, xb{j})), splat_f(-dm{i} * dx{j}), acc{i}_{j}))"]
+                f"fma(fmul(cvt(scm{i}), splat_f(dm{i})), load_f(XF, xs{j}), acc{i}_{j}))"]
 
 
 class Q5_K(Q4_K):
@@ -802,12 +803,13 @@ class FastWeight:
         XQ = new((n_pad, steps * 256), np.int8)
         XD = new((n_pad, steps), np.float32)
         XS = new((n_pad, steps * 16), np.int32)
-        XF = new((n_pad, steps * 16 if lay == "k_sub" else 0), np.float32)
+        with_f = lay in ("k_sub", "k_q4k")     # the min terms of q2_K, q4_K, q5_K (Q2_K.acc_final)
+        XF = new((n_pad, steps * 16 if with_f else 0), np.float32)
         if n == 1:
             q8.quantize_q8_K(X[0], perm, pairs, bmul, XQ[0], XD[0], XS[0], XF[0])
         else:
             q8.quantize_q8_K_rows(X, perm, pairs, bmul, XQ[:n], XD[:n], XS[:n], XF[:n])
-        return XQ, steps * 256, XD, steps, XS, (XF.reshape(-1) if lay == "k_sub" else _NO_F32), steps * 16
+        return XQ, steps * 256, XD, steps, XS, (XF.reshape(-1) if with_f else _NO_F32), steps * 16
 
     def quantize_input(self, X: np.ndarray) -> tuple:
         """Quantize activations X f32[n_tok, n_cols] (or f32[n_cols]) once for `matvec_q` / `matmat_q`.

@@ -20,7 +20,8 @@ super-blocks, and load activations 64 bytes at a time so that byte lane k meets 
   8192 x 22016, 1 thread: 12.8 GB/s against 18.1 this way).
 * Q8_K: `xq[256k + i] = q[256k + perm[i]]` with a per-weight-type permutation (PERM_*), `xd[k] = d`, and 16 int32
   per super-block in `xb` (natural bsums, times -4 for q2_K/q3_K, or for q4_K/q5_K pair sums of the 32-element
-  sub-blocks in lanes 8..15); for q2_K/q3_K also `xf[16k + i] = -d * bsum_i` as float, q2_K's min term.
+  sub-blocks in lanes 8..15); for the q2_K/q3_K and q4_K/q5_K layouts also `xf`: the same sums (without the -4) times
+  -d as float, which the min terms of q2_K, q4_K and q5_K take in float.
 """
 from __future__ import annotations
 
@@ -97,8 +98,8 @@ def quantize_q8_0_nibble(x, xq, xd, xsum, xs):
 @numba.jit(**JITQ)
 def quantize_q8_K(x, perm, pairs, bmul, xq, xd, xb, xf):
     """One row to Q8_K: xq permuted by `perm` (256 entries), xd[k] = d, xb[16k..] bsums times `bmul` (pairs=True: the
-    8 sums of 32-element sub-blocks in lanes 8..15, lanes 0..7 zero); if xf is not empty, xf[16k + i] = -d * bsum_i
-    in float (q2_K's min term)."""
+    8 sums of 32-element sub-blocks in lanes 8..15, lanes 0..7 zero); if xf is not empty, the same sums (without
+    `bmul`) times -d as float, for the min terms of q2_K / q4_K / q5_K."""
     n = x.shape[0]
     if n % QK_K:
         raise ValueError("row length must be a multiple of 256")
@@ -136,8 +137,9 @@ def quantize_q8_K(x, perm, pairs, bmul, xq, xd, xb, xf):
                     xb[16 * k + 8 + i // 2] += s * bmul
             else:
                 xb[16 * k + i] = s * bmul
-            if xf.shape[0]:
-                xf[16 * k + i] = -xd[k] * np.float32(s)
+        if xf.shape[0]:
+            for i in range(16):
+                xf[16 * k + i] = -xd[k] * np.float32(xb[16 * k + i] // bmul)
 
 
 # ------------------------------------------------------------------------------------------- batched (prompt) forms
