@@ -150,6 +150,9 @@ def test_stopping_the_running_one_lets_the_queued_one_run_in_full(how):
         assert wait_until(lambda: engine.is_running("KCPPA"))
         tb = _blocking(srv.url, out, "b", max_length=12, genkey="KCPPB")
         assert wait_until(lambda: engine.queue_length == 1)
+        # stop A once it has text: running alone does not mean a token is out yet (a stop before the first one left
+        # A empty, 2 runs in 10 of tests/formats + this file on a busy machine)
+        assert wait_until(lambda: len(engine.partial_text("KCPPA")) > 0)
         path, body = {"kobold-genkey": ("/api/extra/abort", {"genkey": "KCPPA"}),
                       "kobold-empty": ("/api/extra/abort", None),
                       "textgen-stop-stream": ("/api/v1/stop-stream", {}),
