@@ -411,14 +411,14 @@ def main(argv=None) -> int:
               f"{'p25-p75':>9s} {'cpu-GB/s':>8s} {'cpu-BW':>6s} {'ratio':>5s}")
         for nt in threads:
             numba.set_num_threads(nt)
-            rec = {id(s): [] for s in slices}
+            rec = [[] for _ in slices]
             for s in slices:
                 s.decode_once(s._xs)
             for _ in range(args.rounds):
-                for s in slices:
-                    rec[id(s)].append(s.token(bw_buf))
-            for s in slices:
-                t, bw, cpu, cbw = (np.array(v) for v in zip(*rec[id(s)]))
+                for s, r in zip(slices, rec):
+                    r.append(s.token(bw_buf))
+            for s, tokens in zip(slices, rec):
+                t, bw, cpu, cbw = (np.array(v) for v in zip(*tokens))
                 r = s.nbytes / t / 1e9 / bw
                 rc = s.nbytes / (cpu / nt) / 1e9 / cbw
                 p25, p75 = np.percentile(r, [25, 75])

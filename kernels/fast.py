@@ -225,7 +225,7 @@ _SC_WORDS = {f"PW{h}": [_K4_SB[2 * h + w // 4][c // 2] for c in range(4) for w i
 # q6_K word scales (simd.make_s8_words) for packs(P_2h, P_2h+1): i32 lanes 4c..4c+3 of part p belong to the 16-weight
 # sub-block 4p + c
 _S6_WORDS = {f"SW{h}": [4 * (2 * h + w // 4) + c for c in range(4) for w in range(8)] for h in range(2)}
-# q2_K/q3_K 2-bit fields: part p = bits 2p, 2p+1 of every packed byte (simd.make_bitfield: one vgf2p8affineqb with
+# q2_K's 2-bit fields: part p = bits 2p, 2p+1 of every packed byte (simd.make_bitfield: one vgf2p8affineqb with
 # GFNI instead of a shift and a mask; +2-6 % per core, same-process A/B; on q4_K's nibbles it measured nothing, the
 # instruction shares the VNNI pipes there)
 _BITFIELDS = {**{f"BF{2 * p}": (2 * p, 2) for p in range(4)},
@@ -641,15 +641,19 @@ def _sub_h(raw, hi, C):
 
 
 @numba.jit(**q8.JITQ)
+def _q3_value(q, h, p):
+    """Part p's 3-bit quants per byte: its 2-bit field of q (bits 2p) plus 4 times its high bit of h (bit p)."""
+    return simd.vor(simd.vand(simd.vshr(q, 2 * p), simd.splat_i(0x03030303)),
+                    simd.vshl(simd.vand(simd.vshr(h, p), simd.splat_i(0x01010101)), 2))
+
+
+@numba.jit(**q8.JITQ)
 def _q3_fields(raw, qi, hi, out, o, C):
     """One q3_K super-block's quants as Q3_K's 96 bytes at out[o] (see Q3_K): n_p = low 2 bits + 4 * high bit of part
     p, X = n0 | n1 << 3 | (n2 & 3) << 6 (64 bytes), then Y (32 bytes): n2's bit 2 and n3 for positions m and 32 + m."""
     q, h = _sub_q(raw, qi, C), _sub_h(raw, hi, C)
     m1, m3 = simd.splat_i(0x01010101), simd.splat_i(0x03030303)
-    n0 = simd.vor(simd.vand(q, m3), simd.vshl(simd.vand(h, m1), 2))
-    n1 = simd.vor(simd.vand(simd.vshr(q, 2), m3), simd.vshl(simd.vand(simd.vshr(h, 1), m1), 2))
-    n2 = simd.vor(simd.vand(simd.vshr(q, 4), m3), simd.vshl(simd.vand(simd.vshr(h, 2), m1), 2))
-    n3 = simd.vor(simd.vand(simd.vshr(q, 6), m3), simd.vshl(simd.vand(simd.vshr(h, 3), m1), 2))
+    n0, n1, n2, n3 = _q3_value(q, h, 0), _q3_value(q, h, 1), _q3_value(q, h, 2), _q3_value(q, h, 3)
     simd.store_i(out, o, simd.vor(simd.vor(n0, simd.vshl(n1, 3)), simd.vshl(simd.vand(n2, m3), 6)))
     t = simd.vor(simd.vand(simd.vshr(n2, 2), m1), simd.vshl(n3, 2))
     th = _LHI(t)
