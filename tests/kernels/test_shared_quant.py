@@ -48,3 +48,17 @@ def test_handle_of_another_format_is_refused():
     xq = a.quantize(np.ones((1, N_COLS), np.float32))
     with pytest.raises(ValueError):
         b.kernel.matvec_q(xq, np.empty(32, np.float32))
+
+
+@pytest.mark.parametrize("t", [G.Q4_0, G.Q3_K, G.Q4_K, G.Q6_K, G.F16])
+def test_one_token_handle_equals_the_one_call_matvec(t):
+    """matvec_q on a one-token handle (quantize_input) and matvec (quantization inside the kernel call) agree."""
+    w = _weight(t, 96, 3)
+    x = np.random.default_rng(11).standard_normal((1, N_COLS)).astype(np.float32)
+    xq = w.quantize(x)
+    got = w(x, xq=xq)
+    np.testing.assert_array_equal(got, w(x))
+    strided64 = np.repeat(x[0].astype(np.float64), 2)[::2]        # converted to contiguous float32 first
+    np.testing.assert_array_equal(got[0], w.kernel.matvec(strided64, np.empty(96, np.float32)))
+    with pytest.raises(ValueError, match="more than one token"):     # the mat-mat layout differs
+        w.kernel.matmat_q(xq, np.empty((1, 96), np.float32))
