@@ -10,8 +10,8 @@ How it works
 * Inner products run on integers with `vpdpbusd` / `vpmaddubsw`+`vpdpwssd` (AVX-512 VNNI) or `vpmaddubsw`+`vpmaddwd`
   (AVX2), emitted through llvmlite (kernels/simd.py); block scales are applied in float once per 128/256 weights.
 * q4_K, q5_K, q6_K and F16 are read straight from the (mmapped) file bytes. q2_K and q3_K are repacked once at load
-  so that every i32 lane of a dot product holds one 16-weight sub-block (q3_K with its scales pre-decoded, 114-byte
-  blocks; see `_K2`). The legacy 32-weight types are repacked once at load into groups of 4 blocks (quants
+  so that every i32 lane of a dot product holds one 16-weight sub-block (q3_K's scales re-packed for a two-op decode
+  with AVX-512 VBMI, else pre-decoded into 114-byte blocks; see `_K2`). The legacy 32-weight types are repacked once at load into groups of 4 blocks (quants
   contiguous, then the fp16 scales, then q5's high bits as 64-bit lane masks): exactly the file's size, one stream
   per row. The file pages a repack read are then released from the process.
 * Decode (`matvec`): `prange` over chunks of 32 rows, one row at a time (the single-row loop already outruns DRAM on
@@ -332,24 +332,30 @@ class _K2(KSpec):
 
 
 class Q3_K(_K2):
-    """114-byte blocks [X 64][Y 32][16 scales as int8, already minus 32][d 2]. With n_p = the 3-bit quant of part p
-    (low 2 bits + 4 * high bit, 0..7; the value is n - 4) at byte m of the `_K2` order: X[m] = n0 | n1 << 3 | (n2 & 3)
-    << 6; Y[m] (m < 32) = n2(m) >> 2 | (n2(32 + m) >> 2) << 1 | n3(m) << 2 | n3(32 + m) << 5. Each part is then one
-    or two bit-field ops (Y read into both 256-bit halves, each half taking its own bits): 6 vector ops per
-    super-block for the quants, where the file's 2-bit fields plus high-bit mask took 13 (4 fields, 4 vptestmb, 4
-    masked adds, one more for part 0); per core from L3 24.2-24.7 -> 28.7-30.1 GB/s. The scales are pre-decoded
-    (sign-extended, not 12 bytes of 6-bit fields unpacked per super-block); the quants' -4 offset enters as the
-    accumulator's start, the activation block sums times -4."""
-    name, block_bytes, step_bytes = "q3_K", 110, 114
-    consts = {"Z": "splat_i(0)", "MW": "splat_i(0xFFFF)", "M7": f"splat_i({simd.bytes4(7)})"}
+    """110-byte blocks [scales 6][d 2][scales 6][X 64][Y 32] (AVX-512 VBMI; `Q3_K_I8` otherwise). With n_p = the 3-bit
+    quant of part p (low 2 bits + 4 * high bit, 0..7; the value is n - 4) at byte m of the `_K2` order: X[m] = n0 |
+    n1 << 3 | (n2 & 3) << 6; Y[m] (m < 32) = n2(m) >> 2 | (n2(32 + m) >> 2) << 1 | n3(m) << 2 | n3(32 + m) << 5.
+    Each part is then one or two bit-field ops (Y read into both 256-bit halves, each half taking its own bits): 6
+    vector ops per super-block for the quants, where the file's 2-bit fields plus high-bit mask took 13 (4 fields, 4
+    vptestmb, 4 masked adds, one more for part 0); per core from L3 24.2-24.7 -> 28.7-30.1 GB/s. The 16 scales
+    (minus 32, as 6-bit two's complement) are re-packed at load so that one `vpmultishiftqb` and one `vpsraw` give
+    the `vpdpwssd` operand (simd.load_q3k_scales): the file's size, where the int8 scales of `Q3_K_I8` stream 114
+    bytes per super-block (65B layer from DRAM, same process: 2 threads 26.3 -> 28.3 GB/s, 1 thread 21.5 -> 22.7;
+    from L3 alike). The quants' -4 offset enters as the accumulator's start, the activation block sums times -4."""
+    name, block_bytes, step_bytes = "q3_K", 110, 110
+    consts = {"Z": "splat_i(0)", "M7": f"splat_i({simd.bytes4(7)})"}
+    packed_scales = True
+    x_off, y_off, d_off = 14, 78, 6
 
     def repack_rows(self, raw2d, n_blk):
-        return repack_k2(raw2d, n_blk, True)
+        return repack_k2(raw2d, n_blk, True, self.packed_scales)
+
+    def scales(self, i):
+        return f"scl{i} = load_q3k_scales(W, wb{i})"
 
     def row_setup(self, i):
-        return [f"scl{i} = vand(load_i8x16(W, wb{i} + 96), MW)",
-                f"X{i} = load_i(W, wb{i})", f"Y{i} = load_i_dup256(W, wb{i} + 64)",
-                f"d{i} = load_h1(W, wb{i} + 112)"]
+        return [self.scales(i), f"X{i} = load_i(W, wb{i} + {self.x_off})",
+                f"Y{i} = load_i_dup256(W, wb{i} + {self.y_off})", f"d{i} = load_h1(W, wb{i} + {self.d_off})"]
 
     def row_part(self, i, p):
         return [[f"n{i}_0 = vand(X{i}, M7)", f"n{i}_1 = BF33(X{i})", f"n{i}_2 = vor(BF62(X{i}), YH2(Y{i}))",
@@ -362,12 +368,24 @@ class Q3_K(_K2):
         return [f"acc{i}_{j} = fma(cvt(dpwssd(Z, A{i}_{j}, scl{i})), splat_f(d{i} * dx{j}), acc{i}_{j})"]
 
 
+class Q3_K_I8(Q3_K):
+    """q3_K without VBMI (AVX2, or AVX-512 before Ice Lake): 114-byte blocks [X 64][Y 32][16 scales as int8, minus
+    32][d 2], the scales sign-extended by one `vpmovsxbd` and masked to the low words."""
+    step_bytes = 114
+    consts = dict(Q3_K.consts, MW="splat_i(0xFFFF)")
+    packed_scales = False
+    x_off, y_off, d_off = 0, 64, 112
+
+    def scales(self, i):
+        return f"scl{i} = vand(load_i8x16(W, wb{i} + 96), MW)"
+
+
 class Q2_K(_K2):
     name, block_bytes, step_bytes = "q2_K", 84, 84
     consts = {"Z": "splat_i(0)", "M15": "splat_i(15)"}
 
     def repack_rows(self, raw2d, n_blk):
-        return repack_k2(raw2d, n_blk, False)
+        return repack_k2(raw2d, n_blk, False, False)
 
     def row_setup(self, i):
         return [f"u{i} = load_u8x16(W, wb{i})", f"sc{i} = vand(u{i}, M15)", f"mn{i} = vshr(u{i}, 4)",
@@ -407,7 +425,8 @@ class F16(Spec):
 
 SPECS: dict[int, Spec] = {int(t): cls() for t, cls in [
     (GGMLType.Q4_0, Q4_0), (GGMLType.Q4_1, Q4_1), (GGMLType.Q5_0, Q5_0), (GGMLType.Q5_1, Q5_1),
-    (GGMLType.Q8_0, Q8_0), (GGMLType.Q2_K, Q2_K), (GGMLType.Q3_K, Q3_K), (GGMLType.Q4_K, Q4_K),
+    (GGMLType.Q8_0, Q8_0), (GGMLType.Q2_K, Q2_K), (GGMLType.Q3_K, Q3_K if simd._HAS_VBMI else Q3_K_I8),
+    (GGMLType.Q4_K, Q4_K),
     (GGMLType.Q5_K, Q5_K), (GGMLType.Q6_K, Q6_K), (GGMLType.F16, F16)]}
 
 
@@ -590,7 +609,8 @@ def _write_if_changed(path: Path, text: str) -> None:
 
 def kernel_module(spec: Spec):
     """Import (generating first if needed) the kernel module of one type for this ISA."""
-    mod = _MODULES.get(spec.name)
+    key = type(spec).__name__.lower()      # q3_k and q3_k_i8 are two modules of one type
+    mod = _MODULES.get(key)
     if mod is not None:
         return mod
     text = generate_source(spec)
@@ -598,19 +618,19 @@ def kernel_module(spec: Spec):
     path = None
     for root in (_cache_root(), Path(tempfile.gettempdir()) / f"airobackend-{os.getuid()}" / "kernels"):
         try:
-            path = root / tag / f"fast_{spec.name}.py"
+            path = root / tag / f"fast_{key}.py"
             _write_if_changed(path, text)
             break
         except OSError:
             path = None
     if path is None:
         raise OSError("cannot write the generated kernel source anywhere")
-    modname = f"airobackend_fastgen_{ISA}_{spec.name}"
+    modname = f"airobackend_fastgen_{ISA}_{key}"
     ispec = importlib.util.spec_from_file_location(modname, path)
     mod = importlib.util.module_from_spec(ispec)
     sys.modules[modname] = mod
     ispec.loader.exec_module(mod)
-    _MODULES[spec.name] = mod
+    _MODULES[key] = mod
     return mod
 
 
@@ -686,19 +706,40 @@ def _q3_fields(raw, qi, hi, out, o, C):
     simd.store_i_lo256(out, o + 64, y)
 
 
+@numba.jit(**q8.JITQ)
+def _q3_scale(src, i, k):
+    """Scale k of the q3_K block at src[i], minus 32 (-32..31): llama.cpp's unpacking of the 12 bytes (engine.md)."""
+    lo = (np.int64(src[i + 96 + k % 8]) >> (4 * (k // 8))) & 15
+    hi = (np.int64(src[i + 104 + k % 4]) >> (2 * (k // 4))) & 3
+    return (lo | (hi << 4)) - 32
+
+
 @numba.jit(**dict(q8.JITQ, parallel=True))
-def _repack_k2(raw, n_blk, q3, out, C):
-    ib, ob = (110, 114) if q3 else (84, 84)
+def _repack_k2(raw, n_blk, q3, packed, out, C):
+    ib, ob = (110, 110 if packed else 114) if q3 else (84, 84)
     for r in numba.prange(raw.shape[0]):
         src, dst = raw[r], out[r]
         for b in range(n_blk):
             i, o = b * ib, b * ob
-            if q3:
+            if q3 and packed:                       # Q3_K: [scales 6][d 2][scales 6][X 64][Y 32]
+                _q3_fields(src, i + 32, i, dst, o + 14, C)
+                lo_half, hi_half = 0, 0
+                for k in range(16):
+                    f = _q3_scale(src, i, k) & 63   # 6-bit two's complement
+                    bit = 6 * (2 * (k // 4) + (k % 4) % 2)         # simd.q3k_scale_bit
+                    if k % 4 < 2:
+                        lo_half |= f << bit
+                    else:
+                        hi_half |= f << bit
+                for j in range(6):
+                    dst[o + j] = np.uint8((lo_half >> (8 * j)) & 0xFF)
+                    dst[o + 8 + j] = np.uint8((hi_half >> (8 * j)) & 0xFF)
+                dst[o + 6] = src[i + 108]           # d
+                dst[o + 7] = src[i + 109]
+            elif q3:                                # Q3_K_I8: [X 64][Y 32][scales 16][d 2]
                 _q3_fields(src, i + 32, i, dst, o, C)
-                for k in range(16):                 # llama.cpp's q3_K scale unpacking (engine.md), minus 32
-                    lo = (src[i + 96 + k % 8] >> (4 * (k // 8))) & 15
-                    hi = (src[i + 104 + k % 4] >> (2 * (k // 4))) & 3
-                    dst[o + 96 + k] = np.uint8(((lo | (hi << 4)) - 32) & 0xFF)
+                for k in range(16):
+                    dst[o + 96 + k] = np.uint8(_q3_scale(src, i, k) & 0xFF)
                 dst[o + 112] = src[i + 108]         # d
                 dst[o + 113] = src[i + 109]
             else:
@@ -709,11 +750,12 @@ def _repack_k2(raw, n_blk, q3, out, C):
                     dst[o + k] = src[i + k]
 
 
-def repack_k2(raw2d: np.ndarray, n_blk: int, q3: bool) -> np.ndarray:
-    """q2_K rows (84-byte blocks, same size out) or q3_K rows (110-byte blocks -> 114, scales as int8) -> the kernel
-    layouts of Q2_K / Q3_K."""
-    out = np.empty((raw2d.shape[0], n_blk * (114 if q3 else 84)), dtype=np.uint8)
-    _repack_k2(np.ascontiguousarray(raw2d), n_blk, q3, out, _SUB_CONST.reshape(-1))
+def repack_k2(raw2d: np.ndarray, n_blk: int, q3: bool, packed: bool = True) -> np.ndarray:
+    """q2_K rows (84-byte blocks, same size out) or q3_K rows (110-byte blocks; packed: same size, else 114 with the
+    scales as int8) -> the kernel layouts of Q2_K / Q3_K / Q3_K_I8."""
+    ob = (110 if packed else 114) if q3 else 84
+    out = np.empty((raw2d.shape[0], n_blk * ob), dtype=np.uint8)
+    _repack_k2(np.ascontiguousarray(raw2d), n_blk, q3, packed, out, _SUB_CONST.reshape(-1))
     return out
 
 
@@ -797,7 +839,7 @@ class FastWeight:
 
     def __init__(self, spec: Spec, W: np.ndarray, row_bytes: int, n_rows: int, n_cols: int, n_steps: int):
         self.spec, self.n_rows, self.n_cols, self.n_steps = spec, n_rows, n_cols, n_steps
-        self.ggml_type = next(t for t, s in SPECS.items() if s is spec)
+        self.ggml_type = next(t for t, s in SPECS.items() if s.name == spec.name)
         self.row_bytes = row_bytes
         self.name = f"fast-{spec.name}-{ISA}"
         self.W = W.reshape(-1)

@@ -696,3 +696,39 @@ def make_bitfield(lo: int, n: int, dst: int = 0, lo_hi: int | None = None):
             return builder.and_(v, _const_vec(_I32, [mask * 0x01010101] * 16))
         return I512(a), codegen
     return bitfield
+
+
+_HAS_VBMI = ISA == "avx512vnni" and bool(llb.get_host_cpu_features().get("avx512vbmi"))
+
+
+def q3k_scale_bit(lane: int) -> int:
+    """Bit offset, within its 6-byte half, of the 6-bit field that `load_q3k_scales` puts in i32 lane `lane`: the
+    16 bytes read are [fields of lanes 4c, 4c+1 (c = 0..3): 6 bytes][2 other][lanes 4c+2, 4c+3: 6 bytes][2 other],
+    so that each 64-bit half of every 128-bit chunk holds the fields of its own two lanes."""
+    c, r = divmod(lane, 4)
+    return 6 * (2 * c + r % 2)
+
+
+_Q3K_CTRL = [((q3k_scale_bit(i // 4) - 2) % 64) if i % 4 == 1 else 0 for i in range(64)]
+_Q3K_KEEP = [i % 4 < 2 for i in range(64)]
+
+
+@intrinsic
+def load_q3k_scales(typingctx, arr, idx):
+    """16 six-bit two's-complement fields from the 16 bytes at element `idx` (layout: `q3k_scale_bit`) -> i32 lanes,
+    low word = the field sign-extended, high word 0 (the scale operand of a `vpdpwssd`). AVX-512 VBMI: the bytes
+    broadcast to every 128-bit chunk, one zero-masking `vpmultishiftqb` puts each field in bits 2..7 of its lane's
+    byte 1, one `vpsraw` by 10 sign-extends it and drops the neighbours' bits below; bytes 2, 3 are masked to 0."""
+    if not _HAS_VBMI:
+        return None
+
+    def codegen(context, builder, sig, args):
+        v = _load(builder, _ptr_at(context, builder, sig.args[0], args[0], sig.args[1], args[1]),
+                  ir.VectorType(_I8, 16))
+        f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VB, [_VB, _VB]),
+                                           "llvm.x86.avx512.pmultishift.qb.512")
+        m = builder.call(f, [_const_vec(_I8, _Q3K_CTRL), _shuffle(builder, v, list(range(16)) * 4)])
+        m = builder.select(ir.Constant(ir.VectorType(ir.IntType(1), 64), _Q3K_KEEP), m, ir.Constant(_VB, None))
+        w16 = ir.VectorType(ir.IntType(16), 32)
+        return builder.bitcast(builder.ashr(builder.bitcast(m, w16), _const_vec(ir.IntType(16), [10] * 32)), _VI)
+    return I512(arr, idx), codegen

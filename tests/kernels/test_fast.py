@@ -154,6 +154,49 @@ def test_bitfield_extracts_every_field_of_every_byte(gfni, monkeypatch):
         assert np.array_equal(out, want), (lo, n, dst, lo_hi, gfni)
 
 
+@pytest.mark.parametrize("spec_cls", [
+    pytest.param(fast.Q3_K, id="packed-scales", marks=pytest.mark.skipif(
+        not fast.simd._HAS_VBMI, reason="this CPU has no AVX-512 VBMI")),
+    pytest.param(fast.Q3_K_I8, id="int8-scales")])
+def test_q3k_both_block_layouts(spec_cls, monkeypatch):
+    # q3_K is repacked into 110-byte blocks with the scales as packed 6-bit fields where VBMI decodes them, else into
+    # 114-byte blocks with int8 scales; both against the oracle, the long-row (prefetching) loop included.
+    monkeypatch.setitem(fast.SPECS, int(G.Q3_K), spec_cls())
+    rng = np.random.default_rng(33)
+    for n_rows, n_cols, n_tok in [(37, 512, 5), (19, 22016, 1)]:
+        raw = random_blocks(G.Q3_K, n_rows, n_cols, rng)
+        fw = check(G.Q3_K, raw, n_rows, n_cols, n_tok, rng)
+        assert type(fw.spec) is spec_cls
+        assert fw.W.nbytes == raw.nbytes * (114 if spec_cls is fast.Q3_K_I8 else 110) // 110
+
+
+@pytest.mark.skipif(not fast.simd._HAS_VBMI, reason="this CPU has no AVX-512 VBMI")
+def test_q3k_scale_fields_decode_to_every_value():
+    # every 6-bit value in every lane: 16 lanes x 64 values through the repacked layout's bit positions
+    import numba
+    from airobackend.kernels import simd
+    vals = (np.arange(64 * 16).reshape(64, 16) * 7 + np.arange(16)) % 64 - 32      # [case, lane] in -32..31
+    raw = np.zeros((64, 16), np.uint8)
+    for c in range(64):
+        halves = [0, 0]
+        for k in range(16):
+            halves[k % 4 >= 2] |= (int(vals[c, k]) & 63) << simd.q3k_scale_bit(k)
+        raw[c, :6] = np.frombuffer(halves[0].to_bytes(8, "little"), np.uint8)[:6]
+        raw[c, 8:14] = np.frombuffer(halves[1].to_bytes(8, "little"), np.uint8)[:6]
+        raw[c, 6:8], raw[c, 14:16] = 0xFF, 0xFF         # neighbouring bytes: must not leak in
+    raw = raw.reshape(-1)
+
+    @numba.njit
+    def run(a, out):
+        for c in range(64):
+            simd.store_i(out, 64 * c, simd.load_q3k_scales(a, 16 * c))
+    out = np.zeros(64 * 64, np.uint8)
+    run(raw, out)
+    words = out.view(np.int16).reshape(64, 16, 2)
+    assert np.array_equal(words[:, :, 0], vals)         # low word: the value, sign-extended
+    assert not words[:, :, 1].any()                      # high word 0 (vpdpwssd multiplies it too)
+
+
 @pytest.mark.parametrize("t", sorted(LEGACY), ids=lambda t: t.name)
 def test_legacy_partial_group(t):
     # 96 columns = 3 blocks: the repack pads the last group of 4 blocks with zero blocks
