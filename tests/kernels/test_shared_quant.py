@@ -62,3 +62,16 @@ def test_one_token_handle_equals_the_one_call_matvec(t):
     np.testing.assert_array_equal(got[0], w.kernel.matvec(strided64, np.empty(96, np.float32)))
     with pytest.raises(ValueError, match="more than one token"):     # the mat-mat layout differs
         w.kernel.matmat_q(xq, np.empty((1, 96), np.float32))
+
+
+@pytest.mark.parametrize("shape,dtype", [((1, 700), np.int8), ((4, 33), np.float32), ((3, 16), np.int32), (9, np.int8)])
+def test_activation_buffers_start_on_a_cache_line(shape, dtype):
+    """The kernels' 64-byte activation loads must not straddle cache lines (see fast.empty_lines)."""
+    for zero in (False, True):
+        a = fast.empty_lines(shape, dtype, zero=zero)
+        assert a.ctypes.data % 64 == 0 and a.shape == np.empty(shape).shape and a.dtype == dtype
+        assert a.flags.c_contiguous and (not zero or not a.any())
+    w = _weight(G.Q4_K, 32, 5)
+    assert w.quantize(np.ones((1, N_COLS), np.float32))[3].ctypes.data % 64 == 0
+    handle = w.quantize(np.ones((5, N_COLS), np.float32))
+    assert all(a.ctypes.data % 64 == 0 for a in (handle[3], handle[5], handle[7]))
