@@ -11,9 +11,9 @@ How it works
   (AVX2), emitted through llvmlite (kernels/simd.py); block scales are applied in float once per 128/256 weights.
 * q4_K, q5_K, q6_K and F16 are read straight from the (mmapped) file bytes. q2_K and q3_K are repacked once at load
   so that every i32 lane of a dot product holds one 16-weight sub-block (q3_K's scales re-packed for a two-op decode
-  with AVX-512 VBMI, else pre-decoded into 114-byte blocks; see `_K2`). The legacy 32-weight types are repacked once at load into groups of 4 blocks (quants
-  contiguous, then the fp16 scales, then q5's high bits as 64-bit lane masks): exactly the file's size, one stream
-  per row. The file pages a repack read are then released from the process.
+  with AVX-512 VBMI, else pre-decoded into 114-byte blocks; see `_K2`). The legacy 32-weight types are repacked once
+  at load into groups of 4 blocks (quants contiguous, then the fp16 scales, then q5's high bits as 64-bit lane
+  masks): exactly the file's size, one stream per row. The file pages a repack read are then released from the process.
 * Decode (`matvec`): `prange` over chunks of 32 rows, one row at a time (the single-row loop already outruns DRAM on
   one core). Prompt (`matmat`): all tokens quantized first, then `prange` over 32-row chunks, a register tile of
   R rows x 4 tokens (R = 4 for the legacy types and F16, 2 for the k-quants, whose per-sub-block scale vectors take
@@ -529,7 +529,7 @@ def generate_source(spec: Spec) -> str:
         src.append(f"    quantize_q8_K(x, {perm}, {spec.layout == 'k_q4k'}, {-4 if spec.layout == 'k_sub' else 1}, "
                    "XQ, XD, XS, XF)")
     src.append("")
-    # --- matvec_x: quantize + mat-vec in one call from Python (see FastWeight.matvec); A on a 64-byte line (empty_lines)
+    # --- matvec_x: quantize + mat-vec in one call from Python (FastWeight.matvec); A on a 64-byte line (empty_lines)
     src.append("@numba.jit(**JIT)")
     src.append("def matvec_x(W, RB, n_rows, n_steps, x, oD, oS, oF, oE, out, pf):")
     src.append("    buf = np.empty(oE + 64, np.int8)")
@@ -708,6 +708,9 @@ def _q3_fields(raw, qi, hi, out, o, C):
     simd.store_i_lo256(out, o + 64, y)
 
 
+_Q3K_BITS = np.array([simd.q3k_scale_bit(k) for k in range(16)], dtype=np.int64)   # where load_q3k_scales reads
+
+
 @numba.jit(**q8.JITQ)
 def _q3_scale(src, i, k):
     """Scale k of the q3_K block at src[i], minus 32 (-32..31): llama.cpp's unpacking of the 12 bytes (engine.md)."""
@@ -728,11 +731,10 @@ def _repack_k2(raw, n_blk, q3, packed, out, C):
                 lo_half, hi_half = 0, 0
                 for k in range(16):
                     f = _q3_scale(src, i, k) & 63   # 6-bit two's complement
-                    bit = 6 * (2 * (k // 4) + (k % 4) % 2)         # simd.q3k_scale_bit
                     if k % 4 < 2:
-                        lo_half |= f << bit
+                        lo_half |= f << _Q3K_BITS[k]
                     else:
-                        hi_half |= f << bit
+                        hi_half |= f << _Q3K_BITS[k]
                 for j in range(6):
                     dst[o + j] = np.uint8((lo_half >> (8 * j)) & 0xFF)
                     dst[o + 8 + j] = np.uint8((hi_half >> (8 * j)) & 0xFF)
