@@ -518,7 +518,7 @@ def generate_source(spec: Spec) -> str:
     views = ["    XQ = A[:oD]", "    XD = A[oD:oS].view(np.float32)", "    XS = A[oS:oF].view(np.int32)",
              "    XF = A[oF:oE].view(np.float32)"]
     src.append("@numba.jit(**JIT)")
-    src.append("def quantize1(x, A, oD, oS, oF, oE):")
+    src.append("def fill1(x, A, oD, oS, oF, oE):")
     src += views
     if spec.layout == "f16":
         src.append("    f16_bytes(x, XQ)")
@@ -529,13 +529,19 @@ def generate_source(spec: Spec) -> str:
         src.append(f"    quantize_q8_K(x, {perm}, {spec.layout == 'k_q4k'}, {-4 if spec.layout == 'k_sub' else 1}, "
                    "XQ, XD, XS, XF)")
     src.append("")
-    # --- matvec_x: quantize + mat-vec in one call from Python (FastWeight.matvec); A on a 64-byte line (empty_lines)
+    # --- quantize1: A allocated on a 64-byte line (see empty_lines) and filled, in one call from Python
+    # (FastWeight.quantize_input); matvec_x: that and the mat-vec in one call (FastWeight.matvec)
     src.append("@numba.jit(**JIT)")
-    src.append("def matvec_x(W, RB, n_rows, n_steps, x, oD, oS, oF, oE, out, pf):")
+    src.append("def quantize1(x, oD, oS, oF, oE):")
     src.append("    buf = np.empty(oE + 64, np.int8)")
     src.append("    o = (-buf.ctypes.data) & 63")
     src.append("    A = buf[o:o + oE]")
-    src.append("    quantize1(x, A, oD, oS, oF, oE)")
+    src.append("    fill1(x, A, oD, oS, oF, oE)")
+    src.append("    return A")
+    src.append("")
+    src.append("@numba.jit(**JIT)")
+    src.append("def matvec_x(W, RB, n_rows, n_steps, x, oD, oS, oF, oE, out, pf):")
+    src.append("    A = quantize1(x, oD, oS, oF, oE)")
     src.append("    matvec(W, RB, n_rows, n_steps, A, oD, oS, oF, oE, out, pf)")
     src.append("")
     # --- matvec: one row at a time, one token
@@ -922,16 +928,15 @@ class FastWeight:
 
         The handle may be passed to any FastWeight with the same `act_key` (same activation layout and row length):
         the weights that read one input (wq/wk/wv, w1/w3) then share one quantization."""
-        X = np.ascontiguousarray(X, dtype=np.float32)
+        if X.dtype != np.float32 or not X.flags.c_contiguous:
+            X = np.ascontiguousarray(X, dtype=np.float32)
         if X.ndim == 1:
             X = X.reshape(1, -1)
         if X.ndim != 2 or X.shape[1] != self.n_cols:
             raise ValueError(f"quantize_input: X{list(X.shape)} does not fit a {self.n_rows}x{self.n_cols} weight")
+        if X.shape[0] == 1:     # one Numba call that allocates, aligns and fills the buffer (see act1_offsets)
+            return (self.act_key, 1, 1, self._q1(X[0], *self._a1))
         n_tok = X.shape[0]
-        if n_tok == 1:
-            A = empty_lines(self._a1[3], np.int8)
-            self._q1(X[0], A, *self._a1)
-            return (self.act_key, 1, 1, A)
         return self._handle(X, -(-n_tok // self.spec.tile_t) * self.spec.tile_t)
 
     def _handle(self, X: np.ndarray, n_pad: int) -> tuple:
