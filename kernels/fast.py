@@ -435,9 +435,9 @@ def supported_types() -> list[int]:
     return sorted(SPECS) if ISA != "none" else []
 
 
-# per k-quant activation layout, the quantize_q8_K arguments (permutation in q8, pairs, bmul): q4_K/q5_K take the
+# per k-quant activation layout, the quantize_q8_K arguments (byte order q8.LAYOUT_*, pairs, bmul): q4_K/q5_K take the
 # 32-element sums as pairs, q2_K/q3_K the block sums times -4 (Q3_K.acc_start); used by _quantize and the generator
-_Q8K_ARGS = {"k_nat": ("PERM_NATURAL", False, 1), "k_q4k": ("PERM_Q4K", True, 1), "k_sub": ("PERM_SUB", False, -4)}
+_Q8K_ARGS = {"k_nat": (q8.LAYOUT_NATURAL, False, 1), "k_q4k": (q8.LAYOUT_Q4K, True, 1), "k_sub": (q8.LAYOUT_SUB, False, -4)}
 # layouts whose activations carry XF (the Q8_1 s of q4_1/q5_1; the float min terms of q2_K, q4_K, q5_K)
 _WITH_XF = ("nib", "k_sub", "k_q4k")
 
@@ -448,7 +448,7 @@ import numba
 import numpy as np
 from numba import prange
 from airobackend.kernels import JIT, JIT_PARALLEL
-from airobackend.kernels.q8 import PERM_NATURAL, PERM_Q4K, PERM_SUB, f16_bytes, quantize_q8_0_nibble, quantize_q8_K
+from airobackend.kernels.q8 import f16_bytes, quantize_q8_0_nibble, quantize_q8_K
 from airobackend.kernels.simd import *  # noqa
 from airobackend.kernels.simd import make_q4k_words, make_s8_words, make_bitfield
 '''
@@ -532,8 +532,8 @@ def generate_source(spec: Spec) -> str:
     elif spec.layout == "nib":
         src.append("    quantize_q8_0_nibble(x, XQ, XD, XS, XF)")
     else:
-        perm_name, pairs, bmul = _Q8K_ARGS[spec.layout]
-        src.append(f"    quantize_q8_K(x, {perm_name}, {pairs}, {bmul}, XQ, XD, XS, XF)")
+        layout, pairs, bmul = _Q8K_ARGS[spec.layout]
+        src.append(f"    quantize_q8_K(x, {layout}, {pairs}, {bmul}, XQ, XD, XS, XF)")
     src.append("")
     # --- quantize1: A allocated on a 64-byte line (see empty_lines) and filled, in one call from Python
     # (FastWeight.quantize_input); matvec_x: that and the mat-vec in one call (FastWeight.matvec)
@@ -915,17 +915,16 @@ class FastWeight:
             else:
                 q8.quantize_q8_0_nibble_rows(X, XQ[:n], XD[:n], XS[:n], XF[:n])
             return XQ, steps * 128, XD, steps * 4, XS, XF.reshape(-1), steps * 4
-        perm_name, pairs, bmul = _Q8K_ARGS[lay]
-        perm = getattr(q8, perm_name)
+        layout, pairs, bmul = _Q8K_ARGS[lay]
         XQ = new((n_pad, steps * 256), np.int8)
         XD = new((n_pad, steps), np.float32)
         XS = new((n_pad, steps * 16), np.int32)
         with_f = lay in _WITH_XF
         XF = new((n_pad, steps * 16 if with_f else 0), np.float32)
         if n == 1:
-            q8.quantize_q8_K(X[0], perm, pairs, bmul, XQ[0], XD[0], XS[0], XF[0])
+            q8.quantize_q8_K(X[0], layout, pairs, bmul, XQ[0], XD[0], XS[0], XF[0])
         else:
-            q8.quantize_q8_K_rows(X, perm, pairs, bmul, XQ[:n], XD[:n], XS[:n], XF[:n])
+            q8.quantize_q8_K_rows(X, layout, pairs, bmul, XQ[:n], XD[:n], XS[:n], XF[:n])
         return XQ, steps * 256, XD, steps, XS, (XF.reshape(-1) if with_f else _NO_F32), steps * 16
 
     def quantize_input(self, X: np.ndarray) -> tuple:

@@ -32,7 +32,8 @@ import numpy as np
 from numba import prange
 
 from . import CACHE
-from .simd import load_f, round_h16, store_f, store_h16
+from .simd import (fabs_v, hmax_f, hmin_f, hsum_i, load_f, rint_i, round_h1, round_h16, splat_f, splat_i,
+                   fmul, store_b4, store_b16, store_f, store_h16, vadd, vmax_f, vmin_f, vmin_i)
 
 JITQ = dict(nopython=True, nogil=True, cache=CACHE, fastmath=False, boundscheck=False)
 
@@ -43,13 +44,14 @@ QK_K = 256
 
 @numba.jit(**JITQ)
 def fp16_round(v):
-    """The float32 value of fp16(v) for finite v >= 0 (round half to even, subnormals included)."""
+    """The float32 value of fp16(v) for finite v >= 0 (round half to even, subnormals included, inf past 65504)."""
     if v == 0.0:
         return np.float32(0.0)
     if v < 6.103515625e-05:                       # fp16 subnormal range: multiples of 2^-24
         return np.float32(np.rint(np.float64(v) * 16777216.0) / 16777216.0)
     m, e = math.frexp(np.float64(v))              # v = m * 2^e, m in [0.5, 1): keep 11 significant bits
-    return np.float32(math.ldexp(np.rint(m * 2048.0) / 2048.0, e))
+    r = math.ldexp(np.rint(m * 2048.0) / 2048.0, e)
+    return np.float32(np.inf) if r > 65504.0 else np.float32(r)     # past fp16's largest finite: inf, as F16C
 
 
 @numba.jit(**JITQ)
@@ -71,8 +73,9 @@ def _q8_0_block(x, o, q):
 
 
 @numba.jit(**JITQ)
-def quantize_q8_0_nibble(x, xq, xd, xsum, xs):
-    """One row, legacy nibble order (see module doc). x: f32[n]; the outputs cover ceil(n/128) groups (padded 0)."""
+def quantize_q8_0_nibble_ref(x, xq, xd, xsum, xs):
+    """One row, legacy nibble order (see module doc), element by element: the readable definition that
+    `quantize_q8_0_nibble` is tested against. x: f32[n]; the outputs cover ceil(n/128) groups (padded 0)."""
     n = x.shape[0]
     nblk = (n + QK - 1) // QK
     ngrp = (nblk + 3) // 4
@@ -96,8 +99,8 @@ def quantize_q8_0_nibble(x, xq, xd, xsum, xs):
 
 
 @numba.jit(**JITQ)
-def quantize_q8_K(x, perm, pairs, bmul, xq, xd, xb, xf):
-    """One row to Q8_K: xq permuted by `perm` (256 entries), xd[k] = d, xb[16k..] bsums times `bmul` (pairs=True: the
+def quantize_q8_K_ref(x, perm, pairs, bmul, xq, xd, xb, xf):
+    """One row to Q8_K, element by element (the readable definition that `quantize_q8_K` is tested against): xq permuted by `perm` (256 entries), xd[k] = d, xb[16k..] bsums times `bmul` (pairs=True: the
     8 sums of 32-element sub-blocks in lanes 8..15, lanes 0..7 zero); if xf is not empty, the same sums (without
     `bmul`) times -d as float, for the min terms of q2_K / q4_K / q5_K."""
     n = x.shape[0]
@@ -142,6 +145,107 @@ def quantize_q8_K(x, perm, pairs, bmul, xq, xd, xb, xf):
                 xf[16 * k + i] = -xd[k] * np.float32(xb[16 * k + i] // bmul)
 
 
+# ------------------------------------------------------------------------------------------- 16 lanes at a time
+# The same quantizers on 16-float vectors (kernels/simd.py), bit for bit (tests/kernels/test_q8.py): the element loops
+# above took ~2 ns per element (a 4096-wide row ~9 us, 2-6 % of a prompt batch's mat-mat and one such call per
+# weight input of every decode token).
+LAYOUT_NATURAL, LAYOUT_Q4K, LAYOUT_SUB = 0, 1, 2     # Q8_K byte orders: PERM_NATURAL, PERM_Q4K, PERM_SUB
+
+
+@numba.jit(**JITQ)
+def quantize_q8_0_nibble(x, xq, xd, xsum, xs):
+    """One row, legacy nibble order (see module doc). x: f32[n]; the outputs cover ceil(n/128) groups (padded 0)."""
+    n = x.shape[0]
+    if n % QK:
+        raise ValueError("row length must be a multiple of 32")
+    nblk = n // QK
+    for b in range(nblk):
+        v0 = load_f(x, b * QK)
+        v1 = load_f(x, b * QK + 16)
+        amax = hmax_f(vmax_f(fabs_v(v0), fabs_v(v1)))
+        d = amax / np.float32(127.0)
+        inv = np.float32(127.0) / amax if amax != 0.0 else np.float32(0.0)
+        vi = splat_f(inv)
+        q0 = rint_i(fmul(v0, vi))
+        q1 = rint_i(fmul(v1, vi))
+        s = hsum_i(vadd(q0, q1))
+        base = (b // 4) * GROUP + 16 * (b % 4)
+        store_b16(xq, base, q0)
+        store_b16(xq, base + 64, q1)
+        xd[b] = round_h1(d)
+        xsum[b] = -s
+        xs[b] = round_h1(abs(d * np.float32(s))) * (0.25 if s >= 0 else -0.25)
+    zero = splat_i(0)
+    for b in range(nblk, (nblk + 3) // 4 * 4):     # the rest of a partial last group
+        base = (b // 4) * GROUP + 16 * (b % 4)
+        store_b16(xq, base, zero)
+        store_b16(xq, base + 64, zero)
+        xd[b] = 0.0
+        xsum[b] = 0
+        xs[b] = 0.0
+
+
+@numba.jit(**JITQ)
+def _signed_max(x, o):
+    """The element of x[o:o+256] of largest magnitude, sign kept, the first one on a tie (as the reference)."""
+    hi = load_f(x, o)
+    lo = hi
+    for j in range(1, 16):
+        v = load_f(x, o + 16 * j)
+        hi = vmax_f(hi, v)
+        lo = vmin_f(lo, v)
+    h = hmax_f(hi)
+    m = -hmin_f(lo)
+    if h > m:
+        return h
+    if m > h:
+        return -m
+    if h == 0.0:
+        return np.float32(0.0)
+    for j in range(QK_K):          # +a and -a both present: the first of them decides
+        if abs(x[o + j]) == h:
+            return x[o + j]
+    return h
+
+
+@numba.jit(**JITQ)
+def quantize_q8_K(x, layout, pairs, bmul, xq, xd, xb, xf):
+    """One row to Q8_K in byte order `layout` (LAYOUT_*: the PERM_* of quantize_q8_K_ref), xd, xb and xf as there."""
+    n = x.shape[0]
+    if n % QK_K:
+        raise ValueError("row length must be a multiple of 256")
+    c127 = splat_i(127)
+    for k in range(n // QK_K):
+        o = k * QK_K
+        mx = _signed_max(x, o)
+        iscale = np.float32(-127.0) / mx if mx != 0.0 else np.float32(0.0)
+        xd[k] = np.float32(1.0) / iscale if mx != 0.0 else np.float32(0.0)
+        vs = splat_f(iscale)
+        for j in range(16):
+            q = vmin_i(rint_i(fmul(vs, load_f(x, o + 16 * j))), c127)
+            if layout == LAYOUT_SUB:        # 4-element group p of sub-block j -> part p, i32 lane j
+                for p in range(4):
+                    store_b4(xq, o + 64 * p + 4 * j, q, p)
+            elif layout == LAYOUT_Q4K:      # 32-element runs [64, 96) and [32, 64) of each 128 swap places
+                r = j % 8
+                r += 2 if r == 2 or r == 3 else (-2 if r == 4 or r == 5 else 0)
+                store_b16(xq, o + 16 * (j - j % 8 + r), q)
+            else:
+                store_b16(xq, o + 16 * j, q)
+            s = hsum_i(q)
+            if pairs:
+                if j % 2 == 0:
+                    xb[16 * k + j // 2] = 0
+                    xb[16 * k + 8 + j // 2] = s * bmul
+                else:
+                    xb[16 * k + 8 + j // 2] += s * bmul
+            else:
+                xb[16 * k + j] = s * bmul
+        if xf.shape[0]:
+            for i in range(16):
+                xf[16 * k + i] = -xd[k] * np.float32(xb[16 * k + i] // bmul)
+
+
 # ------------------------------------------------------------------------------------------- batched (prompt) forms
 @numba.jit(**dict(JITQ, parallel=True))
 def quantize_q8_0_nibble_rows(X, xq, xd, xsum, xs):
@@ -150,9 +254,9 @@ def quantize_q8_0_nibble_rows(X, xq, xd, xsum, xs):
 
 
 @numba.jit(**dict(JITQ, parallel=True))
-def quantize_q8_K_rows(X, perm, pairs, bmul, xq, xd, xb, xf):
+def quantize_q8_K_rows(X, layout, pairs, bmul, xq, xd, xb, xf):
     for t in prange(X.shape[0]):
-        quantize_q8_K(X[t], perm, pairs, bmul, xq[t], xd[t], xb[t], xf[t])
+        quantize_q8_K(X[t], layout, pairs, bmul, xq[t], xd[t], xb[t], xf[t])
 
 
 @numba.jit(**dict(JITQ, parallel=True))

@@ -417,6 +417,94 @@ def hsum_f(typingctx, a):
     return types.float32(a), codegen
 
 
+# ----------------------------------------------------------------------------------------------- activation quantizers
+# What kernels/q8.py needs to quantize a row 16 floats at a time. Minimum and maximum are compare + select, which is
+# `vminps`/`vmaxps` itself (maxnum/minnum add NaN fix-ups); a NaN in an activation row gives garbage either way.
+def _fsel(pred):
+    return lambda builder: (lambda a, b: builder.select(builder.fcmp_ordered(pred, a, b), a, b))
+
+
+def _isel(pred):
+    return lambda builder: (lambda a, b: builder.select(builder.icmp_signed(pred, a, b), a, b))
+
+
+def _make_vbinop(vt, sel):
+    @intrinsic
+    def op(typingctx, a, b):
+        def codegen(context, builder, sig, args):
+            return sel(builder)(args[0], args[1])
+        return vt(a, b), codegen
+    return op
+
+
+vmax_f = _make_vbinop(F512, _fsel(">"))     # lane-wise max / min (float, signed i32)
+vmin_f = _make_vbinop(F512, _fsel("<"))
+vmin_i = _make_vbinop(I512, _isel("<"))
+
+
+def _make_hreduce(ret, sel):
+    @intrinsic
+    def op(typingctx, a):
+        def codegen(context, builder, sig, args):
+            return _tree_sum(builder, args[0], sel(builder))
+        return ret(a), codegen
+    return op
+
+
+hmax_f = _make_hreduce(types.float32, _fsel(">"))       # the largest / smallest of the 16 float lanes
+hmin_f = _make_hreduce(types.float32, _fsel("<"))
+hsum_i = _make_hreduce(types.int32, lambda builder: builder.add)   # the sum of the 16 i32 lanes
+
+
+@intrinsic
+def fabs_v(typingctx, a):
+    """|a| lane-wise."""
+    def codegen(context, builder, sig, args):
+        return _vcall(builder, "llvm.fabs.v16f32", [args[0]])
+    return F512(a), codegen
+
+
+@intrinsic
+def rint_i(typingctx, a):
+    """Float lanes rounded to the nearest integer, ties to even (np.rint; llama.cpp's nearest_int), as i32 lanes."""
+    def codegen(context, builder, sig, args):
+        return builder.fptosi(_vcall(builder, "llvm.roundeven.v16f32", [args[0]]), _VI)
+    return I512(a), codegen
+
+
+@intrinsic
+def store_b16(typingctx, arr, idx, v):
+    """The 16 i32 lanes of v truncated to bytes (`vpmovdb`), stored at element `idx` (16 bytes)."""
+    def codegen(context, builder, sig, args):
+        p = _ptr_at(context, builder, sig.args[0], args[0], sig.args[1], args[1])
+        b = builder.trunc(args[2], ir.VectorType(_I8, 16))
+        builder.store(b, builder.bitcast(p, b.type.as_pointer()), align=1)
+        return context.get_dummy_value()
+    return types.void(arr, idx, I512), codegen
+
+
+@intrinsic
+def store_b4(typingctx, arr, idx, v, g):
+    """Lanes 4g..4g+3 of v truncated to bytes, stored at element `idx` (4 bytes): one 4-weight group of a row."""
+    def codegen(context, builder, sig, args):
+        p = _ptr_at(context, builder, sig.args[0], args[0], sig.args[1], args[1])
+        w = builder.bitcast(builder.trunc(args[2], ir.VectorType(_I8, 16)), ir.VectorType(_I32, 4))
+        e = builder.extract_element(w, context.cast(builder, args[3], sig.args[3], types.int32))
+        builder.store(e, builder.bitcast(p, _I32.as_pointer()), align=1)
+        return context.get_dummy_value()
+    return types.void(arr, idx, I512, g), codegen
+
+
+@intrinsic
+def round_h1(typingctx, x):
+    """The float32 x rounded to the nearest IEEE half (ties to even, subnormals and overflow to inf as
+    GGML_FP32_TO_FP16 does) and widened back."""
+    def codegen(context, builder, sig, args):
+        v = context.cast(builder, args[0], sig.args[0], types.float32)
+        return builder.fpext(builder.fptrunc(v, ir.HalfType()), _F32)
+    return types.float32(x), codegen
+
+
 # ----------------------------------------------------------------------------------------------- dot products
 def _dpbusd_vnni(builder, acc, u, s):
     f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VI, [_VI] * 3),
