@@ -17,25 +17,63 @@ from airobackend.kernels.simd import (exp_f, fadd, fdiv, fma, fmax, fmul, fsub, 
                                       splat_f, store_f, store_h16)
 
 
+# Decode (one token) runs every small op on the calling thread: between two weight streams a parallel region costs
+# ~25 us more than the op's own work (caches and the worker threads are cold: rmsnorm of an 8192 row 27 -> 54 us);
+# a batch splits its tokens over the threads. Each op below is one Numba call for both, `_rows` being the batch form.
+@njit(**JIT)
+def _rmsnorm_row(xt, weight, eps, ot):
+    n = xt.shape[0]
+    ss = 0.0
+    for i in range(n):
+        ss += np.float64(xt[i]) * np.float64(xt[i])
+    scale = np.float32(1.0 / math.sqrt(ss / n + eps))
+    for i in range(n):
+        ot[i] = xt[i] * scale * weight[i]
+
+
 @njit(**JIT_PARALLEL)
-def rmsnorm(x, weight, eps, out):
-    """out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * weight, for x, out float32 [n_tok, n]; sum of squares in float64."""
-    n = x.shape[1]
+def _rmsnorm_rows(x, weight, eps, out):
     for t in prange(x.shape[0]):
-        xt = x[t]
-        ss = 0.0
-        for i in range(n):
-            ss += np.float64(xt[i]) * np.float64(xt[i])
-        scale = np.float32(1.0 / math.sqrt(ss / n + eps))
-        for i in range(n):
-            out[t, i] = xt[i] * scale * weight[i]
+        _rmsnorm_row(x[t], weight, eps, out[t])
 
 
 @njit(**JIT)
+def rmsnorm(x, weight, eps, out):
+    """out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * weight, for x, out float32 [n_tok, n]; sum of squares in float64."""
+    if x.shape[0] == 1:
+        _rmsnorm_row(x[0], weight, eps, out[0])
+    else:
+        _rmsnorm_rows(x, weight, eps, out)
+
+
+@njit(**JIT_PARALLEL)
+def _add_rmsnorm_rows(x, y, weight, eps, out):
+    for t in prange(x.shape[0]):
+        xt, yt = x[t], y[t]
+        for i in range(xt.shape[0]):
+            xt[i] += yt[i]
+        _rmsnorm_row(xt, weight, eps, out[t])
+
+
+@njit(**JIT)
+def add_rmsnorm(x, y, weight, eps, out):
+    """x += y, then out = rmsnorm(x) * weight (a residual connection and the norm after it, in one call)."""
+    if x.shape[0] == 1:
+        xt, yt = x[0], y[0]
+        for i in range(xt.shape[0]):
+            xt[i] += yt[i]
+        _rmsnorm_row(xt, weight, eps, out[0])
+    else:
+        _add_rmsnorm_rows(x, y, weight, eps, out)
+
+
+@njit(**dict(JIT, fastmath=False))
 def rope(x, pos, n_rot, freq_base, freq_scale):
     """In-place RoPE, llama.cpp mode 0, on x float32 [n_tok, n_heads, head_dim] at integer positions pos [n_tok].
 
     Pair (x[2i], x[2i+1]) of the first n_rot dims is rotated by theta_i = freq_scale * p * freq_base^(-2i/n_rot).
+    Without fastmath: with it, LLVM fused the rotation's products into FMAs in some callers and not in others
+    (rope_kv's inlined copy differed from a direct call in the last bit), so the keys depended on the call site.
     """
     n_tok, n_heads = x.shape[0], x.shape[1]
     half = n_rot // 2
@@ -408,15 +446,26 @@ def silu_mul(gate: np.ndarray, up: np.ndarray) -> None:
         _silu_mul(gate, up)
 
 
-@njit(**JIT_PARALLEL)
-def _silu_mul_simd(gate, up):
+@njit(**JIT)
+def _silu_mul_row(g, u):
     one = splat_f(1.0)
-    n_blk = gate.shape[1] // 16
+    for b in range(g.shape[0] // 16):
+        z = load_f(g, 16 * b)
+        store_f(g, 16 * b, fmul(fdiv(z, fadd(one, exp_f(fsub(splat_f(0.0), z)))), load_f(u, 16 * b)))
+
+
+@njit(**JIT_PARALLEL)
+def _silu_mul_rows(gate, up):
     for t in prange(gate.shape[0]):
-        g, u = gate[t], up[t]
-        for b in range(n_blk):
-            z = load_f(g, 16 * b)
-            store_f(g, 16 * b, fmul(fdiv(z, fadd(one, exp_f(fsub(splat_f(0.0), z)))), load_f(u, 16 * b)))
+        _silu_mul_row(gate[t], up[t])
+
+
+@njit(**JIT)
+def _silu_mul_simd(gate, up):
+    if gate.shape[0] == 1:
+        _silu_mul_row(gate[0], up[0])
+    else:
+        _silu_mul_rows(gate, up)
 
 
 @njit(**JIT_PARALLEL)
@@ -429,12 +478,44 @@ def _silu_mul(gate, up):
 
 
 @njit(**JIT_PARALLEL)
-def add(x, y):
-    """In place x += y (residual connections), float32 [n_tok, n]."""
+def _add_rows(x, y):
     for t in prange(x.shape[0]):
         xt, yt = x[t], y[t]
         for i in range(xt.shape[0]):
             xt[i] += yt[i]
+
+
+@njit(**JIT)
+def add(x, y):
+    """In place x += y (residual connections), float32 [n_tok, n]."""
+    if x.shape[0] == 1:
+        xt, yt = x[0], y[0]
+        for i in range(xt.shape[0]):
+            xt[i] += yt[i]
+    else:
+        _add_rows(x, y)
+
+
+def rope_kv(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: np.ndarray, n_rot: int, freq_base: float,
+            freq_scale: float, k_cache: np.ndarray, v_cache: np.ndarray, n_past: int) -> None:
+    """RoPE on q and k (float32 [n, heads, head_dim], in place), then k and v into the fp16 caches at n_past
+    (see rope, store_kv): one Numba call with SIMD, where the four separate ones cost ~40 us each after a weight
+    stream."""
+    if simd.ISA != "none" and k.shape[2] % 16 == 0:
+        _rope_kv_simd(q, k, v, pos, n_rot, freq_base, freq_scale, k_cache, v_cache, n_past)
+    else:
+        rope(q, pos, n_rot, freq_base, freq_scale)
+        rope(k, pos, n_rot, freq_base, freq_scale)
+        store_kv(k, k_cache, n_past)
+        store_kv(v, v_cache, n_past)
+
+
+@njit(**JIT)
+def _rope_kv_simd(q, k, v, pos, n_rot, freq_base, freq_scale, k_cache, v_cache, n_past):
+    rope(q, pos, n_rot, freq_base, freq_scale)
+    rope(k, pos, n_rot, freq_base, freq_scale)
+    _store_kv_simd(k, k_cache, n_past)
+    _store_kv_simd(v, v_cache, n_past)
 
 
 def store_kv(x: np.ndarray, cache: np.ndarray, n_past: int) -> None:

@@ -132,3 +132,69 @@ def test_store_kv_writes_fp16_bits_in_place(hd):
         expect = x.astype(np.float16).view(np.uint16).transpose(1, 0, 2)
     np.testing.assert_array_equal(cache[:, 6:11], expect)
     assert (cache[:, :6] == 0x1234).all() and (cache[:, 11:] == 0x1234).all()
+
+
+# ------------------------------------------------------------------------------------------------ fused / one-token
+# The forward pass calls fused ops (add_rmsnorm, rope_kv) and one-token forms that run on the calling thread; each
+# must give exactly what the separate batch ops give.
+@pytest.mark.parametrize("n", [1, 3])
+def test_add_rmsnorm_is_add_then_rmsnorm(n):
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal((n, 512)) * 3).astype(np.float32)
+    y = rng.standard_normal((n, 512)).astype(np.float32)
+    w = (1 + 0.1 * rng.standard_normal(512)).astype(np.float32)
+    x1, out1 = x.copy(), np.full_like(x, np.nan)
+    ops.add_rmsnorm(x1, y, w, 1e-5, out1)
+    x2, out2 = x + y, np.empty_like(x)
+    ops.rmsnorm(x2, w, 1e-5, out2)
+    np.testing.assert_array_equal(x1, x2)
+    np.testing.assert_array_equal(out1, out2)
+    np.testing.assert_allclose(out1, reference.rmsnorm(x + y, w, 1e-5), rtol=2e-6, atol=1e-7)
+
+
+def test_one_token_forms_equal_the_batch_rows():
+    """A one-token call (serial path) gives row for row what the same row gets inside a batch (prange path)."""
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((3, 1024)) * 2).astype(np.float32)
+    y = rng.standard_normal((3, 1024)).astype(np.float32)
+    w = (1 + 0.1 * rng.standard_normal(1024)).astype(np.float32)
+    batch = np.empty_like(x)
+    ops.rmsnorm(x, w, 1e-6, batch)
+    xb = x.copy()
+    ops.add(xb, y)
+    gb, ub = x.copy(), y.copy()
+    ops.silu_mul(gb, ub)
+    for t in range(3):
+        one = np.empty((1, 1024), np.float32)
+        ops.rmsnorm(x[t:t + 1], w, 1e-6, one)
+        np.testing.assert_array_equal(one[0], batch[t])
+        xt = x[t:t + 1].copy()
+        ops.add(xt, y[t:t + 1])
+        np.testing.assert_array_equal(xt[0], xb[t])
+        g1 = x[t:t + 1].copy()
+        ops.silu_mul(g1, y[t:t + 1].copy())
+        np.testing.assert_array_equal(g1[0], gb[t])
+
+
+@pytest.mark.parametrize("hd,n_kv,n_past", [(128, 8, 0), (64, 2, 4), (24, 1, 4)])   # 24: the separate-call path
+def test_rope_kv_is_rope_then_store(hd, n_kv, n_past):
+    rng = np.random.default_rng(hd)
+    n, n_head = 3, 2 * n_kv
+    q = rng.standard_normal((n, n_head, hd)).astype(np.float32)
+    k = rng.standard_normal((n, n_kv, hd)).astype(np.float32)
+    v = rng.standard_normal((n, n_kv, hd)).astype(np.float32)
+    pos = np.arange(n_past, n_past + n, dtype=np.int64)
+    caches = [np.full((n_kv, 16, hd), 0x1234, np.uint16) for _ in range(4)]
+    q1, k1 = q.copy(), k.copy()
+    ops.rope_kv(q1, k1, v, pos, hd, 10000.0, 0.5, caches[0], caches[1], n_past)
+    q2, k2 = q.copy(), k.copy()
+    ops.rope(q2, pos, hd, 10000.0, 0.5)
+    ops.rope(k2, pos, hd, 10000.0, 0.5)
+    ops.store_kv(k2, caches[2], n_past)
+    ops.store_kv(v, caches[3], n_past)
+    np.testing.assert_array_equal(q1, q2)
+    np.testing.assert_array_equal(k1, k2)
+    np.testing.assert_array_equal(caches[0], caches[2])
+    np.testing.assert_array_equal(caches[1], caches[3])
+    assert (caches[0][:, :n_past] == 0x1234).all() and (caches[0][:, n_past + n:] == 0x1234).all()
+    assert (caches[1][:, n_past:n_past + n] != 0x1234).all()
