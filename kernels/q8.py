@@ -18,10 +18,10 @@ super-blocks, and load activations 64 bytes at a time so that byte lane k meets 
   earlier form, each value in lane 4b only, took a vpexpandd and a vpmulld per group and row (q4_0 and q5_0 per core
   from L3 12-16 % slower); 64-byte pre-expanded vectors pushed a 22016-wide activation row out of L1 (q4_0 from DRAM,
   8192 x 22016, 1 thread: 12.8 GB/s against 18.1 this way).
-* Q8_K: `xq[256k + i] = q[256k + perm[i]]` with a per-weight-type permutation (PERM_*), `xd[k] = d`, and 16 int32
-  per super-block in `xb` (natural bsums, times -4 for q2_K/q3_K, or for q4_K/q5_K pair sums of the 32-element
-  sub-blocks in lanes 8..15); for the q2_K/q3_K and q4_K/q5_K layouts also `xf`: the same sums (without the -4) times
-  -d as float, which the min terms of q2_K, q4_K and q5_K take in float.
+* Q8_K: `xq[256k + i] = q[256k + perm[i]]` with a per-weight-type permutation (PERM_NATURAL for q6_K, PERM_SUB for
+  the repacked q2_K, q3_K, q4_K, q5_K), `xd[k] = d`, and the 16 sums of 16 quants per super-block in `xb` (times -4
+  for the PERM_SUB layout); for PERM_SUB also `xf`: the same sums (without the -4) times -d as float, which the min
+  terms of q2_K, q4_K and q5_K take in float.
 """
 from __future__ import annotations
 
@@ -99,10 +99,10 @@ def quantize_q8_0_nibble_ref(x, xq, xd, xsum, xs):
 
 
 @numba.jit(**JITQ)
-def quantize_q8_K_ref(x, perm, pairs, bmul, xq, xd, xb, xf):
-    """One row to Q8_K, element by element (the readable definition that `quantize_q8_K` is tested against): xq permuted by `perm` (256 entries), xd[k] = d, xb[16k..] bsums times `bmul` (pairs=True: the
-    8 sums of 32-element sub-blocks in lanes 8..15, lanes 0..7 zero); if xf is not empty, the same sums (without
-    `bmul`) times -d as float, for the min terms of q2_K / q4_K / q5_K."""
+def quantize_q8_K_ref(x, perm, bmul, xq, xd, xb, xf):
+    """One row to Q8_K, element by element (the readable definition that `quantize_q8_K` is tested against): xq
+    permuted by `perm` (256 entries), xd[k] = d, xb[16k..] the 16 sums of 16 quants times `bmul`; if xf is not
+    empty, the same sums (without `bmul`) times -d as float, for the min terms of q2_K / q4_K / q5_K."""
     n = x.shape[0]
     if n % QK_K:
         raise ValueError("row length must be a multiple of 256")
@@ -132,14 +132,7 @@ def quantize_q8_K_ref(x, perm, pairs, bmul, xq, xd, xb, xf):
             s = 0
             for j in range(16):
                 s += q[16 * i + j]
-            if pairs:
-                if i % 2 == 0:
-                    xb[16 * k + i // 2] = 0
-                    xb[16 * k + 8 + i // 2] = s * bmul
-                else:
-                    xb[16 * k + 8 + i // 2] += s * bmul
-            else:
-                xb[16 * k + i] = s * bmul
+            xb[16 * k + i] = s * bmul
         if xf.shape[0]:
             for i in range(16):
                 xf[16 * k + i] = -xd[k] * np.float32(xb[16 * k + i] // bmul)
@@ -149,7 +142,7 @@ def quantize_q8_K_ref(x, perm, pairs, bmul, xq, xd, xb, xf):
 # The same quantizers on 16-float vectors (kernels/simd.py), bit for bit (tests/kernels/test_q8.py): the element loops
 # above took ~2 ns per element (a 4096-wide row ~9 us, 2-6 % of a prompt batch's mat-mat and one such call per
 # weight input of every decode token).
-LAYOUT_NATURAL, LAYOUT_Q4K, LAYOUT_SUB = 0, 1, 2     # Q8_K byte orders: PERM_NATURAL, PERM_Q4K, PERM_SUB
+LAYOUT_NATURAL, LAYOUT_SUB = 0, 2     # Q8_K byte orders: PERM_NATURAL, PERM_SUB
 
 
 @numba.jit(**JITQ)
@@ -209,7 +202,7 @@ def _signed_max(x, o):
 
 
 @numba.jit(**JITQ)
-def quantize_q8_K(x, layout, pairs, bmul, xq, xd, xb, xf):
+def quantize_q8_K(x, layout, bmul, xq, xd, xb, xf):
     """One row to Q8_K in byte order `layout` (LAYOUT_*: the PERM_* of quantize_q8_K_ref), xd, xb and xf as there."""
     n = x.shape[0]
     if n % QK_K:
@@ -226,21 +219,9 @@ def quantize_q8_K(x, layout, pairs, bmul, xq, xd, xb, xf):
             if layout == LAYOUT_SUB:        # 4-element group p of sub-block j -> part p, i32 lane j
                 for p in range(4):
                     store_b4(xq, o + 64 * p + 4 * j, q, p)
-            elif layout == LAYOUT_Q4K:      # 32-element runs [64, 96) and [32, 64) of each 128 swap places
-                r = j % 8
-                r += 2 if r == 2 or r == 3 else (-2 if r == 4 or r == 5 else 0)
-                store_b16(xq, o + 16 * (j - j % 8 + r), q)
             else:
                 store_b16(xq, o + 16 * j, q)
-            s = hsum_i(q)
-            if pairs:
-                if j % 2 == 0:
-                    xb[16 * k + j // 2] = 0
-                    xb[16 * k + 8 + j // 2] = s * bmul
-                else:
-                    xb[16 * k + 8 + j // 2] += s * bmul
-            else:
-                xb[16 * k + j] = s * bmul
+            xb[16 * k + j] = hsum_i(q) * bmul
         if xf.shape[0]:
             for i in range(16):
                 xf[16 * k + i] = -xd[k] * np.float32(xb[16 * k + i] // bmul)
@@ -254,9 +235,9 @@ def quantize_q8_0_nibble_rows(X, xq, xd, xsum, xs):
 
 
 @numba.jit(**dict(JITQ, parallel=True))
-def quantize_q8_K_rows(X, layout, pairs, bmul, xq, xd, xb, xf):
+def quantize_q8_K_rows(X, layout, bmul, xq, xd, xb, xf):
     for t in prange(X.shape[0]):
-        quantize_q8_K(X[t], layout, pairs, bmul, xq[t], xd[t], xb[t], xf[t])
+        quantize_q8_K(X[t], layout, bmul, xq[t], xd[t], xb[t], xf[t])
 
 
 @numba.jit(**dict(JITQ, parallel=True))
@@ -283,22 +264,12 @@ def _perm_natural() -> np.ndarray:
     return np.arange(QK_K, dtype=np.int32)
 
 
-def _perm_q4k() -> np.ndarray:
-    """q4_K/q5_K: 64-byte chunk c of the packed nibbles = 32-byte groups 2c, 2c+1; its low nibbles are elements
-    [128c + 0..32) and [128c + 64..96), its high nibbles [128c + 32..64) and [128c + 96..128)."""
-    p = []
-    for c in range(2):
-        p += list(range(128 * c, 128 * c + 32)) + list(range(128 * c + 64, 128 * c + 96))
-        p += list(range(128 * c + 32, 128 * c + 64)) + list(range(128 * c + 96, 128 * c + 128))
-    return np.array(p, dtype=np.int32)
-
-
 def _perm_sub() -> np.ndarray:
-    """q2_K/q3_K as repacked at load (fast.repack_k2): byte 4k + b of part p (the 2-bit field at shift 2p of the 64
-    packed bytes) is element 16k + 4p + b, so that i32 lane k of every part belongs to the 16-element sub-block k."""
+    """q2_K/q3_K/q4_K/q5_K as repacked at load (fast.repack_k2, repack_k4): byte 4k + b of part p (the 2-bit field
+    at shift 2p, the nibble, ... of the 64 packed bytes) is element 16k + 4p + b, so that i32 lane k of every part
+    belongs to the 16-element sub-block k (and to the 32-element one k // 2)."""
     return np.array([16 * k + 4 * p + b for p in range(4) for k in range(16) for b in range(4)], dtype=np.int32)
 
 
 PERM_NATURAL = _perm_natural()
-PERM_Q4K = _perm_q4k()
 PERM_SUB = _perm_sub()

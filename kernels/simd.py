@@ -691,13 +691,6 @@ def _make_words_of(decode, mask):
 
 
 
-def make_q4k_words(mask):
-    """Word k = scale/min mask[k] of the 16 unpacked scales/mins (`_q4k_scales`, zero-extended to 16 bits) of the
-    q4_K/q5_K super-block whose packed scales start at element `idx` (block + 4): one `vpmovzxbw` + `vpermw` per
-    per-part scale vector for `vpdpwssd`."""
-    return _make_words_of(lambda builder, ptr: builder.zext(_q4k_scales(builder, ptr), _V16W), mask)
-
-
 @intrinsic
 def packs(typingctx, a, b):
     """vpackssdw: i32 lanes of a and b saturated to words; per 128-bit chunk c the words are a's lanes 4c..4c+3,
@@ -722,6 +715,19 @@ def packs(typingctx, a, b):
             halves.append(builder.bitcast(r, v8d))
         return _shuffle(builder, halves[0], list(range(16)), halves[1])
     return I512(a, b), codegen
+
+
+def make_lanes2(mask):
+    """An intrinsic (a, b) -> I512 whose lane k is lane mask[k] of the 32 lanes a ++ b (one `vpermt2d`)."""
+    mask = [int(m) for m in mask]
+    assert len(mask) == 16 and all(0 <= m < 32 for m in mask)
+
+    @intrinsic
+    def lanes2(typingctx, a, b):
+        def codegen(context, builder, sig, args):
+            return _shuffle(builder, args[0], mask, args[1])
+        return I512(a, b), codegen
+    return lanes2
 
 
 def make_lanes(mask):

@@ -104,7 +104,7 @@ def test_long_rows_take_the_prefetching_matvec(t):
     assert np.array_equal(fw.matvec(x, np.empty(n_rows, np.float32)), with_pf)
     short = fast.prepare_fast(t, random_blocks(t, 3, 512, rng), 3, 512)
     # in memory, short rows: the repacked types but q8_0
-    assert short._pf == (t in (G.Q4_0, G.Q4_1, G.Q5_0, G.Q5_1, G.Q2_K, G.Q3_K))
+    assert short._pf == (t in (G.Q4_0, G.Q4_1, G.Q5_0, G.Q5_1, G.Q2_K, G.Q3_K, G.Q4_K, G.Q5_K))
 
 
 def test_f16_activation_rounding_matches_numpy():
@@ -171,6 +171,34 @@ def test_q3k_both_block_layouts(spec_cls, monkeypatch):
 
 
 @pytest.mark.skipif(not fast.simd._HAS_VBMI, reason="this CPU has no AVX-512 VBMI")
+@pytest.mark.parametrize("t", [G.Q4_K, G.Q5_K], ids=lambda t: t.name)
+def test_k4_repack_puts_every_quant_in_its_sub_block_lane(t):
+    """repack_k4: part p's byte 4k + b (low nibble of chunk p // 2 for even p, high for odd) holds weight
+    16k + 4p + b, q5_K's fifth bit of it sits at bit p (+ 4 for the second 32 bytes) of byte m % 32 of the 32 high-bit
+    bytes; the 16 header bytes (d, dmin, scales) are copied."""
+    q5 = t == G.Q5_K
+    bb, qo = (176, 48) if q5 else (144, 16)
+    raw = random_blocks(t, 3, 512, np.random.default_rng(5))
+    out = fast.repack_k4(raw, 2, q5)
+    assert out.shape == raw.shape
+    for r in range(3):
+        for blk in range(2):
+            src, dst = raw[r, blk * bb:(blk + 1) * bb].astype(np.int64), out[r, blk * bb:(blk + 1) * bb].astype(np.int64)
+            np.testing.assert_array_equal(dst[:16], src[:16])
+            w = np.arange(256)
+            byte = src[qo + 32 * (w // 64) + w % 32]
+            q = np.where(w % 64 < 32, byte & 15, byte >> 4)
+            if q5:
+                q = q + 16 * ((src[16 + w % 32] >> (w // 32)) & 1)
+            for p in range(4):
+                m = np.arange(64)
+                b = dst[qo + 64 * (p // 2) + m]
+                got = (b & 15) if p % 2 == 0 else (b >> 4)
+                if q5:
+                    got = got + 16 * ((dst[16 + m % 32] >> (p + 4 * (m // 32))) & 1)
+                np.testing.assert_array_equal(got, q[16 * (m // 4) + 4 * p + m % 4], err_msg=f"part {p}")
+
+
 def test_q3k_scale_fields_decode_to_every_value():
     # every 6-bit value in every lane: 16 lanes x 64 values through the repacked layout's bit positions
     import numba
@@ -283,11 +311,11 @@ def test_weights_read_from_the_file_mapping_prefetch(fixtures_dir):
                 w = fast.prepare_fast(ti.type, ti.data.reshape(n_rows, -1), n_rows, n_cols)
                 got.add((w.spec.name, w._pf))
         return got
-    assert prefetching("fx-q4_K_M.gguf") == {("q4_K", True), ("q6_K", True)}     # read in place from the mapping
+    assert prefetching("fx-q4_K_M.gguf") == {("q4_K", True), ("q6_K", True)}     # repacked / read in place
     assert prefetching("fx-q4_0.gguf") == {("q4_0", True), ("q6_K", True)}       # q4_0 repacked into memory
     assert prefetching("fx-q8_0.gguf") == {("q8_0", False)}
     rng = np.random.default_rng(3)
-    assert not fast.prepare_fast(G.Q4_K, random_blocks(G.Q4_K, 4, 512, rng), 4, 512)._pf
+    assert not fast.prepare_fast(G.Q6_K, random_blocks(G.Q6_K, 4, 512, rng), 4, 512)._pf
 
 
 def _mapping_rss_kb(addr: int) -> int:
@@ -308,7 +336,7 @@ def test_repacked_weights_release_the_file_pages(tmp_path):
     import mmap
     rng = np.random.default_rng(11)
     n_rows, n_cols = 512, 4096                          # ~1.2 MB each: hundreds of whole pages
-    raws = {t: random_blocks(t, n_rows, n_cols, rng) for t in (G.Q4_0, G.Q3_K, G.Q4_K)}
+    raws = {t: random_blocks(t, n_rows, n_cols, rng) for t in (G.Q4_0, G.Q3_K, G.Q4_K, G.Q6_K)}
     for t, raw in raws.items():
         path = tmp_path / f"{t.name}.bin"
         path.write_bytes(raw.tobytes())
@@ -321,7 +349,7 @@ def test_repacked_weights_release_the_file_pages(tmp_path):
         assert before * 1024 >= raw.nbytes - mmap.PAGESIZE
         fw = fast.prepare_fast(t, view, n_rows, n_cols)
         after = _mapping_rss_kb(addr)
-        if t != G.Q4_K:                                 # q4_0 and q3_K are repacked
+        if t != G.Q6_K:                                 # q4_0, q3_K and q4_K are repacked
             assert after * 1024 <= 2 * mmap.PAGESIZE, (before, after)
         else:
             assert after == before                      # k-quants are read in place: nothing to release

@@ -16,8 +16,7 @@ from airobackend.kernels import fast, q8
 pytestmark = pytest.mark.skipif(fast.ISA == "none", reason="no AVX2 / AVX-512 on this CPU (the vector forms are "
                                                             "only used by the fast kernels)")
 
-LAYOUTS = [(q8.LAYOUT_NATURAL, q8.PERM_NATURAL, False, 1), (q8.LAYOUT_Q4K, q8.PERM_Q4K, True, 1),
-           (q8.LAYOUT_SUB, q8.PERM_SUB, False, -4)]
+LAYOUTS = [(q8.LAYOUT_NATURAL, q8.PERM_NATURAL, 1), (q8.LAYOUT_SUB, q8.PERM_SUB, -4)]
 
 
 def corner_rows(n: int, rng) -> list[np.ndarray]:
@@ -52,8 +51,8 @@ def corner_rows(n: int, rng) -> list[np.ndarray]:
     return rows
 
 
-@pytest.mark.parametrize("layout,perm,pairs,bmul", LAYOUTS)
-def test_q8_K_vector_form_equals_reference(layout, perm, pairs, bmul):
+@pytest.mark.parametrize("layout,perm,bmul", LAYOUTS)
+def test_q8_K_vector_form_equals_reference(layout, perm, bmul):
     rng = np.random.default_rng(7)
     n = 256 * 12
     for x in corner_rows(n, rng):
@@ -63,7 +62,7 @@ def test_q8_K_vector_form_equals_reference(layout, perm, pairs, bmul):
             xd = np.full(n // 256, np.nan, np.float32)
             xb = np.full(n // 16, 12345, np.int32)
             xf = np.full(n // 16, np.nan, np.float32)
-            fn(x, arg, pairs, bmul, xq, xd, xb, xf)
+            fn(x, arg, bmul, xq, xd, xb, xf)
             outs.append((xq, xd.view(np.int32), xb, xf.view(np.int32)))
         for a, b, name in zip(outs[0], outs[1], ("xq", "xd", "xb", "xf")):
             np.testing.assert_array_equal(a, b, err_msg=f"layout {layout}: {name}")
@@ -73,13 +72,13 @@ def test_q8_K_vector_form_equals_reference(layout, perm, pairs, bmul):
 def test_q8_K_without_xf_and_bad_length():
     x = np.random.default_rng(1).standard_normal(512).astype(np.float32)
     xq, xd, xb = np.zeros(512, np.int8), np.zeros(2, np.float32), np.zeros(32, np.int32)
-    q8.quantize_q8_K(x, q8.LAYOUT_NATURAL, False, 1, xq, xd, xb, np.zeros(0, np.float32))
+    q8.quantize_q8_K(x, q8.LAYOUT_NATURAL, 1, xq, xd, xb, np.zeros(0, np.float32))
     rq, rd, rb = np.zeros(512, np.int8), np.zeros(2, np.float32), np.zeros(32, np.int32)
-    q8.quantize_q8_K_ref(x, q8.PERM_NATURAL, False, 1, rq, rd, rb, np.zeros(0, np.float32))
+    q8.quantize_q8_K_ref(x, q8.PERM_NATURAL, 1, rq, rd, rb, np.zeros(0, np.float32))
     np.testing.assert_array_equal(xq, rq)
     np.testing.assert_array_equal(xb, rb)
     with pytest.raises(ValueError, match="multiple of 256"):
-        q8.quantize_q8_K(x[:300], q8.LAYOUT_NATURAL, False, 1, xq, xd, xb, np.zeros(0, np.float32))
+        q8.quantize_q8_K(x[:300], q8.LAYOUT_NATURAL, 1, xq, xd, xb, np.zeros(0, np.float32))
 
 
 @pytest.mark.parametrize("n", [32 * 3, 128, 256 * 3 + 64, 4096])   # partial last group, whole groups
