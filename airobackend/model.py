@@ -192,8 +192,8 @@ class LlamaModel:
             ops.rmsnorm(x, layer.attention_norm, self.eps, h)
             q, k, v = project(h, layer.wq, layer.wk, layer.wv, outs=b.qkv)      # h quantized once for all three
             q, k, v = q.reshape(n, self.n_head, hd), k.reshape(n, self.n_head_kv, hd), v.reshape(n, self.n_head_kv, hd)
-            ops.rope_kv(q, k, v, pos, self.n_rot, self.freq_base, self.freq_scale,
-                        self.k_cache[il], self.v_cache[il], n_past)     # RoPE on q, k; k, v to the fp16 cache [g, pos, hd]
+            ops.rope_kv(q, k, v, pos, self.n_rot, self.freq_base, self.freq_scale,   # RoPE on q, k; k, v into the
+                        self.k_cache[il], self.v_cache[il], n_past)                   # fp16 cache [g, pos, hd]
             ops.attention(q, self.k_cache[il], self.v_cache[il], n_past, b.attn)
             ops.add_rmsnorm(x, layer.wo(b.attn, b.o), layer.ffn_norm, self.eps, h)   # x += attention out; h = norm(x)
             gate, up = project(h, layer.w1, layer.w3, outs=b.ffn)              # [n, n_ff] each

@@ -9,11 +9,12 @@ How it works
   weight quants meets one 64-byte load of activation quants.
 * Inner products run on integers with `vpdpbusd` / `vpmaddubsw`+`vpdpwssd` (AVX-512 VNNI) or `vpmaddubsw`+`vpmaddwd`
   (AVX2), emitted through llvmlite (kernels/simd.py); block scales are applied in float once per 128/256 weights.
-* q6_K and F16 are read straight from the (mmapped) file bytes. q2_K, q3_K, q4_K and q5_K are repacked once at load
-  so that every i32 lane of a dot product holds one 16-weight sub-block (q3_K's scales re-packed for a two-op decode
-  with AVX-512 VBMI, else pre-decoded into 114-byte blocks; see `_K2`, `Q4_K`). The legacy 32-weight types are repacked once
-  at load into groups of 4 blocks (quants contiguous, then the fp16 scales, then q5's high bits as 64-bit lane
-  masks): exactly the file's size, one stream per row. The file pages a repack read are then released from the process.
+* q6_K and F16 are read straight from the (mmapped) file bytes. q2_K, q3_K, q4_K and q5_K are repacked once at
+  load so that every i32 lane of a dot product holds one 16-weight sub-block (q3_K's scales re-packed for a two-op
+  decode with AVX-512 VBMI, else pre-decoded into 114-byte blocks; see `_K2`, `Q4_K`). The legacy 32-weight types
+  are repacked once at load into groups of 4 blocks (quants contiguous, then the fp16 scales, then q5's high bits as
+  64-bit lane masks): exactly the file's size, one stream per row. The file pages a repack read are then released
+  from the process.
 * Decode (`matvec`): `prange` over chunks of 32 rows, one row at a time (the single-row loop already outruns DRAM on
   one core). Prompt (`matmat`): all tokens quantized first, then `prange` over 32-row chunks, a register tile of
   R rows x 4 tokens (R = 4 for the legacy types and F16, 2 for the k-quants, whose per-sub-block scale vectors take
@@ -262,12 +263,12 @@ class Q6_K(KSpec):
 
 
 class _K2(KSpec):
-    """q2_K and q3_K (and, by `repack_k4`, q4_K and q5_K), repacked once at load (`repack_k2`) so that i32 lane k of every 64-byte part belongs to the
-    16-weight sub-block k (byte 4k + b of part p = weight 16k + 4p + b; the activations follow, q8.PERM_SUB). The four
-    parts' vpdpbusd then run into one accumulator whose lanes are whole sub-block sums, scaled by one vpdpwssd against
-    the scales as the low words of the lanes (a sub-block sum fits in 16 bits). The file's order has every part on
-    other sub-blocks: there each pair of parts took a vpackssdw, a scale-word shuffle and a vpdpwssd. q3_K per core from
-    L3 17.3 -> 25.8 GB/s, q2_K 17.3 -> 19.5 (same-process A/B)."""
+    """q2_K and q3_K (`repack_k2`; q4_K and q5_K by `repack_k4`), repacked once at load so that i32 lane k of every
+    64-byte part belongs to the 16-weight sub-block k (byte 4k + b of part p = weight 16k + 4p + b; the activations
+    follow, q8.PERM_SUB). The four parts' vpdpbusd then run into one accumulator whose lanes are whole sub-block sums,
+    scaled by one vpdpwssd against the scales as the low words of the lanes (a sub-block sum fits in 16 bits). The
+    file's order has every part on other sub-blocks: there each pair of parts took a vpackssdw, a scale-word shuffle
+    and a vpdpwssd. q3_K per core from L3 17.3 -> 25.8 GB/s, q2_K 17.3 -> 19.5 (same-process A/B)."""
     layout, parts = "k_sub", 4
     prefetch_short = True   # repacked (anonymous memory): q2_K 2 threads from DRAM 32.7 -> 36.4 GB/s with it
 

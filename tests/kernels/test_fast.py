@@ -183,7 +183,8 @@ def test_k4_repack_puts_every_quant_in_its_sub_block_lane(t):
     assert out.shape == raw.shape
     for r in range(3):
         for blk in range(2):
-            src, dst = raw[r, blk * bb:(blk + 1) * bb].astype(np.int64), out[r, blk * bb:(blk + 1) * bb].astype(np.int64)
+            src = raw[r, blk * bb:(blk + 1) * bb].astype(np.int64)
+            dst = out[r, blk * bb:(blk + 1) * bb].astype(np.int64)
             np.testing.assert_array_equal(dst[:16], src[:16])
             w = np.arange(256)
             byte = src[qo + 32 * (w // 64) + w % 32]
