@@ -275,6 +275,16 @@ class _K2(KSpec):
     def acc_part(self, i, j, p):
         return [f"A{i}_{j} = dpbusd({self.acc_start(j) if p == 0 else f'A{i}_{j}'}, n{i}_{p}, x{j}_{p})"]
 
+    def acc_start(self, j):
+        return "Z"
+
+    def with_mins(self, i, j, isum, mins):
+        """acc += cvt(isum) * d * dx + mins * dmin * XF: the min term (q2_K, q4_K, q5_K) in float against XF = -dx *
+        the 16-element sums (q8.quantize_q8_K), lane k's min in `mins`: one conversion of the row's mins and two
+        float ops instead of a vpdpwssd, its conversion and the scalar dm * dx (+5-7 % per core from L3, q2_K)."""
+        return [f"acc{i}_{j} = fma(cvt({isum}), splat_f(d{i} * dx{j}), "
+                f"fma(fmul({mins}, splat_f(dm{i})), load_f(XF, xs{j}), acc{i}_{j}))"]
+
 
 class Q3_K(_K2):
     """110-byte blocks [scales 6][d 2][scales 6][X 64][Y 32] (AVX-512 VBMI; `Q3_K_I8` otherwise). With n_p = the 3-bit
@@ -340,15 +350,8 @@ class Q2_K(_K2):
     def row_part(self, i, p):
         return [f"n{i}_{p} = BF{2 * p}(Q{i})"]
 
-    def acc_start(self, j):
-        return "Z"
-
     def acc_final(self, i, j):
-        # the min term -dm * dx * sum(mn * bsum) in float against XF = -dx * bsum (q8.quantize_q8_K): one conversion of
-        # the row's mins and two float ops instead of a vpdpwssd, its conversion and the scalar dm * dx (+5-7 % per
-        # core from L3)
-        return [f"acc{i}_{j} = fma(cvt(dpwssd(Z, A{i}_{j}, sc{i})), splat_f(d{i} * dx{j}), "
-                f"fma(fmul(cvt(mn{i}), splat_f(dm{i})), load_f(XF, xs{j}), acc{i}_{j}))"]
+        return self.with_mins(i, j, f"dpwssd(Z, A{i}_{j}, sc{i})", f"cvt(mn{i})")
 
 
 class Q4_K(_K2):
@@ -379,13 +382,8 @@ class Q4_K(_K2):
     def row_part(self, i, p):
         return self.nibbles(i, p)
 
-    def acc_start(self, j):
-        return "Z"
-
     def acc_final(self, i, j):
-        # the mins as for Q2_K: in float against XF = -dx * the 16-element sums, lane k taking sub-block k // 2's min
-        return [f"acc{i}_{j} = fma(cvt(dpwssd(Z, A{i}_{j}, sc{i})), splat_f(d{i} * dx{j}), "
-                f"fma(fmul(mn{i}, splat_f(dm{i})), load_f(XF, xs{j}), acc{i}_{j}))"]
+        return self.with_mins(i, j, f"dpwssd(Z, A{i}_{j}, sc{i})", f"mn{i}")     # lane k: sub-block k // 2's min
 
 
 class Q5_K(Q4_K):
@@ -413,8 +411,7 @@ class Q5_K(Q4_K):
         return [f"{a} = dpbusd({'Z' if p % 2 == 0 else a}, n{i}_{p}, x{j}_{p})"]
 
     def acc_final(self, i, j):
-        return [f"acc{i}_{j} = fma(cvt(dpwssd(dpwssd(Z, A{i}_{j}, sc{i}), B{i}_{j}, sc{i})), splat_f(d{i} * dx{j}), "
-                f"fma(fmul(mn{i}, splat_f(dm{i})), load_f(XF, xs{j}), acc{i}_{j}))"]
+        return self.with_mins(i, j, f"dpwssd(dpwssd(Z, A{i}_{j}, sc{i}), B{i}_{j}, sc{i})", f"mn{i}")
 
 
 class F16(Spec):
