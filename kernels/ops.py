@@ -46,23 +46,25 @@ def rmsnorm(x, weight, eps, out):
         _rmsnorm_rows(x, weight, eps, out)
 
 
+@njit(**JIT)
+def _add_row(xt, yt):
+    for i in range(xt.shape[0]):
+        xt[i] += yt[i]
+
+
 @njit(**JIT_PARALLEL)
 def _add_rmsnorm_rows(x, y, weight, eps, out):
     for t in prange(x.shape[0]):
-        xt, yt = x[t], y[t]
-        for i in range(xt.shape[0]):
-            xt[i] += yt[i]
-        _rmsnorm_row(xt, weight, eps, out[t])
+        _add_row(x[t], y[t])
+        _rmsnorm_row(x[t], weight, eps, out[t])
 
 
 @njit(**JIT)
 def add_rmsnorm(x, y, weight, eps, out):
     """x += y, then out = rmsnorm(x) * weight (a residual connection and the norm after it, in one call)."""
     if x.shape[0] == 1:
-        xt, yt = x[0], y[0]
-        for i in range(xt.shape[0]):
-            xt[i] += yt[i]
-        _rmsnorm_row(xt, weight, eps, out[0])
+        _add_row(x[0], y[0])
+        _rmsnorm_row(x[0], weight, eps, out[0])
     else:
         _add_rmsnorm_rows(x, y, weight, eps, out)
 
@@ -480,18 +482,14 @@ def _silu_mul(gate, up):
 @njit(**JIT_PARALLEL)
 def _add_rows(x, y):
     for t in prange(x.shape[0]):
-        xt, yt = x[t], y[t]
-        for i in range(xt.shape[0]):
-            xt[i] += yt[i]
+        _add_row(x[t], y[t])
 
 
 @njit(**JIT)
 def add(x, y):
     """In place x += y (residual connections), float32 [n_tok, n]."""
     if x.shape[0] == 1:
-        xt, yt = x[0], y[0]
-        for i in range(xt.shape[0]):
-            xt[i] += yt[i]
+        _add_row(x[0], y[0])
     else:
         _add_rows(x, y)
 
