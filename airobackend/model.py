@@ -190,7 +190,7 @@ class LlamaModel:
         h = b.h
         for il, layer in enumerate(self.layers):
             ops.rmsnorm(x, layer.attention_norm, self.eps, h)
-            q, k, v = project(h, layer.wq, layer.wk, layer.wv, outs=b.qkv)      # h quantized once for all three
+            q, k, v = project(h, layer.wq, layer.wk, layer.wv, outs=b.qkv)      # a batch's h quantized once
             q, k, v = q.reshape(n, self.n_head, hd), k.reshape(n, self.n_head_kv, hd), v.reshape(n, self.n_head_kv, hd)
             ops.rope_kv(q, k, v, pos, self.n_rot, self.freq_base, self.freq_scale,   # RoPE on q, k; k, v into the
                         self.k_cache[il], self.v_cache[il], n_past)                   # fp16 cache [g, pos, hd]

@@ -32,8 +32,8 @@ import numpy as np
 from numba import prange
 
 from . import CACHE
-from .simd import (fabs_v, hmax_f, hmin_f, hsum_i, load_f, rint_i, round_h1, round_h16, splat_f, splat_i,
-                   fmul, store_b4, store_b16, store_f, store_h16, vadd, vmax_f, vmin_f, vmin_i)
+from .simd import (fabs_v, fmul, hmax_f, hmin_f, hsum_i, load_f, rint_i, round_h1, round_h16, splat_f, splat_i,
+                   store_b4, store_b16, store_f, store_h16, vadd, vmax_f, vmin_f, vmin_i)
 
 JITQ = dict(nopython=True, nogil=True, cache=CACHE, fastmath=False, boundscheck=False)
 
@@ -142,7 +142,7 @@ def quantize_q8_K_ref(x, perm, bmul, xq, xd, xb, xf):
 # The same quantizers on 16-float vectors (kernels/simd.py), bit for bit (tests/kernels/test_q8.py): the element loops
 # above took ~2 ns per element (a 4096-wide row ~9 us, 2-6 % of a prompt batch's mat-mat and one such call per
 # weight input of every decode token).
-LAYOUT_NATURAL, LAYOUT_SUB = 0, 2     # Q8_K byte orders: PERM_NATURAL, PERM_SUB
+LAYOUT_NATURAL, LAYOUT_SUB = 0, 1     # Q8_K byte orders: PERM_NATURAL, PERM_SUB
 
 
 @numba.jit(**JITQ)
