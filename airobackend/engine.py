@@ -9,7 +9,7 @@ What happens per request (engine.md sections 5.3, 6; protocols.md sections 2.3-2
   * prompt cache: the tokens whose keys/values are in the model's KV cache are remembered; a new prompt that starts
     with the same tokens (chat frontends resend the whole history every turn) only evaluates the new tail;
   * context shift: when the context is full, BOS and the request's memory part are kept, the oldest half of the rest
-    is dropped with `model.kv_shift` (llama.cpp main's n_keep / n_discard rule) and generation goes on;
+    is dropped with `model.cache.remove` (llama.cpp main's n_keep / n_discard rule) and generation goes on;
   * stop strings: text that could be the start of a stop string is held back until it is decided, then trimmed or
     kept per request;
   * abort: a flag checked before every sampled token and every prompt batch, so a generation ends within one token.
@@ -303,7 +303,7 @@ class Engine:
         n_discard = (n_past - n_keep) // 2
         if n_discard < 1:
             return False
-        self.model.kv_shift(n_keep, n_discard, n_past)
+        self.model.cache.remove(n_keep, n_keep + n_discard, n_past)
         del self._cache[n_keep:n_keep + n_discard]
         return True
 

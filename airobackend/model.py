@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numba
 import numpy as np
@@ -16,6 +16,7 @@ import numpy as np
 from airobackend.errors import ContextOverflowError, ModelFileError, RequestError
 from airobackend.kernels import dequant, ops
 from airobackend.kernels.matmul import Weight, prepare, project
+from airobackend.kvcache import KVCache
 
 log = logging.getLogger("airobackend.model")
 
@@ -51,7 +52,8 @@ class LlamaModel:
 
     Args:
         mf: an open model file (airobackend.formats.open_model) with .hparams and .tensors.
-        n_ctx: context length; the KV cache (fp16, 2 * n_layer * n_ctx * n_embd_gqa * 2 bytes) is allocated for it.
+        n_ctx: context length; the KV cache (`self.cache`, airobackend.kvcache: fp16, 2 * n_layer * n_ctx * n_embd_gqa
+            * 2 bytes) is allocated for it.
         n_threads: Numba threads for every kernel; 0 = all Numba threads.
         n_batch: tokens per forward pass inside `eval` (longer inputs are split).
         kernels: 'auto', 'generic' or 'fast' (see kernels.matmul.prepare); None reads AIRO_KERNELS.
@@ -114,35 +116,70 @@ class LlamaModel:
             log.warning("n_head_kv %s in the header disagrees with attn_k's shape; using %d (n_gqa %d)",
                         hp.n_head_kv, self.n_head_kv, self.n_head // self.n_head_kv)
         self.n_embd_gqa = n_embd_gqa
-        # KV cache: fp16 bit patterns like llama.cpp's default F16 cache, head-major [n_layer, n_head_kv, n_ctx, hd]
-        # so that attention streams one head's keys and values contiguously.
-        shape = (self.n_layer, self.n_head_kv, self.n_ctx, self.head_dim)
-        self.k_cache = np.zeros(shape, np.uint16)
-        self.v_cache = np.zeros(shape, np.uint16)
-        self._tab = dequant.f16_table()
+        self.cache = self.new_cache()
         self._buffers: Optional[Buffers] = None
+
+    def new_cache(self, n_ctx: Optional[int] = None, type_k: str = "f16", type_v: str = "f16") -> KVCache:
+        """A KV cache of this model's geometry and RoPE (n_ctx positions, default the model's). `self.cache` is the
+        one `eval` uses unless given another (one per sequence when several are served)."""
+        return KVCache(self.n_layer, self.n_head_kv, int(n_ctx or self.n_ctx), self.head_dim, n_rot=self.n_rot,
+                       freq_base=self.freq_base, freq_scale=self.freq_scale, type_k=type_k, type_v=type_v)
 
     # ---- public API ----
 
-    def eval(self, tokens: Any, n_past: int, logits_all: bool = False) -> np.ndarray:
+    def eval(self, tokens: Any, n_past: int, logits_all: bool = False, cache: Optional[KVCache] = None) -> np.ndarray:
         """Run `tokens` at positions n_past, n_past+1, ...; returns float32 logits [n, n_vocab] (logits_all) or
-        [1, n_vocab] (last token). Cache entries at positions >= n_past are overwritten."""
-        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        [1, n_vocab] (last token). Cache entries at positions >= n_past are overwritten; `cache` defaults to
+        self.cache."""
+        tokens = self._check_tokens(tokens)
         n = tokens.shape[0]
-        if n == 0:
-            raise RequestError("eval() needs at least one token")
         if n_past < 0 or n_past + n > self.n_ctx:
             raise ContextOverflowError(f"{n_past} cached + {n} new tokens do not fit in n_ctx = {self.n_ctx}")
+        return self._run([(int(n_past), tokens)], cache, all_rows=logits_all)
+
+    def eval_spans(self, spans: Sequence[tuple[int, Any]], cache: Optional[KVCache] = None) -> np.ndarray:
+        """Evaluate several runs of tokens at their own positions as if in one batch: spans = [(start, tokens), ...]
+        in increasing, non-overlapping position order. Positions between the spans must already hold entries (a
+        reuse plan moved them there); each token attends to every position before it. Returns the logits of the
+        last token of the last span, [1, n_vocab]. The spans share each weight pass, so filling three gaps costs
+        what one batch of their total length costs."""
+        checked, end = [], 0
+        for start, toks in spans:
+            toks = self._check_tokens(toks)
+            if start < end or start + toks.shape[0] > self.n_ctx:
+                raise ContextOverflowError(f"span at {start} of {toks.shape[0]} tokens overlaps the previous one or "
+                                           f"does not fit in n_ctx = {self.n_ctx}")
+            checked.append((int(start), toks))
+            end = start + toks.shape[0]
+        if not checked:
+            raise RequestError("eval_spans() needs at least one span")
+        return self._run(checked, cache)
+
+    def _check_tokens(self, tokens: Any) -> np.ndarray:
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        if tokens.shape[0] == 0:
+            raise RequestError("eval() needs at least one token")
         if tokens.min() < 0 or tokens.max() >= self.n_vocab:
             raise RequestError(f"token id out of range 0..{self.n_vocab - 1}")
+        return tokens
+
+    def _run(self, spans: list[tuple[int, np.ndarray]], cache: Optional[KVCache], all_rows: bool = False) -> np.ndarray:
+        """The spans in forward passes of at most n_batch tokens (a pass may hold pieces of several spans)."""
+        cache = self.cache if cache is None else cache
         numba.set_num_threads(self.n_threads)       # thread-local in Numba: set on the calling thread
-        outs = []
-        for i in range(0, n, self.n_batch):
-            batch = tokens[i:i + self.n_batch]
-            last = i + self.n_batch >= n
-            logits = self.forward(batch, n_past + i, logits_all or last, all_rows=logits_all)
-            if logits is not None:
-                outs.append(logits)
+        outs, pieces, room = [], [], self.n_batch
+        for k, (start, toks) in enumerate(spans):
+            while toks.shape[0]:
+                take = min(room, toks.shape[0])
+                pieces.append((start, toks[:take]))
+                start, toks, room = start + take, toks[take:], room - take
+                last = k == len(spans) - 1 and toks.shape[0] == 0
+                if room == 0 or last:
+                    logits = self.forward(pieces, cache, all_rows or last, all_rows)
+                    if logits is not None:
+                        outs.append(logits)
+                    pieces, room = [], self.n_batch
+        cache.n_past = spans[-1][0] + spans[-1][1].shape[0]
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
     def warmup(self) -> float:
@@ -157,24 +194,7 @@ class LlamaModel:
             self.eval([bos, bos], 0)
         return time.perf_counter() - t0
 
-    def kv_shift(self, n_keep: int, n_discard: int, n_past: int) -> int:
-        """Drop cached positions n_keep .. n_keep+n_discard-1, move the rest down and re-rotate their keys by
-        -n_discard positions (llama.cpp's context shift). Returns the new n_past."""
-        if n_keep < 0 or n_discard < 0 or n_keep + n_discard > n_past or n_past > self.n_ctx:
-            raise ValueError(f"bad kv_shift(n_keep={n_keep}, n_discard={n_discard}, n_past={n_past})")
-        if n_discard == 0:
-            return n_past
-        src, dst, m = slice(n_keep + n_discard, n_past), slice(n_keep, n_past - n_discard), n_past - n_keep - n_discard
-        if m:
-            pos = np.full(m, -n_discard, np.int64)       # rotating by a delta: R(p - n) = R(-n) R(p)
-            for il in range(self.n_layer):
-                k = np.ascontiguousarray(self._tab[self.k_cache[il, :, src]].transpose(1, 0, 2))   # [m, n_head_kv, hd]
-                ops.rope(k, pos, self.n_rot, self.freq_base, self.freq_scale)
-                self.k_cache[il, :, dst] = ops.f32_to_f16_bits(k.transpose(1, 0, 2))
-                self.v_cache[il, :, dst] = self.v_cache[il, :, src]
-        return n_past - n_discard
-
-    # ---- the forward pass ----
+    # ---- the forward pass
 
     def buffers(self, n: int) -> Buffers:
         """Scratch activations for an n-token batch (kept for the next call with the same n: every decode token)."""
@@ -182,9 +202,18 @@ class LlamaModel:
             self._buffers = Buffers(self, n)
         return self._buffers
 
-    def forward(self, tokens: np.ndarray, n_past: int, want_logits: bool, all_rows: bool) -> Optional[np.ndarray]:
+    def forward(self, pieces: list[tuple[int, np.ndarray]], cache: KVCache, want_logits: bool,
+                all_rows: bool) -> Optional[np.ndarray]:
+        """One pass over a batch made of `pieces` [(start position, tokens), ...]: each piece's keys and values go
+        to its positions, then each piece attends over the cache up to its own positions (so a later piece sees the
+        earlier ones, and the entries already cached between them)."""
+        tokens = pieces[0][1] if len(pieces) == 1 else np.concatenate([t for _, t in pieces])
         n, hd = tokens.shape[0], self.head_dim
-        pos = np.arange(n_past, n_past + n, dtype=np.int64)
+        rows, r = [], 0                                                         # (row0, row1, start) per piece
+        for start, toks in pieces:
+            rows.append((r, r + toks.shape[0], start))
+            r += toks.shape[0]
+        pos = np.concatenate([np.arange(p, p + r1 - r0, dtype=np.int64) for r0, r1, p in rows])
         x = self.tok_embeddings.rows(tokens)                                    # [n, d]
         b = self.buffers(n)
         h = b.h
@@ -192,9 +221,10 @@ class LlamaModel:
             ops.rmsnorm(x, layer.attention_norm, self.eps, h)
             q, k, v = project(h, layer.wq, layer.wk, layer.wv, outs=b.qkv)      # a batch's h quantized once
             q, k, v = q.reshape(n, self.n_head, hd), k.reshape(n, self.n_head_kv, hd), v.reshape(n, self.n_head_kv, hd)
-            ops.rope_kv(q, k, v, pos, self.n_rot, self.freq_base, self.freq_scale,   # RoPE on q, k; k, v into the
-                        self.k_cache[il], self.v_cache[il], n_past)                   # fp16 cache [g, pos, hd]
-            ops.attention(q, self.k_cache[il], self.v_cache[il], n_past, b.attn)
+            for r0, r1, p in rows:      # RoPE on q, k; k, v into the cache (keys after RoPE, as llama.cpp)
+                cache.rope_store(il, q[r0:r1], k[r0:r1], v[r0:r1], pos[r0:r1], p)
+            for r0, r1, p in rows:
+                cache.attend(il, q[r0:r1], p, b.attn[r0:r1])
             ops.add_rmsnorm(x, layer.wo(b.attn, b.o), layer.ffn_norm, self.eps, h)   # x += attention out; h = norm(x)
             gate, up = project(h, layer.w1, layer.w3, outs=b.ffn)              # [n, n_ff] each
             ops.silu_mul(gate, up)

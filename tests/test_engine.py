@@ -48,6 +48,49 @@ def byte_id(b: int) -> int:
     return TOK._byte_id[b]
 
 
+class TokenCache:
+    """A KV cache whose entry at a position is the token evaluated there (None: nothing valid). It moves entries as
+    airobackend.kvcache.KVCache does, so a wrong move plan shows up as the wrong token at some position."""
+
+    bytes_per_position = 100
+
+    def __init__(self, n_ctx: int) -> None:
+        self.n_ctx, self.n_past = n_ctx, 0
+        self.pos: list[Optional[int]] = [None] * n_ctx
+        self.removes: list[tuple[int, int, int]] = []
+        self.moves: list[tuple[int, int, int]] = []
+
+    @property
+    def tokens(self) -> list[int]:
+        """The tokens at positions 0..n_past-1 (all must be valid)."""
+        assert None not in self.pos[:self.n_past], self.pos[:self.n_past]
+        return list(self.pos[:self.n_past])
+
+    def move(self, src_start: int, src_end: int, dst_start: int) -> None:
+        assert 0 <= src_start <= src_end <= self.n_ctx and 0 <= dst_start <= self.n_ctx - (src_end - src_start)
+        self.moves.append((src_start, src_end, dst_start))
+        self.pos[dst_start:dst_start + src_end - src_start] = self.pos[src_start:src_end]
+
+    def remove(self, start: int, end: int, n_past: Optional[int] = None) -> int:
+        n_past = self.n_past if n_past is None else n_past
+        self.removes.append((start, end - start, n_past))
+        self.move(end, n_past, start)
+        self.n_past = n_past - (end - start)
+        return self.n_past
+
+    def truncate(self, n: int) -> None:
+        self.n_past = min(self.n_past, n)
+
+    def snapshot(self, n: Optional[int] = None):
+        n = self.n_past if n is None else n
+        assert None not in self.pos[:n]
+        return list(self.pos[:n])
+
+    def restore(self, snap) -> None:
+        self.pos[:len(snap)] = snap
+        self.n_past = len(snap)
+
+
 class ScriptedModel:
     """A forward pass whose next token is `next_token(kv)`, where kv are the tokens in its cache.
 
@@ -58,27 +101,35 @@ class ScriptedModel:
     def __init__(self, next_token: Callable[[list[int]], int], n_ctx: int = 256, n_vocab: int = TOK.n_vocab,
                  delay: float = 0.0) -> None:
         self.next_token, self.n_ctx, self.n_vocab, self.delay = next_token, n_ctx, n_vocab, delay
-        self.kv: list[int] = []
+        self.cache = TokenCache(n_ctx)
         self.evaluated: list[int] = []
-        self.shifts: list[tuple[int, int, int]] = []
+
+    @property
+    def kv(self) -> list[int]:
+        return self.cache.tokens
+
+    @property
+    def shifts(self) -> list[tuple[int, int, int]]:
+        return self.cache.removes
 
     def eval(self, tokens, n_past: int, logits_all: bool = False) -> np.ndarray:
-        assert 0 <= n_past <= len(self.kv), (n_past, len(self.kv))
-        assert n_past + len(tokens) <= self.n_ctx, "the engine overflowed the context"
-        del self.kv[n_past:]
-        self.kv.extend(int(t) for t in tokens)
-        self.evaluated.extend(int(t) for t in tokens)
+        assert 0 <= n_past <= self.cache.n_past, (n_past, self.cache.n_past)
+        return self.eval_spans([(n_past, tokens)])
+
+    def eval_spans(self, spans) -> np.ndarray:
+        """Each span's positions are written in order; everything before a span must hold a valid entry."""
+        self.passes = getattr(self, "passes", 0) + 1
+        for start, tokens in spans:
+            assert None not in self.cache.pos[:start], f"evaluating at {start} over a hole in the cache"
+            assert start + len(tokens) <= self.n_ctx, "the engine overflowed the context"
+            self.cache.pos[start:start + len(tokens)] = [int(t) for t in tokens]
+            self.cache.n_past = start + len(tokens)
+            self.evaluated.extend(int(t) for t in tokens)
         if self.delay:
             time.sleep(self.delay)
         out = np.zeros((1, self.n_vocab), np.float32)
         out[0, self.next_token(self.kv)] = 20.0
         return out
-
-    def kv_shift(self, n_keep: int, n_discard: int, n_past: int) -> int:
-        assert n_past == len(self.kv)
-        self.shifts.append((n_keep, n_discard, n_past))
-        del self.kv[n_keep:n_keep + n_discard]
-        return len(self.kv)
 
 
 class FakeLlama:

@@ -170,15 +170,15 @@ def test_kv_shift_rerotates_kept_keys(fixtures_dir, entries):
     path = str(fixtures_dir / entry["files"]["gguf"]["path"])
     a = Llama(path, n_ctx=32, verbose=False, kernels="generic")
     a.eval(tokens[:20])
-    unshifted_k = tab[a.model.k_cache[0, :, :20]]
-    assert a.model.kv_shift(n_keep=4, n_discard=6, n_past=20) == 14
+    unshifted_k = tab[a.model.cache.k[0, :, :20]]
+    assert a.model.cache.remove(4, 10) == 14 == a.model.cache.n_past
     b = Llama(path, n_ctx=32, verbose=False, kernels="generic")
     b.eval(np.concatenate([tokens[:4], tokens[10:20]]))
-    k_shifted, k_fresh = tab[a.model.k_cache[0, :, :14]], tab[b.model.k_cache[0, :, :14]]
+    k_shifted, k_fresh = tab[a.model.cache.k[0, :, :14]], tab[b.model.cache.k[0, :, :14]]
     err = np.abs(k_shifted - k_fresh).max()
     assert err <= 2e-3 * np.abs(k_fresh).max()                   # fp16 rounding of the re-rotated keys
     assert np.abs(unshifted_k[:, 10:20] - k_fresh[:, 4:14]).max() > 20 * err   # the rotation did change them
-    np.testing.assert_array_equal(a.model.v_cache[0, :, :14], b.model.v_cache[0, :, :14])
+    np.testing.assert_array_equal(a.model.cache.v[0, :, :14], b.model.cache.v[0, :, :14])
     # evaluation continues from the shifted position
     assert a.model.eval(tokens[20:21], 14).shape == (1, a.n_vocab())
     for llm in (a, b):

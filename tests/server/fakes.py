@@ -50,11 +50,18 @@ class ScriptedModel:
         self.delay = delay
         self.eos = eos
         self.evals = 0
+        self.cache = CountingCache()
         self._expect: Optional[tuple[int, int]] = None   # (token, position) we predicted last
         self._i = 0
         self.lock = threading.Lock()
 
+    def eval_spans(self, spans) -> np.ndarray:
+        (start, tokens), = spans[-1:]
+        self.cache.n_past = start + len(tokens)
+        return self.eval(tokens, start)
+
     def eval(self, tokens, n_past: int, logits_all: bool = False) -> np.ndarray:
+        self.cache.n_past = n_past + len(tokens)
         with self.lock:
             self.evals += 1
         if self.delay:
@@ -76,8 +83,30 @@ class ScriptedModel:
         logits[0, nxt] = 60.0          # so peaked that every sampler setting picks it
         return logits
 
-    def kv_shift(self, n_keep: int, n_discard: int, n_past: int) -> int:
-        return n_past - n_discard
+
+class CountingCache:
+    """The scripted model's KV cache: only how many positions are filled (the reply does not depend on them)."""
+
+    bytes_per_position = 64
+
+    def __init__(self) -> None:
+        self.n_past = 0
+
+    def remove(self, start: int, end: int, n_past: Optional[int] = None) -> int:
+        self.n_past = (self.n_past if n_past is None else n_past) - (end - start)
+        return self.n_past
+
+    def move(self, src_start: int, src_end: int, dst_start: int) -> None:
+        pass
+
+    def truncate(self, n: int) -> None:
+        self.n_past = min(self.n_past, n)
+
+    def snapshot(self, n: Optional[int] = None) -> int:
+        return self.n_past if n is None else n
+
+    def restore(self, snap: int) -> None:
+        self.n_past = snap
 
 
 class FakeLlama:
