@@ -14,9 +14,10 @@ extension call):
 KoboldCpp restarts itself on reload_config and answers at once; we switch in place, also answering at once, and
 the client polls GET /api/v1/model (or /api/admin/load_status) until the new name appears.
 
-Model changes are admin actions: the server's guard marks a request admin when it presents --admin-key, or the
-API key when no admin key is set (text-generation-webui's rule). Reading the library needs only the API key, and
-no answer ever contains a file system path.
+Model changes and the library list are admin actions: each route carries the server's one admin check
+(`airobackend.server.ADMIN`: the admin key, or the API key when no admin key is set, as text-generation-webui
+rules; a web page of another origin also needs its origin listed with --cors). No answer ever contains a file
+system path.
 """
 from __future__ import annotations
 
@@ -32,8 +33,7 @@ from starlette.responses import JSONResponse
 from airobackend.errors import AiroError, EngineBusy
 from airobackend.hookspecs import hookimpl
 from airobackend.manager import parse_load_options
-from airobackend.server import (KOBOLD_UNAUTHORIZED, FieldError, Fields, is_openai_path, json_schema_body,
-                                openai_error, read_json)
+from airobackend.server import ADMIN, FieldError, Fields, json_schema_body, read_json
 from airobackend.settings import Settings
 
 log = logging.getLogger("airobackend.adapters.models")
@@ -52,17 +52,18 @@ class ModelRoutes:
     def __init__(self, manager: Any, settings: Settings) -> None:
         self.manager, self.settings = manager, settings
         r = self.router = APIRouter(tags=["Model library"])
-        r.add_api_route("/v1/internal/model/list", self.internal_list, methods=["GET"],
+        admin = [ADMIN]
+        r.add_api_route("/v1/internal/model/list", self.internal_list, methods=["GET"], dependencies=admin,
                         summary="text-generation-webui: the library (admin)")
-        r.add_api_route("/v1/internal/model/load", self.internal_load, methods=["POST"],
+        r.add_api_route("/v1/internal/model/load", self.internal_load, methods=["POST"], dependencies=admin,
                         summary="text-generation-webui: load a model (admin)",
                         openapi_extra=json_schema_body({"model_name": "model.gguf", "args": {"n_ctx": 2048}},
                                                        "model_name, args"))
-        r.add_api_route("/v1/internal/model/unload", self.internal_unload, methods=["POST"],
+        r.add_api_route("/v1/internal/model/unload", self.internal_unload, methods=["POST"], dependencies=admin,
                         summary="text-generation-webui: unload the model (admin)")
-        r.add_api_route("/api/admin/list_options", self.admin_list, methods=["GET"],
+        r.add_api_route("/api/admin/list_options", self.admin_list, methods=["GET"], dependencies=admin,
                         summary="KoboldCpp admin: models that can be switched to (admin)")
-        r.add_api_route("/api/admin/reload_config", self.admin_reload, methods=["POST"],
+        r.add_api_route("/api/admin/reload_config", self.admin_reload, methods=["POST"], dependencies=admin,
                         summary="KoboldCpp admin: switch to a model (admin); answers at once",
                         openapi_extra=json_schema_body({"filename": "model.gguf"}, "filename: a model name"))
         r.add_api_route("/api/admin/load_status", self.admin_status, methods=["GET"],
@@ -72,17 +73,6 @@ class ModelRoutes:
 
     def _names(self) -> list[str]:
         return [m["name"] for m in self.manager.list_models()]
-
-    @staticmethod
-    def _deny(request: Request) -> Optional[JSONResponse]:
-        """401 in the protocol's shape unless the request is an admin one (see the module docstring)."""
-        if request.scope.get("airo.admin", False):
-            return None
-        if is_openai_path(request.url.path):
-            return openai_error(401, "This is an admin action: the admin key (or the API key when no admin key "
-                                     "is set) is required.", "authentication_error", code="invalid_api_key",
-                                headers={"www-authenticate": "Bearer"})
-        return JSONResponse(KOBOLD_UNAUTHORIZED, status_code=401, headers={"www-authenticate": "Bearer"})
 
     @staticmethod
     def _failed(e: AiroError, msg: str) -> JSONResponse:
@@ -99,14 +89,10 @@ class ModelRoutes:
 
     # ------------------------------------------------------------------ text-generation-webui OpenAI extension
 
-    async def internal_list(self, request: Request) -> Any:
-        denied = self._deny(request)
-        return denied if denied is not None else {"model_names": self._names()}
+    async def internal_list(self) -> Any:
+        return {"model_names": self._names()}
 
     async def internal_load(self, request: Request) -> Any:
-        denied = self._deny(request)
-        if denied is not None:
-            return denied
         body = await read_json(request)
         f = Fields(body)
         name = f.str("model_name", "")
@@ -123,26 +109,17 @@ class ModelRoutes:
             return self._failed(e, f"Failed to load the model. {e}")
         return JSONResponse("OK")
 
-    async def internal_unload(self, request: Request) -> Any:
-        denied = self._deny(request)
-        if denied is not None:
-            return denied
+    async def internal_unload(self) -> Any:
         await run_in_threadpool(self.manager.unload)
         return JSONResponse(None)
 
     # ------------------------------------------------------------------ KoboldCpp admin
 
-    async def admin_list(self, request: Request) -> Any:
-        denied = self._deny(request)
-        if denied is not None:
-            return denied
+    async def admin_list(self) -> Any:
         special = (["initial_model"] if self.manager.startup_name else []) + ["unload_model"]
         return JSONResponse(special + self._names())
 
     async def admin_reload(self, request: Request) -> Any:
-        denied = self._deny(request)
-        if denied is not None:
-            return denied
         body = await read_json(request)
         f = Fields(body)
         name = f.str(("filename", "model", "model_name"), "")

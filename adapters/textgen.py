@@ -27,8 +27,9 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from airobackend.aio import GenerationStream, collect
 from airobackend.errors import AiroError, ModelNotLoaded
 from airobackend.hookspecs import hookimpl
-from airobackend.server import (FieldError, Fields, build_request, chat_prompt, chat_stops, json_schema_body,
-                                kobold_error, read_json, run_watching_disconnect, sampling_params)
+from airobackend.server import (ADMIN_ACTIONS, FieldError, Fields, build_request, chat_prompt, chat_stops,
+                                json_schema_body, read_json, require_admin, run_watching_disconnect,
+                                sampling_params)
 from airobackend.settings import Settings
 from airobackend.types import GenerationRequest
 
@@ -160,8 +161,9 @@ class TextgenRoutes:
         r.add_api_route("/api/v1/chat", self.chat, methods=["POST"], response_model=None, summary="Chat turn (blocking)",
                         openapi_extra=json_schema_body(CHAT_EXAMPLE, "text-generation-webui chat body"))
         r.add_api_route("/api/v1/model", self.model_post, methods=["POST"], response_model=None,
-                        summary="Model actions: list, info, load, unload",
-                        openapi_extra=json_schema_body({"action": "info"}, "{action, model_name, args}"))
+                        summary="Model actions: list, info, load (admin), unload (admin)",
+                        openapi_extra={**json_schema_body({"action": "info"}, "{action, model_name, args}"),
+                                       ADMIN_ACTIONS: ["load", "unload"]})
         r.add_api_route("/api/v1/token-count", self.token_count, methods=["POST"], response_model=None, summary="Count tokens")
         r.add_api_route("/api/v1/stop-stream", self.stop_stream, methods=["POST"], response_model=None, summary="Abort generation")
         r.add_api_websocket_route("/api/v1/stream", self.ws_stream)
@@ -203,8 +205,8 @@ class TextgenRoutes:
             return JSONResponse({"result": self._info(request)})
         if action not in ("list", "load", "unload"):
             return JSONResponse({"result": self._name(request)})
-        if action in ("load", "unload") and not request.scope.get("airo.admin", True):
-            return kobold_error(403, "Loading and unloading models needs the admin key.", "unauthorized")
+        if action in ("load", "unload"):
+            require_admin(request)
         fn = self._manager({"list": "list_models", "load": "load", "unload": "unload"}[action])
         if fn is None:
             return JSONResponse({"error": {"message": f"'{action}' is not available: this server runs a single "

@@ -2,9 +2,13 @@
 
 - `create_app(engine, settings, pm)`: a FastAPI app (OpenAPI page at `/docs`) with the routes of every registered
   adapter, behind one ASGI middleware (`Guard`) that does, in order: path normalisation (KoboldCpp accepts a
-  trailing `/` and `/api/latest/`), CORS (any origin unless `--cors` restricts it; preflights answered as llama.cpp's
-  server does), the API key (401 in the protocol's shape; WebSockets refused before the handshake), and the request
-  body cap.
+  trailing `/` and `/api/latest/`), the `Host` check against DNS rebinding (loopback listeners answer only loopback
+  names and `--allowed-hosts`), CORS (generation from any origin unless `--cors` restricts it; admin routes only for
+  origins listed with `--cors`), the API key (401 in the protocol's shape; WebSockets refused before the handshake),
+  the admin decision (`require_admin`) and the request body cap.
+- `require_admin` / `ADMIN`: the one check every admin route uses (model load/unload/switch, config reload, slot
+  save/restore): the admin key, or the API key when no admin key is set, or no key at all when none is configured;
+  a web page of another origin additionally needs its origin listed with `--cors` and must present the key.
 - Error shapes by path: `/v1/...` gets OpenAI's `{"error": {message, type, param, code}}`; everything else KoboldCpp's
   `{"detail": {"msg", "type"}}`, which SillyTavern reads for every `/api` backend.
 - `Fields`: typed access to a JSON body with clear per-field errors (wrong type, NaN, out of range).
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import logging
 import math
@@ -23,10 +28,11 @@ from urllib.parse import parse_qs
 
 import anyio
 import pluggy
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, Depends, FastAPI
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Match
 
 from .errors import AiroError, ContextOverflowError, EngineBusy, ModelNotLoaded, RequestError
 from .settings import Settings
@@ -42,6 +48,10 @@ PUBLIC_ROUTES: frozenset[tuple[str, str]] = frozenset({
     ("GET", "/api/extra/true_max_context_length"), ("GET", "/api/extra/preloadstory"),
     ("GET", "/sdapi/v1/sd-models"), ("GET", "/v1/models"),
 })
+
+# Host names a loopback listener answers to besides loopback addresses (RFC 6761: browsers resolve *.localhost to
+# the loopback interface themselves, so no DNS answer can point these names elsewhere).
+LOOPBACK_NAMES = ("localhost", "localhost.localdomain")
 
 KOBOLD_UNAUTHORIZED = {"detail": {"error": "Unauthorized", "msg": "Authentication key is missing or invalid.",
                                   "type": "unauthorized"}}
@@ -60,6 +70,15 @@ class FieldError(RequestError):
 
 class BodyTooLarge(RequestError):
     """The request body exceeds --max-body-bytes."""
+
+
+class AdminRefused(AiroError):
+    """An admin action asked for without the right to it: 401 when the key would fix it, 403 when the asking web
+    page's origin is not one the admin listed with --cors."""
+
+    def __init__(self, message: str, status: int = 401) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def is_openai_path(path: str) -> bool:
@@ -82,6 +101,14 @@ def error_for_exception(path: str, exc: BaseException) -> JSONResponse:
     """Map an exception to the protocol's error response *by class* (never by message text)."""
     msg = str(exc) or exc.__class__.__name__
     openai = is_openai_path(path)
+    if isinstance(exc, AdminRefused):
+        challenge = {"www-authenticate": "Bearer"} if exc.status == 401 else None
+        if openai:
+            return openai_error(exc.status, msg, "authentication_error" if exc.status == 401 else "permission_error",
+                                code="invalid_api_key" if exc.status == 401 else "origin_not_allowed",
+                                headers=challenge)
+        return JSONResponse({"detail": {"error": "Unauthorized" if exc.status == 401 else "Forbidden", "msg": msg,
+                                        "type": "unauthorized"}}, status_code=exc.status, headers=challenge)
     if isinstance(exc, BodyTooLarge):
         return (openai_error(413, msg, "invalid_request_error", code="request_too_large") if openai
                 else kobold_error(413, msg, "bad_input"))
@@ -287,17 +314,77 @@ async def run_watching_disconnect(request: Request, work: Awaitable[Any], on_dis
 
 # ---------------------------------------------------------------------------------------------- middleware
 
-class Guard:
-    """Pure ASGI middleware: path normalisation, CORS, HEAD, API key (HTTP + WebSocket), body cap."""
+def require_admin(request: Request) -> None:
+    """The admin check of every admin route: `dependencies=[ADMIN]` on the route, or called inside a handler whose
+    admin-ness depends on the body (text-generation-webui's POST /api/v1/model load/unload). The Guard decided when
+    the request came in (`Guard.admin_refusal`); this raises its refusal, answered in the route's protocol shape."""
+    refusal = request.scope.get("airo.admin_refusal")
+    if refusal is not None:
+        message, status = refusal
+        if status == 403:
+            log.warning("refused an admin action on %s: %s", request.url.path, message)
+        raise AdminRefused(message, status)
 
-    def __init__(self, app: Any, settings: Settings) -> None:
+
+ADMIN = Depends(require_admin)
+# openapi_extra key marking a route that calls require_admin itself for some actions: the Guard answers CORS for
+# it as for any admin route, and the OpenAPI page shows which actions are admin.
+ADMIN_ACTIONS = "x-admin-actions"
+
+
+def is_admin_route(route: Any) -> bool:
+    dependant = getattr(route, "dependant", None)
+    if dependant is not None and any(d.call is require_admin for d in dependant.dependencies):
+        return True
+    return bool((getattr(route, "openapi_extra", None) or {}).get(ADMIN_ACTIONS))
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or address, no port) can only mean this machine."""
+    host = host.lower().rstrip(".")
+    if host in LOOPBACK_NAMES or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _is_address(host: Any) -> bool:
+    try:
+        ipaddress.ip_address(str(host))
+        return True
+    except ValueError:
+        return False
+
+
+def host_name(host_header: str) -> str:
+    """The name of a `Host` header: port and IPv6 brackets removed, lower case, no trailing dot."""
+    host = host_header.strip()
+    if host.startswith("["):
+        host = host[1:host.find("]")] if "]" in host else host[1:]
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    return host.lower().rstrip(".")
+
+
+class Guard:
+    """Pure ASGI middleware: path normalisation, Host check, CORS, HEAD, API key (HTTP + WebSocket), the admin
+    decision, body cap."""
+
+    def __init__(self, app: Any, settings: Settings, routes: Iterable = ()) -> None:
         self.app = app
         self.api_key = settings.api_key or None
         self.admin_key = settings.admin_key or None
         self.max_body = int(settings.max_body_bytes)
         origins = [o.strip().rstrip("/") for o in (settings.cors or "").split(",") if o.strip()]
         self.any_origin = not origins or "*" in origins
-        self.origins = frozenset(origins)
+        self.origins = frozenset(o for o in origins if o != "*")     # listed by name: the only ones trusted with admin
+        self.check_host = is_loopback(settings.host)
+        self.allowed_hosts = frozenset(host_name(h) for h in settings.allowed_hosts if h.strip())
+        self.routes = routes          # the app's route list (read at the first request: plugins add routes late)
+        self._admin_routes: Optional[list] = None
+        self._warned_hosts: set[str] = set()
 
     # -- helpers
     @staticmethod
@@ -308,20 +395,61 @@ class Guard:
             path = path.rstrip("/") or "/"
         return path
 
-    def cors_headers(self, origin: Optional[str]) -> list[tuple[bytes, bytes]]:
-        if self.any_origin:
-            allow = origin or "*"
-        elif origin and origin.rstrip("/") in self.origins:
-            allow = origin
-        else:
-            return []
-        out = [(b"access-control-allow-origin", allow.encode("latin-1"))]
-        if allow != "*":
-            out.append((b"vary", b"Origin"))
-        return out
+    def host_allowed(self, scope: dict, headers: dict) -> bool:
+        """DNS rebinding: a page of evil.example whose name is re-pointed to 127.0.0.1 reaches a loopback listener as
+        `Host: evil.example`, and the browser counts it as evil.example's own origin, so neither CORS nor the Origin
+        check sees anything foreign. A loopback listener therefore answers only names no DNS answer can re-point
+        (loopback addresses, localhost, *.localhost) and the names given with --allowed-hosts, as Jupyter does.
+        A call with no listening socket (in-process ASGI: `scope["server"]` is not an address) has no browser."""
+        if not self.check_host or "*" in self.allowed_hosts:
+            return True
+        server = scope.get("server")
+        if not server or not _is_address(server[0]):
+            return True
+        host = headers.get("host")
+        if host is None:            # HTTP/1.0 without Host; browsers always send it
+            return True
+        name = host_name(host)
+        return is_loopback(name) or name in self.allowed_hosts
+
+    @staticmethod
+    def foreign_origin(headers: dict) -> Optional[str]:
+        """The origin of a browser request made by a page of another origin; None for the server's own pages and
+        for clients outside a browser (scripts, SillyTavern's server, text-generation-webui API clients)."""
+        origin = headers.get("origin")
+        if origin is None:
+            # Browsers send Origin with every cross-origin fetch and every POST; Sec-Fetch-Site tells the rest
+            # (navigations, <img>, forms of browsers that omit Origin on GET).
+            site = headers.get("sec-fetch-site", "").lower()
+            return f"(a {site} page)" if site in ("cross-site", "same-site") else None
+        scheme, sep, netloc = origin.strip().lower().partition("://")
+        host = headers.get("host", "").strip().lower()
+        default_port = {"http": ":80", "https": ":443"}.get(scheme, "")
+        if sep and host and host in (netloc, netloc + default_port):
+            return None
+        return origin
+
+    def is_listed(self, origin: Optional[str]) -> bool:
+        return origin is not None and origin.rstrip("/") in self.origins
+
+    def is_admin_path(self, path: str, method: str) -> bool:
+        if self._admin_routes is None:
+            self._admin_routes = [r for r in self.routes if is_admin_route(r)]
+        probe = {"type": "http", "path": path, "root_path": "", "method": method}
+        return any(r.matches(probe)[0] == Match.FULL for r in self._admin_routes)
+
+    def cors_headers(self, origin: Optional[str], admin_route: bool) -> list[tuple[bytes, bytes]]:
+        """Origins listed with --cors are echoed, with credentials allowed; any other origin gets `*` (never
+        echoed, never with credentials), and admin routes answer only listed origins."""
+        if self.is_listed(origin):
+            return [(b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"Origin"),  # type: ignore
+                    (b"access-control-allow-credentials", b"true")]
+        if self.any_origin and not admin_route:
+            return [(b"access-control-allow-origin", b"*")]
+        return []
 
     def check_key(self, headers: dict, query: bytes, websocket: bool) -> tuple[bool, bool]:
-        """(authenticated, admin) for the key this request presents."""
+        """(authenticated, admin) for the key this request presents; both True when no key is configured."""
         presented = None
         auth = headers.get("authorization", "")
         if auth[:7].lower() == "bearer ":
@@ -343,6 +471,23 @@ class Guard:
         admin = bool(is_admin) if self.admin_key else authenticated
         return authenticated, admin
 
+    def admin_refusal(self, admin: bool, foreign: Optional[str]) -> Optional[tuple[str, int]]:
+        """Why this request may not perform admin actions, as (message, HTTP status); None when it may.
+
+        Without Origin, or from the server's own pages, the key decides (no key configured: everyone on the
+        machine is admin, as text-generation-webui and KoboldCpp allow). A page of another origin could be any site
+        the user has open, so it needs both its origin listed with --cors and the key presented."""
+        if foreign is not None:
+            if not self.is_listed(foreign):
+                return (f"Admin actions are refused to web pages of other origins ({foreign}); start the server "
+                        f"with --cors ORIGIN and --admin-key KEY to allow one page.", 403)
+            if not (self.api_key or self.admin_key):
+                return ("Admin actions from a web page need a key: start the server with --admin-key KEY "
+                        "(or --api-key KEY).", 403)
+        if admin:   # with a key configured, `admin` means the request presented it
+            return None
+        return "This is an admin action: the admin key (or the API key when no admin key is set) is required.", 401
+
     # -- ASGI
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -351,22 +496,33 @@ class Guard:
         if path != scope["path"]:
             scope = dict(scope, path=path, raw_path=path.encode("utf-8"))
         raw_headers = scope.get("headers", [])
+        websocket = scope["type"] == "websocket"
         if sum(len(k) + len(v) + 4 for k, v in raw_headers) > MAX_HEADER_BYTES:
             # h11 bounds only headers that arrive in pieces; a header block sent in one go is bounded here
-            if scope["type"] == "websocket":
+            if websocket:
                 await receive()
                 return await send({"type": "websocket.close", "code": 1009, "reason": "headers too large"})
             return await self._plain(send, 431, b"Request header fields too large", [])
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in raw_headers}
+        if not self.host_allowed(scope, headers):
+            name = host_name(headers.get("host", ""))
+            if name not in self._warned_hosts and len(self._warned_hosts) < 64:
+                self._warned_hosts.add(name)
+                log.warning("refused requests for Host %r (a loopback listener answers loopback names only; "
+                            "--allowed-hosts NAME adds one)", name[:100])
+            body = b"Host not allowed: this server answers only for localhost names (see --allowed-hosts)"
+            if websocket:
+                return await self._deny_websocket(scope, receive, send, 403, body)
+            return await self._plain(send, 403, body, [])
         origin = headers.get("origin")
-        cors = self.cors_headers(origin)
-        websocket = scope["type"] == "websocket"
         authenticated, admin = self.check_key(headers, scope.get("query_string", b""), websocket)
+        refusal = self.admin_refusal(admin, self.foreign_origin(headers))
         scope["airo.authenticated"] = authenticated
-        scope["airo.admin"] = admin
+        scope["airo.admin"] = refusal is None
+        scope["airo.admin_refusal"] = refusal
 
         if websocket:
-            if origin and not cors:
+            if origin and not self.any_origin and not self.is_listed(origin):
                 # Browsers apply no CORS to WebSockets: with --cors restricting origins, the server refuses the
                 # handshake from a page of any other origin itself (clients outside a browser send no Origin).
                 return await self._deny_websocket(scope, receive, send, 403, b"CORS origin not allowed")
@@ -376,17 +532,18 @@ class Guard:
 
         method = scope["method"]
         if method == "OPTIONS":  # CORS preflight, answered without auth (browsers never send credentials here)
+            asked = headers.get("access-control-request-method", "GET").strip().upper() or "GET"
+            cors = self.cors_headers(origin, self.is_admin_path(path, asked))
             if origin and not cors:
                 return await self._plain(send, 403, b"CORS origin not allowed", [])
             req_headers = headers.get("access-control-request-headers", "*") or "*"
-            extra = [(b"access-control-allow-credentials", b"true"),
-                     (b"access-control-allow-methods", b"GET, POST"),
+            extra = [(b"access-control-allow-methods", b"GET, POST"),
                      (b"access-control-allow-headers", req_headers.encode("latin-1")),
                      (b"access-control-max-age", b"600")]
             return await self._plain(send, 200, b"", cors + extra, content_type=b"text/html")
+        cors = self.cors_headers(origin, self.is_admin_path(path, method))
         if method == "HEAD":  # KoboldCpp answers HEAD on any path with 200; nothing is computed or leaked
             return await self._plain(send, 200, b"", cors)
-
         if not authenticated and (method, path) not in PUBLIC_ROUTES:
             body = (json.dumps({"error": {"message": "Invalid API Key", "type": "authentication_error",
                                           "param": None, "code": "invalid_api_key"}}) if is_openai_path(path)
@@ -518,7 +675,7 @@ def create_app(engine: Any, settings: Settings, pm: Optional[pluggy.PluginManage
 
     app.add_exception_handler(AiroError, airo_error)
     app.add_exception_handler(Exception, airo_error)
-    app.add_middleware(Guard, settings=settings)
+    app.add_middleware(Guard, settings=settings, routes=app.router.routes)
     return app
 
 

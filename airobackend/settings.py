@@ -29,6 +29,7 @@ class Settings:
     api_key: Optional[str] = None
     admin_key: Optional[str] = None
     cors: Optional[str] = None             # None -> any origin, like KoboldCpp / llama.cpp / text-generation-webui
+    allowed_hosts: tuple[str, ...] = ()    # Host names a loopback listener answers besides localhost (DNS rebinding)
     multiuser: int = 6                     # requests that may wait while one generates (KoboldCpp's default)
     max_body_bytes: int = 32 * 1024 * 1024
     max_connections: int = 64             # open connections at once; more get 503 (bounds memory: N x body cap)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import logging
 import os
 import sys
@@ -59,8 +58,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(env AIRO_API_KEY)")
     s.add_argument("--admin-key", metavar="KEY", help="key for loading/unloading models (default: the API key; "
                    "env AIRO_ADMIN_KEY)")
-    s.add_argument("--cors", metavar="ORIGIN[,ORIGIN]", help="browser origins allowed to call the API "
-                   "(default: any, like KoboldCpp and llama.cpp; env AIRO_CORS)")
+    s.add_argument("--cors", metavar="ORIGIN[,ORIGIN]", help="web page origins allowed to call the API; only "
+                   "listed origins may also perform admin actions, with the key (default: any origin may generate, "
+                   "like KoboldCpp and llama.cpp; env AIRO_CORS)")
+    s.add_argument("--allowed-hosts", metavar="NAME[,NAME]",
+                   help="Host names answered besides localhost when listening on loopback, e.g. a reverse proxy's "
+                        "name ('*': any; env AIRO_ALLOWED_HOSTS)")
     s.add_argument("--disable-adapter", action="append", metavar="NAME", default=None,
                    help="do not serve this protocol adapter: kobold, textgen, openai or a plugin name "
                         "(repeatable or comma-separated; env AIRO_DISABLE_ADAPTERS)")
@@ -101,27 +104,30 @@ def settings_from_args(args: argparse.Namespace, environ: Optional[dict] = None)
         rope_freq_base=args.ropeconfig[1] if args.ropeconfig else args.rope_freq_base,
         port=args.port if args.port is not None else args.port_pos, multiuser=kobold_waiting_places(args.multiuser),
         api_key=args.api_key, admin_key=args.admin_key, cors=args.cors, disable_adapters=disabled,
+        allowed_hosts=tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip())
+        if args.allowed_hosts else None,
         max_body_bytes=args.max_body_bytes, max_connections=args.max_connections, quiet=args.quiet,
         textgen_stream_port=getattr(args, "textgen_stream_port", None))
     return Settings.from_env(environ, **overrides)
 
 
-def is_loopback(host: str) -> bool:
-    if host in ("localhost", "localhost.localdomain"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def security_warnings(settings: Settings) -> list[str]:
-    """What to warn about before listening (shown on stderr)."""
-    out = []
-    if not is_loopback(settings.host) and not settings.api_key:
-        out.append(f"listening on {settings.host} without an API key: anyone who can reach this port can use the "
-                   f"model. Set --api-key KEY (env AIRO_API_KEY) or listen on 127.0.0.1.")
-    return out
+    """What to warn about before listening (shown on stderr): beyond loopback, what anyone who reaches the port
+    may do."""
+    from airobackend.server import is_loopback
+
+    if is_loopback(settings.host):
+        return []
+    if settings.api_key:
+        return []
+    if settings.admin_key:
+        admin = "admin actions (loading, unloading and switching models) need the admin key"
+    else:
+        admin = ("so are the admin actions: loading, unloading and switching models from the library (set "
+                 "--admin-key KEY to keep those)")
+    return [f"listening on {settings.host} without an API key: anyone who can reach this port can generate with "
+            f"the model (KoboldCpp, text-generation-webui and OpenAI routes, WebSockets included); {admin}. "
+            f"Set --api-key KEY (env AIRO_API_KEY) or listen on 127.0.0.1."]
 
 
 def banner(settings: Settings, listeners: list, plugin_names: set, info: dict, demo: bool) -> str:

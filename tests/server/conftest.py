@@ -26,6 +26,20 @@ def small_demo_engine(demo_file):
 
 
 @pytest.fixture
+def demo_library(tmp_path, demo_file):
+    """A model folder holding the demo file under fakes.LIBRARY_MODELS' names."""
+    import shutil
+
+    from fakes import LIBRARY_MODELS
+
+    d = tmp_path / "models"
+    d.mkdir()
+    for name in LIBRARY_MODELS:
+        shutil.copyfile(demo_file, d / name)
+    return d
+
+
+@pytest.fixture
 def demo_app(demo_engine):
     from fakes import make_app
     return make_app(demo_engine, n_ctx=256, multiuser=4)

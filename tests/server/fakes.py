@@ -198,6 +198,30 @@ def pick_stop(text: str) -> tuple[int, str]:
     raise AssertionError(f"no usable stop string in {text!r}")
 
 
+LIBRARY_MODELS = ("first.gguf", "second.gguf")
+
+
+def library_app(library, **settings_kw):
+    """(manager, app, client) over a library folder of LIBRARY_MODELS (the demo file twice) whose loads build
+    scripted engines, so model switches are instant; `manager.loaded` is set when a load (a background one too)
+    has finished. The client reaches the app as a browser reaches the server: at http://127.0.0.1:5001."""
+    from starlette.testclient import TestClient
+
+    from airobackend.manager import ModelManager
+    from airobackend.plugins import get_plugin_manager
+    from airobackend.server import create_app
+    from airobackend.settings import Settings
+
+    settings = Settings(**{"model_dir": str(library), "n_ctx": 256, "textgen_stream_port": 0, **settings_kw})
+    loaded = threading.Event()
+    manager = ModelManager(settings, engine_factory=lambda entry, s, progress: (scripted_engine()[0], None),
+                           on_progress=lambda name, fraction: loaded.set() if fraction >= 1.0 else loaded.clear())
+    manager.loaded = loaded
+    manager.load(LIBRARY_MODELS[0])
+    app = create_app(manager, settings, get_plugin_manager(load_entrypoints=False))
+    return manager, app, TestClient(app, base_url="http://127.0.0.1:5001")
+
+
 def demo_manager(path: str, n_ctx: int, multiuser: int = 4):
     """A ModelManager serving the demo file (its own engine, queue and counters)."""
     from airobackend.manager import ModelManager
