@@ -39,7 +39,8 @@ log = logging.getLogger("airobackend.adapters.textgen")
 TEXTGEN_DEFAULTS = dict(temperature=0.5, top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0, tfs=1.0, top_a=0.0,
                         repetition_penalty=1.1, repetition_penalty_range=0, repetition_penalty_slope=1.0,
                         presence_penalty=0.0, frequency_penalty=0.0, mirostat=0, mirostat_tau=5.0, mirostat_eta=0.1,
-                        seed=None, ban_eos=False)
+                        seed=None, ban_eos=False, xtc_threshold=0.1,
+                        dry_sequence_breakers=("\n", ":", "\"", "*"))
 MAX_NEW_TOKENS = 200
 # Requests a client may send ahead of their answers on one socket (its clients send one and wait for stream_end).
 # Together with a byte bound (one body's worth) this keeps a client from piling up memory faster than it is served.
@@ -65,13 +66,16 @@ def to_generation_request(payload: dict, *, n_ctx: int, n_vocab: int,
         max_new = -1                      # until EOS or the context is full
     else:
         max_new = min(max_new, n_ctx)
+    sampling = sampling_params(payload, n_vocab, **TEXTGEN_DEFAULTS)
+    if not f.has("dry_penalty_last_n"):      # text-generation-webui's DRY looks back over repetition_penalty_range
+        sampling = sampling.replace(dry_penalty_last_n=sampling.repetition_penalty_range)
     return GenerationRequest(
         prompt=prompt,
         max_tokens=max_new,
         stop=f.str_list(("stopping_strings", "custom_stopping_strings", "stop"), max_items=1024)[:32],
         trim_stop=True,
         add_bos=f.bool("add_bos_token", True),
-        sampling=sampling_params(payload, n_vocab, **TEXTGEN_DEFAULTS),
+        sampling=sampling,
         genkey=f.str("genkey", "") or None,
     )
 

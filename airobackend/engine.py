@@ -318,7 +318,7 @@ class Engine:
     def _generate(self, job: _Job) -> Iterator[GenerationEvent]:
         req, tok = job.req, self.tokenizer
         seed = self._resolve_seed(req.sampling)
-        sampler = Sampler(req.sampling.replace(seed=seed), tokenizer=tok, n_vocab=self.n_vocab)
+        sampler = Sampler(req.sampling.replace(seed=seed), tokenizer=tok, n_vocab=self.n_vocab, n_ctx=self.n_ctx)
         decoder = IncrementalDecoder(tok)
         stops = StopStringMatcher(job.stop, trim=req.trim_stop)
         tokens = job.tokens

@@ -190,9 +190,15 @@ class Llama:
                           stream: bool = False, seed: Optional[int] = None, tfs_z: float = 1.0,
                           mirostat_mode: int = 0, mirostat_tau: float = 5.0, mirostat_eta: float = 0.1,
                           model: Optional[str] = None, stopping_criteria: Any = None, logits_processor: Any = None,
-                          grammar: Any = None, logit_bias: Optional[dict] = None) -> Any:
+                          grammar: Any = None, logit_bias: Optional[dict] = None, **samplers: Any) -> Any:
         """Complete `prompt` (text or token ids), like llama-cpp-python: an OpenAI-shaped "text_completion" dict,
         or with stream=True an iterator of chunk dicts. max_tokens None or <= 0 = until EOS or the context is full.
+
+        `samplers`: the llama.cpp samplers llama-cpp-python has no argument for, under llama.cpp's names and
+        defaults: dry_multiplier (0 = off), dry_base (1.75), dry_allowed_length (2), dry_penalty_last_n (-1 = the
+        whole context, 0 = DRY off), dry_sequence_breakers (["\\n", ":", "\\"", "*"]), xtc_probability (0 = off),
+        xtc_threshold (0.1), top_n_sigma (-1 = off), and KoboldCpp's smoothing_factor (0 = off), smoothing_curve
+        (1), banned_strings (KoboldCpp phrase bans).
 
         Raises RequestError (a ValueError) for bad arguments and ContextOverflowError when the prompt plus
         max_tokens does not fit in n_ctx (llama-cpp-python's "Requested tokens exceed context window").
@@ -205,7 +211,7 @@ class Llama:
                            repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
                            presence_penalty=presence_penalty, tfs_z=tfs_z, mirostat_mode=mirostat_mode,
                            mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, grammar=grammar,
-                           logit_bias=logit_bias, seed=self._next_seed(seed))
+                           logit_bias=logit_bias, seed=self._next_seed(seed), **samplers)
         req = _request(prompt, max_tokens, _stops(stop), params, echo=echo, n_probs=int(logprobs or 0))
         events = self.engine.generate(req)
         cid, created, name = "cmpl-" + uuid.uuid4().hex, int(time.time()), model or self.model_path
@@ -234,9 +240,10 @@ class Llama:
                                mirostat_mode: int = 0, mirostat_tau: float = 5.0, mirostat_eta: float = 0.1,
                                model: Optional[str] = None, logits_processor: Any = None, grammar: Any = None,
                                logit_bias: Optional[dict] = None, logprobs: Optional[bool] = None,
-                               top_logprobs: Optional[int] = None) -> Any:
+                               top_logprobs: Optional[int] = None, **samplers: Any) -> Any:
         """Answer a chat with the model's prompt template (Airoboros by default; `Llama(chat_format=...)` picks
-        another): a "chat.completion" dict, or with stream=True an iterator of "chat.completion.chunk" dicts."""
+        another): a "chat.completion" dict, or with stream=True an iterator of "chat.completion.chunk" dicts.
+        `samplers`: as for create_completion (DRY, XTC, top-nσ, smoothing, banned_strings)."""
         if functions or tools or function_call or tool_choice:
             raise RequestError("function / tool calling is not supported by these prompt templates")
         if logits_processor is not None:
@@ -248,7 +255,7 @@ class Llama:
                            repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
                            presence_penalty=presence_penalty, tfs_z=tfs_z, mirostat_mode=mirostat_mode,
                            mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, grammar=grammar,
-                           logit_bias=logit_bias, seed=self._next_seed(seed))
+                           logit_bias=logit_bias, seed=self._next_seed(seed), **samplers)
         from airobackend.chat import stop_strings
         n_probs = max(1, int(top_logprobs or 0)) if logprobs else 0
         req = _request(template.format(messages), max_tokens, stop_strings(template, _stops(stop)), params,
@@ -294,11 +301,21 @@ def _stops(stop: Optional[str | list[str]]) -> tuple[str, ...]:
     return tuple(s for s in stop if s)
 
 
+# llama.cpp's common_params_sampling defaults for the samplers llama-cpp-python has no argument for
+_EXTRA_SAMPLERS = dict(dry_multiplier=0.0, dry_base=1.75, dry_allowed_length=2, dry_penalty_last_n=-1,
+                       dry_sequence_breakers=("\n", ":", "\"", "*"), xtc_probability=0.0, xtc_threshold=0.1,
+                       top_n_sigma=-1.0, smoothing_factor=0.0, smoothing_curve=1.0, banned_strings=())
+
+
 def _sampling(*, temperature: float, top_p: float, min_p: float, typical_p: float, top_k: int,
               repeat_penalty: float, frequency_penalty: float, presence_penalty: float, tfs_z: float,
               mirostat_mode: int, mirostat_tau: float, mirostat_eta: float, grammar: Any,
-              logit_bias: Optional[dict], seed: Optional[int]) -> "SamplingParams":
+              logit_bias: Optional[dict], seed: Optional[int], **samplers: Any) -> "SamplingParams":
     from airobackend.types import SamplingParams
+    unknown = set(samplers) - set(_EXTRA_SAMPLERS)
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+    x = dict(_EXTRA_SAMPLERS, **samplers)
     if grammar is not None and not isinstance(grammar, str):
         # llama-cpp-python's LlamaGrammar keeps its source text; accept any object that does.
         grammar = getattr(grammar, "_grammar_str", None) or getattr(grammar, "grammar", None) or str(grammar)
@@ -306,12 +323,23 @@ def _sampling(*, temperature: float, top_p: float, min_p: float, typical_p: floa
         bias = {int(k): float(v) for k, v in (logit_bias or {}).items()}
     except (TypeError, ValueError):
         raise RequestError("logit_bias must map token ids to numbers") from None
+    for name in ("dry_sequence_breakers", "banned_strings"):
+        v = x[name]
+        x[name] = (v,) if isinstance(v, str) else tuple(v) if isinstance(v, (list, tuple)) else v
+    last_n = x["dry_penalty_last_n"]
     return SamplingParams(
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p, tfs=tfs_z,
         top_a=0.0, repetition_penalty=repeat_penalty, repetition_penalty_range=64,   # llama.cpp's repeat_last_n
-        repetition_penalty_slope=1.0,                                                 # uniform over the window presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+        repetition_penalty_slope=1.0,                                                 # uniform over the window
+        presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
         mirostat=mirostat_mode, mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, seed=seed,
-        logit_bias=bias, grammar=grammar or None)
+        logit_bias=bias, grammar=grammar or None,
+        # llama.cpp: dry_penalty_last_n 0 turns DRY off and -1 is the whole context (KoboldCpp reads 0 as the whole)
+        dry_multiplier=0.0 if last_n == 0 else x["dry_multiplier"], dry_base=x["dry_base"],
+        dry_allowed_length=x["dry_allowed_length"], dry_penalty_last_n=last_n,
+        dry_sequence_breakers=x["dry_sequence_breakers"], xtc_probability=x["xtc_probability"],
+        xtc_threshold=x["xtc_threshold"], nsigma=x["top_n_sigma"], smoothing_factor=x["smoothing_factor"],
+        smoothing_curve=x["smoothing_curve"], banned_strings=x["banned_strings"])
 
 
 def _request(prompt: Any, max_tokens: Optional[int], stop: tuple[str, ...], params: Any, *, echo: bool = False,

@@ -823,8 +823,29 @@ def token_id_list(text: Any, n_vocab: int, name: str = "custom_token_bans") -> t
     return tuple(ids)
 
 
+def string_list_field(value: Any, name: str, max_items: int) -> tuple[str, ...]:
+    """A list of strings sent as a list, or as the JSON text of one (SillyTavern sends `dry_sequence_breakers` as
+    '["\\n", ":"]'; text-generation-webui also without the brackets: '"\\n", ":"')."""
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return ()
+        if not text.startswith("["):
+            text = "[" + text + "]"
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            raise FieldError(f"'{name}' must be a list of strings or its JSON text, got {text[:60]!r}", name) from None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise FieldError(f"'{name}' must be a list of strings", name)
+    if len(value) > max_items:
+        raise FieldError(f"'{name}' has {len(value)} entries; at most {max_items} are allowed", name)
+    return tuple(v for v in value if v)
+
+
 def sampling_params(payload: dict, n_vocab: int, **defaults: Any):
     """SamplingParams from any protocol's sampler fields (all known aliases), `defaults` for absent ones."""
+    from .sampling import DRY_MAX_BREAKERS
     from .types import DEFAULT_SAMPLER_ORDER, SamplingParams
 
     base = SamplingParams(**{k: v for k, v in defaults.items() if k in SamplingParams.__dataclass_fields__})
@@ -851,6 +872,7 @@ def sampling_params(payload: dict, n_vocab: int, **defaults: Any):
     else:
         ban_eos = f.bool("use_default_badwordsids", base.ban_eos)
     bans = payload.get("custom_token_bans")
+    breakers = payload.get("dry_sequence_breakers")
     return base.replace(
         temperature=temperature,
         top_k=min(f.int("top_k", base.top_k, lo=0, clamp=True), n_vocab),
@@ -870,6 +892,17 @@ def sampling_params(payload: dict, n_vocab: int, **defaults: Any):
         mirostat_eta=f.float("mirostat_eta", base.mirostat_eta, lo=0.0),
         dynatemp_range=dyn_range,
         dynatemp_exponent=f.float("dynatemp_exponent", base.dynatemp_exponent, lo=0.0),
+        smoothing_factor=f.float("smoothing_factor", base.smoothing_factor, lo=0.0, hi=1000.0),
+        smoothing_curve=f.float("smoothing_curve", base.smoothing_curve, lo=1.0, hi=10.0),
+        nsigma=f.float(("nsigma", "top_n_sigma"), base.nsigma, lo=-100.0, hi=100.0),
+        xtc_threshold=f.float("xtc_threshold", base.xtc_threshold, lo=0.0, hi=1.0),
+        xtc_probability=f.float("xtc_probability", base.xtc_probability, lo=0.0, hi=1.0),
+        dry_multiplier=f.float("dry_multiplier", base.dry_multiplier, lo=0.0, hi=100.0),
+        dry_base=f.float("dry_base", base.dry_base, lo=0.0, hi=100.0),
+        dry_allowed_length=f.int("dry_allowed_length", base.dry_allowed_length, lo=0, hi=1 << 24),
+        dry_penalty_last_n=f.int("dry_penalty_last_n", base.dry_penalty_last_n, lo=-1, hi=1 << 24),
+        dry_sequence_breakers=(string_list_field(breakers, "dry_sequence_breakers", DRY_MAX_BREAKERS)
+                               if breakers is not None else base.dry_sequence_breakers),
         sampler_order=sampler_order(payload.get("sampler_order"), base.sampler_order or DEFAULT_SAMPLER_ORDER),
         seed=None if seed < 0 else seed,
         logit_bias=f.logit_bias("logit_bias", n_vocab),

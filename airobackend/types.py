@@ -36,11 +36,22 @@ class SamplingParams:
     mirostat_eta: float = 0.1
     dynatemp_range: float = 0.0   # dynamic temperature: temperature +- range (0 = off)
     dynatemp_exponent: float = 1.0
+    smoothing_factor: float = 0.0  # quadratic sampling (KoboldCpp 1.76): 0 = off
+    smoothing_curve: float = 1.0   # 1 = plain quadratic; the cubic term of later KoboldCpp / text-generation-webui
+    nsigma: float = 0.0           # top-nσ (KoboldCpp 1.85, llama.cpp top_n_sigma): <= 0 = off
+    xtc_threshold: float = 0.2    # XTC: KoboldCpp's API default; > 0.5 = off
+    xtc_probability: float = 0.0  # 0 = off
+    dry_multiplier: float = 0.0   # DRY: 0 = off
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
+    dry_penalty_last_n: int = 320  # tokens of context searched; 0 or -1 = the whole context (KoboldCpp)
+    dry_sequence_breakers: tuple[str, ...] = ()
     sampler_order: tuple[int, ...] = DEFAULT_SAMPLER_ORDER
     seed: Optional[int] = None    # None or -1 = random
     logit_bias: dict[int, float] = field(default_factory=dict)
     banned_tokens: tuple[int, ...] = ()
-    banned_strings: tuple[str, ...] = ()
+    banned_strings: tuple[str, ...] = ()   # KoboldCpp 1.76 banned_tokens strings: 1 character = a vocabulary ban,
+                                           # anything longer = a phrase ban with backtracking (engine)
     ban_eos: bool = False
     grammar: Optional[str] = None  # GBNF source
 

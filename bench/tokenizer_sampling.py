@@ -1,8 +1,12 @@
 """Speed of the tokenizer and the sampler chain on the real LLaMA vocabulary (`python bench/tokenizer_sampling.py`).
 
 Prints tokenizer throughput on ~10 MB of ordinary text (English docs repeated), on space-less text (the compiled
-merge loop), and the per-token cost of the sampler: default KoboldCpp chain, greedy, mirostat 2, and a JSON grammar
-over 32000 logits. Needs the fixtures (../shared/fixtures or $AIRO_FIXTURES).
+merge loop), and the per-token cost of the sampler over 32000 logits: default KoboldCpp chain, greedy, mirostat 2,
+a JSON grammar, and the full chain (every filter plus DRY over the whole 1-2k-token context with SillyTavern's
+sequence breakers, XTC, smoothing, top-nσ). Each sampler line also prints its ratio to a 7B token measured in the
+same run: the mat-vecs of one q4_0 7B layer (n_embd 4096, n_ff 11008) timed and counted 32 times, plus the 32000 x
+4096 output matrix (bench/run.py's decode token; norms and attention, a few %, left out). `--no-7b` skips it.
+Needs the fixtures (../shared/fixtures or $AIRO_FIXTURES).
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import numba
 import numpy as np
 
 from airobackend.sampling import Sampler
@@ -37,6 +42,27 @@ def timed(fn, *a):
     return r, time.perf_counter() - t
 
 
+def seven_b_token_seconds(n_tok: int = 9) -> float:
+    """Median seconds of a 7B q4_0 decode token's matrix work: one layer's mat-vecs x 32 + the output matrix."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from run import slice_7b
+    sl = slice_7b("q4_0", np.random.default_rng(0), n_layer=1)
+    sl.warm(4)
+    layer, out = [], []
+    for _ in range(n_tok):
+        t0 = time.perf_counter()
+        for name, w in sl.weights:
+            if name != "output.weight":
+                w.matvec(sl._xs[w.n_cols], sl._out[w.n_rows])
+        t1 = time.perf_counter()
+        for name, w in sl.weights:
+            if name == "output.weight":
+                w.matvec(sl._xs[w.n_cols], sl._out[w.n_rows])
+        layer.append(t1 - t0)
+        out.append(time.perf_counter() - t1)
+    return 32 * float(np.median(layer)) + float(np.median(out))
+
+
 def main() -> int:
     vocab = FIX / "vocab" / "ggml-vocab-llama-spm.gguf"
     if not vocab.exists():
@@ -58,7 +84,7 @@ def main() -> int:
 
     g = np.random.default_rng(0)
     logits = [g.standard_normal(tok.n_vocab).astype(np.float32) * 3 for _ in range(200)]
-    hist = list(g.integers(0, tok.n_vocab, 1024))
+    hist = list(g.integers(0, tok.n_vocab, 512)) + list(g.integers(0, tok.n_vocab, 16)) * 32   # a loop for DRY
     configs = {
         "KoboldCpp default chain": SamplingParams(seed=1, repetition_penalty=1.1),
         "greedy": SamplingParams(seed=1, temperature=0.0),
@@ -67,7 +93,15 @@ def main() -> int:
                                           dynatemp_range=0.3),
         "mirostat 2": SamplingParams(seed=1, mirostat=2),
         "JSON grammar, top_k 40": SamplingParams(seed=1, top_k=40, grammar=JSON_GBNF),
+        "full chain (+ DRY, XTC, smoothing, top-n sigma)": SamplingParams(
+            seed=1, top_k=0, top_p=0.9, min_p=0.02, typical_p=0.95, tfs=0.95, top_a=0.1, repetition_penalty=1.1,
+            frequency_penalty=0.1, dynatemp_range=0.3, smoothing_factor=0.3, nsigma=2.0, xtc_probability=0.5,
+            xtc_threshold=0.1, dry_multiplier=0.8, dry_penalty_last_n=0,
+            dry_sequence_breakers=("\n", ":", "\"", "*")),
     }
+    t7b = seven_b_token_seconds() if "--no-7b" not in sys.argv else float("nan")
+    if t7b == t7b:
+        print(f"7B q4_0 token (matrix work, {numba.get_num_threads()} threads): {t7b * 1e3:.1f} ms")
     for name, p in configs.items():
         s = Sampler(p, tokenizer=tok)
         h = list(hist)
@@ -77,7 +111,7 @@ def main() -> int:
             if h[-1] == tok.eos_id:                          # a finished grammar: start a new generation
                 s = Sampler(p, tokenizer=tok)
         dt = (time.perf_counter() - t) / len(logits)
-        print(f"sample ({name}): {dt * 1e3:.2f} ms/token")
+        print(f"sample ({name}): {dt * 1e3:.2f} ms/token, {dt / t7b:.3f} of a 7B token")
     return 0
 
 

@@ -245,22 +245,25 @@ def test_logit_bias_and_bans() -> None:
 
 def toy_tokenizer() -> Tokenizer:
     pieces = [b"<unk>", b"<s>", b"</s>"] + [b"<0x%02X>" % b for b in range(256)]
-    words = ["\u2581yes", "\u2581no", "yes", "no", "\u2581maybe", "Suddenly", "\u2581sudden", "ye", "s", "\u2581"]
+    words = ["\u2581yes", "\u2581no", "yes", "no", "\u2581maybe", "Suddenly", "\u2581sudden", "ye", "s", "\u2581", "\u2581s"]
     pieces += [w.encode() for w in words]
     types = [2, 3, 3] + [6] * 256 + [1] * len(words)
     return Tokenizer(pieces, [-float(i) for i in range(len(pieces))], types)
 
 
-def test_banned_strings_ban_tokens_containing_them() -> None:
+def test_banned_strings_one_character_bans_tokens_longer_ones_are_phrases() -> None:
+    # KoboldCpp 1.76 gpttype_adapter.cpp (banned_tokens handling in gpttype_generate): a one-byte string that is one
+    # token bans every token whose printed text contains it, ASCII case-insensitively; anything else is a phrase
     tok = toy_tokenizer()
     ids = {tok.piece_text(i): i for i in range(259, tok.n_vocab)}
-    s = Sampler(params((), banned_strings=("sudden",)), tokenizer=tok)
-    x = np.zeros(tok.n_vocab, np.float32)
-    x[ids["Suddenly"]] = 20.0
-    x[ids[" sudden"]] = 19.0
-    got_ids, _ = s.distribution(x)
-    assert ids["Suddenly"] not in got_ids and ids[" sudden"] not in got_ids     # case-insensitive containment
-    assert ids[" maybe"] in got_ids and len(got_ids) == tok.n_vocab - 2
+    s = Sampler(params((), banned_strings=("S", "Sudden", "sudden", "")), tokenizer=tok)
+    assert s.phrases == (b"sudden",)
+    containing_s = {i for i in range(tok.n_vocab) if b"s" in tok.token_bytes(i, special=True).lower()}
+    assert {ids["Suddenly"], ids[" sudden"], ids["yes"], ids["s"], 3 + ord("s"), 3 + ord("S")} <= containing_s
+    got_ids, _ = s.distribution(np.zeros(tok.n_vocab, np.float32))
+    assert set(got_ids.tolist()) == set(range(tok.n_vocab)) - containing_s
+    assert Sampler(params((), banned_strings=("maybe",)), tokenizer=tok).distribution(
+        np.zeros(tok.n_vocab, np.float32))[0].size == tok.n_vocab                  # a phrase bans no token by itself
 
 
 def test_seed_reproducible_and_draws_follow_probabilities() -> None:

@@ -1,0 +1,95 @@
+"""DRY, XTC, smoothing and top-nσ through every protocol: field mapping (SillyTavern's dialect included), their
+effect on the output, and bad values answered with a 400 in the protocol's shape naming the field."""
+from __future__ import annotations
+
+import pytest
+from starlette.testclient import TestClient
+
+from airobackend.adapters import kobold, openai, textgen
+
+ST_KOBOLDCPP = {   # what SillyTavern's Text Completion -> KoboldCpp sends for these samplers
+    "dry_multiplier": 0.8, "dry_base": 1.75, "dry_allowed_length": 2, "dry_penalty_last_n": 0,
+    "dry_sequence_breakers": '["\\n", ":", "\\"", "*"]', "xtc_threshold": 0.1, "xtc_probability": 0.5,
+    "smoothing_factor": 0.2, "smoothing_curve": 1.0, "nsigma": 1.5,
+}
+
+
+@pytest.fixture
+def client(demo_app):
+    return TestClient(demo_app)
+
+
+@pytest.mark.parametrize("mapper", [
+    lambda b: kobold.to_generation_request(b, n_ctx=2048, n_vocab=32000),
+    lambda b: openai.to_generation_request(b, n_ctx=2048, n_vocab=32000, chat=False),
+    lambda b: textgen.to_generation_request(b, n_ctx=2048, n_vocab=32000),
+])
+def test_fields_reach_the_sampler(mapper):
+    s = mapper(dict(ST_KOBOLDCPP, prompt="p")).sampling
+    assert (s.dry_multiplier, s.dry_base, s.dry_allowed_length, s.dry_penalty_last_n) == (0.8, 1.75, 2, 0)
+    assert s.dry_sequence_breakers == ("\n", ":", "\"", "*")
+    assert (s.xtc_threshold, s.xtc_probability, s.smoothing_factor, s.smoothing_curve, s.nsigma) == \
+        (0.1, 0.5, 0.2, 1.0, 1.5)
+    s = mapper({"prompt": "p", "dry_sequence_breakers": ["\n", "Chapter"], "top_n_sigma": 2.0}).sampling
+    assert s.dry_sequence_breakers == ("\n", "Chapter") and s.nsigma == 2.0
+
+
+def test_protocol_defaults():
+    k = kobold.to_generation_request({"prompt": "p"}, n_ctx=2048, n_vocab=32000).sampling
+    assert (k.dry_multiplier, k.dry_base, k.dry_allowed_length, k.dry_penalty_last_n, k.xtc_threshold,
+            k.xtc_probability) == (0.0, 1.75, 2, 320, 0.2, 0.0)                 # KoboldCpp 1.76 API defaults
+    t = textgen.to_generation_request({"prompt": "p", "repetition_penalty_range": 500}, n_ctx=2048,
+                                      n_vocab=32000).sampling
+    # text-generation-webui: its breaker default, XTC threshold 0.1, DRY over repetition_penalty_range
+    assert t.dry_sequence_breakers == ("\n", ":", "\"", "*") and t.xtc_threshold == 0.1
+    assert t.dry_penalty_last_n == 500
+    t = textgen.to_generation_request({"prompt": "p", "dry_sequence_breakers": '"\\n", ":"'}, n_ctx=2048,
+                                      n_vocab=32000).sampling
+    assert t.dry_sequence_breakers == ("\n", ":")      # its own comma-separated form without brackets
+
+
+def test_the_output_changes_with_each_sampler(client):
+    base = {"prompt": "Once upon a time", "max_length": 40, "temperature": 1.2, "top_k": 0, "top_p": 1.0,
+            "sampler_seed": 3, "use_default_badwordsids": True}
+
+    def text(**kw):
+        r = client.post("/api/v1/generate", json=dict(base, **kw))
+        assert r.status_code == 200, r.text
+        return r.json()["results"][0]["text"]
+
+    plain = text()
+    assert plain == text()
+    for kw in (dict(dry_multiplier=2.0, dry_allowed_length=1), dict(xtc_probability=1.0, xtc_threshold=0.05),
+               dict(smoothing_factor=4.0), dict(nsigma=0.3)):
+        assert text(**kw) != plain, kw
+    greedy = dict(temperature=0, top_k=1)
+    assert text(dry_multiplier=0.8, **greedy) != text(**greedy)
+
+
+BAD = [
+    ({"dry_multiplier": -1}, "dry_multiplier"), ({"dry_multiplier": "lots"}, "dry_multiplier"),
+    ({"dry_base": 1000}, "dry_base"), ({"dry_allowed_length": 1.5}, "dry_allowed_length"),
+    ({"dry_penalty_last_n": -5}, "dry_penalty_last_n"),
+    ({"dry_sequence_breakers": ["x"] * 10_000}, "dry_sequence_breakers"),
+    ({"dry_sequence_breakers": "[\"\\n\", "}, "dry_sequence_breakers"),
+    ({"dry_sequence_breakers": [1, 2]}, "dry_sequence_breakers"),
+    ({"xtc_threshold": 2}, "xtc_threshold"), ({"xtc_probability": [0.5]}, "xtc_probability"),
+    ({"smoothing_factor": -0.5}, "smoothing_factor"), ({"smoothing_curve": 50}, "smoothing_curve"),
+    ({"nsigma": "wide"}, "nsigma"), ({"top_n_sigma": 1e9}, "top_n_sigma"),
+]
+
+
+@pytest.mark.parametrize("body, field", BAD)
+def test_bad_values_are_a_400_naming_the_field_in_each_protocol(client, body, field):
+    r = client.post("/api/v1/generate", json=dict(body, prompt="x", max_length=2))
+    assert r.status_code == 400 and field in r.json()["detail"]["msg"]
+    r = client.post("/v1/completions", json=dict(body, prompt="x", max_tokens=2))
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["param"] == field and field in err["message"]
+    r = client.post("/v1/chat/completions", json=dict(body, messages=[{"role": "user", "content": "x"}],
+                                                        max_tokens=2))
+    assert r.status_code == 400 and r.json()["error"]["param"] == field
+    r = client.post("/api/v1/generate", json=dict(body, prompt="x", max_new_tokens=2))        # text-generation-webui
+    assert r.status_code == 400 and field in r.json()["detail"]["msg"]
+    assert client.post("/api/v1/generate", json={"prompt": "x", "max_length": 2}).status_code == 200
