@@ -16,8 +16,9 @@ are replaced by U+FFFD rather than held forever.
 """
 from __future__ import annotations
 
+import bisect
 import codecs
-from typing import Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 
 class IncrementalDecoder:
@@ -110,3 +111,78 @@ class StopStringMatcher:
     @property
     def held(self) -> str:
         return self._held
+
+
+class PhraseBanBuffer:
+    """Generated tokens held back while they may still be part of a banned phrase (KoboldCpp 1.76's "anti-slop").
+
+    The engine pushes each sampled token with a state of its own (what it needs to rewind to just before that
+    token). `push` answers None, or, when the text now contains a banned phrase, the index of the held token in
+    which the phrase's (last) occurrence begins: the engine then calls `take_back(j)`, rewinds to the state it gets
+    back and bans that token at that place. `release()` returns the tokens that can no longer be part of a phrase,
+    `flush()` all of them at the end. Matching is on the printed bytes, lowercased by ASCII rules as KoboldCpp's
+    `toLowerCase` does (phrases must come lowercased), over the held tokens and the end of the released text: a
+    phrase that would begin in text already shown (possible after a rewind changed what follows it) is stopped at
+    the first held token instead. Only generated tokens take part, so a phrase is never matched into the prompt.
+    """
+
+    def __init__(self, tokenizer, phrases: Sequence[bytes]) -> None:
+        self._tok = tokenizer
+        self.phrases = tuple(p for p in phrases if p)
+        self._longest = max((len(p) for p in self.phrases), default=0)
+        self._prefixes = {p[:i] for p in self.phrases for i in range(1, len(p))}
+        self.held: list[tuple[int, Any]] = []        # (token id, caller's state)
+        self._text = b""                              # lowercased bytes of the held tokens
+        self._ends: list[int] = []                    # end offset of each held token in _text
+        self._shown = b""                             # the last len(longest) - 1 bytes released
+
+    def push(self, tid: int, state: Any) -> Optional[int]:
+        self.held.append((tid, state))
+        self._text += self._tok.token_bytes(tid).lower()
+        self._ends.append(len(self._text))
+        full = self._shown + self._text
+        for p in self.phrases:                        # KoboldCpp: the first banned phrase found, in the list's order
+            at = full.rfind(p)
+            if at >= 0:
+                at -= len(self._shown)
+                return bisect.bisect_right(self._ends, at) if at >= 0 else 0
+        return None
+
+    def take_back(self, j: int) -> list[tuple[int, Any]]:
+        """Drop held tokens j.. and return them (the first one's state is what to rewind to)."""
+        gone = self.held[j:]
+        del self.held[j:]
+        del self._ends[j:]
+        self._text = self._text[:self._ends[-1]] if self._ends else b""
+        return gone
+
+    def release(self) -> list[tuple[int, Any]]:
+        full = self._shown + self._text
+        start = max(0, len(full) - self._longest + 1)
+        cut = next((c for c in range(start, len(full)) if full[c:] in self._prefixes), len(full))
+        # tokens ending at or before the cut are decided
+        return self._drop_front(bisect.bisect_right(self._ends, max(0, cut - len(self._shown))))
+
+    def flush(self) -> list[tuple[int, Any]]:
+        return self._drop_front(len(self.held))
+
+    def _drop_front(self, k: int) -> list[tuple[int, Any]]:
+        if k == 0:
+            return []
+        out = self.held[:k]
+        cut = self._ends[k - 1]
+        keep = self._longest - 1
+        self._shown = (self._shown + self._text[:cut])[-keep:] if keep > 0 else b""
+        del self.held[:k]
+        self._ends = [e - cut for e in self._ends[k:]]
+        self._text = self._text[cut:]
+        return out
+
+    def forget_text(self) -> None:
+        """Stop matching over the held tokens: the next `release` lets all of them go."""
+        self._text = self._shown = b""
+        self._ends = [0] * len(self.held)
+
+    def shift(self, fn) -> None:
+        """Apply `fn` to every held state (the engine renumbers positions after a context shift)."""
+        self.held = [(t, fn(st)) for t, st in self.held]

@@ -12,6 +12,9 @@ What happens per request (engine.md sections 5.3, 6; protocols.md sections 2.3-2
     is dropped with `model.cache.remove` (llama.cpp main's n_keep / n_discard rule) and generation goes on;
   * stop strings: text that could be the start of a stop string is held back until it is decided, then trimmed or
     kept per request;
+  * phrase bans (KoboldCpp 1.76 anti-slop): tokens that could begin a banned phrase are held back too; when the
+    output contains one, generation rewinds to the token where it begins (the cache is cut back there, the logits it
+    was drawn from are kept), bans that token at that place and samples again;
   * abort: a flag checked before every sampled token and every prompt batch, so a generation ends within one token.
 """
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
-from airobackend.detok import IncrementalDecoder, StopStringMatcher
+from airobackend.detok import IncrementalDecoder, PhraseBanBuffer, StopStringMatcher
 from airobackend.errors import ContextOverflowError, EngineBusy, RequestError
 from airobackend.sampling import Sampler, validate_sampling
 from airobackend.settings import Settings
@@ -54,6 +57,37 @@ class _Job:
     waiting: bool = False             # its consumer is blocked in next(), waiting for the slot
     finished: bool = False
     text: list[str] = field(default_factory=list)    # emitted deltas, for partial_text
+    logprobs: list[dict[str, Any]] = field(default_factory=list)   # emitted logprob entries, for last_logprobs
+
+
+class _Output:
+    """Released tokens on their way out: through the UTF-8 decoder and the stop strings into events."""
+
+    def __init__(self, job: _Job, decoder: IncrementalDecoder, stops: StopStringMatcher) -> None:
+        self.job, self.decoder, self.stops = job, decoder, stops
+        self.ids: list[int] = []                      # released since the last event
+        self.entries: list[dict[str, Any]] = []       # their logprob entries
+
+    def take(self, ready: list[tuple[int, Any]]) -> tuple[str, Optional[str]]:
+        """Feed (token, logprob entry) pairs through: (text now safe to show, the stop string matched or None)."""
+        text = ""
+        for t, e in ready:
+            self.ids.append(t)
+            if e is not None:
+                self.entries.append(e)
+            piece, hit = self.stops.feed(self.decoder.feed(t))
+            text += piece
+            if hit is not None:
+                return text, hit
+        return text, None
+
+    def event(self, text: str, **kw: Any) -> GenerationEvent:
+        ev = GenerationEvent(text=text, token_ids=tuple(self.ids), logprobs=list(self.entries) or None, **kw)
+        if text:
+            self.job.text.append(text)
+        self.job.logprobs.extend(self.entries)
+        self.ids, self.entries = [], []
+        return ev
 
 
 class Generation:
@@ -334,68 +368,100 @@ class Engine:
         t1 = time.perf_counter()
 
         history = list(tokens)
-        n_gen = 0
-        pending_ids: list[int] = []
-        logprobs: Optional[list[dict[str, Any]]] = [] if req.n_probs > 0 else None
+        n_sampled = 0                       # tokens drawn, those a phrase ban took back included (KoboldCpp's budget)
+        want_lp = req.n_probs > 0
+        out = _Output(job, decoder, stops)
+        # Phrase bans (KoboldCpp 1.76 anti-slop): sampled tokens wait in `bans` while they may begin a banned phrase;
+        # when the text they make contains one, generation rewinds to the token where it begins, which is then
+        # banned at that place. A held token's state is what rewinding to it needs: (output index, cache length,
+        # the logits it was drawn from, the sampler's state before it, its logprob entry).
+        bans = PhraseBanBuffer(tok, sampler.phrases) if sampler.phrases else None
+        banned_at: dict[int, set[int]] = {}
+        eos_entry = None
+
         finish: FinishReason
         if logits is None:
             finish = FinishReason.ABORTED
         else:
             while True:
-                if job.max_tokens >= 0 and n_gen >= job.max_tokens:
+                if job.max_tokens >= 0 and n_sampled >= job.max_tokens:
                     finish = FinishReason.LENGTH
                     break
                 if job.abort.is_set():
                     finish = FinishReason.ABORTED
                     break
-                lp = self._log_softmax(logits) if logprobs is not None else None   # before the sampler sees it
-                tid = int(sampler.sample(logits, history))
-                if logprobs is not None:
-                    logprobs.append(self._logprob_entry(lp, tid, req.n_probs))
+                lp = self._log_softmax(logits) if want_lp and not req.post_sampling_probs else None
+                n_out = len(history) - len(tokens)
+                before = sampler.snapshot() if bans is not None else None
+                tid = int(sampler.sample(logits, history, ban=tuple(banned_at.get(n_out, ()))))
+                entry = self._logprob_entry(lp, sampler, tid, req.n_probs) if want_lp else None
                 if tid == tok.eos_id:
+                    eos_entry = entry
                     finish = FinishReason.EOS
                     break
-                n_gen += 1
+                n_sampled += 1
                 history.append(tid)
-                pending_ids.append(tid)
-                out, matched = stops.feed(decoder.feed(tid))
-                if out:
-                    job.text.append(out)
-                    yield GenerationEvent(text=out, token_ids=tuple(pending_ids), logprobs=logprobs)
-                    pending_ids = []
-                    logprobs = [] if logprobs is not None else None
+                ready = [(tid, entry)]
+                if bans is not None:
+                    j = bans.push(tid, (n_out, len(self._cache), logits.copy(), before, entry))
+                    if j is not None:
+                        (first, (n_out, pos, logits, state, _)), *_ = bans.take_back(j)
+                        banned_at.setdefault(n_out, set()).add(first)
+                        del history[len(tokens) + n_out:]
+                        del self._cache[pos:]          # the model evaluates from `pos` again
+                        self._last_logits = logits
+                        sampler.restore(state)
+                        continue
+                    ready = [(t, st[4]) for t, st in bans.release()]
+                text, matched = out.take(ready)
+                if text:
+                    yield out.event(text)
                 if matched is not None:
                     finish = FinishReason.STOP
                     break
-                if job.max_tokens >= 0 and n_gen >= job.max_tokens:
+                if job.max_tokens >= 0 and n_sampled >= job.max_tokens:
                     finish = FinishReason.LENGTH
                     break
                 if len(self._cache) >= self.n_ctx:
                     # -1 means "until the context is full"; otherwise shift if the request allows it.
+                    n_past = len(self._cache)
                     if job.max_tokens < 0 or not req.allow_context_shift or not self._shift(job.n_keep):
                         finish = FinishReason.LENGTH
                         break
+                    if bans is not None:
+                        self._shift_held(bans, n_past - len(self._cache), job.n_keep)
                 logits = self._eval([tid], job)
                 if logits is None:
                     finish = FinishReason.ABORTED
                     break
         t2 = time.perf_counter()
 
-        tail = ""
-        if finish is not FinishReason.STOP:
-            tail, matched = stops.feed(decoder.flush())
-            if matched is not None:
-                finish = FinishReason.STOP
-            else:
+        tail, matched = "", None
+        if bans is not None and finish is not FinishReason.STOP:
+            tail, matched = out.take([(t, st[4]) for t, st in bans.flush()])   # never a whole phrase: it is shown
+        if matched is None and finish is not FinishReason.STOP:
+            more, matched = stops.feed(decoder.flush())
+            tail += more
+            if matched is None:
                 tail += stops.flush()
-        if tail:
-            job.text.append(tail)
+        if matched is not None:
+            finish = FinishReason.STOP
+        if eos_entry is not None and finish is FinishReason.EOS:
+            out.entries.append(eos_entry)
+        n_gen = len(history) - len(tokens)
         with self._cond:
             self._perf.update(last_process=t1 - t0, last_eval=t2 - t1, last_token_count=n_gen, last_seed=seed,
                               total_gens=self._perf["total_gens"] + 1, stop_reason=STOP_REASON_CODES[finish],
                               last_input_count=len(tokens), last_process_count=len(tokens) - n_reuse)
-        yield GenerationEvent(text=tail, token_ids=tuple(pending_ids), finish_reason=finish,
-                              prompt_tokens=len(tokens), completion_tokens=n_gen, logprobs=logprobs or None)
+        yield out.event(tail, finish_reason=finish, prompt_tokens=len(tokens), completion_tokens=n_gen)
+
+    def _shift_held(self, bans: PhraseBanBuffer, dropped: int, n_keep: int) -> None:
+        """After a context shift: held tokens' cache positions move down; if one fell into the dropped part it can
+        no longer be rewound to, so phrase matching restarts after the held tokens (they are released as they are,
+        by the next release)."""
+        bans.shift(lambda st: (st[0], st[1] - dropped) + st[2:])
+        if any(st[1] < n_keep for _, st in bans.held):
+            bans.forget_text()
 
     @staticmethod
     def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -403,13 +469,24 @@ class Engine:
         m = x.max()
         return x - (m + np.log(np.exp(x - m).sum()))
 
-    def _logprob_entry(self, lp: np.ndarray, tid: int, n: int) -> dict[str, Any]:
-        """Log-probabilities of the raw model distribution: the chosen token and the top `n`."""
-        top = np.argpartition(-lp, n - 1)[:n] if n < lp.size else np.arange(lp.size)
-        top = top[np.argsort(-lp[top], kind="stable")]
+    def _logprob_entry(self, lp: Optional[np.ndarray], sampler: Sampler, tid: int, n: int) -> dict[str, Any]:
+        """The chosen token and the top `n` with their log-probabilities: of the raw model distribution `lp`, or
+        with lp None of the sampler's final candidates (KoboldCpp's logprobs; -inf for a token not among them)."""
         piece = self.tokenizer.piece_text
-        return {"id": tid, "token": piece(tid), "logprob": float(lp[tid]),
-                "top_logprobs": [{"id": int(i), "token": piece(int(i)), "logprob": float(lp[i])} for i in top]}
+        if lp is None:
+            ids, probs = sampler.last_ids, sampler.last_probs
+            with np.errstate(divide="ignore"):
+                logs = np.log(probs)
+            hit = np.flatnonzero(ids == tid)
+            chosen = float(logs[hit[0]]) if hit.size else float("-inf")
+            top = [(int(i), float(v)) for i, v in zip(ids[:n], logs[:n])]
+        else:
+            idx = np.argpartition(-lp, n - 1)[:n] if n < lp.size else np.arange(lp.size)
+            idx = idx[np.argsort(-lp[idx], kind="stable")]
+            chosen = float(lp[tid])
+            top = [(int(i), float(lp[i])) for i in idx]
+        return {"id": tid, "token": piece(tid), "logprob": chosen,
+                "top_logprobs": [{"id": i, "token": piece(i), "logprob": v} for i, v in top]}
 
     # ---------------------------------------------------------------------------------------------- other threads
     def abort(self, genkey: Optional[str] = None) -> bool:

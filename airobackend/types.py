@@ -81,6 +81,7 @@ class GenerationRequest:
     allow_context_shift: bool = True
     echo: bool = False
     n_probs: int = 0                       # return the top-n token probabilities with each token
+    post_sampling_probs: bool = False      # ... of the sampler's final candidates (KoboldCpp), not the raw model
     genkey: Optional[str] = None           # KoboldCpp multiuser key: abort/check address this request
     request_id: Optional[str] = None
 

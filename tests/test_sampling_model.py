@@ -63,3 +63,17 @@ def test_smoothing_and_top_n_sigma_change_sampled_output(llm):
     plain = llm(PROMPT, **base)["choices"][0]["text"]
     assert llm(PROMPT, smoothing_factor=3.0, **base)["choices"][0]["text"] != plain
     assert llm(PROMPT, top_n_sigma=0.5, **base)["choices"][0]["text"] != plain
+
+
+def test_a_banned_phrase_from_a_greedy_output_never_appears_again(llm):
+    text = llm(PROMPT, max_tokens=100, **GREEDY)["choices"][0]["text"]
+    words = text.split()
+    phrase = " ".join(words[4:6])                         # two words the greedy output does write
+    assert phrase and phrase in text
+    for variant in (phrase, phrase.upper()):              # KoboldCpp compares case-insensitively
+        again = llm(PROMPT, max_tokens=100, banned_strings=[variant], **GREEDY)["choices"][0]["text"]
+        assert phrase.lower() not in again.lower()
+        assert again.startswith(text[:text.index(phrase)].rstrip())   # the same until the phrase would begin
+    streamed = "".join(c["choices"][0]["text"] for c in
+                       llm(PROMPT, max_tokens=100, banned_strings=[phrase], stream=True, **GREEDY))
+    assert phrase.lower() not in streamed.lower()

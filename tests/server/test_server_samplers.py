@@ -93,3 +93,32 @@ def test_bad_values_are_a_400_naming_the_field_in_each_protocol(client, body, fi
     r = client.post("/api/v1/generate", json=dict(body, prompt="x", max_new_tokens=2))        # text-generation-webui
     assert r.status_code == 400 and field in r.json()["detail"]["msg"]
     assert client.post("/api/v1/generate", json={"prompt": "x", "max_length": 2}).status_code == 200
+
+
+def test_phrase_bans_through_every_protocol(client):
+    import json
+    greedy = {"temperature": 0, "top_k": 1, "rep_pen": 1.0, "use_default_badwordsids": True}
+    text = client.post("/api/v1/generate", json=dict(greedy, prompt="Once upon a time", max_length=60)).json()[
+        "results"][0]["text"]
+    phrase = " ".join(text.split()[4:6])
+    assert phrase in text
+
+    def kobold(route, **kw):
+        body = dict(greedy, prompt="Once upon a time", max_length=60, **kw)
+        r = client.post(route, json=body)
+        assert r.status_code == 200, r.text
+        if route.endswith("stream"):
+            events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")]
+            return "".join(e["token"] for e in events)
+        return r.json()["results"][0]["text"]
+
+    for route in ("/api/v1/generate", "/api/extra/generate/stream"):
+        for field in ("banned_tokens", "banned_strings"):          # KoboldCpp's name and SillyTavern's
+            out = kobold(route, **{field: [phrase.upper()]})
+            assert phrase.lower() not in out.lower() and out != text
+    r = client.post("/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 60, "temperature": 0,
+                                             "banned_strings": [phrase], "ban_eos_token": True})
+    assert phrase not in r.json()["choices"][0]["text"]
+    r = client.post("/api/v1/generate", json={"prompt": "Once upon a time", "max_new_tokens": 60, "do_sample": False,
+                                              "banned_strings": [phrase], "ban_eos_token": True})
+    assert phrase not in r.json()["results"][0]["text"]
