@@ -20,8 +20,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse
 
 from airobackend.aio import GenerationStream, collect
-from airobackend.errors import ModelNotLoaded
+from airobackend.errors import ModelNotLoaded, RequestError
 from airobackend.hookspecs import hookimpl
+from airobackend.json_schema import schema_to_grammar
 from airobackend.server import (FieldError, Fields, build_request, json_schema_body, read_json,
                                 run_watching_disconnect, sampling_params)
 from airobackend.settings import Settings
@@ -145,6 +146,10 @@ class KoboldRoutes:
         post("/api/extra/tokenize", self.tokencount, summary="Tokenize: {value, ids}")
         post("/api/extra/detokenize", self.detokenize, summary="Detokenize ids: {result, success}")
         get("/api/extra/perf", self.perf, summary="Performance counters")
+        post("/api/extra/json_to_grammar", self.json_to_grammar, summary="JSON schema -> GBNF grammar",
+             openapi_extra=json_schema_body({"schema": {"type": "object", "properties": {"name": {"type": "string"}},
+                                                        "required": ["name"]}},
+                                            "{\"schema\": <JSON schema>} (a bare schema works too)"))
         post("/api/extra/last_logprobs", self.last_logprobs, include_in_schema=False)
         get("/api/extra/preloadstory", lambda: {}, include_in_schema=False)
         get("/sdapi/v1/sd-models", lambda: [], include_in_schema=False)   # Lite probes it; no image model here
@@ -233,6 +238,17 @@ class KoboldRoutes:
                 not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n_vocab for i in ids)):
             raise FieldError(f"'ids' must be a list of token ids (0..{n_vocab - 1})", "ids")
         return {"result": await run_in_threadpool(self.engine.detokenize, ids), "success": True}
+
+    async def json_to_grammar(self, request: Request) -> JSONResponse:
+        """KoboldCpp's converter route: {"schema": ...} -> {"result": <GBNF>, "success": true}. A schema that cannot
+        be converted is a 400 in KoboldCpp's error shape with "success": false beside it (what clients test)."""
+        body = await read_json(request)
+        schema = body["schema"] if isinstance(body.get("schema"), (dict, bool)) else body
+        try:
+            grammar = schema_to_grammar(schema, param="schema")
+        except RequestError as e:
+            return JSONResponse({"detail": {"msg": str(e), "type": "bad_input"}, "success": False}, status_code=400)
+        return JSONResponse({"result": grammar, "success": True})
 
     async def perf(self) -> dict:
         p = dict(self.engine.perf())

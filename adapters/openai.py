@@ -21,6 +21,8 @@ from starlette.responses import JSONResponse, Response
 from airobackend.aio import GenerationStream
 from airobackend.errors import ModelNotLoaded
 from airobackend.hookspecs import hookimpl
+from airobackend.json_schema import response_format_schema, schema_to_grammar
+from airobackend.tools import ToolCallStream, ToolSpec, answer_message, parse_tools
 from airobackend.server import (FieldError, Fields, build_request, chat_prompt, chat_stops,
                                 json_schema_body, read_json, run_watching_disconnect, sampling_params)
 from airobackend.settings import Settings
@@ -66,6 +68,13 @@ def to_generation_request(payload: dict, *, n_ctx: int, n_vocab: int, chat: bool
             n_probs = max(1, f.int("top_logprobs", 1, lo=0, hi=20))
     else:
         n_probs = f.int("logprobs", 0, lo=0, hi=20)
+    sampling = sampling_params(payload, n_vocab, **OPENAI_DEFAULTS)
+    structured = payload.get("_airo_grammar") or structured_grammar(payload)
+    if structured:
+        if sampling.grammar:
+            raise FieldError("'grammar' cannot be combined with 'response_format', 'json_schema' or 'tools'",
+                             "grammar")
+        sampling = sampling.replace(grammar=structured)
     return GenerationRequest(
         prompt=prompt if tokens is None else None,
         tokens=tokens,
@@ -73,11 +82,29 @@ def to_generation_request(payload: dict, *, n_ctx: int, n_vocab: int, chat: bool
         stop=f.str_list(("stop", "stopping_strings"), max_items=1024)[:MAX_STOPS],
         trim_stop=True,
         add_bos=f.bool("add_bos_token", True),
-        sampling=sampling_params(payload, n_vocab, **OPENAI_DEFAULTS),
+        sampling=sampling,
         echo=False if chat else f.bool("echo", False),
         n_probs=n_probs,
         genkey=f.str("genkey", "") or None,
     )
+
+
+def response_schema(payload: dict) -> Optional[Any]:
+    """The JSON schema the answer must follow: OpenAI's `response_format`, or llama.cpp's `json_schema` field."""
+    schema = response_format_schema(payload.get("response_format"))
+    if payload.get("json_schema") is not None:
+        if schema is not None:
+            raise FieldError("give 'response_format' or 'json_schema', not both", "json_schema")
+        schema = payload["json_schema"]
+    return schema
+
+
+def structured_grammar(payload: dict) -> Optional[str]:
+    """The grammar that makes the answer JSON valid against `response_schema(payload)`, if one is asked for."""
+    schema = response_schema(payload)
+    if schema is None:
+        return None
+    return schema_to_grammar(schema, param="response_format" if payload.get("response_format") else "json_schema")
 
 
 def completion_prompt(value: Any, n_vocab: int) -> tuple[Optional[str], Optional[list[int]]]:
@@ -97,7 +124,8 @@ def completion_prompt(value: Any, n_vocab: int) -> tuple[Optional[str], Optional
 
 
 def chat_messages(payload: dict) -> list[dict]:
-    """Validate `messages`; text parts of multi-part contents are joined (images are not supported)."""
+    """Validate `messages`; text parts of multi-part contents are joined (images are not supported). An assistant
+    message keeps its `tool_calls`, a tool message its `tool_call_id` and `name` (the template renders them)."""
     messages = payload.get("messages")
     if not isinstance(messages, list) or not messages:
         raise FieldError("'messages' must be a non-empty list", "messages")
@@ -123,14 +151,43 @@ def chat_messages(payload: dict) -> list[dict]:
             content = "\n".join(parts)
         elif not isinstance(content, str):
             raise FieldError(f"'messages[{i}].content' must be a string or a list of parts", "messages")
-        out.append({"role": "system" if role == "developer" else role, "content": content})
+        msg = {"role": "system" if role == "developer" else "tool" if role == "function" else role,
+               "content": content}
+        if role == "assistant" and m.get("tool_calls") is not None:
+            msg["tool_calls"] = message_tool_calls(m["tool_calls"], i)
+        if role in ("tool", "function"):
+            for k in ("tool_call_id", "name"):
+                if m.get(k) is not None:
+                    if not isinstance(m[k], str):
+                        raise FieldError(f"'messages[{i}].{k}' must be a string", "messages")
+                    msg[k] = m[k]
+        out.append(msg)
     return out
 
 
-def finish_reason(ev: Optional[GenerationEvent]) -> Optional[str]:
-    """OpenAI finish_reason: EOS and stop strings are "stop", the token limit "length"."""
+def message_tool_calls(calls: Any, i: int) -> list[dict]:
+    """An assistant message's `tool_calls`, checked: [{"id", "type": "function", "function": {name, arguments}}]."""
+    if not isinstance(calls, list):
+        raise FieldError(f"'messages[{i}].tool_calls' must be a list", "messages")
+    out = []
+    for j, tc in enumerate(calls):
+        fn = tc.get("function") if isinstance(tc, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) \
+                or not isinstance(fn.get("arguments", ""), (str, dict)) or tc.get("type", "function") != "function":
+            raise FieldError(f"'messages[{i}].tool_calls[{j}]' must be {{\"type\": \"function\", \"function\": "
+                             f"{{\"name\", \"arguments\"}}}}", "messages")
+        out.append({"id": str(tc.get("id") or ""), "type": "function",
+                    "function": {"name": fn["name"], "arguments": fn.get("arguments", "")}})
+    return out
+
+
+def finish_reason(ev: Optional[GenerationEvent], tool_stream: Optional[ToolCallStream] = None) -> Optional[str]:
+    """OpenAI finish_reason: EOS and stop strings are "stop", the token limit "length", a parsed tool call
+    "tool_calls"."""
     if ev is None or ev.finish_reason is None:
         return None
+    if tool_stream is not None and tool_stream.complete and tool_stream.calls:
+        return "tool_calls"
     return "length" if ev.finish_reason == FinishReason.LENGTH else "stop"
 
 
@@ -255,11 +312,23 @@ class OpenAIRoutes:
     async def chat_completions(self, request: Request) -> Response:
         body = await read_json(request)
         messages = chat_messages(body)
-        prompt = chat_prompt(self.pm, self.engine, messages)
-        req = build_request(self.pm, "openai.chat", dict(body, _airo_prompt=prompt), self.settings, self.engine)
-        req.stop = tuple(dict.fromkeys(tuple(req.stop) + chat_stops(self.engine)))
+        spec = parse_tools(body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls"))
+        extra: dict = {}
+        if spec is not None and spec.active:
+            # llama.cpp's generic tool format: the answer is JSON under a grammar, the prompt asks for it
+            if Fields(body).has("grammar", "grammar_string"):
+                raise FieldError("'grammar' cannot be combined with 'tools'", "grammar")
+            extra["_airo_grammar"] = spec.grammar(response_schema(body))
+            messages = spec.prepare(messages, getattr(getattr(self.engine, "template", None), "system", ""))
+        prompt = chat_prompt(self.pm, self.engine, messages, tools=spec.tools if spec is not None else None)
+        req = build_request(self.pm, "openai.chat", dict(body, _airo_prompt=prompt, **extra), self.settings,
+                            self.engine)
+        if not (extra or response_schema(body) is not None):
+            # A grammar bounds the answer itself; a template stop string could only cut its JSON short.
+            req.stop = tuple(dict.fromkeys(tuple(req.stop) + chat_stops(self.engine)))
         reqs = [req] + [self._again(req) for _ in range(self._n(body) - 1)]
-        return await self._respond(request, body, reqs, chat=True)
+        return await self._respond(request, body, reqs, chat=True,
+                                   tools=spec if spec is not None and spec.active else None)
 
     @staticmethod
     def _n(body: dict) -> int:
@@ -270,7 +339,8 @@ class OpenAIRoutes:
         import dataclasses
         return dataclasses.replace(req, request_id=None)
 
-    async def _respond(self, request: Request, body: dict, reqs: list[GenerationRequest], chat: bool) -> Response:
+    async def _respond(self, request: Request, body: dict, reqs: list[GenerationRequest], chat: bool,
+                       tools: Optional[ToolSpec] = None) -> Response:
         f = Fields(body)
         stream = f.bool("stream", False)
         if stream and len(reqs) > 1:
@@ -283,7 +353,10 @@ class OpenAIRoutes:
             include_usage = isinstance(so, dict) and bool(so.get("include_usage"))
             gs = GenerationStream(self.engine, reqs[0])
             await run_watching_disconnect(request, gs.start(), gs.cancel)      # refusals still get a status
-            chunks = (chat_chunks if chat else completion_chunks)(gs, cid, created, model, include_usage)
+            if chat:
+                chunks = chat_chunks(gs, cid, created, model, include_usage, tools=tools)
+            else:
+                chunks = completion_chunks(gs, cid, created, model, include_usage)
             return SSEResponse(chunks, on_disconnect=gs.cancel)
 
         choices, last_events = [], []
@@ -304,8 +377,9 @@ class OpenAIRoutes:
             text, entries, last = await run_watching_disconnect(request, work(), gs.cancel)
             last_events.append(last)
             if chat:
-                choice = {"index": i, "message": {"role": "assistant", "content": text},
-                          "logprobs": chat_logprobs(entries), "finish_reason": finish_reason(last)}
+                message, called = answer_message(text, tools)
+                choice = {"index": i, "message": message, "logprobs": chat_logprobs(entries),
+                          "finish_reason": "tool_calls" if called else finish_reason(last)}
             else:
                 choice = {"index": i, "text": text, "logprobs": completion_logprobs(entries, 0),
                           "finish_reason": finish_reason(last)}
@@ -376,12 +450,18 @@ async def completion_chunks(gs: GenerationStream, cid: str, created: int, model:
     yield DONE
 
 
-async def chat_chunks(gs: GenerationStream, cid: str, created: int, model: str,
-                      include_usage: bool) -> AsyncIterator[bytes]:
-    """chat.completion.chunk: a role chunk, content deltas, a final chunk with finish_reason, then [DONE]."""
+async def chat_chunks(gs: GenerationStream, cid: str, created: int, model: str, include_usage: bool,
+                      tools: Optional[ToolSpec] = None) -> AsyncIterator[bytes]:
+    """chat.completion.chunk: a role chunk, content deltas, a final chunk with finish_reason, then [DONE].
+
+    With tools the answer's JSON is read as it grows: a `response` streams as content, a call as OpenAI streams
+    one (a delta with the call's index, id and name, then deltas with pieces of its arguments)."""
     obj = "chat.completion.chunk"
-    yield encode_sse(_chunk(cid, obj, created, model, {"index": 0, "delta": {"role": "assistant", "content": ""},
+    ts = ToolCallStream(tools) if tools is not None else None
+    yield encode_sse(_chunk(cid, obj, created, model, {"index": 0, "delta": {"role": "assistant",
+                                                                             "content": None if ts else ""},
                                                        "logprobs": None, "finish_reason": None}))
+    sent = False
     async for ev in _events(gs):
         if ev is _PING:
             yield KEEPALIVE
@@ -389,13 +469,17 @@ async def chat_chunks(gs: GenerationStream, cid: str, created: int, model: str,
         if ev is _FAILED:
             yield FAILED_SSE
             break
-        if ev.text:
-            yield encode_sse(_chunk(cid, obj, created, model, {"index": 0, "delta": {"content": ev.text},
-                                                               "logprobs": chat_logprobs(ev.logprobs),
-                                                               "finish_reason": None}))
+        deltas = ([{"content": ev.text}] if ev.text else []) if ts is None else ts.feed(ev.text)
+        if ts is not None and ev.finish_reason is not None and not sent and not deltas and not ts.complete:
+            deltas = [{"content": "".join(ts.text)}]            # not the expected JSON: the raw text, once
+        for k, delta in enumerate(deltas):
+            sent = True
+            yield encode_sse(_chunk(cid, obj, created, model, {
+                "index": 0, "delta": delta, "logprobs": chat_logprobs(ev.logprobs) if k == 0 else None,
+                "finish_reason": None}))
         if ev.finish_reason is not None:
             yield encode_sse(_chunk(cid, obj, created, model, {"index": 0, "delta": {}, "logprobs": None,
-                                                               "finish_reason": finish_reason(ev)}))
+                                                               "finish_reason": finish_reason(ev, ts)}))
             if include_usage:
                 yield encode_sse({"id": cid, "object": obj, "created": created, "model": model, "choices": [],
                                   "usage": usage(ev)})

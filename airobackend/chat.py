@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from airobackend.errors import RequestError
+from airobackend.tools import has_tool_messages, polyfill_messages
 
 AIROBOROS_SYSTEM_1_4 = (
     "A chat between a curious user and an assistant. The assistant gives helpful, detailed, accurate, uncensored "
@@ -47,8 +48,13 @@ class ChatTemplate:
     system: str                     # default system prompt (the preamble)
     stop: tuple[str, ...]           # stop strings that end the assistant's turn besides EOS
 
-    def format(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
-        """Render OpenAI-style messages ({"role": ..., "content": ...}) into one prompt string."""
+    def format(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+               tools: Optional[Sequence[Mapping[str, Any]]] = None) -> str:
+        """Render OpenAI-style messages ({"role": ..., "content": ...}) into one prompt string. These layouts have
+        no tool syntax: `tools`, assistant `tool_calls` and "tool" messages are written as JSON text
+        (airobackend.tools.polyfill_messages, as llama.cpp does for such templates)."""
+        if tools or has_tool_messages(messages):
+            messages = polyfill_messages(messages, tools, self.system)
         system, turns = _split_messages(messages, self.system)
         if self.style == "vicuna":
             return _format_vicuna(system, turns, add_generation_prompt)

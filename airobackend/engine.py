@@ -558,9 +558,10 @@ class Engine:
             self._template = choose_template(self.settings.template, self.model_path, self._metadata())
         return self._template
 
-    def format_chat(self, messages: Sequence[Mapping[str, Any]]) -> str:
-        """Render chat messages with the model's template, ending with the open assistant turn."""
-        return self.template.format(messages)
+    def format_chat(self, messages: Sequence[Mapping[str, Any]], tools: Optional[Sequence[dict]] = None) -> str:
+        """Render chat messages (and the OpenAI `tools`, if any) with the model's template, ending with the open
+        assistant turn."""
+        return self.template.format(messages, tools=tools) if tools else self.template.format(messages)
 
     @property
     def model_path(self) -> Optional[str]:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 import numpy as np
 
 from airobackend.errors import ContextOverflowError, RequestError
+from airobackend.tools import ToolCallStream, answer_message
 
 if TYPE_CHECKING:
     from airobackend.engine import Engine
@@ -240,36 +241,63 @@ class Llama:
                                mirostat_mode: int = 0, mirostat_tau: float = 5.0, mirostat_eta: float = 0.1,
                                model: Optional[str] = None, logits_processor: Any = None, grammar: Any = None,
                                logit_bias: Optional[dict] = None, logprobs: Optional[bool] = None,
-                               top_logprobs: Optional[int] = None, **samplers: Any) -> Any:
+                               top_logprobs: Optional[int] = None, parallel_tool_calls: Optional[bool] = None,
+                               **samplers: Any) -> Any:
         """Answer a chat with the model's prompt template (Airoboros by default; `Llama(chat_format=...)` picks
         another): a "chat.completion" dict, or with stream=True an iterator of "chat.completion.chunk" dicts.
-        `samplers`: as for create_completion (DRY, XTC, top-nσ, smoothing, banned_strings)."""
-        if functions or tools or function_call or tool_choice:
-            raise RequestError("function / tool calling is not supported by these prompt templates")
+        `samplers`: as for create_completion (DRY, XTC, top-nσ, smoothing, banned_strings).
+
+        `response_format` ({"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": ...}})
+        makes the answer JSON valid against the schema; `tools`/`tool_choice` (or the older `functions`/
+        `function_call`) make the model answer with a tool call or a reply, as llama.cpp's server does for
+        templates without a tool syntax (airobackend.tools); calls come back as `tool_calls`."""
+        from airobackend.chat import stop_strings
+        from airobackend.json_schema import response_format_schema, schema_to_grammar
+        from airobackend.tools import parse_tools
+
         if logits_processor is not None:
             raise RequestError("logits_processor callbacks are not supported")
-        if response_format and response_format.get("type") not in (None, "text"):
-            raise RequestError(f"response_format {response_format.get('type')!r} is not supported")
+        if functions is not None or function_call is not None:      # the older spelling of tools / tool_choice
+            if tools is not None or tool_choice is not None:
+                raise RequestError("give tools / tool_choice or functions / function_call, not both")
+            if functions is not None and not isinstance(functions, list):
+                raise RequestError("functions must be a list of function definitions")
+            tools = [{"type": "function", "function": fn} for fn in functions or []]
+            tool_choice = ({"type": "function", "function": {"name": function_call.get("name")}}
+                           if isinstance(function_call, dict) else function_call)
+        spec = parse_tools(tools, tool_choice, parallel_tool_calls)
+        schema = response_format_schema(response_format)
         template = self.engine.template
+        structured = None
+        if spec is not None and spec.active:
+            structured = spec.grammar(schema)
+            messages = spec.prepare(messages, getattr(template, "system", ""))
+        elif schema is not None:
+            structured = schema_to_grammar(schema, param="response_format")
+        if structured and grammar is not None:
+            raise RequestError("grammar cannot be combined with response_format or tools")
         params = _sampling(temperature=temperature, top_p=top_p, min_p=min_p, typical_p=typical_p, top_k=top_k,
                            repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
                            presence_penalty=presence_penalty, tfs_z=tfs_z, mirostat_mode=mirostat_mode,
-                           mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, grammar=grammar,
+                           mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, grammar=structured or grammar,
                            logit_bias=logit_bias, seed=self._next_seed(seed), **samplers)
-        from airobackend.chat import stop_strings
         n_probs = max(1, int(top_logprobs or 0)) if logprobs else 0
-        req = _request(template.format(messages), max_tokens, stop_strings(template, _stops(stop)), params,
-                       n_probs=n_probs)
+        prompt = template.format(messages, tools=spec.tools) if spec is not None else template.format(messages)
+        # under a grammar the answer is bounded by it; a template stop string could only cut its JSON short
+        stops = _stops(stop) if structured else stop_strings(template, _stops(stop))
+        req = _request(prompt, max_tokens, stops, params, n_probs=n_probs)
         events = self.engine.generate(req)
         cid, created, name = "chatcmpl-" + uuid.uuid4().hex, int(time.time()), model or self.model_path
+        calls_spec = spec if spec is not None and spec.active else None
         if stream:
-            return _chat_chunks(events, cid, created, name)
+            return _chat_chunks(events, cid, created, name, calls_spec)
         text, last, lps = _collect(events)
+        message, called = answer_message(text if calls_spec is not None else text.lstrip(), calls_spec)
         return {
             "id": cid, "object": "chat.completion", "created": created, "model": name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text.lstrip()},
+            "choices": [{"index": 0, "message": message,
                          "logprobs": _chat_logprobs(lps, int(top_logprobs or 0)) if logprobs else None,
-                         "finish_reason": _finish(last)}],
+                         "finish_reason": "tool_calls" if called else _finish(last)}],
             "usage": _usage(last),
         }
 
@@ -413,14 +441,20 @@ def _completion_chunks(events: Any, cid: str, created: int, name: str, tok: Any,
         events.close()
 
 
-def _chat_chunks(events: Any, cid: str, created: int, name: str) -> Iterator[dict]:
+def _chat_chunks(events: Any, cid: str, created: int, name: str, tools: Any = None) -> Iterator[dict]:
     def chunk(delta: dict, finish: Optional[str] = None) -> dict:
         return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
                 "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+    ts = ToolCallStream(tools) if tools is not None else None
     try:
         yield chunk({"role": "assistant"})
         started = False
         for ev in events:
+            if ts is not None:                      # the answer is tool-call JSON: OpenAI's deltas from it
+                yield from (chunk(d) for d in ts.feed(ev.text))
+                if ev.finish_reason is not None:
+                    yield chunk({}, "tool_calls" if ts.complete and ts.calls else _finish(ev))
+                continue
             text = ev.text
             if not started:                 # the template ends with "ASSISTANT:"; the reply's first space goes
                 text = text.lstrip()

@@ -446,8 +446,9 @@ class ModelManager:
         info["load_progress"] = self.load_progress
         return info
 
-    def format_chat(self, messages: list[dict]) -> str:
-        return self._current().format_chat(messages)
+    def format_chat(self, messages: list[dict], tools: Optional[list[dict]] = None) -> str:
+        engine = self._current()
+        return engine.format_chat(messages, tools=tools) if tools else engine.format_chat(messages)
 
     def __getattr__(self, name: str) -> Any:
         # Engine methods added after this class was written still reach the loaded engine.

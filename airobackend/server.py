@@ -758,10 +758,17 @@ def build_request(pm: pluggy.PluginManager, protocol: str, payload: dict, settin
     return req
 
 
-def chat_prompt(pm: pluggy.PluginManager, engine: Any, messages: list[dict]) -> str:
-    """Render chat messages with a `format_chat_prompt` plugin if one answers, else the model's own template."""
-    prompt = pm.hook.format_chat_prompt(messages=messages, model_info=engine.model_info())
-    return prompt if prompt is not None else engine.format_chat(messages)
+def chat_prompt(pm: pluggy.PluginManager, engine: Any, messages: list[dict],
+                tools: Optional[list[dict]] = None) -> str:
+    """Render chat messages with a `format_chat_prompt` plugin if one answers, else the model's own template (which
+    gets the `tools` too). Plugins see plain roles: tools and tool messages written out as llama.cpp does."""
+    from .tools import has_tool_messages, polyfill_messages
+
+    plain = polyfill_messages(messages, tools) if tools or has_tool_messages(messages) else messages
+    prompt = pm.hook.format_chat_prompt(messages=plain, model_info=engine.model_info())
+    if prompt is not None:
+        return prompt
+    return engine.format_chat(messages, tools=tools) if tools else engine.format_chat(messages)
 
 
 def chat_stops(engine: Any) -> tuple[str, ...]:
