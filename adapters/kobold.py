@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse
 
 from airobackend.aio import GenerationStream, collect
+from airobackend.embeddings import embeddings_response
 from airobackend.errors import ModelNotLoaded, RequestError
 from airobackend.hookspecs import hookimpl
 from airobackend.json_schema import schema_to_grammar
@@ -70,6 +71,7 @@ def to_generation_request(payload: dict, *, n_ctx: int, n_vocab: int) -> Generat
         max_tokens=max_length,
         stop=f.str_list(("stop_sequence", "stop"), max_items=1024)[:MAX_STOP_SEQUENCES],
         trim_stop=f.bool("trim_stop", False),
+        render_special=f.bool("render_special", False),
         add_bos=True,
         sampling=sampling,
         memory=memory or None,
@@ -146,6 +148,9 @@ class KoboldRoutes:
         post("/api/extra/tokenize", self.tokencount, summary="Tokenize: {value, ids}")
         post("/api/extra/detokenize", self.detokenize, summary="Detokenize ids: {result, success}")
         get("/api/extra/perf", self.perf, summary="Performance counters")
+        post("/api/extra/embeddings", self.embeddings, summary="Embeddings, as /v1/embeddings (truncate: true)",
+             openapi_extra=json_schema_body({"input": ["first text", "second text"], "truncate": True},
+                                            "KoboldCpp embeddings request"))
         post("/api/extra/json_to_grammar", self.json_to_grammar, summary="JSON schema -> GBNF grammar",
              openapi_extra=json_schema_body({"schema": {"type": "object", "properties": {"name": {"type": "string"}},
                                                         "required": ["name"]}},
@@ -164,9 +169,16 @@ class KoboldRoutes:
         return {"result": UNITED_API_VERSION}
 
     async def version(self) -> dict:
+        """KoboldCpp's identity and feature flags; a flag is true only for what this server does (Lite and
+        SillyTavern switch features on by them): embeddings come from whichever model is loaded."""
+        try:
+            self.engine.model_info()
+            loaded = True
+        except ModelNotLoaded:
+            loaded = False
         return {"result": "KoboldCpp", "version": KOBOLDCPP_VERSION, "protected": bool(self.settings.api_key),
                 "txt2img": False, "vision": False, "transcribe": False, "multiplayer": False, "websearch": False,
-                "tts": False, "embeddings": False}
+                "tts": False, "embeddings": loaded}
 
     def _n_ctx(self) -> int:
         try:
@@ -238,6 +250,15 @@ class KoboldRoutes:
                 not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n_vocab for i in ids)):
             raise FieldError(f"'ids' must be a list of token ids (0..{n_vocab - 1})", "ids")
         return {"result": await run_in_threadpool(self.engine.detokenize, ids), "success": True}
+
+    async def embeddings(self, request: Request) -> dict:
+        """KoboldCpp's embeddings route (SillyTavern's vector storage, Lite's TextDB): OpenAI's request and answer
+        shape; inputs longer than the batch size are cut to it unless `truncate` is false, as KoboldCpp does."""
+        from starlette.concurrency import run_in_threadpool
+
+        body = await read_json(request)
+        model = model_result(self.engine, request, self.settings).removeprefix("koboldcpp/")
+        return await run_in_threadpool(embeddings_response, self.engine, body, model, truncate_default=True)
 
     async def json_to_grammar(self, request: Request) -> JSONResponse:
         """KoboldCpp's converter route: {"schema": ...} -> {"result": <GBNF>, "success": true}. A schema that cannot

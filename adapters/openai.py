@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from airobackend.aio import GenerationStream
+from airobackend.embeddings import embeddings_response
 from airobackend.errors import ModelNotLoaded
 from airobackend.hookspecs import hookimpl
 from airobackend.json_schema import response_format_schema, schema_to_grammar
@@ -252,6 +253,10 @@ class OpenAIRoutes:
         r.add_api_route("/v1/completion", self.completions, methods=["POST"], response_model=None, include_in_schema=False)
         r.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"], response_model=None, summary="Chat completion",
                         openapi_extra=json_schema_body(CHAT_EXAMPLE, "OpenAI chat completion request"))
+        r.add_api_route("/v1/embeddings", self.embeddings, methods=["POST"], response_model=None,
+                        summary="Embeddings (mean-pooled, normalised hidden states of the loaded model)",
+                        openapi_extra=json_schema_body({"model": "any", "input": ["first text", "second text"],
+                                                        "encoding_format": "float"}, "OpenAI embeddings request"))
         r = APIRouter(tags=["text-generation-webui internal"])
         r.add_api_route("/v1/internal/encode", self.encode, methods=["POST"], response_model=None, summary="Tokenize {text}")
         r.add_api_route("/v1/internal/decode", self.decode, methods=["POST"], response_model=None, summary="Detokenize {tokens}")
@@ -390,6 +395,11 @@ class OpenAIRoutes:
         return JSONResponse({"id": cid, "object": "chat.completion" if chat else "text_completion",
                              "created": created, "model": model, "choices": choices, "usage": u,
                              "system_fingerprint": None})
+
+    async def embeddings(self, request: Request) -> dict:
+        body = await read_json(request)
+        model = self._model_id(request)
+        return await run_in_threadpool(embeddings_response, self.engine, body, model, truncate_default=False)
 
     # -- text-generation-webui internals
     async def encode(self, request: Request) -> dict:

@@ -64,8 +64,9 @@ class StopStringMatcher:
 
     `feed(text) -> (emit, matched)`: `emit` is the text that is now safe to show; `matched` is the stop string found
     (None while none is). On a match, `emit` ends just before the stop string when `trim` (KoboldCpp trim_stop=true,
-    text-generation-webui) or just after it when not (KoboldCpp's default: the stop string stays in the output);
-    text after the stop string is dropped and later feeds return ("", matched). The earliest match in the text wins;
+    text-generation-webui); when not (KoboldCpp's default) it is everything fed so far, the rest of the token that
+    completed the stop string included, as KoboldCpp 1.76 returns its whole output then (koboldcpp.py `generate`
+    trims only with trim_stop). Later feeds return ("", matched). The earliest match in the text wins;
     among stop strings starting at the same place, the longest. `flush()` returns the held-back text when generation
     ends without a match. Empty stop strings are ignored.
     """
@@ -93,7 +94,7 @@ class StopStringMatcher:
         if best is not None:
             self.matched = best
             self._held = ""
-            return (buf[:best_pos] if self.trim else buf[:best_pos + len(best)]), best
+            return (buf[:best_pos] if self.trim else buf), best
         # hold back the longest tail that is a proper prefix of some stop string
         hold = 0
         for k in range(min(self._max_hold, len(buf)), 0, -1):

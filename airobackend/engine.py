@@ -159,12 +159,46 @@ class Engine:
         before any event. The iterator blocks while earlier requests run.
         """
         job = self._prepare(req)
+        self._admit(job)
+        return Generation(self, job)
+
+    def _admit(self, job: _Job) -> None:
+        """Put `job` in the queue, or raise EngineBusy when the line is full."""
         with self._cond:
             in_line = len(self._queue) + (1 if self._running is not None else 0)
             if in_line > max(0, int(self.settings.multiuser)):
                 raise EngineBusy("Server is busy; please try again later.")
             self._queue.append(job)
-        return Generation(self, job)
+
+    def embed(self, inputs: Sequence[Sequence[int]], normalize: bool = True) -> list[np.ndarray]:
+        """One embedding per token sequence: the final hidden states averaged over its tokens, divided by their
+        Euclidean norm when `normalize` (llama.cpp's embedding mode with --pooling mean; airobackend.embeddings).
+
+        Runs in the generation slot, in turn with generations (EngineBusy when the line is full). Each sequence is
+        one batch (at most n_batch tokens) evaluated on scratch keys and values, so the KV cache is untouched: the
+        prompt cache of the conversation in progress stays valid and its next turn reuses it as before."""
+        from airobackend.embeddings import mean_pool, normalize as l2
+
+        seqs = [[int(t) for t in seq] for seq in inputs]
+        for i, seq in enumerate(seqs):
+            if not seq or len(seq) > self.n_batch or not all(0 <= t < self.n_vocab for t in seq):
+                raise RequestError(f"input {i} must have 1..{self.n_batch} token ids in 0..{self.n_vocab - 1}")
+        job = _Job(req=GenerationRequest(tokens=[]), tokens=[], n_keep=0, prompt_text="", max_tokens=0, genkey="",
+                   stop=())
+        self._admit(job)
+        try:
+            if not self._take_turn(job):
+                raise RequestError("embedding request aborted before it started")
+            vectors = [mean_pool(self.model.hidden_states(np.asarray(seq, dtype=np.int64))) for seq in seqs]
+        finally:
+            self._forget(job)
+            with self._cond:
+                job.finished = True
+                if self._running is job:
+                    self._running = None
+                    self._t_idle_since = time.monotonic()
+                self._cond.notify_all()
+        return [l2(v) for v in vectors] if normalize else vectors
 
     def _prepare(self, req: GenerationRequest) -> _Job:
         if not isinstance(req, GenerationRequest):
@@ -245,7 +279,8 @@ class Engine:
                     genkey=req.genkey or "", stop=tuple(stop))
 
     # ---------------------------------------------------------------------------------------------- queue
-    def _run(self, job: _Job) -> Iterator[GenerationEvent]:
+    def _take_turn(self, job: _Job) -> bool:
+        """Wait for `job`'s turn in the slot and make it the running job; False if it was aborted first."""
         with self._cond:
             # Turns go in arrival order among the jobs whose consumers are waiting: a generation object that was
             # created but is not being iterated (yet) must not block the others (one thread may hold two streams).
@@ -259,12 +294,13 @@ class Engine:
             if job.abort.is_set():      # deferred abort (KoboldCpp): ends before it starts
                 job.finished = True
                 self._cond.notify_all()
-                aborted = True
-            else:
-                self._running = job
-                job.started = True
-                aborted = False
-        if aborted:
+                return False
+            self._running = job
+            job.started = True
+            return True
+
+    def _run(self, job: _Job) -> Iterator[GenerationEvent]:
+        if not self._take_turn(job):
             yield GenerationEvent(finish_reason=FinishReason.ABORTED, prompt_tokens=len(job.tokens))
             return
         try:
@@ -353,8 +389,9 @@ class Engine:
         req, tok = job.req, self.tokenizer
         seed = self._resolve_seed(req.sampling)
         sampler = Sampler(req.sampling.replace(seed=seed), tokenizer=tok, n_vocab=self.n_vocab, n_ctx=self.n_ctx)
-        decoder = IncrementalDecoder(tok)
+        decoder = IncrementalDecoder(tok, special=req.render_special)
         stops = StopStringMatcher(job.stop, trim=req.trim_stop)
+        stop_ids = self._stop_tokens(job.stop)
         tokens = job.tokens
         if req.echo and job.prompt_text:
             job.text.append(job.prompt_text)
@@ -377,7 +414,7 @@ class Engine:
         # the logits it was drawn from, the sampler's state before it, its logprob entry).
         bans = PhraseBanBuffer(tok, sampler.phrases) if sampler.phrases else None
         banned_at: dict[int, set[int]] = {}
-        eos_entry = None
+        eos_entry, render_eos = None, False
 
         finish: FinishReason
         if logits is None:
@@ -397,6 +434,7 @@ class Engine:
                 entry = self._logprob_entry(lp, sampler, tid, req.n_probs) if want_lp else None
                 if tid == tok.eos_id:
                     eos_entry = entry
+                    render_eos = req.render_special         # KoboldCpp prints the end token too when asked to
                     finish = FinishReason.EOS
                     break
                 n_sampled += 1
@@ -419,6 +457,9 @@ class Engine:
                 if matched is not None:
                     finish = FinishReason.STOP
                     break
+                if tid in stop_ids:
+                    finish = FinishReason.EOS       # KoboldCpp counts a stop token as an end token
+                    break
                 if job.max_tokens >= 0 and n_sampled >= job.max_tokens:
                     finish = FinishReason.LENGTH
                     break
@@ -439,6 +480,9 @@ class Engine:
         tail, matched = "", None
         if bans is not None and finish is not FinishReason.STOP:
             tail, matched = out.take([(t, st[4]) for t, st in bans.flush()])   # never a whole phrase: it is shown
+        if render_eos and matched is None:
+            more, matched = stops.feed(decoder.feed(tok.eos_id))
+            tail += more
         if matched is None and finish is not FinishReason.STOP:
             more, matched = stops.feed(decoder.flush())
             tail += more
@@ -462,6 +506,20 @@ class Engine:
         bans.shift(lambda st: (st[0], st[1] - dropped) + st[2:])
         if any(st[1] < n_keep for _, st in bans.held):
             bans.forget_text()
+
+    def _stop_tokens(self, stops: Sequence[str]) -> frozenset[int]:
+        """Stop strings that are one control token without text (such as "<|im_end|>"): they can never be seen in
+        the output, so generation stops on the token itself (KoboldCpp 1.76 gpttype_adapter.cpp special_stop_sequence:
+        a stop string that tokenizes to exactly one token whose piece is empty)."""
+        out = set()
+        for s in stops:
+            try:
+                ids = self.tokenizer.encode(s, add_bos=False, special=True)
+            except TypeError:                       # a tokenizer without special-token parsing
+                return frozenset()
+            if len(ids) == 1 and not self.tokenizer.token_bytes(ids[0]):
+                out.add(int(ids[0]))
+        return frozenset(out)
 
     @staticmethod
     def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -582,7 +640,7 @@ class Engine:
         return md if isinstance(md, Mapping) else None
 
     def model_info(self) -> dict[str, Any]:
-        """name, mix, n_ctx, n_vocab, template, path: what adapters show about the loaded model."""
+        """name, mix, n_ctx, n_vocab, n_embd, template, path: what adapters show about the loaded model."""
         path = self.model_path
         mf = self._model_file()
         return {
@@ -592,5 +650,6 @@ class Engine:
             "format": getattr(mf, "format", None),
             "n_ctx": self.n_ctx,
             "n_vocab": self.n_vocab,
+            "n_embd": getattr(self.model, "n_embd", None),     # the length of an embedding
             "template": self.template.name,
         }

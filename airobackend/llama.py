@@ -301,6 +301,28 @@ class Llama:
             "usage": _usage(last),
         }
 
+    def embed(self, input: str | list, normalize: bool = False, truncate: bool = True,
+              return_count: bool = False) -> Any:
+        """Embeddings as llama-cpp-python's `embed`: a list of floats for a string, a list of them for a list of
+        strings (or token-id lists), with `return_count` also the number of tokens. The vector is the mean of the
+        final hidden states over the input's tokens (llama.cpp's --pooling mean), divided by its Euclidean norm
+        when `normalize`; inputs are cut to n_batch tokens when `truncate`, else refused past it. The context
+        (`n_tokens`, the KV cache) is not touched."""
+        from airobackend.embeddings import token_inputs
+
+        seqs = token_inputs(input, lambda s: self.tokenize(s.encode("utf-8")), self.model.n_vocab,
+                            max_tokens=self.n_batch, truncate=truncate, param="input")
+        vectors = [v.tolist() for v in self.engine.embed(seqs, normalize=normalize)]
+        out = vectors[0] if isinstance(input, str) else vectors
+        return (out, sum(len(s) for s in seqs)) if return_count else out
+
+    def create_embedding(self, input: str | list, model: Optional[str] = None) -> dict:
+        """OpenAI's embeddings answer for `input` (a string or a list), as llama-cpp-python's `create_embedding`,
+        with the vectors normalised as llama.cpp's server and OpenAI give them."""
+        from airobackend.embeddings import embeddings_response
+
+        return embeddings_response(self.engine, {"input": input}, model or self.model_path, truncate_default=True)
+
     def close(self) -> None:
         """Release the model file (its mmap). The object is unusable afterwards."""
         mf = getattr(self, "model_file", None)

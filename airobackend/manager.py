@@ -411,6 +411,16 @@ class ModelManager:
             raise
         return _Held(events, self._release)
 
+    def embed(self, inputs: list, normalize: bool = True) -> list:
+        """Engine.embed on the loaded model (waits while a model loads; the model cannot be switched under it)."""
+        engine = self._acquire(GenerationRequest(tokens=[]))
+        if engine is None:
+            raise EngineBusy("the embedding request was cancelled while a model loaded")
+        try:
+            return engine.embed(inputs, normalize=normalize)
+        finally:
+            self._release()
+
     def abort(self, genkey: Optional[str] = None) -> bool:
         """Abort the running generation (or the one with this genkey / request id, running, queued or waiting
         for a load)."""

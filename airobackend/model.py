@@ -207,6 +207,31 @@ class LlamaModel:
         """One pass over a batch made of `pieces` [(start position, tokens), ...]: each piece's keys and values go
         to its positions, then each piece attends over the cache up to its own positions (so a later piece sees the
         earlier ones, and the entries already cached between them)."""
+        x = self.blocks(pieces, cache)
+        if not want_logits:
+            return None
+        if not all_rows:
+            x = x[-1:]
+        h = self.buffers(sum(t.shape[0] for _, t in pieces)).h
+        ops.rmsnorm(x, self.norm, self.eps, h[:x.shape[0]])
+        return self.output(np.ascontiguousarray(h[:x.shape[0]]))               # [n or 1, n_vocab]
+
+    def hidden_states(self, tokens: Any) -> np.ndarray:
+        """The hidden states after the final norm, float32 [n, n_embd], of `tokens` as one sequence from position 0:
+        llama.cpp's "result_norm", the tensor its embedding mode pools. One batch, whose keys and values go to a
+        one-layer scratch cache that every layer reuses (a layer's attention needs only its own), so this costs
+        n * n_head_kv * head_dim * 4 bytes and the model's caches and what they hold are not touched."""
+        tokens = self._check_tokens(tokens)
+        numba.set_num_threads(self.n_threads)
+        scratch = KVCache(1, self.n_head_kv, tokens.shape[0], self.head_dim, n_rot=self.n_rot,
+                          freq_base=self.freq_base, freq_scale=self.freq_scale)
+        x = self.blocks([(0, tokens)], _EveryLayerIn(scratch))
+        out = np.empty_like(x)
+        ops.rmsnorm(x, self.norm, self.eps, out)
+        return out
+
+    def blocks(self, pieces: list[tuple[int, np.ndarray]], cache: Any) -> np.ndarray:
+        """The residual stream [n, d] after every layer, for `pieces` as `forward` takes them."""
         tokens = pieces[0][1] if len(pieces) == 1 else np.concatenate([t for _, t in pieces])
         n, hd = tokens.shape[0], self.head_dim
         rows, r = [], 0                                                         # (row0, row1, start) per piece
@@ -229,9 +254,17 @@ class LlamaModel:
             gate, up = project(h, layer.w1, layer.w3, outs=b.ffn)              # [n, n_ff] each
             ops.silu_mul(gate, up)
             ops.add(x, layer.w2(gate, b.o))
-        if not want_logits:
-            return None
-        if not all_rows:
-            x = x[-1:]
-        ops.rmsnorm(x, self.norm, self.eps, h[:x.shape[0]])
-        return self.output(np.ascontiguousarray(h[:x.shape[0]]))               # [n or 1, n_vocab]
+        return x
+
+
+class _EveryLayerIn:
+    """A one-layer KVCache standing in for every layer (what `hidden_states` evaluates with)."""
+
+    def __init__(self, cache: KVCache) -> None:
+        self.cache = cache
+
+    def rope_store(self, il: int, *args: Any) -> None:
+        self.cache.rope_store(0, *args)
+
+    def attend(self, il: int, *args: Any) -> None:
+        self.cache.attend(0, *args)

@@ -75,6 +75,7 @@ class GenerationRequest:
     max_tokens: int = 128                  # KoboldCpp's max_length default is 100; adapters set their own
     stop: tuple[str, ...] = ()
     trim_stop: bool = True                 # drop the matched stop string from the output
+    render_special: bool = False           # print control tokens (</s>, <|im_end|>) as their text (KoboldCpp)
     add_bos: bool = True
     sampling: SamplingParams = field(default_factory=SamplingParams)
     memory: Optional[str] = None           # text kept at the start when the context is shifted (KoboldAI 'memory')

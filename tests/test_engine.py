@@ -227,6 +227,33 @@ def test_stop_string_across_token_boundaries_is_held_back_and_trimmed():
     assert text == " The llama USER:" and last.finish_reason is FinishReason.STOP
 
 
+def test_stop_string_ending_inside_a_token_keeps_that_whole_token_unless_trimmed():
+    # KoboldCpp 1.76 returns everything it generated, up to the end of the token that completed the stop string,
+    # and trims only with trim_stop.
+    reply = [tid(SP + "The"), tid(SP + "US"), tid("ER"), tid(SP + "world")]
+    engine, model = engine_for(reply)
+    _, text, last = run(engine, request(stop=("USE",), trim_stop=False))
+    assert text == " The USER" and last.finish_reason is FinishReason.STOP
+    assert tid(SP + "world") not in model.evaluated
+    engine, _ = engine_for(reply)
+    assert run(engine, request(stop=("USE",)))[1] == " The "
+
+
+def test_stop_string_that_is_one_control_token_and_render_special():
+    # A control token prints nothing, so a stop string such as "<s>" (or "<|im_end|>") stops on the token itself,
+    # reported as an end token (KoboldCpp's special_stop_sequence); render_special prints control tokens, the end
+    # token included.
+    reply = [tid(SP + "Hello"), TOK.bos_id, tid("!")]
+    engine, model = engine_for(reply)
+    _, text, last = run(engine, request(stop=("<s>",)))
+    assert text == " Hello" and last.finish_reason is FinishReason.EOS and tid("!") not in model.evaluated
+    engine, _ = engine_for(reply)
+    assert run(engine, request())[1] == " Hello!"
+    engine, _ = engine_for(reply)
+    _, text, last = run(engine, request(render_special=True))
+    assert text == " Hello<s>!</s>" and last.finish_reason is FinishReason.EOS
+
+
 def test_held_text_is_released_when_it_is_not_a_stop():
     reply = [tid(SP + "US"), tid(SP + "llama"), tid("US"), tid("!")]
     engine, _ = engine_for(reply)

@@ -156,8 +156,11 @@ def test_stop_sequence_kept_unless_trim_stop_and_finish_reasons(client, demo_eng
     text = client.post("/api/v1/generate", json=base).json()["results"][0]["text"]
     i, stop = pick_stop(text)
     r = client.post("/api/v1/generate", json=dict(base, stop_sequence=[stop])).json()
-    # KoboldCpp returns the stop string unless trim_stop, and reports a custom stop as "length"
-    assert r == {"results": [{"text": text[:i + len(stop)], "finish_reason": "length"}]}
+    # KoboldCpp returns the stop string unless trim_stop (with the rest of the token that completed it: its whole
+    # output so far), and reports a custom stop as "length"
+    kept = r["results"][0]["text"]
+    assert r["results"][0]["finish_reason"] == "length"
+    assert kept.startswith(text[:i + len(stop)]) and text.startswith(kept) and len(kept) - i - len(stop) < 16
     r = client.post("/api/v1/generate", json=dict(base, stop_sequence=[stop], trim_stop=True)).json()
     assert r["results"][0]["text"] == text[:i]
     events = sse_events(client.post("/api/extra/generate/stream",
@@ -225,3 +228,17 @@ def test_engine_error_classes_map_to_kobold_shapes():
     assert r.status_code == 503 and json.loads(r.body)["detail"]["type"] == "service_unavailable"
     assert error_for_exception("/api/x", RequestError("bad")).status_code == 400
     assert FinishReason.EOS.value == "eos"
+
+
+def test_render_special_and_a_control_token_as_stop_sequence(client, demo_engine):
+    # KoboldCpp 1.76: control tokens print nothing unless render_special; a stop sequence that is one such token
+    # stops on it and counts as an end token ("stop").
+    bos = demo_engine.tokenizer.bos_id
+    piece = demo_engine.tokenizer.token_bytes(bos, special=True).decode()
+    body = {"prompt": "x", "max_length": 3, "logit_bias": {str(bos): 100}}
+    assert client.post("/api/v1/generate", json=body).json() == {"results": [{"text": "", "finish_reason": "length"}]}
+    r = client.post("/api/v1/generate", json=dict(body, render_special=True)).json()
+    assert piece and r["results"][0]["text"] == piece * 3
+    r = client.post("/api/v1/generate", json=dict(body, stop_sequence=[piece])).json()
+    assert r == {"results": [{"text": "", "finish_reason": "stop"}]}
+    assert client.get("/api/extra/version").json()["embeddings"] is True
