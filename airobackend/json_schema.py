@@ -88,6 +88,7 @@ UNENFORCED = ("not", "if", "uniqueItems", "multipleOf", "minProperties", "maxPro
               "dependentRequired", "dependentSchemas", "dependencies", "contains", "minContains", "maxContains",
               "propertyNames", "unevaluatedProperties", "unevaluatedItems", "additionalItems")
 MAX_REPEAT = 10000          # the grammar parser's limit on {m,n}
+MAX_TOTAL_REPEAT = 100000   # all bounded repetitions of one schema together (the grammar parser expands each)
 MAX_SCHEMA_RULES = 5000     # a schema that needs more rules than this is a mistake or an attack
 
 
@@ -358,10 +359,11 @@ class _Regex:
     the start and `$` at the end of a top-level alternative. Refused: lookaround, backreferences, `\\b`, anchors
     elsewhere."""
 
-    def __init__(self, pattern: str, any_char: str) -> None:
+    def __init__(self, pattern: str, any_char: str, spend: Any = None) -> None:
         self.p = pattern
         self.i = 0
         self.any_char = any_char        # rule name of one JSON string character (for unanchored ends)
+        self.spend = spend or (lambda n: None)
 
     def err(self, msg: str) -> _PatternError:
         return _PatternError(f"{msg} (at offset {self.i} of /{self.p}/)")
@@ -440,6 +442,7 @@ class _Regex:
             hi = lo if m.group(2) is None else (int(m.group(3)) if m.group(3) else None)
             if (hi is not None and hi < lo) or lo > MAX_REPEAT or (hi or 0) > MAX_REPEAT:
                 raise self.err(f"bad or too large repetition {m.group(0)}")
+            self.spend(max(lo, hi or 0))
             q = f"{{{lo},{'' if hi is None else hi}}}" if hi != lo else f"{{{lo}}}"
         if q is not None and self.peek() == "?":
             self.i += 1                      # lazy: the same strings match
@@ -552,6 +555,7 @@ class SchemaConverter:
 
     def __init__(self) -> None:
         self.rules: dict[str, str] = {"space": SPACE_RULE}
+        self.repeats = 0                # the sum of the bounded repetitions so far (MAX_TOTAL_REPEAT)
         self.refs: dict[str, Any] = {}
         self.resolving: set[str] = set()
         self.root_schema: Any = None
@@ -701,14 +705,19 @@ class SchemaConverter:
         if "minLength" in schema or "maxLength" in schema:
             raise SchemaError(f"minLength/maxLength together with {what} is not supported", at)
 
-    @staticmethod
-    def bounds(schema: dict, lo_key: str, hi_key: str, at: str) -> tuple[int, Optional[int]]:
+    def spend(self, n: int, at: str = "") -> None:
+        self.repeats += n
+        if self.repeats > MAX_TOTAL_REPEAT:
+            raise SchemaError(f"the length and item bounds add up to more than {MAX_TOTAL_REPEAT} repetitions", at)
+
+    def bounds(self, schema: dict, lo_key: str, hi_key: str, at: str) -> tuple[int, Optional[int]]:
         lo, hi = schema.get(lo_key, 0), schema.get(hi_key)
         for k, v in ((lo_key, lo), (hi_key, hi)):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_REPEAT):
                 raise SchemaError(f"'{k}' must be an integer in 0..{MAX_REPEAT}", at)
         if hi is not None and hi < lo:
             raise SchemaError(f"'{hi_key}' is smaller than '{lo_key}'", at)
+        self.spend(max(lo, hi or 0), at)
         return lo, hi
 
     def integer_range(self, schema: dict, at: str) -> str:
@@ -742,7 +751,7 @@ class SchemaConverter:
             raise SchemaError("'pattern' must be a string", at)
         char = self.add_primitive("char", PRIMITIVE_RULES["char"])
         try:
-            body = _Regex(pattern, char).translate()
+            body = _Regex(pattern, char, lambda n: self.spend(n, at)).translate()
         except _PatternError as e:
             raise SchemaError(f"pattern: {e}", at) from None
         return self.add_rule(rule_name, f'"\\"" ({body}) "\\"" space')

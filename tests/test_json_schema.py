@@ -214,6 +214,9 @@ def test_recursive_and_huge_schemas_end_with_an_error_not_a_crash():
         deep = {"type": "array", "items": deep}
     with pytest.raises(SchemaError):
         schema_to_grammar(deep)
+    many = {"type": "object", "properties": {f"p{i}": {"type": "string", "maxLength": 10000} for i in range(11)}}
+    with pytest.raises(SchemaError, match="repetitions"):
+        schema_to_grammar(many)                  # each bound is legal, together they would make a huge grammar
     # a self-reference terminates (the rule refers to itself by name)
     g = schema_to_grammar({"$defs": {"t": {"type": "array", "items": {"$ref": "#/$defs/t"}}}, "$ref": "#/$defs/t"})
     assert accepts(Grammar.parse(g), "[[], [[]]]")
