@@ -83,6 +83,7 @@ def to_generation_request(payload: dict, *, n_ctx: int, n_vocab: int, chat: bool
         stop=f.str_list(("stop", "stopping_strings"), max_items=1024)[:MAX_STOPS],
         trim_stop=True,
         add_bos=f.bool("add_bos_token", True),
+        render_special=not f.bool("skip_special_tokens", True),     # text-generation-webui's field
         sampling=sampling,
         echo=False if chat else f.bool("echo", False),
         n_probs=n_probs,

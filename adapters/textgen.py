@@ -75,6 +75,7 @@ def to_generation_request(payload: dict, *, n_ctx: int, n_vocab: int,
         stop=f.str_list(("stopping_strings", "custom_stopping_strings", "stop"), max_items=1024)[:32],
         trim_stop=True,
         add_bos=f.bool("add_bos_token", True),
+        render_special=not f.bool("skip_special_tokens", True),
         sampling=sampling,
         genkey=f.str("genkey", "") or None,
     )

@@ -242,3 +242,11 @@ def test_render_special_and_a_control_token_as_stop_sequence(client, demo_engine
     r = client.post("/api/v1/generate", json=dict(body, stop_sequence=[piece])).json()
     assert r == {"results": [{"text": "", "finish_reason": "stop"}]}
     assert client.get("/api/extra/version").json()["embeddings"] is True
+    # text-generation-webui's spelling of the same switch, on its route and the OpenAI one
+    tgw = {"prompt": "x", "max_new_tokens": 3, "logit_bias": {str(bos): 100}}
+    assert client.post("/api/v1/generate", json=tgw).json()["results"][0]["text"] == ""
+    r = client.post("/api/v1/generate", json=dict(tgw, skip_special_tokens=False)).json()
+    assert r["results"][0]["text"] == piece * 3
+    r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 3, "logit_bias": {str(bos): 100},
+                                             "skip_special_tokens": False}).json()
+    assert r["choices"][0]["text"] == piece * 3
