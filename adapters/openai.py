@@ -7,6 +7,7 @@ and text-generation-webui are accepted beside OpenAI's, since SillyTavern sends 
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import uuid
@@ -199,6 +200,13 @@ def usage(ev: Optional[GenerationEvent]) -> dict:
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
+def usage_of(finals: list[GenerationEvent], n: int = 1) -> dict:
+    """Usage of a response whose choices come `n` per prompt: each prompt counted once, every completion."""
+    p = sum(usage(e)["prompt_tokens"] for e in finals[::max(1, n)])
+    c = sum(usage(e)["completion_tokens"] for e in finals)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
 def completion_logprobs(entries: Optional[list[dict]], offset: int) -> Optional[dict]:
     """The engine's per-token logprobs in /v1/completions' legacy shape."""
     if not entries:
@@ -305,15 +313,17 @@ class OpenAIRoutes:
         body = await read_json(request)
         prompts = body.get("prompt")
         if isinstance(prompts, list) and len(prompts) > 1 and all(isinstance(p, str) for p in prompts):
-            if len(prompts) > MAX_CHOICES or Fields(body).bool("stream", False):
-                raise FieldError(f"'prompt' may list at most {MAX_CHOICES} strings, and only without streaming",
-                                 "prompt")
-            reqs = [build_request(self.pm, "openai.completions", dict(body, prompt=p), self.settings, self.engine)
-                    for p in prompts]
+            n = self._n(body)
+            if len(prompts) * n > MAX_CHOICES:
+                raise FieldError(f"'prompt' lists {len(prompts)} prompts with n = {n}: at most {MAX_CHOICES} "
+                                 f"choices in all", "prompt")
+            # OpenAI: the choices of prompt k are indices k*n .. k*n+n-1
+            reqs = [self._again(build_request(self.pm, "openai.completions", dict(body, prompt=p), self.settings,
+                                              self.engine), i) for p in prompts for i in range(n)]
         else:
             req = build_request(self.pm, "openai.completions", body, self.settings, self.engine)
-            reqs = [req] + [self._again(req) for _ in range(self._n(body) - 1)]
-        return await self._respond(request, body, reqs, chat=False)
+            reqs = [self._again(req, i) for i in range(self._n(body))]
+        return await self._respond(request, body, reqs, chat=False, n=self._n(body))
 
     async def chat_completions(self, request: Request) -> Response:
         body = await read_json(request)
@@ -332,8 +342,8 @@ class OpenAIRoutes:
         if not (extra or response_schema(body) is not None):
             # A grammar bounds the answer itself; a template stop string could only cut its JSON short.
             req.stop = tuple(dict.fromkeys(tuple(req.stop) + chat_stops(self.engine)))
-        reqs = [req] + [self._again(req) for _ in range(self._n(body) - 1)]
-        return await self._respond(request, body, reqs, chat=True,
+        reqs = [self._again(req, i) for i in range(self._n(body))]
+        return await self._respond(request, body, reqs, chat=True, n=len(reqs),
                                    tools=spec if spec is not None and spec.active else None)
 
     @staticmethod
@@ -341,16 +351,19 @@ class OpenAIRoutes:
         return Fields(body).int("n", 1, lo=1, hi=MAX_CHOICES)
 
     @staticmethod
-    def _again(req: GenerationRequest) -> GenerationRequest:
+    def _again(req: GenerationRequest, i: int) -> GenerationRequest:
+        """Choice i of n: the same request with the seed advanced by i (llama.cpp gives its child completions
+        seed + 1, + 2, ...), so seeded choices differ and stay reproducible; unseeded ones get a seed each."""
         import dataclasses
-        return dataclasses.replace(req, request_id=None)
+        seed = req.sampling.seed
+        sampling = req.sampling if seed is None or seed < 0 else req.sampling.replace(seed=seed + i)
+        return dataclasses.replace(req, request_id=None, sampling=sampling)
 
     async def _respond(self, request: Request, body: dict, reqs: list[GenerationRequest], chat: bool,
-                       tools: Optional[ToolSpec] = None) -> Response:
+                       n: int = 1, tools: Optional[ToolSpec] = None) -> Response:
+        """Answer with one choice per request, in order; `n` choices share each prompt."""
         f = Fields(body)
         stream = f.bool("stream", False)
-        if stream and len(reqs) > 1:
-            raise FieldError("'n' > 1 is not supported with streaming", "n")
         model = self._model_id(request)
         cid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
@@ -359,11 +372,12 @@ class OpenAIRoutes:
             include_usage = isinstance(so, dict) and bool(so.get("include_usage"))
             gs = GenerationStream(self.engine, reqs[0])
             await run_watching_disconnect(request, gs.start(), gs.cancel)      # refusals still get a status
-            if chat:
-                chunks = chat_chunks(gs, cid, created, model, include_usage, tools=tools)
-            else:
-                chunks = completion_chunks(gs, cid, created, model, include_usage)
-            return SSEResponse(chunks, on_disconnect=gs.cancel)
+            current = [gs]
+            each = functools.partial(chat_chunks, tools=tools) if chat else completion_chunks
+            chunks = choice_chunks(self.engine, current, reqs, each,
+                                   _Ids(cid, "chat.completion.chunk" if chat else "text_completion", created, model),
+                                   include_usage, n)
+            return SSEResponse(chunks, on_disconnect=lambda: current[0].cancel())
 
         choices, last_events = [], []
         for i, req in enumerate(reqs):
@@ -390,11 +404,8 @@ class OpenAIRoutes:
                 choice = {"index": i, "text": text, "logprobs": completion_logprobs(entries, 0),
                           "finish_reason": finish_reason(last)}
             choices.append(choice)
-        u = usage(last_events[0])
-        u["completion_tokens"] = sum(usage(e)["completion_tokens"] for e in last_events)
-        u["total_tokens"] = u["prompt_tokens"] + u["completion_tokens"]
         return JSONResponse({"id": cid, "object": "chat.completion" if chat else "text_completion",
-                             "created": created, "model": model, "choices": choices, "usage": u,
+                             "created": created, "model": model, "choices": choices, "usage": usage_of(last_events, n),
                              "system_fingerprint": None})
 
     async def embeddings(self, request: Request) -> dict:
@@ -439,10 +450,48 @@ def _chunk(cid: str, obj: str, created: int, model: str, choice: dict) -> dict:
             "choices": [choice]}
 
 
-async def completion_chunks(gs: GenerationStream, cid: str, created: int, model: str,
-                            include_usage: bool) -> AsyncIterator[bytes]:
-    """text_completion chunks: one per text delta, the last with finish_reason, then [DONE]."""
-    obj, offset = "text_completion", 0
+class _Ids:
+    """What every chunk of one response repeats: id, object, created, model."""
+
+    def __init__(self, cid: str, obj: str, created: int, model: str) -> None:
+        self.cid, self.obj, self.created, self.model = cid, obj, created, model
+
+    def chunk(self, choice: dict) -> bytes:
+        return encode_sse(_chunk(self.cid, self.obj, self.created, self.model, choice))
+
+    def usage(self, finals: list[GenerationEvent], n: int) -> bytes:
+        return encode_sse({"id": self.cid, "object": self.obj, "created": self.created, "model": self.model,
+                           "choices": [], "usage": usage_of(finals, n)})
+
+
+async def choice_chunks(engine: Any, current: list[GenerationStream], reqs: list[GenerationRequest], chunks: Any,
+                        ids: _Ids, include_usage: bool, n: int = 1) -> AsyncIterator[bytes]:
+    """The stream of one response: each choice's chunks in turn (choice i after choice i-1 ends, as the engine runs
+    one generation at a time; `current[0]`, already started, is choice 0), the usage chunk if asked, then [DONE]."""
+    finals: list[GenerationEvent] = []
+    for i, req in enumerate(reqs):
+        if i:
+            current[0] = GenerationStream(engine, req)
+            try:
+                await current[0].start()
+            except Exception as e:           # busy or gone: the headers are out, so end the way clients understand
+                log.error("choice %d of a stream could not start: %s", i, e)
+                yield FAILED_SSE
+                break
+        async for b in chunks(current[0], ids, i, finals):
+            yield b
+        if len(finals) <= i:                 # that choice failed
+            break
+    if include_usage and finals:
+        yield ids.usage(finals, n)
+    yield DONE
+
+
+async def completion_chunks(gs: GenerationStream, ids: _Ids, index: int,
+                            finals: list[GenerationEvent]) -> AsyncIterator[bytes]:
+    """text_completion chunks of one choice: one per text delta, the last with finish_reason (appended to
+    `finals`)."""
+    offset = 0
     async for ev in _events(gs):
         if ev is _PING:
             yield KEEPALIVE
@@ -451,27 +500,23 @@ async def completion_chunks(gs: GenerationStream, cid: str, created: int, model:
             yield FAILED_SSE
             break
         if ev.text or ev.finish_reason is not None:
-            yield encode_sse(_chunk(cid, obj, created, model, {
-                "index": 0, "text": ev.text, "logprobs": completion_logprobs(ev.logprobs, offset),
-                "finish_reason": finish_reason(ev)}))
+            yield ids.chunk({"index": index, "text": ev.text, "logprobs": completion_logprobs(ev.logprobs, offset),
+                             "finish_reason": finish_reason(ev)})
             offset += len(ev.text)
-        if ev.finish_reason is not None and include_usage:
-            yield encode_sse({"id": cid, "object": obj, "created": created, "model": model, "choices": [],
-                              "usage": usage(ev)})
-    yield DONE
+        if ev.finish_reason is not None:
+            finals.append(ev)
 
 
-async def chat_chunks(gs: GenerationStream, cid: str, created: int, model: str, include_usage: bool,
+async def chat_chunks(gs: GenerationStream, ids: _Ids, index: int, finals: list[GenerationEvent],
                       tools: Optional[ToolSpec] = None) -> AsyncIterator[bytes]:
-    """chat.completion.chunk: a role chunk, content deltas, a final chunk with finish_reason, then [DONE].
+    """chat.completion.chunk of one choice: a role chunk, content deltas, a final chunk with finish_reason (its
+    event appended to `finals`).
 
     With tools the answer's JSON is read as it grows: a `response` streams as content, a call as OpenAI streams
     one (a delta with the call's index, id and name, then deltas with pieces of its arguments)."""
-    obj = "chat.completion.chunk"
     ts = ToolCallStream(tools) if tools is not None else None
-    yield encode_sse(_chunk(cid, obj, created, model, {"index": 0, "delta": {"role": "assistant",
-                                                                             "content": None if ts else ""},
-                                                       "logprobs": None, "finish_reason": None}))
+    yield ids.chunk({"index": index, "delta": {"role": "assistant", "content": None if ts else ""},
+                     "logprobs": None, "finish_reason": None})
     sent = False
     async for ev in _events(gs):
         if ev is _PING:
@@ -485,16 +530,11 @@ async def chat_chunks(gs: GenerationStream, cid: str, created: int, model: str, 
             deltas = [{"content": "".join(ts.text)}]            # not the expected JSON: the raw text, once
         for k, delta in enumerate(deltas):
             sent = True
-            yield encode_sse(_chunk(cid, obj, created, model, {
-                "index": 0, "delta": delta, "logprobs": chat_logprobs(ev.logprobs) if k == 0 else None,
-                "finish_reason": None}))
+            yield ids.chunk({"index": index, "delta": delta,
+                             "logprobs": chat_logprobs(ev.logprobs) if k == 0 else None, "finish_reason": None})
         if ev.finish_reason is not None:
-            yield encode_sse(_chunk(cid, obj, created, model, {"index": 0, "delta": {}, "logprobs": None,
-                                                               "finish_reason": finish_reason(ev, ts)}))
-            if include_usage:
-                yield encode_sse({"id": cid, "object": obj, "created": created, "model": model, "choices": [],
-                                  "usage": usage(ev)})
-    yield DONE
+            yield ids.chunk({"index": index, "delta": {}, "logprobs": None, "finish_reason": finish_reason(ev, ts)})
+            finals.append(ev)
 
 
 _FAILED: Any = object()
