@@ -124,6 +124,16 @@ def load_i_dup256(typingctx, arr, idx):
 
 
 @intrinsic
+def load_i_dup128(typingctx, arr, idx):
+    """16 bytes at element `idx`, repeated into all four 128-bit chunks (one q4_0 block's packed quants)."""
+    def codegen(context, builder, sig, args):
+        v = _load(builder, _ptr_at(context, builder, sig.args[0], args[0], sig.args[1], args[1]),
+                  ir.VectorType(_I32, 4))
+        return _shuffle(builder, v, list(range(4)) * 4)
+    return I512(arr, idx), codegen
+
+
+@intrinsic
 def load_h16(typingctx, arr, idx):
     """16 IEEE halves (32 bytes) at element `idx` of a uint8/uint16 array, widened to float32 (vcvtph2ps)."""
     def codegen(context, builder, sig, args):
@@ -146,6 +156,7 @@ def _make_load_half_bcast(n_half, rep):
 
 
 load_h4_bcast4 = _make_load_half_bcast(4, 4)   # 4 halves -> lanes 4k..4k+3 = h[k] (legacy 4-block groups)
+load_h2_bcast8 = _make_load_half_bcast(2, 8)   # 2 halves -> lanes 8k..8k+7 = h[k] (two q8_0 blocks of 32 bytes)
 
 
 @intrinsic
@@ -503,6 +514,17 @@ def round_h1(typingctx, x):
         v = context.cast(builder, args[0], sig.args[0], types.float32)
         return builder.fpext(builder.fptrunc(v, ir.HalfType()), _F32)
     return types.float32(x), codegen
+
+
+@intrinsic
+def store_h1(typingctx, arr, idx, x):
+    """The float32 x rounded to one IEEE half (as round_h1), stored at element `idx` (2 bytes; a block's scale)."""
+    def codegen(context, builder, sig, args):
+        p = _ptr_at(context, builder, sig.args[0], args[0], sig.args[1], args[1])
+        h = builder.fptrunc(context.cast(builder, args[2], sig.args[2], types.float32), ir.HalfType())
+        builder.store(h, builder.bitcast(p, ir.HalfType().as_pointer()), align=1)
+        return context.get_dummy_value()
+    return types.void(arr, idx, x), codegen
 
 
 # ----------------------------------------------------------------------------------------------- dot products
