@@ -592,4 +592,5 @@ class Engine:
             "n_ctx": self.n_ctx,
             "n_vocab": self.n_vocab,
             "template": self.template.name,
+            "kv_cache": f"{getattr(self.model, 'type_k', 'f16')}/{getattr(self.model, 'type_v', 'f16')}",
         }

@@ -41,17 +41,17 @@ from numba import prange
 from numba.extending import intrinsic
 
 from . import JIT, JIT_PARALLEL, simd
+from .ops import exp_sum, rope, tile_dot8, tile_exp
 from .q8 import JITQ
-from .simd import (cvt, dot_s8s8, dpbusd, exp_f, fabs_v, fadd, fma, fmax, fmul, fsub, hmax_f, hsum_f, hsum_i, load_f,
-                   load_h1, load_h2_bcast8, load_h4_bcast4, load_h16, load_i, load_i8x16, load_i_dup128,
-                   load_i_dup256, load_u8x16, prefetch_l2, rint_i, round_h1, round_h16, splat_f, splat_i, store_b16, store_f,
-                   store_h1, store_h16, vadd, vand, vmax_f, vmin_i, vor, vshl, vshr, vsub)
+from .simd import (cvt, dot_s8s8, dpbusd, fabs_v, fadd, fma, fmul, hmax_f, hsum_f, hsum_i, load_f, load_h1,
+                   load_h2_bcast8, load_h4_bcast4, load_h16, load_i, load_i8x16, load_i_dup128, load_i_dup256,
+                   load_u8x16, rint_i, round_h1, round_h16, splat_f, splat_i, store_b16, store_f, store_h1, store_h16,
+                   vadd, vand, vmax_f, vmin_i, vor, vshl, vshr, vsub)
 
 F16, Q4_0, Q8_0 = 1, 2, 8          # ggml's type numbers
 TYPES = {"f16": F16, "q8_0": Q8_0, "q4_0": Q4_0}
 QK = 32                            # values per block
 TILE = 16                          # query tokens that share one pass over the keys
-PF_BYTES = 4096                    # how far ahead the decode loops prefetch the rows into L2
 
 
 def row_bytes(t: int, head_dim: int) -> int:
@@ -250,9 +250,25 @@ def store_rows(x, cache, n_past, t):
 
 
 @numba.jit(**JITQ)
+def rope_store(q, k, v, pos, n_rot, freq_base, freq_scale, kc, vc, n_past, tk, tv):
+    """RoPE on q and k (float32 [n, heads, head_dim], in place; ops.rope), then k and v stored as rows of types
+    tk / tv at positions n_past.. of kc, vc (uint8 [n_head_kv, n_ctx, row_bytes]; an f16 cache viewed as bytes):
+    one Numba call per layer, as ops.rope_kv for the f16 cache."""
+    rope(q, pos, n_rot, freq_base, freq_scale)
+    rope(k, pos, n_rot, freq_base, freq_scale)
+    store_rows(k, kc, n_past, tk)
+    store_rows(v, vc, n_past, tv)
+
+
+@numba.jit(**JITQ)
 def dequantize_rows(rows, t, out):
-    """rows uint8 [m, row_bytes] -> out float32 [m, head_dim] (the context shift: dequantize, rotate, requantize)."""
+    """rows uint8 [m, row_bytes] -> out float32 [m, head_dim] (the context shift: dequantize, rotate, requantize);
+    d * q exactly as ggml's dequantize_row_q8_0 / _q4_0."""
     hd = out.shape[1]
+    if simd.ISA != "none" and hd % QK == 0:
+        for i in range(rows.shape[0]):
+            _row_f32(rows, i * rows.shape[1], t, hd, True, out, i * hd, out, 0)
+        return
     qb = hd if t == Q8_0 else hd // 2
     for i in range(rows.shape[0]):
         r = rows[i]
@@ -263,12 +279,7 @@ def dequantize_rows(rows, t, out):
         for b in range(hd // QK):
             d = _half(r, qb + 2 * b)
             for j in range(QK):
-                if t == Q8_0:
-                    q = np.int32(np.int8(r[b * QK + j]))
-                else:
-                    byte = np.int32(r[b * 16 + j % 16])
-                    q = (byte & 15 if j < 16 else byte >> 4) - 8
-                out[i, b * QK + j] = d * np.float32(q)
+                out[i, b * QK + j] = d * np.float32(_quant(r, t, b, j))
 
 
 @numba.jit(**JITQ)
@@ -279,6 +290,15 @@ def quantize_rows(x, t, rows):
             quantize_row_simd(x.reshape(x.size), i * x.shape[1], x.shape[1], t, rows, i * rows.shape[1])
         else:
             quantize_row(x[i], t, rows[i])
+
+
+@numba.jit(**JITQ)
+def _quant(r, t, b, j):
+    """The integer value of element j of block b in row r: q8_0's quant, q4_0's nibble - 8 (portable kernels)."""
+    if t == Q8_0:
+        return np.int32(np.int8(r[b * QK + j]))
+    byte = np.int32(r[b * 16 + j % 16])
+    return (byte & 15 if j < 16 else byte >> 4) - 8
 
 
 @numba.jit(**JITQ)
@@ -360,12 +380,7 @@ def attention_rows(q, kc, vc, n_past, out, tk, tv):
                 for b in range(nb):
                     isum = 0
                     for i in range(QK):
-                        if tk == Q8_0:
-                            kq = np.int32(np.int8(r[b * QK + i]))
-                        else:
-                            byte = np.int32(r[b * 16 + i % 16])
-                            kq = (byte & 15 if i < 16 else byte >> 4) - 8
-                        isum += kq * qi[b * QK + i]
+                        isum += _quant(r, tk, b, i) * qi[b * QK + i]
                     acc += np.float32(isum) * (_half(r, qbk + 2 * b) * qd[b])
             s[j] = acc * scale
         mx = s.max()
@@ -380,13 +395,7 @@ def attention_rows(q, kc, vc, n_past, out, tk, tv):
             for b in range(nb):
                 pd = s[j] if tv == F16 else s[j] * _half(r, qbv + 2 * b)
                 for i in range(QK):
-                    if tv == F16:
-                        x = _half(r, 2 * (b * QK + i))
-                    elif tv == Q8_0:
-                        x = np.float32(np.int8(r[b * QK + i]))
-                    else:
-                        byte = np.int32(r[b * 16 + i % 16])
-                        x = np.float32((byte & 15 if i < 16 else byte >> 4) - 8)
+                    x = _half(r, 2 * (b * QK + i)) if tv == F16 else np.float32(_quant(r, tv, b, i))
                     o[b * QK + i] += pd * x
         inv = np.float32(1.0) / total
         for i in range(hd):
@@ -498,33 +507,6 @@ def _score_f16(Qf, qo, kh, ro, hd):
     return hsum_f(f)
 
 
-@numba.jit(**JIT)
-def _exp_sum(s, n, tail):
-    """s[:n] = exp(s[:n] - max) (simd.exp_f, 16 lanes at a time); returns their float32 sum. `tail`: 16 floats."""
-    n16 = n - n % 16
-    mx = s[0]
-    for j in range(n16, n):
-        mx = max(mx, s[j])
-    vm = splat_f(mx)
-    for j in range(0, n16, 16):
-        vm = fmax(vm, load_f(s, j))
-    vm = splat_f(hmax_f(vm))
-    acc = splat_f(0.0)
-    for j in range(0, n16, 16):
-        e = exp_f(fsub(load_f(s, j), vm))
-        store_f(s, j, e)
-        acc = fadd(acc, e)
-    total = hsum_f(acc)
-    if n16 < n:
-        for j in range(16):
-            tail[j] = s[n16 + j] if n16 + j < n else np.float32(-1e30)   # finite: fastmath assumes no inf
-        store_f(tail, 0, exp_f(fsub(load_f(tail, 0), vm)))
-        for j in range(n - n16):
-            s[n16 + j] = tail[j]
-            total += tail[j]
-    return total
-
-
 @numba.jit(**JIT, inline='always')
 def _v16(vh, r, c, tv):
     """Values c*16 .. c*16+15 of the row at byte r of vh as floats; a quantized row without its scale."""
@@ -547,12 +529,12 @@ def _pv_rows(p, n, vh, rb, tv, hd, o, inv):
         c, b = c0 // 16, c0 // QK
         for j in range(n):
             r = j * rb
-            pass  # PF
             if tv == F16:
                 w0 = w1 = w2 = w3 = splat_f(p[j])
             else:
-                w0, w1 = splat_f(p[j] * load_h1(vh, r + qb + 2 * b)), splat_f(p[j] * load_h1(vh, r + qb + 2 * b + 2))
-                w2, w3 = splat_f(p[j] * load_h1(vh, r + qb + 2 * b + 4)), splat_f(p[j] * load_h1(vh, r + qb + 2 * b + 6))
+                s0 = r + qb + 2 * b
+                w0, w1 = splat_f(p[j] * load_h1(vh, s0)), splat_f(p[j] * load_h1(vh, s0 + 2))
+                w2, w3 = splat_f(p[j] * load_h1(vh, s0 + 4)), splat_f(p[j] * load_h1(vh, s0 + 6))
             a0, a1 = fma(w0, _v16(vh, r, c, tv), a0), fma(w0, _v16(vh, r, c + 1, tv), a1)
             a2, a3 = fma(w1, _v16(vh, r, c + 2, tv), a2), fma(w1, _v16(vh, r, c + 3, tv), a3)
             a4, a5 = fma(w2, _v16(vh, r, c + 4, tv), a4), fma(w2, _v16(vh, r, c + 5, tv), a5)
@@ -635,24 +617,11 @@ def _fa_tile128(q, kh, vh, n_past, t0, m, h, scale, out, tk, tv):
         for k in range(8):
             _row_f32(kh, (j0 + k if k < nk else j0) * rbk, tk, 128, False, KF, 128 * k, KD, 4 * k)
         if tk == F16:
-            a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = splat_f(0.0)
-            for d in range(128):
-                qd = load_f(QT, 16 * d)
-                a0, a1 = fma(splat_f(KF[d]), qd, a0), fma(splat_f(KF[128 + d]), qd, a1)
-                a2, a3 = fma(splat_f(KF[256 + d]), qd, a2), fma(splat_f(KF[384 + d]), qd, a3)
-                a4, a5 = fma(splat_f(KF[512 + d]), qd, a4), fma(splat_f(KF[640 + d]), qd, a5)
-                a6, a7 = fma(splat_f(KF[768 + d]), qd, a6), fma(splat_f(KF[896 + d]), qd, a7)
-            f0, f1, f2, f3, f4, f5, f6, f7 = a0, a1, a2, a3, a4, a5, a6, a7
+            f0, f1, f2, f3, f4, f5, f6, f7 = tile_dot8(QT, KF, 0, 128)
         else:
             f0 = f1 = f2 = f3 = f4 = f5 = f6 = f7 = splat_f(0.0)
             for b in range(4):
-                a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = splat_f(0.0)
-                for d in range(QK * b, QK * b + QK):
-                    qd = load_f(QT, 16 * d)
-                    a0, a1 = fma(splat_f(KF[d]), qd, a0), fma(splat_f(KF[128 + d]), qd, a1)
-                    a2, a3 = fma(splat_f(KF[256 + d]), qd, a2), fma(splat_f(KF[384 + d]), qd, a3)
-                    a4, a5 = fma(splat_f(KF[512 + d]), qd, a4), fma(splat_f(KF[640 + d]), qd, a5)
-                    a6, a7 = fma(splat_f(KF[768 + d]), qd, a6), fma(splat_f(KF[896 + d]), qd, a7)
+                a0, a1, a2, a3, a4, a5, a6, a7 = tile_dot8(QT, KF, QK * b, QK * b + QK)
                 dqv = load_f(DQT, 16 * b)
                 f0, f1 = fma(a0, fmul(splat_f(KD[b]), dqv), f0), fma(a1, fmul(splat_f(KD[4 + b]), dqv), f1)
                 f2, f3 = fma(a2, fmul(splat_f(KD[8 + b]), dqv), f2), fma(a3, fmul(splat_f(KD[12 + b]), dqv), f3)
@@ -660,22 +629,7 @@ def _fa_tile128(q, kh, vh, n_past, t0, m, h, scale, out, tk, tv):
                 f6, f7 = fma(a6, fmul(splat_f(KD[24 + b]), dqv), f6), fma(a7, fmul(splat_f(KD[28 + b]), dqv), f7)
         for k, f in enumerate((f0, f1, f2, f3, f4, f5, f6, f7)):
             store_f(ST, 16 * (j0 + k), fmul(f, vscale))
-    # causal mask: key j is in the future of token t0+tt when tt < j - n_past - t0 (only the last m keys)
-    for j in range(n_past + t0 + 1, n_kv):
-        for tt in range(j - n_past - t0):
-            ST[16 * j + tt] = np.float32(-1e30)
-    vm = splat_f(-1e30)
-    for j in range(n_kv):
-        vm = fmax(vm, load_f(ST, 16 * j))
-    total = splat_f(0.0)
-    for j in range(n_kv):
-        e = exp_f(fsub(load_f(ST, 16 * j), vm))
-        store_f(ST, 16 * j, e)
-        if j > n_past + t0:                            # exp_f's floor is exp(-87), not 0: zero the masked keys
-            for tt in range(j - n_past - t0):
-                ST[16 * j + tt] = np.float32(0.0)
-            e = load_f(ST, 16 * j)
-        total = fadd(total, e)
+    total = tile_exp(ST, n_past, t0, n_kv)
     TOT = np.empty(16, np.float32)
     store_f(TOT, 0, total)
     O = np.zeros(16 * 128, np.float32)
@@ -792,5 +746,5 @@ def _fa_tile(q, kh, vh, n_past, t0, m, h, scale, out, tk, tv):
     for tt in range(m):
         n_t = n_past + t0 + tt + 1
         srow = S[tt * n_kv:tt * n_kv + n_t]
-        total = _exp_sum(srow, n_t, tail)
+        total = exp_sum(srow, n_t, tail)
         _pv_rows(srow, n_t, vh, rbv, tv, hd, out[t0 + tt, h * hd:(h + 1) * hd], np.float32(1.0) / total)

@@ -113,24 +113,19 @@ def load_f(typingctx, arr, idx):
     return F512(arr, idx), codegen
 
 
-@intrinsic
-def load_i_dup256(typingctx, arr, idx):
-    """32 bytes at element `idx`, repeated into both 256-bit halves."""
-    def codegen(context, builder, sig, args):
-        v = _load(builder, _ptr_at(context, builder, sig.args[0], args[0], sig.args[1], args[1]),
-                  ir.VectorType(_I32, 8))
-        return _shuffle(builder, v, list(range(8)) * 2)
-    return I512(arr, idx), codegen
+def _make_load_dup(n_i32):
+    @intrinsic
+    def load_dup(typingctx, arr, idx):
+        def codegen(context, builder, sig, args):
+            v = _load(builder, _ptr_at(context, builder, sig.args[0], args[0], sig.args[1], args[1]),
+                      ir.VectorType(_I32, n_i32))
+            return _shuffle(builder, v, list(range(n_i32)) * (16 // n_i32))
+        return I512(arr, idx), codegen
+    return load_dup
 
 
-@intrinsic
-def load_i_dup128(typingctx, arr, idx):
-    """16 bytes at element `idx`, repeated into all four 128-bit chunks (one q4_0 block's packed quants)."""
-    def codegen(context, builder, sig, args):
-        v = _load(builder, _ptr_at(context, builder, sig.args[0], args[0], sig.args[1], args[1]),
-                  ir.VectorType(_I32, 4))
-        return _shuffle(builder, v, list(range(4)) * 4)
-    return I512(arr, idx), codegen
+load_i_dup256 = _make_load_dup(8)     # 32 bytes at element `idx`, repeated into both 256-bit halves
+load_i_dup128 = _make_load_dup(4)     # 16 bytes, repeated into all four 128-bit chunks (one q4_0 block's quants)
 
 
 @intrinsic
