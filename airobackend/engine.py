@@ -652,4 +652,5 @@ class Engine:
             "n_vocab": self.n_vocab,
             "n_embd": getattr(self.model, "n_embd", None),     # the length of an embedding
             "template": self.template.name,
+            "kv_cache": f"{getattr(self.model, 'type_k', 'f16')}/{getattr(self.model, 'type_v', 'f16')}",
         }

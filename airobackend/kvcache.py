@@ -29,8 +29,9 @@ Operations:
 `remove` and `truncate` lower it, `restore` sets it. `move` leaves it alone (a reuse plan moves several chunks and
 then evaluates the gaps between them). Which tokens those entries belong to is the engine's bookkeeping, not ours.
 
-A cache type is a constructor parameter (`type_k`, `type_v`); 'f16' is the one defined here. Another type adds a
-`_Codec` (rows <-> float32 values) to CODECS and its attention kernel to `attend`.
+A cache type is a constructor parameter (`type_k`, `type_v`): 'f16', 'q8_0' or 'q4_0' (llama.cpp's names; a type is a
+`_Codec`, rows <-> float32 values, in CODECS). q8_0 and q4_0 rows are ggml's blocks (airobackend.kernels.kvquant);
+moving quantized keys dequantizes, rotates and quantizes them again, as llama.cpp's K shift does.
 
 Several sequences (parallel slots) use several KVCache objects of the same geometry: `LlamaModel.new_cache()` makes
 one, and `LlamaModel.eval(..., cache=...)` evaluates into the one given.
@@ -42,7 +43,7 @@ from typing import Optional
 
 import numpy as np
 
-from airobackend.kernels import dequant, ops
+from airobackend.kernels import dequant, kvquant, ops
 
 
 class _Codec:
@@ -80,15 +81,57 @@ class _F16(_Codec):
         return ops.f32_to_f16_bits(x)
 
 
-CODECS: dict[str, _Codec] = {"f16": _F16()}
+class _Blocks(_Codec):
+    """ggml's q8_0 / q4_0 blocks: a row is one head's head_dim values quantized as llama.cpp stores them in its
+    cache (kernels/kvquant.py: ggml's bytes per value, the block scales at the row's end)."""
+
+    dtype = np.dtype(np.uint8)
+
+    def __init__(self, name: str) -> None:
+        self.name, self.t = name, kvquant.TYPES[name]
+
+    def row_width(self, head_dim: int) -> int:
+        return kvquant.row_bytes(self.t, head_dim)
+
+    def decode(self, rows: np.ndarray, head_dim: int) -> np.ndarray:
+        flat = np.ascontiguousarray(rows).reshape(-1, rows.shape[-1])
+        out = np.empty((flat.shape[0], head_dim), np.float32)
+        kvquant.dequantize_rows(flat, self.t, out)
+        return out.reshape(*rows.shape[:-1], head_dim)
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
+        rows = np.empty((flat.shape[0], self.row_width(x.shape[-1])), np.uint8)
+        kvquant.quantize_rows(flat, self.t, rows)
+        return rows.reshape(*x.shape[:-1], rows.shape[-1])
 
 
-def check_type(name: str) -> str:
-    """The cache type `name` normalised, or ValueError naming the known ones."""
+# llama.cpp's --cache-type-k/-v names. A cache with a quantized K or V attends as llama.cpp's flash attention does
+# (kvquant.attention: q converted to K's dot-product type, probabilities and value sums in float32); f16/f16 keeps
+# llama.cpp's default path (ops.attention: q and the probabilities rounded to fp16).
+CODECS: dict[str, _Codec] = {"f16": _F16(), "q8_0": _Blocks("q8_0"), "q4_0": _Blocks("q4_0")}
+
+
+def check_type(name: "str | int") -> str:
+    """The cache type `name` normalised, or ValueError naming the known ones. Also takes ggml's type numbers, as
+    llama-cpp-python's `type_k` / `type_v` (1 = f16, 8 = q8_0, 2 = q4_0), and text-generation-webui's 'fp16'."""
+    if isinstance(name, (int, np.integer)) and not isinstance(name, bool):
+        name = kvquant.type_name(int(name))
     key = str(name).lower()
+    key = "f16" if key == "fp16" else key
     if key not in CODECS:
         raise ValueError(f"unknown KV cache type {name!r}; known: {', '.join(CODECS)}")
     return key
+
+
+def check_types(type_k: "str | int", type_v: "str | int", head_dim: int) -> tuple[str, str]:
+    """(type_k, type_v) normalised, or ValueError: an unknown name, or a quantized type for a head size that is not
+    a whole number of blocks."""
+    tk, tv = check_type(type_k), check_type(type_v)
+    if (tk, tv) != ("f16", "f16") and head_dim % kvquant.QK:
+        raise ValueError(f"a {tk}/{tv} KV cache needs a head size that is a multiple of {kvquant.QK}; this model's "
+                         f"is {head_dim} (use f16)")
+    return tk, tv
 
 
 @dataclass
@@ -112,17 +155,17 @@ class KVCache:
     Args:
         n_layer, n_head_kv, n_ctx, head_dim: geometry.
         n_rot, freq_base, freq_scale: the model's RoPE, used to rotate keys when they move.
-        type_k, type_v: cache types ('f16').
+        type_k, type_v: cache types ('f16', 'q8_0', 'q4_0').
     """
 
     def __init__(self, n_layer: int, n_head_kv: int, n_ctx: int, head_dim: int, *, n_rot: int,
                  freq_base: float, freq_scale: float = 1.0, type_k: str = "f16", type_v: str = "f16") -> None:
         self.n_layer, self.n_head_kv, self.n_ctx, self.head_dim = int(n_layer), int(n_head_kv), int(n_ctx), int(head_dim)
         self.n_rot, self.freq_base, self.freq_scale = int(n_rot), float(freq_base), float(freq_scale)
-        self.type_k, self.type_v = check_type(type_k), check_type(type_v)
+        self.type_k, self.type_v = check_types(type_k, type_v, self.head_dim)
         self._ck, self._cv = CODECS[self.type_k], CODECS[self.type_v]
-        if (self.type_k, self.type_v) != ("f16", "f16"):
-            raise ValueError(f"no attention kernel for a K cache of {self.type_k} with a V cache of {self.type_v}")
+        self._tk, self._tv = kvquant.TYPES[self.type_k], kvquant.TYPES[self.type_v]
+        self._flash = (self.type_k, self.type_v) != ("f16", "f16")
         self.k = np.zeros((self.n_layer, self.n_head_kv, self.n_ctx, self._ck.row_width(self.head_dim)), self._ck.dtype)
         self.v = np.zeros((self.n_layer, self.n_head_kv, self.n_ctx, self._cv.row_width(self.head_dim)), self._cv.dtype)
         self.n_past = 0
@@ -155,11 +198,18 @@ class KVCache:
     def rope_store(self, il: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: np.ndarray, n_past: int) -> None:
         """RoPE on q [n, n_head, hd] and k [n, n_head_kv, hd] (float32, in place) at positions `pos`, then k and v
         into layer il at positions n_past .. n_past+n-1."""
-        ops.rope_kv(q, k, v, pos, self.n_rot, self.freq_base, self.freq_scale, self.k[il], self.v[il], n_past)
+        if self._flash:
+            kvquant.rope_store(q, k, v, pos, self.n_rot, self.freq_base, self.freq_scale, self.k[il].view(np.uint8),
+                               self.v[il].view(np.uint8), n_past, self._tk, self._tv)
+        else:
+            ops.rope_kv(q, k, v, pos, self.n_rot, self.freq_base, self.freq_scale, self.k[il], self.v[il], n_past)
 
     def attend(self, il: int, q: np.ndarray, n_past: int, out: np.ndarray) -> None:
         """Causal attention of q [n, n_head, hd] (roped) at positions n_past.. over layer il: out [n, n_head * hd]."""
-        ops.attention(q, self.k[il], self.v[il], n_past, out)
+        if self._flash:
+            kvquant.attention(q, self.k[il], self.v[il], n_past, out, self._tk, self._tv)
+        else:
+            ops.attention(q, self.k[il], self.v[il], n_past, out)
 
     # ---- rearranging
 

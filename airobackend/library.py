@@ -62,9 +62,9 @@ class ModelEntry:
     def loadable(self) -> bool:
         return self.error is None
 
-    def ram_for(self, n_ctx: int) -> int:
-        """RAM needed with a context of `n_ctx` tokens."""
-        return estimate_ram_bytes(self.weights_bytes, self.hparams, n_ctx)
+    def ram_for(self, n_ctx: int, type_k: str = "f16", type_v: str = "f16") -> int:
+        """RAM needed with a context of `n_ctx` tokens and a KV cache of these types."""
+        return estimate_ram_bytes(self.weights_bytes, self.hparams, n_ctx, type_k, type_v)
 
     def to_dict(self, *, with_path: bool = False) -> dict:
         """JSON-ready description; the file system path only when asked (never for unauthenticated clients)."""
@@ -77,10 +77,11 @@ class ModelEntry:
         return d
 
 
-def estimate_ram_bytes(weights_bytes: int, hparams: dict, n_ctx: int) -> int:
+def estimate_ram_bytes(weights_bytes: int, hparams: dict, n_ctx: int, type_k: str = "f16",
+                       type_v: str = "f16") -> int:
     """RAM to run a model with `n_ctx` tokens of context: `airobackend.formats.estimate_ram` (what `inspect` prints)."""
     from airobackend.formats import HParams, estimate_ram
-    return estimate_ram(HParams(**hparams), n_ctx, weights_bytes=weights_bytes)
+    return estimate_ram(HParams(**hparams), n_ctx, weights_bytes=weights_bytes, type_k=type_k, type_v=type_v)
 
 
 def size_class(n_layer: int, n_embd: int, n_head: int, n_head_kv: int, n_params: int) -> str:
@@ -116,8 +117,10 @@ def guess_template(name: str, metadata: Optional[dict] = None, override: Optiona
 
 
 def describe_file(path: str | os.PathLike, *, name: Optional[str] = None, n_ctx: int = 2048,
-                  template: Optional[str] = None, opener: Optional[Callable] = None) -> ModelEntry:
-    """A `ModelEntry` for one file, from its header only. A file that cannot be read gets `error` set."""
+                  template: Optional[str] = None, opener: Optional[Callable] = None,
+                  cache_types: tuple[str, str] = ("f16", "f16")) -> ModelEntry:
+    """A `ModelEntry` for one file, from its header only (`ram_bytes` for n_ctx and a KV cache of `cache_types`).
+    A file that cannot be read gets `error` set."""
     path = Path(path).resolve()
     name = name or path.name
     parts = split_parts(path) if path.suffix.lower() == ".zip" else [path]
@@ -129,7 +132,7 @@ def describe_file(path: str | os.PathLike, *, name: Optional[str] = None, n_ctx:
         from airobackend.formats import open_model as opener
     try:
         with opener(str(path)) as mf:
-            return _entry_from(mf, name, path, parts, file_size, n_ctx, template)
+            return _entry_from(mf, name, path, parts, file_size, n_ctx, template, cache_types)
     except AiroError as e:
         return ModelEntry(name=name, path=str(path), file_size=file_size, parts=tuple(p.name for p in parts),
                           error=str(e))
@@ -139,7 +142,7 @@ def describe_file(path: str | os.PathLike, *, name: Optional[str] = None, n_ctx:
 
 
 def _entry_from(mf, name: str, path: Path, parts: list[Path], file_size: int, n_ctx: int,
-                template: Optional[str]) -> ModelEntry:
+                template: Optional[str], cache_types: tuple[str, str]) -> ModelEntry:
     hp = mf.hparams
     n_params = sum(t.n_elements for t in mf.tensors.values())
     hparams = dataclasses.asdict(hp)
@@ -147,7 +150,8 @@ def _entry_from(mf, name: str, path: Path, parts: list[Path], file_size: int, n_
         name=name, path=str(path), format=mf.format, version=int(mf.version), mix=mf.mix_name,
         size_class=size_class(hp.n_layer, hp.n_embd, hp.n_head, hp.n_head_kv, n_params),
         n_params=n_params, file_size=file_size, weights_bytes=int(mf.file_size), parts=tuple(p.name for p in parts),
-        n_ctx=n_ctx, n_ctx_train=int(hp.n_ctx_train), ram_bytes=estimate_ram_bytes(mf.file_size, hparams, n_ctx),
+        n_ctx=n_ctx, n_ctx_train=int(hp.n_ctx_train),
+        ram_bytes=estimate_ram_bytes(mf.file_size, hparams, n_ctx, *cache_types),
         template=guess_template(name, getattr(mf, "metadata", None), template), hparams=hparams)
 
 
@@ -155,8 +159,9 @@ class ModelLibrary:
     """The model files under one folder (`--model-dir`), plus single files registered from elsewhere (`--model`)."""
 
     def __init__(self, folder: str | os.PathLike, *, n_ctx: int = 2048, template: Optional[str] = None,
-                 opener: Optional[Callable] = None) -> None:
+                 opener: Optional[Callable] = None, cache_types: tuple[str, str] = ("f16", "f16")) -> None:
         self.folder = Path(folder).expanduser()
+        self.cache_types = tuple(cache_types)       # the KV cache types `ram_bytes` counts
         self.n_ctx = n_ctx
         self.template = template
         self._opener = opener
@@ -244,7 +249,7 @@ class ModelLibrary:
     def _describe(self, name: str, p: Path) -> ModelEntry:
         try:
             st = p.stat()
-            key = (name, str(p), st.st_size, st.st_mtime_ns, self.n_ctx, self.template)
+            key = (name, str(p), st.st_size, st.st_mtime_ns, self.n_ctx, self.template, self.cache_types)
         except OSError:
             key = None
         if key is not None and p.suffix.lower() == ".zip":
@@ -253,7 +258,8 @@ class ModelLibrary:
             hit = self._cache.get(key) if key is not None else None
         if hit is not None:
             return hit
-        entry = describe_file(p, name=name, n_ctx=self.n_ctx, template=self.template, opener=self._opener)
+        entry = describe_file(p, name=name, n_ctx=self.n_ctx, template=self.template, opener=self._opener,
+                              cache_types=self.cache_types)
         if entry.error is not None:     # the reader's message names the file by its path: clients see it
             entry = dataclasses.replace(entry, error=self.redact(entry.error.replace(entry.path, name)))
         if key is not None:

@@ -46,6 +46,8 @@ class Llama:
         logits_all: keep the logits of every evaluated position in `scores` (else only the last one's row).
         n_gqa, rms_norm_eps, rope_freq_base, rope_freq_scale: overrides for what GGML v3 files cannot store
             (LLaMA-2 70B needs n_gqa=8); None = from the file, else llama.cpp's defaults.
+        type_k, type_v: KV cache types: 'f16' (default), 'q8_0', 'q4_0', or ggml's type numbers as llama-cpp-python
+            takes them (1, 8, 2). A quantized cache attends as llama.cpp's flash attention (flash_attn is implied).
         verbose: log loading details at INFO level (else DEBUG).
         kernels: 'auto' | 'generic' | 'fast' matmul kernels (None = AIRO_KERNELS or 'auto').
         progress_callback: called with the loaded fraction (0..1) while the weights are prepared.
@@ -56,7 +58,8 @@ class Llama:
                  seed: int = -1, logits_all: bool = False, n_gqa: Optional[int] = None,
                  rms_norm_eps: Optional[float] = None, rope_freq_base: Optional[float] = None,
                  rope_freq_scale: Optional[float] = None, verbose: bool = True, kernels: Optional[str] = None,
-                 progress_callback: Optional[Callable[[float], None]] = None, **kwargs: Any) -> None:
+                 progress_callback: Optional[Callable[[float], None]] = None, type_k: Any = None,
+                 type_v: Any = None, **kwargs: Any) -> None:
         from airobackend.formats import open_model
         from airobackend.model import LlamaModel
 
@@ -76,7 +79,9 @@ class Llama:
         n_ctx = int(n_ctx) or int(self.model_file.hparams.n_ctx_train)
         try:
             self.model = LlamaModel(self.model_file, n_ctx=n_ctx, n_threads=self.n_threads, n_batch=self.n_batch,
-                                    kernels=kernels, progress=progress_callback)
+                                    kernels=kernels, progress=progress_callback,
+                                    type_k="f16" if type_k is None else type_k,
+                                    type_v="f16" if type_v is None else type_v)
         except BaseException:
             self.model_file.close()
             raise
@@ -84,10 +89,11 @@ class Llama:
         self.n_tokens = 0
         self.input_ids = np.zeros(self.model.n_ctx, dtype=np.intc)
         self.scores = np.zeros((self.model.n_ctx, self.model.n_vocab), dtype=np.single)
-        log.log(level, "loaded %s (%s %s, %d layers, n_embd %d, n_head %d/%d kv) in %.2f s; n_ctx %d, %d threads",
-                self.model_path, self.model_file.format, self.model_file.mix_name, self.model.n_layer,
-                self.model.n_embd, self.model.n_head, self.model.n_head_kv, time.perf_counter() - t0,
-                self.model.n_ctx, self.n_threads)
+        log.log(level, "loaded %s (%s %s, %d layers, n_embd %d, n_head %d/%d kv) in %.2f s; n_ctx %d (KV cache "
+                "%s/%s, %.0f MiB), %d threads", self.model_path, self.model_file.format, self.model_file.mix_name,
+                self.model.n_layer, self.model.n_embd, self.model.n_head, self.model.n_head_kv,
+                time.perf_counter() - t0, self.model.n_ctx, self.model.type_k, self.model.type_v,
+                self.model.cache.nbytes / 2**20, self.n_threads)
 
     # ---- low-level API ----
 

@@ -34,7 +34,7 @@ log = logging.getLogger("airobackend.manager")
 
 # Settings a load may override per model (text-generation-webui's `args`, KoboldCpp's config fields).
 LOAD_OVERRIDES = ("n_ctx", "n_threads", "n_batch", "n_gqa", "rms_norm_eps", "rope_freq_base", "rope_freq_scale",
-                  "template", "seed", "use_mmap")
+                  "template", "seed", "use_mmap", "cache_type_k", "cache_type_v")
 
 # Other names clients use for them: text-generation-webui's load `args`, KoboldCpp's config fields.
 OPTION_ALIASES = {"max_seq_len": "n_ctx", "contextsize": "n_ctx", "threads": "n_threads", "blasbatchsize": "n_batch",
@@ -43,6 +43,9 @@ _INT_OPTIONS = {"n_ctx": (16, 1 << 24), "n_threads": (0, 4096), "n_batch": (1, 1
                 "seed": (-1, 2**63 - 1)}
 _FLOAT_OPTIONS = {"rms_norm_eps": (1e-12, 1.0), "rope_freq_base": (1.0, 1e12), "rope_freq_scale": (1e-6, 1e3)}
 _BOOL_OPTIONS = ("allow_disk", "abort_running", "use_mmap")
+# KV cache type options: ours (cache_type_k/_v), text-generation-webui's `cache_type` (fp16|q8_0|q4_0, both K and V)
+# and its older cache_8bit / cache_4bit flags, KoboldCpp's `quantkv` (0 f16, 1 q8_0, 2 q4_0).
+_QUANTKV = ("f16", "q8_0", "q4_0")
 
 ProgressFn = Callable[[float], None]
 
@@ -103,7 +106,25 @@ def parse_load_options(args: Any, param: str = "args") -> dict:
                 raise RequestError(f"'{where}' must be a template name")
             if value and value != "None":
                 out[name] = value
+        elif name in ("cache_type_k", "cache_type_v", "cache_type"):
+            t = _cache_type(value, where)
+            for k in ((name,) if name != "cache_type" else ("cache_type_k", "cache_type_v")):
+                out[k] = t
+        elif name == "quantkv":
+            t = _QUANTKV[int(_number(value, where, 0, 2, integer=True))]
+            out["cache_type_k"] = out["cache_type_v"] = t
+        elif name in ("cache_8bit", "cache_4bit") and _flag(value, where):
+            out["cache_type_k"] = out["cache_type_v"] = "q8_0" if name == "cache_8bit" else "q4_0"
     return out
+
+
+def _cache_type(value: Any, where: str) -> str:
+    from airobackend.settings import KV_CACHE_TYPES
+    t = str(value).strip().lower() if isinstance(value, str) else None
+    t = "f16" if t == "fp16" else t
+    if t not in KV_CACHE_TYPES:
+        raise RequestError(f"'{where}' must be one of {', '.join(KV_CACHE_TYPES)}, got {str(value)[:40]!r}")
+    return t
 EngineFactory = Callable[[ModelEntry, Settings, ProgressFn], tuple[Any, Any]]
 
 
@@ -158,7 +179,8 @@ def build_engine(entry: ModelEntry, settings: Settings, progress: ProgressFn) ->
     kwargs = dict(model_path=entry.path, n_ctx=settings.n_ctx, n_threads=settings.n_threads,
                   n_batch=settings.n_batch, seed=settings.seed, n_gqa=settings.n_gqa,
                   rms_norm_eps=settings.rms_norm_eps, rope_freq_base=settings.rope_freq_base,
-                  rope_freq_scale=settings.rope_freq_scale, verbose=False)
+                  rope_freq_scale=settings.rope_freq_scale, verbose=False, type_k=settings.cache_type_k,
+                  type_v=settings.cache_type_v)
     params = inspect.signature(Llama).parameters
     if "progress_callback" in params:
         kwargs["progress_callback"] = lambda f: progress(0.8 + 0.15 * f)
@@ -213,6 +235,7 @@ class ModelManager:
                  on_progress: Optional[Callable[[str, float], None]] = None) -> None:
         self.settings = settings
         self.library = library or ModelLibrary(settings.model_dir, n_ctx=settings.n_ctx,
+                                                 cache_types=(settings.cache_type_k, settings.cache_type_v),
                                                  template=settings.template)
         self._mem_available = mem_available
         self._factory = engine_factory
@@ -311,12 +334,14 @@ class ModelManager:
         if settings.template:
             from airobackend.chat import get_template
             get_template(settings.template)          # RequestError naming the known templates
-        need = entry.ram_for(settings.n_ctx)
+        settings = dataclasses.replace(settings, **{f: _cache_type(getattr(settings, f), f)     # also from the
+                                                    for f in ("cache_type_k", "cache_type_v")})   # environment
+        need = entry.ram_for(settings.n_ctx, settings.cache_type_k, settings.cache_type_v)
         allow = self.settings.allow_disk if allow_disk is None else bool(allow_disk)
         room = self._room()
         if need > room:
             if not allow:
-                raise InsufficientMemory(self._refusal(entry, need, room, settings.n_ctx))
+                raise InsufficientMemory(self._refusal(entry, need, room, settings))
             if warn:
                     log.warning("%s needs %.1f GB of RAM but %.1f GB is available: running from disk through mmap, "
                             "generation will be disk-bound (very slow)", entry.name, need / GB, room / GB)
@@ -568,24 +593,32 @@ class ModelManager:
         room = self._mem_available()
         old, used = self.loaded_entry, self._settings_used
         if old is not None and used is not None:
-            old_ram = old.ram_for(used.n_ctx)
+            old_ram = old.ram_for(used.n_ctx, used.cache_type_k, used.cache_type_v)
             room += max(0, old_ram - old.weights_bytes if used.use_mmap else old_ram)
         return room
 
-    def _refusal(self, entry: ModelEntry, need: int, avail: int, n_ctx: int) -> str:
+    def _refusal(self, entry: ModelEntry, need: int, avail: int, settings: Settings) -> str:
+        n_ctx, types = settings.n_ctx, (settings.cache_type_k, settings.cache_type_v)
         fits = [e for e in self.library.scan()
-                if e.loadable and e.name != entry.name and e.ram_for(n_ctx) <= avail]
+                if e.loadable and e.name != entry.name and e.ram_for(n_ctx, *types) <= avail]
         # Same model family (parameter class) first, best quality (largest) first.
-        fits.sort(key=lambda e: (e.size_class != entry.size_class, -e.ram_for(n_ctx)))
+        fits.sort(key=lambda e: (e.size_class != entry.size_class, -e.ram_for(n_ctx, *types)))
         msg = (f"{entry.name} ({entry.size_class} {entry.mix}) needs {need / GB:.1f} GB of RAM for a "
-               f"{n_ctx}-token context, but only {avail / GB:.1f} GB is available.")
+               f"{n_ctx}-token context{_kv_note(types)}, but only {avail / GB:.1f} GB is available.")
         if fits:
             msg += " Mixes in the library that fit: " + ", ".join(
-                f"{e.name} ({e.size_class} {e.mix}, {e.ram_for(n_ctx) / GB:.1f} GB)" for e in fits[:6]) + "."
+                f"{e.name} ({e.size_class} {e.mix}, {e.ram_for(n_ctx, *types) / GB:.1f} GB)" for e in fits[:6]) + "."
         else:
             msg += " No model in the library fits."
+        if types == ("f16", "f16") and entry.ram_for(n_ctx, "q8_0", "q8_0") <= avail:
+            msg += (f" With a q8_0 KV cache (--cache-type-k q8_0 --cache-type-v q8_0, or --quantkv 1) it needs "
+                    f"{entry.ram_for(n_ctx, 'q8_0', 'q8_0') / GB:.1f} GB and fits.")
         msg += " To run it anyway from disk through mmap (generation will be disk-bound), allow disk (--allow-disk)."
         return msg
+
+
+def _kv_note(types: tuple[str, str]) -> str:
+    return "" if types == ("f16", "f16") else f" with a {types[0]}/{types[1]} KV cache"
 
 
 def _close(engine: Any, llama: Any) -> None:

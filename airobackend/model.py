@@ -16,7 +16,7 @@ import numpy as np
 from airobackend.errors import ContextOverflowError, ModelFileError, RequestError
 from airobackend.kernels import dequant, ops
 from airobackend.kernels.matmul import Weight, prepare, project
-from airobackend.kvcache import KVCache
+from airobackend.kvcache import KVCache, check_types
 
 log = logging.getLogger("airobackend.model")
 
@@ -52,16 +52,18 @@ class LlamaModel:
 
     Args:
         mf: an open model file (airobackend.formats.open_model) with .hparams and .tensors.
-        n_ctx: context length; the KV cache (`self.cache`, airobackend.kvcache: fp16, 2 * n_layer * n_ctx * n_embd_gqa
-            * 2 bytes) is allocated for it.
+        n_ctx: context length; the KV cache (`self.cache`, airobackend.kvcache: with f16, 2 * n_layer * n_ctx *
+            n_embd_gqa * 2 bytes; q8_0 34/64 of that, q4_0 18/64) is allocated for it.
         n_threads: Numba threads for every kernel; 0 = all Numba threads.
         n_batch: tokens per forward pass inside `eval` (longer inputs are split).
         kernels: 'auto', 'generic' or 'fast' (see kernels.matmul.prepare); None reads AIRO_KERNELS.
         progress: called with the fraction of layers prepared (0..1) while loading.
+        type_k, type_v: KV cache types, 'f16' (default), 'q8_0' or 'q4_0' (llama.cpp's --cache-type-k/-v).
     """
 
     def __init__(self, mf: Any, n_ctx: int = 2048, n_threads: int = 0, n_batch: int = 512,
-                 kernels: Optional[str] = None, progress: Optional[Callable[[float], None]] = None) -> None:
+                 kernels: Optional[str] = None, progress: Optional[Callable[[float], None]] = None,
+                 type_k: str = "f16", type_v: str = "f16") -> None:
         hp = mf.hparams
         self.mf, self.hparams = mf, hp
         self.n_ctx, self.n_vocab, self.n_batch = int(n_ctx), int(hp.n_vocab), max(1, int(n_batch))
@@ -71,6 +73,10 @@ class LlamaModel:
         self.n_threads = min(self.n_threads, numba.config.NUMBA_NUM_THREADS)
         self.n_embd, self.n_head, self.n_layer = int(hp.n_embd), int(hp.n_head), int(hp.n_layer)
         self.head_dim = self.n_embd // self.n_head
+        try:                                    # a bad cache type fails before the weights are prepared
+            self.type_k, self.type_v = check_types(type_k, type_v, self.head_dim)
+        except ValueError as e:
+            raise RequestError(str(e)) from None
         self.n_rot = int(getattr(hp, "n_rot", 0) or self.head_dim)
         self.eps = float(hp.rms_norm_eps)
         self.freq_base, self.freq_scale = float(hp.rope_freq_base), float(hp.rope_freq_scale or 1.0)
@@ -119,11 +125,14 @@ class LlamaModel:
         self.cache = self.new_cache()
         self._buffers: Optional[Buffers] = None
 
-    def new_cache(self, n_ctx: Optional[int] = None, type_k: str = "f16", type_v: str = "f16") -> KVCache:
-        """A KV cache of this model's geometry and RoPE (n_ctx positions, default the model's). `self.cache` is the
-        one `eval` uses unless given another (one per sequence when several are served)."""
+    def new_cache(self, n_ctx: Optional[int] = None, type_k: Optional[str] = None,
+                  type_v: Optional[str] = None) -> KVCache:
+        """A KV cache of this model's geometry and RoPE (n_ctx positions, default the model's; types default to the
+        model's `type_k` / `type_v`). `self.cache` is the one `eval` uses unless given another (one per sequence when
+        several are served)."""
         return KVCache(self.n_layer, self.n_head_kv, int(n_ctx or self.n_ctx), self.head_dim, n_rot=self.n_rot,
-                       freq_base=self.freq_base, freq_scale=self.freq_scale, type_k=type_k, type_v=type_v)
+                       freq_base=self.freq_base, freq_scale=self.freq_scale, type_k=type_k or self.type_k,
+                       type_v=type_v or self.type_v)
 
     # ---- public API ----
 

@@ -6,6 +6,9 @@ from dataclasses import dataclass, field, fields
 from typing import Optional
 
 
+KV_CACHE_TYPES = ("f16", "q8_0", "q4_0")      # airobackend.kvcache.CODECS; KoboldCpp's --quantkv 0, 1, 2
+
+
 @dataclass
 class Settings:
     # model
@@ -19,6 +22,8 @@ class Settings:
     rope_freq_base: Optional[float] = None
     rope_freq_scale: Optional[float] = None
     use_mmap: bool = True
+    cache_type_k: str = "f16"              # KV cache types (llama.cpp's --cache-type-k/-v): f16, q8_0 or q4_0
+    cache_type_v: str = "f16"
     template: Optional[str] = None         # prompt template name; None -> chosen from the file name / metadata
     cache_dir: Optional[str] = None        # where the demo model is written; None -> ~/.cache/airobackend
     seed: int = -1

@@ -13,7 +13,7 @@ import numpy as np
 from numba import njit, prange
 
 from airobackend.kernels import JIT, JIT_PARALLEL, simd
-from airobackend.kernels.simd import (exp_f, fadd, fdiv, fma, fmax, fmul, fsub, hsum_f, load_f, load_h16, round_h16,
+from airobackend.kernels.simd import (exp_f, fadd, fdiv, fma, fmax, fmul, fsub, hmax_f, hsum_f, load_f, load_h16, round_h16,
                                       splat_f, store_f, store_h16)
 
 
@@ -161,15 +161,17 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, n_past: i
 
 
 @njit(**JIT)
-def softmax_f16_simd(s, tail):
-    """softmax(s) rounded to fp16, in place, 16 lanes at a time (exp by simd.exp_f, the sum in float32 lanes).
-    `tail`: 16 floats of scratch for the last partial vector."""
-    n = s.shape[0]
-    mx = -np.inf
-    for j in range(n):
+def exp_sum(s, n, tail):
+    """s[:n] = exp(s[:n] - max(s[:n])) (simd.exp_f, 16 lanes at a time); returns their float32 sum. `tail`: 16 floats
+    of scratch for the last partial vector."""
+    n16 = n - n % 16
+    mx = s[0]
+    for j in range(n16, n):
         mx = max(mx, s[j])
     vm = splat_f(mx)
-    n16 = n - n % 16
+    for j in range(0, n16, 16):
+        vm = fmax(vm, load_f(s, j))
+    vm = splat_f(hmax_f(vm))
     acc = splat_f(0.0)
     for j in range(0, n16, 16):
         e = exp_f(fsub(load_f(s, j), vm))
@@ -179,12 +181,20 @@ def softmax_f16_simd(s, tail):
     if n16 < n:
         for j in range(16):
             tail[j] = s[n16 + j] if n16 + j < n else np.float32(-1e30)   # finite: fastmath assumes no inf
-        e = exp_f(fsub(load_f(tail, 0), vm))
-        store_f(tail, 0, e)
+        store_f(tail, 0, exp_f(fsub(load_f(tail, 0), vm)))
         for j in range(n - n16):
-            total += tail[j]
             s[n16 + j] = tail[j]
-    inv = splat_f(np.float32(1.0) / total)
+            total += tail[j]
+    return total
+
+
+@njit(**JIT)
+def softmax_f16_simd(s, tail):
+    """softmax(s) rounded to fp16, in place, 16 lanes at a time (exp by simd.exp_f, the sum in float32 lanes).
+    `tail`: 16 floats of scratch for the last partial vector."""
+    n = s.shape[0]
+    n16 = n - n % 16
+    inv = splat_f(np.float32(1.0) / exp_sum(s, n, tail))
     for j in range(0, n16, 16):
         store_f(s, j, round_h16(fmul(load_f(s, j), inv)))
     for j in range(n16, n):
@@ -222,6 +232,51 @@ def _pv_pair128(pa, pb, st, vh, n_a, oa, ob):
         store_f(ob, 16 * c, vb)
 
 
+@njit(**JIT, inline="always")
+def tile_dot8(QT, KF, d0, d1):
+    """The transposed tile's scores of 8 keys over dimensions d0..d1-1: lane tt of the k-th vector = sum over d of
+    QT[d][tt] * KF[128 k + d] (QT: the tile's queries as [d][16 lanes], KF: 8 keys of 128 floats). 8 independent
+    FMA chains; each key element is broadcast from memory."""
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = splat_f(0.0)
+    for d in range(d0, d1):
+        qd = load_f(QT, 16 * d)
+        a0, a1 = fma(splat_f(KF[d]), qd, a0), fma(splat_f(KF[128 + d]), qd, a1)
+        a2, a3 = fma(splat_f(KF[256 + d]), qd, a2), fma(splat_f(KF[384 + d]), qd, a3)
+        a4, a5 = fma(splat_f(KF[512 + d]), qd, a4), fma(splat_f(KF[640 + d]), qd, a5)
+        a6, a7 = fma(splat_f(KF[768 + d]), qd, a6), fma(splat_f(KF[896 + d]), qd, a7)
+    return a0, a1, a2, a3, a4, a5, a6, a7
+
+
+@njit(**JIT, inline="always")
+def tile_mask_max(ST, n_past, t0, n_kv):
+    """Causal mask on transposed scores ST (lane tt of ST[j]: token t0+tt, key j): key j is in the future of token
+    t0+tt when tt < j - n_past - t0 (only the last keys), set to -1e30; returns the lane-wise maximum over the keys."""
+    for j in range(n_past + t0 + 1, n_kv):
+        for tt in range(j - n_past - t0):
+            ST[16 * j + tt] = np.float32(-1e30)
+    vm = splat_f(-1e30)
+    for j in range(n_kv):
+        vm = fmax(vm, load_f(ST, 16 * j))
+    return vm
+
+
+@njit(**JIT, inline="always")
+def tile_exp(ST, n_past, t0, n_kv):
+    """The transposed scores ST (see tile_mask_max) -> exp(s - the lane's maximum), the causally masked ones 0;
+    returns the lane-wise sums."""
+    vm = tile_mask_max(ST, n_past, t0, n_kv)
+    total = splat_f(0.0)
+    for j in range(n_kv):
+        e = exp_f(fsub(load_f(ST, 16 * j), vm))
+        store_f(ST, 16 * j, e)
+        if j > n_past + t0:                            # exp_f's floor is exp(-87), not 0: zero the masked keys
+            for tt in range(j - n_past - t0):
+                ST[16 * j + tt] = np.float32(0.0)
+            e = load_f(ST, 16 * j)
+        total = fadd(total, e)
+    return total
+
+
 @njit(**JIT)
 def _attention_tile128(q, kh, vh, n_past, t0, m, h, scale, out):
     """One query head, tokens t0 .. t0+m-1 (m <= 16), head_dim 128, scores kept transposed: lane tt of ST[j] is the
@@ -247,27 +302,9 @@ def _attention_tile128(q, kh, vh, n_past, t0, m, h, scale, out):
             jk = j0 + k if k < nk else j0                   # a short last block recomputes key j0 into ST padding
             for c in range(8):
                 store_f(KF, 128 * k + 16 * c, load_h16(kh, jk * 128 + 16 * c))
-        a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = splat_f(0.0)
-        for d in range(128):
-            qd = load_f(QT, 16 * d)
-            a0, a1 = fma(splat_f(KF[d]), qd, a0), fma(splat_f(KF[128 + d]), qd, a1)
-            a2, a3 = fma(splat_f(KF[256 + d]), qd, a2), fma(splat_f(KF[384 + d]), qd, a3)
-            a4, a5 = fma(splat_f(KF[512 + d]), qd, a4), fma(splat_f(KF[640 + d]), qd, a5)
-            a6, a7 = fma(splat_f(KF[768 + d]), qd, a6), fma(splat_f(KF[896 + d]), qd, a7)
-        for k, a in enumerate((a0, a1, a2, a3, a4, a5, a6, a7)):
+        for k, a in enumerate(tile_dot8(QT, KF, 0, 128)):
             store_f(ST, 16 * (j0 + k), fmul(a, vscale))
-    # causal mask: key j is in the future of token t0+tt when tt < j - n_past - t0 (only the last m keys)
-    for j in range(n_past + t0 + 1, n_kv):
-        for tt in range(j - n_past - t0):
-            ST[16 * j + tt] = np.float32(-1e30)
-    vm = splat_f(-1e30)
-    for j in range(n_kv):
-        vm = fmax(vm, load_f(ST, 16 * j))
-    total = splat_f(0.0)
-    for j in range(n_kv):
-        e = exp_f(fsub(load_f(ST, 16 * j), vm))
-        store_f(ST, 16 * j, e)
-        total = fadd(total, e)
+    total = tile_exp(ST, n_past, t0, n_kv)
     inv = fdiv(splat_f(1.0), total)
     for j in range(n_kv):
         store_f(ST, 16 * j, round_h16(fmul(load_f(ST, 16 * j), inv)))

@@ -113,14 +113,19 @@ def load_f(typingctx, arr, idx):
     return F512(arr, idx), codegen
 
 
-@intrinsic
-def load_i_dup256(typingctx, arr, idx):
-    """32 bytes at element `idx`, repeated into both 256-bit halves."""
-    def codegen(context, builder, sig, args):
-        v = _load(builder, _ptr_at(context, builder, sig.args[0], args[0], sig.args[1], args[1]),
-                  ir.VectorType(_I32, 8))
-        return _shuffle(builder, v, list(range(8)) * 2)
-    return I512(arr, idx), codegen
+def _make_load_dup(n_i32):
+    @intrinsic
+    def load_dup(typingctx, arr, idx):
+        def codegen(context, builder, sig, args):
+            v = _load(builder, _ptr_at(context, builder, sig.args[0], args[0], sig.args[1], args[1]),
+                      ir.VectorType(_I32, n_i32))
+            return _shuffle(builder, v, list(range(n_i32)) * (16 // n_i32))
+        return I512(arr, idx), codegen
+    return load_dup
+
+
+load_i_dup256 = _make_load_dup(8)     # 32 bytes at element `idx`, repeated into both 256-bit halves
+load_i_dup128 = _make_load_dup(4)     # 16 bytes, repeated into all four 128-bit chunks (one q4_0 block's quants)
 
 
 @intrinsic
@@ -146,6 +151,7 @@ def _make_load_half_bcast(n_half, rep):
 
 
 load_h4_bcast4 = _make_load_half_bcast(4, 4)   # 4 halves -> lanes 4k..4k+3 = h[k] (legacy 4-block groups)
+load_h2_bcast8 = _make_load_half_bcast(2, 8)   # 2 halves -> lanes 8k..8k+7 = h[k] (two q8_0 blocks of 32 bytes)
 
 
 @intrinsic
@@ -503,6 +509,17 @@ def round_h1(typingctx, x):
         v = context.cast(builder, args[0], sig.args[0], types.float32)
         return builder.fpext(builder.fptrunc(v, ir.HalfType()), _F32)
     return types.float32(x), codegen
+
+
+@intrinsic
+def store_h1(typingctx, arr, idx, x):
+    """The float32 x rounded to one IEEE half (as round_h1), stored at element `idx` (2 bytes; a block's scale)."""
+    def codegen(context, builder, sig, args):
+        p = _ptr_at(context, builder, sig.args[0], args[0], sig.args[1], args[1])
+        h = builder.fptrunc(context.cast(builder, args[2], sig.args[2], types.float32), ir.HalfType())
+        builder.store(h, builder.bitcast(p, ir.HalfType().as_pointer()), align=1)
+        return context.get_dummy_value()
+    return types.void(arr, idx, x), codegen
 
 
 # ----------------------------------------------------------------------------------------------- dot products

@@ -236,6 +236,26 @@ def test_refused_load_names_both_numbers_and_what_fits(library_dir):
         mgr.load("fx-f16.gguf")
 
 
+def test_ram_check_counts_the_kv_cache_type(library_dir):
+    # a context long enough for the cache to matter: f16 does not fit, a q8_0 cache does (and the refusal says so)
+    mgr, factory, mem = make(library_dir)
+    f16 = {e.name: e for e in mgr.library.scan()}["fx-f16.gguf"]
+    need_f16, need_q8 = f16.ram_for(16384), f16.ram_for(16384, "q8_0", "q8_0")
+    assert need_q8 < need_f16
+    mem["bytes"] = (need_f16 + need_q8) // 2
+    with pytest.raises(InsufficientMemory) as info:
+        mgr.load("fx-f16.gguf", n_ctx=16384)
+    assert "q8_0 KV cache" in str(info.value) and f"{need_q8 / GB:.1f} GB" in str(info.value)
+    mgr.load("fx-f16.gguf", n_ctx=16384, cache_type_k="q8_0", cache_type_v="q8_0")
+    used = factory.built["fx-f16.gguf"].settings
+    assert (used.cache_type_k, used.cache_type_v, used.n_ctx) == ("q8_0", "q8_0", 16384)
+    with pytest.raises(InsufficientMemory, match="with a q4_0/f16 KV cache"):
+        mgr.load("fx-f16.gguf", n_ctx=1 << 20, cache_type_k="q4_0")
+    # the library lists RAM for the server's cache types
+    q8_lib, _, _ = make(library_dir, cache_type_k="q8_0", cache_type_v="q8_0")
+    assert {e.name: e for e in q8_lib.library.scan()}["fx-f16.gguf"].ram_bytes == f16.ram_for(256, "q8_0", "q8_0")
+
+
 def test_refusal_keeps_old_model_serving(library_dir):
     mgr, _, mem = make(library_dir)
     mgr.load("fx-q2_K.gguf")

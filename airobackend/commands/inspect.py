@@ -6,6 +6,7 @@ import json
 import sys
 
 from ..errors import ModelFileError
+from ..settings import KV_CACHE_TYPES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,6 +16,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="context length for the RAM estimate (default: the model's training context)")
     parser.add_argument("--gqa", type=int, default=None, dest="n_gqa",
                         help="grouped-query factor for GGML v3 files (LLaMA-2 70B: 8; default inferred)")
+    parser.add_argument("-ctk", "--cache-type-k", dest="cache_type_k", choices=KV_CACHE_TYPES,
+                        metavar="TYPE", help="KV cache type of the keys for the RAM estimate: f16 (default), q8_0, "
+                        "q4_0")
+    parser.add_argument("-ctv", "--cache-type-v", dest="cache_type_v", choices=KV_CACHE_TYPES,
+                        metavar="TYPE", help="KV cache type of the values, as --cache-type-k")
+    parser.add_argument("--quantkv", type=int, choices=(0, 1, 2), metavar="N",
+                        help="KoboldCpp's spelling: 0 = f16, 1 = q8_0, 2 = q4_0 for keys and values "
+                        "(--cache-type-k/-v win where given)")
     parser.add_argument("--tensors", action="store_true", help="also list every tensor (name, type, shape)")
 
 
@@ -26,8 +35,9 @@ def _params(n: int) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
 
 
-def describe(mf, n_ctx=None, with_tensors: bool = False) -> dict:
-    """The JSON-able summary `inspect --json` prints (also used by the model library)."""
+def describe(mf, n_ctx=None, with_tensors: bool = False, type_k: str = "f16", type_v: str = "f16") -> dict:
+    """The JSON-able summary `inspect --json` prints (also used by the model library); the KV cache and RAM figures
+    are for a cache of type_k / type_v."""
     from ..formats import estimate_ram, kv_cache_bytes
     hp = mf.hparams
     n_ctx = int(n_ctx or hp.n_ctx_train or 2048)
@@ -43,7 +53,9 @@ def describe(mf, n_ctx=None, with_tensors: bool = False) -> dict:
         "n_tensors": len(mf.tensors), "tensor_types": mf.type_counts(),
         "n_params": sum(t.n_elements for t in mf.tensors.values()),
         "converted_tensors": sum(1 for t in mf.tensors.values() if t.converted_from),
-        "n_ctx": n_ctx, "kv_cache_bytes": kv_cache_bytes(hp, n_ctx), "ram_bytes": estimate_ram(mf, n_ctx),
+        "n_ctx": n_ctx, "cache_type_k": type_k, "cache_type_v": type_v,
+        "kv_cache_bytes": kv_cache_bytes(hp, n_ctx, type_k, type_v),
+        "ram_bytes": estimate_ram(mf, n_ctx, type_k=type_k, type_v=type_v),
     }
     if with_tensors:
         out["tensors"] = [{"name": t.name, "legacy_name": t.legacy_name, "type": t.type.name, "ne": list(t.ne),
@@ -59,7 +71,9 @@ def main(args: argparse.Namespace) -> int:
         print(f"airobackend inspect: error: {e}", file=sys.stderr)
         return 1
     with mf:
-        d = describe(mf, args.n_ctx, args.tensors)
+        quant = KV_CACHE_TYPES[args.quantkv] if args.quantkv else None
+        d = describe(mf, args.n_ctx, args.tensors, args.cache_type_k or quant or "f16",
+                     args.cache_type_v or quant or "f16")
     if args.json:
         print(json.dumps(d, indent=1))
         return 0
@@ -83,7 +97,7 @@ def main(args: argparse.Namespace) -> int:
         lines.append(f"note      {d['converted_tensors']} tensors use a pre-v3 block layout and are converted to "
                      f"the v3 layout in memory when loaded")
     lines.append(f"RAM       {_gib(d['ram_bytes'])} needed at n_ctx {d['n_ctx']} (file {_gib(d['file_size'])} + "
-                 f"KV cache {_gib(d['kv_cache_bytes'])} + scratch)")
+                 f"KV cache {_gib(d['kv_cache_bytes'])} {d['cache_type_k']}/{d['cache_type_v']} + scratch)")
     if args.tensors:
         for t in d["tensors"]:
             lines.append(f"  {t['name']:<28} {t['type']:<5} {str(t['ne']):<16} @{t['offset']}")

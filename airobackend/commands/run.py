@@ -69,6 +69,10 @@ OPTIONS: tuple[Opt, ...] = (
         float, setting=True, group="model", metavar="F"),
     Opt(("--rope-freq-scale",), "rope_freq_scale", "RoPE frequency scale override (linear scaling: 1/factor)",
         float, setting=True, group="model", metavar="F"),
+    Opt(("-ctk", "--cache-type-k"), "cache_type_k", "KV cache type for keys: f16, q8_0, q4_0 (default f16)", str,
+        setting=True, group="model", metavar="TYPE"),
+    Opt(("-ctv", "--cache-type-v"), "cache_type_v", "KV cache type for values: f16, q8_0, q4_0 (default f16)", str,
+        setting=True, group="model", metavar="TYPE"),
     Opt(("--template", "--chat-template"), "template",
         "prompt template for -i: airoboros, airoboros-1.2, vicuna, alpaca, chatml (default: from the file)", str,
         setting=True, group="model", metavar="NAME"),
@@ -287,11 +291,12 @@ def main(args: argparse.Namespace) -> int:
                     n_batch=settings.n_batch, seed=settings.seed, n_gqa=settings.n_gqa,
                     rms_norm_eps=settings.rms_norm_eps, rope_freq_base=settings.rope_freq_base,
                     rope_freq_scale=settings.rope_freq_scale, chat_format=settings.template,
-                    verbose=False)
+                    type_k=settings.cache_type_k, type_v=settings.cache_type_v, verbose=False)
         from airobackend.engine import Engine
         engine = Engine(llm, settings)
         info(f"airobackend: {path} loaded in {time.perf_counter() - t0:.2f} s: n_ctx {engine.n_ctx}, "
-             f"{llm.n_threads} threads, template {engine.template.name}")
+             f"KV cache {llm.model.type_k}/{llm.model.type_v}, {llm.n_threads} threads, template "
+             f"{engine.template.name}")
         if args.interactive:
             return _chat(engine, args, prompt, sampling, info)
         return _one_shot(engine, args, prompt, sampling, info)

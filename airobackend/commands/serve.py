@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Any, Optional
 
-from airobackend.settings import Settings
+from airobackend.settings import KV_CACHE_TYPES, Settings
 
 log = logging.getLogger("airobackend.serve")
 
@@ -44,6 +44,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="RoPE linear position scale, 0.25 for SuperHOT-8K (default 1; env AIRO_ROPE_FREQ_SCALE)")
     m.add_argument("--ropeconfig", nargs=2, type=float, metavar=("SCALE", "BASE"),
                    help="KoboldCpp's spelling of --rope-freq-scale SCALE --rope-freq-base BASE")
+    m.add_argument("-ctk", "--cache-type-k", dest="cache_type_k", choices=KV_CACHE_TYPES, metavar="TYPE",
+                   help="KV cache type for keys: f16, q8_0 (half the memory) or q4_0 (default f16; env "
+                        "AIRO_CACHE_TYPE_K)")
+    m.add_argument("-ctv", "--cache-type-v", dest="cache_type_v", choices=KV_CACHE_TYPES, metavar="TYPE",
+                   help="KV cache type for values, as --cache-type-k (env AIRO_CACHE_TYPE_V)")
+    m.add_argument("--quantkv", type=int, choices=(0, 1, 2), metavar="N",
+                   help="KoboldCpp's spelling: 0 = f16, 1 = q8_0, 2 = q4_0 for keys and values (--cache-type-k/-v "
+                        "win where given). Unlike KoboldCpp it needs no --flashattention and keeps context shifting")
+    m.add_argument("--flashattention", "--flash-attn", "-fa", action="store_true",
+                   help="accepted for KoboldCpp / llama.cpp command lines; changes nothing here (a quantized cache "
+                        "is always read by flash-attention kernels, an f16 one as llama.cpp's default)")
     m.add_argument("--allow-disk", action="store_true", default=None,
                    help="load a model larger than free RAM, reading it from disk (slow; env AIRO_ALLOW_DISK)")
     s = parser.add_argument_group("server")
@@ -108,6 +119,9 @@ def settings_from_args(args: argparse.Namespace, environ: Optional[dict] = None)
         if args.allowed_hosts else None,
         max_body_bytes=args.max_body_bytes, max_connections=args.max_connections, quiet=args.quiet,
         textgen_stream_port=getattr(args, "textgen_stream_port", None))
+    quant = KV_CACHE_TYPES[args.quantkv] if getattr(args, "quantkv", None) else None
+    overrides["cache_type_k"] = getattr(args, "cache_type_k", None) or quant
+    overrides["cache_type_v"] = getattr(args, "cache_type_v", None) or quant
     return Settings.from_env(environ, **overrides)
 
 
@@ -139,8 +153,9 @@ def banner(settings: Settings, listeners: list, plugin_names: set, info: dict, d
 
     host, port = listeners[0]
     base = url(host, port)
-    lines = [f"airobackend ready: model {info.get('name')} ({info.get('mix') or '?'}, context {info.get('n_ctx')}, "
-             f"template {info.get('template')})"]
+    kv = f", KV cache {info['kv_cache']}" if info.get("kv_cache", "f16/f16") != "f16/f16" else ""
+    lines = [f"airobackend ready: model {info.get('name')} ({info.get('mix') or '?'}, context {info.get('n_ctx')}"
+             f"{kv}, template {info.get('template')})"]
     if demo:
         from airobackend.demo import BANNER
         lines.append("  NOTE: " + BANNER)

@@ -372,9 +372,15 @@ def validate(mf: ModelFile) -> None:
 SCRATCH_OVERHEAD = 256 << 20     # interpreter, numba runtime, tokenizer, buffers independent of the model
 
 
-def kv_cache_bytes(hp: HParams, n_ctx: int) -> int:
-    """F16 K and V for every layer: 2 * n_layer * n_ctx * n_embd/n_gqa * 2 bytes."""
-    return 2 * hp.n_layer * n_ctx * hp.n_embd_gqa * 2
+# Bytes per 32 cached values of each KV cache type (ggml's block sizes; airobackend.kvcache holds the rows).
+KV_BYTES_PER_32 = {"f16": 64, "q8_0": 34, "q4_0": 18}
+
+
+def kv_cache_bytes(hp: HParams, n_ctx: int, type_k: str = "f16", type_v: str = "f16") -> int:
+    """K and V for every layer: n_layer * n_ctx * n_embd/n_gqa values each, at the cache types' bytes per value
+    (f16: 2 * n_layer * n_ctx * n_embd/n_gqa * 2 bytes; q8_0 34/64 of that, q4_0 18/64)."""
+    per_32 = sum(KV_BYTES_PER_32[str(t).lower()] for t in (type_k, type_v))
+    return hp.n_layer * n_ctx * hp.n_embd_gqa * per_32 // 32
 
 
 def scratch_bytes(hp: HParams, n_ctx: int, n_batch: int = 512) -> int:
@@ -385,15 +391,16 @@ def scratch_bytes(hp: HParams, n_ctx: int, n_batch: int = 512) -> int:
 
 
 def estimate_ram(model: Union[ModelFile, HParams], n_ctx: Optional[int] = None, *,
-                 weights_bytes: Optional[int] = None, n_batch: int = 512) -> int:
+                 weights_bytes: Optional[int] = None, n_batch: int = 512, type_k: str = "f16",
+                 type_v: str = "f16") -> int:
     """Bytes of RAM needed to run `model` with context `n_ctx` (default: its training context):
-    weights (the file size; its pages are mapped) + F16 KV cache + scratch."""
+    weights (the file size; its pages are mapped) + KV cache of the given types + scratch."""
     if isinstance(model, ModelFile):
         hp, weights = model.hparams, model.file_size if weights_bytes is None else weights_bytes
     else:
         hp, weights = model, weights_bytes or 0
     n_ctx = int(n_ctx or hp.n_ctx_train or 2048)
-    return int(weights) + kv_cache_bytes(hp, n_ctx) + scratch_bytes(hp, n_ctx, min(n_batch, n_ctx))
+    return int(weights) + kv_cache_bytes(hp, n_ctx, type_k, type_v) + scratch_bytes(hp, n_ctx, min(n_batch, n_ctx))
 
 
 def mix_name_for(ftype: Optional[int], tensors: dict) -> str:
