@@ -35,6 +35,7 @@ log = logging.getLogger("airobackend.adapters.kobold")
 KOBOLDCPP_VERSION = "1.76"          # the newest KoboldCpp whose API we implement; Lite gates features on it
 UNITED_API_VERSION = "1.2.5"        # KoboldAI United API version (stop_sequence >= 1.2.2, badwordsids >= 1.2.4)
 MAX_STOP_SEQUENCES = 32             # KoboldCpp's limits: extra entries are dropped, as KoboldCpp does
+LOGPROBS_MAX = 5                    # KoboldCpp's logprobs_max: alternatives recorded per token
 # KoboldCpp's server-side defaults for absent fields (protocols.md 1.2)
 KOBOLD_DEFAULTS = dict(temperature=0.7, top_k=100, top_p=0.92, min_p=0.0, typical_p=1.0, tfs=1.0, top_a=0.0,
                        repetition_penalty=1.0, repetition_penalty_range=320, repetition_penalty_slope=1.0,
@@ -76,7 +77,30 @@ def to_generation_request(payload: dict, *, n_ctx: int, n_vocab: int) -> Generat
         sampling=sampling,
         memory=memory or None,
         genkey=genkey or None,
+        # KoboldCpp (since 1.77) records the final candidates of every token, for `logprobs` and last_logprobs
+        n_probs=LOGPROBS_MAX,
+        post_sampling_probs=True,
     )
+
+
+def kobold_logprobs(entries: list[dict]) -> dict:
+    """KoboldCpp 1.77's logprobs object (koboldcpp.py parse_last_logprobs): the chat shape (`content`) and the
+    completions shape (`tokens`, `token_logprobs`, `top_logprobs`, `text_offset`) side by side, from the sampler's
+    final candidates, at most 5 alternatives per token."""
+    out: dict[str, list] = {"content": [], "tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    offset = 0
+    for e in entries:
+        tok = e["token"]
+        tops = e.get("top_logprobs", [])[:LOGPROBS_MAX]
+        out["tokens"].append(tok)
+        out["token_logprobs"].append(e["logprob"])
+        out["text_offset"].append(offset)
+        offset += len(tok)
+        out["top_logprobs"].append({t["token"]: t["logprob"] for t in tops})
+        out["content"].append({"token": tok, "logprob": e["logprob"], "bytes": list(tok.encode("utf-8")),
+                               "top_logprobs": [{"token": t["token"], "logprob": t["logprob"],
+                                                 "bytes": list(t["token"].encode("utf-8"))} for t in tops]})
+    return out
 
 
 def finish_reason(ev: Optional[GenerationEvent]) -> str:
@@ -155,7 +179,8 @@ class KoboldRoutes:
              openapi_extra=json_schema_body({"schema": {"type": "object", "properties": {"name": {"type": "string"}},
                                                         "required": ["name"]}},
                                             "{\"schema\": <JSON schema>} (a bare schema works too)"))
-        post("/api/extra/last_logprobs", self.last_logprobs, include_in_schema=False)
+        r.add_api_route("/api/extra/last_logprobs", self.last_logprobs, methods=["GET", "POST"], response_model=None,
+                        summary="Logprobs of the last generation (POST {\"genkey\"} for a request's own)")
         get("/api/extra/preloadstory", lambda: {}, include_in_schema=False)
         get("/sdapi/v1/sd-models", lambda: [], include_in_schema=False)   # Lite probes it; no image model here
         get("/api", lambda: RedirectResponse("/docs", status_code=302), include_in_schema=False)
@@ -204,10 +229,14 @@ class KoboldRoutes:
 
     async def generate(self, request: Request) -> JSONResponse:
         body = await read_json(request)
+        want = Fields(body).bool("logprobs", False)
         stream = GenerationStream(self.engine, self._request(body))
-
-        text, last = await run_watching_disconnect(request, collect(stream), stream.cancel)
-        return JSONResponse({"results": [{"text": text, "finish_reason": finish_reason(last)}]})
+        entries: list = []
+        text, last = await run_watching_disconnect(request, collect(stream, entries), stream.cancel)
+        result = {"text": text, "finish_reason": finish_reason(last)}
+        if want:
+            result["logprobs"] = kobold_logprobs(entries)
+        return JSONResponse({"results": [result]})
 
     async def stream(self, request: Request) -> SSEResponse:
         body = await read_json(request)
@@ -285,8 +314,14 @@ class KoboldRoutes:
         return out
 
     async def last_logprobs(self, request: Request) -> dict:
-        await read_json(request, allow_empty=True)
-        return {"logprobs": None}   # logprobs are not recorded for Kobold requests (KoboldCpp's answer then)
+        """KoboldCpp 1.77: the last generation's logprobs (a streamed one's too), by genkey as for check."""
+        body = await read_json(request, allow_empty=True) if request.method == "POST" else {}
+        genkey = Fields(body).str("genkey", "") or None
+        try:
+            entries = self.engine.last_logprobs(genkey)
+        except ModelNotLoaded:
+            entries = None
+        return {"logprobs": kobold_logprobs(entries) if entries else None}
 
 
 async def kobold_sse(stream: GenerationStream) -> AsyncIterator[bytes]:

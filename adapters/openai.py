@@ -7,8 +7,10 @@ and text-generation-webui are accepted beside OpenAI's, since SillyTavern sends 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
+import math
 import time
 import uuid
 from typing import Any, AsyncIterator, Optional
@@ -19,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from airobackend.aio import GenerationStream
+from airobackend.aio import GenerationStream, collect
 from airobackend.embeddings import embeddings_response
 from airobackend.errors import ModelNotLoaded
 from airobackend.hookspecs import hookimpl
@@ -67,7 +69,7 @@ def to_generation_request(payload: dict, *, n_ctx: int, n_vocab: int, chat: bool
     n_probs = 0
     if chat:
         if f.bool("logprobs", False):
-            n_probs = max(1, f.int("top_logprobs", 1, lo=0, hi=20))
+            n_probs = max(1, top_logprobs(payload))
     else:
         n_probs = f.int("logprobs", 0, lo=0, hi=20)
     sampling = sampling_params(payload, n_vocab, **OPENAI_DEFAULTS)
@@ -200,6 +202,11 @@ def usage(ev: Optional[GenerationEvent]) -> dict:
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
+def _escaped(token: str) -> str:
+    """text-generation-webui's logits keys: control characters (C0, DEL, C1) written as Python escapes."""
+    return "".join(repr(c)[1:-1] if ord(c) <= 0x1F or 0x7F <= ord(c) <= 0x9F else c for c in token)
+
+
 def usage_of(finals: list[GenerationEvent], n: int = 1) -> dict:
     """Usage of a response whose choices come `n` per prompt: each prompt counted once, every completion."""
     p = sum(usage(e)["prompt_tokens"] for e in finals[::max(1, n)])
@@ -221,15 +228,21 @@ def completion_logprobs(entries: Optional[list[dict]], offset: int) -> Optional[
     return out
 
 
-def chat_logprobs(entries: Optional[list[dict]]) -> Optional[dict]:
+def chat_logprobs(entries: Optional[list[dict]], top: Optional[int] = None) -> Optional[dict]:
+    """The engine's per-token logprobs in the chat shape, with at most `top` alternatives each (`top_logprobs`)."""
     if not entries:
         return None
 
     def item(e: dict) -> dict:
         return {"token": e["token"], "logprob": e["logprob"], "bytes": list(e["token"].encode("utf-8"))}
 
-    return {"content": [dict(item(e), top_logprobs=[item(t) for t in e.get("top_logprobs", [])])
+    return {"content": [dict(item(e), top_logprobs=[item(t) for t in e.get("top_logprobs", [])[:top]])
                         for e in entries]}
+
+
+def top_logprobs(body: dict) -> int:
+    """Chat's `top_logprobs` (0-20): the engine is asked for at least one, so that `logprobs: true` alone works."""
+    return Fields(body).int("top_logprobs", 0, lo=0, hi=20)
 
 
 # ---------------------------------------------------------------------------------------------- plugin hooks
@@ -270,6 +283,11 @@ class OpenAIRoutes:
         r.add_api_route("/v1/internal/encode", self.encode, methods=["POST"], response_model=None, summary="Tokenize {text}")
         r.add_api_route("/v1/internal/decode", self.decode, methods=["POST"], response_model=None, summary="Detokenize {tokens}")
         r.add_api_route("/v1/internal/token-count", self.token_count, methods=["POST"], response_model=None, summary="Count tokens")
+        r.add_api_route("/v1/internal/logits", self.logits, methods=["POST"], response_model=None,
+                        summary="The most likely next tokens and their probabilities",
+                        openapi_extra=json_schema_body({"prompt": "Who is best, Asuka or Rei? Answer:",
+                                                        "use_samplers": False, "top_logits": 10},
+                                                       "text-generation-webui logits request"))
         r.add_api_route("/v1/internal/model/info", self.model_info, methods=["GET"], response_model=None, summary="Loaded model")
         r.add_api_route("/v1/internal/stop-generation", self.stop_generation, methods=["POST"], response_model=None,
                         summary="Abort the running generation")
@@ -354,7 +372,6 @@ class OpenAIRoutes:
     def _again(req: GenerationRequest, i: int) -> GenerationRequest:
         """Choice i of n: the same request with the seed advanced by i (llama.cpp gives its child completions
         seed + 1, + 2, ...), so seeded choices differ and stay reproducible; unseeded ones get a seed each."""
-        import dataclasses
         seed = req.sampling.seed
         sampling = req.sampling if seed is None or seed < 0 else req.sampling.replace(seed=seed + i)
         return dataclasses.replace(req, request_id=None, sampling=sampling)
@@ -375,7 +392,8 @@ class OpenAIRoutes:
             current = [gs]
             each = functools.partial(chat_chunks, tools=tools) if chat else completion_chunks
             chunks = choice_chunks(self.engine, current, reqs, each,
-                                   _Ids(cid, "chat.completion.chunk" if chat else "text_completion", created, model),
+                                   _Ids(cid, "chat.completion.chunk" if chat else "text_completion", created, model,
+                                        top_logprobs(body) if chat else None),
                                    include_usage, n)
             return SSEResponse(chunks, on_disconnect=lambda: current[0].cancel())
 
@@ -398,7 +416,7 @@ class OpenAIRoutes:
             last_events.append(last)
             if chat:
                 message, called = answer_message(text, tools)
-                choice = {"index": i, "message": message, "logprobs": chat_logprobs(entries),
+                choice = {"index": i, "message": message, "logprobs": chat_logprobs(entries, top_logprobs(body)),
                           "finish_reason": "tool_calls" if called else finish_reason(last)}
             else:
                 choice = {"index": i, "text": text, "logprobs": completion_logprobs(entries, 0),
@@ -435,6 +453,25 @@ class OpenAIRoutes:
         ids = await run_in_threadpool(self.engine.tokenize, text, True)
         return {"length": len(ids)}
 
+    async def logits(self, request: Request) -> JSONResponse:
+        """text-generation-webui's /v1/internal/logits: {token text: probability} of the `top_logits` (50) most likely
+        next tokens after `prompt`, of the model itself or, with `use_samplers`, of the candidates the request's
+        samplers leave (one token is generated to get them; the prompt stays in the cache for the next request)."""
+        body = await read_json(request)
+        f = Fields(body)
+        if not isinstance(body.get("prompt"), str):
+            raise FieldError("'prompt' must be a string", "prompt")
+        n_vocab = int(self.engine.model_info()["n_vocab"])
+        top = f.int("top_logits", 50, lo=1, hi=n_vocab)
+        req = build_request(self.pm, "openai.completions", dict(body, max_tokens=1, logprobs=None, echo=False, n=1,
+                                                                 stream=False), self.settings, self.engine)
+        req = dataclasses.replace(req, n_probs=top, post_sampling_probs=f.bool("use_samplers", False), stop=())
+        gs = GenerationStream(self.engine, req)
+        entries: list = []
+        await run_watching_disconnect(request, collect(gs, entries), gs.cancel)
+        alternatives = entries[0]["top_logprobs"] if entries else []
+        return JSONResponse({_escaped(t["token"]): math.exp(t["logprob"]) for t in alternatives})
+
     async def model_info(self, request: Request) -> dict:
         return {"model_name": self._model_id(request), "lora_names": [], "loader": "airobackend"}
 
@@ -451,10 +488,11 @@ def _chunk(cid: str, obj: str, created: int, model: str, choice: dict) -> dict:
 
 
 class _Ids:
-    """What every chunk of one response repeats: id, object, created, model."""
+    """What every chunk of one response repeats: id, object, created, model; and `top`, how many alternatives chat
+    logprobs show."""
 
-    def __init__(self, cid: str, obj: str, created: int, model: str) -> None:
-        self.cid, self.obj, self.created, self.model = cid, obj, created, model
+    def __init__(self, cid: str, obj: str, created: int, model: str, top: Optional[int] = None) -> None:
+        self.cid, self.obj, self.created, self.model, self.top = cid, obj, created, model, top
 
     def chunk(self, choice: dict) -> bytes:
         return encode_sse(_chunk(self.cid, self.obj, self.created, self.model, choice))
@@ -531,7 +569,8 @@ async def chat_chunks(gs: GenerationStream, ids: _Ids, index: int, finals: list[
         for k, delta in enumerate(deltas):
             sent = True
             yield ids.chunk({"index": index, "delta": delta,
-                             "logprobs": chat_logprobs(ev.logprobs) if k == 0 else None, "finish_reason": None})
+                             "logprobs": chat_logprobs(ev.logprobs, ids.top) if k == 0 else None,
+                             "finish_reason": None})
         if ev.finish_reason is not None:
             yield ids.chunk({"index": index, "delta": {}, "logprobs": None, "finish_reason": finish_reason(ev, ts)})
             finals.append(ev)

@@ -155,12 +155,15 @@ class GenerationStream:
             self.cancel()
 
 
-async def collect(stream: GenerationStream) -> tuple[str, Optional[GenerationEvent]]:
-    """Start `stream` and concatenate its text; returns (text, last event)."""
+async def collect(stream: GenerationStream, logprobs: Optional[list] = None) -> tuple[str, Optional[GenerationEvent]]:
+    """Start `stream` and concatenate its text; returns (text, last event). The events' logprob entries are added
+    to `logprobs` when it is given."""
     await stream.start()
     parts: list[str] = []
     last = None
     async for ev in stream:
         parts.append(ev.text)
+        if logprobs is not None and ev.logprobs:
+            logprobs.extend(ev.logprobs)
         last = ev
     return "".join(parts), last

@@ -38,6 +38,10 @@ from airobackend.types import FinishReason, GenerationEvent, GenerationRequest, 
 # A request asking for more than this many new tokens is a client bug, not a wish (even with context shift).
 MAX_TOKENS_LIMIT = 1 << 20
 
+# A token the sampler left out has probability 0; JSON has no -inf, so its logprob is reported as OpenAI reports a
+# token outside the top 20.
+LOGPROB_FLOOR = -9999.0
+
 # KoboldCpp's stop_reason codes for /api/extra/perf (expose.h): INVALID -1, OUT_OF_TOKENS 0, EOS_TOKEN_HIT 1,
 # CUSTOM_STOPPER 2. An abort is reported as a custom stop, as KoboldCpp does.
 STOP_REASON_CODES = {FinishReason.LENGTH: 0, FinishReason.EOS: 1, FinishReason.STOP: 2, FinishReason.ABORTED: 2}
@@ -543,8 +547,8 @@ class Engine:
             idx = idx[np.argsort(-lp[idx], kind="stable")]
             chosen = float(lp[tid])
             top = [(int(i), float(lp[i])) for i in idx]
-        return {"id": tid, "token": piece(tid), "logprob": chosen,
-                "top_logprobs": [{"id": i, "token": piece(i), "logprob": v} for i, v in top]}
+        return {"id": tid, "token": piece(tid), "logprob": max(chosen, LOGPROB_FLOOR),
+                "top_logprobs": [{"id": i, "token": piece(i), "logprob": max(v, LOGPROB_FLOOR)} for i, v in top]}
 
     # ---------------------------------------------------------------------------------------------- other threads
     def abort(self, genkey: Optional[str] = None) -> bool:
@@ -576,14 +580,22 @@ class Engine:
         nobody is waiting, so one user's text is never shown to another (KoboldCpp's rule).
         """
         with self._cond:
-            job = self._running or self._last
-            if job is None:
-                return ""
-            if genkey:
-                ok = job.genkey == genkey
-            else:
-                ok = not job.genkey and not self._queue
-            return "".join(job.text) if ok else ""
+            job = self._visible_job(genkey)
+            return "".join(job.text) if job is not None else ""
+
+    def last_logprobs(self, genkey: Optional[str] = None) -> Optional[list[dict[str, Any]]]:
+        """The logprob entries of the running (else the last) generation, for KoboldCpp's /api/extra/last_logprobs,
+        under partial_text's rule; None when there is none to show or it recorded none."""
+        with self._cond:
+            job = self._visible_job(genkey)
+            return list(job.logprobs) if job is not None and job.req.n_probs > 0 else None
+
+    def _visible_job(self, genkey: Optional[str]) -> Optional[_Job]:
+        job = self._running or self._last
+        if job is None:
+            return None
+        ok = job.genkey == genkey if genkey else not job.genkey and not self._queue
+        return job if ok else None
 
     def perf(self) -> dict[str, Any]:
         """Counters behind KoboldCpp's /api/extra/perf (times in seconds)."""

@@ -467,6 +467,10 @@ class ModelManager:
         engine = self._engine
         return engine.partial_text(genkey) if engine is not None else ""
 
+    def last_logprobs(self, genkey: Optional[str] = None) -> Optional[list]:
+        engine = self._engine
+        return engine.last_logprobs(genkey) if engine is not None else None
+
     def perf(self) -> dict:
         perf = dict(self._current().perf())
         perf["queue"] = int(perf.get("queue", 0)) + self._waiting

@@ -214,7 +214,8 @@ def test_koboldapi_client_over_a_real_socket(demo_app, demo_engine):
         assert api.abort_generation() == "false"       # nothing of ours is running
         streamed = api.generate_sync("Tell me about llamas.", max_length=8, sampler_seed=5)
         assert streamed == text
-        assert api.get_last_logprobs() is None
+        lp = api.get_last_logprobs()                   # the streamed generation's, under this client's genkey
+        assert "".join(lp["tokens"]) == streamed and len(lp["content"]) == len(lp["tokens"])
 
 
 def test_engine_error_classes_map_to_kobold_shapes():
