@@ -37,8 +37,8 @@ OPTION_KEYS = ("max_tokens", "stop", "add_bos") + SAMPLING_KEYS
 
 Prompt = Union[str, Sequence[int]]
 
-# What to tell a user whose host lacks the package. `pip install airobackend` would not resolve: the project is not on
-# PyPI, so pip installs it from a checkout's folder (or a clone URL, `pip install git+<url>`).
+# What to tell a user whose host lacks the package. Installing it by its bare name would not resolve: the project is not
+# on PyPI, so pip installs it from a checkout's folder (or a clone URL, `pip install git+<url>`).
 INSTALL_HINT = "pip install /path/to/airobackend (the folder of an airobackend checkout, in this host's Python)"
 
 
