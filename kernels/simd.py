@@ -16,6 +16,7 @@ It must be decided before anything is compiled: LLVM aborts the process when ask
 """
 from __future__ import annotations
 
+import inspect
 import os
 
 import llvmlite.binding as llb
@@ -83,8 +84,15 @@ def _ptr_at(context, builder, arrty, arr, idxty, idx):
     return builder.gep(ary.data, [i])
 
 
+# Newer llvmlite takes the loaded type as `typ=` (opaque pointers need it); llvmlite 0.42, which comes with numba 0.59
+# (text-generation-webui 2.8.1 pins it), reads the type from the typed pointer and refuses the keyword.
+_LOAD_TAKES_TYPE = "typ" in inspect.signature(ir.IRBuilder.load).parameters
+
+
 def _load(builder, ptr, vty):
-    return builder.load(builder.bitcast(ptr, vty.as_pointer()), align=1, typ=vty)
+    """Unaligned load of a `vty` value at `ptr`."""
+    p = builder.bitcast(ptr, vty.as_pointer())
+    return builder.load(p, align=1, typ=vty) if _LOAD_TAKES_TYPE else builder.load(p, align=1)
 
 
 def _const_vec(elt, values):
@@ -187,7 +195,7 @@ def add_mask64(typingctx, a, arr, idx, val):
     merge-masked vpaddb: q5's fifth bits)."""
     def codegen(context, builder, sig, args):
         p = _ptr_at(context, builder, sig.args[1], args[1], sig.args[2], args[2])
-        m = builder.load(builder.bitcast(p, ir.IntType(64).as_pointer()), align=1, typ=ir.IntType(64))
+        m = _load(builder, p, ir.IntType(64))
         mb = builder.bitcast(m, ir.VectorType(ir.IntType(1), 64))
         return _add_where(context, builder, mb, args[0], args[3], sig.args[3])
     return I512(a, arr, idx, val), codegen
@@ -637,7 +645,7 @@ def load_h1(typingctx, arr, idx):
     """One IEEE half at element `idx` (byte index of a uint8 array), as float32."""
     def codegen(context, builder, sig, args):
         p = _ptr_at(context, builder, sig.args[0], args[0], sig.args[1], args[1])
-        h = builder.load(builder.bitcast(p, ir.HalfType().as_pointer()), align=1, typ=ir.HalfType())
+        h = _load(builder, p, ir.HalfType())
         return builder.fpext(h, _F32)
     return types.float32(arr, idx), codegen
 

@@ -31,3 +31,20 @@ def test_cli_help_runs():
     assert out.returncode == 0, out.stderr
     for cmd in ("serve", "run", "inspect"):
         assert cmd in out.stdout
+
+
+def test_every_package_folder_is_installed():
+    """`pip install /path/to/airobackend` (how the host integrations install it) builds a wheel from the package list
+    in pyproject.toml: a folder missing there is missing from every non-editable install (`airobackend serve` once)."""
+    import tomllib
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    tool = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(tool["packages"])
+    where = {pkg: root / folder for pkg, folder in tool["package-dir"].items()}
+    found = set()
+    for pkg, folder in where.items():
+        for init in folder.rglob("__init__.py"):
+            rel = init.parent.relative_to(folder).parts
+            found.add(".".join((pkg, *rel)))
+    assert found == listed, f"packages on disk {sorted(found)}, listed {sorted(listed)}"

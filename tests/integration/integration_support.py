@@ -9,6 +9,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -56,11 +57,12 @@ def free_port() -> int:
 class Server:
     """`airobackend serve` in a child process on a loopback port."""
 
-    def __init__(self, model: str, log_path: Path, api_key: str = "", model_dir: str = "") -> None:
-        self.port = free_port()
+    def __init__(self, model: str, log_path: Path, api_key: str = "", model_dir: str = "",
+                 env: Optional[dict] = None) -> None:
+        self.port, self.stream_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, AIRO_MODEL=model, AIRO_HOST="127.0.0.1", AIRO_PORT=str(self.port),
-                   AIRO_TEXTGEN_STREAM_PORT=str(free_port()), AIRO_N_CTX=str(N_CTX), AIRO_QUIET="1")
+        env = dict(os.environ, **(env or {}), AIRO_MODEL=model, AIRO_HOST="127.0.0.1", AIRO_PORT=str(self.port),
+                   AIRO_TEXTGEN_STREAM_PORT=str(self.stream_port), AIRO_N_CTX=str(N_CTX), AIRO_QUIET="1")
         if api_key:
             env["AIRO_API_KEY"] = api_key
         if model_dir:

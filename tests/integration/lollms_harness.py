@@ -1,5 +1,6 @@
 """A LoLLMS installation in a temporary folder (the stand-in package of lollms_standin/, see its README) with our
-binding copied into its bindings zoo, and LoLLMS's own way of calling a binding's generate()."""
+binding copied into its bindings zoo, and LoLLMS's own ways of calling a binding: the personality's generate() and
+lollms-webui's chat generation and Stop button."""
 from __future__ import annotations
 
 import importlib
@@ -14,10 +15,15 @@ FOLDER = BINDING_SRC.name
 
 
 class LollmsHost:
-    def __init__(self, root: Path) -> None:
+    """`generation`: "11.0.0" (the PyPI wheel) or "webui" (today's lollms-webui), see lollms_standin/README.md."""
+
+    def __init__(self, root: Path, generation: str = "webui") -> None:
         self.root = root
         _purge()
         sys.path.insert(0, str(STANDIN))
+        package = importlib.import_module("lollms")
+        assert generation in package.GENERATIONS, generation
+        package.GENERATION = self.generation = generation
         self.types = importlib.import_module("lollms.types")
         config_mod = importlib.import_module("lollms.config")
         self.InstallOption = config_mod.InstallOption
@@ -28,6 +34,7 @@ class LollmsHost:
         self.com = importlib.import_module("lollms.com").LoLLMsCom()
         self.models_folder = self.paths.personal_models_path / FOLDER
         self.bindings = []
+        self.cancel_gen = False
 
     def config(self, **values):
         cfg = importlib.import_module("lollms.main_config").LOLLMSConfig(lollms_paths=self.paths)
@@ -46,6 +53,18 @@ class LollmsHost:
         self.bindings.append(binding)
         return binding
 
+    def chat_generate(self, binding, prompt, n_predict, callback, personality_params: dict):
+        """lollms-webui `LollmsApplication._generate` (lollms/app.py, text-only branch with the personality's
+        parameters): the host's seed and thread count go with every call."""
+        return binding.generate(prompt, callback=callback, n_predict=n_predict, seed=binding.config["seed"],
+                                n_threads=binding.config["n_threads"], **personality_params)
+
+    def cancel_generation(self, binding) -> None:
+        """lollms-webui's Stop button, the socket.io event `cancel_generation` (events/lollms_generation_events.py),
+        run on the server's event loop while the generation runs in a worker thread."""
+        binding.stop_generation()
+        self.cancel_gen = True
+
     def close(self) -> None:
         for b in self.bindings:
             b.destroy_model()
@@ -61,8 +80,9 @@ def _purge() -> None:
 
 
 class Personality:
-    """LoLLMS's `AIPersonality.generate` / `process` (lollms 11.0.0 personality.py l.1536-1610): count the prompt's
-    tokens, ask for at most the rest of the context, and stop (callback returns False) at an antiprompt."""
+    """LoLLMS's `AIPersonality.generate` / `process` (lollms 11.0.0 personality.py l.1593-1614, lollms-webui
+    personality.py l.1590-1611): count the prompt's tokens (`get_nb_tokens` in 11.0.0, `count_tokens` in the webui),
+    ask for at most the rest of the context, without a seed, and stop (callback returns False) at an antiprompt."""
 
     def __init__(self, binding, types, antiprompts=(), temperature=0.7, top_k=50, top_p=0.95, repeat_penalty=1.0,
                  repeat_last_n=40) -> None:
@@ -91,7 +111,8 @@ class Personality:
 
     def generate(self, prompt, max_size=None, ctx_size=2048, max_n_predict=1024):
         self.bot_says = ""
-        ntokens = len(self.model.tokenize(prompt))
+        webui = sys.modules["lollms"].GENERATION == "webui"
+        ntokens = self.model.count_tokens(prompt) if webui else self.model.get_nb_tokens(prompt)
         self.model.generate(prompt, max_size if max_size else min(ctx_size - ntokens, max_n_predict),
                             partial(self.process, callback=None, show_progress=False), **self.params)
         return self.bot_says

@@ -71,3 +71,13 @@ def test_model_names_with_and_without_extensions_are_the_same_model():
     assert same("fx-q8_0.ggmlv3.bin", "fx-q8_0.ggmlv3") and same("fx-q8_0.ggmlv3.bin", "fx-q8_0")
     assert same("airoboros-65b.Q4_K_M.gguf", "airoboros-65b.Q4_K_M")
     assert not same("fx-q8_0.ggmlv3.bin", "fx-q4_0.gguf")
+
+
+def test_every_install_hint_names_a_command_that_works():
+    """The project is not on PyPI, so `pip install airobackend` does not resolve: hints name the project's folder."""
+    import re
+    assert load_bridge().INSTALL_HINT.startswith("pip install /path/to/airobackend")
+    files = [p for folder in (TGW_EXTENSION, LOLLMS_BINDING) for p in folder.iterdir() if p.suffix in (".py", ".md", ".txt")]
+    files.append(TGW_EXTENSION.parents[1] / "README.md")
+    for path in files:
+        assert not re.search(r"pip install airobackend(?![\w/-])", path.read_text()), path

@@ -1,12 +1,16 @@
-"""The text-generation-webui extension, driven the way the web UI and its OpenAI API drive it (textgen_host/README.md).
+"""The text-generation-webui extension, driven the way the web UI and its OpenAI API drive it (textgen_host/README.md),
+in both generations of the host: v2.8.1 and today's.
 
 Every generation is compared with what the engine itself produces for the same prompt and settings: the extension must
-hand the host exactly that text, as cumulative values, and stop when the host says so.
+hand the host exactly that text (less U+FFFD, see `shown_text`), as cumulative values, and stop when the host says so.
 """
 from __future__ import annotations
 
+import json
+import sys
 import threading
 import time
+import types
 
 import pytest
 
@@ -19,15 +23,21 @@ GREEDY = dict(top_k=1, ban_eos_token=True, repetition_penalty=1.0, truncation_le
 GREEDY_ENGINE = dict(top_k=1, ban_eos=True, repetition_penalty=1.0)
 
 
-@pytest.fixture
-def host(tmp_path):
-    h = TextgenHost(tmp_path / "text-generation-webui")
+@pytest.fixture(params=["v2.8.1", "current"])
+def host(tmp_path, request):
+    h = TextgenHost(tmp_path / "text-generation-webui", generation=request.param)
     yield h
     h.close()
 
 
-def start_in_process(host: TextgenHost, model: str, call_form: str = "current") -> None:
-    host.start(settings={"airobackend-model": model, "airobackend-n_ctx": N_CTX}, call_form=call_form)
+def shown_text(path: str, prompt: str, max_tokens: int, **sampling) -> str:
+    """What the web UI must show for a generation: the engine's text less U+FFFD (see `_without_replacement_chars`
+    in the extension: the host drops streamed pieces that hold one)."""
+    return engine_text(path, prompt, max_tokens, **sampling).replace("\ufffd", "")
+
+
+def start_in_process(host: TextgenHost, model: str) -> None:
+    host.start(settings={"airobackend-model": model, "airobackend-n_ctx": N_CTX})
 
 
 def assert_cumulative(values: list[str]) -> None:
@@ -44,11 +54,10 @@ def test_settings_yaml_applies_before_setup_and_setup_installs_model(host, fx_mo
     assert host.shared.tokenizer.bos_token_id == 1
 
 
-@pytest.mark.parametrize("call_form", ["v2.8.1", "current"])
-def test_yields_cumulative_text_equal_to_the_engine(host, model_path, call_form):
-    start_in_process(host, model_path, call_form)
+def test_yields_cumulative_text_equal_to_the_engine(host, model_path):
+    start_in_process(host, model_path)
     values = host.generate(PROMPT, default_state(max_new_tokens=24, **GREEDY))
-    expected = engine_text(model_path, PROMPT, 24, **GREEDY_ENGINE)
+    expected = shown_text(model_path, PROMPT, 24, **GREEDY_ENGINE)
     assert expected
     assert values[0] == "", "outside chat the built-in loaders yield '' first; the API relies on the same shape"
     assert_cumulative(values)
@@ -56,24 +65,24 @@ def test_yields_cumulative_text_equal_to_the_engine(host, model_path, call_form)
     assert len(set(values)) > 3, "streamed token by token, not as one block"
 
 
-def test_chat_mode_starts_with_text_and_ends_with_the_engine_text(host, fx_model):
+def test_chat_mode_starts_with_text_and_ends_with_the_shown_text(host, fx_model):
     start_in_process(host, fx_model)
     values = host.generate(PROMPT, default_state(max_new_tokens=12, **GREEDY), is_chat=True)
     assert values[0] != ""
     assert_cumulative(values)
-    assert values[-1] == engine_text(fx_model, PROMPT, 12, **GREEDY_ENGINE)
+    assert values[-1] == shown_text(fx_model, PROMPT, 12, **GREEDY_ENGINE)
 
 
 def test_non_streaming_request_gets_the_whole_reply_once(host, fx_model):
     start_in_process(host, fx_model)
     values = host.generate(PROMPT, default_state(max_new_tokens=12, stream=False, **GREEDY))
-    assert values == [engine_text(fx_model, PROMPT, 12, **GREEDY_ENGINE)]
+    assert values == [shown_text(fx_model, PROMPT, 12, **GREEDY_ENGINE)]
 
 
 @pytest.mark.parametrize("where", ["custom_stopping_strings", "stopping_strings", "string_form"])
 def test_stop_string_cuts_the_reply_and_frees_the_engine(host, fx_model, where):
     start_in_process(host, fx_model)
-    full = engine_text(fx_model, PROMPT, 24, **GREEDY_ENGINE)
+    full = shown_text(fx_model, PROMPT, 24, **GREEDY_ENGINE)
     stop = full[len(full) // 2: len(full) // 2 + 3]
     cut = full[:full.find(stop)]
     state = default_state(max_new_tokens=24, **GREEDY)
@@ -127,11 +136,11 @@ def test_stop_button_ends_a_running_generation(host, fx_model, how):
     presser.join(5)
     n_generated = len(host.script.backend.tokenize(values[-1], add_bos=False))
     assert 0 < n_generated < max_new // 2
-    reference = engine_text(fx_model, PROMPT, 24, **GREEDY_ENGINE)
+    reference = shown_text(fx_model, PROMPT, 24, **GREEDY_ENGINE)
     assert values[-1][:len(reference)] == reference[:len(values[-1])], "what it made before the stop is the engine's"
     host.shared.stop_everything = False
     assert host.generate(PROMPT, default_state(max_new_tokens=8, **GREEDY))[-1] == \
-        engine_text(fx_model, PROMPT, 8, **GREEDY_ENGINE)
+        shown_text(fx_model, PROMPT, 8, **GREEDY_ENGINE)
 
 
 def test_tokenizer_serves_the_hosts_encode_decode_and_token_counter(host, model_path):
@@ -144,17 +153,42 @@ def test_tokenizer_serves_the_hosts_encode_decode_and_token_counter(host, model_
     assert host.tg.decode([int(t) for t in host.tg.encode(PROMPT, add_bos_token=False)[0]]) == PROMPT
 
 
-def test_openai_api_stream_through_the_host(host, model_path):
+def complete(host: TextgenHost, stream: bool, **body) -> tuple[str, dict]:
+    """`POST /v1/completions` as an OpenAI client sends it: the text (streamed: the deltas joined) and the usage."""
+    body = dict(prompt=PROMPT, stream=stream, **body)
+    if not stream:
+        r = host.api.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"], r.json()["usage"]
+    text, usage = "", None
+    with host.api.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunk = json.loads(line[len("data: "):])
+                text += chunk["choices"][0]["text"]
+                usage = chunk.get("usage") or usage
+    return text, usage
+
+
+def test_openai_api_streamed_and_whole_completions_are_the_same_text(host, model_path):
     start_in_process(host, model_path)
-    chunks, answer, usage = host.tg.openai_stream_completion(PROMPT, default_state(max_new_tokens=24, **GREEDY))
-    assert answer == engine_text(model_path, PROMPT, 24, **GREEDY_ENGINE)
-    # The host holds back every chunk from a U+FFFD on (its partial-character guard), which random fixture
-    # weights can produce; up to there the deltas must add up to the answer exactly.
-    streamed = "".join(chunks)
-    assert answer.startswith(streamed) and len(chunks) > 3
-    if "\ufffd" not in answer:
-        assert streamed == answer
-    assert usage["prompt_tokens"] == len(host.script.backend.tokenize(PROMPT))
+    whole, usage = complete(host, False, max_tokens=24, **GREEDY)
+    streamed, stream_usage = complete(host, True, max_tokens=24, **GREEDY)
+    assert whole == streamed == shown_text(model_path, PROMPT, 24, **GREEDY_ENGINE)
+    assert usage == stream_usage and usage["prompt_tokens"] == len(host.script.backend.tokenize(PROMPT))
+
+
+def test_bytes_that_are_no_utf8_do_not_cut_the_streamed_answer(host, fx_model):
+    """The fixture model's random weights make byte tokens that are no UTF-8: the engine's text holds U+FFFD there.
+    The host drops every streamed piece containing one, so the answer must reach it without them, whole."""
+    raw = engine_text(fx_model, PROMPT, 24, **GREEDY_ENGINE)
+    first = raw.index("\ufffd")              # the case is there
+    start_in_process(host, fx_model)
+    streamed, _ = complete(host, True, max_tokens=24, **GREEDY)
+    assert streamed == raw.replace("\ufffd", "") and len(streamed) > first
+    assert complete(host, False, max_tokens=24, **GREEDY)[0] == streamed
+    assert host.generate(PROMPT, default_state(max_new_tokens=24, **GREEDY))[-1] == streamed
 
 
 def test_prompt_longer_than_the_context_is_left_truncated_like_the_host_does(host, fx_model):
@@ -175,30 +209,28 @@ SAMPLED = dict(temperature=1.0, top_k=0, top_p=0.9, min_p=0.0, typical_p=1.0, tf
                repetition_penalty=1.1, repetition_penalty_range=64, presence_penalty=0.0, frequency_penalty=0.0)
 
 
-@pytest.mark.parametrize("call_form", ["v2.8.1", "current"])
-def test_seed_from_either_calling_convention_reproduces_the_engine(host, fx_model, call_form):
-    start_in_process(host, fx_model, call_form)
+def test_seed_from_either_calling_convention_reproduces_the_engine(host, fx_model):
+    start_in_process(host, fx_model)
     state = default_state(max_new_tokens=20, seed=1234, ban_eos_token=True, truncation_length=N_CTX,
                           mirostat_mode=0, **SAMPLED)
     first = host.generate(PROMPT, state)[-1]
-    assert first == engine_text(fx_model, PROMPT, 20, seed=1234, ban_eos=True, **SAMPLED)
+    assert first == shown_text(fx_model, PROMPT, 20, seed=1234, ban_eos=True, **SAMPLED)
     assert host.generate(PROMPT, dict(state, seed=4321))[-1] != first
 
 
 # ------------------------------------------------------------------------------------------------- remote mode
 
-def start_remote(host: TextgenHost, server, call_form: str = "current") -> None:
-    host.start(settings={"airobackend-mode": "remote", "airobackend-server_url": server.url}, call_form=call_form)
+def start_remote(host: TextgenHost, server) -> None:
+    host.start(settings={"airobackend-mode": "remote", "airobackend-server_url": server.url})
 
 
-@pytest.mark.parametrize("call_form", ["v2.8.1", "current"])
-def test_remote_mode_streams_the_servers_text(host, fx_server, fx_model, call_form):
-    start_remote(host, fx_server, call_form)
+def test_remote_mode_streams_the_servers_text(host, fx_server, fx_model):
+    start_remote(host, fx_server)
     assert host.shared.model_name
     values = host.generate(PROMPT, default_state(max_new_tokens=24, **GREEDY))
     assert values[0] == ""
     assert_cumulative(values)
-    assert values[-1] == engine_text(fx_model, PROMPT, 24, **GREEDY_ENGINE)
+    assert values[-1] == shown_text(fx_model, PROMPT, 24, **GREEDY_ENGINE)
 
 
 def test_remote_mode_forwards_every_sampler_setting(host, fx_server, fx_model):
@@ -206,12 +238,12 @@ def test_remote_mode_forwards_every_sampler_setting(host, fx_server, fx_model):
     penalty and its range all arrive."""
     start_remote(host, fx_server)
     state = default_state(max_new_tokens=20, seed=1234, ban_eos_token=True, truncation_length=N_CTX, **SAMPLED)
-    assert host.generate(PROMPT, state)[-1] == engine_text(fx_model, PROMPT, 20, seed=1234, ban_eos=True, **SAMPLED)
+    assert host.generate(PROMPT, state)[-1] == shown_text(fx_model, PROMPT, 20, seed=1234, ban_eos=True, **SAMPLED)
 
 
 def test_remote_mode_stop_string_and_tokenizer(host, fx_server, fx_model):
     start_remote(host, fx_server)
-    full = engine_text(fx_model, PROMPT, 24, **GREEDY_ENGINE)
+    full = shown_text(fx_model, PROMPT, 24, **GREEDY_ENGINE)
     stop = full[len(full) // 2: len(full) // 2 + 3]
     values = host.generate(PROMPT, default_state(max_new_tokens=24, custom_stopping_strings=[stop], **GREEDY))
     assert values[-1] == full[:full.find(stop)]
@@ -232,56 +264,88 @@ def test_remote_mode_stop_button_closes_the_stream(host, fx_server, fx_model):
     assert 0 < n_generated < max_new // 2
     host.shared.stop_everything = False
     assert host.generate(PROMPT, default_state(max_new_tokens=8, **GREEDY))[-1] == \
-        engine_text(fx_model, PROMPT, 8, **GREEDY_ENGINE)
+        shown_text(fx_model, PROMPT, 8, **GREEDY_ENGINE)
 
 
 def test_remote_mode_sends_the_api_key(host, fx_server_with_key, fx_model, capsys):
     server = fx_server_with_key
     host.start(settings={"airobackend-mode": "remote", "airobackend-server_url": server.url})
-    assert host.shared.model is None and "401" in capsys.readouterr().out, "no key: refused, reported, UI stays up"
+    assert host.shared.model_name == host.script.NOT_CONNECTED and "401" in capsys.readouterr().out
+    r = host.api.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 4})
+    assert r.status_code == 503 and "401" in r.json()["detail"], "no key: refused, and the API client is told why"
     host.script.params["api_key"] = server.api_key
     host.script.connect()
     assert host.generate(PROMPT, default_state(max_new_tokens=8, **GREEDY))[-1] == \
-        engine_text(fx_model, PROMPT, 8, **GREEDY_ENGINE)
+        shown_text(fx_model, PROMPT, 8, **GREEDY_ENGINE)
 
 
 # ------------------------------------------------------------------------------------------------- set-up paths
 
-def test_a_bad_model_does_not_take_the_web_ui_down_and_generation_names_it(host, fx_model, capsys):
+class FakeGradio(types.ModuleType):
+    """A recording stand-in for gradio: its components remember their arguments, `Error` is its exception whose
+    message the web UI shows (any other exception shows as a bare "Error")."""
+
+    def __init__(self):
+        super().__init__("gradio")
+        self.recorded = {}
+        recorded = self.recorded
+
+        class Component:
+            def __init__(self, *args, **kwargs):
+                self.kwargs = kwargs
+                recorded.setdefault(type(self).__name__, []).append(self)
+
+            def click(self, fn, inputs, outputs):
+                recorded["apply"] = (fn, inputs)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return False
+
+        for name in ("Accordion", "Radio", "Dropdown", "Textbox", "Number", "Markdown", "Button"):
+            setattr(self, name, type(name, (Component,), {}))
+
+        class Error(Exception):
+            def __init__(self, message="Error raised.", duration=10, visible=True):
+                super().__init__(message)
+                self.message, self.duration, self.visible = message, duration, visible
+
+        self.Error = Error
+
+
+@pytest.fixture
+def gradio(monkeypatch):
+    fake = FakeGradio()
+    monkeypatch.setitem(sys.modules, "gradio", fake)
+    return fake
+
+
+def test_a_failed_load_is_shown_in_the_ui_and_the_api_and_the_next_use_retries(host, fx_model, gradio, capsys):
     host.start(settings={"airobackend-model": "/nowhere/airoboros-65b.q4_K_M.bin"})
-    assert host.shared.model is None and "not connected yet" in capsys.readouterr().out
-    with pytest.raises(Exception, match="airoboros-65b.q4_K_M"):
+    assert "airoboros-65b.q4_K_M" in capsys.readouterr().out, "the console says why"
+    # a placeholder model, so that the host's own "no model is loaded" checks pass and every use comes here
+    assert host.shared.model is not None and host.shared.model_name == host.script.NOT_CONNECTED
+    # the web UI: the error is a gradio.Error carrying the reason, and the settings block shows it
+    with pytest.raises(gradio.Error, match="airoboros-65b.q4_K_M"):
         host.generate(PROMPT, default_state(max_new_tokens=4, **GREEDY))
+    host.script.ui()
+    assert "airoboros-65b.q4_K_M" in gradio.recorded["Markdown"][0].kwargs["value"]
+    # the OpenAI API: 503 with the reason (a streamed answer has sent its 200 before the error: it just ends)
+    r = host.api.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 4})
+    assert r.status_code == 503 and "airoboros-65b.q4_K_M" in r.json()["detail"], r.text
+    # fixed without a restart: the next use connects
+    host.script.params["model"] = fx_model
+    assert complete(host, False, max_tokens=8, **GREEDY)[0] == shown_text(fx_model, PROMPT, 8, **GREEDY_ENGINE)
+    assert host.shared.model_name.startswith("fx-q4_0")
 
 
-def test_ui_apply_reconnects_with_the_new_settings(host, fx_model, demo_model, monkeypatch):
-    """The UI block's Apply button (wired through a recording stand-in for gradio) switches the model."""
-    import sys
-    import types
-
-    recorded = {}
-
-    class Component:
-        def __init__(self, *args, **kwargs):
-            self.kwargs = kwargs
-
-        def click(self, fn, inputs, outputs):
-            recorded["apply"] = (fn, inputs)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-    gradio = types.ModuleType("gradio")
-    for name in ("Accordion", "Radio", "Dropdown", "Textbox", "Number", "Markdown", "Button"):
-        setattr(gradio, name, Component)
-    monkeypatch.setitem(sys.modules, "gradio", gradio)
-
+def test_ui_apply_reconnects_with_the_new_settings(host, fx_model, demo_model, gradio):
+    """The UI block's Apply button switches the model."""
     start_in_process(host, fx_model)
     host.script.ui()
-    fn, inputs = recorded["apply"]
+    fn, inputs = gradio.recorded["apply"]
     values = [c.kwargs.get("value") for c in inputs]
     assert values[0] == "in-process" and values[1] == fx_model
     assert any(name.startswith("fx-q4_0") for name in inputs[1].kwargs["choices"]), "the library in the dropdown"
@@ -290,7 +354,22 @@ def test_ui_apply_reconnects_with_the_new_settings(host, fx_model, demo_model, m
     assert status.startswith("Connected: airobackend-demo"), status
     assert host.shared.model_name.startswith("airobackend-demo")
     assert host.generate(PROMPT, default_state(max_new_tokens=12, **GREEDY))[-1] == \
-        engine_text(demo_model, PROMPT, 12, **GREEDY_ENGINE)
+        shown_text(demo_model, PROMPT, 12, **GREEDY_ENGINE)
+    values[1] = "/nowhere/else.gguf"      # in-process, the old model is freed before the next one loads
+    assert fn(*values).startswith("Error: airobackend: cannot connect") and "else.gguf" in host.script.last_error
+    assert host.shared.model_name == host.script.NOT_CONNECTED
+
+
+def test_todays_web_ui_loads_the_extension_from_user_data(tmp_path, fx_model):
+    """Today's web UI prefers `user_data/extensions/<name>/script.py`, loaded as a plain module from its file."""
+    host = TextgenHost(tmp_path / "text-generation-webui", generation="current", user_extensions=True)
+    try:
+        start_in_process(host, fx_model)
+        assert host.script.__name__ == "user_ext_airobackend"
+        assert host.generate(PROMPT, default_state(max_new_tokens=8, **GREEDY))[-1] == \
+            shown_text(fx_model, PROMPT, 8, **GREEDY_ENGINE)
+    finally:
+        host.close()
 
 
 def test_older_callers_passing_is_chat_positionally(host, fx_model):
@@ -300,4 +379,4 @@ def test_older_callers_passing_is_chat_positionally(host, fx_model):
     chat = list(host.script.custom_generate_reply(PROMPT, PROMPT, 7, state, [], True))
     plain = list(host.script.custom_generate_reply(PROMPT, PROMPT, 7, state, []))
     assert chat[0] != "" and plain[0] == "" and chat[-1] == plain[-1] == \
-        engine_text(fx_model, PROMPT, 6, **GREEDY_ENGINE)
+        shown_text(fx_model, PROMPT, 6, **GREEDY_ENGINE)

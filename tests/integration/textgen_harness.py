@@ -31,40 +31,62 @@ def default_state(**overrides) -> dict:
 
 
 class TextgenHost:
-    """A text-generation-webui checkout in `root` with `extensions/airobackend` copied in, as a user installs it."""
+    """A text-generation-webui checkout in `root` with the extension copied in, as a user installs it.
 
-    def __init__(self, root: Path) -> None:
+    `generation`: "v2.8.1" or "current" (textgen_host/README.md); `user_extensions`: put the extension in
+    `user_data/extensions/` (today's place for a user's extensions) instead of `extensions/`.
+    """
+
+    def __init__(self, root: Path, generation: str = "current", user_extensions: bool = False) -> None:
         self.root = root
         shutil.copytree(HOST_SRC / "modules", root / "modules")
-        shutil.copytree(EXTENSION_SRC, root / "extensions" / "airobackend",
-                        ignore=shutil.ignore_patterns("__pycache__"))
         self._purge()
         sys.path.insert(0, str(root))
+        package = importlib.import_module("modules")
+        assert generation in package.GENERATIONS, generation
+        package.GENERATION = self.generation = generation
         self.shared = importlib.import_module("modules.shared")
+        if user_extensions:
+            assert generation == "current", "v2.8.1 has no user_data/extensions"
+            target = self.shared.user_data_dir / "extensions" / "airobackend"
+        else:
+            target = root / "extensions" / "airobackend"
+        shutil.copytree(EXTENSION_SRC, target, ignore=shutil.ignore_patterns("__pycache__"))
         self.extensions = importlib.import_module("modules.extensions")
         self.tg = importlib.import_module("modules.text_generation")
+        self._api = None
 
-    def start(self, *, settings: Optional[dict] = None, call_form: str = "current",
-              extensions: tuple = ("airobackend",)) -> None:
+    def start(self, *, settings: Optional[dict] = None, extensions: tuple = ("airobackend",)) -> None:
         """`python server.py --extensions airobackend` with `settings` as settings.yaml."""
         self.shared.settings.update(settings or {})
         self.shared.args.extensions = list(extensions)
-        self.tg.CALL_FORM = call_form
         self.extensions.load_extensions()
 
     @property
+    def api(self):
+        """A client of the web UI's OpenAI-compatible API (`--api`), running in this process."""
+        if self._api is None:
+            from fastapi.testclient import TestClient
+            app = importlib.import_module("modules.openai_api").create_app(default_state())
+            self._api = TestClient(app, raise_server_exceptions=False)
+        return self._api
+
+    @property
     def script(self):
-        return sys.modules["extensions.airobackend.script"]
+        return self.extensions.state["airobackend"][2]
 
     def generate(self, prompt: str, state: dict, stopping_strings=None, is_chat: bool = False) -> list[str]:
         """Every value the host's generate_reply yields (what its UI or API receives)."""
         return list(self.tg.generate_reply(prompt, state, stopping_strings, is_chat=is_chat))
 
     def close(self) -> None:
-        script = sys.modules.get("extensions.airobackend.script")
+        loaded = sys.modules.get("modules.extensions")
+        script = loaded.state["airobackend"][2] if loaded and "airobackend" in loaded.state else None
         if script is not None and script.backend is not None:
             script.backend.close()
             script.backend = None
+        if self._api is not None:
+            self._api.close()
         self._purge()
         if str(self.root) in sys.path:
             sys.path.remove(str(self.root))
@@ -72,5 +94,5 @@ class TextgenHost:
     @staticmethod
     def _purge() -> None:
         for name in list(sys.modules):
-            if name in ("modules", "extensions") or name.startswith(("modules.", "extensions.")):
+            if name in ("modules", "extensions") or name.startswith(("modules.", "extensions.", "user_ext_")):
                 del sys.modules[name]

@@ -1,16 +1,18 @@
 """LoLLMS binding for airobackend: GGML/GGUF LLaMA models (Airoboros and friends) on airobackend's CPU engine.
 
 Two modes, chosen in the binding settings:
-* `in-process` (default): the engine runs inside LoLLMS; needs `pip install airobackend` in LoLLMS's environment.
-  Models are the GGML/GGUF/split-zip files in LoLLMS's models folder for this binding
-  (`<personal models path>/airobackend_binding/`) or in `model_dir`; an empty model name runs the demo model.
+* `in-process` (default): the engine runs inside LoLLMS; needs airobackend in LoLLMS's environment
+  (`pip install /path/to/airobackend`). Models are found where LoLLMS puts them (see `Airobackend._local_models`);
+  an empty model name runs the demo model.
 * `remote`: talks to a running `airobackend serve` at `address` (nothing to install).
 
-Contract followed (LoLLMS `lollms/binding.py`, PyPI lollms 11.0.0; ../shared/docs/protocols.md §5.1): LoLLMS loads this
-folder's `__init__.py`, takes the class named by `binding_name`, instantiates it as
+Contract followed, for both generations of the `lollms` package (tests/integration/lollms_standin/README.md):
+LoLLMS 11.0.0 (PyPI wheel, `lollms/binding.py`) and today's lollms-webui (`lollms/binding.py`, ParisNeo/lollms-webui
+`e6afb66a`). LoLLMS loads this folder's `__init__.py`, takes the class named by `binding_name`, instantiates it as
 `Binding(config, lollms_paths=..., installation_option=..., lollmsCom=...)`, calls `build_model()`, then `tokenize`,
 `detokenize`, `generate(prompt, n_predict, callback, **gpt_params)` (callback(chunk, MSG_OPERATION_TYPE_ADD_CHUNK) per
-new piece of text; returning False stops the generation) and `list_models` / `get_available_models` for its UI.
+new piece of text; returning False stops the generation), `stop_generation()` for its Stop button, and
+`list_models` / `get_available_models` for its UI.
 
 The folder is not called `airobackend`: LoLLMS imports a binding under its folder name, which would shadow the
 `airobackend` package itself.
@@ -18,7 +20,9 @@ The folder is not called `airobackend`: LoLLMS imports a binding under its folde
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -54,6 +58,23 @@ binding_name = "Airobackend"
 binding_folder_name = "airobackend_binding"
 DEMO_MODEL = "airobackend-demo"
 MODEL_SUFFIXES = (".bin", ".gguf", ".zip", ".reference")
+# The models folders (under LoLLMS's personal models path) this binding reads: its own first (LoLLMS writes the
+# references of "add reference to local model" there), then the shared folders the model zoo downloads into
+# (lollms-webui `LLMBinding.install_model_async`: `models/gguf/<repo>/<file>`; GGML files go to `models/ggml/`).
+MODELS_DIR_NAMES = (binding_folder_name, "gguf", "ggml")
+
+
+def _file_extensions_argument() -> dict:
+    """The base class's keyword for the accepted file extensions, read from its signature.
+
+    LoLLMS 11.0.0 calls it `supported_file_extensions`; lollms-webui renamed it `SAFE_STORE_SUPPORTED_FILE_EXTENSIONS`
+    on 2025-05-23 (`lollms/binding.py`), and passing the other name is a TypeError. A host with neither gets nothing.
+    """
+    parameters = inspect.signature(LLMBinding.__init__).parameters
+    for name in ("SAFE_STORE_SUPPORTED_FILE_EXTENSIONS", "supported_file_extensions"):
+        if name in parameters:
+            return {name: list(MODEL_SUFFIXES)}
+    return {}
 
 
 class Airobackend(LLMBinding):
@@ -66,32 +87,33 @@ class Airobackend(LLMBinding):
         binding_config = TypedConfig(
             ConfigTemplate([
                 {"name": "mode", "type": "str", "value": "in-process", "options": ["in-process", "remote"],
-                 "help": "in-process: run the engine inside LoLLMS (pip install airobackend); "
+                 "help": "in-process: run the engine inside LoLLMS (pip install /path/to/airobackend); "
                          "remote: use a running `airobackend serve`"},
                 {"name": "address", "type": "str", "value": "http://127.0.0.1:5001",
                  "help": "remote mode: the URL of `airobackend serve`"},
                 {"name": "server_key", "type": "str", "value": "", "help": "remote mode: the server's --api-key"},
                 {"name": "model_dir", "type": "str", "value": "",
-                 "help": "in-process mode: folder of GGML/GGUF files (empty: LoLLMS's models folder for this binding)"},
+                 "help": "in-process mode: folder of GGML/GGUF files (empty: the models folders LoLLMS uses)"},
                 {"name": "ctx_size", "type": "int", "value": 2048, "min": 64,
                  "help": "context size in tokens"},
                 {"name": "n_threads", "type": "int", "value": 0, "min": 0, "help": "threads (0: all physical cores)"},
-                {"name": "seed", "type": "int", "value": -1, "help": "-1: a new random seed per generation"},
             ]),
             BaseConfig(config={}),
         )
         super().__init__(Path(__file__).parent, lollms_paths, config, binding_config, installation_option,
-                         supported_file_extensions=list(MODEL_SUFFIXES), lollmsCom=lollmsCom)
+                         models_dir_names=list(MODELS_DIR_NAMES), lollmsCom=lollmsCom, **_file_extensions_argument())
         self.config.ctx_size = int(self.binding_config.config.ctx_size)  # saved values may come back as text
         self.backend = None
+        self._stream_lock = threading.Lock()
+        self._stream = None               # the generation in progress, for stop_generation()
 
     # -- life cycle
     def install(self) -> None:
         """Nothing to download: in-process mode needs the airobackend package, remote mode nothing at all."""
         super().install()
         if importlib.util.find_spec("airobackend") is None:
-            self.warning("airobackend is not installed in LoLLMS's Python: in-process mode needs "
-                         "`pip install airobackend`; remote mode works without it.")
+            self.warning(f"airobackend is not installed in LoLLMS's Python: in-process mode needs it "
+                         f"({bridge.INSTALL_HINT}); remote mode works without it.")
 
     def settings_updated(self) -> None:
         self.config.ctx_size = int(self.binding_config.config.ctx_size)
@@ -125,38 +147,48 @@ class Airobackend(LLMBinding):
     def _model_dirs(self) -> list[Path]:
         if str(self.binding_config.model_dir).strip():
             return [Path(self.binding_config.model_dir).expanduser()]
-        return list(self.models_folders)
+        return [Path(p) for p in self.models_folders]
+
+    def _local_models(self) -> dict[str, str]:
+        """Every model LoLLMS put where this binding looks, as {name LoLLMS shows: file path}.
+
+        In each models folder: GGML/GGUF/split-zip files, also one level down (`gguf/<repo>/<file>.gguf` from the
+        model zoo); references made by "add reference to local model" (`reference_model` in lollms `binding.py`
+        writes `<folder>/<file name>/<stem>.reference` holding the path; LoLLMS lists it by the `<file name>` folder,
+        as its own `list_models` does); and flat `<name>.reference` files. Names in the first folder are bare, names
+        in the others start with the folder's name (`gguf/<repo>/<file>.gguf`); the first of two equal names wins.
+        """
+        found: dict[str, str] = {}
+        for i, folder in enumerate(self._model_dirs()):
+            if not folder.is_dir():
+                continue
+            prefix = "" if i == 0 else folder.name + "/"
+            for name in bridge.list_library(str(folder)):
+                found.setdefault(prefix + name, str(folder / name))
+            for ref in sorted(folder.glob("*/*.reference")) + sorted(folder.glob("*.reference")):
+                name = ref.parent.name if ref.parent != folder else ref.name
+                found.setdefault(prefix + name, _read_reference(ref))
+        return found
 
     def _model_path(self, name: Optional[str]) -> str:
-        """'' for the demo model (in-process) or the server's current model (remote); a file path for a file (a
-        LoLLMS `.reference` file holds the path of a file elsewhere); else the name itself, which the model library
-        resolves (of the first models folder in-process, of the server in remote mode)."""
+        """'' for the demo model (in-process) or the server's current model (remote); the file of a name from
+        `list_models`; else the name itself, which the model library resolves (of the first models folder
+        in-process, of the server in remote mode) or refuses with the names it knows."""
         if not name or name == DEMO_MODEL:
             return ""
-        if self.binding_config.mode != "in-process":
+        if self.binding_config.mode != "in-process" or Path(name).is_absolute():
             return name
-        if Path(name).is_absolute():
-            return name
-        for folder in self._model_dirs():
-            p = folder / name
-            if p.suffix == ".reference" and p.is_file():
-                return p.read_text(encoding="utf-8").strip()
-            if p.is_file():
-                return str(p)
-        return name
+        return self._local_models().get(name, name)
 
     def list_models(self) -> list[str]:
-        """The model files LoLLMS can select: the library folder's models (in-process) or the server's list."""
+        """The models LoLLMS can select: the local ones (in-process, see `_local_models`) or the server's list."""
         if self.binding_config.mode != "in-process":
             return self._remote().list_models()
-        names = []
-        for folder in self._model_dirs():
-            names += bridge.list_library(str(folder))
-            names += [p.name for p in folder.glob("*.reference")]
-        return [DEMO_MODEL] + sorted(set(names))
+        return [DEMO_MODEL] + sorted(self._local_models(), key=str.lower)
 
     def get_available_models(self, app=None) -> list[dict]:
-        """Entries for LoLLMS's model zoo page (the shape the zoo's API bindings return)."""
+        """Entries for LoLLMS's model zoo page (the shape the zoo's API bindings return); their names are those of
+        `list_models`, which is how the page marks them installed."""
         return [{"category": "generic", "datasets": "unknown", "icon": "/bindings/airobackend_binding/logo.png",
                  "license": "see the model card", "model_creator": "local file", "name": name,
                  "quantizer": None, "rank": "1.0", "type": "api" if self.binding_config.mode != "in-process" else "file",
@@ -184,14 +216,19 @@ class Airobackend(LLMBinding):
                  verbose: bool = False, **gpt_params: Any) -> str:
         """Generate up to `n_predict` tokens; each new piece of text goes to `callback(chunk, ADD_CHUNK)`.
 
-        A callback that returns False stops the generation at once (LoLLMS does that when its antiprompt shows up or
-        the user presses Stop); other return values, None included, continue. Returns the text generated; an error
-        is reported to the user (`self.error`) and ends the generation with the text made so far.
+        A callback that returns False stops the generation at once (LoLLMS does that when its antiprompt shows up);
+        other return values, None included, continue. `stop_generation()` from another thread stops it too. The
+        seed is the one LoLLMS passes (its own `seed` setting; lollms-webui `app._generate`), else its config's.
+        Returns the text generated; an error is reported to the user (`self.error`) and ends the generation with the
+        text made so far.
         """
         b = self._need_backend()
-        options = options_from_gpt_params(gpt_params, n_predict, default_seed=int(self.binding_config.seed))
+        options = options_from_gpt_params(gpt_params, n_predict, default_seed=_config_seed(self.config))
+        stream = b.stream(prompt, options)
+        with self._stream_lock:
+            self._stream = stream
         text = ""
-        deltas = iter(b.stream(prompt, options))
+        deltas = iter(stream)
         try:
             for delta in deltas:
                 text += delta
@@ -205,7 +242,32 @@ class Airobackend(LLMBinding):
             self.error(f"airobackend: {type(e).__name__}: {e}")
         finally:
             deltas.close()  # stops the engine (or closes the server connection) when we leave early
+            with self._stream_lock:
+                if self._stream is stream:
+                    self._stream = None
         return text
+
+    def stop_generation(self) -> None:
+        """LoLLMS's Stop button: lollms-webui's `cancel_generation` event (events/lollms_generation_events.py) calls
+        `model.stop_generation()` from its event loop while `generate` runs in a worker thread. The engine stops
+        within one prompt batch while it reads the prompt, within one token after; `generate` returns the text made
+        so far. (LoLLMS 11.0.0 has no Stop hook in the binding; its callback returning False does the same.)"""
+        with self._stream_lock:
+            stream = self._stream
+        if stream is not None:
+            stream.cancel()
+
+
+def _read_reference(ref: Path) -> str:
+    """The model path a LoLLMS reference file holds (written on Windows with either separator)."""
+    return ref.read_text(encoding="utf-8").strip()
+
+
+def _config_seed(config: Any) -> int:
+    try:
+        return int(config["seed"])
+    except (KeyError, TypeError, ValueError):
+        return -1
 
 
 def options_from_gpt_params(gpt_params: dict, n_predict: Optional[int], default_seed: int = -1) -> dict:

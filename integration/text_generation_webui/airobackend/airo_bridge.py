@@ -1,7 +1,8 @@
 """The host-neutral half of the airobackend integrations: one small interface over two ways to reach the engine.
 
 * `InProcessBackend` runs the engine inside the host's Python process through airobackend's public API
-  (`ModelManager` / `Engine.generate(GenerationRequest)`); it needs `pip install airobackend` in the host's environment.
+  (`ModelManager` / `Engine.generate(GenerationRequest)`); it needs airobackend installed in the host's environment
+  (`INSTALL_HINT`: the project is installed from its folder, it is not on PyPI).
 * `RemoteBackend` talks to a running `airobackend serve` over HTTP (OpenAI-style `/v1/completions` with SSE, and
   text-generation-webui's `/v1/internal/*` token routes) with the standard library only, so a host that only points
   at a server needs nothing installed.
@@ -35,6 +36,10 @@ SAMPLING_KEYS = (
 OPTION_KEYS = ("max_tokens", "stop", "add_bos") + SAMPLING_KEYS
 
 Prompt = Union[str, Sequence[int]]
+
+# What to tell a user whose host lacks the package. Installing it by its bare name would not resolve: the project is not
+# on PyPI, so pip installs it from a checkout's folder (or a clone URL, `pip install git+<url>`).
+INSTALL_HINT = "pip install /path/to/airobackend (the folder of an airobackend checkout, in this host's Python)"
 
 
 class BridgeError(RuntimeError):
@@ -118,8 +123,8 @@ class InProcessBackend:
         try:
             from airobackend.settings import Settings
         except ImportError as e:  # pragma: no cover - depends on the host's environment
-            raise BridgeError("in-process mode needs airobackend in this Python environment "
-                              f"(pip install airobackend); or use the remote mode ({e})") from None
+            raise BridgeError(f"in-process mode needs airobackend in this Python environment ({INSTALL_HINT}); "
+                              f"or use the remote mode ({e})") from None
         self.settings = Settings(model=model or None, model_dir=model_dir or "models", n_ctx=int(n_ctx),
                                  n_threads=int(n_threads), template=template or None)
         self.engine = self._open(self.settings)

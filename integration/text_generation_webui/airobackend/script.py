@@ -13,10 +13,14 @@ How it plugs in (text-generation-webui `modules/extensions.py`, `modules/text_ge
   accepted. It yields the *cumulative* reply (the host applies stop strings to each value and slices deltas itself),
   yields '' first outside chat like the built-in loaders, and stops when the host sets `shared.stop_everything`
   (the Stop button) or `state['stop_event']`.
+* A failed connection (bad model path, server down, package missing) does not take the web UI down: the extension
+  installs a placeholder model whose every use retries and, failing again, raises an error that the web UI shows
+  with its message (see `unavailable`); the settings block shows it too.
 """
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.util
 import threading
 import time
@@ -36,7 +40,8 @@ params = {
     "mode": "in-process",                 # 'in-process' (the engine runs inside the web UI) or 'remote'
     "model": "",                          # a .bin/.gguf/.zip path or a library name; '' = the demo model
                                           # (remote: a name in the server's library to switch to; '' = keep)
-    "model_dir": "models",                # in-process: the model library folder listed in the UI
+    "model_dir": "",                      # in-process: the model library listed in the UI; '' = the web UI's own
+                                          # (--model-dir: models/ up to v2.8.1, user_data/models/ today)
     "n_ctx": 2048,
     "n_threads": 0,                       # 0 = all physical cores
     "server_url": "http://127.0.0.1:5001",  # remote: a running `airobackend serve`
@@ -44,6 +49,8 @@ params = {
 }
 
 backend: Optional[Any] = None
+last_error = ""                       # why the last connection failed ('' once connected)
+NOT_CONNECTED = "airobackend (not connected)"
 _backend_lock = threading.Lock()
 # How often the Stop-button watcher looks at shared.stop_everything while a generation runs (seconds).
 _STOP_POLL_S = 0.05
@@ -60,21 +67,27 @@ def connect() -> Any:
     The new backend is checked (model name, context size) before it replaces the old one, so a failed Apply
     leaves the previous connection serving.
     """
-    global backend
+    global backend, last_error
     with _backend_lock:
         if backend is not None and params["mode"] == "in-process":
             backend.close()           # in-process: free the old model's memory before loading the next
             backend = None
         shared = _shared()
         try:
-            b = bridge.connect(params["mode"], model=params["model"], model_dir=params["model_dir"],
+            model_dir = params["model_dir"] or getattr(getattr(shared, "args", None), "model_dir", "") or "models"
+            b = bridge.connect(params["mode"], model=params["model"], model_dir=model_dir,
                                n_ctx=int(params["n_ctx"]), n_threads=int(params["n_threads"]),
                                server_url=params["server_url"], api_key=params["api_key"])
             name, n_ctx = b.model_name, b.n_ctx
-        except Exception:
-            if backend is None and isinstance(shared.model, AirobackendModel):
-                shared.model, shared.tokenizer, shared.model_name = None, None, "None"   # ours is gone
-            raise
+        except Exception as e:
+            last_error = f"airobackend: cannot connect ({params['mode']}): {e}"
+            if backend is None:
+                # No model at all: the host would only say "no model is loaded" and its API would fail on its
+                # tokenizer, both without the reason. The placeholder routes every use here, to retry and to tell why.
+                shared.model = AirobackendModel(None, NOT_CONNECTED)
+                shared.tokenizer = AirobackendTokenizer(None)
+                shared.model_name = NOT_CONNECTED
+            raise unavailable(last_error) from e
         if backend is not None:
             backend.close()
         shared.model = AirobackendModel(b, name)
@@ -82,7 +95,7 @@ def connect() -> Any:
         shared.model_name = name
         if isinstance(getattr(shared, "settings", None), dict) and "truncation_length" in shared.settings:
             shared.settings["truncation_length"] = n_ctx
-        backend = b
+        backend, last_error = b, ""
         return b
 
 
@@ -95,8 +108,44 @@ def setup() -> None:
     try:
         connect()
     except Exception as e:
-        # Never take the web UI down: report, and retry on the first generation.
-        print(f"airobackend: not connected yet ({e}); generation will retry")
+        # Never take the web UI down: report, and retry on the first use (the UI and the API show the error then).
+        print(f"{e}; every generation retries")
+
+
+def unavailable(message: str) -> Exception:
+    """The error for a backend that cannot be had, of a type both of the host's front doors show with its message.
+
+    The web UI (Gradio) shows the text of a `gradio.Error` and a bare "Error" for anything else; the OpenAI API
+    (FastAPI: `extensions/openai` up to v2.8.1, `modules/api` today) answers an `HTTPException` with its status and
+    `detail` and a bare 500 for anything else. So the error is both, as far as those packages are installed.
+    """
+    return _unavailable_class()(message)
+
+
+@functools.lru_cache(maxsize=None)
+def _unavailable_class() -> type:
+    bases: list = []
+    try:
+        from starlette.exceptions import HTTPException
+        bases.append(HTTPException)
+    except ImportError:
+        HTTPException = None
+    try:
+        from gradio import Error as GradioError
+        bases.append(GradioError)
+    except ImportError:
+        GradioError = None
+
+    def __init__(self, message: str) -> None:
+        if HTTPException is not None:
+            HTTPException.__init__(self, status_code=503, detail=message)
+        if GradioError is not None:
+            GradioError.__init__(self, message)
+        bridge.BridgeError.__init__(self, message)
+        self.text = message
+
+    return type("AirobackendUnavailable", (*bases, bridge.BridgeError),
+                {"__init__": __init__, "__str__": lambda self: self.text, "__module__": __name__})
 
 
 class AirobackendModel:
@@ -116,15 +165,18 @@ class AirobackendTokenizer:
     (always true in a full text-generation-webui install) and a numpy array otherwise.
     """
 
-    def __init__(self, backend: Any) -> None:
-        self.backend = backend
-        self.bos_token_id = backend.bos_id
+    def __init__(self, backend: Optional[Any]) -> None:
+        self.backend = backend            # None: the placeholder of a failed connection (each use retries)
+        self.bos_token_id = backend.bos_id if backend is not None else None
         self.eos_token_id = 2 if self.bos_token_id == 1 else None   # LLaMA's ids; only used for ban_eos by the host
+
+    def _b(self) -> Any:
+        return self.backend if self.backend is not None else _backend()
 
     def encode(self, text: str, return_tensors: Optional[str] = None, add_special_tokens: bool = True,
                add_bos_token: Optional[bool] = None, **_: Any) -> Any:
         add_bos = add_special_tokens if add_bos_token is None else bool(add_bos_token)
-        ids = self.backend.tokenize(str(text), add_bos=add_bos)
+        ids = self._b().tokenize(str(text), add_bos=add_bos)
         if return_tensors == "pt":
             try:
                 import torch
@@ -137,10 +189,11 @@ class AirobackendTokenizer:
 
     def decode(self, ids: Any, skip_special_tokens: bool = True, **_: Any) -> str:
         """Text of `ids` as a SentencePiece tokenizer decodes it: no leading space from the first piece."""
+        b = self._b()
         flat = [int(t) for t in _flatten(ids)]
-        if flat and self.bos_token_id is not None and flat[0] != self.bos_token_id:
-            flat = [self.bos_token_id] + flat     # the engine drops the space after BOS, as llama.cpp does
-        return self.backend.detokenize(flat)
+        if flat and b.bos_id is not None and flat[0] != b.bos_id:
+            flat = [b.bos_id] + flat              # the engine drops the space after BOS, as llama.cpp does
+        return b.detokenize(flat)
 
 
 def _as_array(rows):
@@ -243,6 +296,18 @@ def _prepare_prompt(b: Any, question: str, state: dict, o: dict):
     return ids[-max_prompt:]
 
 
+def _without_replacement_chars(text: str) -> str:
+    """`text` without U+FFFD, the character the engine puts for bytes that are no UTF-8 (random or broken weights).
+
+    The host drops every streamed piece that holds one as "a partial character" (its OpenAI API compares each
+    cumulative value with what it sent), so from the first U+FFFD on a streamed answer would stop growing while the
+    whole answer has all of it; its own Hugging Face loader never shows one in a stream either. Leaving the character
+    out makes the streamed and the whole text the same. (Bytes of a character split over tokens never get here: the
+    engine holds them back until the character is complete.)
+    """
+    return text.replace("\ufffd", "")
+
+
 def _stop_requested(state: dict) -> bool:
     ev = state.get("stop_event")
     return bool(getattr(_shared(), "stop_everything", False)) or bool(ev is not None and ev.is_set())
@@ -278,7 +343,7 @@ def custom_generate_reply(question: str, original_question: str, *args: Any, is_
         reply = ""
         streaming = bool(state.get("stream", True))
         for delta in deltas:
-            reply += delta
+            reply += _without_replacement_chars(delta)
             if streaming:
                 yield reply
             if _stop_requested(state):
@@ -316,10 +381,10 @@ def ui() -> None:
         mode = gr.Radio(["in-process", "remote"], value=params["mode"], label="Mode")
         model = gr.Dropdown(choices=models(), value=params["model"] or None, allow_custom_value=True,
                             label="Model (library name or file path; empty = demo model)")
-        model_dir = gr.Textbox(value=params["model_dir"], label="Model folder (in-process)")
+        model_dir = gr.Textbox(value=params["model_dir"], label="Model folder (in-process; empty = the web UI's models folder)")
         n_ctx = gr.Number(value=params["n_ctx"], precision=0, label="Context size")
         n_threads = gr.Number(value=params["n_threads"], precision=0, label="Threads (0 = all cores)")
         url = gr.Textbox(value=params["server_url"], label="Server URL (remote)")
         key = gr.Textbox(value=params["api_key"], type="password", label="API key (remote)")
-        status = gr.Markdown()
+        status = gr.Markdown(value=f"Error: {last_error}" if last_error else "")
         gr.Button("Apply").click(apply, [mode, model, model_dir, n_ctx, n_threads, url, key], status)

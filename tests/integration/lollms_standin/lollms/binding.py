@@ -1,16 +1,23 @@
-"""LoLLMS 11.0.0 `lollms/binding.py`: the LLMBinding base class and the BindingBuilder loader (see ../README.md)."""
+"""`lollms/binding.py`: the LLMBinding base class and the BindingBuilder loader, in both generations (../README.md).
+
+Where the generations differ a binding can tell:
+* the constructor's 6th argument: `supported_file_extensions` (11.0.0) or `SAFE_STORE_SUPPORTED_FILE_EXTENSIONS`
+  (lollms-webui since 2025-05-23); the other keyword is a TypeError, as in the real class;
+* `stop_generation()` (webui only: its Stop button calls it), and the token counter `get_nb_tokens` (11.0.0) renamed
+  `count_tokens` (webui), which the personality calls before generating.
+"""
 import importlib.machinery
 from pathlib import Path
 
+from lollms import GENERATION
 from lollms.config import InstallOption, TypedConfig
 from lollms.main_config import LOLLMSConfig  # noqa: F401  (bindings import it from here)
 from lollms.types import BindingType
 
 
-class LLMBinding:
-    def __init__(self, binding_dir, lollms_paths, config, binding_config: TypedConfig,
-                 installation_option=InstallOption.INSTALL_IF_NECESSARY, supported_file_extensions="*.bin",
-                 binding_type=BindingType.TEXT_ONLY, models_dir_names=None, lollmsCom=None):
+class _LLMBindingBase:
+    def _setup(self, binding_dir, lollms_paths, config, binding_config, installation_option, binding_type,
+               models_dir_names, lollmsCom):
         self.binding_type = binding_type
         self.binding_dir = binding_dir
         self.binding_folder_name = binding_dir.stem
@@ -19,7 +26,6 @@ class LLMBinding:
         self.binding_config = binding_config
         self.lollmsCom = lollmsCom
         self.add_default_configurations(binding_config)
-        self.supported_file_extensions = supported_file_extensions
         self.seed = config["seed"]
         self.sync_configuration(self.binding_config, lollms_paths)
         if (not self.configuration_file_path.exists() or installation_option == InstallOption.FORCE_INSTALL) \
@@ -39,6 +45,9 @@ class LLMBinding:
         binding_config.addConfigs([
             {"name": "model_name", "type": "str", "value": "", "help": "Last known model for fast model recovery"},
             {"name": "model_template", "type": "text", "value": "", "help": "The template for the model"},
+            {"name": "clip_model_name", "type": "str", "value": "ViT-L-14/openai", "help": "images"},
+            {"name": "caption_model_name", "type": "str", "value": "blip-large", "help": "images"},
+            {"name": "vqa_model_name", "type": "str", "value": "Salesforce/blip-vqa-capfilt-large", "help": "images"},
         ])
 
     def sync_configuration(self, binding_config, lollms_paths):
@@ -54,33 +63,56 @@ class LLMBinding:
             self.binding_config.config.save_config()
         self.binding_config.sync()
 
-    def _com(self, kind, content):
-        if self.lollmsCom:
-            return getattr(self.lollmsCom, kind)(content)
-        print(f"[{kind}] {content}")
+    # -- models folders: how "add reference to local model" (lollms_models_infos.py) writes a reference
+    def searchModelFolder(self, model_name):
+        for folder in self.models_folders:
+            if folder.name in model_name.lower():
+                return folder
+        return self.models_folders[0]
 
+    def reference_model(self, path):
+        path = Path(str(path).replace("\\", "/"))
+        model_name = path.stem + ".reference"
+        # the real code compares the suffix with "gguf" (no dot), so the folder is always the full file name
+        folder = self.searchModelFolder(model_name) / (path.stem if path.suffix.lower() == "gguf" else path.name)
+        target = folder / model_name
+        if target.exists():
+            return False
+        folder.mkdir(parents=True, exist_ok=True)
+        target.write_text(str(path))
+        self.InfoMessage("Reference created")
+        return True
+
+    # -- notifications: the real base class forwards them to the app with keywords
     def InfoMessage(self, content, client_id=None, verbose=True):
-        return self._com("InfoMessage", content)
+        if self.lollmsCom:
+            return self.lollmsCom.InfoMessage(content=content, client_id=client_id, verbose=verbose)
 
     def ShowBlockingMessage(self, content, client_id=None, verbose=True):
-        return self._com("ShowBlockingMessage", content)
+        if self.lollmsCom:
+            return self.lollmsCom.ShowBlockingMessage(content=content, client_id=client_id, verbose=verbose)
 
     def HideBlockingMessage(self, client_id=None, verbose=True):
         if self.lollmsCom:
-            return self.lollmsCom.HideBlockingMessage()
+            return self.lollmsCom.HideBlockingMessage(client_id=client_id, verbose=verbose)
 
     def info(self, content, duration=4, client_id=None, verbose=True):
-        return self._com("info", content)
+        if self.lollmsCom:
+            return self.lollmsCom.info(content=content, duration=duration, client_id=client_id, verbose=verbose)
 
     def warning(self, content, duration=4, client_id=None, verbose=True):
-        return self._com("warning", content)
+        if self.lollmsCom:
+            return self.lollmsCom.warning(content=content, duration=duration, client_id=client_id, verbose=verbose)
 
     def success(self, content, duration=4, client_id=None, verbose=True):
-        return self._com("success", content)
+        if self.lollmsCom:
+            return self.lollmsCom.success(content=content, duration=duration, client_id=client_id, verbose=verbose)
 
     def error(self, content, duration=4, client_id=None, verbose=True):
-        return self._com("error", content)
+        if self.lollmsCom:
+            return self.lollmsCom.error(content=content, duration=duration, client_id=client_id, verbose=verbose)
 
+    # -- what bindings override
     def settings_updated(self):
         pass
 
@@ -96,9 +128,6 @@ class LLMBinding:
     def uninstall(self):
         print(f"UnInstalling {self.binding_folder_name}")
 
-    def get_nb_tokens(self, prompt):
-        return len(self.tokenize(prompt))
-
     def generate(self, prompt, n_predict=128, callback=None, verbose=False, **gpt_params):
         pass
 
@@ -111,6 +140,33 @@ class LLMBinding:
     def list_models(self):
         return [f.name for folder in self.models_folders for f in folder.iterdir()
                 if f.is_dir() and not f.stem.startswith(".") or f.suffix == ".reference"]
+
+
+if GENERATION == "11.0.0":
+    class LLMBinding(_LLMBindingBase):
+        def __init__(self, binding_dir, lollms_paths, config, binding_config: TypedConfig,
+                     installation_option=InstallOption.INSTALL_IF_NECESSARY, supported_file_extensions="*.bin",
+                     binding_type=BindingType.TEXT_ONLY, models_dir_names=None, lollmsCom=None):
+            self.supported_file_extensions = supported_file_extensions
+            self._setup(binding_dir, lollms_paths, config, binding_config, installation_option, binding_type,
+                        models_dir_names, lollmsCom)
+
+        def get_nb_tokens(self, prompt):
+            return len(self.tokenize(prompt))
+else:
+    class LLMBinding(_LLMBindingBase):
+        def __init__(self, binding_dir, lollms_paths, config, binding_config: TypedConfig,
+                     installation_option=InstallOption.INSTALL_IF_NECESSARY, SAFE_STORE_SUPPORTED_FILE_EXTENSIONS="*.bin",
+                     binding_type=BindingType.TEXT_ONLY, models_dir_names=None, lollmsCom=None):
+            self.SAFE_STORE_SUPPORTED_FILE_EXTENSIONS = SAFE_STORE_SUPPORTED_FILE_EXTENSIONS
+            self._setup(binding_dir, lollms_paths, config, binding_config, installation_option, binding_type,
+                        models_dir_names, lollmsCom)
+
+        def stop_generation(self):
+            """Requests the generation thread to stop (the model must implement this)."""
+
+        def count_tokens(self, prompt):
+            return len(self.tokenize(prompt))
 
 
 class BindingBuilder:

@@ -3,6 +3,8 @@ from pathlib import Path
 
 import yaml
 
+from lollms import GENERATION
+
 
 class InstallOption(Enum):
     NEVER_INSTALL = 1
@@ -69,7 +71,13 @@ class BaseConfig:
         if not file_path.exists():
             raise FileNotFoundError(f"Configuration file not found: {file_path}")
         with open(file_path, encoding="utf-8") as f:
-            self.config = yaml.safe_load(f)
+            data = yaml.safe_load(f)
+        if GENERATION == "webui" and self.config:
+            # lollms-webui takes from the file only the values of keys the configuration already has
+            if isinstance(data, dict):
+                self.config.update({k: v for k, v in data.items() if k in self.config})
+        else:
+            self.config = data
 
     def save_config(self, file_path=None):
         file_path = Path(file_path or self.file_path)

@@ -2,7 +2,8 @@ from lollms.config import BaseConfig
 from lollms.paths import LollmsPaths
 
 DEFAULT_CONFIG = {"binding_name": "", "model_name": "", "seed": -1, "ctx_size": 2048, "max_n_predict": 1024,
-                  "temperature": 0.9, "top_k": 50, "top_p": 0.95, "repeat_last_n": 40, "repeat_penalty": 1.2}
+                  "temperature": 0.9, "top_k": 50, "top_p": 0.95, "repeat_last_n": 40, "repeat_penalty": 1.2,
+                  "n_threads": 8}
 
 
 class LOLLMSConfig(BaseConfig):

@@ -1,6 +1,6 @@
 """text-generation-webui's generation driver (`modules/text_generation.py`), as it treats an extension's generator.
 
-CALL_FORM selects the host generation: 'v2.8.1' passes the drawn seed positionally, 'current' (from ae02ffc6) does not.
+v2.8.1 passes the seed it drew to `custom_generate_reply` positionally; the current generation (from ae02ffc6) does not.
 """
 import ast
 import copy
@@ -8,10 +8,8 @@ import random
 
 import numpy as np
 
-from modules import shared
+from modules import GENERATION, shared
 from modules.extensions import apply_extensions
-
-CALL_FORM = "current"
 
 
 def generate_reply(*args, **kwargs):
@@ -60,7 +58,7 @@ def _generate_reply(question, state, stopping_strings=None, is_chat=False, escap
             state["stop_event"] = stop_event_ref
         state["stream"] = True
 
-    if CALL_FORM == "v2.8.1":
+    if GENERATION == "v2.8.1":
         seed = set_manual_seed(state["seed"])
         replies = generate_func(question, original_question, seed, state, stopping_strings, is_chat=is_chat)
     else:
@@ -134,18 +132,3 @@ def get_encoded_length(prompt):
     if length_after_extensions is not None:
         return length_after_extensions
     return len(encode(prompt)[0])
-
-
-def openai_stream_completion(prompt, generate_params):
-    """`extensions/openai/completions.py` streaming: (chunks of new text, answer, usage) as the API would send."""
-    generate_params = dict(generate_params, stream=True)
-    chunks, seen, answer = [], "", ""
-    for a in generate_reply(prompt, generate_params, is_chat=False):
-        answer = a
-        new_content = answer[len(seen):]
-        if not new_content or chr(0xFFFD) in new_content:
-            continue
-        seen = answer
-        chunks.append(new_content)
-    usage = {"prompt_tokens": len(encode(prompt)[0]), "completion_tokens": len(encode(answer)[0])}
-    return chunks, answer, usage
