@@ -25,7 +25,8 @@ from airobackend.hookspecs import hookimpl
 from airobackend.json_schema import response_format_schema, schema_to_grammar
 from airobackend.tools import ToolCallStream, ToolSpec, answer_message, parse_tools
 from airobackend.server import (FieldError, Fields, build_request, chat_prompt, chat_stops,
-                                json_schema_body, read_json, run_watching_disconnect, sampling_params)
+                                json_schema_body, llama_timings, read_json, run_watching_disconnect,
+                                sampling_params)
 from airobackend.settings import Settings
 from airobackend.sse import DONE, SSEResponse, encode_sse
 from airobackend.types import FinishReason, GenerationEvent, GenerationRequest
@@ -194,9 +195,12 @@ def finish_reason(ev: Optional[GenerationEvent], tool_stream: Optional[ToolCallS
 
 
 def usage(ev: Optional[GenerationEvent]) -> dict:
+    """OpenAI usage, with the prompt tokens reused from the KV cache as `prompt_tokens_details.cached_tokens`."""
     p = int(ev.prompt_tokens) if ev is not None else 0
     c = int(ev.completion_tokens) if ev is not None else 0
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    cached = int(ev.cached_tokens) if ev is not None else 0
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def completion_logprobs(entries: Optional[list[dict]], offset: int) -> Optional[dict]:
@@ -287,10 +291,23 @@ class OpenAIRoutes:
         list_models = getattr(self.engine, "list_models", None) if hasattr(type(self.engine), "list_models") else None
         return [str(m["name"]) for m in list_models() if not m.get("loaded")] if list_models else []
 
+    def _meta(self) -> Optional[dict]:
+        """llama.cpp's `meta` of the served model: context, trained context and the RoPE values it runs with."""
+        try:
+            info = self.engine.model_info()
+        except ModelNotLoaded:
+            return None
+        return {k: info.get(k) for k in ("n_ctx", "n_ctx_train", "n_vocab", "rope_freq_base", "rope_freq_scale",
+                                         "rope_scaling")}
+
     async def models(self, request: Request) -> dict:
         """The served model first, then the rest of the model library (switch with /v1/internal/model/load)."""
         names = await run_in_threadpool(self._library, request)
-        return {"object": "list", "data": [self._model_entry(n) for n in [self._model_id(request), *names]]}
+        served = self._model_entry(self._model_id(request))
+        meta = self._meta()
+        if meta is not None:
+            served["meta"] = meta
+        return {"object": "list", "data": [served] + [self._model_entry(n) for n in names]}
 
     async def model(self, request: Request, model_id: str) -> Response:
         mine = self._model_id(request)
@@ -395,7 +412,7 @@ class OpenAIRoutes:
         u["total_tokens"] = u["prompt_tokens"] + u["completion_tokens"]
         return JSONResponse({"id": cid, "object": "chat.completion" if chat else "text_completion",
                              "created": created, "model": model, "choices": choices, "usage": u,
-                             "system_fingerprint": None})
+                             "system_fingerprint": None, "timings": llama_timings(last_events[0])})
 
     async def embeddings(self, request: Request) -> dict:
         body = await read_json(request)
@@ -425,7 +442,8 @@ class OpenAIRoutes:
         return {"length": len(ids)}
 
     async def model_info(self, request: Request) -> dict:
-        return {"model_name": self._model_id(request), "lora_names": [], "loader": "airobackend"}
+        return {"model_name": self._model_id(request), "lora_names": [], "loader": "airobackend",
+                **(self._meta() or {})}
 
     async def stop_generation(self, request: Request) -> Response:
         self.engine.abort(None)
@@ -451,9 +469,12 @@ async def completion_chunks(gs: GenerationStream, cid: str, created: int, model:
             yield FAILED_SSE
             break
         if ev.text or ev.finish_reason is not None:
-            yield encode_sse(_chunk(cid, obj, created, model, {
+            chunk = _chunk(cid, obj, created, model, {
                 "index": 0, "text": ev.text, "logprobs": completion_logprobs(ev.logprobs, offset),
-                "finish_reason": finish_reason(ev)}))
+                "finish_reason": finish_reason(ev)})
+            if ev.finish_reason is not None:
+                chunk["timings"] = llama_timings(ev)       # llama.cpp sends them with the last chunk
+            yield encode_sse(chunk)
             offset += len(ev.text)
         if ev.finish_reason is not None and include_usage:
             yield encode_sse({"id": cid, "object": obj, "created": created, "model": model, "choices": [],
@@ -489,8 +510,10 @@ async def chat_chunks(gs: GenerationStream, cid: str, created: int, model: str, 
                 "index": 0, "delta": delta, "logprobs": chat_logprobs(ev.logprobs) if k == 0 else None,
                 "finish_reason": None}))
         if ev.finish_reason is not None:
-            yield encode_sse(_chunk(cid, obj, created, model, {"index": 0, "delta": {}, "logprobs": None,
-                                                               "finish_reason": finish_reason(ev, ts)}))
+            chunk = _chunk(cid, obj, created, model, {"index": 0, "delta": {}, "logprobs": None,
+                                                      "finish_reason": finish_reason(ev, ts)})
+            chunk["timings"] = llama_timings(ev)           # llama.cpp sends them with the last chunk
+            yield encode_sse(chunk)
             if include_usage:
                 yield encode_sse({"id": cid, "object": obj, "created": created, "model": model, "choices": [],
                                   "usage": usage(ev)})

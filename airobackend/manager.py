@@ -107,6 +107,13 @@ def parse_load_options(args: Any, param: str = "args") -> dict:
 EngineFactory = Callable[[ModelEntry, Settings, ProgressFn], tuple[Any, Any]]
 
 
+def prompt_cache_bytes(settings: Settings) -> int:
+    """RAM set aside for saved KV states (--prompt-cache-mb). The default (None) takes only what is free after the
+    model is loaded (Engine._prompt_cache_budget), so it never makes a model that fits refuse to load."""
+    mb = settings.prompt_cache_mb
+    return max(0, int(mb)) << 20 if mb is not None else 0
+
+
 def mem_available() -> int:
     """Bytes of memory available for a new model: MemAvailable of /proc/meminfo (Linux), else free physical pages."""
     try:
@@ -311,7 +318,7 @@ class ModelManager:
         if settings.template:
             from airobackend.chat import get_template
             get_template(settings.template)          # RequestError naming the known templates
-        need = entry.ram_for(settings.n_ctx)
+        need = entry.ram_for(settings.n_ctx) + prompt_cache_bytes(settings)
         allow = self.settings.allow_disk if allow_disk is None else bool(allow_disk)
         room = self._room()
         if need > room:
@@ -395,6 +402,16 @@ class ModelManager:
             with self._cond:
                 self._loading = None
                 self._cond.notify_all()
+
+    def close(self) -> None:
+        """At exit: stop what runs and release the model; its engine writes its saved KV states to the
+        prompt-cache folder, if one is set."""
+        if self._engine is None:
+            return
+        try:
+            self.unload(abort_running=True)
+        except EngineBusy:           # a load is under way: nothing of this model's to keep yet
+            pass
 
     # ------------------------------------------------------------------ the Engine interface
 
@@ -568,17 +585,19 @@ class ModelManager:
         room = self._mem_available()
         old, used = self.loaded_entry, self._settings_used
         if old is not None and used is not None:
-            old_ram = old.ram_for(used.n_ctx)
+            old_ram = old.ram_for(used.n_ctx) + prompt_cache_bytes(used)
             room += max(0, old_ram - old.weights_bytes if used.use_mmap else old_ram)
         return room
 
     def _refusal(self, entry: ModelEntry, need: int, avail: int, n_ctx: int) -> str:
+        cache = prompt_cache_bytes(self.settings)
         fits = [e for e in self.library.scan()
-                if e.loadable and e.name != entry.name and e.ram_for(n_ctx) <= avail]
+                if e.loadable and e.name != entry.name and e.ram_for(n_ctx) + cache <= avail]
         # Same model family (parameter class) first, best quality (largest) first.
         fits.sort(key=lambda e: (e.size_class != entry.size_class, -e.ram_for(n_ctx)))
         msg = (f"{entry.name} ({entry.size_class} {entry.mix}) needs {need / GB:.1f} GB of RAM for a "
-               f"{n_ctx}-token context, but only {avail / GB:.1f} GB is available.")
+               f"{n_ctx}-token context" + (f" and {cache / GB:.1f} GB of prompt cache (--prompt-cache-mb)"
+                                           if cache else "") + f", but only {avail / GB:.1f} GB is available.")
         if fits:
             msg += " Mixes in the library that fit: " + ", ".join(
                 f"{e.name} ({e.size_class} {e.mix}, {e.ram_for(n_ctx) / GB:.1f} GB)" for e in fits[:6]) + "."

@@ -44,6 +44,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="RoPE linear position scale, 0.25 for SuperHOT-8K (default 1; env AIRO_ROPE_FREQ_SCALE)")
     m.add_argument("--ropeconfig", nargs=2, type=float, metavar=("SCALE", "BASE"),
                    help="KoboldCpp's spelling of --rope-freq-scale SCALE --rope-freq-base BASE")
+    c = parser.add_argument_group("long chats (KV cache reuse, saved states)")
+    c.add_argument("--cache-reuse", dest="cache_reuse", type=int, metavar="N",
+                   help=f"reuse runs of at least N cached tokens that a trimmed prompt has at other positions, moving "
+                        f"them (llama.cpp's flag; 0 = only an exact prefix; default {d.cache_reuse}; "
+                        f"env AIRO_CACHE_REUSE)")
+    c.add_argument("--noshift", dest="noshift", action="store_true", default=None,
+                   help="KoboldCpp's flag: no context shift of trimmed prompts, reuse only an exact prefix "
+                        "(env AIRO_CONTEXT_SHIFT=0)")
+    c.add_argument("--cache-slots", dest="cache_slots", type=int, metavar="K",
+                   help=f"KV states of other conversations kept in RAM (default {d.cache_slots}; env AIRO_CACHE_SLOTS)")
+    c.add_argument("--prompt-cache-mb", dest="prompt_cache_mb", type=int, metavar="MB",
+                   help="RAM for those states, counted by the RAM check at load (default: what is free after the "
+                        "model, up to K full contexts; 0 = none; env AIRO_PROMPT_CACHE_MB)")
+    c.add_argument("--prompt-cache-dir", "--slot-save-path", dest="prompt_cache_dir", metavar="DIR",
+                   help="keep KV states on disk: they survive restarts and model switches; also where llama.cpp's "
+                        "POST /slots/{id}?action=save|restore read and write (env AIRO_PROMPT_CACHE_DIR)")
     m.add_argument("--allow-disk", action="store_true", default=None,
                    help="load a model larger than free RAM, reading it from disk (slow; env AIRO_ALLOW_DISK)")
     s = parser.add_argument_group("server")
@@ -107,7 +123,9 @@ def settings_from_args(args: argparse.Namespace, environ: Optional[dict] = None)
         allowed_hosts=tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip())
         if args.allowed_hosts else None,
         max_body_bytes=args.max_body_bytes, max_connections=args.max_connections, quiet=args.quiet,
-        textgen_stream_port=getattr(args, "textgen_stream_port", None))
+        textgen_stream_port=getattr(args, "textgen_stream_port", None), cache_reuse=args.cache_reuse,
+        context_shift=False if args.noshift else None, cache_slots=args.cache_slots,
+        prompt_cache_mb=args.prompt_cache_mb, prompt_cache_dir=args.prompt_cache_dir)
     return Settings.from_env(environ, **overrides)
 
 
@@ -228,4 +246,6 @@ def main(args: argparse.Namespace) -> int:
     except OSError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    finally:
+        engine.close()          # saved KV states go to --prompt-cache-dir
     return 0
