@@ -162,7 +162,8 @@ class KoboldRoutes:
         post("/api/v1/generate", self.generate, summary="Generate (blocking)",
              openapi_extra=json_schema_body(GENERATE_EXAMPLE, "KoboldAI generate body (unknown fields ignored)"))
         get("/api/extra/version", self.version, summary="Server identity: KoboldCpp-compatible")
-        get("/api/extra/true_max_context_length", self.max_context_length, summary="Context size")
+        get("/api/extra/true_max_context_length", self.true_max_context_length,
+            summary="Context size, with the trained context and RoPE values")
         post("/api/extra/generate/stream", self.stream, summary="Generate with SSE streaming",
              openapi_extra=json_schema_body(GENERATE_EXAMPLE, "Same body as /api/v1/generate"))
         get("/api/extra/generate/check", self.check_get, summary="Partial text of the running generation")
@@ -213,6 +214,18 @@ class KoboldRoutes:
 
     async def max_context_length(self) -> dict:
         return {"value": self._n_ctx()}
+
+    async def true_max_context_length(self) -> dict:
+        """KoboldCpp's {"value": context}; also the trained context and the RoPE values in use (automatic scaling
+        beyond the trained context is reported here, as KoboldCpp prints it at load)."""
+        out: dict = {"value": self._n_ctx()}
+        try:
+            info = self.engine.model_info()
+        except ModelNotLoaded:
+            return out
+        out.update({k: info[k] for k in ("n_ctx_train", "rope_freq_base", "rope_freq_scale", "rope_scaling")
+                    if k in info})
+        return out
 
     async def max_length(self) -> dict:
         n_ctx = self._n_ctx()

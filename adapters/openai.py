@@ -28,7 +28,8 @@ from airobackend.hookspecs import hookimpl
 from airobackend.json_schema import response_format_schema, schema_to_grammar
 from airobackend.tools import ToolCallStream, ToolSpec, answer_message, parse_tools
 from airobackend.server import (FieldError, Fields, build_request, chat_prompt, chat_stops,
-                                json_schema_body, read_json, run_watching_disconnect, sampling_params)
+                                json_schema_body, llama_timings, read_json, run_watching_disconnect,
+                                sampling_params)
 from airobackend.settings import Settings
 from airobackend.sse import DONE, SSEResponse, encode_sse
 from airobackend.types import FinishReason, GenerationEvent, GenerationRequest
@@ -197,9 +198,12 @@ def finish_reason(ev: Optional[GenerationEvent], tool_stream: Optional[ToolCallS
 
 
 def usage(ev: Optional[GenerationEvent]) -> dict:
+    """OpenAI usage, with the prompt tokens reused from the KV cache as `prompt_tokens_details.cached_tokens`."""
     p = int(ev.prompt_tokens) if ev is not None else 0
     c = int(ev.completion_tokens) if ev is not None else 0
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    cached = int(ev.cached_tokens) if ev is not None else 0
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def _escaped(token: str) -> str:
@@ -211,7 +215,9 @@ def usage_of(finals: list[GenerationEvent], n: int = 1) -> dict:
     """Usage of a response whose choices come `n` per prompt: each prompt counted once, every completion."""
     p = sum(usage(e)["prompt_tokens"] for e in finals[::max(1, n)])
     c = sum(usage(e)["completion_tokens"] for e in finals)
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    cached = sum(usage(e)["prompt_tokens_details"]["cached_tokens"] for e in finals[::max(1, n)])
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def completion_logprobs(entries: Optional[list[dict]], offset: int) -> Optional[dict]:
@@ -313,10 +319,23 @@ class OpenAIRoutes:
         list_models = getattr(self.engine, "list_models", None) if hasattr(type(self.engine), "list_models") else None
         return [str(m["name"]) for m in list_models() if not m.get("loaded")] if list_models else []
 
+    def _meta(self) -> Optional[dict]:
+        """llama.cpp's `meta` of the served model: context, trained context and the RoPE values it runs with."""
+        try:
+            info = self.engine.model_info()
+        except ModelNotLoaded:
+            return None
+        return {k: info.get(k) for k in ("n_ctx", "n_ctx_train", "n_vocab", "rope_freq_base", "rope_freq_scale",
+                                         "rope_scaling")}
+
     async def models(self, request: Request) -> dict:
         """The served model first, then the rest of the model library (switch with /v1/internal/model/load)."""
         names = await run_in_threadpool(self._library, request)
-        return {"object": "list", "data": [self._model_entry(n) for n in [self._model_id(request), *names]]}
+        served = self._model_entry(self._model_id(request))
+        meta = self._meta()
+        if meta is not None:
+            served["meta"] = meta
+        return {"object": "list", "data": [served] + [self._model_entry(n) for n in names]}
 
     async def model(self, request: Request, model_id: str) -> Response:
         mine = self._model_id(request)
@@ -424,7 +443,7 @@ class OpenAIRoutes:
             choices.append(choice)
         return JSONResponse({"id": cid, "object": "chat.completion" if chat else "text_completion",
                              "created": created, "model": model, "choices": choices, "usage": usage_of(last_events, n),
-                             "system_fingerprint": None})
+                             "system_fingerprint": None, "timings": llama_timings(last_events[0])})
 
     async def embeddings(self, request: Request) -> dict:
         body = await read_json(request)
@@ -473,7 +492,8 @@ class OpenAIRoutes:
         return JSONResponse({_escaped(t["token"]): math.exp(t["logprob"]) for t in alternatives})
 
     async def model_info(self, request: Request) -> dict:
-        return {"model_name": self._model_id(request), "lora_names": [], "loader": "airobackend"}
+        return {"model_name": self._model_id(request), "lora_names": [], "loader": "airobackend",
+                **(self._meta() or {})}
 
     async def stop_generation(self, request: Request) -> Response:
         self.engine.abort(None)
@@ -494,8 +514,13 @@ class _Ids:
     def __init__(self, cid: str, obj: str, created: int, model: str, top: Optional[int] = None) -> None:
         self.cid, self.obj, self.created, self.model, self.top = cid, obj, created, model, top
 
-    def chunk(self, choice: dict) -> bytes:
-        return encode_sse(_chunk(self.cid, self.obj, self.created, self.model, choice))
+    def chunk(self, choice: dict, last: Optional[GenerationEvent] = None) -> bytes:
+        """One chunk; the last one of a choice (`last`, its final event) carries llama.cpp's `timings` as
+        llama.cpp's server sends them."""
+        c = _chunk(self.cid, self.obj, self.created, self.model, choice)
+        if last is not None:
+            c["timings"] = llama_timings(last)
+        return encode_sse(c)
 
     def usage(self, finals: list[GenerationEvent], n: int) -> bytes:
         return encode_sse({"id": self.cid, "object": self.obj, "created": self.created, "model": self.model,
@@ -539,7 +564,7 @@ async def completion_chunks(gs: GenerationStream, ids: _Ids, index: int,
             break
         if ev.text or ev.finish_reason is not None:
             yield ids.chunk({"index": index, "text": ev.text, "logprobs": completion_logprobs(ev.logprobs, offset),
-                             "finish_reason": finish_reason(ev)})
+                             "finish_reason": finish_reason(ev)}, ev if ev.finish_reason is not None else None)
             offset += len(ev.text)
         if ev.finish_reason is not None:
             finals.append(ev)
@@ -572,7 +597,7 @@ async def chat_chunks(gs: GenerationStream, ids: _Ids, index: int, finals: list[
                              "logprobs": chat_logprobs(ev.logprobs, ids.top) if k == 0 else None,
                              "finish_reason": None})
         if ev.finish_reason is not None:
-            yield ids.chunk({"index": index, "delta": {}, "logprobs": None, "finish_reason": finish_reason(ev, ts)})
+            yield ids.chunk({"index": index, "delta": {}, "logprobs": None, "finish_reason": finish_reason(ev, ts)}, ev)
             finals.append(ev)
 
 

@@ -193,7 +193,8 @@ class TextgenRoutes:
                 "shared.settings": {"truncation_length": n_ctx, "max_new_tokens": MAX_NEW_TOKENS,
                                     "instruction_template": info.get("template")},
                 "shared.args": {"n_ctx": n_ctx, "threads": self.settings.n_threads, "n_batch": self.settings.n_batch,
-                                "loader": "airobackend"}}
+                                "loader": "airobackend", "rope_freq_base": info.get("rope_freq_base"),
+                                "compress_pos_emb": 1.0 / float(info.get("rope_freq_scale") or 1.0)}}
 
     async def model_get(self, request: Request) -> dict:
         return {"result": self._name(request)}

@@ -6,8 +6,10 @@ finish reason and the token counts. Servers run that iterator in a worker thread
 may be called from any other thread at any time.
 
 What happens per request (engine.md sections 5.3, 6; protocols.md sections 2.3-2.5):
-  * prompt cache: the tokens whose keys/values are in the model's KV cache are remembered; a new prompt that starts
-    with the same tokens (chat frontends resend the whole history every turn) only evaluates the new tail;
+  * prompt cache: the tokens whose keys/values are in the model's KV cache are remembered; a new prompt keeps what it
+    shares with them (chat frontends resend the whole history every turn, trimmed at the top once it is long): the
+    common prefix, and runs the cache holds at other positions, moved into place (airobackend.promptcache); only the
+    rest is evaluated. States of other conversations wait in RAM (`PromptCache`) until their chat comes back;
   * context shift: when the context is full, BOS and the request's memory part are kept, the oldest half of the rest
     is dropped with `model.cache.remove` (llama.cpp main's n_keep / n_discard rule) and generation goes on;
   * stop strings: text that could be the start of a stop string is held back until it is decided, then trimmed or
@@ -20,6 +22,8 @@ What happens per request (engine.md sections 5.3, 6; protocols.md sections 2.3-2
 from __future__ import annotations
 
 import collections
+import contextlib
+import logging
 import random
 import threading
 import time
@@ -31,9 +35,12 @@ import numpy as np
 
 from airobackend.detok import IncrementalDecoder, PhraseBanBuffer, StopStringMatcher
 from airobackend.errors import ContextOverflowError, EngineBusy, RequestError
+from airobackend.promptcache import PromptCache, ReusePlan, StateStore, common_prefix, plan_reuse
 from airobackend.sampling import Sampler, validate_sampling
 from airobackend.settings import Settings
 from airobackend.types import FinishReason, GenerationEvent, GenerationRequest, SamplingParams
+
+log = logging.getLogger("airobackend.engine")
 
 # A request asking for more than this many new tokens is a client bug, not a wish (even with context shift).
 MAX_TOKENS_LIMIT = 1 << 20
@@ -124,14 +131,6 @@ class Generation:
             pass
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 class Engine:
     """Generation on one model: request queue, one generation slot, prompt cache, context shift, abort, counters."""
 
@@ -146,14 +145,46 @@ class Engine:
         self._queue: collections.deque[_Job] = collections.deque()   # admitted, not yet running, in order
         self._running: Optional[_Job] = None
         self._last: Optional[_Job] = None
-        self._cache: list[int] = []     # tokens whose K/V sit in the model's cache at positions 0..len-1
+        self.cache = self.model.cache   # the KV cache of the sequence served (airobackend.kvcache.KVCache)
+        self._cache: list[int] = []     # tokens whose K/V sit in that cache at positions 0..len-1
+        s = self.settings
+        self.min_chunk = int(s.cache_reuse) if s.context_shift else 0
+        self.prompt_cache = PromptCache(self._prompt_cache_budget(), int(s.cache_slots))
+        self.states = StateStore(self.prompt_cache, self._state_dir())
+        if self.prompt_cache.enabled or self.states.disk is not None:
+            log.info("prompt cache: up to %d saved states in %d MiB of RAM%s", self.prompt_cache.max_entries,
+                     self.prompt_cache.budget_bytes >> 20,
+                     f", on disk in {self.states.disk.root}" if self.states.disk is not None else "")
         self._last_logits: Optional[np.ndarray] = None
         self._template = None
         now = time.monotonic()
         self._t_start = now
         self._t_idle_since = now
         self._perf: dict[str, Any] = dict(last_process=0.0, last_eval=0.0, last_token_count=0, last_seed=-1,
-                                          total_gens=0, stop_reason=-1, last_input_count=0, last_process_count=0)
+                                          total_gens=0, stop_reason=-1, last_input_count=0, last_process_count=0,
+                                          last_cached_count=0)
+
+    def _state_dir(self) -> Any:
+        """The prompt-cache folder for this model (airobackend.kvstate.StateDir), if one is set and the model can
+        name itself (a Llama facade's state_identity)."""
+        ident = getattr(self.llama, "state_identity", None)
+        if not self.settings.prompt_cache_dir or not isinstance(ident, dict):
+            return None
+        from airobackend.kvstate import StateDir
+        return StateDir(self.settings.prompt_cache_dir, max_auto=max(1, int(self.settings.cache_slots)), **ident)
+
+    def _prompt_cache_budget(self) -> int:
+        """Bytes of RAM for saved KV states: --prompt-cache-mb, or by default what is free now less a margin, up to
+        cache_slots full contexts (so a default never makes a model that fits refuse to load)."""
+        s = self.settings
+        if s.prompt_cache_mb is not None:
+            return max(0, int(s.prompt_cache_mb)) << 20
+        full = int(getattr(self.cache, "bytes_per_position", 0)) * self.n_ctx
+        if full <= 0 or s.cache_slots <= 0:
+            return 0
+        from airobackend.manager import mem_available
+        free = mem_available()
+        return max(0, min(int(s.cache_slots) * full, free - max(1 << 30, free // 4)))
 
     # ---------------------------------------------------------------------------------------------- requests
     def generate(self, req: GenerationRequest) -> Generation:
@@ -253,7 +284,7 @@ class Engine:
             # Memory and prompt are one text (no second space prefix at the seam); the kept part is the memory's
             # tokens as far as the joint tokenization shares them.
             tokens = list(tok.encode(req.memory + req.prompt, add_bos=req.add_bos))
-            n_keep = _common_prefix(memory, tokens)
+            n_keep = common_prefix(memory, tokens)
         elif memory:
             tokens, n_keep = memory + body, len(memory)
         else:
@@ -371,13 +402,72 @@ class Engine:
             logits = self._last_logits = np.asarray(out)[-1]
         return logits
 
+    def _plan(self, tokens: list[int]) -> ReusePlan:
+        """How `tokens` reuses the live cache, or a saved state that serves it better (swapped in). The live state is
+        saved first when the new prompt would throw most of it away (another conversation)."""
+        plan = plan_reuse(self._cache, tokens, self.min_chunk)
+        if not self.states.enabled:
+            return plan
+        cand = self.states.best(tokens, self.min_chunk)
+        better = cand is not None and cand.plan.n_reused > plan.n_reused
+        got = cand.load() if better else None          # taken out first: saving the live state may evict it
+        if better or plan.n_reused < len(self._cache) // 2:
+            self._save_live()
+        if not better:
+            return plan
+        why = "it is gone" if got is None else self.cache.compatible(got[1])
+        if why is not None:
+            log.warning("prompt cache: a saved state was not used: %s", why)
+            self._cache = []                 # the live state was saved above; start over
+            return plan_reuse(self._cache, tokens, self.min_chunk)
+        self.cache.restore(got[1])
+        self._cache = list(got[0])
+        log.info("prompt cache: restored a saved state (%s) of %d tokens, %d reused", cand.source, len(got[0]),
+                 cand.plan.n_reused)
+        return cand.plan
+
+    def _save_live(self) -> None:
+        """Keep the live cache among the saved states (RAM, else disk), if it is worth keeping."""
+        n = len(self._cache)
+        if n < max(16, self.min_chunk):
+            return
+        tokens = list(self._cache)
+        self.states.save(tokens, n * int(self.cache.bytes_per_position), lambda: self.cache.snapshot(n))
+
+    def _fill(self, plan: ReusePlan, tokens: list[int], job: _Job) -> Optional[np.ndarray]:
+        """Carry out `plan`: move the reused runs into place, then evaluate the gaps between them, n_batch tokens
+        per weight pass (a pass may fill several gaps). Returns the last token's logits, None if aborted. The
+        bookkeeping (`_cache`) always names the valid prefix of the cache, so an abort leaves nothing wrong."""
+        del self._cache[plan.prefix:]
+        for c in plan.moves():
+            self.cache.move(c.src, c.src + c.n, c.dst)
+        pending = [(start, tokens[start:end]) for start, end in plan.spans()]
+        self._cache = tokens[:pending[0][0]]
+        logits = None
+        while pending:
+            if job.abort.is_set():
+                return None
+            group, room = [], self.n_batch
+            while pending and room:
+                start, toks = pending[0]
+                group.append((start, toks[:room]))
+                room -= len(group[-1][1])
+                if len(toks) > len(group[-1][1]):
+                    pending[0] = (start + len(group[-1][1]), toks[len(group[-1][1]):])
+                else:
+                    pending.pop(0)
+            out = self.model.eval_spans([(st, np.asarray(t, dtype=np.int32)) for st, t in group])
+            self._cache = tokens[:pending[0][0]] if pending else list(tokens)
+            logits = self._last_logits = np.asarray(out)[-1]
+        return logits
+
     def _shift(self, n_keep: int) -> bool:
         """Make room for one more token: drop the oldest half after the kept part. False if nothing can go."""
         n_past = len(self._cache)
         n_discard = (n_past - n_keep) // 2
         if n_discard < 1:
             return False
-        self.model.cache.remove(n_keep, n_keep + n_discard, n_past)
+        self.cache.remove(n_keep, n_keep + n_discard, n_past)
         del self._cache[n_keep:n_keep + n_discard]
         return True
 
@@ -402,10 +492,9 @@ class Engine:
             yield GenerationEvent(text=job.prompt_text)
         t0 = time.perf_counter()
 
-        # Prompt cache: keep the common prefix, evaluate the tail (at least the last token, for its logits).
-        n_reuse = min(_common_prefix(self._cache, tokens), len(tokens) - 1)
-        del self._cache[n_reuse:]
-        logits = self._eval(tokens[n_reuse:], job)
+        # Prompt cache: keep what the cache shares with the prompt, evaluate the rest (at least the last token).
+        plan = self._plan(tokens)
+        logits = self._fill(plan, tokens, job)
         t1 = time.perf_counter()
 
         history = list(tokens)
@@ -500,8 +589,10 @@ class Engine:
         with self._cond:
             self._perf.update(last_process=t1 - t0, last_eval=t2 - t1, last_token_count=n_gen, last_seed=seed,
                               total_gens=self._perf["total_gens"] + 1, stop_reason=STOP_REASON_CODES[finish],
-                              last_input_count=len(tokens), last_process_count=len(tokens) - n_reuse)
-        yield out.event(tail, finish_reason=finish, prompt_tokens=len(tokens), completion_tokens=n_gen)
+                              last_input_count=len(tokens), last_process_count=plan.n_evaluate,
+                              last_cached_count=plan.n_reused)
+        yield out.event(tail, finish_reason=finish, prompt_tokens=len(tokens), completion_tokens=n_gen,
+                        cached_tokens=plan.n_reused, prompt_seconds=t1 - t0, generation_seconds=t2 - t1)
 
     def _shift_held(self, bans: PhraseBanBuffer, dropped: int, n_keep: int) -> None:
         """After a context shift: held tokens' cache positions move down; if one fell into the dropped part it can
@@ -549,6 +640,87 @@ class Engine:
             top = [(int(i), float(lp[i])) for i in idx]
         return {"id": tid, "token": piece(tid), "logprob": max(chosen, LOGPROB_FLOOR),
                 "top_logprobs": [{"id": i, "token": piece(i), "logprob": max(v, LOGPROB_FLOOR)} for i, v in top]}
+
+    # ---------------------------------------------------------------------------------------------- saved states
+    @contextlib.contextmanager
+    def _turn(self) -> Iterator[None]:
+        """Hold the engine between generations (slot save/restore): waits for the running one, and the queue waits
+        while this runs."""
+        job = _Job(req=GenerationRequest(prompt=""), tokens=[], n_keep=0, prompt_text="", max_tokens=0, genkey="",
+                   stop=())
+        with self._cond:
+            while self._running is not None:
+                self._cond.wait()
+            self._running = job
+        try:
+            self._sync_in()
+            yield
+        finally:
+            with self._cond:
+                self._sync_out()
+                self._running = None
+                self._cond.notify_all()
+
+    def _slot_dir(self, slot: int) -> Any:
+        if int(slot) != 0:
+            raise RequestError(f"Invalid slot ID {slot}: this server has one slot, 0")
+        d = self.states.disk
+        if d is None:
+            raise NotImplementedError("This server does not support slots action. Start it with "
+                                      "`--prompt-cache-dir DIR`")
+        return d
+
+    def save_slot(self, slot: int, filename: str) -> dict:
+        """llama.cpp server's POST /slots/{id}?action=save: the slot's KV state into DIR/filename."""
+        d = self._slot_dir(slot)
+        d.path(filename)                                   # a bad name is refused before waiting for the turn
+        with self._turn():
+            t0 = time.perf_counter()
+            n = len(self._cache)
+            written = d.save(filename, self._cache, self.cache.snapshot(n))
+            return {"id_slot": int(slot), "filename": filename, "n_saved": n, "n_written": written,
+                    "timings": {"save_ms": (time.perf_counter() - t0) * 1e3}}
+
+    def restore_slot(self, slot: int, filename: str) -> dict:
+        """llama.cpp server's POST /slots/{id}?action=restore: DIR/filename into the slot, after checking that it
+        belongs to this model and is whole (StateFileError otherwise; the slot keeps what it had)."""
+        d = self._slot_dir(slot)
+        path = d.path(filename)
+        with self._turn():
+            t0 = time.perf_counter()
+            tokens, snap = d.load(filename)
+            why = self.cache.compatible(snap)
+            if why is not None:
+                from airobackend.kvstate import StateFileError
+                raise StateFileError(f"state file {filename!r} cannot be restored here: {why}")
+            self.cache.restore(snap)
+            self._cache = list(tokens)
+            return {"id_slot": int(slot), "filename": filename, "n_restored": len(tokens),
+                    "n_read": path.stat().st_size, "timings": {"restore_ms": (time.perf_counter() - t0) * 1e3}}
+
+    def erase_slot(self, slot: int) -> dict:
+        """llama.cpp server's POST /slots/{id}?action=erase: forget the slot's cache."""
+        if int(slot) != 0:
+            raise RequestError(f"Invalid slot ID {slot}: this server has one slot, 0")
+        with self._turn():
+            n = len(self._cache)
+            self._cache = []
+            self.cache.truncate(0)
+            return {"id_slot": int(slot), "n_erased": n}
+
+    def close(self) -> None:
+        """Keep what is worth keeping: with a prompt-cache folder, the live state and the states in RAM are written
+        there (they are found again after a restart or a switch back to this model)."""
+        if self.states.disk is None:
+            return
+        with self._cond:
+            busy = self._running is not None
+        if busy:
+            return
+        n = len(self._cache)
+        if n >= max(16, self.min_chunk):
+            self.states.to_disk(list(self._cache), self.cache.snapshot(n))
+        self.states.flush()
 
     # ---------------------------------------------------------------------------------------------- other threads
     def abort(self, genkey: Optional[str] = None) -> bool:
@@ -665,4 +837,18 @@ class Engine:
             "n_embd": getattr(self.model, "n_embd", None),     # the length of an embedding
             "template": self.template.name,
             "kv_cache": f"{getattr(self.model, 'type_k', 'f16')}/{getattr(self.model, 'type_v', 'f16')}",
+            **self._rope_info(),
         }
+
+    def _rope_info(self) -> dict:
+        """n_ctx_train and the RoPE values the model runs with (airobackend.rope: 'auto' when scaled for a context
+        beyond the trained one)."""
+        rope = getattr(self.llama, "rope", None)
+        if rope is not None:
+            return {"n_ctx_train": rope.n_ctx_train, "rope_freq_base": rope.rope_freq_base,
+                    "rope_freq_scale": rope.rope_freq_scale, "rope_scaling": rope.source}
+        hp = getattr(self.model, "hparams", None)
+        if hp is None:
+            return {}
+        return {"n_ctx_train": int(hp.n_ctx_train), "rope_freq_base": float(hp.rope_freq_base),
+                "rope_freq_scale": float(hp.rope_freq_scale), "rope_scaling": "file"}

@@ -6,6 +6,7 @@ class by the generation code; it builds only on the names below.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -45,9 +46,16 @@ class Llama:
         seed: RNG seed for sampling (-1 = random); kept as `self.seed` for the generation code.
         logits_all: keep the logits of every evaluated position in `scores` (else only the last one's row).
         n_gqa, rms_norm_eps, rope_freq_base, rope_freq_scale: overrides for what GGML v3 files cannot store
-            (LLaMA-2 70B needs n_gqa=8); None = from the file, else llama.cpp's defaults.
+            (LLaMA-2 70B needs n_gqa=8); None = from the file, else llama.cpp's defaults. With neither RoPE value
+            given and n_ctx beyond the trained context, the RoPE base is raised as KoboldCpp does (airobackend.rope;
+            `self.rope` says what was chosen).
         type_k, type_v: KV cache types: 'f16' (default), 'q8_0', 'q4_0', or ggml's type numbers as llama-cpp-python
             takes them (1, 8, 2). A quantized cache attends as llama.cpp's flash attention (flash_attn is implied).
+        cache_reuse: reuse cached runs of at least this many tokens at new positions (context shift of a trimmed
+            prompt, llama.cpp's --cache-reuse); 0 = only an exact prefix. Default 32.
+        cache_slots, prompt_cache_mb: keep up to this many KV states of other prompts in RAM, in at most this many
+            MiB (default: none, as llama-cpp-python until `set_cache`).
+        prompt_cache_dir: keep KV states on disk too (they survive the process).
         verbose: log loading details at INFO level (else DEBUG).
         kernels: 'auto' | 'generic' | 'fast' matmul kernels (None = AIRO_KERNELS or 'auto').
         progress_callback: called with the loaded fraction (0..1) while the weights are prepared.
@@ -59,9 +67,11 @@ class Llama:
                  rms_norm_eps: Optional[float] = None, rope_freq_base: Optional[float] = None,
                  rope_freq_scale: Optional[float] = None, verbose: bool = True, kernels: Optional[str] = None,
                  progress_callback: Optional[Callable[[float], None]] = None, type_k: Any = None,
-                 type_v: Any = None, **kwargs: Any) -> None:
+                 type_v: Any = None, cache_reuse: int = 32, cache_slots: int = 4, prompt_cache_mb: int = 0,
+                 prompt_cache_dir: Optional[str] = None, **kwargs: Any) -> None:
         from airobackend.formats import open_model
         from airobackend.model import LlamaModel
+        from airobackend.rope import apply_rope
 
         level = logging.INFO if verbose else logging.DEBUG
         self.chat_format: Optional[str] = kwargs.pop("chat_format", None)   # prompt template name (airobackend.chat)
@@ -77,6 +87,9 @@ class Llama:
         self.model_file = open_model(self.model_path, n_gqa=n_gqa, rms_norm_eps=rms_norm_eps,
                                      rope_freq_base=rope_freq_base, rope_freq_scale=rope_freq_scale)
         n_ctx = int(n_ctx) or int(self.model_file.hparams.n_ctx_train)
+        self.rope = apply_rope(self.model_file, n_ctx, rope_freq_base, rope_freq_scale, level)
+        self._cache_settings = dict(cache_reuse=int(cache_reuse), cache_slots=int(cache_slots),
+                                    prompt_cache_mb=prompt_cache_mb, prompt_cache_dir=prompt_cache_dir)
         try:
             self.model = LlamaModel(self.model_file, n_ctx=n_ctx, n_threads=self.n_threads, n_batch=self.n_batch,
                                     kernels=kernels, progress=progress_callback,
@@ -162,6 +175,57 @@ class Llama:
     def token_eos(self) -> int:
         return int(self.model_file.hparams.eos_id)
 
+    # ---- KV state (llama-cpp-python's save_state / load_state) ----
+
+    @property
+    def state_identity(self) -> dict:
+        """What a KV state file records about the model it belongs to (airobackend.kvstate)."""
+        ident = self.__dict__.get("_state_identity")
+        if ident is None:
+            from airobackend.kvstate import model_fingerprint
+            m = self.model
+            ident = self._state_identity = dict(
+                fingerprint=model_fingerprint(self.model_file), model_name=os.path.basename(self.model_path),
+                runtime=dict(rope_freq_base=m.freq_base, rope_freq_scale=m.freq_scale, rms_norm_eps=m.eps))
+        return ident
+
+    def save_state(self) -> "LlamaState":
+        """The context as it is (tokens, last logits, KV cache of the first n_tokens positions), as
+        llama-cpp-python's LlamaState; `llama_state` is a KV state file's bytes, refused by any other model."""
+        from airobackend.kvstate import state_bytes
+        n = self.n_tokens
+        data = state_bytes(tokens=self.input_ids[:n].tolist(), snapshot=self.model.cache.snapshot(n),
+                           **self.state_identity)
+        return LlamaState(input_ids=self.input_ids.copy(), scores=self._scores.copy(), n_tokens=n,
+                          llama_state=data, llama_state_size=len(data), seed=self.seed)
+
+    def load_state(self, state: "LlamaState") -> None:
+        """Restore a `save_state()` result. StateFileError (a ValueError) if it belongs to another model or is
+        damaged; then nothing changes."""
+        from airobackend.kvstate import StateFileError, state_from_bytes
+        tokens, snap = state_from_bytes(bytes(state.llama_state), **self.state_identity)
+        why = self.model.cache.compatible(snap)
+        if why is not None:
+            raise StateFileError(f"the state cannot be restored here: {why}")
+        self.model.cache.restore(snap)
+        n = len(tokens)
+        self.input_ids[:] = 0
+        self.input_ids[:n] = tokens
+        rows = np.asarray(state.scores)[:n]
+        self.scores[:rows.shape[0]] = rows
+        self.n_tokens = n
+        self.seed = state.seed
+
+    def set_cache(self, cache: Optional["LlamaRAMCache"]) -> None:
+        """llama-cpp-python's prompt cache switch: LlamaRAMCache(capacity_bytes) keeps KV states of other prompts
+        in RAM, LlamaDiskCache(cache_dir, capacity_bytes) on disk too; None turns it off."""
+        cfg = self._cache_settings
+        cfg["prompt_cache_mb"] = 0 if cache is None else max(1, int(cache.capacity_bytes) >> 20)
+        cfg["prompt_cache_dir"] = getattr(cache, "cache_dir", None)
+        engine = self.__dict__.pop("_engine", None)
+        if engine is not None:
+            engine.close()
+
     # ---- high-level API (generation; one loop: airobackend.engine.Engine) ----
 
     @property
@@ -173,7 +237,7 @@ class Llama:
             from airobackend.settings import Settings
             # A library caller's threads wait their turn rather than being turned away.
             settings = Settings(n_ctx=self.model.n_ctx, n_batch=self.n_batch, seed=-1, multiuser=1 << 16,
-                                template=getattr(self, "chat_format", None))
+                                template=getattr(self, "chat_format", None), **self._cache_settings)
             engine = self._engine = Engine(self, settings)
         return engine
 
@@ -330,7 +394,11 @@ class Llama:
         return embeddings_response(self.engine, {"input": input}, model or self.model_path, truncate_default=True)
 
     def close(self) -> None:
-        """Release the model file (its mmap). The object is unusable afterwards."""
+        """Release the model file (its mmap), after the engine kept its KV states (prompt_cache_dir). The object
+        is unusable afterwards."""
+        engine = self.__dict__.pop("_engine", None)
+        if engine is not None:
+            engine.close()
         mf = getattr(self, "model_file", None)
         if mf is not None:
             mf.close()
@@ -430,7 +498,35 @@ def _finish(last: Any) -> str:
 
 def _usage(last: Any) -> dict:
     return {"prompt_tokens": last.prompt_tokens, "completion_tokens": last.completion_tokens,
-            "total_tokens": last.prompt_tokens + last.completion_tokens}
+            "total_tokens": last.prompt_tokens + last.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": last.cached_tokens}}
+
+
+@dataclasses.dataclass
+class LlamaState:
+    """A saved context, with llama-cpp-python's fields (Llama.save_state / load_state)."""
+
+    input_ids: np.ndarray
+    scores: np.ndarray
+    n_tokens: int
+    llama_state: bytes
+    llama_state_size: int
+    seed: int
+
+
+@dataclasses.dataclass
+class LlamaRAMCache:
+    """llama-cpp-python's RAM prompt cache, for Llama.set_cache: KV states of other prompts kept in RAM."""
+
+    capacity_bytes: int = 2 << 30
+
+
+@dataclasses.dataclass
+class LlamaDiskCache:
+    """llama-cpp-python's disk prompt cache, for Llama.set_cache: the RAM cache plus states kept in cache_dir."""
+
+    cache_dir: str = ".cache/llama_cache"
+    capacity_bytes: int = 2 << 30
 
 
 def _openai_logprobs(entries: list, offset: int) -> dict:

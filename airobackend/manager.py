@@ -128,6 +128,13 @@ def _cache_type(value: Any, where: str) -> str:
 EngineFactory = Callable[[ModelEntry, Settings, ProgressFn], tuple[Any, Any]]
 
 
+def prompt_cache_bytes(settings: Settings) -> int:
+    """RAM set aside for saved KV states (--prompt-cache-mb). The default (None) takes only what is free after the
+    model is loaded (Engine._prompt_cache_budget), so it never makes a model that fits refuse to load."""
+    mb = settings.prompt_cache_mb
+    return max(0, int(mb)) << 20 if mb is not None else 0
+
+
 def mem_available() -> int:
     """Bytes of memory available for a new model: MemAvailable of /proc/meminfo (Linux), else free physical pages."""
     try:
@@ -336,7 +343,7 @@ class ModelManager:
             get_template(settings.template)          # RequestError naming the known templates
         settings = dataclasses.replace(settings, **{f: _cache_type(getattr(settings, f), f)     # also from the
                                                     for f in ("cache_type_k", "cache_type_v")})   # environment
-        need = entry.ram_for(settings.n_ctx, settings.cache_type_k, settings.cache_type_v)
+        need = entry.ram_for(settings.n_ctx, settings.cache_type_k, settings.cache_type_v) + prompt_cache_bytes(settings)
         allow = self.settings.allow_disk if allow_disk is None else bool(allow_disk)
         room = self._room()
         if need > room:
@@ -420,6 +427,16 @@ class ModelManager:
             with self._cond:
                 self._loading = None
                 self._cond.notify_all()
+
+    def close(self) -> None:
+        """At exit: stop what runs and release the model; its engine writes its saved KV states to the
+        prompt-cache folder, if one is set."""
+        if self._engine is None:
+            return
+        try:
+            self.unload(abort_running=True)
+        except EngineBusy:           # a load is under way: nothing of this model's to keep yet
+            pass
 
     # ------------------------------------------------------------------ the Engine interface
 
@@ -597,18 +614,21 @@ class ModelManager:
         room = self._mem_available()
         old, used = self.loaded_entry, self._settings_used
         if old is not None and used is not None:
-            old_ram = old.ram_for(used.n_ctx, used.cache_type_k, used.cache_type_v)
+            old_ram = old.ram_for(used.n_ctx, used.cache_type_k, used.cache_type_v) + prompt_cache_bytes(used)
             room += max(0, old_ram - old.weights_bytes if used.use_mmap else old_ram)
         return room
 
     def _refusal(self, entry: ModelEntry, need: int, avail: int, settings: Settings) -> str:
         n_ctx, types = settings.n_ctx, (settings.cache_type_k, settings.cache_type_v)
+        cache = prompt_cache_bytes(settings)
         fits = [e for e in self.library.scan()
-                if e.loadable and e.name != entry.name and e.ram_for(n_ctx, *types) <= avail]
+                if e.loadable and e.name != entry.name and e.ram_for(n_ctx, *types) + cache <= avail]
         # Same model family (parameter class) first, best quality (largest) first.
         fits.sort(key=lambda e: (e.size_class != entry.size_class, -e.ram_for(n_ctx, *types)))
         msg = (f"{entry.name} ({entry.size_class} {entry.mix}) needs {need / GB:.1f} GB of RAM for a "
-               f"{n_ctx}-token context{_kv_note(types)}, but only {avail / GB:.1f} GB is available.")
+               f"{n_ctx}-token context{_kv_note(types)}" + (f" and {cache / GB:.1f} GB of prompt cache "
+                                                            f"(--prompt-cache-mb)" if cache else "")
+               + f", but only {avail / GB:.1f} GB is available.")
         if fits:
             msg += " Mixes in the library that fit: " + ", ".join(
                 f"{e.name} ({e.size_class} {e.mix}, {e.ram_for(n_ctx, *types) / GB:.1f} GB)" for e in fits[:6]) + "."

@@ -1,10 +1,10 @@
 """The plugin manager: built-in adapters and third-party plugins, registered the same way.
 
 `get_plugin_manager()` is a factory, not an import-time global, so tests build a fresh one each time. Built-ins are
-registered by dotted module name under their short name ("kobold", "textgen", "openai", "models"); third-party plugins come
-from the entry-point group "airobackend" under their entry-point name. `--disable-adapter NAME` blocks a plugin by
-either spelling before it is imported. Plugins registered later are called first (pluggy's LIFO order), so a
-third-party plugin can override a built-in route or request mapping.
+registered by dotted module name under their short name ("kobold", "textgen", "openai", "models", "llamacpp");
+third-party plugins come from the entry-point group "airobackend" under their entry-point name. `--disable-adapter
+NAME` blocks a plugin by either spelling before it is imported. Plugins registered later are called first (pluggy's
+LIFO order), so a third-party plugin can override a built-in route or request mapping.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "airobackend.adapters.textgen",
     "airobackend.adapters.openai",
     "airobackend.adapters.models",     # model library routes (on when the engine is a ModelManager)
+    "airobackend.adapters.llamacpp",   # llama.cpp server's slot save/restore
 )
 
 

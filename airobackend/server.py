@@ -281,6 +281,21 @@ class Fields:
         return out
 
 
+def llama_timings(ev: Any) -> dict:
+    """llama.cpp server's `timings` object for a finished generation (tools/server result_timings::to_json):
+    cache_n = prompt tokens reused from the KV cache, prompt_n = prompt tokens evaluated, predicted_n = generated."""
+    cache_n = int(getattr(ev, "cached_tokens", 0) or 0)
+    prompt_n = max(0, int(ev.prompt_tokens) - cache_n)
+    predicted_n = int(ev.completion_tokens)
+    p_ms, g_ms = 1e3 * float(ev.prompt_seconds or 0.0), 1e3 * float(ev.generation_seconds or 0.0)
+    return {"cache_n": cache_n, "prompt_n": prompt_n, "prompt_ms": p_ms,
+            "prompt_per_token_ms": p_ms / prompt_n if prompt_n else 0.0,
+            "prompt_per_second": 1e3 * prompt_n / p_ms if p_ms > 0 else 0.0,
+            "predicted_n": predicted_n, "predicted_ms": g_ms,
+            "predicted_per_token_ms": g_ms / predicted_n if predicted_n else 0.0,
+            "predicted_per_second": 1e3 * predicted_n / g_ms if g_ms > 0 else 0.0}
+
+
 # ---------------------------------------------------------------------------------------------- disconnects
 
 async def run_watching_disconnect(request: Request, work: Awaitable[Any], on_disconnect: Callable[[], None]) -> Any:

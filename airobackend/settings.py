@@ -27,6 +27,13 @@ class Settings:
     template: Optional[str] = None         # prompt template name; None -> chosen from the file name / metadata
     cache_dir: Optional[str] = None        # where the demo model is written; None -> ~/.cache/airobackend
     seed: int = -1
+    # long chats: reuse of the KV cache (airobackend.promptcache) and saved states (airobackend.kvstate)
+    context_shift: bool = True             # KoboldCpp --noshift turns it off: only an exact prefix is reused
+    cache_reuse: int = 32                  # llama.cpp --cache-reuse N: reuse moved runs of >= N matching tokens
+    cache_slots: int = 4                   # saved KV states of other conversations kept in RAM
+    prompt_cache_mb: Optional[int] = None  # RAM for them; None = what is free after loading (up to cache_slots
+                                           # full contexts), 0 = none
+    prompt_cache_dir: Optional[str] = None # KV states on disk: survive restarts and model switches; slot save/restore
     # server
     host: str = "127.0.0.1"
     port: int = 5001

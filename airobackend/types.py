@@ -96,4 +96,7 @@ class GenerationEvent:
     finish_reason: Optional[FinishReason] = None
     prompt_tokens: int = 0                 # filled on the last event
     completion_tokens: int = 0             # filled on the last event
+    cached_tokens: int = 0                 # last event: prompt tokens whose K/V were reused, not evaluated
+    prompt_seconds: float = 0.0            # last event: time spent on the prompt
+    generation_seconds: float = 0.0        # last event: time spent generating
     logprobs: Optional[list[dict[str, Any]]] = None

@@ -86,6 +86,9 @@ class TokenCache:
         assert None not in self.pos[:n]
         return list(self.pos[:n])
 
+    def compatible(self, snap) -> Optional[str]:
+        return None if len(snap) <= self.n_ctx else "too long"
+
     def restore(self, snap) -> None:
         self.pos[:len(snap)] = snap
         self.n_past = len(snap)

@@ -12,7 +12,7 @@ from ..settings import KV_CACHE_TYPES
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", help="GGUF / GGML (.bin) model file, or a stored .zip (+ .z01) holding one")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the human summary")
-    parser.add_argument("--n-ctx", type=int, default=None,
+    parser.add_argument("--n-ctx", "--ctx-size", "--contextsize", dest="n_ctx", type=int, default=None,
                         help="context length for the RAM estimate (default: the model's training context)")
     parser.add_argument("--gqa", type=int, default=None, dest="n_gqa",
                         help="grouped-query factor for GGML v3 files (LLaMA-2 70B: 8; default inferred)")
@@ -25,6 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="KoboldCpp's spelling: 0 = f16, 1 = q8_0, 2 = q4_0 for keys and values "
                         "(--cache-type-k/-v win where given)")
     parser.add_argument("--tensors", action="store_true", help="also list every tensor (name, type, shape)")
+    parser.add_argument("--rope-freq-base", type=float, default=None, help="RoPE base override (as serve takes it)")
+    parser.add_argument("--rope-freq-scale", type=float, default=None, help="RoPE scale override (as serve takes it)")
 
 
 def _gib(n: int) -> str:
@@ -35,10 +37,13 @@ def _params(n: int) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
 
 
-def describe(mf, n_ctx=None, with_tensors: bool = False, type_k: str = "f16", type_v: str = "f16") -> dict:
+def describe(mf, n_ctx=None, with_tensors: bool = False, type_k: str = "f16", type_v: str = "f16",
+             user_base=None, user_scale=None) -> dict:
     """The JSON-able summary `inspect --json` prints (also used by the model library); the KV cache and RAM figures
-    are for a cache of type_k / type_v."""
+    are for a cache of type_k / type_v. `rope`: the RoPE values the model would run with at n_ctx (automatic
+    scaling beyond the trained context unless the user gives values)."""
     from ..formats import estimate_ram, kv_cache_bytes
+    from ..rope import choose_rope
     hp = mf.hparams
     n_ctx = int(n_ctx or hp.n_ctx_train or 2048)
     out = {
@@ -56,6 +61,7 @@ def describe(mf, n_ctx=None, with_tensors: bool = False, type_k: str = "f16", ty
         "n_ctx": n_ctx, "cache_type_k": type_k, "cache_type_v": type_v,
         "kv_cache_bytes": kv_cache_bytes(hp, n_ctx, type_k, type_v),
         "ram_bytes": estimate_ram(mf, n_ctx, type_k=type_k, type_v=type_v),
+        "rope": choose_rope(mf, n_ctx, user_base, user_scale).to_dict(),
     }
     if with_tensors:
         out["tensors"] = [{"name": t.name, "legacy_name": t.legacy_name, "type": t.type.name, "ne": list(t.ne),
@@ -66,14 +72,15 @@ def describe(mf, n_ctx=None, with_tensors: bool = False, type_k: str = "f16", ty
 def main(args: argparse.Namespace) -> int:
     from ..formats import open_model
     try:
-        mf = open_model(args.file, n_gqa=args.n_gqa)
+        mf = open_model(args.file, n_gqa=args.n_gqa, rope_freq_base=args.rope_freq_base,
+                        rope_freq_scale=args.rope_freq_scale)
     except ModelFileError as e:
         print(f"airobackend inspect: error: {e}", file=sys.stderr)
         return 1
     with mf:
         quant = KV_CACHE_TYPES[args.quantkv] if args.quantkv else None
         d = describe(mf, args.n_ctx, args.tensors, args.cache_type_k or quant or "f16",
-                     args.cache_type_v or quant or "f16")
+                     args.cache_type_v or quant or "f16", args.rope_freq_base, args.rope_freq_scale)
     if args.json:
         print(json.dumps(d, indent=1))
         return 0
@@ -89,6 +96,10 @@ def main(args: argparse.Namespace) -> int:
         f"runtime   n_ctx_train {hp['n_ctx_train']}  rms_norm_eps {hp['rms_norm_eps']:g}  rope base "
         f"{hp['rope_freq_base']:g} scale {hp['rope_freq_scale']:g}"
         + ("   (not stored in GGML files: defaults or overrides)" if mf.format != "gguf" else ""),
+        f"context   n_ctx {d['n_ctx']}: RoPE base {d['rope']['rope_freq_base']:g} scale "
+        f"{d['rope']['rope_freq_scale']:g}"
+        + {"auto": f"   (automatic: beyond the trained {d['rope']['n_ctx_train']}, KoboldCpp's NTK-aware base)",
+           "user": "   (given)"}.get(d["rope"]["source"], ""),
         f"vocab     {d['vocab']['n']} tokens ({d['vocab']['spelling']} spelling), bos {hp['bos_id']} eos "
         f"{hp['eos_id']} unk {hp['unk_id']}",
         "tensors   " + ", ".join(f"{n} {k}" for k, n in d["tensor_types"].items()) + f"  ({d['n_tensors']} total)",

@@ -55,6 +55,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--flashattention", "--flash-attn", "-fa", action="store_true",
                    help="accepted for KoboldCpp / llama.cpp command lines; changes nothing here (a quantized cache "
                         "is always read by flash-attention kernels, an f16 one as llama.cpp's default)")
+    c = parser.add_argument_group("long chats (KV cache reuse, saved states)")
+    c.add_argument("--cache-reuse", dest="cache_reuse", type=int, metavar="N",
+                   help=f"reuse runs of at least N cached tokens that a trimmed prompt has at other positions, moving "
+                        f"them (llama.cpp's flag; 0 = only an exact prefix; default {d.cache_reuse}; "
+                        f"env AIRO_CACHE_REUSE)")
+    c.add_argument("--noshift", dest="noshift", action="store_true", default=None,
+                   help="KoboldCpp's flag: no context shift of trimmed prompts, reuse only an exact prefix "
+                        "(env AIRO_CONTEXT_SHIFT=0)")
+    c.add_argument("--cache-slots", dest="cache_slots", type=int, metavar="K",
+                   help=f"KV states of other conversations kept in RAM (default {d.cache_slots}; env AIRO_CACHE_SLOTS)")
+    c.add_argument("--prompt-cache-mb", dest="prompt_cache_mb", type=int, metavar="MB",
+                   help="RAM for those states, counted by the RAM check at load (default: what is free after the "
+                        "model, up to K full contexts; 0 = none; env AIRO_PROMPT_CACHE_MB)")
+    c.add_argument("--prompt-cache-dir", "--slot-save-path", dest="prompt_cache_dir", metavar="DIR",
+                   help="keep KV states on disk: they survive restarts and model switches; also where llama.cpp's "
+                        "POST /slots/{id}?action=save|restore read and write (env AIRO_PROMPT_CACHE_DIR)")
     m.add_argument("--allow-disk", action="store_true", default=None,
                    help="load a model larger than free RAM, reading it from disk (slow; env AIRO_ALLOW_DISK)")
     s = parser.add_argument_group("server")
@@ -118,7 +134,9 @@ def settings_from_args(args: argparse.Namespace, environ: Optional[dict] = None)
         allowed_hosts=tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip())
         if args.allowed_hosts else None,
         max_body_bytes=args.max_body_bytes, max_connections=args.max_connections, quiet=args.quiet,
-        textgen_stream_port=getattr(args, "textgen_stream_port", None))
+        textgen_stream_port=getattr(args, "textgen_stream_port", None), cache_reuse=args.cache_reuse,
+        context_shift=False if args.noshift else None, cache_slots=args.cache_slots,
+        prompt_cache_mb=args.prompt_cache_mb, prompt_cache_dir=args.prompt_cache_dir)
     quant = KV_CACHE_TYPES[args.quantkv] if getattr(args, "quantkv", None) else None
     overrides["cache_type_k"] = getattr(args, "cache_type_k", None) or quant
     overrides["cache_type_v"] = getattr(args, "cache_type_v", None) or quant
@@ -243,4 +261,6 @@ def main(args: argparse.Namespace) -> int:
     except OSError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    finally:
+        engine.close()          # saved KV states go to --prompt-cache-dir
     return 0

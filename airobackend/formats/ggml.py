@@ -182,7 +182,10 @@ def _hparams(path: str, gen: str, version: int, o: dict, tensors: dict, **h) -> 
         n_ff_raw = 2 * (4 * n_embd) // 3
         n_ff = (n_ff_raw + n_mult - 1) // n_mult * n_mult
     hp = HParams(n_vocab=h["n_vocab"], n_embd=n_embd, n_head=n_head, n_head_kv=n_head // n_gqa,
-                 n_layer=h["n_layer"], n_ff=n_ff, n_rot=h["n_rot"], n_ctx_train=2048,
+                 n_layer=h["n_layer"], n_ff=n_ff, n_rot=h["n_rot"],
+                 # not stored: LLaMA-1 files (all Airoboros 65B) were trained at 2048; LLaMA-2 70B, the one
+                 # grouped-query LLaMA of the GGML era (80 layers, n_embd 8192, 8 KV heads), at 4096
+                 n_ctx_train=4096 if (h["n_layer"], n_embd, n_head // n_gqa) == (80, 8192, 8) else 2048,
                  # ggjt v3 files were run with llama.cpp's late default 5e-6; the earlier trees hard-coded 1e-6
                  rms_norm_eps=5e-6 if (gen == "ggjt" and version >= 3) else 1e-6,
                  rope_freq_base=10000.0, rope_freq_scale=1.0, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,

@@ -105,6 +105,9 @@ class CountingCache:
     def snapshot(self, n: Optional[int] = None) -> int:
         return self.n_past if n is None else n
 
+    def compatible(self, snap: int) -> Optional[str]:
+        return None
+
     def restore(self, snap: int) -> None:
         self.n_past = snap
 

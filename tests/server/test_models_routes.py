@@ -396,7 +396,7 @@ def test_openai_style_load_generate_switch_generate(library_dir, fixture_index):
                                                     "args": {"n_ctx": 64, "instruction_template": "vicuna"}})
         assert r.json() == "OK"
         assert mgr.model_info()["template"] == "vicuna"
-        assert c.get("/api/extra/true_max_context_length").json() == {"value": 64}
+        assert c.get("/api/extra/true_max_context_length").json()["value"] == 64
         n_prompt = c.post("/api/extra/tokencount", json={"prompt": "word " * 80}).json()["value"]
         r = c.post("/v1/completions", json={"prompt": "word " * 80, "max_tokens": 1})
         assert n_prompt > 64 and r.json()["usage"]["total_tokens"] == 64, "the prompt is cut to the new context"

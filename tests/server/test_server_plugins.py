@@ -36,10 +36,11 @@ def test_hooks_are_few_and_documented():
 
 def test_builtins_are_registered_by_dotted_name_and_blockable(demo_engine):
     pm = get_plugin_manager(load_entrypoints=False)
-    assert {n for n, p in pm.list_name_plugin()} == {"kobold", "textgen", "openai", "models"}
+    assert {n for n, p in pm.list_name_plugin()} == {"kobold", "textgen", "openai", "models", "llamacpp"}
     assert [p.__name__ for p in pm.get_plugins() if p.__name__ in DEFAULT_PLUGINS]
     assert all("built-in" in line for line in describe_plugins(pm))
-    pm = get_plugin_manager(load_entrypoints=False, blocked=["openai", "airobackend.adapters.textgen", "models"])
+    pm = get_plugin_manager(load_entrypoints=False, blocked=["openai", "airobackend.adapters.textgen", "models",
+                                                             "llamacpp"])
     assert [n for n, p in pm.list_name_plugin() if p is not None] == ["kobold"]
     c = TestClient(create_app(demo_engine, Settings(), pm))
     assert c.post("/v1/completions", json={"prompt": "x"}).status_code == 404

@@ -197,7 +197,7 @@ def test_model_actions_with_the_model_manager(tmp_path, demo_engine):
     assert listed[0] == "None" and "tiny-demo.gguf" in listed
     r = c.post("/api/v1/model", json={"action": "load", "model_name": "tiny-demo.gguf", "args": {"n_ctx": 96}})
     assert r.json()["result"]["model_name"] == "tiny-demo.gguf"
-    assert c.get("/api/extra/true_max_context_length").json() == {"value": 96}
+    assert c.get("/api/extra/true_max_context_length").json()["value"] == 96
     r = c.post("/api/v1/model", json={"action": "load", "model_name": "missing.gguf"}).json()
     assert "error" in r and "missing.gguf" in r["error"]["message"]
     assert c.post("/api/v1/generate", json={"prompt": "x", "max_length": 2}).status_code == 200  # still serving
