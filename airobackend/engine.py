@@ -162,7 +162,7 @@ class Engine:
         if req.memory:
             if not isinstance(req.memory, str):
                 raise RequestError("memory must be a string")
-            memory = list(tok.encode(req.memory, add_bos=req.add_bos))
+            memory = list(tok.encode(req.memory, add_bos=req.add_bos, special=True))
         if req.tokens is not None:
             try:
                 body = [int(t) for t in req.tokens]
@@ -180,12 +180,15 @@ class Engine:
         if memory and req.tokens is None:
             # Memory and prompt are one text (no second space prefix at the seam); the kept part is the memory's
             # tokens as far as the joint tokenization shares them.
-            tokens = list(tok.encode(req.memory + req.prompt, add_bos=req.add_bos))
+            tokens = list(tok.encode(req.memory + req.prompt, add_bos=req.add_bos, special=True))
             n_keep = _common_prefix(memory, tokens)
         elif memory:
             tokens, n_keep = memory + body, len(memory)
         else:
-            tokens = body if req.tokens is not None else list(tok.encode(req.prompt, add_bos=req.add_bos))
+            # special tokens written in the prompt (<|im_start|>, </s>) are those tokens, as llama.cpp's server and
+            # llama-cpp-python read prompts; a chat template's output depends on it
+            tokens = body if req.tokens is not None else list(tok.encode(req.prompt, add_bos=req.add_bos,
+                                                                          special=True))
             n_keep = 1 if tokens and tokens[0] == tok.bos_id else 0
         if not tokens:
             raise RequestError("empty prompt: give some text, or leave add_bos on")
@@ -317,6 +320,7 @@ class Engine:
 
     def _generate(self, job: _Job) -> Iterator[GenerationEvent]:
         req, tok = job.req, self.tokenizer
+        eog = getattr(tok, "eog_ids", None) or {tok.eos_id}
         seed = self._resolve_seed(req.sampling)
         sampler = Sampler(req.sampling.replace(seed=seed), tokenizer=tok, n_vocab=self.n_vocab, n_ctx=self.n_ctx)
         decoder = IncrementalDecoder(tok)
@@ -352,7 +356,7 @@ class Engine:
                 tid = int(sampler.sample(logits, history))
                 if logprobs is not None:
                     logprobs.append(self._logprob_entry(lp, tid, req.n_probs))
-                if tid == tok.eos_id:
+                if tid in eog:                     # EOS, or an end-of-turn token such as <|im_end|> / <|eot_id|>
                     finish = FinishReason.EOS
                     break
                 n_gen += 1
@@ -468,7 +472,8 @@ class Engine:
 
     # ---------------------------------------------------------------------------------------------- model facts
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
-        return list(self.tokenizer.encode(text, add_bos=add_bos))
+        """Token ids of `text` as a prompt is read (special tokens parsed; BOS when asked and the file wants it)."""
+        return list(self.tokenizer.encode(text, add_bos=add_bos, special=True))
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return bytes(self.tokenizer.decode(list(ids))).decode("utf-8", errors="replace")
