@@ -111,14 +111,17 @@ class KVCache:
 
     Args:
         n_layer, n_head_kv, n_ctx, head_dim: geometry.
-        n_rot, freq_base, freq_scale: the model's RoPE, used to rotate keys when they move.
+        n_rot, freq_base, freq_scale, freq_factors: the model's RoPE (freq_factors: a file's rope_freqs, or None),
+            used to rotate keys when they move.
         type_k, type_v: cache types ('f16').
     """
 
     def __init__(self, n_layer: int, n_head_kv: int, n_ctx: int, head_dim: int, *, n_rot: int,
-                 freq_base: float, freq_scale: float = 1.0, type_k: str = "f16", type_v: str = "f16") -> None:
+                 freq_base: float, freq_scale: float = 1.0, freq_factors: Optional[np.ndarray] = None,
+                 type_k: str = "f16", type_v: str = "f16") -> None:
         self.n_layer, self.n_head_kv, self.n_ctx, self.head_dim = int(n_layer), int(n_head_kv), int(n_ctx), int(head_dim)
         self.n_rot, self.freq_base, self.freq_scale = int(n_rot), float(freq_base), float(freq_scale)
+        self.freq_factors = freq_factors
         self.type_k, self.type_v = check_type(type_k), check_type(type_v)
         self._ck, self._cv = CODECS[self.type_k], CODECS[self.type_v]
         if (self.type_k, self.type_v) != ("f16", "f16"):
@@ -155,7 +158,8 @@ class KVCache:
     def rope_store(self, il: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: np.ndarray, n_past: int) -> None:
         """RoPE on q [n, n_head, hd] and k [n, n_head_kv, hd] (float32, in place) at positions `pos`, then k and v
         into layer il at positions n_past .. n_past+n-1."""
-        ops.rope_kv(q, k, v, pos, self.n_rot, self.freq_base, self.freq_scale, self.k[il], self.v[il], n_past)
+        ops.rope_kv(q, k, v, pos, self.n_rot, self.freq_base, self.freq_scale, self.k[il], self.v[il], n_past,
+                    self.freq_factors)
 
     def attend(self, il: int, q: np.ndarray, n_past: int, out: np.ndarray) -> None:
         """Causal attention of q [n, n_head, hd] (roped) at positions n_past.. over layer il: out [n, n_head * hd]."""
@@ -170,7 +174,8 @@ class KVCache:
     def rotate(self, keys: np.ndarray, delta: int) -> None:
         """Rotate float32 keys [m, n_head_kv, hd] (already roped) in place by `delta` positions."""
         if keys.shape[0] and delta:
-            ops.rope(keys, np.full(keys.shape[0], delta, np.int64), self.n_rot, self.freq_base, self.freq_scale)
+            ops.rope(keys, np.full(keys.shape[0], delta, np.int64), self.n_rot, self.freq_base, self.freq_scale,
+                     self.freq_factors)
 
     def move(self, src_start: int, src_end: int, dst_start: int) -> None:
         """Copy the entries of positions src_start..src_end-1 to dst_start.. in every layer, keys re-rotated by
