@@ -127,8 +127,15 @@ OPTIONS: tuple[Opt, ...] = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    groups = {name: parser.add_argument_group(name) for name in ("model", "prompt", "sampling")}
-    for o in OPTIONS:
+    add_options(parser, OPTIONS)
+
+
+def add_options(parser: argparse.ArgumentParser, options: tuple[Opt, ...]) -> None:
+    """Declare `options` on `parser`, in argument groups named by Opt.group (other commands reuse run's options)."""
+    groups: dict[str, Any] = {}
+    for o in options:
+        if o.group not in groups:
+            groups[o.group] = parser.add_argument_group(o.group)
         # Each help text states its own default; "%(default).0s" (prints nothing) stops the CLI's
         # ArgumentDefaultsHelpFormatter from appending "(default: None)" as well.
         kw: dict[str, Any] = {"dest": o.dest, "help": o.help.replace("%", "%%")}
@@ -154,9 +161,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         groups[o.group].add_argument(*o.flags, **kw)
 
 
-def build_settings(args: argparse.Namespace, environ: Optional[dict] = None) -> Settings:
+def build_settings(args: argparse.Namespace, environ: Optional[dict] = None,
+                   options: tuple[Opt, ...] = OPTIONS) -> Settings:
     """Settings from AIRO_* environment variables with the command-line values on top."""
-    given = {o.dest: getattr(args, o.dest) for o in OPTIONS if o.setting and hasattr(args, o.dest)}
+    given = {o.dest: getattr(args, o.dest) for o in options if o.setting and hasattr(args, o.dest)}
     return Settings.from_env(environ, **given)
 
 
