@@ -227,14 +227,18 @@ class JinjaTemplate:
 
     Messages go to the template as OpenAI sends them (roles system/user/assistant/tool, assistant `tool_calls`,
     tool `tool_call_id`; list contents joined to text), with `tools`, `add_generation_prompt`, `bos_token`,
-    `eos_token`, `raise_exception` and `strftime_now`. As llama.cpp does, a leading BOS text and a trailing EOS text
-    are cut from the result (the tokenizer adds BOS when the vocabulary wants one) and the rendered special tokens
-    are parsed as tokens. The model's end-of-generation tokens end its turn, so there are no stop strings.
+    `eos_token`, `raise_exception` and `strftime_now`. The rendered special tokens are parsed as tokens; a leading
+    BOS text is cut when the tokenizer adds BOS itself (`add_bos`, the vocabulary's flag), a trailing EOS text when it
+    adds EOS, so neither comes twice (llama.cpp c392e50 cuts them whatever the vocabulary adds; SmolLM2's BOS is
+    <|im_start|>, and its prompt would lose the first one).
+    The model's end-of-generation tokens end its turn, so there are no stop strings.
     """
 
     source: str
     bos_token: str = ""
     eos_token: str = ""
+    add_bos: bool = False
+    add_eos: bool = False
     name: str = FILE_TEMPLATE
     style: str = "jinja"
     system: str = ""
@@ -260,9 +264,9 @@ class JinjaTemplate:
         except Exception as e:  # noqa: BLE001 - any failure inside a template is the template's
             raise RequestError(f"the model's chat template ({self.name}) failed to render these messages: "
                                f"{type(e).__name__}: {e}") from None
-        if self.bos_token and out.startswith(self.bos_token):
+        if self.add_bos and self.bos_token and out.startswith(self.bos_token):
             out = out[len(self.bos_token):]
-        if self.eos_token and out.endswith(self.eos_token):
+        if self.add_eos and self.eos_token and out.endswith(self.eos_token):
             out = out[:-len(self.eos_token)]
         return out
 
@@ -348,7 +352,17 @@ def file_template(metadata: Optional[Mapping[str, Any]]) -> Optional[JinjaTempla
     source = _text(metadata.get("tokenizer.chat_template")) if metadata else None
     if not source:
         return None
-    return JinjaTemplate(source, _token_text(metadata, "bos"), _token_text(metadata, "eos"))
+    # whether the tokenizer adds BOS / EOS itself: the file's flags, else llama.cpp's defaults per vocabulary
+    if _text(metadata.get("tokenizer.ggml.model")) == "gpt2":
+        from airobackend.pretokenize import PRE_TYPES
+        pre = PRE_TYPES.get(_text(metadata.get("tokenizer.ggml.pre")) or "")
+        default_bos = bool(pre and pre.add_bos)
+    else:
+        default_bos = True
+    add_bos = metadata.get("tokenizer.ggml.add_bos_token", default_bos)
+    add_eos = metadata.get("tokenizer.ggml.add_eos_token", False)
+    return JinjaTemplate(source, _token_text(metadata, "bos"), _token_text(metadata, "eos"), add_bos=bool(add_bos),
+                         add_eos=bool(add_eos))
 
 
 # File-name patterns, first match wins. Airoboros 1.2/1.3 (and the 13B 1.4 card) use the shorter preamble.

@@ -73,9 +73,12 @@ def test_tool_call_arguments_as_the_template_wants(fixtures_dir: Path) -> None:
 
 def test_bos_text_is_left_to_the_tokenizer(fixtures_dir: Path) -> None:
     src = (fixtures_dir / "templates" / "meta-llama-Llama-3.3-70B-Instruct.jinja").read_text()
-    t = JinjaTemplate(src, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+    t = JinjaTemplate(src, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", add_bos=True)
     out = t.format([{"role": "user", "content": "Hi"}])
     assert out.startswith("<|start_header_id|>system") and out.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    # a vocabulary that adds no BOS keeps it (SmolLM2's BOS is its template's first <|im_start|>)
+    kept = JinjaTemplate(src, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", add_bos=False)
+    assert kept.format([{"role": "user", "content": "Hi"}]) == "<|begin_of_text|>" + out
 
 
 def test_failures_name_the_template() -> None:
@@ -106,7 +109,11 @@ def test_file_template_from_metadata() -> None:
           "tokenizer.ggml.tokens": [b"<unk>", b"<s>", b"</s>"], "tokenizer.ggml.bos_token_id": 1,
           "tokenizer.ggml.eos_token_id": 2}
     t = file_template(md)
-    assert (t.bos_token, t.eos_token) == ("<s>", "</s>")
-    assert t.format([{"role": "user", "content": "Hi"}]) == "[user]Hi</s>[assistant]"
+    assert (t.bos_token, t.eos_token, t.add_bos, t.add_eos) == ("<s>", "</s>", True, False)   # SentencePiece's
+    assert t.format([{"role": "user", "content": "Hi"}]) == "[user]Hi</s>[assistant]"            # BOS text cut
+    assert t.format([{"role": "user", "content": "Hi"}], add_generation_prompt=False) == "[user]Hi</s>"
+    t = file_template(dict(md, **{"tokenizer.ggml.add_eos_token": True}))
     assert t.format([{"role": "user", "content": "Hi"}], add_generation_prompt=False) == "[user]Hi"   # EOS text cut
+    bpe = file_template(dict(md, **{"tokenizer.ggml.model": b"gpt2", "tokenizer.ggml.pre": b"smollm"}))
+    assert not bpe.add_bos and bpe.format([{"role": "user", "content": "Hi"}]).startswith("<s>[user]")
     assert file_template({}) is None
