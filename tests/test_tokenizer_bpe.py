@@ -3,6 +3,7 @@ vocabularies of its models/ folder), plus what the vectors do not reach: special
 vocabularies, the compiled merge loop and llama.cpp's Unicode category table."""
 from __future__ import annotations
 
+import json
 import random
 import unicodedata
 from pathlib import Path
@@ -136,3 +137,60 @@ def test_unknown_vocabularies_refused_by_name(tmp_path: Path) -> None:
         open_model(_bpe_vocab_file(tmp_path / "pre.gguf", "qwen9"), vocab_only=True)
     with pytest.raises(ModelFileError, match="tokenizer model 't5'"):
         open_model(_bpe_vocab_file(tmp_path / "t5.gguf", "", model="t5"), vocab_only=True)
+
+
+def _llama_tokenize(fixtures_dir: Path) -> Path:
+    exe = fixtures_dir.parent / "tools" / "llama.cpp-c392e50" / "avx512" / "llama-tokenize"
+    if not exe.is_file():
+        pytest.skip(f"llama.cpp's llama-tokenize not found at {exe}")
+    return exe
+
+
+# Random text from pools that reach every branch of the expressions: contractions, digits, non-ASCII letters, marks,
+# numbers, symbols, CJK, non-ASCII whitespace, unassigned and private-use code points, controls, the 'sentinel' and
+# 'IMGIMG' patterns of the Chameleon list.
+_POOLS = ["abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ", "0123456789", "     ", "\n\n\r\t", "'",
+          "'s't're've'm'll'd'S'T'RE'LL", "!\"#$%&()*+,-./:;<=>?@[\\]^_`{|}~", "éüßàçñøÆŒ", "АБВГДабвгдЖж", "αβγδΩλ",
+          "中文字符测试日本語ひらがなカタカナ", "한국어", "😀🦙👍🏽", "\u0301\u0308\u20dd", "\u00a0\u3000\u2003\u2028\u0085\u1680",
+          "\u0378\u0380\ue000\U000f0000", "\x00\x01\x1c\x1d\x7f", "€©±°¶§™", "½²³٣४", "ﬀＡＢｚ！？", "…。，、।۔،",
+          "<sentinel:12>IMGIMGABZ", "\u200b\u200d\ufeff", "\U0001E030𐐀𐑏"]
+
+
+def _random_text(rng: random.Random) -> str:
+    return "".join("".join(rng.choice(p) for _ in range(rng.randint(1, 4)))
+                   for p in (rng.choice(_POOLS) for _ in range(rng.randint(1, 40))))
+
+
+@pytest.mark.parametrize("pre", ["default", "llama-bpe", "deepseek-llm", "deepseek-v3", "deepseek-coder", "falcon",
+                                 "smollm", "gpt-2", "qwen2", "poro-chat", "viking", "tekken", "chameleon"])
+def test_every_pre_tokenizer_like_llama_cpp(pre: str, fixtures_dir: Path, tmp_path: Path) -> None:
+    """Each of llama.cpp's pre-tokenizer lists (one name per list) on the GPT-2 vocabulary: our ids equal those of
+    llama.cpp's own llama-tokenize on 150 random texts, and on text with invalid UTF-8."""
+    import dataclasses
+    import os
+    import subprocess
+    exe = _llama_tokenize(fixtures_dir)
+    with open_model(fixtures_dir / "vocab" / "ggml-vocab-gpt-2.gguf", vocab_only=True) as mf:
+        vocab = dataclasses.replace(mf.vocab, pre=pre)
+    hp = HParams(n_vocab=len(vocab), n_embd=64, n_head=1, n_head_kv=1, n_layer=1, n_ff=64, n_rot=64, bos_id=50256,
+                 eos_id=50256, add_bos=False, add_space_prefix=False)
+    path = tmp_path / f"vocab-{pre}.gguf"
+    write_gguf(path, hparams=hp, vocab=vocab, tensors=[], data=None)
+    tok = Tokenizer.from_file(str(path))
+    rng = random.Random(pre)
+    texts = [_random_text(rng).encode("utf-8", "surrogatepass") for _ in range(150)]
+    texts += [b"abc\xe2\x96 x\xc3", b"\xff\x80'S 12", b"\xed\xa0\x80\xc0\xaf\xf0\x9f\x98"]
+    data = b"<|endoftext|>".join(texts)          # a control token between the texts keeps them apart
+    (tmp_path / "in.txt").write_bytes(data)
+    r = subprocess.run([str(exe), "-m", str(path), "-f", str(tmp_path / "in.txt"), "--ids", "--log-disable",
+                        "--no-bos", "--no-escape"], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, LD_LIBRARY_PATH=str(exe.parent)))
+    if r.returncode != 0:
+        pytest.skip(f"llama-tokenize does not run here (exit {r.returncode}): {r.stderr.strip()[-200:]}")
+    expected = json.loads(r.stdout.strip().splitlines()[-1])
+    ours = tok.encode(data, add_bos=False, special=True)
+    if ours != expected:                          # name the first text that differs
+        at = next(i for i, (a, b) in enumerate(zip(ours, expected)) if a != b) if ours[:len(expected)] != expected \
+            else len(expected)
+        text = texts[ours[:at].count(50256)]
+        assert ours == expected, f"first difference in {text!r}"
