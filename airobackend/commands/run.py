@@ -70,7 +70,8 @@ OPTIONS: tuple[Opt, ...] = (
     Opt(("--rope-freq-scale",), "rope_freq_scale", "RoPE frequency scale override (linear scaling: 1/factor)",
         float, setting=True, group="model", metavar="F"),
     Opt(("--template", "--chat-template"), "template",
-        "prompt template for -i: airoboros, airoboros-1.2, vicuna, alpaca, chatml (default: from the file)", str,
+        "prompt template for -i: airoboros, airoboros-1.2, vicuna, alpaca, chatml, or gguf (the file's own "
+        "chat template; default: that, else one chosen by the file name)", str,
         setting=True, group="model", metavar="NAME"),
     Opt(("-s", "--seed"), "seed", "RNG seed, -1 = random (default -1)", int, setting=True, group="model",
         metavar="N"),
