@@ -10,13 +10,17 @@ after each assistant answer). The prompt ends with ``ASSISTANT:`` and no trailin
 ``get_prompt`` renders an open turn: the SentencePiece tokenizer then lets the model produce the ``▁word`` token
 itself, instead of seeing a lone ``▁`` it was never trained on.
 
-Templates are chosen by name (``--template``), else from the GGUF ``tokenizer.chat_template`` metadata, else from
-the file name, else Airoboros.
+Templates are chosen by name (``--template``), else the file's own: a GGUF ``tokenizer.chat_template`` (Jinja) is
+rendered as llama-cpp-python and text-generation-webui render it (`JinjaTemplate`), else by the file name, else
+Airoboros. Airoboros files keep the Airoboros layout even when their GGUF carries a generic template.
 """
 from __future__ import annotations
 
+import datetime
+import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from airobackend.errors import RequestError
@@ -175,6 +179,193 @@ def template_names() -> list[str]:
     return sorted(TEMPLATES)
 
 
+# ---------------------------------------------------------------------------------------------- the file's template
+FILE_TEMPLATE = "gguf"          # the name the file's own chat template is shown under
+
+
+def _tojson(value: Any, indent: Optional[int] = None, separators: Any = None, sort_keys: bool = False,
+            ensure_ascii: bool = False) -> str:
+    # transformers' tojson (the templates were written for it): no HTML escaping, keys in order, Unicode kept; the
+    # lazy sequences of filters such as map() as lists (as llama.cpp's minja has them)
+    return json.dumps(value, indent=indent, separators=separators, sort_keys=sort_keys, ensure_ascii=ensure_ascii,
+                      default=_json_default)
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "__iter__") and not isinstance(value, (str, bytes, Mapping)):
+        return list(value)
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def _raise_exception(message: str) -> None:
+    from jinja2.exceptions import TemplateError
+    raise TemplateError(message)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.datetime.now().strftime(fmt)
+
+
+@lru_cache(maxsize=16)
+def _compile(source: str) -> Any:
+    """A template compiled in jinja2's immutable sandbox, as transformers, llama-cpp-python and
+    text-generation-webui do (trim_blocks, lstrip_blocks, loop controls; raise_exception and strftime_now)."""
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env.from_string(source)
+
+
+_NEEDLE = {"argument_needle": "x7q"}
+
+
+@dataclass(frozen=True)
+class JinjaTemplate:
+    """A model file's own chat template (GGUF tokenizer.chat_template), rendered with Jinja2 in a sandbox.
+
+    Messages go to the template as OpenAI sends them (roles system/user/assistant/tool, assistant `tool_calls`,
+    tool `tool_call_id`; list contents joined to text), with `tools`, `add_generation_prompt`, `bos_token`,
+    `eos_token`, `raise_exception` and `strftime_now`. The rendered special tokens are parsed as tokens; a leading
+    BOS text is cut when the tokenizer adds BOS itself (`add_bos`, the vocabulary's flag), a trailing EOS text when it
+    adds EOS, so neither comes twice (llama.cpp c392e50 cuts them whatever the vocabulary adds; SmolLM2's BOS is
+    <|im_start|>, and its prompt would lose the first one).
+    The model's end-of-generation tokens end its turn, so there are no stop strings.
+    """
+
+    source: str
+    bos_token: str = ""
+    eos_token: str = ""
+    add_bos: bool = False
+    add_eos: bool = False
+    name: str = FILE_TEMPLATE
+    style: str = "jinja"
+    system: str = ""
+    stop: tuple[str, ...] = field(default=())
+
+    def format(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+               tools: Optional[Sequence[Mapping[str, Any]]] = None, **extra: Any) -> str:
+        """Render the conversation (and `tools`, OpenAI function definitions); RequestError naming the template
+        when it cannot be rendered (its own raise_exception included)."""
+        msgs = _jinja_messages(messages)
+        if self._object_arguments():
+            msgs = [_arguments_as_objects(m) for m in msgs]
+        tools = list(tools) if tools else None
+        try:
+            try:
+                out = self._render(msgs, add_generation_prompt, tools, extra)
+            except Exception:  # noqa: BLE001
+                if not any("content" in m and m["content"] is None for m in msgs):
+                    raise
+                # a template that cannot take a null content (a turn of tool calls) gets "", as minja does
+                blank = [dict(m, content="") if "content" in m and m["content"] is None else m for m in msgs]
+                out = self._render(blank, add_generation_prompt, tools, extra)
+        except Exception as e:  # noqa: BLE001 - any failure inside a template is the template's
+            raise RequestError(f"the model's chat template ({self.name}) failed to render these messages: "
+                               f"{type(e).__name__}: {e}") from None
+        if self.add_bos and self.bos_token and out.startswith(self.bos_token):
+            out = out[len(self.bos_token):]
+        if self.add_eos and self.eos_token and out.endswith(self.eos_token):
+            out = out[:-len(self.eos_token)]
+        return out
+
+    def format_user(self, text: str, system: Optional[str] = None) -> str:
+        messages = [{"role": "user", "content": text}]
+        if system is not None:
+            messages.insert(0, {"role": "system", "content": system})
+        return self.format(messages)
+
+    def _render(self, messages: list, add_generation_prompt: bool, tools: Optional[list], extra: dict) -> str:
+        # FireFunction v2 reads the tools as JSON text in `functions` and the date in `datetime` (llama.cpp's
+        # handler for it sets both); no other template uses these names for anything else.
+        extra = dict({"functions": json.dumps(tools, indent=2) if tools else "",
+                      "datetime": datetime.datetime.now().strftime("%b %d %Y %H:%M:%S GMT")}, **extra)
+        if tools is not None:                   # no tools: undefined, as transformers leaves it for templates
+            extra["tools"] = tools              # that test `tools is defined`
+        return _compile(self.source).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, bos_token=self.bos_token,
+            eos_token=self.eos_token, **extra)
+
+    def _object_arguments(self) -> bool:
+        """Whether the template prints tool-call arguments only when they are objects (as transformers passes them)
+        rather than OpenAI's JSON strings; probed once, as llama.cpp's minja does."""
+        return _probe_object_arguments(self.source, self.bos_token, self.eos_token)
+
+
+@lru_cache(maxsize=16)
+def _probe_object_arguments(source: str, bos: str, eos: str) -> bool:
+    t = JinjaTemplate(source, bos, eos)
+
+    def shows_needle(arguments: Any) -> bool:
+        call = {"id": "call_x7q123", "type": "function", "function": {"name": "probe", "arguments": arguments}}
+        msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+        try:
+            out = t._render(msgs, False, None, {})
+        except Exception:  # noqa: BLE001 - a template that fails on this form does not take it
+            return False
+        return '"argument_needle"' in out or "'argument_needle'" in out
+    return not shows_needle(json.dumps(_NEEDLE)) and shows_needle(dict(_NEEDLE))
+
+
+def _jinja_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict]:
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise RequestError("messages must be a list of {'role': ..., 'content': ...} objects")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str):
+            raise RequestError(f"messages[{i}] must be an object with a 'role' string and 'content'")
+        d = dict(m)
+        if m.get("content") is not None:        # null content (an assistant turn of tool calls) stays null:
+            d["content"] = _content(m, i)       # templates test `content is none`
+        out.append(d)
+    return out
+
+
+def _arguments_as_objects(message: dict) -> dict:
+    calls = message.get("tool_calls")
+    if not isinstance(calls, list):
+        return message
+    fixed = []
+    for c in calls:
+        fn = c.get("function") if isinstance(c, Mapping) else None
+        if isinstance(fn, Mapping) and isinstance(fn.get("arguments"), str):
+            try:
+                args = json.loads(fn["arguments"])
+            except ValueError:
+                args = None
+            if isinstance(args, dict):
+                c = dict(c, function=dict(fn, arguments=args))
+        fixed.append(c)
+    return dict(message, tool_calls=fixed)
+
+
+def _token_text(metadata: Mapping[str, Any], key: str) -> str:
+    tokens, tid = metadata.get("tokenizer.ggml.tokens"), metadata.get(f"tokenizer.ggml.{key}_token_id")
+    if isinstance(tokens, list) and isinstance(tid, int) and 0 <= tid < len(tokens):
+        return _text(tokens[tid]) or ""
+    return ""
+
+
+def file_template(metadata: Optional[Mapping[str, Any]]) -> Optional[JinjaTemplate]:
+    """The file's chat template (GGUF tokenizer.chat_template), or None when it has none."""
+    source = _text(metadata.get("tokenizer.chat_template")) if metadata else None
+    if not source:
+        return None
+    # whether the tokenizer adds BOS / EOS itself: the file's flags, else llama.cpp's defaults per vocabulary
+    if _text(metadata.get("tokenizer.ggml.model")) == "gpt2":
+        from airobackend.pretokenize import PRE_TYPES
+        pre = PRE_TYPES.get(_text(metadata.get("tokenizer.ggml.pre")) or "")
+        default_bos = bool(pre and pre.add_bos)
+    else:
+        default_bos = True
+    add_bos = metadata.get("tokenizer.ggml.add_bos_token", default_bos)
+    add_eos = metadata.get("tokenizer.ggml.add_eos_token", False)
+    return JinjaTemplate(source, _token_text(metadata, "bos"), _token_text(metadata, "eos"), add_bos=bool(add_bos),
+                         add_eos=bool(add_eos))
+
+
 # File-name patterns, first match wins. Airoboros 1.2/1.3 (and the 13B 1.4 card) use the shorter preamble.
 _NAME_RULES: tuple[tuple[str, str], ...] = (
     (r"airoboros.*(?<![\d.])1\.[123](?![\d])", "airoboros-1.2"),
@@ -186,17 +377,6 @@ _NAME_RULES: tuple[tuple[str, str], ...] = (
 )
 
 
-def template_from_chat_template(jinja: str) -> Optional[str]:
-    """Recognize a GGUF `tokenizer.chat_template` (a Jinja string, not executed) as one of our layouts."""
-    if "<|im_start|>" in jinja:
-        return "chatml"
-    if "### Instruction" in jinja:
-        return "alpaca"
-    if "USER:" in jinja and "ASSISTANT:" in jinja:
-        return "vicuna"
-    return None
-
-
 def _text(value: Any) -> Optional[str]:
     """A metadata string value (readers may keep GGUF strings as bytes)."""
     if isinstance(value, bytes):
@@ -205,13 +385,19 @@ def _text(value: Any) -> Optional[str]:
 
 
 def choose_template(override: Optional[str] = None, path: Optional[str] = None,
-                    metadata: Optional[Mapping[str, Any]] = None) -> ChatTemplate:
-    """The template for a model: the override by name, else the file's chat_template / name, else Airoboros.
+                    metadata: Optional[Mapping[str, Any]] = None) -> ChatTemplate | JinjaTemplate:
+    """The template for a model: the override by name, else the file's chat_template (rendered with Jinja), else
+    one recognised by the file name, else Airoboros.
 
     The file name wins over the metadata for Airoboros files, because airoboros GGUF conversions often carry a
     generic llama chat_template that does not match their training format.
     """
     if override:
+        if override.strip().lower() == FILE_TEMPLATE:
+            found = file_template(metadata)
+            if found is None:
+                raise RequestError("this model file has no chat template of its own (tokenizer.chat_template)")
+            return found
         return get_template(override)
     # The file name and its folder's (downloads often sit in a folder named after the model).
     name = ("/".join(str(path).replace("\\", "/").split("/")[-2:]) if path else "").lower()
@@ -219,12 +405,10 @@ def choose_template(override: Optional[str] = None, path: Optional[str] = None,
         general = _text(metadata.get("general.name"))
         if general:
             name = name + " " + general.lower()
-    if "airoboros" not in name and metadata:
-        jinja = _text(metadata.get("tokenizer.chat_template"))
-        if jinja:
-            found = template_from_chat_template(jinja)
-            if found:
-                return TEMPLATES[found]
+    if "airoboros" not in name:
+        found = file_template(metadata)
+        if found is not None:
+            return found
     for pattern, template in _NAME_RULES:
         if re.search(pattern, name):
             return TEMPLATES[template]

@@ -14,6 +14,7 @@ COMMANDS = {
     "serve": "Start the HTTP/WebSocket server (KoboldAI/KoboldCpp, text-generation-webui and OpenAI APIs)",
     "run": "Generate from a prompt on the console, like llama.cpp's main (-i for an interactive chat)",
     "inspect": "Print what a model file holds: format, mix, hparams, tensor types, RAM needed",
+    "perplexity": "A model's perplexity on a text file, computed as llama.cpp's perplexity tool does",
 }
 
 

@@ -265,7 +265,7 @@ class Engine:
         if req.memory:
             if not isinstance(req.memory, str):
                 raise RequestError("memory must be a string")
-            memory = list(tok.encode(req.memory, add_bos=req.add_bos))
+            memory = list(tok.encode(req.memory, add_bos=req.add_bos, special=True))
         if req.tokens is not None:
             try:
                 body = [int(t) for t in req.tokens]
@@ -283,12 +283,15 @@ class Engine:
         if memory and req.tokens is None:
             # Memory and prompt are one text (no second space prefix at the seam); the kept part is the memory's
             # tokens as far as the joint tokenization shares them.
-            tokens = list(tok.encode(req.memory + req.prompt, add_bos=req.add_bos))
+            tokens = list(tok.encode(req.memory + req.prompt, add_bos=req.add_bos, special=True))
             n_keep = common_prefix(memory, tokens)
         elif memory:
             tokens, n_keep = memory + body, len(memory)
         else:
-            tokens = body if req.tokens is not None else list(tok.encode(req.prompt, add_bos=req.add_bos))
+            # special tokens written in the prompt (<|im_start|>, </s>) are those tokens, as llama.cpp's server and
+            # llama-cpp-python read prompts; a chat template's output depends on it
+            tokens = body if req.tokens is not None else list(tok.encode(req.prompt, add_bos=req.add_bos,
+                                                                          special=True))
             n_keep = 1 if tokens and tokens[0] == tok.bos_id else 0
         if not tokens:
             raise RequestError("empty prompt: give some text, or leave add_bos on")
@@ -481,6 +484,7 @@ class Engine:
 
     def _generate(self, job: _Job) -> Iterator[GenerationEvent]:
         req, tok = job.req, self.tokenizer
+        eog = getattr(tok, "eog_ids", None) or {tok.eos_id}
         seed = self._resolve_seed(req.sampling)
         sampler = Sampler(req.sampling.replace(seed=seed), tokenizer=tok, n_vocab=self.n_vocab, n_ctx=self.n_ctx)
         decoder = IncrementalDecoder(tok, special=req.render_special)
@@ -507,7 +511,7 @@ class Engine:
         # the logits it was drawn from, the sampler's state before it, its logprob entry).
         bans = PhraseBanBuffer(tok, sampler.phrases) if sampler.phrases else None
         banned_at: dict[int, set[int]] = {}
-        eos_entry, render_eos = None, False
+        eos_entry, render_eos = None, None          # render_eos: the end token to print (render_special)
 
         finish: FinishReason
         if logits is None:
@@ -525,9 +529,9 @@ class Engine:
                 before = sampler.snapshot() if bans is not None else None
                 tid = int(sampler.sample(logits, history, ban=tuple(banned_at.get(n_out, ()))))
                 entry = self._logprob_entry(lp, sampler, tid, req.n_probs) if want_lp else None
-                if tid == tok.eos_id:
+                if tid in eog:                     # EOS, or an end-of-turn token such as <|im_end|> / <|eot_id|>
                     eos_entry = entry
-                    render_eos = req.render_special         # KoboldCpp prints the end token too when asked to
+                    render_eos = tid if req.render_special else None   # KoboldCpp prints it too when asked to
                     finish = FinishReason.EOS
                     break
                 n_sampled += 1
@@ -573,8 +577,8 @@ class Engine:
         tail, matched = "", None
         if bans is not None and finish is not FinishReason.STOP:
             tail, matched = out.take([(t, st[4]) for t, st in bans.flush()])   # never a whole phrase: it is shown
-        if render_eos and matched is None:
-            more, matched = stops.feed(decoder.feed(tok.eos_id))
+        if render_eos is not None and matched is None:
+            more, matched = stops.feed(decoder.feed(render_eos))
             tail += more
         if matched is None and finish is not FinishReason.STOP:
             more, matched = stops.feed(decoder.flush())
@@ -787,7 +791,8 @@ class Engine:
 
     # ---------------------------------------------------------------------------------------------- model facts
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
-        return list(self.tokenizer.encode(text, add_bos=add_bos))
+        """Token ids of `text` as a prompt is read (special tokens parsed; BOS when asked and the file wants it)."""
+        return list(self.tokenizer.encode(text, add_bos=add_bos, special=True))
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return bytes(self.tokenizer.decode(list(ids))).decode("utf-8", errors="replace")

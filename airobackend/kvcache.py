@@ -154,14 +154,17 @@ class KVCache:
 
     Args:
         n_layer, n_head_kv, n_ctx, head_dim: geometry.
-        n_rot, freq_base, freq_scale: the model's RoPE, used to rotate keys when they move.
+        n_rot, freq_base, freq_scale, freq_factors: the model's RoPE (freq_factors: a file's rope_freqs, or None),
+            used to rotate keys when they move.
         type_k, type_v: cache types ('f16', 'q8_0', 'q4_0').
     """
 
     def __init__(self, n_layer: int, n_head_kv: int, n_ctx: int, head_dim: int, *, n_rot: int,
-                 freq_base: float, freq_scale: float = 1.0, type_k: str = "f16", type_v: str = "f16") -> None:
+                 freq_base: float, freq_scale: float = 1.0, freq_factors: Optional[np.ndarray] = None,
+                 type_k: str = "f16", type_v: str = "f16") -> None:
         self.n_layer, self.n_head_kv, self.n_ctx, self.head_dim = int(n_layer), int(n_head_kv), int(n_ctx), int(head_dim)
         self.n_rot, self.freq_base, self.freq_scale = int(n_rot), float(freq_base), float(freq_scale)
+        self.freq_factors = freq_factors
         self.type_k, self.type_v = check_types(type_k, type_v, self.head_dim)
         self._ck, self._cv = CODECS[self.type_k], CODECS[self.type_v]
         self._tk, self._tv = kvquant.TYPES[self.type_k], kvquant.TYPES[self.type_v]
@@ -200,9 +203,10 @@ class KVCache:
         into layer il at positions n_past .. n_past+n-1."""
         if self._flash:
             kvquant.rope_store(q, k, v, pos, self.n_rot, self.freq_base, self.freq_scale, self.k[il].view(np.uint8),
-                               self.v[il].view(np.uint8), n_past, self._tk, self._tv)
+                               self.v[il].view(np.uint8), n_past, self._tk, self._tv, self.freq_factors)
         else:
-            ops.rope_kv(q, k, v, pos, self.n_rot, self.freq_base, self.freq_scale, self.k[il], self.v[il], n_past)
+            ops.rope_kv(q, k, v, pos, self.n_rot, self.freq_base, self.freq_scale, self.k[il], self.v[il], n_past,
+                        self.freq_factors)
 
     def attend(self, il: int, q: np.ndarray, n_past: int, out: np.ndarray) -> None:
         """Causal attention of q [n, n_head, hd] (roped) at positions n_past.. over layer il: out [n, n_head * hd]."""
@@ -220,7 +224,8 @@ class KVCache:
     def rotate(self, keys: np.ndarray, delta: int) -> None:
         """Rotate float32 keys [m, n_head_kv, hd] (already roped) in place by `delta` positions."""
         if keys.shape[0] and delta:
-            ops.rope(keys, np.full(keys.shape[0], delta, np.int64), self.n_rot, self.freq_base, self.freq_scale)
+            ops.rope(keys, np.full(keys.shape[0], delta, np.int64), self.n_rot, self.freq_base, self.freq_scale,
+                     self.freq_factors)
 
     def move(self, src_start: int, src_end: int, dst_start: int) -> None:
         """Copy the entries of positions src_start..src_end-1 to dst_start.. in every layer, keys re-rotated by

@@ -95,6 +95,13 @@ class LlamaModel:
             n = int(np.prod([int(v) for v in info.ne]))
             return dequant.dequantize(info.data, int(info.type), 1, n)[0]
 
+        # LLaMA-3.1-style rope scaling: the converter stores per-pair frequency divisors (rope_freqs, n_rot/2 floats)
+        self.freq_factors: Optional[np.ndarray] = None
+        if "rope_freqs.weight" in t:
+            self.freq_factors = np.ascontiguousarray(vector("rope_freqs.weight"), dtype=np.float32)
+            if self.freq_factors.size != self.n_rot // 2:
+                raise ModelFileError(f"rope_freqs has {self.freq_factors.size} values, not n_rot/2 = {self.n_rot // 2}",
+                                     path=getattr(mf, "path", None), tensor="rope_freqs.weight")
         self.tok_embeddings = weight("token_embd.weight")
         self.norm = vector("output_norm.weight")
         # Files with tied embeddings have no output matrix; the embedding matrix plays both roles.
@@ -131,8 +138,8 @@ class LlamaModel:
         model's `type_k` / `type_v`). `self.cache` is the one `eval` uses unless given another (one per sequence when
         several are served)."""
         return KVCache(self.n_layer, self.n_head_kv, int(n_ctx or self.n_ctx), self.head_dim, n_rot=self.n_rot,
-                       freq_base=self.freq_base, freq_scale=self.freq_scale, type_k=type_k or self.type_k,
-                       type_v=type_v or self.type_v)
+                       freq_base=self.freq_base, freq_scale=self.freq_scale, freq_factors=self.freq_factors,
+                       type_k=type_k or self.type_k, type_v=type_v or self.type_v)
 
     # ---- public API ----
 

@@ -259,8 +259,9 @@ class Sampler:
         self._bias_ids = np.array([int(k) for k in (p.logit_bias or {})], dtype=np.int64)
         self._bias_vals = np.array([float(v) for v in (p.logit_bias or {}).values()], dtype=np.float64)
         banned = {int(t) for t in (p.banned_tokens or ())}
-        if p.ban_eos:
+        if p.ban_eos:                            # every end-of-generation token (<|im_end|>, <|eot_id|>, ...)
             banned.add(self.eos_id)
+            banned.update(getattr(tokenizer, "eog_ids", ()))
         self.phrases: tuple[bytes, ...] = ()
         if p.banned_strings:
             if tokenizer is None:

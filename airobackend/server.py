@@ -789,8 +789,11 @@ def chat_prompt(pm: pluggy.PluginManager, engine: Any, messages: list[dict],
 def chat_stops(engine: Any) -> tuple[str, ...]:
     """Stop strings of the model's chat template (e.g. "USER:" for Airoboros), which end an assistant turn."""
     try:
-        from .chat import get_template
-        return tuple(get_template(str(engine.model_info()["template"])).stop)
+        template = getattr(engine, "template", None)
+        if template is None:
+            from .chat import get_template
+            template = get_template(str(engine.model_info()["template"]))
+        return tuple(template.stop)
     except Exception:  # unknown template name, or no template information: EOS alone ends the turn
         return ()
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import heapq
 import re
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -70,7 +70,97 @@ def _normalise_ggml(pieces: Sequence[bytes], bos_id: int, eos_id: int,
     return out, types
 
 
-class Tokenizer:
+# llama_vocab::impl::load: token texts that end generation, and those found by text when the file names none
+_EOG_TEXTS = (b"<|eot_id|>", b"<|im_end|>", b"<|end|>", b"<end_of_turn>", b"<|endoftext|>", b"<|eom_id|>", b"<EOT>")
+_BY_TEXT = {
+    "eot": (b"<|eot_id|>", b"<|im_end|>", b"<|end|>", b"<end_of_turn>", b"<|endoftext|>", b"<EOT>",
+            "<\uff5cend\u2581of\u2581sentence\uff5c>".encode()),
+    "eom": (b"<|eom_id|>",),
+    "fim_pad": (b"<|fim_pad|>", b"<fim-pad>", b"<PAD>"),
+    "fim_rep": (b"<|fim_repo|>", b"<|repo_name|>", b"<fim-repo>", b"<REPO>"),
+    "fim_sep": (b"<|file_sep|>",),
+}
+
+
+def end_of_generation(texts: Sequence[bytes], types: list[int], eos_id: int,
+                      special_ids: Mapping[str, int]) -> tuple[frozenset[int], int]:
+    """(ids that end generation, the end-of-turn id or -1), as llama.cpp derives them: `special_ids` from the file
+    (eot, eom, fim_pad, fim_rep, fim_sep; -1 = absent) else found by their usual texts, plus every token spelled like
+    an end-of-turn marker (<|eot_id|>, <|im_end|>, <|endoftext|>, ...) and EOS. Such tokens become control tokens in
+    `types` (modified in place), as llama.cpp overrides them, so they print nothing and are parsed as special."""
+    ids = {t: i for i, t in enumerate(texts)}
+    found: dict[str, int] = {}
+    for kind, candidates in _BY_TEXT.items():
+        tid = special_ids.get(kind, -1)
+        if tid is None or tid < 0:
+            tid = next((ids[t] for t in candidates if t in ids), -1)
+            if tid >= 0:
+                types[tid] = CONTROL
+        found[kind] = tid
+    eog = {found[k] for k in ("fim_pad", "fim_rep", "fim_sep") if found[k] >= 0}
+    for t in _EOG_TEXTS:
+        if t in ids:
+            eog.add(ids[t])
+            types[ids[t]] = CONTROL
+    eog.update(i for i in (eos_id, found["eot"], found["eom"]) if 0 <= i < len(texts))
+    return frozenset(eog), found["eot"]
+
+
+class Vocabulary:
+    """What both tokenizers (this SentencePiece one and airobackend.bpe's byte-level BPE one) share: printing tokens
+    from per-id piece tables (`_piece`, `_piece_special`) and llama-cpp-python's method names."""
+
+    n_vocab: int
+    bos_id: int
+    add_space_prefix: bool
+    _piece: list[bytes]
+    _piece_special: list[bytes]
+
+    def encode(self, text: str | bytes, add_bos: bool = True, special: bool = False) -> list[int]:
+        raise NotImplementedError
+
+    def tokenize(self, text: str | bytes, add_bos: bool = True, special: bool = False) -> list[int]:
+        """llama-cpp-python spelling of `encode`."""
+        return self.encode(text, add_bos=add_bos, special=special)
+
+    # ---------------------------------------------------------------- decode
+    def token_bytes(self, token_id: int, special: bool = False) -> bytes:
+        """What token `token_id` prints (llama.cpp token_to_piece): the text it stands for (spaces restored, byte
+        tokens as their byte), control/unknown tokens empty unless `special`."""
+        tid = int(token_id)
+        if not 0 <= tid < self.n_vocab:
+            raise RequestError(f"token id {tid} out of range (n_vocab {self.n_vocab})")
+        return self._piece_special[tid] if special else self._piece[tid]
+
+    def decode(self, ids: Iterable[int], special: bool = False) -> bytes:
+        """Bytes of `ids`, as llama-cpp-python's `detokenize`: the pieces concatenated, and when the sequence starts
+        with BOS one leading space removed (the one `encode` prefixed), so decode(encode(s)) == s."""
+        ids = [int(t) for t in ids]
+        pieces = self._piece_special if special else self._piece
+        try:
+            if any(t < 0 for t in ids):
+                raise IndexError
+            out = b"".join([pieces[t] for t in ids])
+        except IndexError:
+            bad = next(t for t in ids if not 0 <= t < self.n_vocab)
+            raise RequestError(f"token id {bad} out of range (n_vocab {self.n_vocab})") from None
+        if ids and ids[0] == self.bos_id and self.add_space_prefix and out[:1] == b" ":
+            out = out[1:]
+        return out
+
+    def detokenize(self, ids: Iterable[int], special: bool = False) -> bytes:
+        """llama-cpp-python spelling of `decode`."""
+        return self.decode(ids, special=special)
+
+    def piece_text(self, token_id: int) -> str:
+        """The token's printed text as str (invalid UTF-8 replaced): for logprobs and debugging."""
+        return self.token_bytes(token_id).decode("utf-8", errors="replace")
+
+    def __len__(self) -> int:
+        return self.n_vocab
+
+
+class Tokenizer(Vocabulary):
     """llama.cpp's SPM tokenizer over one vocabulary.
 
     `pieces` are the vocabulary entries exactly as stored in the file, `spelling` says which spelling they use
@@ -79,7 +169,8 @@ class Tokenizer:
 
     def __init__(self, pieces: Sequence[bytes], scores: Sequence[float], types: Optional[Sequence[int]] = None, *,
                  spelling: str = "gguf", bos_id: int = 1, eos_id: int = 2, unk_id: int = 0,
-                 add_bos: bool = True, add_space_prefix: bool = True) -> None:
+                 add_bos: bool = True, add_space_prefix: bool = True,
+                 special_ids: Optional[Mapping[str, int]] = None) -> None:
         n = len(pieces)
         if n == 0 or len(scores) != n or (types is not None and len(types) != n):
             raise ModelFileError(f"vocabulary sizes disagree: {n} pieces, {len(scores)} scores, "
@@ -95,6 +186,7 @@ class Tokenizer:
         self.bos_id, self.eos_id, self.unk_id = int(bos_id), int(eos_id), int(unk_id)
         self.add_bos, self.add_space_prefix = bool(add_bos), bool(add_space_prefix)
         self.texts: list[bytes] = texts                          # GGUF spelling
+        self.eog_ids, self.eot_id = end_of_generation(texts, tt, self.eos_id, special_ids or {})
         self.types = np.asarray(tt, dtype=np.int32)
         self.scores = np.asarray(scores, dtype=np.float32)
         self._score = [float(s) for s in self.scores]            # python floats: fast in the merge loop
@@ -137,21 +229,31 @@ class Tokenizer:
 
     # ---------------------------------------------------------------- construction from files
     @classmethod
-    def from_model_file(cls, mf: Any) -> "Tokenizer":
-        """Build from an opened model file (`airobackend.formats.open_model`): uses `mf.vocab` and `mf.hparams`."""
+    def from_model_file(cls, mf: Any) -> Any:
+        """The tokenizer of an opened model file (`airobackend.formats.open_model`): this class for SentencePiece
+        vocabularies, `airobackend.bpe.BPETokenizer` for byte-level BPE ones (GGUF tokenizer.ggml.model gpt2)."""
         v, hp = mf.vocab, mf.hparams
+        if getattr(v, "model", "llama") == "gpt2":
+            from airobackend.bpe import BPETokenizer
+            return BPETokenizer.from_model_file(mf)
+        md = getattr(mf, "metadata", None) or {}
 
         def hp_get(name: str, default: Any) -> Any:
             val = getattr(hp, name, None)
             return default if val is None else val
 
+        specials = {}
+        for kind in ("eot", "eom", "fim_pad", "fim_rep", "fim_sep"):
+            val = md.get(f"tokenizer.ggml.{kind}_token_id")
+            specials[kind] = int(val) if isinstance(val, (int, np.integer)) and 0 <= int(val) < len(v) else -1
         return cls(v.pieces, v.scores, v.types, spelling=getattr(v, "spelling", "gguf"),
                    bos_id=hp_get("bos_id", 1), eos_id=hp_get("eos_id", 2), unk_id=hp_get("unk_id", 0),
-                   add_bos=hp_get("add_bos", True), add_space_prefix=hp_get("add_space_prefix", True))
+                   add_bos=hp_get("add_bos", True), add_space_prefix=hp_get("add_space_prefix", True),
+                   special_ids=specials)
 
     @classmethod
-    def from_file(cls, path: str) -> "Tokenizer":
-        """Open `path` vocabulary-only and build the tokenizer."""
+    def from_file(cls, path: str) -> Any:
+        """Open `path` vocabulary-only and build its tokenizer (see `from_model_file`)."""
         from airobackend.formats import open_model
         with open_model(path, vocab_only=True) as mf:
             return cls.from_model_file(mf)
@@ -159,14 +261,15 @@ class Tokenizer:
     # ---------------------------------------------------------------- encode
     def encode(self, text: str | bytes, add_bos: bool = True, special: bool = False) -> list[int]:
         """Token ids of `text` (str or UTF-8 bytes), as llama.cpp's `llama_tokenize(add_special=add_bos,
-        parse_special=special)`: BOS first when `add_bos`, a space prefixed when the vocabulary wants one.
+        parse_special=special)`: BOS first when `add_bos` and the file asks for it (tokenizer.ggml.add_bos_token, true
+        for LLaMA and every GGML file), a space prefixed when the vocabulary wants one.
         With `special=True` the texts of control tokens (``<s>``, ``</s>``, ...) in `text` become those tokens."""
         if isinstance(text, str):
             text = text.encode("utf-8", errors="surrogatepass")
         elif not isinstance(text, (bytes, bytearray, memoryview)):
             raise RequestError(f"cannot tokenize a {type(text).__name__}; expected str or bytes")
         text = bytes(text)
-        out: list[int] = [self.bos_id] if add_bos else []
+        out: list[int] = [self.bos_id] if add_bos and self.add_bos else []
         if not text:
             return out
         if special and self._special_re is not None:
@@ -181,10 +284,6 @@ class Tokenizer:
         else:
             self._encode_fragment(text, True, out)
         return out
-
-    def tokenize(self, text: str | bytes, add_bos: bool = True, special: bool = False) -> list[int]:
-        """llama-cpp-python spelling of `encode`."""
-        return self.encode(text, add_bos=add_bos, special=special)
 
     def _encode_fragment(self, text: bytes, prefix_space: bool, out: list[int]) -> None:
         if self.add_space_prefix and prefix_space:
@@ -290,13 +389,13 @@ class Tokenizer:
         tables = self._pair_tables()
         data = np.frombuffer(text, dtype=np.uint8)
         starts, lens = _utf8_chunks(data)
-        char_keys, char_ids, pair_keys, pair_vals, rank, byte_ids, n_ids = tables
+        char_keys, char_ids, pair_keys, pair_vals, pair_rank, byte_ids, n_ids = tables
         keys = _chunk_keys(data, starts, lens)
         pos = np.searchsorted(char_keys, keys)
         pos[pos >= char_keys.size] = 0
         sym = np.where(char_keys[pos] == keys, char_ids[pos], -1).astype(np.int64)
-        out = _spm_merge(data, starts, lens, sym, pair_keys, pair_vals, rank, byte_ids, np.int64(n_ids),
-                         np.int64(self.n_vocab))
+        out = merge_symbols(data, starts, lens, sym, pair_keys, pair_vals, pair_rank, byte_ids, np.int64(n_ids),
+                            np.int64(self.n_vocab))
         return out.tolist()
 
     def _pair_tables(self):
@@ -334,7 +433,7 @@ class Tokenizer:
         # dense rank of each score, best first: equal scores share a rank (ties then go to the leftmost pair)
         uniq = np.unique(self.scores.astype(np.float64))[::-1]
         rank = np.searchsorted(-uniq, -self.scores.astype(np.float64)).astype(np.int64)
-        t = (ck[o], cv[o], pk[po], pv[po], rank,
+        t = (ck[o], cv[o], pk[po], pv[po], rank[pv[po]],
              np.array(self._byte_id, dtype=np.int64), n_ids)
         self._fast_tables = t
         return t
@@ -345,42 +444,6 @@ class Tokenizer:
         if tid is not None:
             return [tid]
         return [self._byte_id[b] for b in text[start:start + length]]
-
-    # ---------------------------------------------------------------- decode
-    def token_bytes(self, token_id: int, special: bool = False) -> bytes:
-        """What token `token_id` prints (llama.cpp token_to_piece): spaces restored, byte tokens as their byte,
-        control/unknown tokens empty unless `special`."""
-        tid = int(token_id)
-        if not 0 <= tid < self.n_vocab:
-            raise RequestError(f"token id {tid} out of range (n_vocab {self.n_vocab})")
-        return self._piece_special[tid] if special else self._piece[tid]
-
-    def decode(self, ids: Iterable[int], special: bool = False) -> bytes:
-        """Bytes of `ids`, as llama-cpp-python's `detokenize`: the pieces concatenated, and when the sequence starts
-        with BOS one leading space removed (the one `encode` prefixed), so decode(encode(s)) == s."""
-        ids = [int(t) for t in ids]
-        pieces = self._piece_special if special else self._piece
-        try:
-            if any(t < 0 for t in ids):
-                raise IndexError
-            out = b"".join([pieces[t] for t in ids])
-        except IndexError:
-            bad = next(t for t in ids if not 0 <= t < self.n_vocab)
-            raise RequestError(f"token id {bad} out of range (n_vocab {self.n_vocab})") from None
-        if ids and ids[0] == self.bos_id and self.add_space_prefix and out[:1] == b" ":
-            out = out[1:]
-        return out
-
-    def detokenize(self, ids: Iterable[int], special: bool = False) -> bytes:
-        """llama-cpp-python spelling of `decode`."""
-        return self.decode(ids, special=special)
-
-    def piece_text(self, token_id: int) -> str:
-        """The token's printed text as str (invalid UTF-8 replaced): for logprobs and debugging."""
-        return self.token_bytes(token_id).decode("utf-8", errors="replace")
-
-    def __len__(self) -> int:
-        return self.n_vocab
 
 
 # ---------------------------------------------------------------------------- compiled merge loop (long fragments)
@@ -423,8 +486,10 @@ def _chunk_keys(data, starts, lens):
     return _kernel("_chunk_keys")(data, starts, lens)
 
 
-def _spm_merge(data, starts, lens, sym, pair_keys, pair_vals, rank, byte_ids, n_ids, n_vocab):
-    return _kernel("_spm_merge")(data, starts, lens, sym, pair_keys, pair_vals, rank, byte_ids, n_ids, n_vocab)
+def merge_symbols(data, starts, lens, sym, pair_keys, pair_vals, pair_rank, byte_ids, n_ids, n_vocab):
+    """The compiled merge loop (see `_py_merge_symbols`); byte-level BPE uses it too, with its merge ranks."""
+    return _kernel("_merge_symbols")(data, starts, lens, sym, pair_keys, pair_vals, pair_rank, byte_ids, n_ids,
+                                     n_vocab)
 
 
 def _py_utf8_chunks(data):
@@ -457,7 +522,10 @@ def _py_chunk_keys(data, starts, lens):
     return keys
 
 
-def _py_spm_merge(data, starts, lens, sym, pair_keys, pair_vals, rank, byte_ids, n_ids, n_vocab):
+def _py_merge_symbols(data, starts, lens, sym, pair_keys, pair_vals, pair_rank, byte_ids, n_ids, n_vocab):
+    """Merge adjacent symbols best pair first (lowest `pair_rank`, then leftmost) while (sym[a], sym[b]) is a key of
+    `pair_keys` (a * n_ids + b, sorted; `pair_vals` the merged symbol). Symbols left that are not tokens
+    (id >= n_vocab or < 0) are spelled with `byte_ids` of their bytes, skipping negative ones."""
     n = starts.size
     lens = lens.astype(np.int32)       # int32 symbol arrays: half the memory traffic of int64
     sym = sym.astype(np.int32)
@@ -538,7 +606,7 @@ def _py_spm_merge(data, starts, lens, sym, pair_keys, pair_vals, rank, byte_ids,
             key = np.int64(sym[left]) * n_ids + sym[right]
             p = np.searchsorted(pair_keys, key)
             if p < npk and pair_keys[p] == key:
-                kx = (rank[pair_vals[p]] << 40) | np.int64(left)
+                kx = (pair_rank[p] << 40) | np.int64(left)
                 px = (np.int64(right) << 20) | np.int64(lens[left] + lens[right])
                 if n_heap == cap:
                     cap *= 2
@@ -569,7 +637,9 @@ def _py_spm_merge(data, starts, lens, sym, pair_keys, pair_vals, rank, byte_ids,
             k += 1
         else:
             for j in range(lens[i]):
-                out[k] = byte_ids[data[starts[i] + j]]
-                k += 1
+                b = byte_ids[data[starts[i] + j]]
+                if b >= 0:
+                    out[k] = b
+                    k += 1
         i = nxt[i]
     return out[:k]

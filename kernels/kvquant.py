@@ -250,12 +250,12 @@ def store_rows(x, cache, n_past, t):
 
 
 @numba.jit(**JITQ)
-def rope_store(q, k, v, pos, n_rot, freq_base, freq_scale, kc, vc, n_past, tk, tv):
+def rope_store(q, k, v, pos, n_rot, freq_base, freq_scale, kc, vc, n_past, tk, tv, freq_factors=None):
     """RoPE on q and k (float32 [n, heads, head_dim], in place; ops.rope), then k and v stored as rows of types
     tk / tv at positions n_past.. of kc, vc (uint8 [n_head_kv, n_ctx, row_bytes]; an f16 cache viewed as bytes):
     one Numba call per layer, as ops.rope_kv for the f16 cache."""
-    rope(q, pos, n_rot, freq_base, freq_scale)
-    rope(k, pos, n_rot, freq_base, freq_scale)
+    rope(q, pos, n_rot, freq_base, freq_scale, freq_factors)
+    rope(k, pos, n_rot, freq_base, freq_scale, freq_factors)
     store_rows(k, kc, n_past, tk)
     store_rows(v, vc, n_past, tv)
 

@@ -70,10 +70,11 @@ def add_rmsnorm(x, y, weight, eps, out):
 
 
 @njit(**dict(JIT, fastmath=False))
-def rope(x, pos, n_rot, freq_base, freq_scale):
+def rope(x, pos, n_rot, freq_base, freq_scale, freq_factors=None):
     """In-place RoPE, llama.cpp mode 0, on x float32 [n_tok, n_heads, head_dim] at integer positions pos [n_tok].
 
-    Pair (x[2i], x[2i+1]) of the first n_rot dims is rotated by theta_i = freq_scale * p * freq_base^(-2i/n_rot).
+    Pair (x[2i], x[2i+1]) of the first n_rot dims is rotated by theta_i = freq_scale * p * freq_base^(-2i/n_rot),
+    divided by freq_factors[i] when given (a GGUF's rope_freqs tensor: LLaMA-3.1's long-context frequencies).
     Without fastmath: with it, LLVM fused the rotation's products into FMAs in some callers and not in others
     (rope_kv's inlined copy differed from a direct call in the last bit), so the keys depended on the call site.
     """
@@ -85,6 +86,8 @@ def rope(x, pos, n_rot, freq_base, freq_scale):
         p = freq_scale * np.float64(pos[t])
         for i in range(half):
             theta = p * freq_base ** (-2.0 * i / n_rot)
+            if freq_factors is not None:
+                theta /= freq_factors[i]
             cos[i] = math.cos(theta)
             sin[i] = math.sin(theta)
         for h in range(n_heads):
@@ -532,23 +535,24 @@ def add(x, y):
 
 
 def rope_kv(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: np.ndarray, n_rot: int, freq_base: float,
-            freq_scale: float, k_cache: np.ndarray, v_cache: np.ndarray, n_past: int) -> None:
+            freq_scale: float, k_cache: np.ndarray, v_cache: np.ndarray, n_past: int,
+            freq_factors: np.ndarray | None = None) -> None:
     """RoPE on q and k (float32 [n, heads, head_dim], in place), then k and v into the fp16 caches at n_past
     (see rope, store_kv): one Numba call with SIMD, where the four separate ones cost ~40 us each after a weight
     stream."""
     if simd.ISA != "none" and k.shape[2] % 16 == 0:
-        _rope_kv_simd(q, k, v, pos, n_rot, freq_base, freq_scale, k_cache, v_cache, n_past)
+        _rope_kv_simd(q, k, v, pos, n_rot, freq_base, freq_scale, k_cache, v_cache, n_past, freq_factors)
     else:
-        rope(q, pos, n_rot, freq_base, freq_scale)
-        rope(k, pos, n_rot, freq_base, freq_scale)
+        rope(q, pos, n_rot, freq_base, freq_scale, freq_factors)
+        rope(k, pos, n_rot, freq_base, freq_scale, freq_factors)
         store_kv(k, k_cache, n_past)
         store_kv(v, v_cache, n_past)
 
 
 @njit(**JIT)
-def _rope_kv_simd(q, k, v, pos, n_rot, freq_base, freq_scale, k_cache, v_cache, n_past):
-    rope(q, pos, n_rot, freq_base, freq_scale)
-    rope(k, pos, n_rot, freq_base, freq_scale)
+def _rope_kv_simd(q, k, v, pos, n_rot, freq_base, freq_scale, k_cache, v_cache, n_past, freq_factors):
+    rope(q, pos, n_rot, freq_base, freq_scale, freq_factors)
+    rope(k, pos, n_rot, freq_base, freq_scale, freq_factors)
     _store_kv_simd(k, k_cache, n_past)
     _store_kv_simd(v, v_cache, n_past)
 

@@ -228,14 +228,17 @@ def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return (x / np.sqrt(ms + eps)).astype(np.float32) * weight
 
 
-def rope(x: np.ndarray, pos: np.ndarray, freq_base: float = 10000.0, freq_scale: float = 1.0) -> np.ndarray:
+def rope(x: np.ndarray, pos: np.ndarray, freq_base: float = 10000.0, freq_scale: float = 1.0,
+         freq_factors: np.ndarray | None = None) -> np.ndarray:
     """llama.cpp "normal" RoPE (mode 0, adjacent pairs) on x [n_tok, n_heads, head_dim] at positions pos [n_tok].
 
-    theta_i = freq_scale * p * freq_base^(-2i/head_dim) for pair (x[2i], x[2i+1]).
+    theta_i = freq_scale * p * freq_base^(-2i/head_dim) / freq_factors[i] for pair (x[2i], x[2i+1]).
     """
     head_dim = x.shape[-1]
     i = np.arange(head_dim // 2, dtype=np.float64)
     theta = freq_scale * np.asarray(pos, np.float64)[:, None] * freq_base ** (-2.0 * i / head_dim)  # [n_tok, hd/2]
+    if freq_factors is not None:
+        theta = theta / np.asarray(freq_factors, np.float64)
     c, s = np.cos(theta)[:, None, :], np.sin(theta)[:, None, :]
     x0, x1 = x[..., 0::2].astype(np.float64), x[..., 1::2].astype(np.float64)
     y = np.empty(x.shape, np.float64)

@@ -79,12 +79,17 @@ def test_choice_from_file_name(path, expected):
 
 def test_choice_from_metadata_and_override():
     md = {"tokenizer.chat_template": "{% for m in messages %}<|im_start|>{{ m.role }}\n{% endfor %}"}
-    assert choose_template(path="/m/some-model.gguf", metadata=md).name == "chatml"
+    # the file's own template is rendered (Jinja), whatever layout it resembles
+    chosen = choose_template(path="/m/some-model.gguf", metadata=md)
+    assert chosen.name == "gguf" and chosen.format([{"role": "user", "content": "Hi"}]) == "<|im_start|>user\n"
     # An airoboros file keeps its own format even when a converter stored a generic chat_template.
     assert choose_template(path="/m/airoboros-65b-gpt4-1.4.Q4_K_M.gguf", metadata=md).name == "airoboros"
     assert choose_template(path="/m/x.gguf", metadata={"general.name": "Airoboros 65B GPT4 1.4"}).name == "airoboros"
-    assert choose_template(path="/m/x.gguf", metadata={"tokenizer.chat_template": b"### Instruction:"}).name == "alpaca"
     assert choose_template("alpaca", path="/m/airoboros-65b.bin").name == "alpaca"
+    assert choose_template("chatml", path="/m/some-model.gguf", metadata=md).name == "chatml"
+    assert choose_template("gguf", path="/m/some-model.gguf", metadata=md).name == "gguf"
+    with pytest.raises(RequestError, match="no chat template"):
+        choose_template("gguf", path="/m/airoboros-65b.bin")
     with pytest.raises(RequestError, match="known: airoboros"):
         choose_template("nonsense")
     assert set(template_names()) >= {"airoboros", "vicuna", "alpaca", "chatml"}

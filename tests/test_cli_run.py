@@ -173,3 +173,23 @@ def test_option_table_spellings_and_env_fallback():
 ])
 def test_process_escapes(typed, expected):
     assert run_cmd.process_escapes(typed) == expected
+
+
+def test_real_model_answers_stops_and_chats(smollm2, tmp_path):
+    """`airobackend run` on the real model: a greedy answer, a reverse prompt on its text, and -i through the
+    file's own chat template."""
+    common = ("-m", str(smollm2), "-c", "256", "-t", "2", "--temp", "0", "--repeat-penalty", "1.0")
+    proc = subprocess.run(_cli(*common, "-p", "The capital of France is", "-n", "24", "--no-display-prompt"),
+                          capture_output=True, timeout=300, env=_env(tmp_path / "x"))
+    assert proc.returncode == 0, proc.stderr.decode()
+    text = proc.stdout.decode().rstrip("\n")
+    assert "Paris" in text
+    from server.fakes import pick_stop
+    i, stop = pick_stop(text)
+    proc = subprocess.run(_cli(*common, "-p", "The capital of France is", "-n", "24", "--no-display-prompt",
+                               "-r", stop), capture_output=True, timeout=300, env=_env(tmp_path / "x"))
+    assert proc.stdout.decode().rstrip("\n") == text[:i + len(stop)]        # run keeps the reverse prompt
+    proc = subprocess.run(_cli(*common, "-i", "-n", "24"), input=b"What color is the sky?\n",
+                          capture_output=True, timeout=300, env=_env(tmp_path / "x"))
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert "blue" in proc.stdout.decode() and "gguf template" in proc.stderr.decode()

@@ -202,3 +202,38 @@ def test_chat_logprobs_and_unknown_arguments(llm):
         assert c["logprob"] <= 0 and len(c["top_logprobs"]) == 2 and c["top_logprobs"][0]["logprob"] >= c["logprob"]
     with pytest.raises(TypeError):
         llm("Hi", max_tokns=3)                       # a misspelt argument is an error, as in llama-cpp-python
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2):
+    m = Llama(str(smollm2), n_ctx=256, n_threads=2, seed=1, verbose=False)
+    yield m
+    m.close()
+
+
+def test_real_model_answers_through_its_own_template(smol):
+    """SmolLM2's ChatML template comes from its file (its first <|im_start|> is the vocabulary's BOS, which the
+    tokenizer does not add: the template's own stays); the answer is real text."""
+    msgs = [{"role": "user", "content": "What color is the sky?"}]
+    out = smol.create_chat_completion(msgs, max_tokens=24, **GREEDY)
+    (choice,) = out["choices"]
+    assert "blue" in choice["message"]["content"]
+    prompt = smol.engine.format_chat(msgs)
+    assert smol.engine.template.name == "gguf" and prompt.endswith("<|im_start|>assistant\n")
+    ids = smol.tokenize(prompt.encode(), special=True)
+    assert out["usage"]["prompt_tokens"] == len(ids) and ids[0] == smol.token_bos()    # <|im_start|>, no BOS added
+    # greedy through the high-level API is the model's own argmax, token for token
+    text = smol("The capital of France is", max_tokens=8, **GREEDY)["choices"][0]["text"]
+    assert "Paris" in text
+    assert smol.tokenize(text.encode(), add_bos=False) == greedy_low_level(smol, "The capital of France is", 8)
+
+
+def test_real_model_stop_strings_on_its_text(smol):
+    from server.fakes import pick_stop
+    base = dict(max_tokens=32, **GREEDY)
+    text = smol("Once upon a time, in a small village", **base)["choices"][0]["text"]
+    i, stop = pick_stop(text)
+    out = smol("Once upon a time, in a small village", stop=[stop], **base)["choices"][0]
+    assert out["text"] == text[:i] and out["finish_reason"] == "stop"
+    chunks = list(smol("Once upon a time, in a small village", stop=[stop], stream=True, **base))
+    assert "".join(c["choices"][0]["text"] for c in chunks) == text[:i]

@@ -21,8 +21,9 @@ def vocab_tok(fixtures_dir: Path) -> Tokenizer:
     return _open_tokenizer(fixtures_dir / "vocab" / "ggml-vocab-llama-spm.gguf")
 
 
-def _vocab_cases(fixtures_dir: Path) -> list[tuple[bytes, list[int]]]:
-    base = fixtures_dir / "vocab" / "ggml-vocab-llama-spm.gguf"
+def _vocab_cases(fixtures_dir: Path, name: str = "llama-spm") -> list[tuple[bytes, list[int]]]:
+    """llama.cpp's test-tokenizer-0 vectors for vocab/ggml-vocab-<name>.gguf: (input, expected ids without BOS)."""
+    base = fixtures_dir / "vocab" / f"ggml-vocab-{name}.gguf"
     inputs = Path(str(base) + ".inp").read_bytes().split(b"\n__ggml_vocab_test__\n")
     assert inputs[-1] == b""
     outputs = Path(str(base) + ".out").read_text().split("\n")

@@ -54,7 +54,8 @@ def describe(mf, n_ctx=None, with_tensors: bool = False, type_k: str = "f16", ty
                                                  "n_rot", "n_ctx_train", "rms_norm_eps", "rope_freq_base",
                                                  "rope_freq_scale", "bos_id", "eos_id", "unk_id", "add_bos")}
         | {"n_gqa": hp.n_gqa},
-        "vocab": {"n": len(mf.vocab), "spelling": mf.vocab.spelling},
+        "vocab": {"n": len(mf.vocab), "spelling": mf.vocab.spelling,
+                  "model": getattr(mf.vocab, "model", "llama"), "pre": getattr(mf.vocab, "pre", None)},
         "n_tensors": len(mf.tensors), "tensor_types": mf.type_counts(),
         "n_params": sum(t.n_elements for t in mf.tensors.values()),
         "converted_tensors": sum(1 for t in mf.tensors.values() if t.converted_from),
@@ -100,8 +101,10 @@ def main(args: argparse.Namespace) -> int:
         f"{d['rope']['rope_freq_scale']:g}"
         + {"auto": f"   (automatic: beyond the trained {d['rope']['n_ctx_train']}, KoboldCpp's NTK-aware base)",
            "user": "   (given)"}.get(d["rope"]["source"], ""),
-        f"vocab     {d['vocab']['n']} tokens ({d['vocab']['spelling']} spelling), bos {hp['bos_id']} eos "
-        f"{hp['eos_id']} unk {hp['unk_id']}",
+        f"vocab     {d['vocab']['n']} tokens, "
+        + (f"byte-level BPE (pre-tokenizer {d['vocab']['pre'] or 'default'})" if d["vocab"]["model"] == "gpt2"
+           else f"SentencePiece ({d['vocab']['spelling']} spelling)")
+        + f", bos {hp['bos_id']} eos {hp['eos_id']} unk {hp['unk_id']} add_bos {hp['add_bos']}",
         "tensors   " + ", ".join(f"{n} {k}" for k, n in d["tensor_types"].items()) + f"  ({d['n_tensors']} total)",
     ]
     if d["converted_tensors"]:

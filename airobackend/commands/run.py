@@ -74,7 +74,8 @@ OPTIONS: tuple[Opt, ...] = (
     Opt(("-ctv", "--cache-type-v"), "cache_type_v", "KV cache type for values: f16, q8_0, q4_0 (default f16)", str,
         setting=True, group="model", metavar="TYPE"),
     Opt(("--template", "--chat-template"), "template",
-        "prompt template for -i: airoboros, airoboros-1.2, vicuna, alpaca, chatml (default: from the file)", str,
+        "prompt template for -i: airoboros, airoboros-1.2, vicuna, alpaca, chatml, or gguf (the file's own "
+        "chat template; default: that, else one chosen by the file name)", str,
         setting=True, group="model", metavar="NAME"),
     Opt(("-s", "--seed"), "seed", "RNG seed, -1 = random (default -1)", int, setting=True, group="model",
         metavar="N"),
@@ -131,8 +132,15 @@ OPTIONS: tuple[Opt, ...] = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    groups = {name: parser.add_argument_group(name) for name in ("model", "prompt", "sampling")}
-    for o in OPTIONS:
+    add_options(parser, OPTIONS)
+
+
+def add_options(parser: argparse.ArgumentParser, options: tuple[Opt, ...]) -> None:
+    """Declare `options` on `parser`, in argument groups named by Opt.group (other commands reuse run's options)."""
+    groups: dict[str, Any] = {}
+    for o in options:
+        if o.group not in groups:
+            groups[o.group] = parser.add_argument_group(o.group)
         # Each help text states its own default; "%(default).0s" (prints nothing) stops the CLI's
         # ArgumentDefaultsHelpFormatter from appending "(default: None)" as well.
         kw: dict[str, Any] = {"dest": o.dest, "help": o.help.replace("%", "%%")}
@@ -158,9 +166,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         groups[o.group].add_argument(*o.flags, **kw)
 
 
-def build_settings(args: argparse.Namespace, environ: Optional[dict] = None) -> Settings:
+def build_settings(args: argparse.Namespace, environ: Optional[dict] = None,
+                   options: tuple[Opt, ...] = OPTIONS) -> Settings:
     """Settings from AIRO_* environment variables with the command-line values on top."""
-    given = {o.dest: getattr(args, o.dest) for o in OPTIONS if o.setting and hasattr(args, o.dest)}
+    given = {o.dest: getattr(args, o.dest) for o in options if o.setting and hasattr(args, o.dest)}
     return Settings.from_env(environ, **given)
 
 

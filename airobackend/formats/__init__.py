@@ -69,11 +69,16 @@ class Vocab:
     spelling 'gguf': SentencePiece pieces with '\\u2581' for spaces, byte tokens as '<0xXX>', token types present.
     spelling 'ggml': mid-2023 convert.py text: plain spaces, byte tokens as the raw byte, control tokens as b'',
     no token types (types is None).
+    model: GGUF tokenizer.ggml.model, 'llama' (SentencePiece, every GGML file) or 'gpt2' (byte-level BPE, with its
+    `merges` and its pre-tokenizer name `pre`, tokenizer.ggml.pre).
     """
     pieces: list
     scores: np.ndarray
     types: Optional[np.ndarray]
     spelling: str
+    model: str = "llama"
+    pre: Optional[str] = None
+    merges: Optional[list] = None
 
     def __len__(self) -> int:
         return len(self.pieces)

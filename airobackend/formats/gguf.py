@@ -126,7 +126,7 @@ def read_gguf(src: Source, overrides: dict, *, vocab_only: bool = False) -> Mode
         return v.decode("utf-8", "replace") if isinstance(v, (bytes, bytearray)) else default
 
     arch = sval("general.architecture", "")
-    if arch != "llama":
+    if arch != "llama" and not vocab_only:     # a vocabulary alone may come from any architecture's file
         raise ModelFileError(f"architecture {arch!r} is not supported (only 'llama')", path=path)
 
     hp, vocab = _hparams_and_vocab(meta, arch, path, overrides, vocab_only)
@@ -224,8 +224,29 @@ def _hparams_and_vocab(meta: dict, arch: str, path: str, o: dict, vocab_only: bo
         raise ModelFileError(f"tokenizer.ggml.scores does not have {n_vocab} entries", path=path)
     if types is not None and (not isinstance(types, np.ndarray) or types.shape != (n_vocab,)):
         raise ModelFileError(f"tokenizer.ggml.token_type does not have {n_vocab} entries", path=path)
+    model = meta.get("tokenizer.ggml.model", b"llama")
+    model = model.decode("utf-8", "replace") if isinstance(model, bytes) else str(model)
+    pre, merges = None, None
+    if model == "gpt2":
+        pre_raw = meta.get("tokenizer.ggml.pre", b"")
+        pre = pre_raw.decode("utf-8", "replace") if isinstance(pre_raw, bytes) else ""
+        from ..pretokenize import PRE_TYPES
+        if pre not in PRE_TYPES:
+            raise ModelFileError(f"pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not supported; supported: "
+                                 f"{', '.join(sorted(k for k in PRE_TYPES if k))}", path=path)
+        merges = meta.get("tokenizer.ggml.merges")
+        if not isinstance(merges, list) or not all(isinstance(m, bytes) for m in merges):
+            raise ModelFileError("byte-level BPE vocabulary without tokenizer.ggml.merges (an array of strings)",
+                                 path=path)
+    elif model != "llama":
+        kinds = {"bert": "WordPiece", "t5": "Unigram", "rwkv": "RWKV", "no_vocab": "no vocabulary",
+                 "none": "no vocabulary"}
+        raise ModelFileError(f"tokenizer model {model!r}" + (f" ({kinds[model]})" if model in kinds else "")
+                             + " (tokenizer.ggml.model) is not supported; supported: 'llama' (SentencePiece), "
+                             "'gpt2' (byte-level BPE)", path=path)
     vocab = Vocab(pieces=tokens, scores=scores.astype(np.float32),
-                  types=None if types is None else types.astype(np.int32), spelling="gguf")
+                  types=None if types is None else types.astype(np.int32), spelling="gguf", model=model, pre=pre,
+                  merges=merges)
 
     n_embd = num(a + "embedding_length")
     n_head = num(a + "attention.head_count")
@@ -234,6 +255,9 @@ def _hparams_and_vocab(meta: dict, arch: str, path: str, o: dict, vocab_only: bo
         n_head_kv = n_head // o["n_gqa"]
     scale = 1.0
     stype = meta.get(a + "rope.scaling.type")
+    if isinstance(stype, bytes) and stype not in (b"none", b"linear"):
+        raise ModelFileError(f"rope scaling type {stype.decode('utf-8', 'replace')!r} ({a}rope.scaling.type) is not "
+                             f"supported (only 'none' and 'linear')", path=path)
     if isinstance(stype, bytes) and stype == b"linear" and meta.get(a + "rope.scaling.factor"):
         scale = 1.0 / float(meta[a + "rope.scaling.factor"])
     elif meta.get(a + "rope.scale_linear"):
@@ -243,6 +267,10 @@ def _hparams_and_vocab(meta: dict, arch: str, path: str, o: dict, vocab_only: bo
         v = meta.get("tokenizer.ggml." + key)
         return int(v) if isinstance(v, (int, np.integer)) and 0 <= int(v) < max(n_vocab, 1) else default
 
+    bpe = vocab.model == "gpt2"     # llama.cpp's defaults differ for byte-level BPE vocabularies
+    if bpe:
+        from ..pretokenize import PRE_TYPES
+        bpe_add_bos = bool(PRE_TYPES[vocab.pre or ""].add_bos)
     hp = HParams(
         n_vocab=n_vocab, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv, n_layer=num(a + "block_count"),
         n_ff=num(a + "feed_forward_length"),
@@ -252,7 +280,7 @@ def _hparams_and_vocab(meta: dict, arch: str, path: str, o: dict, vocab_only: bo
         rope_freq_base=num(a + "rope.freq_base", 10000.0, float), rope_freq_scale=scale,
         bos_id=tok_id("bos_token_id", 1), eos_id=tok_id("eos_token_id", 2), unk_id=tok_id("unknown_token_id", 0),
         pad_id=tok_id("padding_token_id", -1),
-        add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", True)),
-        add_space_prefix=bool(meta.get("tokenizer.ggml.add_space_prefix", True)))
+        add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", bpe_add_bos if bpe else True)),
+        add_space_prefix=bool(meta.get("tokenizer.ggml.add_space_prefix", not bpe)))
     apply_overrides(hp, o)
     return hp, vocab

@@ -245,6 +245,9 @@ def write_gguf(path: Union[str, os.PathLike], *, hparams: HParams, vocab: Vocab,
           "tokenizer.ggml.bos_token_id": hp.bos_id, "tokenizer.ggml.eos_token_id": hp.eos_id,
           "tokenizer.ggml.unknown_token_id": hp.unk_id, "tokenizer.ggml.add_bos_token": bool(hp.add_bos),
           "tokenizer.ggml.add_space_prefix": bool(hp.add_space_prefix)}
+    if getattr(vocab, "model", "llama") == "gpt2":        # byte-level BPE: its merges and pre-tokenizer
+        kv.update({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": vocab.pre or "",
+                   "tokenizer.ggml.merges": list(vocab.merges or [])})
     if hp.rope_freq_scale != 1.0:
         kv["llama.rope.scaling.type"] = "linear"
         kv["llama.rope.scaling.factor"] = 1.0 / hp.rope_freq_scale

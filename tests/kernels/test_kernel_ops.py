@@ -33,6 +33,22 @@ def test_rope_normal_mode(base, scale, head_dim):
     np.testing.assert_allclose(pair_norm(ours), pair_norm(x), rtol=1e-5, atol=1e-6)
 
 
+def test_rope_frequency_factors():
+    """rope_freqs divides each pair's angle: against the reference, and all factors 2 == linear scaling by 1/2."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3, 2, 64)).astype(np.float32)
+    pos = np.array([1, 100, 4000], np.int64)
+    ff = np.linspace(1.0, 8.0, 32).astype(np.float32)
+    ours = x.copy()
+    ops.rope(ours, pos, 64, 500000.0, 1.0, ff)
+    np.testing.assert_allclose(ours, reference.rope(x, pos, 500000.0, 1.0, ff), rtol=1e-5, atol=2e-5)
+    halved, scaled = x.copy(), x.copy()
+    ops.rope(halved, pos, 64, 10000.0, 1.0, np.full(32, 2.0, np.float32))
+    ops.rope(scaled, pos, 64, 10000.0, 0.5)
+    np.testing.assert_array_equal(halved, scaled)
+    assert not np.array_equal(ours, reference.rope(x, pos, 500000.0, 1.0))
+
+
 def test_rope_by_delta_composes():
     """Rotating by p then by -n equals rotating by p - n (what the context shift relies on)."""
     rng = np.random.default_rng(3)

@@ -43,3 +43,15 @@ def demo_library(tmp_path, demo_file):
 def demo_app(demo_engine):
     from fakes import make_app
     return make_app(demo_engine, n_ctx=256, multiuser=4)
+
+
+@pytest.fixture(scope="session")
+def real_engine(smollm2):
+    """The real engine on the real model (SmolLM2-135M-Instruct, its own ChatML template), as `serve` loads it."""
+    return demo_manager(str(smollm2), 512)
+
+
+@pytest.fixture
+def real_app(real_engine):
+    from fakes import make_app
+    return make_app(real_engine, n_ctx=512, multiuser=4)

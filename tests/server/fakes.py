@@ -25,7 +25,7 @@ class ByteTokenizer:
 
     bos_id, eos_id, n_vocab = BOS, EOS, N_VOCAB
 
-    def encode(self, text, add_bos: bool = True) -> list[int]:
+    def encode(self, text, add_bos: bool = True, special: bool = False) -> list[int]:
         data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
         return ([BOS] if add_bos else []) + [b + N_SPECIAL for b in data]
 

@@ -251,3 +251,17 @@ def test_render_special_and_a_control_token_as_stop_sequence(client, demo_engine
     r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 3, "logit_bias": {str(bos): 100},
                                              "skip_special_tokens": False}).json()
     assert r["choices"][0]["text"] == piece * 3
+def test_real_model_answers_and_stops_on_its_text(real_app):
+    """KoboldCpp clients send the prompt as written: the real model's greedy answer, and a stop string cut from
+    its own text (the file's template written out by the client, special tokens and all)."""
+    c = TestClient(real_app)
+    prompt = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+              "<|im_start|>user\nWhat color is the sky?<|im_end|>\n<|im_start|>assistant\n")
+    r = c.post("/api/v1/generate", json={"prompt": prompt, "max_length": 24, "temperature": 0,
+                                         "rep_pen": 1.0}).json()["results"][0]
+    assert "blue" in r["text"]
+    base = {"prompt": "Once upon a time, in a small village", "max_length": 40, "temperature": 0, "rep_pen": 1.0}
+    text = c.post("/api/v1/generate", json=base).json()["results"][0]["text"]
+    i, stop = pick_stop(text)
+    r = c.post("/api/v1/generate", json=dict(base, stop_sequence=[stop], trim_stop=True)).json()
+    assert r["results"][0]["text"] == text[:i]

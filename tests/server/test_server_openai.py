@@ -217,3 +217,22 @@ def test_keepalive_comments_while_the_engine_is_slow(monkeypatch):
         chunks = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}],
                                                 max_tokens=4, stream=True)
         assert "".join(c.choices[0].delta.content or "" for c in chunks) == "slow"
+
+
+def test_real_model_chat_through_its_own_template(real_app, real_engine):
+    """The real model's chat goes through the ChatML template of its file: the answer, and stop strings on its real
+    text, with the openai SDK."""
+    assert real_engine.model_info()["template"] == "gguf"
+    with live(real_app) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x")
+        question = [{"role": "user", "content": "What color is the sky?"}]
+        out = client.chat.completions.create(model="x", messages=question, max_tokens=24, temperature=0)
+        assert "blue" in out.choices[0].message.content
+        prompt = real_engine.format_chat(question)
+        assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("<|im_start|>assistant\n")
+        assert out.usage.prompt_tokens == len(real_engine.tokenize(prompt))      # <|im_start|> is one token
+        base = dict(model="x", prompt="The history of Rome began", max_tokens=32, temperature=0, seed=1)
+        text = client.completions.create(**base).choices[0].text
+        i, stop = pick_stop(text)
+        stopped = client.completions.create(**base, stop=[stop]).choices[0]
+        assert stopped.text == text[:i] and stopped.finish_reason == "stop"

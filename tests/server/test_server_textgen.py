@@ -249,3 +249,19 @@ def test_a_busy_legacy_port_does_not_stop_the_server(demo_engine):
             for s in app.state.servers:
                 s.should_exit = True
             t.join(10)
+
+
+def test_real_model_generate_and_chat(real_app):
+    """text-generation-webui's legacy routes on the real model: a greedy answer, stop strings on its text, and the
+    chat route rendered with the file's template."""
+    c = TestClient(real_app)
+    base = {"prompt": "The capital of France is", "max_new_tokens": 24, "do_sample": False,
+            "repetition_penalty": 1.0}
+    text = c.post("/api/v1/generate", json=base).json()["results"][0]["text"]
+    assert "Paris" in text
+    i, stop = pick_stop(text)
+    assert c.post("/api/v1/generate", json=dict(base, stopping_strings=[stop])).json()["results"][0]["text"] == \
+        text[:i]
+    r = c.post("/api/v1/chat", json={"user_input": "What color is the sky?", "max_new_tokens": 24,
+                                     "do_sample": False, "repetition_penalty": 1.0}).json()
+    assert "blue" in r["results"][0]["history"]["visible"][-1][1]
