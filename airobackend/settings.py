@@ -20,7 +20,7 @@ class Settings:
     rope_freq_scale: Optional[float] = None
     use_mmap: bool = True
     template: Optional[str] = None         # prompt template name; None -> chosen from the file name / metadata
-    cache_dir: Optional[str] = None        # where the demo model is written; None -> ~/.cache/airobackend
+    cache_dir: Optional[str] = None        # the cache root (demo model, kernels, Numba cache); None -> airobackend.paths
     seed: int = -1
     # server
     host: str = "127.0.0.1"

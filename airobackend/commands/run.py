@@ -74,7 +74,8 @@ OPTIONS: tuple[Opt, ...] = (
         setting=True, group="model", metavar="NAME"),
     Opt(("-s", "--seed"), "seed", "RNG seed, -1 = random (default -1)", int, setting=True, group="model",
         metavar="N"),
-    Opt(("--cache-dir",), "cache_dir", "where the demo model is kept (default ~/.cache/airobackend)", str,
+    Opt(("--cache-dir",), "cache_dir", "cache root: the demo model, generated kernels and Numba's cache "
+        "(default ~/.cache/airobackend)", str,
         setting=True, group="model", metavar="DIR"),
     Opt(("--quiet",), "quiet", "no banner, no timings", setting=True, group="model"),
     # prompt and output
@@ -252,6 +253,14 @@ def _timings(engine: Any, last: Any) -> str:
             f"generated: {n_gen} tokens in {ev:.2f} s ({rate(n_gen, ev)}), seed {p['last_seed']}, stop: {reason}")
 
 
+def _warmup_report() -> Callable[[str, bool], None]:
+    """Kernel warm-up lines on stderr; on a terminal the 'compiling ...' line is replaced by its result."""
+    if sys.stderr.isatty():
+        from airobackend.manager import ConsoleProgress
+        return ConsoleProgress().note
+    return lambda line, done: print(line, file=sys.stderr, flush=True)
+
+
 def main(args: argparse.Namespace) -> int:
     settings = build_settings(args)
     logging.basicConfig(level=logging.WARNING if settings.quiet else logging.INFO, stream=sys.stderr,
@@ -276,6 +285,8 @@ def main(args: argparse.Namespace) -> int:
         from airobackend.sampling import validate_sampling
         validate_sampling(sampling)                      # bad values are reported before the model loads
 
+        from airobackend.paths import use_cache_root
+        use_cache_root(settings.cache_dir)              # before anything compiles
         from airobackend.demo import BANNER, demo_model_path
         path = settings.model
         if not path:
@@ -288,9 +299,11 @@ def main(args: argparse.Namespace) -> int:
                     rms_norm_eps=settings.rms_norm_eps, rope_freq_base=settings.rope_freq_base,
                     rope_freq_scale=settings.rope_freq_scale, chat_format=settings.template,
                     verbose=False)
+        loaded = time.perf_counter() - t0
+        warm = llm.warmup(None if settings.quiet else _warmup_report())   # kernels compiled now, not mid-reply
         from airobackend.engine import Engine
         engine = Engine(llm, settings)
-        info(f"airobackend: {path} loaded in {time.perf_counter() - t0:.2f} s: n_ctx {engine.n_ctx}, "
+        info(f"airobackend: {path} loaded in {loaded:.2f} s, kernels ready in {warm:.2f} s: n_ctx {engine.n_ctx}, "
              f"{llm.n_threads} threads, template {engine.template.name}")
         if args.interactive:
             return _chat(engine, args, prompt, sampling, info)
