@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -52,3 +53,32 @@ def test_the_first_request_after_a_first_start_runs_as_fast_as_a_warm_one(demo_m
     env["AIRO_CACHE_DIR"] = str(tmp_path / "cache")
     first, warm = first_and_warm(demo_model, env)
     assert first <= 3 * warm + 0.1, (first, warm)
+
+
+def test_a_model_switch_warms_its_kernels_and_says_so(demo_model, fixtures_dir):
+    """A switch at run time goes through the same load: one line per kernel group, before the new model serves."""
+    from airobackend.manager import ModelManager
+    from airobackend.settings import Settings
+
+    class Display:
+        def __init__(self) -> None:
+            self.lines: list[tuple[str, bool]] = []
+
+        def __call__(self, name: str, fraction: float) -> None:
+            pass
+
+        def note(self, line: str, done: bool) -> None:
+            self.lines.append((line, done))
+
+    display = Display()
+    manager = ModelManager(Settings(n_ctx=64), on_progress=display)
+    manager.load(manager.register(str(demo_model)))
+    done = [line for line, finished in display.lines if finished]
+    assert [line.split(":")[0] for line in done] == [done[0].split(":")[0], "attention, norm and RoPE kernels",
+                                                    "tokenizer kernels"]
+    assert done[0].startswith("q8_0 ")                      # the demo model's weight type
+    display.lines.clear()
+    manager.load(manager.register(str(fixtures_dir / "models" / "fx-q4_K_M.gguf")))
+    done = [line for line, finished in display.lines if finished]
+    assert len(done) == 3 and done[0].startswith("q4_K, q6_K "), done
+    assert all(re.search(r"(compiled|loaded from the cache) in \d+\.\d s", line) for line in done), done

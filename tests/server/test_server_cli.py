@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -160,3 +161,15 @@ def test_serve_async_reports_a_main_port_taken_after_the_check(demo_engine):
         app.state.settings.port = taken.getsockname()[1]
         with pytest.raises(PortInUse, match="already in use"):
             asyncio.run(serve_async(app, app.state.settings))
+
+
+@pytest.mark.parametrize("command", ["serve", "run", "inspect"])
+def test_help_states_each_default_once(command):
+    out = subprocess.run([sys.executable, "-m", "airobackend", command, "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    entries = re.split(r"\n(?=  -|  [A-Z]+ )", out.stdout)       # one entry per option or positional
+    assert len(entries) > 5
+    for entry in entries:
+        assert "default: None" not in entry, entry
+        assert entry.count("default") <= 1, entry
