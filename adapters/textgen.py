@@ -146,7 +146,8 @@ def register_routes(engine: Any, settings: Settings, pm: pluggy.PluginManager) -
 def startup(settings: Settings, app: Any) -> None:
     port = settings.textgen_stream_port
     if port and int(port) != int(settings.port):
-        app.state.extra_listeners.append((settings.host, int(port)))
+        app.state.extra_listeners.append((settings.host, int(port), "it serves text-generation-webui's streaming "
+                                          "WebSocket: choose another with --textgen-stream-port N, or 0 for none"))
 
 
 @hookimpl

@@ -4,6 +4,11 @@ Importing the package is cheap: heavy modules (numba kernels, the server) load o
 """
 from __future__ import annotations
 
+from airobackend.paths import use_cache_root as _use_cache_root
+
+# Before any kernel module can be imported: Numba's cache goes under the one cache root (airobackend.paths).
+_use_cache_root()
+
 from airobackend.errors import (AiroError, ContextOverflowError, EngineBusy, ModelFileError, RequestError,
                                 UnsupportedTensorType)
 from airobackend.types import FinishReason, GenerationEvent, GenerationRequest, SamplingParams

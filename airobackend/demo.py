@@ -8,7 +8,8 @@ The vocabulary is trained deterministically by BPE (SentencePiece style: words c
 cross a word, byte tokens <0x00>..<0xFF> for everything else) on the small English text bundled in
 `airobackend/data/demo_corpus.txt`, so English prompts tokenize into sensible pieces. The weights come from
 `numpy.random.default_rng([seed, k])` per tensor, as for the llama.cpp fixtures. The file is written once into the
-user cache folder (`Settings.cache_dir`, env AIRO_CACHE_DIR; default ~/.cache/airobackend), never into the repository.
+cache root (airobackend.paths: `Settings.cache_dir`, env AIRO_CACHE_DIR; default ~/.cache/airobackend), never into the
+repository.
 """
 from __future__ import annotations
 
@@ -185,21 +186,16 @@ def _write_gguf(path: Path, spec: DemoSpec, pieces: list[bytes], scores: list[fl
                name="airobackend demo (random weights)")
 
 
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "airobackend"
-
-
 def demo_model_path(cache_dir: Optional[str | os.PathLike] = None, spec: DemoSpec = DEFAULT_SPEC) -> Path:
     """Path of the demo model, writing it first if the cache does not have it yet (about a second).
 
-    `cache_dir`: where to keep it; None = `Settings.from_env().cache_dir` (AIRO_CACHE_DIR), else ~/.cache/airobackend.
-    Concurrent first uses are safe: each writes a temporary file and renames it into place atomically.
+    `cache_dir`: where to keep it; None = the cache root (airobackend.paths: AIRO_CACHE_DIR, else
+    ~/.cache/airobackend). Concurrent first uses are safe: each writes a temporary file and renames it into place
+    atomically.
     """
-    if cache_dir is None:
-        from airobackend.settings import Settings
-        cache_dir = getattr(Settings.from_env(), "cache_dir", None)
-    folder = Path(cache_dir) if cache_dir else default_cache_dir()
+    from airobackend.paths import cache_root
+
+    folder = Path(cache_dir) if cache_dir else cache_root()
     path = folder / f"{spec.tag()}.gguf"
     if path.is_file():
         return path

@@ -49,7 +49,9 @@ def format_chat_prompt(messages: list[dict], model_info: dict) -> Optional[str]:
 
 @hookspec
 def startup(engine: Any, settings: "Settings", app: Any) -> None:
-    """Called once before serving; may append (host, port) pairs to `app.state.extra_listeners`."""
+    """Called once before serving, and before the model loads (`serve` checks every port first; the engine may
+    have no model yet); may append (host, port) pairs to `app.state.extra_listeners`, or (host, port, text) where
+    the text says how to change the port when it is taken."""
 
 
 @hookspec

@@ -11,7 +11,7 @@ import logging
 import os
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -160,6 +160,14 @@ class Llama:
             from airobackend.tokenizer import Tokenizer
             self._tokenizer = Tokenizer.from_model_file(self.model_file)
         return self._tokenizer
+
+    def warmup(self, report: Optional[Callable[[str, bool], None]] = None) -> float:
+        """Compile (or load from Numba's on-disk cache) every kernel the model and its tokenizer use, so that the
+        first request runs as fast as the next (LlamaModel.warmup: `report(line, done)` hears of each group).
+        Returns the seconds it took; the context is left empty."""
+        seconds = self.model.warmup(report, extra=[("tokenizer kernels", self.tokenizer.warmup)])
+        self.reset()
+        return seconds
 
     def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> list[int]:
         """Token ids of `text` (UTF-8 bytes), with BOS first when add_bos."""

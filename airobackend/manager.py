@@ -195,6 +195,9 @@ def build_engine(entry: ModelEntry, settings: Settings, progress: ProgressFn) ->
         kwargs["use_mmap"] = settings.use_mmap
     llama = Llama(**kwargs)
     progress(0.95)
+    # Every kernel compiled (or loaded from the cache) now, not during the first request, which would otherwise
+    # wait 20-60 s on a first start with nothing said (SillyTavern and text-generation-webui look hung).
+    llama.warmup(getattr(progress, "note", None))
     return Engine(llama, settings), llama
 
 
@@ -576,7 +579,7 @@ class ModelManager:
                 self._engine = self._llama = self._entry = self._settings_used = None
             _close(old[0], old[1])
         try:
-            engine, llama = self._factory(entry, settings, self._report)
+            engine, llama = self._factory(entry, settings, LoadProgress(self))
         except BaseException:
             if old[0] is not None and not beside_old:
                 self._restore(old[2], old[3])
@@ -656,6 +659,27 @@ def _close(engine: Any, llama: Any) -> None:
     gc.collect()
 
 
+class LoadProgress:
+    """What the engine factory gets: called with the fraction of the load done; `note(line, done)` reports the
+    kernel warm-up (shown by the progress display when it has a `note` method, else logged)."""
+
+    def __init__(self, manager: "ModelManager") -> None:
+        self.manager = manager
+
+    def __call__(self, fraction: float) -> None:
+        self.manager._report(fraction)
+
+    def note(self, line: str, done: bool) -> None:
+        show = getattr(self.manager._on_progress, "note", None)
+        if show is None:
+            log.info("%s", line)
+            return
+        try:
+            show(line, done)
+        except Exception:   # a broken progress display must not break a load
+            pass
+
+
 class ConsoleProgress:
     """A one-line progress bar on stderr for model loads: `loading NAME [#####.....] 50%`."""
 
@@ -675,3 +699,9 @@ class ConsoleProgress:
         self.stream.flush()
         if pct >= 100:
             self._last = -1
+
+    def note(self, line: str, done: bool) -> None:
+        """A line in place of the bar: kept when `done`, else replaced by the next line or the bar."""
+        self.stream.write("\r\x1b[K" + line + ("\n" if done else ""))
+        self.stream.flush()
+        self._last = -1             # the bar is drawn again at the next fraction

@@ -12,13 +12,58 @@ from typing import Any, Callable, Optional, Sequence
 
 import numba
 import numpy as np
+from numba.core import event as numba_event
 
 from airobackend.errors import ContextOverflowError, ModelFileError, RequestError
 from airobackend.kernels import dequant, ops
 from airobackend.kernels.matmul import Weight, prepare, project
 from airobackend.kvcache import KVCache, check_types
+from airobackend.quant import GGMLType
 
 log = logging.getLogger("airobackend.model")
+
+Report = Callable[[str, bool], None]      # (line, done): see LlamaModel.warmup
+
+ISA_NAMES = {"avx512vnni": "AVX-512 VNNI", "avx2": "AVX2"}
+
+
+def type_name(t: int) -> str:
+    """llama.cpp's spelling of a tensor type: q4_K, q8_0, f16."""
+    return GGMLType(t).name.lower().replace("_k", "_K")
+
+
+def isa_name() -> str:
+    from airobackend.kernels.simd import ISA
+    return ISA_NAMES.get(ISA, ISA)
+
+
+class _Compiles(numba_event.Listener):
+    """Counts Numba compilations while installed (loads from the on-disk cache are not compilations) and calls
+    `first()` when the first one starts."""
+
+    def __init__(self, first: Callable[[], None]) -> None:
+        self.count, self.first = 0, first
+
+    def on_start(self, event: Any) -> None:
+        self.count += 1
+        if self.count == 1:
+            self.first()
+
+    def on_end(self, event: Any) -> None:
+        pass
+
+
+def warm_groups(groups: Sequence[tuple[str, Callable[[], Any]]], report: Optional[Report] = None) -> None:
+    """Run each (label, fn) group, telling `report` when a group starts compiling and when it is ready."""
+    say = report or (lambda line, done: None)
+    for label, fn in groups:
+        watch = _Compiles(lambda label=label: say(f"compiling {label} - first start only", False))
+        t0 = time.perf_counter()
+        with numba_event.install_listener("numba:compile", watch):
+            fn()
+        dt = time.perf_counter() - t0
+        say(f"{label}: compiled in {dt:.1f} s (kept in the cache for later starts)" if watch.count
+            else f"{label}: loaded from the cache in {dt:.1f} s", True)
 
 
 @dataclass
@@ -198,16 +243,38 @@ class LlamaModel:
         cache.n_past = spans[-1][0] + spans[-1][1].shape[0]
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
-    def warmup(self) -> float:
-        """Compile (or load from Numba's on-disk cache) every kernel this model uses, by evaluating one token and
-        a two-token batch at position 0; returns the seconds it took. Cached positions are overwritten, so call
-        it before evaluating anything that must be kept."""
+    def warmup(self, report: Optional[Report] = None, extra: Sequence[tuple[str, Callable[[], Any]]] = ()) -> float:
+        """Compile (or load from Numba's on-disk cache) every kernel this model uses, so that the first request runs
+        as fast as the next: the matrix kernels of each weight type (mat-vec and mat-mat), then one-token and
+        two-token forward passes at position 0 (attention, norms, RoPE and the rest), then the `extra` groups.
+        `report(line, done)` gets, per group, a line when it starts compiling (done=False; a group found in the
+        cache compiles nothing and gets none) and one when it is ready, with the time (done=True). Returns the
+        seconds it took; the KV cache is left empty (its positions were overwritten)."""
         t0 = time.perf_counter()
-        bos = int(getattr(self.hparams, "bos_id", 1))
-        bos = bos if 0 <= bos < self.n_vocab else 0
-        self.eval([bos], 0)
-        if self.n_ctx >= 2:
-            self.eval([bos, bos], 0)
+        weights: dict[tuple[int, str], Weight] = {}     # one weight per (type, kernel)
+        for layer in self.layers:
+            for w in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w1, layer.w2, layer.w3):
+                weights.setdefault((w.ggml_type, w.kernel_name), w)
+        weights.setdefault((self.output.ggml_type, self.output.kernel_name), self.output)
+
+        def matrices() -> None:
+            for w in weights.values():
+                x = np.ones((2, w.n_cols), np.float32)
+                w(x[:1])                                # one token: the mat-vec kernel
+                w(x)                                    # a batch: quantize the rows, the mat-mat kernel
+
+        def forward() -> None:
+            bos = int(getattr(self.hparams, "bos_id", 1))
+            bos = bos if 0 <= bos < self.n_vocab else 0
+            self.eval([bos], 0)
+            if self.n_ctx >= 2:
+                self.eval([bos, bos], 0)
+
+        types = ", ".join(sorted({type_name(t) for t, _ in weights}, key=lambda n: (n[0], len(n), n)))
+        generic = all(k == "generic" for _, k in weights)
+        matrix_label = f"{types} float32 kernels" if generic else f"{types} kernels for {isa_name()}"
+        warm_groups([(matrix_label, matrices), ("attention, norm and RoPE kernels", forward), *extra], report)
+        self.cache.truncate(0)
         return time.perf_counter() - t0
 
     # ---- the forward pass

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import html
 import ipaddress
 import json
 import logging
@@ -29,6 +30,7 @@ from urllib.parse import parse_qs
 import anyio
 import pluggy
 from fastapi import APIRouter, Depends, FastAPI
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
@@ -40,9 +42,11 @@ from .settings import Settings
 log = logging.getLogger("airobackend.server")
 
 # Routes that answer without the API key, as KoboldCpp answers them with --password: the connect probes of
-# KoboldAI Lite / SillyTavern (model name masked, version says protected), model list, health and the API docs.
+# KoboldAI Lite / SillyTavern (model name masked, version says protected), model list, health and the API docs
+# (with their Swagger UI files under DOCS_ASSETS).
 PUBLIC_ROUTES: frozenset[tuple[str, str]] = frozenset({
-    ("GET", "/"), ("GET", "/health"), ("GET", "/docs"), ("GET", "/openapi.json"), ("GET", "/api"),
+    ("GET", "/"), ("GET", "/health"), ("GET", "/docs"), ("GET", "/docs/oauth2-redirect"), ("GET", "/openapi.json"),
+    ("GET", "/api"),
     ("GET", "/api/v1/model"), ("GET", "/api/v1/info/version"), ("GET", "/api/extra/version"),
     ("GET", "/api/v1/config/max_length"), ("GET", "/api/v1/config/max_context_length"),
     ("GET", "/api/extra/true_max_context_length"), ("GET", "/api/extra/preloadstory"),
@@ -52,6 +56,8 @@ PUBLIC_ROUTES: frozenset[tuple[str, str]] = frozenset({
 # Host names a loopback listener answers to besides loopback addresses (RFC 6761: browsers resolve *.localhost to
 # the loopback interface themselves, so no DNS answer can point these names elsewhere).
 LOOPBACK_NAMES = ("localhost", "localhost.localdomain")
+
+DOCS_ASSETS = "/docs/assets"       # Swagger UI's files (public, as /docs is)
 
 KOBOLD_UNAUTHORIZED = {"detail": {"error": "Unauthorized", "msg": "Authentication key is missing or invalid.",
                                   "type": "unauthorized"}}
@@ -559,7 +565,7 @@ class Guard:
         cors = self.cors_headers(origin, self.is_admin_path(path, method))
         if method == "HEAD":  # KoboldCpp answers HEAD on any path with 200; nothing is computed or leaked
             return await self._plain(send, 200, b"", cors)
-        if not authenticated and (method, path) not in PUBLIC_ROUTES:
+        if not authenticated and (method, path) not in PUBLIC_ROUTES and not path.startswith(DOCS_ASSETS + "/"):
             body = (json.dumps({"error": {"message": "Invalid API Key", "type": "authentication_error",
                                           "param": None, "code": "invalid_api_key"}}) if is_openai_path(path)
                     else json.dumps(KOBOLD_UNAUTHORIZED)).encode()
@@ -652,10 +658,11 @@ def create_app(engine: Any, settings: Settings, pm: Optional[pluggy.PluginManage
 
     if pm is None:
         pm = get_plugin_manager(blocked=settings.disable_adapters)
-    app = FastAPI(title="airobackend", version=_version(), docs_url="/docs", redoc_url=None,
-                  swagger_ui_oauth2_redirect_url=None,
-                  openapi_url="/openapi.json",
-                  description="KoboldAI/KoboldCpp, text-generation-webui and OpenAI-compatible APIs.")
+    # /docs: Swagger UI from the files fastapi-offline ships (FastAPI's own page loads them from a CDN and is blank
+    # offline).
+    app = FastAPIOffline(title="airobackend", version=_version(), docs_url="/docs", redoc_url=None,
+                         static_url=DOCS_ASSETS, openapi_url="/openapi.json",
+                         description="KoboldAI/KoboldCpp, text-generation-webui and OpenAI-compatible APIs.")
     app.state.engine = engine
     app.state.settings = settings
     app.state.pm = pm
@@ -680,8 +687,8 @@ def create_app(engine: Any, settings: Settings, pm: Optional[pluggy.PluginManage
 
     if not any(getattr(r, "path", None) == "/" for r in app.router.routes):
         @app.get("/", include_in_schema=False)
-        async def index() -> HTMLResponse:
-            return HTMLResponse(_INDEX_HTML)
+        async def index(request: Request) -> HTMLResponse:
+            return HTMLResponse(index_page(request, engine, settings, pm))
 
     app.add_exception_handler(StarletteHTTPException, _not_found)
 
@@ -694,11 +701,55 @@ def create_app(engine: Any, settings: Settings, pm: Optional[pluggy.PluginManage
     return app
 
 
-_INDEX_HTML = """<!doctype html><html><head><meta charset="utf-8"><title>airobackend</title></head><body>
-<h1>airobackend</h1><p>This server speaks the KoboldAI/KoboldCpp API (<code>/api/v1</code>, <code>/api/extra</code>),
-text-generation-webui's legacy API (<code>/api/v1/generate</code>, WebSocket <code>/api/v1/stream</code>) and the
-OpenAI API (<code>/v1</code>). Point your frontend at this address. <a href="/docs">API documentation</a>.</p>
+# Where each frontend points (README.md's table), by the adapter that serves it.
+FRONTENDS = (
+    ("kobold", "KoboldAI Lite", "AI &rarr; KoboldAI Remote API &rarr; <code>{base}</code>"),
+    ("kobold", "SillyTavern, KoboldAI mode", "API URL <code>{base}/api</code>"),
+    ("kobold", "SillyTavern, Text Completion mode (KoboldCpp or Default/Oobabooga type)",
+     "server URL <code>{base}</code>"),
+    ("textgen", "text-generation-webui API clients", "<code>{base}/api/v1/generate</code>, <code>{ws}/api/v1/stream</code>"),
+    ("openai", "OpenAI SDKs", "<code>base_url=\"{base}/v1\"</code>"),
+)
+
+
+def index_page(request: Request, engine: Any, settings: Settings, pm: pluggy.PluginManager) -> str:
+    """The page at `/`: the model served (masked without the API key, as the probes are), the demo model's warning,
+    where to point each frontend, and the documentation."""
+    from .demo import BANNER, is_demo_model
+
+    esc = html.escape
+    try:
+        info = engine.model_info()
+    except ModelNotLoaded:
+        info = None
+    if info is None:
+        model = "<p><b>No model is loaded.</b></p>"
+    elif settings.api_key and not request.scope.get("airo.authenticated", False):
+        model = "<p>Model: <b>protected</b> (this server needs its API key).</p>"
+    else:
+        model = (f"<p>Model: <b id=\"model\">{esc(str(info.get('name')))}</b> &mdash; mix <b id=\"mix\">"
+                 f"{esc(str(info.get('mix') or '?'))}</b>, context {esc(str(info.get('n_ctx')))} tokens, prompt "
+                 f"template {esc(str(info.get('template')))}</p>")
+        if is_demo_model(info.get("path")):
+            model += f"<p id=\"demo-warning\" style=\"color:#b00\"><b>This is the {esc(BANNER)}</b></p>"
+    base = str(request.base_url).rstrip("/")
+    ws_port = settings.textgen_stream_port
+    ws = (f"ws://{request.url.hostname}:{ws_port}" if ws_port and "textgen" in _enabled(pm)
+          else base.replace("http", "ws", 1))
+    rows = "".join(f"<tr><td>{name}</td><td>{where.format(base=esc(base), ws=esc(ws))}</td></tr>"
+                   for adapter, name, where in FRONTENDS if adapter in _enabled(pm))
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>airobackend</title>
+<style>body{{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em}}td{{padding:.3em .8em;
+border-bottom:1px solid #ddd}}code{{background:#f4f4f4}}</style></head><body>
+<h1>airobackend</h1>{model}
+<h2>Connect a frontend</h2><table id="frontends"><tr><th>frontend</th><th>where to point it</th></tr>{rows}</table>
+<h2>Documentation</h2><ul><li><a href="/docs">API documentation</a> (every route, tried from this page)</li>
+<li><a href="/openapi.json">OpenAPI description</a></li></ul>
 </body></html>"""
+
+
+def _enabled(pm: pluggy.PluginManager) -> set[str]:
+    return {name for name, plugin in pm.list_name_plugin() if plugin is not None}
 
 
 def _version() -> str:
@@ -725,31 +776,63 @@ def uvicorn_config(app: Any, host: str, port: int, settings: Settings, **kw: Any
         limit_concurrency=int(settings.max_connections) if settings.max_connections > 0 else None, **kw)
 
 
+class PortInUse(OSError):
+    """A port to listen on is taken; the message says which, and the flag that changes it."""
+
+
+def listeners(app: Any, settings: Settings) -> list[tuple[str, int, str]]:
+    """(host, port, how to change it) of every listener: the main one, then those the plugins' startup hooks add to
+    app.state.extra_listeners as (host, port) or (host, port, how). Runs the startup hooks (once per app)."""
+    if not getattr(app.state, "started_up", False):
+        app.state.started_up = True
+        app.state.pm.hook.startup(engine=app.state.engine, settings=settings, app=app)
+    out = [(settings.host, int(settings.port), "choose another with --port N")]
+    for entry in app.state.extra_listeners:
+        host, port, *how = entry
+        out.append((host, int(port), how[0] if how else "a plugin's listener"))
+    return out
+
+
+def _in_use(host: str, port: int, how: str) -> str:
+    return f"port {port} on {host} is already in use (is another server running?); {how}"
+
+
+def check_ports(app: Any, settings: Settings) -> None:
+    """PortInUse for the first listener whose port is taken, so that `serve` stops before it loads a model."""
+    for host, port, how in listeners(app, settings):
+        if not _can_bind(host, port):
+            raise PortInUse(_in_use(host, port, how))
+
+
 async def serve_async(app: Any, settings: Settings, *, ready: Optional[Callable[[list], None]] = None) -> None:
-    """Serve `app` on settings.host:settings.port plus every (host, port) in app.state.extra_listeners, one loop."""
+    """Serve `app` on settings.host:settings.port plus every listener the plugins added, in one loop; `ready` gets
+    the (host, port) pairs once all listen. PortInUse when the main port is taken; an extra port taken since
+    `check_ports` is left out with a warning."""
     import uvicorn
 
     pm: pluggy.PluginManager = app.state.pm
     engine = app.state.engine
-    pm.hook.startup(engine=engine, settings=settings, app=app)
-    listeners = [(settings.host, settings.port)]
-    for host, port in app.state.extra_listeners:
-        if _can_bind(host, port):
-            listeners.append((host, port))
-        else:  # an extra port (text-generation-webui's 5005) in use must not stop the main server
-            log.warning("cannot listen on %s:%s (in use?); serving without it", host, port)
-    servers = [uvicorn.Server(uvicorn_config(app, h, p, settings)) for h, p in listeners]
-    app.state.servers = servers        # set `should_exit` on each to stop serving
-    for s in servers:  # Ctrl-C handling is done once, by the caller
-        s.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     try:
+        (host, port, how), *extra = listeners(app, settings)
+        if not _can_bind(host, port):     # uvicorn would exit with a traceback
+            raise PortInUse(_in_use(host, port, how))
+        bound = [(host, port)]
+        for host, port, how in extra:
+            if _can_bind(host, port):
+                bound.append((host, port))
+            else:  # taken since check_ports: an extra port must not stop the main server
+                log.warning("cannot listen on %s:%s (in use; %s); serving without it", host, port, how)
+        servers = [uvicorn.Server(uvicorn_config(app, h, p, settings)) for h, p in bound]
+        app.state.servers = servers        # set `should_exit` on each to stop serving
+        for s in servers:  # Ctrl-C handling is done once, by the caller
+            s.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         tasks = [asyncio.create_task(s.serve()) for s in servers]
         while not all(s.started for s in servers):
             if any(t.done() for t in tasks):  # a port could not be bound
                 break
             await asyncio.sleep(0.05)
         if ready is not None and all(s.started for s in servers):
-            ready(listeners)
+            ready(bound)
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for s in servers:
             s.should_exit = True
@@ -758,7 +841,7 @@ async def serve_async(app: Any, settings: Settings, *, ready: Optional[Callable[
             if t.exception() is not None:
                 raise t.exception()  # type: ignore[misc]
         if not all(s.started for s in servers):
-            raise OSError("could not listen on every port: " + ", ".join(f"{h}:{p}" for h, p in listeners))
+            raise OSError("could not listen on every port: " + ", ".join(f"{h}:{p}" for h, p in bound))
     finally:
         pm.hook.shutdown(engine=engine, settings=settings, app=app)
 

@@ -25,7 +25,7 @@ class Settings:
     cache_type_k: str = "f16"              # KV cache types (llama.cpp's --cache-type-k/-v): f16, q8_0 or q4_0
     cache_type_v: str = "f16"
     template: Optional[str] = None         # prompt template name; None -> chosen from the file name / metadata
-    cache_dir: Optional[str] = None        # where the demo model is written; None -> ~/.cache/airobackend
+    cache_dir: Optional[str] = None        # the cache root (demo model, kernels, Numba cache); None -> airobackend.paths
     seed: int = -1
     # long chats: reuse of the KV cache (airobackend.promptcache) and saved states (airobackend.kvstate)
     context_shift: bool = True             # KoboldCpp --noshift turns it off: only an exact prefix is reused

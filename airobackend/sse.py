@@ -40,8 +40,10 @@ SSE_HEADERS = {
 class SSEResponse(Response):
     """ASGI response streaming pre-encoded SSE chunks from an async iterator.
 
-    While sending, a second task listens for `http.disconnect`; when the client leaves first, `on_disconnect()` is
-    called (once) and the iterator is closed. The iterator's own `finally` runs in every case.
+    While sending, a second task listens for `http.disconnect`; when the client leaves before the last chunk,
+    `on_disconnect()` is called (once), the cut is logged, and the iterator is closed. The iterator's own `finally`
+    runs in every case. A disconnect after the last chunk is the normal end (uvicorn reports `http.disconnect` to
+    every receive once the response is complete, and clients close the connection then): nothing is logged.
     """
 
     media_type = "text/event-stream"
@@ -53,6 +55,7 @@ class SSEResponse(Response):
         self.on_disconnect = on_disconnect
         self.extra_headers = {**SSE_HEADERS, **(headers or {})}
         self.disconnected = False
+        self.complete = False           # every chunk has been sent: a disconnect now is the stream's normal end
 
     async def __call__(self, scope, receive, send) -> None:
         raw_headers = [(b"content-type", b"text/event-stream; charset=utf-8")]
@@ -71,6 +74,7 @@ class SSEResponse(Response):
                 await send({"type": "http.response.start", "status": self.status_code, "headers": raw_headers})
                 async for chunk in self.chunks:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                self.complete = True
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
             except OSError:  # the transport broke under us (ASGI spec 2.4 servers report disconnects this way)
                 self._client_gone()
@@ -88,7 +92,7 @@ class SSEResponse(Response):
                     await aclose()
 
     def _client_gone(self) -> None:
-        if self.disconnected:
+        if self.disconnected or self.complete:
             return
         self.disconnected = True
         log.info("client disconnected mid-stream")

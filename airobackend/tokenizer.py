@@ -308,6 +308,10 @@ class Tokenizer(Vocabulary):
                 cache[word] = ids
             out.extend(ids)
 
+    def warmup(self) -> None:
+        """Compile (or load from Numba's cache) the merge loop of long fragments, so that no request waits for it."""
+        self.encode(b"x" * (_NUMBA_MIN_BYTES + 1), add_bos=False)
+
     def _bpe(self, text: bytes) -> list[int]:
         """llm_tokenizer_spm_session::tokenize on one escaped fragment."""
         n_bytes = len(text)

@@ -1,8 +1,8 @@
 """Numba kernels (installed as `airobackend.kernels`): block dequantization, quantized mat-vec / mat-mat for every
 GGML type, norms, RoPE, attention.
 
-Jit options live here in one place. Every kernel is compiled lazily and cached on disk (`cache=True`);
-`AIRO_NUMBA_CACHE=0` turns the cache off.
+Jit options live here in one place. Every kernel is compiled lazily and cached on disk (`cache=True`, in Numba's
+cache under the cache root: airobackend.paths); `AIRO_NUMBA_CACHE=0` turns the cache off.
 """
 from __future__ import annotations
 

@@ -19,8 +19,8 @@ How it works
   one core). Prompt (`matmat`): all tokens quantized first, then `prange` over 32-row chunks, a register tile of
   R rows x 4 tokens (R = 4 for the legacy types and F16, 2 for the k-quants, whose per-sub-block scale vectors take
   more registers; 4 measured no faster), each weight vector decoded once per tile and used for 4 tokens.
-* The unrolled kernel source is generated per type (for the chosen ISA) into a file under the user cache directory
-  and imported from there, so Numba's `cache=True` works and an AVX2 build never reuses an AVX-512 cache entry.
+* The unrolled kernel source is generated per type (for the chosen ISA) into a file under the cache root
+  (airobackend.paths: $AIRO_CACHE_DIR/kernels) and imported from there, so Numba's `cache=True` works and an AVX2 build never reuses an AVX-512 cache entry.
 
 Threads: the kernels are `parallel=True`; the caller sets the count with `numba.set_num_threads`.
 """
@@ -37,6 +37,7 @@ from pathlib import Path
 import numba
 import numpy as np
 
+from ..paths import kernel_source_dir
 from ..quant import GGMLType  # noqa: F401  (type ids used by callers)
 from . import q8, simd
 
@@ -604,11 +605,6 @@ def _emit_f16_matvec(ind: str) -> list[str]:
     return [ind + x for x in L]
 
 
-def _cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "airobackend" / "kernels"
-
-
 def _source_hash() -> str:
     h = hashlib.sha256()
     for mod in (simd, q8, sys.modules[__name__]):
@@ -638,7 +634,7 @@ def kernel_module(spec: Spec):
     text = generate_source(spec)
     tag = f"{ISA}-{_source_hash()}"
     path = None
-    for root in (_cache_root(), Path(tempfile.gettempdir()) / f"airobackend-{os.getuid()}" / "kernels"):
+    for root in (kernel_source_dir(), Path(tempfile.gettempdir()) / f"airobackend-{os.getuid()}" / "kernels"):
         try:
             path = root / tag / f"fast_{key}.py"
             _write_if_changed(path, text)

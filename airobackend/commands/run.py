@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import random
+import re
 import signal
 import string
 import sys
@@ -47,6 +49,10 @@ class Opt:
     group: str = "sampling"
     metavar: Optional[str] = None
     action: Optional[str] = None
+    ignored: Optional[str] = None                  # accepted for llama.cpp's command lines, with this reason
+
+
+GPU = "GPU options, and this engine runs on the CPU"
 
 
 _D = Settings()
@@ -79,9 +85,57 @@ OPTIONS: tuple[Opt, ...] = (
         setting=True, group="model", metavar="NAME"),
     Opt(("-s", "--seed"), "seed", "RNG seed, -1 = random (default -1)", int, setting=True, group="model",
         metavar="N"),
-    Opt(("--cache-dir",), "cache_dir", "where the demo model is kept (default ~/.cache/airobackend)", str,
+    Opt(("--cache-dir",), "cache_dir", "cache root: the demo model, generated kernels and Numba's cache "
+        "(default ~/.cache/airobackend)", str,
         setting=True, group="model", metavar="DIR"),
     Opt(("--quiet",), "quiet", "no banner, no timings", setting=True, group="model"),
+    # llama.cpp main's flags (mid-2023) without meaning on this CPU engine: accepted, and said to be ignored
+    Opt(("-ngl", "--n-gpu-layers", "--gpu-layers"), "n_gpu_layers", "layers to offload to a GPU: ignored", int,
+        group="llama.cpp", metavar="N", ignored=GPU),
+    Opt(("-mg", "--main-gpu"), "main_gpu", "the GPU for scratch: ignored", int, group="llama.cpp", metavar="I",
+        ignored=GPU),
+    Opt(("-ts", "--tensor-split"), "tensor_split", "how to split tensors across GPUs: ignored", str,
+        group="llama.cpp", metavar="SPLIT", ignored=GPU),
+    Opt(("-lv", "--low-vram"), "low_vram", "no VRAM scratch buffer: ignored", group="llama.cpp", ignored=GPU),
+    Opt(("-fa", "--flash-attn"), "flash_attn", "flash attention: ignored (attention is always this engine's CPU "
+        "kernel)", group="llama.cpp", ignored=GPU),
+    Opt(("--mlock",), "mlock", "lock the model in RAM: ignored", group="llama.cpp",
+        ignored="not supported (the weights are a file mapping the OS may page out)"),
+    Opt(("--no-mmap",), "no_mmap", "do not map the model file: ignored", group="llama.cpp",
+        ignored="not supported (the weights are always read through a file mapping)"),
+    Opt(("--numa",), "numa", "NUMA optimisations: ignored", group="llama.cpp", ignored="not supported"),
+    Opt(("--memory-f32",), "memory_f32", "f32 KV cache: ignored", group="llama.cpp",
+        ignored="not supported (the KV cache is never f32)"),
+    Opt(("--lora",), "lora", "LoRA adapter: ignored", str, group="llama.cpp", metavar="FNAME",
+        ignored="not supported (LoRA adapters; the base model runs)"),
+    Opt(("--lora-base",), "lora_base", "base model for --lora: ignored", str, group="llama.cpp", metavar="FNAME",
+        ignored="not supported (LoRA adapters; the base model runs)"),
+    Opt(("-a", "--alias"), "alias", "model name in server answers: ignored by run", str, group="llama.cpp",
+        metavar="ALIAS", ignored="a server option"),
+    Opt(("--prompt-cache",), "prompt_cache", "prompt state file: ignored", str, group="llama.cpp",
+        metavar="FNAME", ignored="not supported (prompt state files)"),
+    Opt(("--prompt-cache-all",), "prompt_cache_all", "save generations in the prompt cache: ignored",
+        group="llama.cpp", ignored="not supported (prompt state files)"),
+    Opt(("--prompt-cache-ro",), "prompt_cache_ro", "read the prompt cache only: ignored", group="llama.cpp",
+        ignored="not supported (prompt state files)"),
+    Opt(("--keep",), "keep", "prompt tokens kept when the context is full: ignored", int, group="llama.cpp",
+        metavar="N", ignored="not supported (a full context keeps the prompt's start as the engine decides)"),
+    Opt(("--cfg-negative-prompt",), "cfg_negative_prompt", "negative prompt for guidance: ignored", str,
+        group="llama.cpp", metavar="PROMPT", ignored="not supported (classifier-free guidance)"),
+    Opt(("--cfg-scale",), "cfg_scale", "guidance strength: ignored", float, group="llama.cpp", metavar="N",
+        ignored="not supported (classifier-free guidance)"),
+    Opt(("--no-penalize-nl",), "no_penalize_nl", "do not penalize newlines: ignored", group="llama.cpp",
+        ignored="not supported (newlines are penalized like any token)"),
+    Opt(("--perplexity",), "perplexity", "compute perplexity: ignored", group="llama.cpp",
+        ignored="not a mode of run"),
+    Opt(("--perplexity-lines",), "perplexity_lines", "perplexity per line: ignored", group="llama.cpp",
+        ignored="not a mode of run"),
+    Opt(("--chunks",), "chunks", "perplexity chunks: ignored", int, group="llama.cpp", metavar="N",
+        ignored="not a mode of run"),
+    Opt(("--embedding",), "embedding", "embedding output: ignored", group="llama.cpp", ignored="not a mode of run"),
+    Opt(("--mtest",), "mtest", "memory test: ignored", group="llama.cpp", ignored="not a mode of run"),
+    Opt(("--export",), "export", "export the compute graph: ignored", group="llama.cpp",
+        ignored="not a mode of run"),
     # prompt and output
     Opt(("-p", "--prompt"), "prompt", "prompt to start generation with (default: empty)", str, group="prompt",
         metavar="TEXT"),
@@ -97,6 +151,20 @@ OPTIONS: tuple[Opt, ...] = (
         action="append", group="prompt", metavar="TEXT"),
     Opt(("-i", "--interactive"), "interactive", "interactive chat using the prompt template (one line per turn)",
         group="prompt"),
+    Opt(("-ins", "--instruct"), "instruct", "instruction mode: the same chat, each turn wrapped in the model's "
+        "template (its turn markers, and its user marker as the reverse prompt)", group="prompt"),
+    Opt(("--interactive-first",), "interactive_first", "interactive, waiting for your input first; -p is then the "
+        "conversation's system text", group="prompt"),
+    Opt(("--multiline-input",), "multiline_input", "in -i: Return starts a new line; end a turn with '\\' "
+        "(without it, a line ending in '\\' continues on the next)", group="prompt"),
+    Opt(("--no-history",), "no_history", "in -i: send each turn without the earlier ones", group="prompt"),
+    Opt(("--in-prefix",), "in_prefix", "in -i: text put before each of your turns", str, default="",
+        group="prompt", metavar="TEXT"),
+    Opt(("--in-suffix",), "in_suffix", "in -i: text put after each of your turns", str, default="",
+        group="prompt", metavar="TEXT"),
+    Opt(("--random-prompt",), "random_prompt", "without -p: start from one of llama.cpp's random prompts",
+        group="prompt"),
+    Opt(("--verbose-prompt",), "verbose_prompt", "print the prompt's tokens before generating", group="prompt"),
     Opt(("--system",), "system", "system prompt for -i (default: the template's preamble)", str, group="prompt",
         metavar="TEXT"),
     Opt(("--color",), "color", "colorise the prompt and user input", group="prompt"),
@@ -128,6 +196,8 @@ OPTIONS: tuple[Opt, ...] = (
         default=0.1, metavar="ETA"),
     Opt(("--mirostat-ent", "--mirostat-tau"), "mirostat_tau", "mirostat target entropy tau (default 5.0)", float,
         default=5.0, metavar="TAU"),
+    Opt(("-l", "--logit-bias"), "logit_bias", "TOKEN_ID+BIAS or TOKEN_ID-BIAS (e.g. 15043+1, 2-inf), repeatable",
+        str, action="append", metavar="BIAS"),
 )
 
 
@@ -141,13 +211,9 @@ def add_options(parser: argparse.ArgumentParser, options: tuple[Opt, ...]) -> No
     for o in options:
         if o.group not in groups:
             groups[o.group] = parser.add_argument_group(o.group)
-        # Each help text states its own default; "%(default).0s" (prints nothing) stops the CLI's
-        # ArgumentDefaultsHelpFormatter from appending "(default: None)" as well.
-        kw: dict[str, Any] = {"dest": o.dest, "help": o.help.replace("%", "%%")}
+        kw: dict[str, Any] = {"dest": o.dest, "help": o.help.replace("%", "%%")}   # each help states its default
         if o.setting:
             kw["help"] += f" [env AIRO_{o.dest.upper()}]"
-        else:
-            kw["help"] += "%(default).0s"
         if o.setting:
             # Absent unless given, so Settings.from_env can fill it from AIRO_<DEST> (and help shows no 'None').
             kw["default"] = argparse.SUPPRESS
@@ -195,6 +261,36 @@ def process_escapes(s: str) -> str:
     return "".join(out)
 
 
+def parse_logit_bias(items: Optional[list]) -> dict[int, float]:
+    """llama.cpp's --logit-bias: TOKEN_ID followed by +BIAS or -BIAS (`15043+1`, `15043-1`, `2-inf`)."""
+    out: dict[int, float] = {}
+    for item in items or ():
+        m = re.fullmatch(r"\s*(\d+)\s*([+-])\s*(inf|\d+(?:\.\d*)?(?:[eE][+-]?\d+)?)\s*", item)
+        if m is None:
+            raise AiroError(f"--logit-bias {item!r}: expected TOKEN_ID+BIAS or TOKEN_ID-BIAS, e.g. 15043+1")
+        value = float(m.group(3))
+        if m.group(2) == "-":
+            value = -value
+        elif value == float("inf"):
+            raise AiroError(f"--logit-bias {item!r}: a bias may be -inf, not +inf")
+        out[int(m.group(1))] = value
+    return out
+
+
+# llama.cpp's gpt_random_prompt choices (examples/common.cpp, mid-2023)
+RANDOM_PROMPTS = ("So", "Once upon a time", "When", "The", "After", "If", "import", "He", "She", "They")
+
+
+def ignored_lines(args: argparse.Namespace) -> list[str]:
+    """One line per reason for the llama.cpp flags given that mean nothing here ("-ngl 32, -mg 0: GPU options...")."""
+    by_reason: dict[str, list[str]] = {}
+    for o in OPTIONS:
+        value = getattr(args, o.dest, None)
+        if o.ignored and value is not None and value is not False:
+            by_reason.setdefault(o.ignored, []).append(o.flags[0] + ("" if value is True else f" {value}"))
+    return [f"airobackend: {', '.join(flags)}: {reason}; ignored" for reason, flags in by_reason.items()]
+
+
 def sampling_from_args(args: argparse.Namespace, settings: Settings) -> SamplingParams:
     grammar = args.grammar
     if args.grammar_file:
@@ -207,7 +303,7 @@ def sampling_from_args(args: argparse.Namespace, settings: Settings) -> Sampling
         repetition_penalty_slope=1.0, presence_penalty=args.presence_penalty,
         frequency_penalty=args.frequency_penalty, mirostat=args.mirostat, mirostat_tau=args.mirostat_tau,
         mirostat_eta=args.mirostat_eta, seed=settings.seed if settings.seed >= 0 else None,
-        ban_eos=bool(args.ignore_eos), grammar=grammar or None)
+        ban_eos=bool(args.ignore_eos), grammar=grammar or None, logit_bias=parse_logit_bias(args.logit_bias))
 
 
 class _Interrupt:
@@ -265,6 +361,14 @@ def _timings(engine: Any, last: Any) -> str:
             f"generated: {n_gen} tokens in {ev:.2f} s ({rate(n_gen, ev)}), seed {p['last_seed']}, stop: {reason}")
 
 
+def _warmup_report() -> Callable[[str, bool], None]:
+    """Kernel warm-up lines on stderr; on a terminal the 'compiling ...' line is replaced by its result."""
+    if sys.stderr.isatty():
+        from airobackend.manager import ConsoleProgress
+        return ConsoleProgress().note
+    return lambda line, done: print(line, file=sys.stderr, flush=True)
+
+
 def main(args: argparse.Namespace) -> int:
     settings = build_settings(args)
     logging.basicConfig(level=logging.WARNING if settings.quiet else logging.INFO, stream=sys.stderr,
@@ -278,17 +382,23 @@ def main(args: argparse.Namespace) -> int:
         if not settings.quiet:
             print(msg, file=sys.stderr, flush=True)
 
+    for line in ignored_lines(args):
+        info(line)
     try:
         prompt = args.prompt if args.prompt is not None else ""
         if args.file:
             with open(args.file, encoding="utf-8") as f:
                 prompt = f.read()
+        elif args.prompt is None and args.random_prompt:
+            prompt = random.Random(None if settings.seed < 0 else settings.seed).choice(RANDOM_PROMPTS)
         if args.escape:
             prompt = process_escapes(prompt)
         sampling = sampling_from_args(args, settings)
         from airobackend.sampling import validate_sampling
         validate_sampling(sampling)                      # bad values are reported before the model loads
 
+        from airobackend.paths import use_cache_root
+        use_cache_root(settings.cache_dir)              # before anything compiles
         from airobackend.demo import BANNER, demo_model_path
         path = settings.model
         if not path:
@@ -301,12 +411,19 @@ def main(args: argparse.Namespace) -> int:
                     rms_norm_eps=settings.rms_norm_eps, rope_freq_base=settings.rope_freq_base,
                     rope_freq_scale=settings.rope_freq_scale, chat_format=settings.template,
                     type_k=settings.cache_type_k, type_v=settings.cache_type_v, verbose=False)
+        loaded = time.perf_counter() - t0
+        warm = llm.warmup(None if settings.quiet else _warmup_report())   # kernels compiled now, not mid-reply
         from airobackend.engine import Engine
         engine = Engine(llm, settings)
-        info(f"airobackend: {path} loaded in {time.perf_counter() - t0:.2f} s: n_ctx {engine.n_ctx}, "
+        info(f"airobackend: {path} loaded in {loaded:.2f} s, kernels ready in {warm:.2f} s: n_ctx {engine.n_ctx}, "
              f"KV cache {llm.model.type_k}/{llm.model.type_v}, {llm.n_threads} threads, template "
              f"{engine.template.name}")
-        if args.interactive:
+        if args.verbose_prompt and prompt:
+            ids = engine.tokenize(prompt)
+            info(f"prompt: {prompt!r}\nnumber of tokens in prompt = {len(ids)}")
+            for tid in ids:
+                info(f"{tid:6d} -> {engine.detokenize([tid])!r}")
+        if args.interactive or args.instruct or args.interactive_first:
             return _chat(engine, args, prompt, sampling, info)
         return _one_shot(engine, args, prompt, sampling, info)
     except AiroError as e:
@@ -342,14 +459,43 @@ def _one_shot(engine: Any, args: argparse.Namespace, prompt: str, sampling: Samp
     return 0
 
 
+def read_turn(stream: Any, multiline: bool) -> Optional[str]:
+    """One user turn, llama.cpp main's way: a line ending in '\\' goes on to the next line, or, with
+    --multiline-input, ends the turn (Return then only starts a new line); a line ending in '/' ends it too.
+    None at the end of input."""
+    lines: list[str] = []
+    while True:
+        line = stream.readline()
+        if not line:
+            return "\n".join(lines) if lines else None
+        line = line.rstrip("\r\n")
+        if line.endswith("/"):
+            lines.append(line[:-1])
+            return "\n".join(lines)
+        if line.endswith("\\"):
+            lines.append(line[:-1])
+            if multiline:
+                return "\n".join(lines)
+            continue
+        lines.append(line)
+        if not multiline:
+            return "\n".join(lines)
+
+
 def _chat(engine: Any, args: argparse.Namespace, first: str, sampling: SamplingParams,
           info: Callable[[str], None]) -> int:
     from airobackend.chat import stop_strings
     template = engine.template
-    messages: list[dict] = [{"role": "system", "content": args.system}] if args.system is not None else []
+    system = args.system
+    if args.interactive_first and first.strip():    # the prompt is context; the first turn is the user's
+        system, first = first.strip() if system is None else f"{system}\n{first.strip()}", ""
+    start: list[dict] = [{"role": "system", "content": system}] if system is not None else []
+    messages = list(start)
     stops = stop_strings(template, args.reverse_prompt or ())
-    info(f"== interactive chat ({template.name} template). One line per turn; ^C stops a reply, "
-         f"^D or ^C at the prompt quits. ==")
+    how = ("Return starts a new line, end a turn with '\\'" if args.multiline_input
+           else "one line per turn (end a line with '\\' to go on)")
+    info(f"== interactive chat ({template.name} template){', each turn on its own' if args.no_history else ''}. "
+         f"{how}; ^C stops a reply, ^D or ^C at the prompt quits. ==")
     pending = first.strip()
     while True:
         if not pending:
@@ -357,20 +503,22 @@ def _chat(engine: Any, args: argparse.Namespace, first: str, sampling: SamplingP
             if args.color:
                 _write(COLOR_USER)
             try:
-                line = sys.stdin.readline()
+                turn = read_turn(sys.stdin, args.multiline_input)
             except KeyboardInterrupt:
-                line = ""
+                turn = None
             if args.color:
                 _write(COLOR_RESET)
-            if not line:
+            if turn is None:
                 _write("\n")
                 return 0
-            pending = line.rstrip("\r\n").strip()
+            pending = turn.strip()
             if not pending:
                 continue
         else:
             _write("> " + pending + "\n")
-        messages.append({"role": "user", "content": pending})
+        if args.no_history:
+            messages = list(start)
+        messages.append({"role": "user", "content": args.in_prefix + pending + args.in_suffix})
         pending = ""
         req = GenerationRequest(prompt=template.format(messages), max_tokens=args.n_predict, stop=stops,
                                 trim_stop=True, sampling=sampling, allow_context_shift=True)

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import os
 import sys
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from airobackend.settings import KV_CACHE_TYPES, Settings
 
@@ -207,8 +207,9 @@ class _LogProgress:
             log.info("loading %s: %d%%", name, int(fraction * 100))
 
 
-def load_engine(settings: Settings) -> tuple[Any, bool]:
-    """A ModelManager with the requested model (or the demo model) loaded; (manager, is_demo)."""
+def open_engine(settings: Settings) -> tuple[Any, Callable[[], None], bool]:
+    """A ModelManager with the requested model (or the demo model) registered but not loaded yet, the function that
+    loads it, and whether it is the demo model."""
     from airobackend.manager import ConsoleProgress, ModelManager
 
     quiet = settings.quiet
@@ -223,14 +224,14 @@ def load_engine(settings: Settings) -> tuple[Any, bool]:
         name = manager.register(settings.model)
     else:
         name = settings.model                     # a name in --model-dir
-    manager.load(name)
-    return manager, demo
+    return manager, lambda: manager.load(name), demo
 
 
 def main(args: argparse.Namespace) -> int:
     from airobackend.errors import AiroError
+    from airobackend.paths import use_cache_root
     from airobackend.plugins import describe_plugins, get_plugin_manager
-    from airobackend.server import create_app, serve_async
+    from airobackend.server import PortInUse, check_ports, create_app, serve_async
 
     try:
         settings = settings_from_args(args)
@@ -245,12 +246,24 @@ def main(args: argparse.Namespace) -> int:
         return 0
     for w in security_warnings(settings):
         log.warning(w)
+    use_cache_root(settings.cache_dir)          # before anything compiles
     try:
-        engine, demo = load_engine(settings)
+        engine, load, demo = open_engine(settings)
     except (AiroError, OSError) as e:
         print(f"error: cannot load the model: {e}", file=sys.stderr)
         return 1
     app = create_app(engine, settings, pm)
+    try:
+        check_ports(app, settings)               # before a load that may take minutes
+    except PortInUse as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        load()
+    except (AiroError, OSError) as e:
+        print(f"error: cannot load the model: {e}", file=sys.stderr)
+        pm.hook.shutdown(engine=engine, settings=settings, app=app)
+        return 1
     names = {name for name, plugin in pm.list_name_plugin() if plugin is not None}
 
     def ready(listeners: list) -> None:
@@ -258,6 +271,9 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(serve_async(app, settings, ready=ready))
+    except PortInUse as e:                       # taken while the model loaded
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except OSError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

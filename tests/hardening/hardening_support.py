@@ -74,8 +74,8 @@ class ServerProcess:
         if host is not None:
             cmd += ["--host", host]
         self.cmd = cmd
-        self.env = dict(os.environ, AIRO_CACHE_DIR=str(self.workdir / "cache"), AIRO_TEXTGEN_STREAM_PORT="0",
-                        AIRO_MODEL_DIR=str(self.workdir / "no-models"))
+        # The cache root (compiled kernels) stays the session's: a fresh one would compile every kernel again.
+        self.env = dict(os.environ, AIRO_TEXTGEN_STREAM_PORT="0", AIRO_MODEL_DIR=str(self.workdir / "no-models"))
         self.env.update(env or {})
         self.proc: Optional[subprocess.Popen] = None
 

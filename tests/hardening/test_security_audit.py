@@ -44,8 +44,9 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 # What may answer without the key, and why (KoboldCpp with --password answers these; protocols.md §2.7, §0.1):
 ALLOWED_PUBLIC = {
     ("GET", "/health"): "liveness probe",
-    ("GET", "/"): "the index page (no model facts)",
+    ("GET", "/"): "the index page (no model facts without the key)",
     ("GET", "/docs"): "the OpenAPI page",
+    ("GET", "/docs/oauth2-redirect"): "a static helper page of Swagger UI",
     ("GET", "/openapi.json"): "the OpenAPI document",
     ("GET", "/api"): "KoboldAI's API index",
     ("GET", "/api/v1/model"): "Lite/ST connect probe: answers with the name masked",
@@ -242,8 +243,9 @@ def test_serve_warns_when_listening_beyond_loopback_without_a_key(monkeypatch, c
     async def fake_serve(app, settings, ready=None):
         started.append(settings.host)
 
-    monkeypatch.setattr(serve, "load_engine", lambda settings: (scripted_engine()[0], False))
+    monkeypatch.setattr(serve, "open_engine", lambda settings: (scripted_engine()[0], lambda: None, False))
     monkeypatch.setattr(server, "serve_async", fake_serve)
+    monkeypatch.setattr(server, "check_ports", lambda app, settings: None)
 
     def run(*argv):
         parser = argparse.ArgumentParser()

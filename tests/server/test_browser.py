@@ -102,3 +102,46 @@ def test_a_listed_origin_with_the_admin_key_can_unload(demo_library):
     assert seen["generate"]["status"] == 200, seen
     assert seen["switch_model"]["status"] == 200 and json.loads(seen["switch_model"]["body"]) == {"success": True}
     assert manager.loaded.wait(20) and manager.loaded_name == MODELS[1]
+
+
+# Resolves with the text of the first element matching `selector` once the page has rendered it.
+WAIT_FOR = """new Promise((resolve, reject) => {
+  const find = () => document.querySelector(%s);
+  const done = () => { const e = find(); if (e && e.textContent.trim()) { observer.disconnect(); resolve(e.textContent); return true; } };
+  const observer = new MutationObserver(done);
+  if (!done()) { observer.observe(document, {childList: true, subtree: true, characterData: true});
+                 setTimeout(() => reject(new Error("nothing matched " + %s)), 60000); }
+})"""
+
+
+def wait_for(tab, selector: str) -> str:
+    return tab.evaluate(WAIT_FOR % (json.dumps(selector), json.dumps(selector)))
+
+
+@needs_chromium
+def test_docs_render_offline_and_the_front_page_says_what_is_served(demo_engine):
+    from fakes import make_app
+
+    app = make_app(demo_engine, textgen_stream_port=5005)
+    info = demo_engine.model_info()
+    with live(app) as api, Chrome() as chrome:      # the browser resolves no name but this machine's
+        docs = chrome.open(api.url + "/docs")
+        assert "airobackend" in wait_for(docs, ".swagger-ui .info .title")
+        paths = docs.evaluate("Array.from(document.querySelectorAll('.opblock-summary-path'))"
+                              ".map(e => e.textContent.trim())")
+        assert {"/api/v1/generate", "/v1/chat/completions", "/api/extra/generate/stream"} <= set(paths)
+        failed = docs.evaluate("performance.getEntriesByType('resource').filter(e => !e.name.startsWith("
+                               f"{json.dumps(api.url)})).map(e => e.name)")
+        assert failed == [], f"/docs loaded files from elsewhere: {failed}"
+
+        front = chrome.open(api.url + "/")
+        assert wait_for(front, "#model") == info["name"]
+        assert wait_for(front, "#mix") == info["mix"]
+        assert "RANDOM weights" in wait_for(front, "#demo-warning")
+        rows = front.evaluate("Array.from(document.querySelectorAll('#frontends tr')).slice(1)"
+                              ".map(r => r.textContent)")
+        assert any(r.startswith("KoboldAI Lite") and api.url in r for r in rows), rows
+        assert any(r.startswith("OpenAI SDKs") and f'base_url="{api.url}/v1"' in r for r in rows), rows
+        assert any("ws://127.0.0.1:5005/api/v1/stream" in r for r in rows), rows
+        links = front.evaluate("Array.from(document.links).map(a => a.href)")
+        assert api.url + "/docs" in links

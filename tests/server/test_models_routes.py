@@ -423,10 +423,12 @@ def test_kobold_admin_load_generate_switch_generate(library_dir, fixture_index):
 
 def test_serve_hands_the_server_a_manager_over_the_library(library_dir, fixtures_dir):
     """`serve --model-dir DIR --model NAME` (and `--model FILE` outside the folder) with the default plugins."""
-    from airobackend.commands.serve import load_engine
+    from airobackend.commands.serve import open_engine
 
     settings = Settings(model_dir=str(library_dir), model="fx-q8_0.gguf", n_ctx=128, n_threads=1)
-    manager, demo = load_engine(settings)
+    manager, load, demo = open_engine(settings)
+    assert manager.loaded_name is None          # ports are checked before the load
+    load()
     assert not demo and manager.loaded_name == "fx-q8_0.gguf"
     with TestClient(create_app(manager, settings)) as c:
         assert c.get("/api/admin/list_options").json() == [
@@ -437,6 +439,7 @@ def test_serve_hands_the_server_a_manager_over_the_library(library_dir, fixtures
 
     outside = fixtures_dir / "models" / "fx-q4_0.ggmlv3.bin"
     settings = Settings(model_dir=str(library_dir), model=str(outside), n_ctx=128, n_threads=1)
-    manager, _ = load_engine(settings)
+    manager, load, _ = open_engine(settings)
+    load()
     assert manager.loaded_name == "fx-q4_0.ggmlv3.bin"
     assert "fx-q4_0.ggmlv3.bin" in [m["name"] for m in manager.list_models()]

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -83,9 +86,10 @@ def test_banner_lists_each_protocol_and_flags_the_demo_model():
     assert "/v1" in text and "KoboldAI" not in text and "RANDOM" not in text
 
 
-def test_serve_starts_with_the_demo_model_and_stops_on_ctrl_c(tmp_path):
+def test_serve_starts_with_the_demo_model_and_stops_on_ctrl_c():
     port = free_port()
-    env = dict(os.environ, AIRO_CACHE_DIR=str(tmp_path), AIRO_TEXTGEN_STREAM_PORT="0", AIRO_N_CTX="128")
+    # the demo model in the session's cache root (a fresh root would compile every kernel again)
+    env = dict(os.environ, AIRO_TEXTGEN_STREAM_PORT="0", AIRO_N_CTX="128")
     proc = subprocess.Popen([sys.executable, "-m", "airobackend", "--port", str(port), "--host", "127.0.0.1"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -119,3 +123,53 @@ def test_serve_refuses_a_bad_model_file_with_a_clear_message(tmp_path, capsys, m
     assert "cannot load the model" in capsys.readouterr().err
     assert serve.main(parse(["--model", "no-such-model", "--port", str(free_port())])) == 1
     assert "no-such-model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("which", ["main", "textgen stream"])
+def test_a_port_in_use_stops_serve_before_the_model_loads(which, tmp_path):
+    """One line naming the port and the flag that changes it, exit status 2, and no model loaded."""
+    port, stream_port = free_port(), free_port()
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", port if which == "main" else stream_port))
+    taken.listen()
+    model = tmp_path / "never-read.gguf"        # a file that cannot load: reaching the load would say so
+    model.write_bytes(b"GGUF" + b"\xff" * 64)
+    env = dict(os.environ, AIRO_TEXTGEN_STREAM_PORT=str(stream_port))
+    try:
+        proc = subprocess.run([sys.executable, "-m", "airobackend", "serve", "--model", str(model), "--port",
+                               str(port), "--host", "127.0.0.1", "--quiet"],
+                              env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        taken.close()
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    busy = port if which == "main" else stream_port
+    assert lines[0].startswith(f"error: port {busy} on 127.0.0.1 is already in use"), lines
+    assert ("--port N" if which == "main" else "--textgen-stream-port N") in lines[0]
+    assert "cannot load" not in proc.stderr
+
+
+def test_serve_async_reports_a_main_port_taken_after_the_check(demo_engine):
+    from airobackend.server import PortInUse, serve_async
+
+    from fakes import make_app
+    app = make_app(demo_engine)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        app.state.settings.port = taken.getsockname()[1]
+        with pytest.raises(PortInUse, match="already in use"):
+            asyncio.run(serve_async(app, app.state.settings))
+
+
+@pytest.mark.parametrize("command", ["serve", "run", "inspect"])
+def test_help_states_each_default_once(command):
+    out = subprocess.run([sys.executable, "-m", "airobackend", command, "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    entries = re.split(r"\n(?=  -|  [A-Z]+ )", out.stdout)       # one entry per option or positional
+    assert len(entries) > 5
+    for entry in entries:
+        assert "default: None" not in entry, entry
+        assert entry.count("default") <= 1, entry

@@ -79,6 +79,10 @@ def test_probes_answer_without_the_key_as_koboldcpp_does(keyed, demo_engine):
     assert keyed.get("/v1/models").json()["data"][0]["id"] == "protected-model"
     assert keyed.get("/health").json() == {"status": "ok"}
     assert keyed.get("/openapi.json").status_code == 200
+    # the API documentation works without the key, from files served here
+    assert "/docs/assets/swagger-ui-bundle.js" in keyed.get("/docs").text
+    assert keyed.get("/docs/assets/swagger-ui-bundle.js").status_code == 200
+    assert keyed.get("/docs/assets/../../api/extra/perf").status_code in (401, 404)
 
 
 def test_every_registered_route_is_protected_or_a_known_probe(demo_engine):
