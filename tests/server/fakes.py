@@ -35,6 +35,9 @@ class ByteTokenizer:
     def decode(self, ids) -> bytes:
         return b"".join(self.token_bytes(int(i)) for i in ids)
 
+    def piece_text(self, tid: int) -> str:
+        return self.token_bytes(tid).decode("utf-8", errors="replace")
+
 
 class ScriptedModel:
     """Predicts the bytes of `reply` one after another after any prompt, then EOS (or loops when `eos` is False).
