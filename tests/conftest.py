@@ -46,10 +46,10 @@ REAL_SIZE = 98_362_432
 
 
 def _cache_root() -> Path:
-    from airobackend.demo import default_cache_dir
+    from airobackend.paths import cache_root
     from airobackend.settings import Settings
     cache = Settings.from_env().cache_dir
-    return Path(cache) if cache else default_cache_dir()
+    return Path(cache) if cache else cache_root()
 
 
 @pytest.fixture(scope="session")

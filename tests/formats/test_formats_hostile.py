@@ -14,6 +14,10 @@ import pytest
 from airobackend.errors import ModelFileError, UnsupportedTensorType
 from airobackend.formats import open_model
 
+# A bound against hangs and runaway parsing, not a speed target: a header read takes milliseconds, so only a loop or a
+# huge allocation comes near it, even on a busy 2-core machine.
+HANG_S = 10.0
+
 
 def _all_fixture_files(fixtures_dir: Path) -> list:
     files = sorted((fixtures_dir / "models").iterdir())
@@ -23,7 +27,7 @@ def _all_fixture_files(fixtures_dir: Path) -> list:
     return files
 
 
-def _expect_error(path: Path, budget: float = 1.0) -> ModelFileError:
+def _expect_error(path: Path, budget: float = HANG_S) -> ModelFileError:
     t = time.perf_counter()
     with pytest.raises(ModelFileError) as e:
         open_model(path)
@@ -82,7 +86,7 @@ def test_flipped_header_bytes_raise_or_open_consistently(tmp_path, fixtures_dir)
                     assert ti.data.size == ti.nbytes and ti.offset + ti.nbytes <= mf.file_size
                 mf.close()
                 opened += 1
-            assert time.perf_counter() - t < 1.0
+            assert time.perf_counter() - t < HANG_S
             with open(p, "r+b") as f:
                 f.seek(pos)
                 f.write(bytes([old]))

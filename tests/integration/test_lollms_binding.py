@@ -302,22 +302,22 @@ def test_stop_button_interrupts_the_prompt_evaluation(lollms, fx_model):
     b = built(lollms, fx_model)
     engine = b.backend.engine._engine             # the loaded model's Engine behind the model manager
     engine.n_batch = 16                           # a prompt of many batches
-    evaluated, real_eval = [], engine.model.eval
+    evaluated, real_eval = [], engine.model.eval_spans
 
-    def eval_and_press_stop(tokens, n_past):
-        evaluated.append(len(tokens))
+    def eval_and_press_stop(spans):                # the prompt is read through eval_spans, one batch per call
+        evaluated.append(sum(len(t) for _, t in spans))
         if len(evaluated) == 1:
             lollms.cancel_generation(b)           # Stop arrives while the first batch is evaluated
-        return real_eval(tokens, n_past)
+        return real_eval(spans)
 
-    engine.model.eval = eval_and_press_stop
+    engine.model.eval_spans = eval_and_press_stop
     long_prompt = " ".join(f"line {i}: the sea was calm." for i in range(20))
     assert len(b.tokenize(long_prompt)) > 4 * engine.n_batch
     chunks = []
     try:
         text = b.generate(long_prompt, 32, lambda c, k: chunks.append(c) or True, **GPT_PARAMS)
     finally:
-        engine.model.eval = real_eval
+        engine.model.eval_spans = real_eval
     assert evaluated == [16] and text == "" and chunks == []
     assert b.generate(PROMPT, 8, None, **GPT_PARAMS) == engine_text(fx_model, PROMPT, 8, **ENGINE_PARAMS)
 
