@@ -116,6 +116,10 @@ class BPETokenizer(Vocabulary):
                    add_bos=flag("add_bos_token"), add_eos=bool(flag("add_eos_token")),
                    add_space_prefix=bool(flag("add_space_prefix")), special_ids=specials)
 
+    def warmup(self) -> None:
+        """Build the pre-tokenizer's expressions and tables now (at load), so that no request waits for them."""
+        self.encode("Warm up: 123, ünïcödé\n", add_bos=False)
+
     # ---------------------------------------------------------------- encode
     def encode(self, text: str | bytes, add_bos: bool = True, special: bool = False) -> list[int]:
         """Token ids of `text` (str or UTF-8 bytes), as llama.cpp's `llama_tokenize(add_special=add_bos,
