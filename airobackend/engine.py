@@ -629,7 +629,9 @@ class Engine:
     def _logprob_entry(self, lp: Optional[np.ndarray], sampler: Sampler, tid: int, n: int) -> dict[str, Any]:
         """The chosen token and the top `n` with their log-probabilities: of the raw model distribution `lp`, or
         with lp None of the sampler's final candidates (KoboldCpp's logprobs; -inf for a token not among them)."""
-        piece = self.tokenizer.piece_text
+        def piece(i: int) -> str:           # token_bytes is all the engine asks of a tokenizer
+            return self.tokenizer.token_bytes(i).decode("utf-8", errors="replace")
+
         if lp is None:
             ids, probs = sampler.last_ids, sampler.last_probs
             with np.errstate(divide="ignore"):

@@ -5,7 +5,9 @@ merge loop), and the per-token cost of the sampler over 32000 logits: default Ko
 a JSON grammar, and the full chain (every filter plus DRY over the whole 1-2k-token context with SillyTavern's
 sequence breakers, XTC, smoothing, top-nσ). Each sampler line also prints its ratio to a 7B token measured in the
 same run: the mat-vecs of one q4_0 7B layer (n_embd 4096, n_ff 11008) timed and counted 32 times, plus the 32000 x
-4096 output matrix (bench/run.py's decode token; norms and attention, a few %, left out). `--no-7b` skips it.
+4096 output matrix (bench/run.py's decode token; norms and attention, a few %, left out). `--no-7b` skips it,
+`--no-tokenizer` skips the tokenizer lines. Both are also timed in process CPU time (the 7B token's divided by the
+thread count, as bench/run.py's cpu-tok/s), the fairer ratio on a machine that other work shares.
 Needs the fixtures (../shared/fixtures or $AIRO_FIXTURES).
 """
 from __future__ import annotations
@@ -42,25 +44,30 @@ def timed(fn, *a):
     return r, time.perf_counter() - t
 
 
-def seven_b_token_seconds(n_tok: int = 9) -> float:
-    """Median seconds of a 7B q4_0 decode token's matrix work: one layer's mat-vecs x 32 + the output matrix."""
+def seven_b_token_seconds(n_tok: int = 9) -> tuple[float, float]:
+    """Median wall seconds and CPU seconds per thread of a 7B q4_0 decode token's matrix work: one layer's mat-vecs
+    x 32 + the output matrix."""
     sys.path.insert(0, str(REPO / "bench"))
     from run import slice_7b
     sl = slice_7b("q4_0", np.random.default_rng(0), n_layer=1)
     sl.warm(4)
-    layer, out = [], []
+    threads = numba.get_num_threads()
+    layer, out, clayer, cout = [], [], [], []
     for _ in range(n_tok):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for name, w in sl.weights:
             if name != "output.weight":
                 w.matvec(sl._xs[w.n_cols], sl._out[w.n_rows])
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         for name, w in sl.weights:
             if name == "output.weight":
                 w.matvec(sl._xs[w.n_cols], sl._out[w.n_rows])
         layer.append(t1 - t0)
         out.append(time.perf_counter() - t1)
-    return 32 * float(np.median(layer)) + float(np.median(out))
+        clayer.append((c1 - c0) / threads)
+        cout.append((time.process_time() - c1) / threads)
+    return (32 * float(np.median(layer)) + float(np.median(out)),
+            32 * float(np.median(clayer)) + float(np.median(cout)))
 
 
 def main() -> int:
@@ -70,6 +77,13 @@ def main() -> int:
         return 1
     tok, dt = timed(Tokenizer.from_file, str(vocab))
     print(f"load vocabulary: {dt:.2f} s")
+    if "--no-tokenizer" not in sys.argv:
+        bench_tokenizer(tok)
+    sample_costs(tok)
+    return 0
+
+
+def bench_tokenizer(tok: Tokenizer) -> None:
     docs = "".join(p.read_text() for p in sorted((REPO.parent / "shared" / "docs").glob("*.md"))) or "Hello world. " * 1000
     big = (docs * (10_000_000 // len(docs) + 1))[:10_000_000]
     ids, dt = timed(tok.encode, big)
@@ -82,6 +96,8 @@ def main() -> int:
         ids, dt = timed(tok.encode, s)
         print(f"encode {n / 1e6:g} MB without spaces: {dt:.2f} s, {len(ids)} tokens, {len(ids) / dt:,.0f} tok/s")
 
+
+def sample_costs(tok: Tokenizer) -> None:
     g = np.random.default_rng(0)
     logits = [g.standard_normal(tok.n_vocab).astype(np.float32) * 3 for _ in range(200)]
     hist = list(g.integers(0, tok.n_vocab, 512)) + list(g.integers(0, tok.n_vocab, 16)) * 32   # a loop for DRY
@@ -99,20 +115,22 @@ def main() -> int:
             xtc_threshold=0.1, dry_multiplier=0.8, dry_penalty_last_n=0,
             dry_sequence_breakers=("\n", ":", "\"", "*")),
     }
-    t7b = seven_b_token_seconds() if "--no-7b" not in sys.argv else float("nan")
+    t7b, c7b = seven_b_token_seconds() if "--no-7b" not in sys.argv else (float("nan"), float("nan"))
     if t7b == t7b:
-        print(f"7B q4_0 token (matrix work, {numba.get_num_threads()} threads): {t7b * 1e3:.1f} ms")
+        print(f"7B q4_0 token (matrix work, {numba.get_num_threads()} threads): {t7b * 1e3:.1f} ms "
+              f"(CPU time per thread {c7b * 1e3:.1f} ms)")
     for name, p in configs.items():
         s = Sampler(p, tokenizer=tok)
         h = list(hist)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         for lg in logits:
             h.append(s.sample(lg, h))
             if h[-1] == tok.eos_id:                          # a finished grammar: start a new generation
                 s = Sampler(p, tokenizer=tok)
         dt = (time.perf_counter() - t) / len(logits)
-        print(f"sample ({name}): {dt * 1e3:.2f} ms/token, {dt / t7b:.3f} of a 7B token")
-    return 0
+        dc = (time.process_time() - c) / len(logits)
+        print(f"sample ({name}): {dt * 1e3:.2f} ms/token, {dt / t7b:.3f} of a 7B token; "
+              f"CPU time {dc * 1e3:.2f} ms, {dc / c7b:.3f} of a 7B token's")
 
 
 if __name__ == "__main__":

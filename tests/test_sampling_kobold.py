@@ -2,8 +2,9 @@
 
 * KoboldCpp 1.76 (tag v1.76, commit 2da346a5), gpttype_adapter.cpp: `sample_dry`, `sample_xtc`, `sample_temperature`
   (quadratic smoothing), `GetOverlappingTokenSequences` (DRY sequence breakers) and `SampleLogits` (their places);
-* KoboldCpp 1.85 gpttype_adapter.cpp `sample_top_n_sigma` (called in the temperature step), and the smoothing
-  curve of later KoboldCpp (k = (3 - c) / 2, s = (c - 1) / 2);
+* KoboldCpp 1.85 gpttype_adapter.cpp `sample_top_n_sigma` (called in the temperature step);
+* the smoothing curve (k = (3 - c) / 2, s = (c - 1) / 2) of text-generation-webui modules/sampler_hijack.py
+  `QuadraticSamplingLogitsWarper` (v4.7.3, commit 1dcde41d), which later KoboldCpp adopted;
 * llama.cpp tests/test-sampling.cpp (commit c392e509): the DRY, XTC and top-n-sigma vectors where llama.cpp and
   KoboldCpp agree.
 

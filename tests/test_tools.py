@@ -152,3 +152,16 @@ def test_python_api_response_format_and_tool_calls(llm):
     assert r["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "add"
     with pytest.raises(RequestError):
         llm.create_chat_completion(msgs, tools=[ADD], grammar='root ::= "x"')
+
+
+def test_python_api_refuses_by_field_and_keeps_working(llm):
+    msgs = [{"role": "user", "content": "Hi"}]
+    for kw, param in ((dict(tools=[ADD], tool_choice={"type": "function", "function": {"name": "sub"}}), "tool_choice"),
+                      (dict(response_format={"type": "json_schema", "json_schema": {"schema": {"not": {}}}}),
+                       "response_format"),
+                      (dict(dry_sequence_breakers=["x"] * 10_000), "dry_sequence_breakers"),
+                      (dict(xtc_probability="often"), "xtc_probability")):
+        with pytest.raises(RequestError) as e:
+            llm.create_chat_completion(msgs, max_tokens=2, **kw)
+        assert getattr(e.value, "param", None) == param or param in str(e.value), (param, e.value)
+    assert llm.create_chat_completion(msgs, max_tokens=2, seed=1)["usage"]["completion_tokens"] == 2

@@ -1,5 +1,5 @@
 """`n` > 1 (swipes): distinct choices, the seed advancing per choice as llama.cpp's child completions do
-(seed + 1, + 2, ...), streamed and not, through the OpenAI routes (text-generation-webui's API is this one)."""
+(seed + 1, + 2, ...), streamed and not, through the OpenAI routes, which are also text-generation-webui's API."""
 from __future__ import annotations
 
 import json
@@ -48,6 +48,35 @@ def test_n_three_gives_three_different_texts(client, route, body, text):
         assert text(one["choices"][0]) == text(a["choices"][i])
 
 
+# What a text-generation-webui client sends to its API (extensions/openai/typing.py GenerationOptions, commit
+# 02678ae4): the OpenAI fields plus its own. text-generation-webui itself ignores `n` ("Unused parameter").
+TGW_FIELDS = {"preset": None, "min_p": 0, "top_k": 0, "typical_p": 1, "tfs": 1, "top_a": 0, "repetition_penalty": 1,
+              "repetition_penalty_range": 1024, "do_sample": True, "seed": -1, "dry_multiplier": 0,
+              "dry_sequence_breakers": '"\\n", ":", "\\"", "*"', "xtc_threshold": 0.1, "xtc_probability": 0,
+              "smoothing_factor": 0, "custom_token_bans": "", "auto_max_new_tokens": False, "ban_eos_token": True,
+              "add_bos_token": True, "skip_special_tokens": True, "grammar_string": ""}
+
+
+@pytest.mark.parametrize("route, body, text", [
+    ("/v1/completions", dict(TGW_FIELDS, prompt="Once upon a time", max_tokens=12, temperature=1.0),
+     lambda c: c["text"]),
+    ("/v1/chat/completions", dict(TGW_FIELDS, messages=CHAT["messages"], max_tokens=12, temperature=1.0,
+                                  mode="instruct", user_bio=""), lambda c: c["message"]["content"]),
+])
+def test_n_three_with_text_generation_webui_fields(client, route, body, text):
+    for stream in (False, True):
+        r = client.post(route, json=dict(body, n=3, stream=stream))
+        assert r.status_code == 200, r.text
+        if stream:
+            got = ["", "", ""]
+            for ev in events(r.content):
+                for ch in ev["choices"]:
+                    got[ch["index"]] += ch.get("text") or ch.get("delta", {}).get("content") or ""
+        else:
+            got = [text(c) for c in r.json()["choices"]]
+        assert len(set(got)) == 3 and all(got), got
+
+
 @pytest.mark.parametrize("route, body, piece", [
     ("/v1/completions", BODY, lambda ch: ch.get("text", "")),
     ("/v1/chat/completions", CHAT, lambda ch: ch.get("delta", {}).get("content") or ""),
@@ -84,11 +113,16 @@ def test_several_prompts_times_n(client):
 @pytest.mark.parametrize("body", [dict(BODY, n=9), dict(BODY, n=0), dict(BODY, n=[3]), dict(BODY, n=10**9),
                                   dict(BODY, prompt=["a", "b", "c"], n=3)])
 def test_too_many_choices_is_a_400(client, body):
-    for stream in (False, True):
-        r = client.post("/v1/completions", json=dict(body, stream=stream))
-        assert r.status_code == 400, r.text
-        assert r.json()["error"]["param"] in ("n", "prompt")
-    assert client.post("/v1/completions", json=dict(BODY, n=2)).status_code == 200
+    routes = [("/v1/completions", body, BODY)]
+    if isinstance(body["prompt"], str):
+        routes.append(("/v1/chat/completions", dict(CHAT, n=body["n"]), CHAT))
+    for route, bad, good in routes:
+        for stream in (False, True):
+            r = client.post(route, json=dict(bad, stream=stream))
+            assert r.status_code == 400, r.text
+            err = r.json()["error"]
+            assert err["param"] in ("n", "prompt") and err["param"] in err["message"]
+        assert client.post(route, json=dict(good, n=2)).status_code == 200
 
 
 def test_the_openai_sdk_reads_streamed_choices(demo_app):

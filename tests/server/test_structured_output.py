@@ -182,6 +182,29 @@ def test_scripted_call_exact_shapes_stream_and_not():
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 
+def test_every_choice_of_n_streams_its_own_call():
+    engine, _ = scripted_engine(SCRIPTED_CALL, n_ctx=2048)
+    c = TestClient(make_app(engine, n_ctx=2048))
+    body = {"messages": [{"role": "user", "content": "Weather?"}], "tools": [WEATHER], "max_tokens": 200, "n": 3,
+            "stream": True}
+    chunks = [json.loads(line[6:]) for line in c.post("/v1/chat/completions", json=body).text.split("\n\n")
+              if line.startswith("data: {")]
+    heads, args, ends = {}, {0: "", 1: "", 2: ""}, {}
+    for ch in chunks:
+        (choice,) = ch["choices"]
+        i = choice["index"]
+        for call in choice["delta"].get("tool_calls") or ():
+            assert call["index"] == 0
+            if "id" in call:
+                heads[i] = (call["id"], call["function"]["name"])
+            args[i] += call["function"]["arguments"]
+        if choice["finish_reason"]:
+            ends[i] = choice["finish_reason"]
+    assert ends == {0: "tool_calls", 1: "tool_calls", 2: "tool_calls"}
+    assert [name for _, name in heads.values()] == ["get_weather"] * 3 and len({cid for cid, _ in heads.values()}) == 3
+    assert list(args.values()) == ['{"unit":"celsius","days":3}'] * 3
+
+
 def test_scripted_parallel_calls_and_reply():
     calls = ('{"tool_calls": [{"name": "get_weather", "arguments": {"unit": "fahrenheit", "days": 1}}, '
              '{"name": "get_time", "arguments": {"zone": "utc"}}]}')
@@ -219,6 +242,8 @@ def test_scripted_parallel_calls_and_reply():
     ({"response_format": {"type": "json_object"}, "json_schema": {"type": "object"}}, "json_schema", "not both"),
     ({"response_format": {"type": "json_object"}, "grammar": "root ::= \"x\""}, "grammar", "response_format"),
     ({"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": 3}}]}]}, "messages", "tool_calls"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}, "n": 10**6},
+     "n", "<="),
 ])
 def test_what_cannot_be_honoured_is_a_400_naming_the_field(body, param, words):
     engine, _ = scripted_engine("ok")
@@ -230,6 +255,25 @@ def test_what_cannot_be_honoured_is_a_400_naming_the_field(body, param, words):
     assert err["param"] == param and words in err["message"], err
     ok = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
     assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == "ok"
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"json_schema": {"type": "number", "maximum": 2.5}}, "json_schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"not": {"type": "string"}}}}},
+     "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"$ref": "https://x.test/s.json"}}}},
+     "response_format"),
+    ({"response_format": "json"}, "response_format"),
+])
+def test_a_schema_the_grammar_cannot_express_is_a_400_on_completions_too(body, param):
+    engine, _ = scripted_engine("ok")
+    c = TestClient(make_app(engine))
+    for stream in (False, True):
+        r = c.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 4, "stream": stream, **body})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["param"] == param and err["type"] == "invalid_request_error", err
+    assert c.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 4}).json()["choices"][0]["text"] == "ok"
 
 
 def test_kobold_json_to_grammar():
