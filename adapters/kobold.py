@@ -66,6 +66,9 @@ def to_generation_request(payload: dict, *, n_ctx: int, n_vocab: int) -> Generat
     max_length = max(1, min(max_length, max_ctx - min(max_ctx - 4, 16)))
 
     sampling = sampling_params(payload, n_vocab, **KOBOLD_DEFAULTS)
+    bypass_eos = f.bool("bypass_eos", False)     # KoboldAI Lite's "Bypass EOS" ban mode
+    if bypass_eos:
+        sampling = sampling.replace(ban_eos=False)  # KoboldCpp bans the end token only without bypass
     genkey = f.str("genkey", "")
     return GenerationRequest(
         prompt=prompt,                     # the engine puts `memory` in front and keeps it on a shift
@@ -77,6 +80,8 @@ def to_generation_request(payload: dict, *, n_ctx: int, n_vocab: int) -> Generat
         sampling=sampling,
         memory=memory or None,
         genkey=genkey or None,
+        bypass_eos=bypass_eos,
+        grammar_retain_state=f.bool("grammar_retain_state", False),
         # KoboldCpp (since 1.77) records the final candidates of every token, for `logprobs` and last_logprobs
         n_probs=LOGPROBS_MAX,
         post_sampling_probs=True,

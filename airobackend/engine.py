@@ -156,6 +156,7 @@ class Engine:
                      self.prompt_cache.budget_bytes >> 20,
                      f", on disk in {self.states.disk.root}" if self.states.disk is not None else "")
         self._last_logits: Optional[np.ndarray] = None
+        self._grammar_kept: Optional[tuple[str, Any]] = None   # the last generation's grammar and its final state
         self._template = None
         now = time.monotonic()
         self._t_start = now
@@ -487,6 +488,9 @@ class Engine:
         eog = getattr(tok, "eog_ids", None) or {tok.eos_id}
         seed = self._resolve_seed(req.sampling)
         sampler = Sampler(req.sampling.replace(seed=seed), tokenizer=tok, n_vocab=self.n_vocab, n_ctx=self.n_ctx)
+        kept, self._grammar_kept = self._grammar_kept, None
+        if req.grammar_retain_state and kept is not None and kept[0] == req.sampling.grammar:
+            sampler.restore((sampler.mu, kept[1]))
         decoder = IncrementalDecoder(tok, special=req.render_special)
         stops = StopStringMatcher(job.stop, trim=req.trim_stop)
         stop_ids = self._stop_tokens(job.stop)
@@ -529,7 +533,7 @@ class Engine:
                 before = sampler.snapshot() if bans is not None else None
                 tid = int(sampler.sample(logits, history, ban=tuple(banned_at.get(n_out, ()))))
                 entry = self._logprob_entry(lp, sampler, tid, req.n_probs) if want_lp else None
-                if tid in eog:                     # EOS, or an end-of-turn token such as <|im_end|> / <|eot_id|>
+                if tid in eog and not req.bypass_eos:   # EOS, or an end-of-turn token (<|im_end|>, <|eot_id|>)
                     eos_entry = entry
                     render_eos = tid if req.render_special else None   # KoboldCpp prints it too when asked to
                     finish = FinishReason.EOS
@@ -590,6 +594,8 @@ class Engine:
         if eos_entry is not None and finish is FinishReason.EOS:
             out.entries.append(eos_entry)
         n_gen = len(history) - len(tokens)
+        if sampler.grammar is not None:         # for a next request with grammar_retain_state
+            self._grammar_kept = (req.sampling.grammar, sampler.snapshot()[1])
         with self._cond:
             self._perf.update(last_process=t1 - t0, last_eval=t2 - t1, last_token_count=n_gen, last_seed=seed,
                               total_gens=self._perf["total_gens"] + 1, stop_reason=STOP_REASON_CODES[finish],

@@ -83,6 +83,10 @@ class GenerationRequest:
     echo: bool = False
     n_probs: int = 0                       # return the top-n token probabilities with each token
     post_sampling_probs: bool = False      # ... of the sampler's final candidates (KoboldCpp), not the raw model
+    bypass_eos: bool = False               # KoboldCpp: the end token is never banned and ends nothing (it is
+                                           # kept, printed only with render_special, and generation goes on)
+    grammar_retain_state: bool = False     # KoboldCpp: the same grammar as the last generation's goes on from
+                                           # where that one left it instead of from its start
     genkey: Optional[str] = None           # KoboldCpp multiuser key: abort/check address this request
     request_id: Optional[str] = None
 

@@ -251,6 +251,8 @@ def test_render_special_and_a_control_token_as_stop_sequence(client, demo_engine
     r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 3, "logit_bias": {str(bos): 100},
                                              "skip_special_tokens": False}).json()
     assert r["choices"][0]["text"] == piece * 3
+
+
 def test_real_model_answers_and_stops_on_its_text(real_app):
     """KoboldCpp clients send the prompt as written: the real model's greedy answer, and a stop string cut from
     its own text (the file's template written out by the client, special tokens and all)."""
@@ -265,3 +267,42 @@ def test_real_model_answers_and_stops_on_its_text(real_app):
     i, stop = pick_stop(text)
     r = c.post("/api/v1/generate", json=dict(base, stop_sequence=[stop], trim_stop=True)).json()
     assert r["results"][0]["text"] == text[:i]
+
+
+def test_bypass_eos_keeps_generating_past_the_end_token(client, demo_engine):
+    # KoboldCpp 1.76 (gpttype_adapter.cpp): with bypass_eos the end token is not banned, even with
+    # use_default_badwordsids, and sampling it ends nothing; it prints only with render_special (KoboldAI Lite's
+    # "Bypass EOS" mode sends it).
+    eos = demo_engine.tokenizer.eos_id
+    piece = demo_engine.tokenizer.token_bytes(eos, special=True).decode()
+    body = {"prompt": "x", "max_length": 3, "logit_bias": {str(eos): 100}}
+    assert client.post("/api/v1/generate", json=body).json() == {"results": [{"text": "", "finish_reason": "stop"}]}
+    for ban in (False, True):
+        r = client.post("/api/v1/generate", json=dict(body, bypass_eos=True, use_default_badwordsids=ban)).json()
+        assert r == {"results": [{"text": "", "finish_reason": "length"}]}
+        r = client.post("/api/v1/generate", json=dict(body, bypass_eos=True, use_default_badwordsids=ban,
+                                                       render_special=True)).json()
+        assert piece and r["results"][0]["text"] == piece * 3
+    banned = client.post("/api/v1/generate", json=dict(body, use_default_badwordsids=True)).json()["results"][0]
+    assert banned["finish_reason"] == "length" and piece not in banned["text"]
+
+
+def test_grammar_retain_state_goes_on_where_the_last_generation_stopped(client):
+    # KoboldCpp 1.76 (gpttype_adapter.cpp gpttype_generate): with grammar_retain_state and the same grammar as the
+    # last generation, the grammar is not reloaded, so a continuation goes on inside the structure
+    target = "xyzzy plugh xyzzy"
+    body = {"prompt": "Say it:", "max_length": 2, "grammar": f'root ::= "{target}"', "temperature": 0.0}
+    first = client.post("/api/v1/generate", json=body).json()["results"][0]
+    assert first["finish_reason"] == "length" and target.startswith(first["text"]) and first["text"] != target
+    assert client.post("/api/v1/generate", json=body).json()["results"][0]["text"] == first["text"]   # reloaded
+    client.post("/api/v1/generate", json={"prompt": "Say it:", "max_length": 2})       # no grammar: nothing kept
+    assert client.post("/api/v1/generate", json=dict(body, grammar_retain_state=True)).json()[
+        "results"][0]["text"] == first["text"]
+    got, finish = first["text"], "length"
+    for _ in range(len(target)):
+        if finish != "length":
+            break
+        r = client.post("/api/v1/generate", json=dict(body, prompt="Say it:" + got,
+                                                       grammar_retain_state=True)).json()["results"][0]
+        got, finish = got + r["text"], r["finish_reason"]
+    assert got == target and finish == "stop"

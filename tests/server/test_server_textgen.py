@@ -179,6 +179,9 @@ def test_websocket_exact_messages_and_errors_keep_the_socket():
         ws.send_text('{"prompt": "x", "max_new_tokens": "ten"}')
         assert "max_new_tokens" in ws.receive_json()["message"]
         assert ws.receive_json()["event"] == "stream_end"
+        ws.send_text(json.dumps({"prompt": "x", "dry_sequence_breakers": ["x"] * 10_000}))
+        assert "dry_sequence_breakers" in ws.receive_json()["message"]
+        assert ws.receive_json()["event"] == "stream_end"
         ws.send_text('{"prompt": "x", "max_new_tokens": 2}')         # the same socket still serves
         assert ws.receive_json()["text"] == "a"
 
