@@ -22,7 +22,7 @@ import bisect
 import re
 from functools import lru_cache
 from importlib import resources
-from itertools import accumulate, islice
+from itertools import accumulate
 from typing import Optional
 
 NUMBER, LETTER, SEPARATOR, MARK, PUNCTUATION, SYMBOL, CONTROL, UNDEFINED = 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80, 0x01
@@ -242,15 +242,23 @@ class PreTokenizer:
             work = views.get(collapsed)
             if work is None:
                 work = views[collapsed] = text if ascii_text else text.translate(_COLLAPSE if collapsed else _WIDE)
+            # Words repeat: each distinct piece is split once per step, later ones reuse its cut points (an
+            # expression sees only the piece, so equal pieces split alike).
             split = pattern.split
+            cuts_of: dict[str, tuple[int, ...]] = {}
             new: list[int] = []
-            extend, append = new.extend, new.append
+            append = new.append
             s = 0
             for e in ends:
                 if e - s > 1:                  # a piece of one character stays one piece
-                    extend(islice(accumulate(map(len, filter(None, split(work[s:e]))), initial=s), 1, None))
-                else:
-                    append(e)
+                    piece = work[s:e]
+                    cuts = cuts_of.get(piece)
+                    if cuts is None:
+                        lengths = [len(w) for w in split(piece) if w]
+                        cuts = cuts_of[piece] = tuple(accumulate(lengths[:-1]))
+                    for c in cuts:
+                        append(s + c)
+                append(e)
                 s = e
             ends = new
         return [text[a:b] for a, b in zip([0, *ends], ends)]
