@@ -1,9 +1,13 @@
-"""Speed of the tokenizer and the sampler chain on the real LLaMA vocabulary (`python bench/tokenizer_sampling.py`).
+"""Speed of the tokenizers and the sampler chain (`python bench/tokenizer_sampling.py`).
 
-Prints tokenizer throughput on ~10 MB of ordinary text (English docs repeated), on space-less text (the compiled
-merge loop), and the per-token cost of the sampler over 32000 logits: default KoboldCpp chain, greedy, mirostat 2,
-a JSON grammar, and the full chain (every filter plus DRY over the whole 1-2k-token context with SillyTavern's
-sequence breakers, XTC, smoothing, top-nσ). Each sampler line also prints its ratio to a 7B token measured in the
+Prints tokenizer throughput on ~10 MB of ordinary text (English docs repeated) and on space-less text (the compiled
+merge loop) for the real LLaMA SentencePiece vocabulary and, on the same texts in the same run, for llama.cpp's
+byte-level BPE test vocabularies (GPT-2: one pre-tokenizer expression; DeepSeek LLM: six), with each BPE time as a
+ratio to the SentencePiece one; with the `regex` package installed, also what splitting by the GPT-2 expression with
+its own \\p{L}/\\p{N} costs next to ours (llama.cpp's category stand-ins, stdlib re). Then the per-token cost
+of the sampler over 32000 logits: default KoboldCpp chain, greedy, mirostat 2, a JSON grammar, and the full chain
+(every filter plus DRY over the whole 1-2k-token context with SillyTavern's sequence breakers, XTC, smoothing,
+top-nσ). Each sampler line also prints its ratio to a 7B token measured in the
 same run: the mat-vecs of one q4_0 7B layer (n_embd 4096, n_ff 11008) timed and counted 32 times, plus the 32000 x
 4096 output matrix (bench/run.py's decode token; norms and attention, a few %, left out). `--no-7b` skips it,
 `--no-tokenizer` skips the tokenizer lines. Both are also timed in process CPU time (the 7B token's divided by the
@@ -70,6 +74,37 @@ def seven_b_token_seconds(n_tok: int = 9) -> tuple[float, float]:
             32 * float(np.median(clayer)) + float(np.median(cout)))
 
 
+def encode_speeds(name: str, tok, big: str, spaceless: dict) -> dict:
+    """Seconds to encode the docs text (word cache cold, then warm) and the space-less texts."""
+    out = {}
+    ids, out["docs cold"] = timed(tok.encode, big)
+    ids, out["docs warm"] = timed(tok.encode, big)
+    print(f"{name}: encode 10 MB of docs text: {out['docs cold']:.2f} s cold, {out['docs warm']:.2f} s warm, "
+          f"{len(ids)} tokens, {len(ids) / out['docs warm']:,.0f} tok/s")
+    tok.encode("a" * 3000)                                   # compile / load the cached Numba merge loop
+    for n, s in spaceless.items():
+        key = f"{n // 1_000_000} MB no spaces"
+        ids, out[key] = timed(tok.encode, s)
+        print(f"{name}: encode {n / 1e6:g} MB without spaces: {out[key]:.2f} s, {len(ids)} tokens")
+    return out
+
+
+def regex_comparison(big: str) -> None:
+    """Seconds to split the docs text by the GPT-2 pre-tokenizer expression: ours (stdlib re over llama.cpp's
+    category stand-ins) and, if installed, the `regex` package's \\p{L}/\\p{N} (its own Unicode version)."""
+    from airobackend.pretokenize import pre_tokenizer
+    words, dt = timed(pre_tokenizer("gpt2").split, big)
+    line = f"pre-tokenize 10 MB by the GPT-2 expression: ours {dt:.2f} s ({len(words)} words)"
+    try:
+        import regex
+    except ImportError:
+        print(line + "; `regex` not installed")
+        return
+    pat = regex.compile(r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+")
+    theirs, dt2 = timed(pat.findall, big)
+    print(line + f", `regex` {dt2:.2f} s ({len(theirs)} words): ours / regex {dt / dt2:.2f}")
+
+
 def main() -> int:
     vocab = FIX / "vocab" / "ggml-vocab-llama-spm.gguf"
     if not vocab.exists():
@@ -86,15 +121,15 @@ def main() -> int:
 def bench_tokenizer(tok: Tokenizer) -> None:
     docs = "".join(p.read_text() for p in sorted((REPO.parent / "shared" / "docs").glob("*.md"))) or "Hello world. " * 1000
     big = (docs * (10_000_000 // len(docs) + 1))[:10_000_000]
-    ids, dt = timed(tok.encode, big)
-    print(f"encode 10 MB of docs text: {dt:.2f} s, {len(ids)} tokens, {len(ids) / dt:,.0f} tok/s")
-    tok._cache.clear()
-    tok.encode("a" * 3000)                                   # compile / load the cached Numba merge loop
     rng = random.Random(0)
-    for n in (1_000_000, 10_000_000):
-        s = "".join(rng.choice("abcdefghij") for _ in range(n))
-        ids, dt = timed(tok.encode, s)
-        print(f"encode {n / 1e6:g} MB without spaces: {dt:.2f} s, {len(ids)} tokens, {len(ids) / dt:,.0f} tok/s")
+    spaceless = {n: "".join(rng.choice("abcdefghij") for _ in range(n)) for n in (1_000_000, 10_000_000)}
+    base = encode_speeds("SentencePiece (llama-spm)", tok, big, spaceless)
+    for name in ("gpt-2", "deepseek-llm"):
+        bpe, dt = timed(Tokenizer.from_file, str(FIX / "vocab" / f"ggml-vocab-{name}.gguf"))
+        print(f"load vocabulary {name}: {dt:.2f} s")
+        times = encode_speeds(f"byte-level BPE ({name})", bpe, big, spaceless)
+        print("  time / SentencePiece's: " + ", ".join(f"{k} {t / base[k]:.2f}" for k, t in times.items()))
+    regex_comparison(big)
 
 
 def sample_costs(tok: Tokenizer) -> None:
