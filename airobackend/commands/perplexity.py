@@ -22,7 +22,8 @@ MODEL_OPTIONS = tuple(o for o in OPTIONS if o.group == "model" and o.dest not in
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-f", "--file", required=True, metavar="TEXT", help="the text file to score (UTF-8)")
+    parser.add_argument("-f", "--file", required=True, metavar="TEXT",
+                        help="the text file to score (UTF-8; other bytes are tokenized as llama.cpp does)")
     parser.add_argument("-c", "--ctx-size", dest="ctx", type=int, default=512, metavar="N",
                         help="tokens per chunk; the second half of each chunk is scored")
     parser.add_argument("-b", "--batch-size", dest="batch", type=int, default=2048, metavar="N",
@@ -40,8 +41,11 @@ def main(args: argparse.Namespace) -> int:
             print(msg, file=sys.stderr, flush=True)
 
     n_ctx, n_batch = args.ctx, args.batch
-    if n_ctx <= 0:
-        print("airobackend perplexity: error: --ctx-size must be > 0", file=sys.stderr)
+    if n_ctx <= 0 or n_batch <= 0:
+        print("airobackend perplexity: error: --ctx-size and --batch-size must be > 0", file=sys.stderr)
+        return 1
+    if args.chunks == 0 or args.chunks < -1:
+        print(f"airobackend perplexity: error: --chunks {args.chunks}: give -1 (all) or at least 1", file=sys.stderr)
         return 1
     if not (n_batch < n_ctx or n_batch % n_ctx == 0):
         print(f"airobackend perplexity: error: --batch-size {n_batch} must be below --ctx-size {n_ctx} or a "
@@ -51,7 +55,7 @@ def main(args: argparse.Namespace) -> int:
         print("airobackend perplexity: error: give the model file with -m FILE", file=sys.stderr)
         return 1
     try:
-        with open(args.file, encoding="utf-8") as f:
+        with open(args.file, "rb") as f:       # bytes, as llama.cpp reads them: invalid UTF-8 is the tokenizer's
             text = f.read()
         from airobackend.llama import Llama
         from airobackend.perplexity import chunk_count, perplexity
