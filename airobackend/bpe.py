@@ -117,8 +117,10 @@ class BPETokenizer(Vocabulary):
                    add_space_prefix=bool(flag("add_space_prefix")), special_ids=specials)
 
     def warmup(self) -> None:
-        """Build the pre-tokenizer's expressions and tables now (at load), so that no request waits for them."""
+        """Build the pre-tokenizer's expressions and tables, the merge tables and the compiled merge loop of long
+        words (or load it from Numba's cache) now, at load, so that no request waits for them."""
         self.encode("Warm up: 123, ünïcödé\n", add_bos=False)
+        self._merge_fast(b"x" * (_NUMBA_MIN + 1))
 
     # ---------------------------------------------------------------- encode
     def encode(self, text: str | bytes, add_bos: bool = True, special: bool = False) -> list[int]:
