@@ -219,9 +219,6 @@ def _compile(source: str) -> Any:
     return env.from_string(source)
 
 
-_NEEDLE = {"argument_needle": "x7q"}
-
-
 @dataclass(frozen=True)
 class JinjaTemplate:
     """A model file's own chat template (GGUF tokenizer.chat_template), rendered with Jinja2 in a sandbox.
@@ -232,7 +229,9 @@ class JinjaTemplate:
     BOS text is cut when the tokenizer adds BOS itself (`add_bos`, the vocabulary's flag), a trailing EOS text when it
     adds EOS, so neither comes twice (llama.cpp c392e50 cuts them whatever the vocabulary adds; SmolLM2's BOS is
     <|im_start|>, and its prompt would lose the first one).
-    The model's end-of-generation tokens end its turn, so there are no stop strings.
+    What the template cannot show (tools, tool calls, tool results, system turns: `TemplateCaps`) is written into
+    the messages as text first, as llama.cpp does. The model's end-of-generation tokens end its turn, so there are
+    no stop strings.
     """
 
     source: str
@@ -249,19 +248,13 @@ class JinjaTemplate:
                tools: Optional[Sequence[Mapping[str, Any]]] = None, **extra: Any) -> str:
         """Render the conversation (and `tools`, OpenAI function definitions); RequestError naming the template
         when it cannot be rendered (its own raise_exception included)."""
-        msgs = _jinja_messages(messages)
-        if self._object_arguments():
-            msgs = [_arguments_as_objects(m) for m in msgs]
         tools = list(tools) if tools else None
+        caps = self.capabilities()
+        msgs = _polyfill(_jinja_messages(messages), tools, caps)
+        if caps.object_arguments:
+            msgs = [_arguments_as_objects(m) for m in msgs]
         try:
-            try:
-                out = self._render(msgs, add_generation_prompt, tools, extra)
-            except Exception:  # noqa: BLE001
-                if not any("content" in m and m["content"] is None for m in msgs):
-                    raise
-                # a template that cannot take a null content (a turn of tool calls) gets "", as minja does
-                blank = [dict(m, content="") if "content" in m and m["content"] is None else m for m in msgs]
-                out = self._render(blank, add_generation_prompt, tools, extra)
+            out = self._render_lenient(msgs, add_generation_prompt, tools, extra)
         except Exception as e:  # noqa: BLE001 - any failure inside a template is the template's
             raise RequestError(f"the model's chat template ({self.name}) failed to render these messages: "
                                f"{type(e).__name__}: {e}") from None
@@ -277,6 +270,16 @@ class JinjaTemplate:
             messages.insert(0, {"role": "system", "content": system})
         return self.format(messages)
 
+    def _render_lenient(self, msgs: list, add_generation_prompt: bool, tools: Optional[list], extra: dict) -> str:
+        try:
+            return self._render(msgs, add_generation_prompt, tools, extra)
+        except Exception:  # noqa: BLE001
+            if not any("content" in m and m["content"] is None for m in msgs):
+                raise
+            # a template that cannot take a null content (a turn of tool calls) gets "", as minja does
+            blank = [dict(m, content="") if "content" in m and m["content"] is None else m for m in msgs]
+            return self._render(blank, add_generation_prompt, tools, extra)
+
     def _render(self, messages: list, add_generation_prompt: bool, tools: Optional[list], extra: dict) -> str:
         # FireFunction v2 reads the tools as JSON text in `functions` and the date in `datetime` (llama.cpp's
         # handler for it sets both); no other template uses these names for anything else.
@@ -288,25 +291,92 @@ class JinjaTemplate:
             messages=messages, add_generation_prompt=add_generation_prompt, bos_token=self.bos_token,
             eos_token=self.eos_token, **extra)
 
-    def _object_arguments(self) -> bool:
-        """Whether the template prints tool-call arguments only when they are objects (as transformers passes them)
-        rather than OpenAI's JSON strings; probed once, as llama.cpp's minja does."""
-        return _probe_object_arguments(self.source, self.bos_token, self.eos_token)
+    def capabilities(self) -> "TemplateCaps":
+        """What the template shows of system turns, tools, tool calls and tool results (probed once per template)."""
+        return _probe_capabilities(self.source, self.bos_token, self.eos_token)
+
+
+@dataclass(frozen=True)
+class TemplateCaps:
+    """What a chat template can show, found by rendering probe conversations and looking for their needles, as
+    llama.cpp's minja (common/minja/chat-template.hpp at c392e509) finds them; what it cannot show is written as text
+    (`_polyfill`), so no message and no tool definition is silently left out of the prompt."""
+
+    system_role: bool           # a system message's text appears
+    tools: bool                 # the tool definitions appear
+    tool_calls: bool            # an assistant turn's tool calls appear
+    object_arguments: bool      # ... only when their arguments are objects (not OpenAI's JSON strings)
+    tool_responses: bool        # a "tool" message's result appears
+
+
+_NEEDLE = {"argument_needle": "print('Hello, World!')"}
+_PROBE_TOOL = {"type": "function", "function": {
+    "name": "some_tool", "description": "Some tool.",
+    "parameters": {"type": "object", "properties": {"arg": {"type": "string", "description": "Some argument."}},
+                   "required": ["arg"]}}}
 
 
 @lru_cache(maxsize=16)
-def _probe_object_arguments(source: str, bos: str, eos: str) -> bool:
+def _probe_capabilities(source: str, bos: str, eos: str) -> TemplateCaps:
     t = JinjaTemplate(source, bos, eos)
 
-    def shows_needle(arguments: Any) -> bool:
-        call = {"id": "call_x7q123", "type": "function", "function": {"name": "probe", "arguments": arguments}}
-        msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+    def render(messages: list, tools: Optional[list] = None) -> str:
         try:
-            out = t._render(msgs, False, None, {})
-        except Exception:  # noqa: BLE001 - a template that fails on this form does not take it
-            return False
-        return '"argument_needle"' in out or "'argument_needle'" in out
-    return not shows_needle(json.dumps(_NEEDLE)) and shows_needle(dict(_NEEDLE))
+            return t._render_lenient(messages, False, tools, {})
+        except Exception:  # noqa: BLE001 - a template that fails on a form does not take it
+            return ""
+
+    user = {"role": "user", "content": "<User Needle>"}
+
+    def calls(name: str, arguments: Any) -> dict:
+        return {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_911_", "type": "function", "function": {"name": name, "arguments": arguments}}]}
+
+    def shows_arguments(arguments: Any) -> bool:
+        out = render([user, calls("ipython", arguments=arguments)])
+        return '"argument_needle":' in out or "'argument_needle':" in out
+
+    as_text, as_object = shows_arguments(json.dumps(_NEEDLE)), shows_arguments(dict(_NEEDLE))
+    object_arguments = as_object and not as_text
+    responses = (as_text or as_object) and "Some response!" in render([
+        user, calls("test_tool1", arguments=dict(_NEEDLE) if object_arguments else json.dumps(_NEEDLE)),
+        {"role": "tool", "name": "test_tool1", "content": "Some response!", "tool_call_id": "call_911_"}])
+    return TemplateCaps(
+        system_role="<System Needle>" in render([{"role": "system", "content": "<System Needle>"}, user]),
+        tools="some_tool" in render([user], [_PROBE_TOOL]), tool_calls=as_text or as_object,
+        object_arguments=object_arguments, tool_responses=responses)
+
+
+def _polyfill(msgs: list[dict], tools: Optional[list], caps: TemplateCaps) -> list[dict]:
+    """The messages with what the template cannot show written as text (minja's polyfills): the tools as JSON in the
+    system message, tool calls and results as JSON turns (airobackend.tools.polyfill_messages), and system text put
+    at the head of the next user turn."""
+    calls = not caps.tool_calls and any(m.get("tool_calls") for m in msgs)
+    responses = not caps.tool_responses and any(m.get("role") == "tool" for m in msgs)
+    listed = bool(tools) and not caps.tools
+    if listed or calls or responses:
+        msgs = polyfill_messages(msgs, tools if listed else None, calls=calls, responses=responses)
+    if caps.system_role or not any(m.get("role") == "system" for m in msgs):
+        return msgs
+    out: list[dict] = []
+    pending = ""
+    for m in msgs:
+        content = m.get("content")
+        if content is None:
+            out.append(m)
+        elif m.get("role") == "system":
+            pending = f"{pending}\n{content}" if pending else content
+        elif m.get("role") == "user":
+            out.append(dict(m, content=f"{pending}\n{content}" if pending and content else pending or content))
+            pending = ""
+        else:
+            if pending:
+                out.append({"role": "user", "content": pending})
+                pending = ""
+            out.append(m)
+    if pending:
+        out.append({"role": "user", "content": pending})
+    return out
 
 
 def _jinja_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict]:

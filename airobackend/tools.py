@@ -166,9 +166,10 @@ def has_tool_messages(messages: Sequence[Mapping[str, Any]]) -> bool:
 
 
 def polyfill_messages(messages: Sequence[Mapping[str, Any]], tools: Optional[Sequence[dict]] = None,
-                      default_system: str = "") -> list[dict]:
+                      default_system: str = "", *, calls: bool = True, responses: bool = True) -> list[dict]:
     """Messages for a template without tool syntax (minja's polyfills): the tools listed in the system message,
-    assistant tool calls and tool results written as JSON text in user/assistant turns."""
+    assistant tool calls and tool results written as JSON text in user/assistant turns. `calls` / `responses`
+    False leave the tool calls / tool results to a template that shows them itself."""
     out = [dict(m) if isinstance(m, Mapping) else m for m in messages]
     if tools:
         out = add_system(out, TOOLS_PREAMBLE + json.dumps(list(tools), indent=2, ensure_ascii=False),
@@ -179,7 +180,7 @@ def polyfill_messages(messages: Sequence[Mapping[str, Any]], tools: Optional[Seq
             result.append(m)
             continue
         role = m.get("role")
-        if m.get("tool_calls"):
+        if calls and m.get("tool_calls"):
             calls = []
             for tc in m["tool_calls"]:
                 fn = tc.get("function") or {}
@@ -197,7 +198,7 @@ def polyfill_messages(messages: Sequence[Mapping[str, Any]], tools: Optional[Seq
             if _text(m.get("content")):
                 obj["content"] = _text(m.get("content"))
             m = {"role": role, "content": json.dumps(obj, indent=2, ensure_ascii=False)}
-        elif role == "tool":
+        elif responses and role == "tool":
             resp: dict[str, Any] = {"content": _text(m.get("content"))}
             if m.get("name"):
                 resp["name"] = m["name"]

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from airobackend.chat import JinjaTemplate, choose_template, file_template
+from airobackend.chat import JinjaTemplate, file_template
 from airobackend.errors import RequestError
+from airobackend.tools import TOOLS_PREAMBLE
 
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city",
@@ -33,32 +34,56 @@ def _templates(fixtures_dir: Path) -> list[Path]:
     return found
 
 
-# Gemma 2's template allows neither a system turn nor anything but user/model turns alternating (its own
-# raise_exception says so): it gets that conversation, with the tools (which it does not show).
-NO_TOOL_TURNS = {"google-gemma-2-2b-it.jinja"}
-ALTERNATING = [{"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "content": "18 C, sunny"},
-               {"role": "user", "content": "And tomorrow?"}]
-
-
 def test_every_real_template_renders(fixtures_dir: Path) -> None:
+    """Every template shows the whole conversation: the tools, the tool call, its result and the turns around them,
+    in its own syntax or, where it has none (Gemma 2, Phi-3.5, the DeepSeek R1 distills), written as text."""
     for path in _templates(fixtures_dir):
         t = JinjaTemplate(path.read_text(), bos_token="<s>", eos_token="</s>")
-        if path.name in NO_TOOL_TURNS:
-            with pytest.raises(RequestError, match="System role not supported"):
-                t.format(CONVERSATION, tools=TOOLS)
-            out = t.format(ALTERNATING, tools=TOOLS)
-            assert "18 C, sunny" in out and out.endswith("model\n")
-            continue
         with_prompt = t.format(CONVERSATION, add_generation_prompt=True, tools=TOOLS)
         without = t.format(CONVERSATION, add_generation_prompt=False, tools=TOOLS)
         plain = t.format([{"role": "user", "content": "Hello there"}])
-        assert "tomorrow?" in with_prompt and "Paris" in with_prompt and "Hello there" in plain, path.name
-        if "tool" in path.read_text():                            # (Phi-3.5 knows no tool turns and skips them)
-            assert "18 C, sunny" in with_prompt, path.name
+        assert "tomorrow?" in with_prompt and "Hello there" in plain, path.name
+        for shown in ("get_weather", "Paris", "18 C, sunny", "You are terse."):
+            assert shown in with_prompt, (path.name, shown)
         if "add_generation_prompt" in path.read_text():           # (three always open the assistant's turn)
             assert len(with_prompt) > len(without), path.name
-        if "get_weather" not in with_prompt:                      # templates with no place for tool definitions
-            assert "tools" not in path.read_text(), path.name
+
+
+# ChatML as SmolLM2's file has it, without its default system turn: no syntax for tools.
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def _turns(prompt: str) -> list[tuple[str, str]]:
+    return [tuple(t.split("<|im_end|>")[0].split("\n", 1)) for t in prompt.split("<|im_start|>")[1:]]
+
+
+def test_what_the_template_cannot_show_is_written_as_text(fixtures_dir: Path) -> None:
+    """llama.cpp's polyfills (minja): tools listed as JSON in the system turn, the tool call as JSON in the assistant
+    turn, the result as JSON in a user turn; a template with tool syntax shows them its own way."""
+    t = JinjaTemplate(CHATML)
+    caps = t.capabilities()
+    assert caps.system_role and not (caps.tools or caps.tool_calls or caps.tool_responses)
+    turns = _turns(t.format(CONVERSATION, tools=TOOLS))
+    assert [r for r, _ in turns] == ["system", "user", "assistant", "user", "assistant", "user", "assistant"]
+    assert turns[0][1] == "You are terse.\n\n" + TOOLS_PREAMBLE + json.dumps(TOOLS, indent=2, ensure_ascii=False)
+    assert json.loads(turns[2][1]) == {"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"},
+                                                       "id": "call12345"}]}
+    assert json.loads(turns[3][1]) == {"tool_response": {"content": "18 C, sunny", "name": "get_weather",
+                                                         "tool_call_id": "call12345"}}
+    assert turns[4][1] == "18 C and sunny." and turns[5][1] == "And tomorrow?"
+    # no tools, no tool turns: the template's own rendering, untouched
+    plain = [{"role": "user", "content": "Hi"}]
+    assert t.format(plain) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert _turns(t.format(plain, tools=TOOLS))[0] == ("system", TOOLS_PREAMBLE + json.dumps(TOOLS, indent=2))
+    # Llama 3.1 has its own syntax for all of it
+    llama = JinjaTemplate((fixtures_dir / "templates" / "meta-llama-Llama-3.1-8B-Instruct.jinja").read_text())
+    out = llama.format(CONVERSATION, tools=TOOLS)
+    assert TOOLS_PREAMBLE not in out and "tool_response" not in out and "<|start_header_id|>ipython" in out
+    # Gemma 2 has no system turn: its text opens the first user turn
+    gemma = JinjaTemplate((fixtures_dir / "templates" / "google-gemma-2-2b-it.jinja").read_text())
+    assert "<start_of_turn>user\nBe brief.\nHi<end_of_turn>" in gemma.format(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
 
 
 def test_tool_call_arguments_as_the_template_wants(fixtures_dir: Path) -> None:
@@ -82,11 +107,11 @@ def test_bos_text_is_left_to_the_tokenizer(fixtures_dir: Path) -> None:
 
 
 def test_failures_name_the_template() -> None:
-    strict = JinjaTemplate("{% if messages[0].role != 'user' %}{{ raise_exception('first must be user') }}"
+    strict = JinjaTemplate("{% if messages[-1].role != 'user' %}{{ raise_exception('last must be user') }}"
                            "{% endif %}{% for m in messages %}{{ m.content }}{% endfor %}")
     assert strict.format([{"role": "user", "content": "ok"}]) == "ok"
-    with pytest.raises(RequestError, match=r"chat template \(gguf\).*first must be user"):
-        strict.format([{"role": "system", "content": "no"}])
+    with pytest.raises(RequestError, match=r"chat template \(gguf\).*last must be user"):
+        strict.format([{"role": "user", "content": "ok"}, {"role": "assistant", "content": "no"}])
     with pytest.raises(RequestError, match="chat template"):
         JinjaTemplate("{% for m in messages %}{{ m.content ").format([{"role": "user", "content": "x"}])
     with pytest.raises(RequestError, match="chat template"):       # the sandbox refuses unsafe attribute access

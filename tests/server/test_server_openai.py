@@ -236,3 +236,32 @@ def test_real_model_chat_through_its_own_template(real_app, real_engine):
         i, stop = pick_stop(text)
         stopped = client.completions.create(**base, stop=[stop]).choices[0]
         assert stopped.text == text[:i] and stopped.finish_reason == "stop"
+
+
+def test_real_model_calls_a_tool_its_template_cannot_describe(real_app, real_engine):
+    """SmolLM2's ChatML template has no tool syntax: the tools, the model's call and the tool's result reach it as
+    JSON text in its turns (llama.cpp's polyfills), and its call takes the city from the question."""
+    from airobackend.tools import TOOLS_PREAMBLE
+    weather = {"type": "function", "function": {
+        "name": "get_weather", "description": "Current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    question = [{"role": "user", "content": "What is the weather in Paris?"}]
+    prompt = real_engine.format_chat(question, tools=[weather])
+    assert prompt.startswith("<|im_start|>system\n" + TOOLS_PREAMBLE) and '"name": "get_weather"' in prompt
+    with live(real_app) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x")
+        out = client.chat.completions.create(model="x", messages=question, tools=[weather], tool_choice="required",
+                                             max_tokens=60, temperature=0)
+        (call,) = out.choices[0].message.tool_calls
+        assert call.function.name == "get_weather" and "Paris" in json.loads(call.function.arguments)["city"]
+        history = question + [out.choices[0].message.model_dump(exclude_none=True),
+                              {"role": "tool", "tool_call_id": call.id, "content": "18 C, sunny"}]
+        again = client.chat.completions.create(model="x", messages=history, tools=[weather], tool_choice="none",
+                                               max_tokens=8, temperature=0)
+        prompt = real_engine.format_chat(history, tools=[weather])
+        assert again.usage.prompt_tokens == len(real_engine.tokenize(prompt))
+        turns = prompt.split("<|im_start|>")
+        assert json.loads(turns[-3].split("\n", 1)[1].split("<|im_end|>")[0])["tool_calls"][0]["arguments"] == \
+            json.loads(call.function.arguments)
+        assert json.loads(turns[-2].split("\n", 1)[1].split("<|im_end|>")[0]) == \
+            {"tool_response": {"content": "18 C, sunny", "tool_call_id": call.id}}
