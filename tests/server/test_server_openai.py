@@ -265,3 +265,21 @@ def test_real_model_calls_a_tool_its_template_cannot_describe(real_app, real_eng
             json.loads(call.function.arguments)
         assert json.loads(turns[-2].split("\n", 1)[1].split("<|im_end|>")[0]) == \
             {"tool_response": {"content": "18 C, sunny", "tool_call_id": call.id}}
+
+
+def test_a_template_that_fails_is_a_400_naming_it():
+    """A file's template that refuses the conversation (its own raise_exception, as Mistral's and LLaMA-2's do for
+    turns that do not alternate) is the request's error, a 400 that names the template; the server keeps serving."""
+    from airobackend.chat import JinjaTemplate
+    engine, _ = scripted_engine("fine")
+    engine._template = JinjaTemplate(
+        "{% for m in messages %}{% if (m.role == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+        "[{{ m.role }}]{{ m.content }}{% endfor %}")
+    c = TestClient(make_app(engine))
+    twice = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    r = c.post("/v1/chat/completions", json={"messages": twice, "max_tokens": 4})
+    assert r.status_code == 400, r.text
+    assert "chat template (gguf)" in r.json()["error"]["message"] and "must alternate" in r.json()["error"]["message"]
+    r = c.post("/v1/chat/completions", json={"messages": twice[:1], "max_tokens": 4})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "fine"
