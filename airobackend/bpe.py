@@ -29,6 +29,7 @@ from airobackend.tokenizer import (CONTROL, NORMAL, UNKNOWN, USER_DEFINED, Vocab
 log = logging.getLogger("airobackend.bpe")
 
 _CACHE_MAX = 1 << 17
+_SPECIAL_HEAD = 4                 # special tokens are looked for in the text only where their first 4 characters are
 _NUMBA_MIN = 48                   # longer words are merged by the compiled loop (O(n log n) instead of O(n^2))
 
 
@@ -146,8 +147,17 @@ class BPETokenizer(Vocabulary):
         if not text:
             return []
         taken: list[tuple[int, int, int]] = []        # (start, end, id), sorted by start
+        # Vocabularies list thousands of such tokens (DeepSeek's 2385 "[PAD100015]"...): one search per distinct
+        # first few characters rules most of them out, instead of one search of the whole text per token.
+        heads: dict[str, bool] = {}
         for t, tid, user in self._special_str:
-            if not (special or user) or t not in text:
+            if not (special or user):
+                continue
+            head = t[:_SPECIAL_HEAD]
+            present = heads.get(head)
+            if present is None:
+                present = heads[head] = head in text
+            if not present or t not in text:
                 continue
             at = text.find(t)
             while at >= 0:
