@@ -17,7 +17,10 @@ What happens per request (engine.md sections 5.3, 6; protocols.md sections 2.3-2
   * phrase bans (KoboldCpp 1.76 anti-slop): tokens that could begin a banned phrase are held back too; when the
     output contains one, generation rewinds to the token where it begins (the cache is cut back there, the logits it
     was drawn from are kept), bans that token at that place and samples again;
-  * abort: a flag checked before every sampled token and every prompt batch, so a generation ends within one token.
+  * abort: a flag checked before every sampled token and every prompt batch, so a generation ends within one token;
+  * speculative decoding (airobackend.speculative), when the Llama has a drafter: the sampled token and the drafted
+    ones are evaluated in one batched pass, the next tokens are drawn from those logits as usual, and the cache is cut
+    back at the first drafted token that was not drawn.
 """
 from __future__ import annotations
 
@@ -157,6 +160,11 @@ class Engine:
                      f", on disk in {self.states.disk.root}" if self.states.disk is not None else "")
         self._last_logits: Optional[np.ndarray] = None
         self._grammar_kept: Optional[tuple[str, Any]] = None   # the last generation's grammar and its final state
+        # Speculative decoding: the drafter (airobackend.speculative) and the drafted tokens already evaluated after
+        # the cached ones, each with the logits that follow it (their K/V sit after len(self._cache) in the cache).
+        self.drafter = getattr(llama, "draft_model", None)
+        self._ahead: list[tuple[int, np.ndarray]] = []
+        self.spec_stats = dict(drafted=0, accepted=0, passes=0)     # since load: drafted / accepted tokens, passes
         self._template = None
         now = time.monotonic()
         self._t_start = now
@@ -381,6 +389,7 @@ class Engine:
         n, ids = getattr(self.llama, "n_tokens", None), getattr(self.llama, "input_ids", None)
         if isinstance(n, (int, np.integer)) and ids is not None:
             self._cache = [int(t) for t in ids[:n]]
+        self._ahead = []
         self._last_logits = None
 
     def _sync_out(self) -> None:
@@ -465,8 +474,53 @@ class Engine:
             logits = self._last_logits = np.asarray(out)[-1]
         return logits
 
+    def _next_logits(self, tid: int, job: _Job, budget: int) -> Optional[np.ndarray]:
+        """The logits after `tid`, the token just sampled (None if aborted). `budget`: how many more tokens the
+        request may take after it.
+
+        When `tid` is the next drafted token of the last verifying pass, its logits are already there. Otherwise the
+        drafted rest is cut from the cache and `tid` is evaluated, together with a new draft when there is a drafter:
+        [tid, d1..dk] in one batched pass whose every row of logits is kept for the draws that follow."""
+        if self._ahead and self._ahead[0][0] == tid:
+            row = self._ahead.pop(0)[1]
+            self._cache.append(tid)
+            self.spec_stats["accepted"] += 1
+            self._last_logits = row
+            return row
+        self._drop_ahead()
+        room = min(budget - 1, self.n_ctx - len(self._cache) - 1, self.n_batch - 1)
+        draft = self._draft(self._cache + [tid], room) if self.drafter is not None and room > 0 else []
+        if not draft:
+            return self._eval([tid], job)
+        if job.abort.is_set():
+            return None
+        rows = np.asarray(self.model.eval(np.asarray([tid] + draft, dtype=np.int32), len(self._cache),
+                                          logits_all=True))
+        self._cache.append(tid)
+        self._ahead = list(zip(draft, rows[1:]))
+        self.spec_stats["drafted"] += len(draft)
+        self.spec_stats["passes"] += 1
+        self._last_logits = rows[0]
+        return rows[0]
+
+    def _draft(self, context: list[int], n: int) -> list[int]:
+        """At most `n` drafted token ids to follow `context` (stopping at the first id outside the vocabulary)."""
+        out = []
+        for t in np.asarray(self.drafter(np.asarray(context, dtype=np.intc))).reshape(-1)[:n].tolist():
+            if not 0 <= int(t) < self.n_vocab:
+                break
+            out.append(int(t))
+        return out
+
+    def _drop_ahead(self) -> None:
+        """Forget drafted tokens evaluated past the cached ones: their keys and values leave the cache."""
+        if self._ahead:
+            self._ahead = []
+            self.cache.truncate(len(self._cache))
+
     def _shift(self, n_keep: int) -> bool:
         """Make room for one more token: drop the oldest half after the kept part. False if nothing can go."""
+        self._drop_ahead()
         n_past = len(self._cache)
         n_discard = (n_past - n_keep) // 2
         if n_discard < 1:
@@ -501,6 +555,7 @@ class Engine:
         t0 = time.perf_counter()
 
         # Prompt cache: keep what the cache shares with the prompt, evaluate the rest (at least the last token).
+        self._drop_ahead()
         plan = self._plan(tokens)
         logits = self._fill(plan, tokens, job)
         t1 = time.perf_counter()
@@ -547,6 +602,7 @@ class Engine:
                         (first, (n_out, pos, logits, state, _)), *_ = bans.take_back(j)
                         banned_at.setdefault(n_out, set()).add(first)
                         del history[len(tokens) + n_out:]
+                        self._drop_ahead()
                         del self._cache[pos:]          # the model evaluates from `pos` again
                         self._last_logits = logits
                         sampler.restore(state)
@@ -572,11 +628,13 @@ class Engine:
                         break
                     if bans is not None:
                         self._shift_held(bans, n_past - len(self._cache), job.n_keep)
-                logits = self._eval([tid], job)
+                logits = self._next_logits(tid, job, job.max_tokens - n_sampled if job.max_tokens >= 0
+                                           else self.n_ctx)
                 if logits is None:
                     finish = FinishReason.ABORTED
                     break
         t2 = time.perf_counter()
+        self._drop_ahead()
 
         tail, matched = "", None
         if bans is not None and finish is not FinishReason.STOP:

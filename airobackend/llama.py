@@ -59,6 +59,13 @@ class Llama:
         verbose: log loading details at INFO level (else DEBUG).
         kernels: 'auto' | 'generic' | 'fast' matmul kernels (None = AIRO_KERNELS or 'auto').
         progress_callback: called with the loaded fraction (0..1) while the weights are prepared.
+        draft_model: speculative decoding (airobackend.speculative): the path of a smaller model with the same
+            vocabulary (checked here: ModelFileError if it differs), or a drafter object (`PromptLookup`,
+            `DraftModel`, or llama-cpp-python's `LlamaDraftModel` interface: `drafter(input_ids) -> token ids`).
+        draft_n: the most tokens drafted at a time (for a draft model given by path, and for lookup_ngram).
+        draft_p_min: a draft model given by path stops drafting after a token it gives less than this probability.
+        lookup_ngram: without draft_model, N > 0 drafts by prompt lookup: the tokens that followed the last earlier
+            occurrence of the context's final N tokens.
         **kwargs: other llama-cpp-python arguments (n_gpu_layers, use_mlock, ...) are accepted and ignored.
     """
 
@@ -68,7 +75,8 @@ class Llama:
                  rope_freq_scale: Optional[float] = None, verbose: bool = True, kernels: Optional[str] = None,
                  progress_callback: Optional[Callable[[float], None]] = None, type_k: Any = None,
                  type_v: Any = None, cache_reuse: int = 32, cache_slots: int = 4, prompt_cache_mb: int = 0,
-                 prompt_cache_dir: Optional[str] = None, **kwargs: Any) -> None:
+                 prompt_cache_dir: Optional[str] = None, draft_model: Any = None, draft_n: int = 8,
+                 draft_p_min: float = 0.75, lookup_ngram: int = 0, **kwargs: Any) -> None:
         from airobackend.formats import open_model
         from airobackend.model import LlamaModel
         from airobackend.rope import apply_rope
@@ -99,6 +107,11 @@ class Llama:
             self.model_file.close()
             raise
         self._tokenizer = None
+        try:
+            self.draft_model = self._drafter(draft_model, draft_n, draft_p_min, lookup_ngram, kernels)
+        except BaseException:
+            self.model_file.close()
+            raise
         self.n_tokens = 0
         self.input_ids = np.zeros(self.model.n_ctx, dtype=np.intc)
         self.scores = np.zeros((self.model.n_ctx, self.model.n_vocab), dtype=np.single)
@@ -107,6 +120,25 @@ class Llama:
                 self.model.n_layer, self.model.n_embd, self.model.n_head, self.model.n_head_kv,
                 time.perf_counter() - t0, self.model.n_ctx, self.model.type_k, self.model.type_v,
                 self.model.cache.nbytes / 2**20, self.n_threads)
+
+    def _drafter(self, draft_model: Any, draft_n: int, p_min: float, lookup_ngram: int, kernels: Optional[str]) -> Any:
+        """The drafter for speculative decoding that the arguments ask for, or None."""
+        from airobackend import speculative
+
+        if isinstance(draft_model, (str, os.PathLike)):
+            draft_model = speculative.DraftModel(os.fspath(draft_model), num_pred_tokens=draft_n, p_min=p_min,
+                                                 n_ctx=self.model.n_ctx, n_threads=self.n_threads,
+                                                 n_batch=self.n_batch, kernels=kernels)
+            try:
+                draft_model.check_vocab(self.tokenizer)
+            except BaseException:
+                draft_model.close()
+                raise
+        elif draft_model is None and lookup_ngram and int(lookup_ngram) > 0:
+            draft_model = speculative.PromptLookup(ngram=int(lookup_ngram), num_pred_tokens=draft_n)
+        elif draft_model is not None and hasattr(draft_model, "check_vocab"):
+            draft_model.check_vocab(self.tokenizer)
+        return draft_model
 
     # ---- low-level API ----
 
@@ -167,6 +199,9 @@ class Llama:
         Returns the seconds it took; the context is left empty."""
         seconds = self.model.warmup(report, extra=[("tokenizer kernels", self.tokenizer.warmup)])
         self.reset()
+        warm_draft = getattr(self.draft_model, "warmup", None)
+        if warm_draft is not None:
+            seconds += warm_draft(report)
         return seconds
 
     def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> list[int]:
@@ -410,6 +445,9 @@ class Llama:
         mf = getattr(self, "model_file", None)
         if mf is not None:
             mf.close()
+        close = getattr(getattr(self, "draft_model", None), "close", None)
+        if close is not None:
+            close()
 
     def __enter__(self) -> "Llama":
         return self

@@ -187,7 +187,8 @@ def build_engine(entry: ModelEntry, settings: Settings, progress: ProgressFn) ->
                   n_batch=settings.n_batch, seed=settings.seed, n_gqa=settings.n_gqa,
                   rms_norm_eps=settings.rms_norm_eps, rope_freq_base=settings.rope_freq_base,
                   rope_freq_scale=settings.rope_freq_scale, verbose=False, type_k=settings.cache_type_k,
-                  type_v=settings.cache_type_v)
+                  type_v=settings.cache_type_v, draft_model=settings.draft_model, draft_n=settings.draft,
+                  draft_p_min=settings.draft_p_min, lookup_ngram=settings.lookup_ngram)
     params = inspect.signature(Llama).parameters
     if "progress_callback" in params:
         kwargs["progress_callback"] = lambda f: progress(0.8 + 0.15 * f)

@@ -34,6 +34,11 @@ class Settings:
     prompt_cache_mb: Optional[int] = None  # RAM for them; None = what is free after loading (up to cache_slots
                                            # full contexts), 0 = none
     prompt_cache_dir: Optional[str] = None # KV states on disk: survive restarts and model switches; slot save/restore
+    # speculative decoding (airobackend.speculative)
+    draft_model: Optional[str] = None      # a smaller model of the same vocabulary that drafts tokens
+    draft: int = 8                         # the most tokens drafted at a time (KoboldCpp's --draftamount default)
+    draft_p_min: float = 0.75              # the draft model stops after a token it is less sure of (llama.cpp's)
+    lookup_ngram: int = 0                  # > 0 and no draft model: draft by prompt lookup of the last N tokens
     # server
     host: str = "127.0.0.1"
     port: int = 5001

@@ -136,6 +136,17 @@ OPTIONS: tuple[Opt, ...] = (
     Opt(("--mtest",), "mtest", "memory test: ignored", group="llama.cpp", ignored="not a mode of run"),
     Opt(("--export",), "export", "export the compute graph: ignored", group="llama.cpp",
         ignored="not a mode of run"),
+    Opt(("-md", "--model-draft", "--draft-model", "--draftmodel"), "draft_model",
+        "speculative decoding with this smaller model of the same vocabulary as the draft", str, setting=True,
+        group="model", metavar="FILE"),
+    Opt(("--draft", "--draft-max", "--draftamount"), "draft", f"the most tokens drafted at a time (default {_D.draft})",
+        int, setting=True, group="model", metavar="N"),
+    Opt(("--draft-p-min",), "draft_p_min",
+        f"the draft model stops after a token it gives less than this probability (default {_D.draft_p_min})",
+        float, setting=True, group="model", metavar="P"),
+    Opt(("--lookup-ngram",), "lookup_ngram",
+        "speculative decoding without a draft model: copy what followed the last N tokens earlier in the context "
+        "(0 = off)", int, setting=True, group="model", metavar="N"),
     # prompt and output
     Opt(("-p", "--prompt"), "prompt", "prompt to start generation with (default: empty)", str, group="prompt",
         metavar="TEXT"),
@@ -410,7 +421,9 @@ def main(args: argparse.Namespace) -> int:
                     n_batch=settings.n_batch, seed=settings.seed, n_gqa=settings.n_gqa,
                     rms_norm_eps=settings.rms_norm_eps, rope_freq_base=settings.rope_freq_base,
                     rope_freq_scale=settings.rope_freq_scale, chat_format=settings.template,
-                    type_k=settings.cache_type_k, type_v=settings.cache_type_v, verbose=False)
+                    type_k=settings.cache_type_k, type_v=settings.cache_type_v, verbose=False,
+                    draft_model=settings.draft_model, draft_n=settings.draft, draft_p_min=settings.draft_p_min,
+                    lookup_ngram=settings.lookup_ngram)
         loaded = time.perf_counter() - t0
         warm = llm.warmup(None if settings.quiet else _warmup_report())   # kernels compiled now, not mid-reply
         from airobackend.engine import Engine

@@ -71,6 +71,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--prompt-cache-dir", "--slot-save-path", dest="prompt_cache_dir", metavar="DIR",
                    help="keep KV states on disk: they survive restarts and model switches; also where llama.cpp's "
                         "POST /slots/{id}?action=save|restore read and write (env AIRO_PROMPT_CACHE_DIR)")
+    m.add_argument("--draftmodel", "--draft-model", "--model-draft", "-md", dest="draft_model", metavar="FILE",
+                   help="speculative decoding with this smaller model of the same vocabulary as the draft "
+                        "(env AIRO_DRAFT_MODEL)")
+    m.add_argument("--draftamount", "--draft", "--draft-max", dest="draft", type=int, metavar="N",
+                   help=f"the most tokens drafted at a time (default {d.draft}; env AIRO_DRAFT)")
+    m.add_argument("--draft-p-min", dest="draft_p_min", type=float, metavar="P",
+                   help=f"the draft model stops after a token it gives less than this probability "
+                        f"(default {d.draft_p_min}; env AIRO_DRAFT_P_MIN)")
+    m.add_argument("--lookup-ngram", dest="lookup_ngram", type=int, metavar="N",
+                   help="speculative decoding without a draft model: copy what followed the last N tokens earlier "
+                        "in the context (default 0 = off; env AIRO_LOOKUP_NGRAM)")
     m.add_argument("--allow-disk", action="store_true", default=None,
                    help="load a model larger than free RAM, reading it from disk (slow; env AIRO_ALLOW_DISK)")
     s = parser.add_argument_group("server")
@@ -125,7 +136,8 @@ def settings_from_args(args: argparse.Namespace, environ: Optional[dict] = None)
         disabled = tuple(n.strip() for item in args.disable_adapter for n in item.split(",") if n.strip())
     overrides: dict[str, Any] = dict(
         model=args.model or args.model_pos, model_dir=args.model_dir, n_ctx=args.n_ctx, n_threads=args.n_threads,
-        template=args.template, allow_disk=args.allow_disk, host=args.host,
+        template=args.template, allow_disk=args.allow_disk, host=args.host, draft_model=args.draft_model,
+        draft=args.draft, draft_p_min=args.draft_p_min, lookup_ngram=args.lookup_ngram,
         n_gqa=args.n_gqa, rms_norm_eps=args.rms_norm_eps,
         rope_freq_scale=args.ropeconfig[0] if args.ropeconfig else args.rope_freq_scale,
         rope_freq_base=args.ropeconfig[1] if args.ropeconfig else args.rope_freq_base,

@@ -1,0 +1,180 @@
+"""Speculative decoding (airobackend.speculative + the engine's verifying passes): the output is the plain output.
+
+Drafts come from the model itself, from its other quantization (same weights, same vocabulary), from a different
+model of the same vocabulary (fxgqa: nearly every draft rejected) and from prompt lookup; the target is a quantized
+fixture model, whose batched pass gives the same logits as one-token passes, so greedy and seeded sampled output must
+match plain decoding token for token, through rejections, phrase-ban rewinds, context shifts and prompt-cache reuse.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+from airobackend.errors import ModelFileError
+from airobackend.speculative import DraftModel, PromptLookup, check_vocab
+from airobackend.types import GenerationRequest, SamplingParams
+from tests.conftest import needs_fixtures
+
+pytestmark = needs_fixtures
+
+PROMPT = [1, 450, 439, 860, 289, 798, 113, 285, 114, 123, 432, 398, 567, 975, 278, 425, 125, 124, 437, 106, 49, 438,
+          113, 346]
+TARGET = "fx-q8_0.gguf"
+GREEDY = SamplingParams(temperature=0.0, repetition_penalty=1.0)
+
+
+def _llama(fixtures_dir, n_ctx=256, **kw):
+    from airobackend.llama import Llama
+    models = fixtures_dir / "models"
+    if isinstance(kw.get("draft_model"), str):
+        kw["draft_model"] = str(models / kw["draft_model"])
+    return Llama(str(models / TARGET), n_ctx=n_ctx, n_threads=2, verbose=False, **kw)
+
+
+def _ids(engine, req: GenerationRequest) -> tuple[list[int], str]:
+    ids, reason = [], None
+    for ev in engine.generate(req):
+        ids.extend(ev.token_ids)
+        reason = ev.finish_reason
+    return ids, reason
+
+
+@pytest.fixture(scope="module")
+def plain(fixtures_dir):
+    return _llama(fixtures_dir).engine
+
+
+DRAFTERS = {
+    "itself": dict(draft_model=TARGET, draft_p_min=0.0),
+    "q4_0 twin": dict(draft_model="fx-q4_0.gguf"),
+    "other model": dict(draft_model="fxgqa-q4_0.gguf", draft_n=3),
+    "lookup 1": dict(lookup_ngram=1),
+    "lookup 2": dict(lookup_ngram=2, draft_n=4),
+}
+
+
+@pytest.fixture(scope="module", params=list(DRAFTERS))
+def spec(request, fixtures_dir):
+    return request.param, _llama(fixtures_dir, **DRAFTERS[request.param]).engine
+
+
+def test_greedy_output_is_the_plain_output_token_for_token(plain, spec):
+    name, engine = spec
+    req = GenerationRequest(tokens=PROMPT, max_tokens=64, sampling=GREEDY)
+    before = dict(engine.spec_stats)
+    assert _ids(engine, req) == _ids(plain, req)
+    drafted = engine.spec_stats["drafted"] - before["drafted"]
+    accepted = engine.spec_stats["accepted"] - before["accepted"]
+    assert drafted > 0, f"{name}: nothing was drafted, so nothing was tested"
+    if name == "itself":
+        assert accepted == drafted              # the model agrees with itself on every greedy token
+    if name == "other model":
+        assert accepted < drafted               # the rejection path ran
+
+
+def test_sampled_output_is_the_plain_output_for_each_seed(plain, spec):
+    """Drawing each token from the target's logits and accepting a drafted token only when it is the one drawn is
+    speculative sampling's accept/reject rule for deterministic drafts: the tokens follow the target distribution.
+    With the same seed, the very same tokens come out as without speculation."""
+    name, engine = spec
+    before = dict(engine.spec_stats)
+    for seed in range(6):
+        req = GenerationRequest(tokens=PROMPT, max_tokens=24,
+                                sampling=SamplingParams(temperature=0.7, top_k=0, top_p=1.0, seed=seed,
+                                                        repetition_penalty=1.1))
+        assert _ids(engine, req) == _ids(plain, req), f"{name}, seed {seed}"
+    if name in ("itself", "q4_0 twin"):
+        assert engine.spec_stats["accepted"] > before["accepted"]
+        assert engine.spec_stats["drafted"] > engine.spec_stats["accepted"]     # some draws differed from drafts
+
+
+def test_prompt_cache_reuse_after_rejected_drafts(plain, spec):
+    """A generation that ends on a stop string in the middle of a verified draft leaves in the cache only the tokens
+    kept (the drafted entries after them are cut); a second request that extends its prompt reuses that cache."""
+    name, engine = spec
+    out, _ = _ids(plain, GenerationRequest(tokens=PROMPT, max_tokens=20, sampling=GREEDY))
+    stop = bytes(plain.tokenizer.decode(out[12:13])).decode("utf-8", "ignore")
+    first = GenerationRequest(tokens=PROMPT, max_tokens=60, sampling=GREEDY, stop=(stop,))
+    assert _ids(engine, first) == _ids(plain, first)
+    assert engine.model.cache.n_past == len(engine._cache)
+    second = GenerationRequest(tokens=PROMPT + out[:7] + [450, 439], max_tokens=20, sampling=GREEDY)
+    assert _ids(engine, second) == _ids(plain, second)
+
+
+def test_context_shift_and_phrase_bans_with_drafts(fixtures_dir):
+    plain_engine = _llama(fixtures_dir, n_ctx=48).engine
+    spec_engine = _llama(fixtures_dir, n_ctx=48, draft_model=TARGET, draft_p_min=0.0).engine
+    req = GenerationRequest(tokens=PROMPT, max_tokens=80, sampling=GREEDY)
+    want, _ = _ids(plain_engine, req)
+    assert len(want) == 80                     # 24 + 80 > 48: the context was shifted
+    assert _ids(spec_engine, req)[0] == want
+    # ban a two-token phrase that greedy decoding produces: generation rewinds into verified drafts
+    tok = plain_engine.tokenizer
+    phrase = bytes(tok.decode(want[10:12])).decode("utf-8", "ignore").strip()
+    if len(phrase) < 2:
+        phrase = bytes(tok.decode(want[20:22])).decode("utf-8", "ignore").strip()
+    banned = GenerationRequest(tokens=PROMPT, max_tokens=40, sampling=SamplingParams(
+        temperature=0.0, repetition_penalty=1.0, banned_strings=(phrase,)))
+    got = _ids(spec_engine, banned)
+    assert got == _ids(plain_engine, banned)
+    assert got[0][:40] != want[:40]           # the ban changed the output, so the rewind ran
+
+
+def test_a_draft_model_of_another_vocabulary_is_refused(fixtures_dir):
+    with pytest.raises(ModelFileError, match="vocabulary has 32000 tokens"):
+        _llama(fixtures_dir, draft_model="fx32k-q4_0.gguf")
+
+
+def test_check_vocab_names_the_first_token_that_differs(fixtures_dir):
+    from airobackend.formats import open_model
+    from airobackend.tokenizer import Tokenizer
+    with open_model(str(fixtures_dir / "models" / TARGET)) as mf:
+        tok = Tokenizer.from_model_file(mf)
+    other = copy.copy(tok)
+    other.texts = list(tok.texts)
+    other.texts[700] = b"something else"
+    check_vocab(tok, copy.copy(tok))
+    with pytest.raises(ModelFileError, match="token 700"):
+        check_vocab(tok, other)
+    other = copy.copy(tok)
+    other.eos_id = 0
+    with pytest.raises(ModelFileError, match="BOS/EOS"):
+        check_vocab(tok, other)
+
+
+def test_draft_model_drafts_its_own_greedy_continuation(fixtures_dir):
+    d = DraftModel(str(fixtures_dir / "models" / TARGET), num_pred_tokens=5, p_min=0.0, n_ctx=128, n_threads=2)
+    ref = np.load(fixtures_dir / "reference" / "fx-q8_0.npz")
+    draft = d(np.asarray(PROMPT, np.intc))
+    # llama.cpp's greedy continuation of the same prompt, up to where its two best logits are too close to call
+    assert list(draft[:3]) == list(ref["greedy"][:3])
+    assert len(draft) == 5
+    assert list(d(np.asarray(PROMPT + list(draft[:2]), np.intc))[:3]) == list(draft[2:5])   # cache reused
+
+
+def test_prompt_lookup_copies_what_followed_the_last_occurrence():
+    look = PromptLookup(ngram=2, num_pred_tokens=3)
+    assert list(look([5, 6, 7, 8, 9, 5, 6, 1, 2, 5, 6])) == [1, 2, 5]       # the most recent earlier "5 6"
+    assert list(look([5, 6, 7, 8])) == []
+    assert list(look([5, 6, 7, 5, 6])) == [7, 5, 6]
+    assert list(PromptLookup(ngram=1, num_pred_tokens=8)([3, 4, 3])) == [4, 3]
+    with pytest.raises(ValueError):
+        PromptLookup(ngram=0)
+
+
+def test_settings_from_cli_and_environment():
+    from airobackend.cli import build_parser
+    from airobackend.commands.serve import settings_from_args
+    from airobackend.settings import Settings
+
+    args = build_parser().parse_args(["serve", "--draftmodel", "small.gguf", "--draftamount", "4", "--draft-p-min",
+                                      "0.5"])
+    s = settings_from_args(args, environ={"AIRO_LOOKUP_NGRAM": "3"})
+    assert (s.draft_model, s.draft, s.draft_p_min, s.lookup_ngram) == ("small.gguf", 4, 0.5, 3)
+    args = build_parser().parse_args(["run", "-md", "d.gguf", "--lookup-ngram", "2", "--draft", "6"])
+    from airobackend.commands.run import build_settings
+    s = build_settings(args, environ={})
+    assert (s.draft_model, s.lookup_ngram, s.draft) == ("d.gguf", 2, 6)
+    assert Settings.from_env({"AIRO_DRAFT_MODEL": "x.gguf"}).draft_model == "x.gguf"
