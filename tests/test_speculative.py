@@ -178,3 +178,22 @@ def test_settings_from_cli_and_environment():
     s = build_settings(args, environ={})
     assert (s.draft_model, s.lookup_ngram, s.draft) == ("d.gguf", 2, 6)
     assert Settings.from_env({"AIRO_DRAFT_MODEL": "x.gguf"}).draft_model == "x.gguf"
+
+
+def test_any_drafter_with_llama_cpp_pythons_interface(fixtures_dir, plain):
+    """llama-cpp-python's LlamaDraftModel interface: drafter(input_ids: np.ndarray[intc]) -> token ids; ids beyond
+    the vocabulary end the draft."""
+    class Wrong:
+        calls = 0
+
+        def __call__(self, input_ids, /, **kwargs):
+            Wrong.calls += 1
+            assert input_ids.dtype == np.intc
+            return np.array([5, 6, 7, 5000, 8], dtype=np.intc)
+
+    engine = _llama(fixtures_dir, draft_model=Wrong()).engine
+    req = GenerationRequest(tokens=PROMPT, max_tokens=16, sampling=GREEDY)
+    assert _ids(engine, req) == _ids(plain, req)
+    passes = engine.spec_stats["passes"]
+    assert Wrong.calls > 0 and passes > 0
+    assert 3 * (passes - 2) <= engine.spec_stats["drafted"] <= 3 * passes   # 3 each, fewer at the budget's end
