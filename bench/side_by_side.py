@@ -69,11 +69,11 @@ def read_bandwidth(exe: Path, threads: int, mib: int) -> float:
     return float(out.split()[0])
 
 
-def llama_bench(binary: Path, model: Path, threads: int, n_prompt: int, n_gen: int) -> float:
+def llama_bench(binary: Path, model: Path, threads: int, n_prompt: int, n_gen: int, extra: list[str]) -> float:
     """tok/s of one llama-bench test (prompt when n_gen == 0, else decode), one repetition after its warm-up."""
     env = dict(os.environ, LD_LIBRARY_PATH=str(binary.parent))
     cmd = [str(binary), "-m", str(model), "-t", str(threads), "-p", str(n_prompt), "-n", str(n_gen), "-r", "1",
-           "-o", "json"]
+           "-o", "json", *extra]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr.strip()[-400:]}")
@@ -150,6 +150,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", type=int, default=128, help="prompt tokens (default 128)")
     ap.add_argument("--gen", type=int, default=32, help="decode tokens (default 32)")
     ap.add_argument("--rounds", type=int, default=2, help="A/B rounds per file (default 2; medians are printed)")
+    ap.add_argument("--llama-args", default="", help="more llama-bench arguments, e.g. '--poll 0' (its threads "
+                    "spin-wait by default, which a machine busy with other work punishes)")
     ap.add_argument("--read-mib", type=int, default=1024, help="buffer of the bandwidth sample (default 1024 MiB)")
     args = ap.parse_args(argv)
 
@@ -169,6 +171,7 @@ def main(argv=None) -> int:
         if not m.is_file():
             ap.error(f"--models: no file {m}")
 
+    extra = args.llama_args.split()
     args.work.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         stream = build_stream(Path(tmp))
@@ -176,7 +179,7 @@ def main(argv=None) -> int:
                                            args.quantize.resolve(), args.work)
         model, flags = cpu_info()
         print(f"# {model}; {' '.join(flags)}; {args.threads} threads; prompt {args.prompt}, decode {args.gen}; "
-              f"{args.rounds} A/B rounds (medians); load average {os.getloadavg()[0]:.1f} at start")
+              f"{args.rounds} A/B rounds (medians); llama-bench {' '.join(extra) or 'defaults'}; load average {os.getloadavg()[0]:.1f} at start")
         names = list(binaries)
         head = ["file", "prompt ours"] + [f"prompt {n}" for n in names] + [f"prompt ours/{n}" for n in names]
         head += ["decode ours"] + [f"decode {n}" for n in names] + [f"decode ours/{n}" for n in names]
@@ -193,8 +196,8 @@ def main(argv=None) -> int:
                 pp["ours"].append(ours.prompt_ts())
                 tg["ours"].append(ours.decode_ts())
                 for n, b in binaries.items():
-                    pp[n].append(llama_bench(b, path, args.threads, args.prompt, 0))
-                    tg[n].append(llama_bench(b, path, args.threads, 0, args.gen))
+                    pp[n].append(llama_bench(b, path, args.threads, args.prompt, 0, extra))
+                    tg[n].append(llama_bench(b, path, args.threads, 0, args.gen, extra))
             gb = ours.weight_bytes / 1e9
             ours.close()
             med = {k: statistics.median(v) for k, v in pp.items()}
