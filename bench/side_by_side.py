@@ -138,6 +138,10 @@ def make_slices(mixes: list[str], quantize: Path, work: Path) -> list[Path]:
     return out
 
 
+def _ratio(x: float) -> str:
+    return f"{x:.2f}" if x >= 0.1 else f"{x:.2g}"        # small ones keep two significant digits
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--llama", action="append", required=True, metavar="NAME=PATH",
@@ -204,10 +208,10 @@ def main(argv=None) -> int:
             mtg = {k: statistics.median(v) for k, v in tg.items()}
             read = statistics.median(bw)
             row = [path.name, f"{med['ours']:.1f}"] + [f"{med[n]:.1f}" for n in names]
-            row += [f"{med['ours'] / med[n]:.2f}" for n in names]
+            row += [_ratio(med['ours'] / med[n]) for n in names]
             row += [f"{mtg['ours']:.1f}"] + [f"{mtg[n]:.1f}" for n in names]
-            row += [f"{mtg['ours'] / mtg[n]:.2f}" for n in names]
-            row += [f"{read:.1f}", f"{mtg['ours'] * gb / read:.2f}"] + [f"{mtg[n] * gb / read:.2f}" for n in names]
+            row += [_ratio(mtg['ours'] / mtg[n]) for n in names]
+            row += [f"{read:.1f}", _ratio(mtg['ours'] * gb / read)] + [_ratio(mtg[n] * gb / read) for n in names]
             print("| " + " | ".join(row) + " |", flush=True)
         print(f"# load average {os.getloadavg()[0]:.1f} at the end; decode reads {'/'.join(n for n in names)} and "
               f"ours: weight bytes per token (token_embd excepted) x tok/s")
