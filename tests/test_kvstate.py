@@ -121,3 +121,29 @@ def test_saved_states_survive_the_engine_and_a_model_switch(paths, tmp_path):
     assert last.cached_tokens >= len(prompt)
     e.close()
     llm.close()
+
+
+def test_python_api_prompt_cache_switches_conversations(paths, tmp_path):
+    """llama-cpp-python's set_cache: with LlamaRAMCache a conversation that comes back after another one is restored,
+    not evaluated again; with None it is not; LlamaDiskCache keeps it for another Llama of the same model."""
+    from airobackend.llama import LlamaDiskCache, LlamaRAMCache
+    alice, bob = TOKENS * 3, [1] + TOKENS[::-1] * 2
+
+    def cached(llm, tokens):
+        return llm.create_completion(tokens, max_tokens=1, temperature=0)["usage"]["prompt_tokens_details"][
+            "cached_tokens"]
+
+    llm = Llama(paths["q8"], n_ctx=128, verbose=False)
+    for cache, want in ((LlamaRAMCache(capacity_bytes=16 << 20), len(alice)), (None, 1)):
+        llm.set_cache(cache)
+        llm.reset()
+        assert cached(llm, alice) == 0
+        cached(llm, bob)                                      # alice's cache is overwritten (or saved first)
+        assert cached(llm, alice + [500, 501]) == want        # only BOS is shared with bob
+    llm.set_cache(LlamaDiskCache(cache_dir=str(tmp_path), capacity_bytes=16 << 20))
+    cached(llm, alice)
+    llm.close()                                               # the states go to the folder
+    again = Llama(paths["q8"], n_ctx=128, verbose=False)
+    again.set_cache(LlamaDiskCache(cache_dir=str(tmp_path), capacity_bytes=16 << 20))
+    assert cached(again, alice + [500, 501]) == len(alice)
+    again.close()

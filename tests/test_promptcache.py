@@ -283,3 +283,75 @@ def test_reuse_on_a_one_layer_model_is_exact(fixtures_dir, fmt):
         assert got.argmax() == want.argmax()
     llm.close()
     fresh.close()
+
+
+@pytest.mark.parametrize("name", ["legacy/models/fx-q4_0.ggjt1.bin", "legacy/models/fx-q4_0.ggmf.bin",
+                                  "legacy/models/fx-f16.ggml.bin", "split zip"])
+def test_reuse_moves_entries_exactly_in_every_format(fixtures_dir, tmp_path, name):
+    """A trimmed prompt reuses the cache whatever the file format: the oldest GGML generations and a model read out
+    of a split zip. Layer 0's keys and values depend only on token and position, so there the moved entries equal
+    those of the trimmed prompt evaluated from scratch (values bit for bit, keys within fp16 rounding); the later
+    layers keep what they computed with the dropped text in view, as any context shift does."""
+    import shutil
+    import subprocess
+
+    from airobackend.llama import Llama
+    if name == "split zip":
+        if shutil.which("zip") is None:
+            pytest.skip("Info-ZIP `zip` not installed (apt-get install zip)")
+        shutil.copyfile(fixtures_dir / "models" / "fx-q4_0.gguf", tmp_path / "fx-q4_0.gguf")
+        subprocess.run(["zip", "-q", "-0", "-s", "512k", "fx.zip", "fx-q4_0.gguf"], cwd=tmp_path, check=True)
+        (tmp_path / "fx-q4_0.gguf").unlink()
+        path = str(tmp_path / "fx.zip")
+    else:
+        path = str(fixtures_dir / name)
+    llm = Llama(path, n_ctx=256, verbose=False, cache_reuse=16)
+    fresh = Llama(path, n_ctx=256, verbose=False)
+    body = [int(t) for t in np.random.default_rng(5).integers(300, 1000, 200)]
+    cached, prompt = [1] + body[:150], [1] + body[:20] + body[60:150] + body[150:160]
+    list(llm.engine.generate(GenerationRequest(tokens=cached, max_tokens=1, sampling=GREEDY)))
+    last = list(llm.engine.generate(GenerationRequest(tokens=prompt, max_tokens=1, sampling=GREEDY)))[-1]
+    assert last.cached_tokens == 1 + 20 + 90 and last.prompt_tokens == len(prompt)
+    fresh.model.eval(prompt, 0)
+    n = len(prompt)
+    np.testing.assert_array_equal(llm.model.cache.v[0, :, :n], fresh.model.cache.v[0, :, :n])
+    k_got, k_want = TAB[llm.model.cache.k[0, :, :n]], TAB[fresh.model.cache.k[0, :, :n]]
+    assert 0 < np.abs(k_got - k_want).max() <= 2e-3 * np.abs(k_want).max()      # rotated, not merely copied
+    llm.close()
+    fresh.close()
+
+
+@pytest.mark.parametrize("cache_type", ["q8_0", "q4_0"])
+def test_reuse_with_a_quantized_cache(fixtures_dir, cache_type):
+    """With a q8_0 / q4_0 KV cache the trimmed prompt is reused the same way: on the one-layer model the moved keys
+    (dequantized, rotated, quantized again, as llama.cpp's K shift does) stay within two quantization steps of keys
+    quantized at the new positions, values are copied bit for bit, and the logits stay within the cache type's own
+    movement (fixtures README, reference/kvcache: q8_0 ~0.02, q4_0 ~0.12) of a from-scratch evaluation; a state saved
+    with one cache type is refused by a model that runs another."""
+    from airobackend.kernels import kvquant
+    from airobackend.kvstate import StateFileError
+    from airobackend.llama import Llama
+    path = str(fixtures_dir / "models" / "fx32k-q4_0.gguf")
+    llm = Llama(path, n_ctx=512, verbose=False, cache_reuse=16, type_k=cache_type, type_v=cache_type)
+    fresh = Llama(path, n_ctx=512, verbose=False, type_k=cache_type, type_v=cache_type)
+    body = [int(t) for t in np.random.default_rng(4).integers(300, 30000, 300)]
+    cached, prompt = [1] + body[:250], [1] + body[:30] + body[90:250] + body[250:270]
+    list(llm.engine.generate(GenerationRequest(tokens=cached, max_tokens=1, sampling=GREEDY)))
+    last = list(llm.engine.generate(GenerationRequest(tokens=prompt, max_tokens=1, sampling=GREEDY)))[-1]
+    assert last.cached_tokens == 1 + 30 + 160
+    want = fresh.model.eval(prompt, 0)[0]
+    n, t, hd = len(prompt), kvquant.TYPES[cache_type], llm.model.head_dim
+    np.testing.assert_array_equal(llm.model.cache.v[:, :, :n], fresh.model.cache.v[:, :, :n])
+    got_k = kvquant.dequantize_ref(llm.model.cache.k[:, :, :n], t, hd)
+    want_k = kvquant.dequantize_ref(fresh.model.cache.k[:, :, :n], t, hd)
+    step = np.abs(want_k).reshape(*want_k.shape[:-1], -1, 32).max(-1) / (127 if cache_type == "q8_0" else 8)
+    err = np.abs(got_k - want_k).reshape(step.shape + (32,)).max(-1)
+    assert (err <= 2 * step + 1e-6).all() and (err > 0).any()
+    moved = {"q8_0": 0.03, "q4_0": 0.15}[cache_type]
+    assert np.abs(llm.engine._last_logits - want).max() < moved
+    state = llm.save_state()
+    f16 = Llama(path, n_ctx=512, verbose=False)
+    with pytest.raises(StateFileError, match=f"{cache_type}/{cache_type} KV cache"):
+        f16.load_state(state)
+    for m in (llm, fresh, f16):
+        m.close()

@@ -178,3 +178,29 @@ def test_rope_values_beyond_the_trained_context_are_reported(demo_file):
         assert tgw["rope_freq_base"] == info["rope_freq_base"] and tgw["compress_pos_emb"] == 1.0
     finally:
         manager.unload()
+
+
+# ---------------------------------------------------------------------------------------------- flags
+
+def test_long_chat_flags_llama_cpp_and_koboldcpp_spellings():
+    """The flags reach Settings (env first, flags on top): llama.cpp's --cache-reuse and --slot-save-path,
+    KoboldCpp's --noshift, ours for the prompt cache."""
+    import argparse
+
+    from airobackend.commands import serve
+
+    def settings(argv, environ=None):
+        p = argparse.ArgumentParser()
+        serve.add_arguments(p)
+        return serve.settings_from_args(p.parse_args(argv), environ=environ or {})
+
+    s = settings(["m.gguf"])
+    assert (s.context_shift, s.cache_reuse, s.cache_slots, s.prompt_cache_mb, s.prompt_cache_dir) == \
+        (True, 32, 4, None, None)
+    s = settings(["m.gguf", "--noshift", "--cache-reuse", "64", "--cache-slots", "2", "--prompt-cache-mb", "512",
+                  "--slot-save-path", "/srv/states"])
+    assert (s.context_shift, s.cache_reuse, s.cache_slots, s.prompt_cache_mb, s.prompt_cache_dir) == \
+        (False, 64, 2, 512, "/srv/states")
+    s = settings(["--prompt-cache-dir", "/a"], {"AIRO_CONTEXT_SHIFT": "0", "AIRO_CACHE_REUSE": "8",
+                                                "AIRO_PROMPT_CACHE_DIR": "/b", "AIRO_PROMPT_CACHE_MB": "0"})
+    assert (s.context_shift, s.cache_reuse, s.prompt_cache_dir, s.prompt_cache_mb) == (False, 8, "/a", 0)
