@@ -1,4 +1,4 @@
-"""KoboldAI United API v1 plus KoboldCpp's /api/extra routes (protocols.md sections 1-2).
+"""KoboldAI United API v1 plus KoboldCpp's /api/extra routes, as KoboldCpp 1.76 serves them (`koboldcpp.py`).
 
 What KoboldAI Lite, SillyTavern ("KoboldAI Classic" and "Text Completion -> KoboldCpp") and `koboldapi` call:
 model/version/config probes, blocking and SSE generation, polled partial text, genkey-scoped abort, token counting,
@@ -36,7 +36,7 @@ KOBOLDCPP_VERSION = "1.76"          # the newest KoboldCpp whose API we implemen
 UNITED_API_VERSION = "1.2.5"        # KoboldAI United API version (stop_sequence >= 1.2.2, badwordsids >= 1.2.4)
 MAX_STOP_SEQUENCES = 32             # KoboldCpp's limits: extra entries are dropped, as KoboldCpp does
 LOGPROBS_MAX = 5                    # KoboldCpp's logprobs_max: alternatives recorded per token
-# KoboldCpp's server-side defaults for absent fields (protocols.md 1.2)
+# KoboldCpp's server-side defaults for absent fields (KoboldCpp 1.76 `koboldcpp.py`, `generate()`)
 KOBOLD_DEFAULTS = dict(temperature=0.7, top_k=100, top_p=0.92, min_p=0.0, typical_p=1.0, tfs=1.0, top_a=0.0,
                        repetition_penalty=1.0, repetition_penalty_range=320, repetition_penalty_slope=1.0,
                        presence_penalty=0.0, frequency_penalty=0.0, mirostat=0, mirostat_tau=5.0, mirostat_eta=0.1,
@@ -52,10 +52,11 @@ GENERATE_EXAMPLE = {"prompt": "USER: Tell me about llamas. ASSISTANT:", "max_len
 # ---------------------------------------------------------------------------------------------- request mapping
 
 def to_generation_request(payload: dict, *, n_ctx: int, n_vocab: int) -> GenerationRequest:
-    """Map a KoboldAI/KoboldCpp generate body (protocols.md 1.2) to a GenerationRequest, with KoboldCpp's defaults.
+    """Map a KoboldAI/KoboldCpp generate body to a GenerationRequest, with KoboldCpp's defaults.
 
     Unknown fields are ignored; KoboldCpp's aliases (repetition_penalty, repeat_penalty, banned_strings, ...) are
-    accepted. Raises FieldError naming the field for wrong types, NaN/inf, and values no sampler can use.
+    accepted (KoboldCpp 1.76 `koboldcpp.py`, `transform_genparams`). Raises FieldError naming the field for wrong types,
+    NaN/inf, and values no sampler can use.
     """
     f = Fields(payload)
     prompt = f.str("prompt", "")

@@ -4,7 +4,7 @@ The routes other adapters already serve stay theirs: POST /api/v1/model (text-ge
 list/info/load/unload, in adapters/textgen.py), GET /api/v1/model (KoboldAI), GET /v1/internal/model/info and
 GET /v1/models (adapters/openai.py); they reach the same ModelManager. This plugin adds:
 
-text-generation-webui, OpenAI-style extension (protocols.md 3.6):
+text-generation-webui, OpenAI-style extension (`extensions/openai/script.py` at commit 3013758):
     GET /v1/internal/model/list, POST /v1/internal/model/load, POST /v1/internal/model/unload
 KoboldCpp admin API (KoboldCpp >= 1.80 `--admin`; the routes KoboldAI Lite and SillyTavern's model-loader
 extension call):

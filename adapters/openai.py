@@ -1,4 +1,4 @@
-"""OpenAI-compatible API plus text-generation-webui's /v1/internal routes (protocols.md sections 2.6, 3.6).
+"""OpenAI-compatible API plus text-generation-webui's /v1/internal routes (its `extensions/openai` at commit 3013758).
 
 Serves the `openai` SDK, SillyTavern's "Text Completion" modes (KoboldCpp and Default/Oobabooga), LoLLMS' vLLM and
 litellm bindings and lollms-client. Streams are `data: <json>\\n\\n` chunks ending with a terminated

@@ -1,4 +1,4 @@
-"""text-generation-webui's legacy API (`extensions/api`, removed upstream in November 2023; protocols.md section 3).
+"""text-generation-webui's legacy API (`extensions/api` at 6a7cd01, the last commit before its removal, November 2023).
 
 Scripts, bots and libraries written for it still hard-code it: blocking `/api/v1/generate`, `/api/v1/chat`,
 `/api/v1/model` (GET, and POST actions list/info/load/unload), `/api/v1/token-count`, `/api/v1/stop-stream`, and the
@@ -35,7 +35,7 @@ from airobackend.types import GenerationRequest
 
 log = logging.getLogger("airobackend.adapters.textgen")
 
-# text-generation-webui's defaults for absent fields (`build_parameters`, protocols.md 3.3)
+# text-generation-webui's defaults for absent fields (`build_parameters` in `extensions/api/util.py` at 6a7cd01)
 TEXTGEN_DEFAULTS = dict(temperature=0.5, top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0, tfs=1.0, top_a=0.0,
                         repetition_penalty=1.1, repetition_penalty_range=0, repetition_penalty_slope=1.0,
                         presence_penalty=0.0, frequency_penalty=0.0, mirostat=0, mirostat_tau=5.0, mirostat_eta=0.1,

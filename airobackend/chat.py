@@ -1,7 +1,7 @@
 """Prompt templates: how a list of chat messages becomes one prompt string, and which stop strings end a reply.
 
-Airoboros 1.x is the default for the models this project serves (engine.md section 7). It is FastChat's vicuna v1.1
-layout, which is what the fine-tune was trained on:
+Airoboros 1.x is the default for the models this project serves (jondurbin's airoboros-gpt4-1.4 model cards). It is
+FastChat's vicuna v1.1 layout, which is what the fine-tune was trained on:
 
     {system} USER: {q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT:
 

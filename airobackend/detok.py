@@ -11,8 +11,8 @@ The engine runs every sampled token through both, in this order::
     at EOS / length / abort: emit(stop.feed(dec.flush())[0] + stop.flush())
 
 Byte-fallback tokens split multi-byte characters (🦙 is the four tokens <0xF0> <0x9F> <0xA6> <0x99>); the decoder keeps
-the incomplete tail until the character is complete (engine.md section 5.3). Bytes that can never become valid UTF-8
-are replaced by U+FFFD rather than held forever.
+the incomplete tail until the character is complete (llama.cpp's `decode_utf8`, `llama.cpp` at dadbed9). Bytes that can
+never become valid UTF-8 are replaced by U+FFFD rather than held forever.
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ blocking iterator of `GenerationEvent`s: text deltas made of whole UTF-8 charact
 finish reason and the token counts. Servers run that iterator in a worker thread; `abort`, `partial_text` and `perf`
 may be called from any other thread at any time.
 
-What happens per request (engine.md sections 5.3, 6; protocols.md sections 2.3-2.5):
+What happens per request (llama.cpp `examples/main/main.cpp` at dadbed9; KoboldCpp 1.76 `koboldcpp.py` for the queue):
   * prompt cache: the tokens whose keys/values are in the model's KV cache are remembered; a new prompt keeps what it
     shares with them (chat frontends resend the whole history every turn, trimmed at the top once it is long): the
     common prefix, and runs the cache holds at other positions, moved into place (airobackend.promptcache); only the

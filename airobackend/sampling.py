@@ -1,4 +1,5 @@
-"""Token sampling with KoboldCpp's semantics (engine.md section 6.3; each filter is llama.cpp's `llama_sample_*`).
+"""Token sampling with KoboldCpp's semantics (`gpttype_adapter.cpp` at 7fb809b; each filter is llama.cpp's
+`llama_sample_*`).
 
 One `Sampler` per generation::
 

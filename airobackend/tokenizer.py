@@ -1,4 +1,4 @@
-"""SentencePiece-BPE tokenizer exactly as llama.cpp runs it (`llm_tokenizer_spm`, engine.md section 5).
+"""SentencePiece-BPE tokenizer exactly as llama.cpp runs it (`llm_tokenizer_spm`, `src/llama-vocab.cpp` at c392e50).
 
 Both vocabulary spellings are normalised into one internal form, the GGUF one:
 

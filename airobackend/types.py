@@ -1,7 +1,8 @@
 """Core request and event types shared by the engine and every protocol adapter.
 
 Adapters translate a protocol body into one `GenerationRequest` and translate `GenerationEvent`s back; nothing else
-crosses that boundary. Defaults are KoboldCpp's where KoboldCpp has one (engine.md section 6.3).
+crosses that boundary. Defaults are KoboldCpp's where KoboldCpp has one (`gpttype_adapter.cpp`, `koboldcpp.py` at
+7fb809b).
 """
 from __future__ import annotations
 

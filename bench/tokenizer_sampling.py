@@ -1,7 +1,7 @@
 """Speed of the tokenizers and the sampler chain (`python bench/tokenizer_sampling.py`).
 
-Prints tokenizer throughput on ~10 MB of ordinary text (English docs repeated) and on space-less text (the compiled
-merge loop) for the real LLaMA SentencePiece vocabulary and, on the same texts in the same run, for llama.cpp's
+Prints tokenizer throughput on ~10 MB of ordinary text (this repository's English docs repeated) and on space-less
+text (the compiled merge loop) for the real LLaMA SentencePiece vocabulary and, on the same texts in the same run, for llama.cpp's
 byte-level BPE test vocabularies (GPT-2: one pre-tokenizer expression; DeepSeek LLM: six), with each BPE time as a
 ratio to the SentencePiece one; with the `regex` package installed, also what splitting by the GPT-2 expression with
 its own \\p{L}/\\p{N} costs next to ours (llama.cpp's category stand-ins, stdlib re). Then the per-token cost
@@ -11,8 +11,8 @@ top-nσ). Each sampler line also prints its ratio to a 7B token measured in the
 same run: the mat-vecs of one q4_0 7B layer (n_embd 4096, n_ff 11008) timed and counted 32 times, plus the 32000 x
 4096 output matrix (bench/run.py's decode token; norms and attention, a few %, left out). `--no-7b` skips it,
 `--no-tokenizer` skips the tokenizer lines. Both are also timed in process CPU time (the 7B token's divided by the
-thread count, as bench/run.py's cpu-tok/s), the fairer ratio on a machine that other work shares.
-Needs the fixtures (../shared/fixtures or $AIRO_FIXTURES).
+thread count, as bench/run.py's cpu-tok/s), the fairer ratio on a machine that other work shares. Needs the fixtures
+(../shared/fixtures or $AIRO_FIXTURES).
 """
 from __future__ import annotations
 
@@ -119,7 +119,8 @@ def main() -> int:
 
 
 def bench_tokenizer(tok: Tokenizer) -> None:
-    docs = "".join(p.read_text() for p in sorted((REPO.parent / "shared" / "docs").glob("*.md"))) or "Hello world. " * 1000
+    texts = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *sorted((REPO / "bench").rglob("*.md"))]
+    docs = "".join(p.read_text() for p in texts if p.is_file()) or "Hello world. " * 1000
     big = (docs * (10_000_000 // len(docs) + 1))[:10_000_000]
     rng = random.Random(0)
     spaceless = {n: "".join(rng.choice("abcdefghij") for _ in range(n)) for n in (1_000_000, 10_000_000)}

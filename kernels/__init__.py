@@ -14,11 +14,11 @@ JIT_PARALLEL = dict(JIT, parallel=True)
 
 
 def _load_tbb() -> None:
-    """Make Numba's TBB threading layer available (it is then picked before OpenMP, see docs/speed notes).
+    """Make Numba's TBB threading layer available (it is then picked before OpenMP).
 
     TBB keeps 2 threads ~2x one thread even on a busy machine: its idle workers do not hold up a parallel loop, while
-    GNU OpenMP's barrier waits for every thread (measured: q4_0 decode at 2 threads on a loaded 2-core VM, 7.1 GB/s
-    with TBB, 0.9 GB/s with OpenMP). The pip `tbb` wheel puts libtbb.so.12 in <prefix>/lib, which is not on the loader
+    GNU OpenMP's barrier waits for every thread, so a descheduled thread stalls the whole mat-vec
+    (bench/results/2026-11-27.md). The pip `tbb` wheel puts libtbb.so.12 in <prefix>/lib, which is not on the loader
     path; loading it by absolute path first lets Numba's tbbpool find it. Harmless when absent.
     """
     import ctypes

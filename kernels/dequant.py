@@ -43,7 +43,7 @@ def _n(n, tab):
 
     A block loop with a constant trip count (16, 32) gets fully unrolled and then stays scalar, because the
     stores to dst might alias the loads from src; with a run-time trip count LLVM vectorizes it behind a run-time
-    alias check instead (measured 2-3x faster).
+    alias check instead, which measured faster (bench/results/2026-11-27.md).
     """
     return n + tab.shape[0] - 65536
 

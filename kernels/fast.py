@@ -729,7 +729,8 @@ _Q3K_BITS = np.array([simd.q3k_scale_bit(k) for k in range(16)], dtype=np.int64)
 
 @numba.jit(**q8.JITQ)
 def _q3_scale(src, i, k):
-    """Scale k of the q3_K block at src[i], minus 32 (-32..31): llama.cpp's unpacking of the 12 bytes (engine.md)."""
+    """Scale k of the q3_K block at src[i], minus 32 (-32..31): llama.cpp's unpacking of the 12 bytes (`k_quants.c`
+    at dadbed9)."""
     lo = (np.int64(src[i + 96 + k % 8]) >> (4 * (k // 8))) & 15
     hi = (np.int64(src[i + 104 + k % 4]) >> (2 * (k // 4))) & 3
     return (lo | (hi << 4)) - 32

@@ -94,9 +94,8 @@ def project(x: np.ndarray, *weights: Weight, outs: Optional[list] = None) -> lis
     """[w(x) for w in weights], quantizing x once per distinct activation format (wq/wk/wv, w1/w3 share an input).
 
     outs: optional output arrays (one per weight, float32 [n_tok, w.n_rows]) to write into instead of allocating.
-    One token is quantized inside each weight's own mat-vec call instead: since the quantizers went SIMD (~1-3 us a
-    row) that costs less than the separate call, which after a weight stream takes ~50 us (7B q4_0 slice, engine
-    decode: 20.7 -> 20.5 ms per token, same-process A/B)."""
+    One token is quantized inside each weight's own mat-vec call instead: with the SIMD quantizers that costs less
+    than a separate call, which is slow after a weight stream has evicted the caches."""
     shared: dict = {}
     res = []
     for i, w in enumerate(weights):

@@ -1,4 +1,5 @@
-"""The non-matmul operations of the LLaMA forward pass, as llama.cpp computes them (docs: engine.md section 4).
+"""The non-matmul operations of the LLaMA forward pass, as llama.cpp computes them (`llama_build_graph` in
+`llama.cpp`, the ops in `ggml.c`, at commit dadbed9).
 
 RMSNorm, RoPE ("normal" mode 0: adjacent pairs, with frequency base and scale), causal grouped-query attention over
 an fp16 KV cache, softmax, SwiGLU. Activations are float32 C-contiguous arrays; the KV cache holds fp16 bit
@@ -17,8 +18,8 @@ from airobackend.kernels.simd import (exp_f, fadd, fdiv, fma, fmax, fmul, fsub, 
                                       splat_f, store_f, store_h16)
 
 
-# Decode (one token) runs every small op on the calling thread: between two weight streams a parallel region costs
-# ~25 us more than the op's own work (caches and the worker threads are cold: rmsnorm of an 8192 row 27 -> 54 us);
+# Decode (one token) runs every small op on the calling thread: between two weight streams the caches and the worker
+# threads are cold, and a parallel region costs more than the op's own work (bench/results/2026-11-27.md, "Small ops");
 # a batch splits its tokens over the threads. Each op below is one Numba call for both, `_rows` being the batch form.
 @njit(**JIT)
 def _rmsnorm_row(xt, weight, eps, ot):
@@ -481,7 +482,7 @@ def attention_rows(q, k_cache, v_cache, n_past, out):
 
 def silu_mul(gate: np.ndarray, up: np.ndarray) -> None:
     """SwiGLU in place: gate = silu(gate) * up, silu(z) = z / (1 + exp(-z)); float32 [n_tok, n_ff]. With SIMD the
-    exp is simd.exp_f, 16 lanes at a time (Numba's scalar exp was ~60 us per 11008-wide row)."""
+    exp is simd.exp_f, 16 lanes at a time (Numba's scalar exp made this op a visible part of a token)."""
     if simd.ISA != "none" and gate.shape[1] % 16 == 0:
         _silu_mul_simd(gate, up)
     else:
@@ -538,7 +539,7 @@ def rope_kv(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: np.ndarray, n_rot:
             freq_scale: float, k_cache: np.ndarray, v_cache: np.ndarray, n_past: int,
             freq_factors: np.ndarray | None = None) -> None:
     """RoPE on q and k (float32 [n, heads, head_dim], in place), then k and v into the fp16 caches at n_past
-    (see rope, store_kv): one Numba call with SIMD, where the four separate ones cost ~40 us each after a weight
+    (see rope, store_kv): one Numba call with SIMD, where four separate ones each pay a cold call after a weight
     stream."""
     if simd.ISA != "none" and k.shape[2] % 16 == 0:
         _rope_kv_simd(q, k, v, pos, n_rot, freq_base, freq_scale, k_cache, v_cache, n_past, freq_factors)

@@ -15,9 +15,8 @@ super-blocks, and load activations 64 bytes at a time so that byte lane k meets 
   blocks meet the first 64 bytes, the high nibbles the second; `xd[4g + b] = d_b`, `xsum[4g + b] = -sum(q_b)`,
   `xs[4g + b] = s_b / 4` (the Q8_1 sum). The kernels broadcast each to i32 lanes 4b..4b+3, the lanes of block b (one
   vpermd), so a block's sum or s enters 4 times: hence s / 4 (exact) and the bias as a shift of -sum by 2 less. The
-  earlier form, each value in lane 4b only, took a vpexpandd and a vpmulld per group and row (q4_0 and q5_0 per core
-  from L3 12-16 % slower); 64-byte pre-expanded vectors pushed a 22016-wide activation row out of L1 (q4_0 from DRAM,
-  8192 x 22016, 1 thread: 12.8 GB/s against 18.1 this way).
+  alternatives, each value in lane 4b only (a vpexpandd and a vpmulld per group and row) and 64-byte pre-expanded
+  vectors (a 22016-wide activation row then no longer fits L1), measured slower (bench/results/2026-11-27.md).
 * Q8_K: `xq[256k + i] = q[256k + perm[i]]` with a per-weight-type permutation (PERM_NATURAL for q6_K, PERM_SUB for
   the repacked q2_K, q3_K, q4_K, q5_K), `xd[k] = d`, and the 16 sums of 16 quants per super-block in `xb` (times -4
   for the PERM_SUB layout); for PERM_SUB also `xf`: the same sums (without the -4) times -d as float, which the min
@@ -140,8 +139,8 @@ def quantize_q8_K_ref(x, perm, bmul, xq, xd, xb, xf):
 
 # ------------------------------------------------------------------------------------------- 16 lanes at a time
 # The same quantizers on 16-float vectors (kernels/simd.py), bit for bit (tests/kernels/test_q8.py): the element loops
-# above took ~2 ns per element (a 4096-wide row ~9 us, 2-6 % of a prompt batch's mat-mat and one such call per
-# weight input of every decode token).
+# above were a few per cent of a prompt batch's mat-mat, and one such call runs per weight input of every decode
+# token (bench/results/2026-11-27.md).
 LAYOUT_NATURAL, LAYOUT_SUB = 0, 1     # Q8_K byte orders: PERM_NATURAL, PERM_SUB
 
 
@@ -243,7 +242,7 @@ def quantize_q8_K_rows(X, layout, bmul, xq, xd, xb, xf):
 @numba.jit(**dict(JITQ, parallel=True))
 def f16_round_rows(X, out):
     """out[:n] (f32[n_pad * c], flat) = the rows of X (f32[n * c], flat; c % 16 == 0) rounded to fp16 precision:
-    the F16 mat-mat's activations (numpy's astype pair took 11 ms for 128 x 11008, this a fraction of that)."""
+    the F16 mat-mat's activations (numpy's astype pair took a sixth of the f16 prompt's time)."""
     n = X.shape[0]
     n_blk = n // 16
     per = max(1, n_blk // 64)

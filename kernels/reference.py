@@ -1,7 +1,7 @@
 """Plain-numpy oracle for every kernel: block dequantizers for all GGML weight types, RMSNorm, RoPE, attention.
 
-Written from the block layouts (docs: engine.md section 2) and checked against gguf-py's independent
-`gguf.quants.dequantize` on the llama.cpp-made fixtures. Slow and simple on purpose: tests compare the Numba
+Written from the block layouts (`ggml.c` and `k_quants.c` of llama.cpp at dadbed9) and checked against gguf-py's
+independent `gguf.quants.dequantize` on the llama.cpp-made fixtures. Slow and simple on purpose: tests compare the Numba
 kernels with this module, and model.py never imports it.
 """
 from __future__ import annotations
@@ -219,7 +219,7 @@ def dequantize(raw: np.ndarray, ggml_type: int, n_elements: int) -> np.ndarray:
     return _DEQUANT[t](flat.reshape(n_blocks, nbytes)).reshape(-1).astype(np.float32, copy=False)
 
 
-# ---- the other ops, as llama.cpp computes them (engine.md section 4) ----
+# ---- the other ops, as llama.cpp computes them (`llama_build_graph` and `ggml.c` at dadbed9) ----
 
 def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """y = x / sqrt(mean(x^2) + eps) * weight, over the last axis (mean taken in float64 like ggml)."""

@@ -1,9 +1,9 @@
 """512-bit vector values and x86 integer dot-product instructions for Numba kernels, emitted through llvmlite.
 
 LLVM's auto-vectorizer never produces `vpdpbusd` / `vpmaddubsw` from Numba code (Numba widens integer arithmetic to
-64 bits, see shared/docs/kernels-speed.md), so the fast kernels spell the vector code out: a value of type `I512` is an
-LLVM `<16 x i32>` (64 bytes, also used as 64 int8 lanes), `F512` a `<16 x float>`. They live in ordinary variables of
-`@njit` code and stay in zmm registers.
+64 bits: the assembly shows `vpmuldq` / `vpaddq` on 8 lanes), so the fast kernels spell the vector code out: a value of
+type `I512` is an LLVM `<16 x i32>` (64 bytes, also used as 64 int8 lanes), `F512` a `<16 x float>`. They live in
+ordinary variables of `@njit` code and stay in zmm registers.
 
 Only one intrinsic is ISA-specific: `dpbusd(acc, u, s)` (acc + dot of 4 unsigned bytes of `u` with 4 signed bytes of
 `s` per i32 lane). On AVX-512 VNNI it is `vpdpbusd`; on AVX2 it is `vpmaddubsw` + `vpmaddwd` on each 256-bit half
@@ -285,8 +285,8 @@ def round_h16(typingctx, v):
 def prefetch_l2(typingctx, arr, idx):
     """Prefetch the cache line holding element `idx` into L2 (`prefetcht1`); never faults, so `idx` may run past
     the array. Why: on this kind of VM the hardware prefetcher stops following the weight stream once the activation
-    row no longer fits L1 beside it (65B ffn_down: 9 GB/s per core instead of 25); an explicit L2 prefetch ~8 KB
-    ahead keeps one core streaming at the kernel's own speed for every row length."""
+    row no longer fits L1 beside it (65B ffn_down ran at about a third of its speed from L3); an explicit L2 prefetch
+    ~8 KB ahead keeps one core streaming at the kernel's own speed for every row length."""
     def codegen(context, builder, sig, args):
         p = builder.bitcast(_ptr_at(context, builder, sig.args[0], args[0], sig.args[1], args[1]), _I8.as_pointer())
         fnty = ir.FunctionType(ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32])
@@ -785,8 +785,8 @@ def make_bitfield(lo: int, n: int, dst: int = 0, lo_hi: int | None = None):
 
     With GFNI one `vgf2p8affineqb` (a per-byte bit-matrix product, one matrix per 64-bit lane) replaces the shift and
     the mask; else a 32-bit lane shift and a byte mask. A field at bit 0 staying there is a plain AND either way: any
-    ALU pipe runs that, while the affine op shares the VNNI pipes with the dot products (q2_K/q3_K +1-5 % per core
-    from L3 for their part 0)."""
+    ALU pipe runs that, while the affine op shares the VNNI pipes with the dot products
+    (bench/results/2026-11-27.md)."""
     lo_hi = lo if lo_hi is None else lo_hi
     assert 1 <= n and 0 <= dst and dst + n <= 8 and all(0 <= x and x + n <= 8 for x in (lo, lo_hi))
     assert (lo - dst) * (lo_hi - dst) >= 0, "both halves must shift the same way"

@@ -1,4 +1,5 @@
-"""Prompt templates: the exact Airoboros 1.x spacing (engine.md section 7), the other layouts, and the choice rules."""
+"""Prompt templates: the exact Airoboros 1.x spacing (the airoboros-gpt4-1.4 model cards), the other layouts, and the
+choice rules."""
 import pytest
 
 from airobackend.chat import (AIROBOROS_SYSTEM_1_2, AIROBOROS_SYSTEM_1_4, choose_template, get_template,

@@ -21,7 +21,7 @@ def _ggjt3_header(path: Path, *, n_vocab: int, n_embd: int, n_head: int, n_layer
                   ftype: int, n_head_kv: int | None = None, wtype: GGMLType = GGMLType.Q4_K) -> int:
     """Write a GGML v3 (ggjt v3) file of full size whose tensor data is a hole: 40 GB take no disk and no time.
 
-    Independent of the project's reader and writer: the layout is the one in ../shared/fixtures/README.md.
+    Independent of the project's reader and writer: the ggjt v3 layout of llama.cpp's `llama.cpp` at dadbed9.
     Returns the file size.
     """
     n_head_kv = n_head_kv or n_head

@@ -1,5 +1,5 @@
-"""Each sampler on a small hand-made logit vector, against its definition (engine.md section 6) computed here in
-plain Python, never by calling the implementation."""
+"""Each sampler on a small hand-made logit vector, against its definition (llama.cpp's `llama_sample_*` at dadbed9,
+KoboldCpp's `gpttype_adapter.cpp`) computed here in plain Python, never by calling the implementation."""
 from __future__ import annotations
 
 import math

@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="CPU threads (default: physical cores; env AIRO_N_THREADS)")
     m.add_argument("--template", help="chat prompt template: airoboros, vicuna, alpaca, chatml "
                    "(default: from the file; env AIRO_TEMPLATE)")
-    # GGML v3 files cannot store these; llama.cpp's defaults apply unless given (engine.md 1.7).
+    # GGML v3 files cannot store these; llama.cpp's defaults apply unless given (`examples/common.cpp` at dadbed9).
     m.add_argument("--n-gqa", "--gqa", dest="n_gqa", type=int, metavar="N",
                    help="grouped-query attention factor (default: from the tensor shapes; env AIRO_N_GQA)")
     m.add_argument("--rms-norm-eps", "--eps", dest="rms_norm_eps", type=float, metavar="EPS",
@@ -121,7 +121,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def kobold_waiting_places(multiuser: Optional[int]) -> Optional[int]:
     """KoboldCpp's --multiuser N as the number of requests that may wait (Settings.multiuser): N-1, except that
-    1 means 6 ("backwards compatibility for up to 7", protocols.md 2.5) and 0 means none."""
+    1 means 6 ("backwards compatibility for up to 7", KoboldCpp 1.76 `koboldcpp.py`) and 0 means none."""
     if multiuser is None:
         return None
     if multiuser <= 0:

@@ -4,7 +4,7 @@ Writing is streamed: the header is computed from the tensor list, then each tens
 for synthetic models, generated and quantized in row chunks) and written one after the other, so a 65B-shaped slice
 never sits in RAM as a whole.
 
-Synthetic weights follow the recipe of the llama.cpp fixtures (../shared/fixtures/README.md): tensor k (in the order
+Synthetic weights follow the recipe of the llama.cpp-made test fixtures: tensor k (in the order
 token_embd, per layer attn_norm attn_q attn_k attn_v attn_output ffn_norm ffn_gate ffn_down ffn_up, then output_norm,
 output) is `default_rng([seed, k]).standard_normal((n_rows, row_len), float32)` x 0.02, norms 1 + 0.02 x N(0, 1);
 f16 and quantized files start from the values rounded to f16 (llama-quantize ran on the f16 file), so seed 11 and
@@ -59,11 +59,11 @@ def tensor_type_for(mix: str, name: str, ne: Sequence[int], n_layer: int, *, n_g
                     rules: str = "2025") -> GGMLType:
     """Type llama-quantize gives tensor `name` (GGUF name) in `mix`.
 
-    rules='2023': mid-2023 llama.cpp (LC@dadbed9, the GGML v3 era, docs engine.md 2.3): k-quant mixes put output in
-    Q6_K; wv/w2 get Q4_K (q2_K, q3_K_M), Q5_K (q3_K_L), Q6_K on use_more_bits layers (q4_K_M, q5_K_M); wo gets Q4_K
-    (q2_K, q3_K_M) / Q5_K (q3_K_L).
+    rules='2023': mid-2023 llama.cpp (`llama_model_quantize_internal`, `llama.cpp` at dadbed9, the GGML v3 era): k-quant
+    mixes put output in Q6_K; wv/w2 get Q4_K (q2_K, q3_K_M), Q5_K (q3_K_L), Q6_K on use_more_bits layers (q4_K_M,
+    q5_K_M); wo gets Q4_K (q2_K, q3_K_M) / Q5_K (q3_K_L).
     rules='2025': llama.cpp c392e5094 (the fixtures): output Q6_K for every quantized mix but q8_0, and the
-    attn_v / ffn_down / attn_output rules of the fixtures README table.
+    attn_v / ffn_down / attn_output rules of its `llama_tensor_get_type` (`src/llama-quant.cpp`).
     Norms (1-D) stay F32.
     """
     if mix not in MIX_BASE:

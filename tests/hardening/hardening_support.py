@@ -268,7 +268,7 @@ BUSY_MESSAGE = "Server is busy; please try again later."
 
 
 def check_kobold_busy(r: httpx.Response) -> None:
-    """KoboldCpp's 503 (protocols.md §1.3)."""
+    """KoboldCpp's 503 (KoboldCpp 1.76 `koboldcpp.py`)."""
     if r.json() != {"detail": {"msg": BUSY_MESSAGE, "type": "service_unavailable"}}:
         raise Malformed(f"kobold busy body {r.text[:200]}")
 

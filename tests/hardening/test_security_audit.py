@@ -41,7 +41,8 @@ KEY = "hardening-key"
 MODEL = "airoboros-65b-gpt4-1.4.ggmlv3.q4_K_M-demo.gguf"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
-# What may answer without the key, and why (KoboldCpp with --password answers these; protocols.md §2.7, §0.1):
+# What may answer without the key, and why (KoboldCpp 1.76 with --password answers these; `koboldcpp.py`,
+# `secure_endpoint`):
 ALLOWED_PUBLIC = {
     ("GET", "/health"): "liveness probe",
     ("GET", "/"): "the index page (no model facts without the key)",

@@ -1,7 +1,7 @@
 """LoLLMS without our binding: its zoo `vLLM` binding (OpenAI-compatible) pointed at `airobackend serve`.
 
-This replays, in our words, what that binding does (ParisNeo/lollms_bindings_zoo `vLLM/__init__.py`, protocols.md
-§5.3): the model list from `GET {address}/v1/models` reading `id`, `owned_by` and `created` (an int, fed to
+This replays, in our words, what that binding does (ParisNeo/lollms_bindings_zoo `vLLM/__init__.py` at
+1d6c41a): the model list from `GET {address}/v1/models` reading `id`, `owned_by` and `created` (an int, fed to
 `datetime.utcfromtimestamp`) of every entry, and generation as `POST {address}/v1/completions` with only `model`,
 `prompt`, `stream: true`, `temperature` and `max_tokens`, reading the lines that start with `data: `,
 `choices[0].text` of each, until a line does not parse (`[DONE]`) or the callback returns False.

@@ -12,7 +12,8 @@ EXTENSION_SRC = Path(__file__).resolve().parents[2] / "integration" / "text_gene
 
 
 def default_state(**overrides) -> dict:
-    """The generation state the host's OpenAI API builds for a request (GenerationOptions defaults, §3.6)."""
+    """The generation state the host's OpenAI API builds for a request (GenerationOptions defaults,
+    `extensions/openai` at 3013758)."""
     state = {
         "max_new_tokens": 16, "auto_max_new_tokens": False, "max_tokens_second": 0, "preset": None,
         "temperature": 1.0, "temperature_last": False, "dynamic_temperature": False, "dynatemp_low": 1.0,

@@ -43,7 +43,8 @@ def test_koboldcpp_command_line():
 
 
 def test_multiuser_counts_as_koboldcpp_does():
-    # protocols.md 2.5: --multiuser N admits N requests (N-1 waiting); 1 (and the bare flag) lets 6 wait; 0 none.
+    # KoboldCpp 1.76 `koboldcpp.py`: --multiuser N admits N requests (N-1 waiting); 1 (and the bare flag) lets 6 wait;
+    # 0 none.
     waiting = {argv: serve.settings_from_args(parse(list(argv)), environ={}).multiuser
                for argv in [(), ("--multiuser",), ("--multiuser", "1"), ("--multiuser", "3"), ("--multiuser", "0")]}
     assert waiting == {(): 6, ("--multiuser",): 6, ("--multiuser", "1"): 6, ("--multiuser", "3"): 2,

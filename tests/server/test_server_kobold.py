@@ -1,4 +1,4 @@
-"""KoboldAI United / KoboldCpp API: the routes of protocols.md sections 1-2 against the real engine (demo model),
+"""KoboldAI United / KoboldCpp API: the routes of KoboldCpp 1.76 (`koboldcpp.py`) against the real engine (demo model),
 the `koboldapi` client over a real socket, and KoboldCpp's exact SSE framing."""
 from __future__ import annotations
 

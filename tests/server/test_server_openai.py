@@ -164,7 +164,8 @@ def test_internal_routes_used_by_sillytavern(client, demo_engine):
 
 
 def test_sillytavern_text_completion_body_is_accepted(client):
-    """SillyTavern forwards its whole settings object to /v1/completions (protocols.md 6.2)."""
+    """SillyTavern forwards its whole settings object to /v1/completions (SillyTavern 1.12.6,
+    `src/endpoints/backends/text-completions.js`)."""
     body = {"prompt": "Hello", "model": "x", "max_new_tokens": 4, "max_tokens": 4, "temperature": 0.7, "top_p": 0.9,
             "typical_p": 1, "typical": 1, "sampler_seed": 5, "min_p": 0.05, "repetition_penalty": 1.1,
             "frequency_penalty": 0, "presence_penalty": 0, "top_k": 40, "skew": 0, "min_tokens": 0,

@@ -62,7 +62,7 @@ class RoutesPlugin:
 
 
 class CapTokens:
-    """A wrapper adjusting whatever the adapters built (style.md 3(b))."""
+    """A wrapper adjusting whatever the adapters built (a pluggy `wrapper=True` hook implementation)."""
 
     @hookimpl(wrapper=True)
     def build_generation_request(self, protocol):

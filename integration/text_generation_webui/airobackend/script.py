@@ -3,7 +3,7 @@
 Copy (or link) this folder to `text-generation-webui/extensions/airobackend` and start the web UI with
 `--extensions airobackend` (add `--api` for its OpenAI-compatible API). See README.md next to this file.
 
-How it plugs in (text-generation-webui `modules/extensions.py`, `modules/text_generation.py`; protocols.md §4):
+How it plugs in (text-generation-webui `modules/extensions.py`, `modules/text_generation.py` at commit 3013758):
 * `params` are the settings; `settings.yaml` keys `airobackend-<param>` override them before `setup()` runs.
 * `setup()` connects the backend and sets `shared.model`, `shared.tokenizer` and `shared.model_name`: the chat tab and
   the OpenAI API refuse to generate without a model object, and count tokens through `shared.tokenizer`.
