@@ -4,6 +4,8 @@ Adapters map these to protocol error envelopes *by class*, never by message text
 """
 from __future__ import annotations
 
+from .kernels.ggml_types import UnsupportedType
+
 
 class AiroError(Exception):
     """Base class of every error airobackend raises on purpose."""
@@ -17,7 +19,6 @@ class ModelFileError(AiroError):
 
     def __init__(self, message: str, *, path: str | None = None, offset: int | None = None,
                  tensor: str | None = None) -> None:
-        self.path, self.offset, self.tensor = path, offset, tensor
         where = []
         if path is not None:
             where.append(str(path))
@@ -26,10 +27,12 @@ class ModelFileError(AiroError):
         if tensor is not None:
             where.append(f"tensor {tensor!r}")
         super().__init__(f"{message} ({', '.join(where)})" if where else message)
+        self.path, self.offset, self.tensor = path, offset, tensor
 
 
-class UnsupportedTensorType(ModelFileError):
-    """A tensor type the engine cannot compute with (named in the message)."""
+class UnsupportedTensorType(ModelFileError, UnsupportedType):
+    """A tensor type the engine cannot compute with (named in the message). Also the kernels' `UnsupportedType`,
+    which the model loader turns into this one, adding the file."""
 
 
 class RequestError(AiroError, ValueError):

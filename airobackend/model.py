@@ -14,8 +14,9 @@ import numba
 import numpy as np
 from numba.core import event as numba_event
 
-from airobackend.errors import ContextOverflowError, ModelFileError, RequestError
+from airobackend.errors import ContextOverflowError, ModelFileError, RequestError, UnsupportedTensorType
 from airobackend.kernels import dequant, ops
+from airobackend.kernels.ggml_types import UnsupportedType
 from airobackend.kernels.matmul import Weight, prepare, project
 from airobackend.kvcache import KVCache, check_types
 from airobackend.quant import GGMLType
@@ -131,7 +132,10 @@ class LlamaModel:
         def weight(name: str) -> Weight:
             if name not in t:
                 raise ModelFileError(f"tensor {name} is missing", path=getattr(mf, "path", None), tensor=name)
-            return prepare(t[name], self.n_threads, kernels)
+            try:
+                return prepare(t[name], self.n_threads, kernels)
+            except UnsupportedType as e:       # the kernels know no files: name this one
+                raise UnsupportedTensorType(e.reason, path=getattr(mf, "path", None), tensor=name) from e
 
         def vector(name: str) -> np.ndarray:
             if name not in t:

@@ -2,15 +2,28 @@
 GGML type, norms, RoPE, attention.
 
 Jit options live here in one place. Every kernel is compiled lazily and cached on disk (`cache=True`, in Numba's
-cache under the cache root: airobackend.paths); `AIRO_NUMBA_CACHE=0` turns the cache off.
+cache folder, NUMBA_CACHE_DIR); `AIRO_NUMBA_CACHE=0` turns the cache off. The kernels know nothing of the
+application: where they write is given them through the environment (`NUMBA_CACHE_DIR`, `AIRO_KERNEL_SOURCE_DIR`),
+which the application sets from its cache root before any kernel module loads.
 """
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
 
 CACHE = os.environ.get("AIRO_NUMBA_CACHE", "1") != "0"
 JIT = dict(nogil=True, cache=CACHE, fastmath=True, boundscheck=False)
 JIT_PARALLEL = dict(JIT, parallel=True)
+
+
+def source_dir() -> Path:
+    """Where the generated fast-kernel sources are written: $AIRO_KERNEL_SOURCE_DIR, else a per-user folder in the
+    temporary directory."""
+    env = os.environ.get("AIRO_KERNEL_SOURCE_DIR")
+    if env:
+        return Path(env).expanduser()
+    return Path(tempfile.gettempdir()) / f"airobackend-{os.getuid()}" / "kernels"
 
 
 def _load_tbb() -> None:

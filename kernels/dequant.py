@@ -19,8 +19,8 @@ from numba import njit, prange, types
 from numba.core.errors import TypingError
 from numba.extending import overload, typeof_impl
 
-from airobackend.kernels import JIT, JIT_PARALLEL
-from airobackend.quant import BLOCK, GGMLType
+from . import JIT, JIT_PARALLEL
+from .ggml_types import BLOCK, GGMLType
 
 _F16_TABLE = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 _F16_TABLE.setflags(write=False)

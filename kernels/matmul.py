@@ -14,9 +14,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from airobackend.errors import UnsupportedTensorType
-from airobackend.kernels import dequant
-from airobackend.quant import BLOCK, GGMLType, WEIGHT_TYPES
+from . import dequant
+from .ggml_types import BLOCK, WEIGHT_TYPES, GGMLType, UnsupportedType
 
 log = logging.getLogger("airobackend.kernels")
 
@@ -110,7 +109,7 @@ def project(x: np.ndarray, *weights: Weight, outs: Optional[list] = None) -> lis
 
 def _fast_module():
     try:
-        from airobackend.kernels import fast
+        from . import fast
     except ImportError:
         return None
     return fast
@@ -130,13 +129,13 @@ def prepare(tensor_info: Any, n_threads: int = 0, kernels: Optional[str] = None)
         raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {choice!r}")
     t = GGMLType(int(tensor_info.type))
     if t not in WEIGHT_TYPES:
-        raise UnsupportedTensorType(f"tensor type {t.name} cannot be used as a weight", tensor=tensor_info.name)
+        raise UnsupportedType(f"tensor type {t.name} cannot be used as a weight", tensor=tensor_info.name)
     ne = tuple(int(n) for n in tensor_info.ne)
     n_cols = ne[0]
     n_rows = int(np.prod(ne[1:])) if len(ne) > 1 else 1
     per_block, _ = BLOCK[t]
     if n_cols % per_block:
-        raise UnsupportedTensorType(f"row length {n_cols} is not a multiple of the {t.name} block size {per_block}",
+        raise UnsupportedType(f"row length {n_cols} is not a multiple of the {t.name} block size {per_block}",
                                     tensor=tensor_info.name)
     raw2d = dequant.as_rows(tensor_info.data, t, n_rows, n_cols)
     kernel = None
@@ -145,7 +144,7 @@ def prepare(tensor_info: Any, n_threads: int = 0, kernels: Optional[str] = None)
         if fast is not None:
             kernel = fast.prepare_fast(t, raw2d, n_rows, n_cols)
         if kernel is None and choice == "fast":
-            raise UnsupportedTensorType(f"no fast kernel for {t.name} on this machine", tensor=tensor_info.name)
+            raise UnsupportedType(f"no fast kernel for {t.name} on this machine", tensor=tensor_info.name)
     if kernel is None:
         kernel = GenericKernel(t, raw2d, n_rows, n_cols)
     return Weight(tensor_info.name, t, raw2d, n_rows, n_cols, kernel)

@@ -13,8 +13,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from airobackend.kernels import JIT, JIT_PARALLEL, simd
-from airobackend.kernels.simd import (exp_f, fadd, fdiv, fma, fmax, fmul, fsub, hmax_f, hsum_f, load_f, load_h16, round_h16,
+from . import JIT, JIT_PARALLEL, simd
+from .simd import (exp_f, fadd, fdiv, fma, fmax, fmul, fsub, hmax_f, hsum_f, load_f, load_h16, round_h16,
                                       splat_f, store_f, store_h16)
 
 

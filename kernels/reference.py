@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from airobackend.errors import UnsupportedTensorType
-from airobackend.quant import BLOCK, GGMLType, WEIGHT_TYPES
+from .ggml_types import BLOCK, WEIGHT_TYPES, GGMLType, UnsupportedType
 
 
 def _f16(b: np.ndarray) -> np.ndarray:
@@ -203,14 +202,14 @@ def dequantize(raw: np.ndarray, ggml_type: int, n_elements: int) -> np.ndarray:
     """
     t = GGMLType(int(ggml_type))
     if t not in WEIGHT_TYPES:
-        raise UnsupportedTensorType(f"no dequantizer for tensor type {t.name}")
+        raise UnsupportedType(f"no dequantizer for tensor type {t.name}")
     per_block, nbytes = BLOCK[t]
     if n_elements % per_block:
-        raise UnsupportedTensorType(f"{n_elements} elements is not a whole number of {t.name} blocks of {per_block}")
+        raise UnsupportedType(f"{n_elements} elements is not a whole number of {t.name} blocks of {per_block}")
     n_blocks = n_elements // per_block
     flat = np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
     if flat.size < n_blocks * nbytes:
-        raise UnsupportedTensorType(f"{t.name}: need {n_blocks * nbytes} bytes for {n_elements} weights, got {flat.size}")
+        raise UnsupportedType(f"{t.name}: need {n_blocks * nbytes} bytes for {n_elements} weights, got {flat.size}")
     flat = flat[: n_blocks * nbytes]
     if t == GGMLType.F32:
         return flat.view("<f4").astype(np.float32)

@@ -237,3 +237,18 @@ def test_real_model_stop_strings_on_its_text(smol):
     assert out["text"] == text[:i] and out["finish_reason"] == "stop"
     chunks = list(smol("Once upon a time, in a small village", stop=[stop], stream=True, **base))
     assert "".join(c["choices"][0]["text"] for c in chunks) == text[:i]
+
+
+def test_a_weight_the_kernels_refuse_is_a_model_file_error_naming_file_and_tensor(tmp_path):
+    """The kernels raise their own UnsupportedType (they know no files); loading turns it into the application's
+    UnsupportedTensorType, a ModelFileError with the path and the tensor. F32 weights have no fast kernel anywhere."""
+    from airobackend.errors import ModelFileError, UnsupportedTensorType
+    from airobackend.formats.writer import write_synthetic_model
+    from airobackend.kernels.ggml_types import UnsupportedType
+    path = tmp_path / "f32.gguf"
+    write_synthetic_model(path, mix="f32", n_vocab=300, n_embd=64, n_head=2, n_layer=1, n_ff=128)
+    with pytest.raises(UnsupportedTensorType) as e:
+        Llama(str(path), n_ctx=16, verbose=False, kernels="fast")
+    assert isinstance(e.value, ModelFileError) and isinstance(e.value, UnsupportedType)
+    assert e.value.path == str(path) and e.value.tensor == "token_embd.weight"
+    assert "no fast kernel for F32" in str(e.value) and str(path) in str(e.value)

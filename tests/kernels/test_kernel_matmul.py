@@ -78,12 +78,12 @@ def test_matvec_and_matmat(blocks, tname, n_rows):
 
 
 def test_prepare_rejects_bad_tensors():
-    from airobackend.errors import UnsupportedTensorType
+    from airobackend.kernels.ggml_types import UnsupportedType
     bad_len = SimpleNamespace(name="w", type=GGMLType.Q4_0, ne=(48, 2), data=np.zeros(64, np.uint8))
-    with pytest.raises(UnsupportedTensorType):
+    with pytest.raises(UnsupportedType):
         prepare(bad_len, kernels="generic")
     act_only = SimpleNamespace(name="w", type=GGMLType.Q8_K, ne=(256, 1), data=np.zeros(292, np.uint8))
-    with pytest.raises(UnsupportedTensorType):
+    with pytest.raises(UnsupportedType):
         prepare(act_only, kernels="generic")
     with pytest.raises(ValueError):
         prepare(SimpleNamespace(name="w", type=GGMLType.F32, ne=(4, 1), data=np.zeros(16, np.uint8)), kernels="x")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from airobackend.errors import UnsupportedTensorType
+from airobackend.kernels.ggml_types import UnsupportedType
 from airobackend.kernels import reference
 from airobackend.quant import GGMLType
 
@@ -36,9 +36,9 @@ def test_all_weight_types_covered(fixtures_dir):
 
 
 def test_dequantize_rejects_bad_input():
-    with pytest.raises(UnsupportedTensorType):
+    with pytest.raises(UnsupportedType):
         reference.dequantize(np.zeros(18, np.uint8), GGMLType.Q4_0, 33)       # not a whole block
-    with pytest.raises(UnsupportedTensorType):
+    with pytest.raises(UnsupportedType):
         reference.dequantize(np.zeros(17, np.uint8), GGMLType.Q4_0, 32)       # truncated
-    with pytest.raises(UnsupportedTensorType):
+    with pytest.raises(UnsupportedType):
         reference.dequantize(np.zeros(292, np.uint8), GGMLType.Q8_K, 256)     # activation-only type
