@@ -1,4 +1,4 @@
-"""`airobackend` command line: `serve` (the default), `run` (llama.cpp `main`-style generation), `inspect`.
+"""`airobackend` command line: `serve` (the default), `run` (llama.cpp `main`-style generation), `inspect`, `kernels`.
 
 Each subcommand lives in `airobackend.commands.<name>` with `add_arguments(parser)` and `main(args) -> int`, so this
 module only dispatches. KoboldCpp's spelling `airobackend MODEL [PORT] [--flags]` means `serve`.
@@ -15,6 +15,7 @@ COMMANDS = {
     "run": "Generate from a prompt on the console, like llama.cpp's main (-i for an interactive chat)",
     "inspect": "Print what a model file holds: format, mix, hparams, tensor types, RAM needed",
     "perplexity": "A model's perplexity on a text file, computed as llama.cpp's perplexity tool does",
+    "kernels": "Show the fast kernels this CPU gets; --dump DIR writes their generated source",
 }
 
 

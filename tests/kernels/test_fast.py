@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from airobackend.kernels import fast
+from airobackend.kernels import fast, repack, simd, specs
 from airobackend.quant import BLOCK, GGMLType as G
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -127,7 +127,7 @@ def test_f16_activation_rounding_matches_numpy():
 
 
 @pytest.mark.parametrize("gfni", [
-    pytest.param(True, id="gfni", marks=pytest.mark.skipif(not fast.simd._HAS_GFNI, reason="this CPU has no GFNI")),
+    pytest.param(True, id="gfni", marks=pytest.mark.skipif(not simd._HAS_GFNI, reason="this CPU has no GFNI")),
     pytest.param(False, id="shift-mask")])
 def test_bitfield_extracts_every_field_of_every_byte(gfni, monkeypatch):
     # the q2_K/q3_K bit fields; with GFNI a bit-matrix product whose matrix layout is easy to get backwards. Each byte
@@ -155,22 +155,22 @@ def test_bitfield_extracts_every_field_of_every_byte(gfni, monkeypatch):
 
 
 @pytest.mark.parametrize("spec_cls", [
-    pytest.param(fast.Q3_K, id="packed-scales", marks=pytest.mark.skipif(
-        not fast.simd._HAS_VBMI, reason="this CPU has no AVX-512 VBMI")),
-    pytest.param(fast.Q3_K_I8, id="int8-scales")])
+    pytest.param(specs.Q3_K, id="packed-scales", marks=pytest.mark.skipif(
+        not simd._HAS_VBMI, reason="this CPU has no AVX-512 VBMI")),
+    pytest.param(specs.Q3_K_I8, id="int8-scales")])
 def test_q3k_both_block_layouts(spec_cls, monkeypatch):
     # q3_K is repacked into 110-byte blocks with the scales as packed 6-bit fields where VBMI decodes them, else into
     # 114-byte blocks with int8 scales; both against the oracle, the long-row (prefetching) loop included.
-    monkeypatch.setitem(fast.SPECS, int(G.Q3_K), spec_cls())
+    monkeypatch.setitem(specs.SPECS, int(G.Q3_K), spec_cls())
     rng = np.random.default_rng(33)
     for n_rows, n_cols, n_tok in [(37, 512, 5), (19, 22016, 1)]:
         raw = random_blocks(G.Q3_K, n_rows, n_cols, rng)
         fw = check(G.Q3_K, raw, n_rows, n_cols, n_tok, rng)
         assert type(fw.spec) is spec_cls
-        assert fw.W.nbytes == raw.nbytes * (114 if spec_cls is fast.Q3_K_I8 else 110) // 110
+        assert fw.W.nbytes == raw.nbytes * (114 if spec_cls is specs.Q3_K_I8 else 110) // 110
 
 
-@pytest.mark.skipif(not fast.simd._HAS_VBMI, reason="this CPU has no AVX-512 VBMI")
+@pytest.mark.skipif(not simd._HAS_VBMI, reason="this CPU has no AVX-512 VBMI")
 @pytest.mark.parametrize("t", [G.Q4_K, G.Q5_K], ids=lambda t: t.name)
 def test_k4_repack_puts_every_quant_in_its_sub_block_lane(t):
     """repack_k4: part p's byte 4k + b (low nibble of chunk p // 2 for even p, high for odd) holds weight
@@ -179,7 +179,7 @@ def test_k4_repack_puts_every_quant_in_its_sub_block_lane(t):
     q5 = t == G.Q5_K
     bb, qo = (176, 48) if q5 else (144, 16)
     raw = random_blocks(t, 3, 512, np.random.default_rng(5))
-    out = fast.repack_k4(raw, 2, q5)
+    out = repack.repack_k4(raw, 2, q5)
     assert out.shape == raw.shape
     for r in range(3):
         for blk in range(2):
@@ -307,7 +307,7 @@ def test_weights_read_from_the_file_mapping_prefetch(fixtures_dir):
         mf = open_model(str(fixtures_dir / "models" / fixture))
         got = set()
         for ti in mf.tensors.values():
-            if len(ti.shape) == 2 and int(ti.type) in fast.SPECS:
+            if len(ti.shape) == 2 and int(ti.type) in specs.SPECS:
                 n_rows, n_cols = ti.shape
                 w = fast.prepare_fast(ti.type, ti.data.reshape(n_rows, -1), n_rows, n_cols)
                 got.add((w.spec.name, w._pf))
@@ -404,17 +404,21 @@ def _run_avx2(types, ops=False):
     assert r.stdout.count("ok ") == len(types) + ops
 
 
-@pytest.mark.skipif(fast.simd.detect_isa("avx2") != "avx2", reason="CPU lacks AVX2")
+@pytest.mark.slow      # a second build of the kernels for AVX2 in a subprocess: minutes of compiling
+@pytest.mark.e2e
+@pytest.mark.skipif(simd.detect_isa("avx2") != "avx2", reason="CPU lacks AVX2")
 def test_avx2_path_main_types():
     _run_avx2([G.Q4_0, G.Q4_K, G.Q6_K, G.Q8_0], ops=True)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(fast.simd.detect_isa("avx2") != "avx2", reason="CPU lacks AVX2")
+@pytest.mark.e2e
+@pytest.mark.skipif(simd.detect_isa("avx2") != "avx2", reason="CPU lacks AVX2")
 def test_avx2_path_other_types():
     _run_avx2([G.Q5_K, G.Q3_K, G.Q2_K, G.Q5_0, G.Q5_1, G.Q4_1, G.F16])
 
 
+@pytest.mark.e2e
 def test_simd_env_none_disables():
     r = subprocess.run([sys.executable, "-c", "from airobackend.kernels import fast; import numpy as np;"
                         "print(fast.ISA, fast.prepare_fast(2, np.zeros((1, 18), np.uint8), 1, 32))"],
