@@ -410,7 +410,11 @@ class Engine:
             if job.abort.is_set():
                 return None
             chunk = tokens[start:start + self.n_batch]
-            out = self.model.eval(np.asarray(chunk, dtype=np.int32), len(self._cache))
+            try:
+                out = self.model.eval(np.asarray(chunk, dtype=np.int32), len(self._cache))
+            except BaseException:
+                self._cache.clear()         # a failed evaluation leaves the cache in no known state
+                raise
             self._cache.extend(chunk)
             logits = self._last_logits = np.asarray(out)[-1]
         return logits
@@ -469,7 +473,11 @@ class Engine:
                     pending[0] = (start + len(group[-1][1]), toks[len(group[-1][1]):])
                 else:
                     pending.pop(0)
-            out = self.model.eval_spans([(st, np.asarray(t, dtype=np.int32)) for st, t in group])
+            try:
+                out = self.model.eval_spans([(st, np.asarray(t, dtype=np.int32)) for st, t in group])
+            except BaseException:
+                self._cache = []            # a failed evaluation leaves the cache in no known state
+                raise
             self._cache = tokens[:pending[0][0]] if pending else list(tokens)
             logits = self._last_logits = np.asarray(out)[-1]
         return logits
@@ -554,7 +562,11 @@ class Engine:
             yield GenerationEvent(text=job.prompt_text)
         t0 = time.perf_counter()
 
-        # Prompt cache: keep what the cache shares with the prompt, evaluate the rest (at least the last token).
+        # Prompt cache: keep what the cache shares with the prompt, evaluate the rest (at least the last token). A
+        # model whose layers live on other machines may have lost its KV cache (a stage restarted): nothing is reused.
+        lost = getattr(self.model, "cache_lost", None)
+        if lost is not None and lost():
+            self._cache.clear()
         self._drop_ahead()
         plan = self._plan(tokens)
         logits = self._fill(plan, tokens, job)
@@ -849,6 +861,12 @@ class Engine:
                        uptime=now - self._t_start, idletime=(now - self._t_idle_since) if idle else 0.0,
                        quiet=bool(self.settings.quiet))
             return out
+
+    def health(self) -> dict:
+        """{'status': 'ok' | 'error', ...}: what the model says of the machines it runs on (its pipeline stages);
+        a model in this process is always ok."""
+        check = getattr(self.model, "health", None)
+        return check() if check is not None else {"status": "ok"}
 
     @property
     def queue_length(self) -> int:

@@ -53,3 +53,8 @@ class ModelNotLoaded(AiroError):
 
 class InsufficientMemory(AiroError):
     """Loading would need more RAM than is available (the message gives both numbers)."""
+
+
+class BackendUnavailable(AiroError):
+    """A part of the model on another machine (a pipeline stage or a replica, on Ray) failed or is restarting; the
+    request cannot be served now (503). The message names the part and the node."""

@@ -66,6 +66,10 @@ class Llama:
         draft_p_min: a draft model given by path stops drafting after a token it gives less than this probability.
         lookup_ngram: without draft_model, N > 0 drafts by prompt lookup: the tokens that followed the last earlier
             occurrence of the context's final N tokens.
+        ray, stages: evaluate the layers in `stages` pipeline stages on the Ray cluster at `ray` ('host:port' of
+            `ray start --head`, 'auto', or 'local'; needs the [ray] extra): each stage maps only its own layers from
+            its node's copy of the file (airobackend.cluster). stages=1 without ray: the layers run here.
+        ray_options: more for airobackend.cluster.start_stages (allow_disk, cpus, restarts).
         **kwargs: other llama-cpp-python arguments (n_gpu_layers, use_mlock, ...) are accepted and ignored.
     """
 
@@ -76,7 +80,8 @@ class Llama:
                  progress_callback: Optional[Callable[[float], None]] = None, type_k: Any = None,
                  type_v: Any = None, cache_reuse: int = 32, cache_slots: int = 4, prompt_cache_mb: int = 0,
                  prompt_cache_dir: Optional[str] = None, draft_model: Any = None, draft_n: int = 8,
-                 draft_p_min: float = 0.75, lookup_ngram: int = 0, **kwargs: Any) -> None:
+                 draft_p_min: float = 0.75, lookup_ngram: int = 0, ray: Optional[str] = None, stages: int = 1,
+                 ray_options: Optional[dict] = None, **kwargs: Any) -> None:
         from airobackend.formats import open_model
         from airobackend.model import LlamaModel
         from airobackend.rope import apply_rope
@@ -99,10 +104,22 @@ class Llama:
         self._cache_settings = dict(cache_reuse=int(cache_reuse), cache_slots=int(cache_slots),
                                     prompt_cache_mb=prompt_cache_mb, prompt_cache_dir=prompt_cache_dir)
         try:
-            self.model = LlamaModel(self.model_file, n_ctx=n_ctx, n_threads=self.n_threads, n_batch=self.n_batch,
-                                    kernels=kernels, progress=progress_callback,
-                                    type_k="f16" if type_k is None else type_k,
-                                    type_v="f16" if type_v is None else type_v)
+            kv = dict(type_k="f16" if type_k is None else type_k, type_v="f16" if type_v is None else type_v)
+            if ray:
+                from airobackend.cluster import start_stages
+                self.model_file.close()
+                # The stages open their own copies of the file: they get the RoPE chosen here, as overrides.
+                self.model = start_stages(ray, self.model_path, int(stages), n_ctx=n_ctx, n_threads=self.n_threads,
+                                          n_batch=self.n_batch, kernels=kernels, file_options=dict(
+                                              n_gqa=n_gqa, rms_norm_eps=rms_norm_eps,
+                                              rope_freq_base=self.rope.rope_freq_base,
+                                              rope_freq_scale=self.rope.rope_freq_scale), **kv, **(ray_options or {}))
+                self.model_file = self.model.mf
+            elif int(stages) != 1:
+                raise RequestError("pipeline stages need a Ray cluster: give ray='host:port' (or 'local')")
+            else:
+                self.model = LlamaModel(self.model_file, n_ctx=n_ctx, n_threads=self.n_threads,
+                                        n_batch=self.n_batch, kernels=kernels, progress=progress_callback, **kv)
         except BaseException:
             self.model_file.close()
             raise
@@ -437,11 +454,14 @@ class Llama:
         return embeddings_response(self.engine, {"input": input}, model or self.model_path, truncate_default=True)
 
     def close(self) -> None:
-        """Release the model file (its mmap), after the engine kept its KV states (prompt_cache_dir). The object
-        is unusable afterwards."""
+        """Release the model file (its mmap), after the engine kept its KV states (prompt_cache_dir), and the stages
+        on other machines, if any. The object is unusable afterwards."""
         engine = self.__dict__.pop("_engine", None)
         if engine is not None:
             engine.close()
+        stages = getattr(getattr(self, "model", None), "close", None)
+        if stages is not None:
+            stages()
         mf = getattr(self, "model_file", None)
         if mf is not None:
             mf.close()

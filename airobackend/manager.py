@@ -180,7 +180,12 @@ def build_engine(entry: ModelEntry, settings: Settings, progress: ProgressFn) ->
     from airobackend.engine import Engine
     from airobackend.llama import Llama
 
-    if entry.weights_bytes <= mem_available():
+    if settings.ray and settings.replicas:
+        from airobackend.replicas import start_replicas
+        return start_replicas(settings, entry.path), None
+    if settings.ray:
+        pass                # the head maps only the embeddings and the output; the stages read their own layers
+    elif entry.weights_bytes <= mem_available():
         folder = Path(entry.path).parent
         prefetch([folder / part for part in entry.parts] or [Path(entry.path)], progress, 0.0, 0.8)
     kwargs = dict(model_path=entry.path, n_ctx=settings.n_ctx, n_threads=settings.n_threads,
@@ -194,6 +199,9 @@ def build_engine(entry: ModelEntry, settings: Settings, progress: ProgressFn) ->
         kwargs["progress_callback"] = lambda f: progress(0.8 + 0.15 * f)
     if "use_mmap" in params:
         kwargs["use_mmap"] = settings.use_mmap
+    if settings.ray:
+        kwargs.update(ray=settings.ray, stages=settings.stages, ray_options=dict(
+            allow_disk=settings.allow_disk, cpus=settings.ray_cpus, restarts=settings.ray_restarts))
     llama = Llama(**kwargs)
     progress(0.95)
     # Every kernel compiled (or loaded from the cache) now, not during the first request, which would otherwise
@@ -347,7 +355,9 @@ class ModelManager:
             get_template(settings.template)          # RequestError naming the known templates
         settings = dataclasses.replace(settings, **{f: _cache_type(getattr(settings, f), f)     # also from the
                                                     for f in ("cache_type_k", "cache_type_v")})   # environment
-        need = entry.ram_for(settings.n_ctx, settings.cache_type_k, settings.cache_type_v) + prompt_cache_bytes(settings)
+        # On Ray the nodes check their own share before anything is loaded (airobackend.cluster).
+        need = 0 if settings.ray else entry.ram_for(settings.n_ctx, settings.cache_type_k, settings.cache_type_v)
+        need += prompt_cache_bytes(settings)
         allow = self.settings.allow_disk if allow_disk is None else bool(allow_disk)
         room = self._room()
         if need > room:

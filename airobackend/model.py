@@ -105,11 +105,15 @@ class LlamaModel:
         kernels: 'auto', 'generic' or 'fast' (see kernels.matmul.prepare); None reads AIRO_KERNELS.
         progress: called with the fraction of layers prepared (0..1) while loading.
         type_k, type_v: KV cache types, 'f16' (default), 'q8_0' or 'q4_0' (llama.cpp's --cache-type-k/-v).
+        layers: (lo, hi) to hold only layers lo..hi-1 and their KV cache (a pipeline stage, airobackend.pipeline);
+            None = all. Only those layers' tensors are mapped.
+        head: hold the token embeddings, final norm and output matrix (False for a pipeline stage).
     """
 
     def __init__(self, mf: Any, n_ctx: int = 2048, n_threads: int = 0, n_batch: int = 512,
                  kernels: Optional[str] = None, progress: Optional[Callable[[float], None]] = None,
-                 type_k: str = "f16", type_v: str = "f16") -> None:
+                 type_k: str = "f16", type_v: str = "f16", layers: Optional[tuple[int, int]] = None,
+                 head: bool = True) -> None:
         hp = mf.hparams
         self.mf, self.hparams = mf, hp
         self.n_ctx, self.n_vocab, self.n_batch = int(n_ctx), int(hp.n_vocab), max(1, int(n_batch))
@@ -151,12 +155,17 @@ class LlamaModel:
             if self.freq_factors.size != self.n_rot // 2:
                 raise ModelFileError(f"rope_freqs has {self.freq_factors.size} values, not n_rot/2 = {self.n_rot // 2}",
                                      path=getattr(mf, "path", None), tensor="rope_freqs.weight")
-        self.tok_embeddings = weight("token_embd.weight")
-        self.norm = vector("output_norm.weight")
-        # Files with tied embeddings have no output matrix; the embedding matrix plays both roles.
-        self.output = weight("output.weight" if "output.weight" in t else "token_embd.weight")
+        lo, hi = layers if layers is not None else (0, self.n_layer)
+        if not 0 <= lo <= hi <= self.n_layer:
+            raise RequestError(f"layers {lo}..{hi} outside the model's 0..{self.n_layer}")
+        self.first_layer = int(lo)
+        if head:
+            self.tok_embeddings = weight("token_embd.weight")
+            self.norm = vector("output_norm.weight")
+            # Files with tied embeddings have no output matrix; the embedding matrix plays both roles.
+            self.output = weight("output.weight" if "output.weight" in t else "token_embd.weight")
         self.layers = []
-        for i in range(self.n_layer):
+        for i in range(lo, hi):
             self.layers.append(Layer(
                 attention_norm=vector(f"blk.{i}.attn_norm.weight"),
                 wq=weight(f"blk.{i}.attn_q.weight"), wk=weight(f"blk.{i}.attn_k.weight"),
@@ -166,10 +175,11 @@ class LlamaModel:
                 w3=weight(f"blk.{i}.ffn_up.weight"),
             ))
             if progress is not None:
-                progress((i + 1) / self.n_layer)
+                progress((i + 1 - lo) / max(1, hi - lo))
 
         # K/V width from the tensors themselves: a GGML v3 file cannot say n_gqa, the wk shape always does.
-        n_embd_gqa = self.layers[0].wk.n_rows if self.layers else self.n_embd
+        wk = t.get("blk.0.attn_k.weight")
+        n_embd_gqa = int(np.prod([int(v) for v in wk.ne[1:]])) if wk is not None else self.n_embd
         if n_embd_gqa < self.head_dim or n_embd_gqa % self.head_dim or self.n_head % (n_embd_gqa // self.head_dim):
             raise ModelFileError(f"attn_k has {n_embd_gqa} rows, not a whole number of kv heads of {self.head_dim}",
                                  path=getattr(mf, "path", None), tensor="blk.0.attn_k.weight")
@@ -186,7 +196,7 @@ class LlamaModel:
         """A KV cache of this model's geometry and RoPE (n_ctx positions, default the model's; types default to the
         model's `type_k` / `type_v`). `self.cache` is the one `eval` uses unless given another (one per sequence when
         several are served)."""
-        return KVCache(self.n_layer, self.n_head_kv, int(n_ctx or self.n_ctx), self.head_dim, n_rot=self.n_rot,
+        return KVCache(len(self.layers), self.n_head_kv, int(n_ctx or self.n_ctx), self.head_dim, n_rot=self.n_rot,
                        freq_base=self.freq_base, freq_scale=self.freq_scale, freq_factors=self.freq_factors,
                        type_k=type_k or self.type_k, type_v=type_v or self.type_v)
 
@@ -294,7 +304,7 @@ class LlamaModel:
         """One pass over a batch made of `pieces` [(start position, tokens), ...]: each piece's keys and values go
         to its positions, then each piece attends over the cache up to its own positions (so a later piece sees the
         earlier ones, and the entries already cached between them)."""
-        x = self.blocks(pieces, cache)
+        x = self.blocks(pieces, cache, -1 if all_rows else int(want_logits))
         if not want_logits:
             return None
         if not all_rows:
@@ -317,16 +327,23 @@ class LlamaModel:
         ops.rmsnorm(x, self.norm, self.eps, out)
         return out
 
-    def blocks(self, pieces: list[tuple[int, np.ndarray]], cache: Any) -> np.ndarray:
-        """The residual stream [n, d] after every layer, for `pieces` as `forward` takes them."""
+    def blocks(self, pieces: list[tuple[int, np.ndarray]], cache: Any, keep: int = -1) -> np.ndarray:
+        """The residual stream [n, d] after every layer, for `pieces` as `forward` takes them (at least the last
+        `keep` rows of it: all of them when keep < 0)."""
         tokens = pieces[0][1] if len(pieces) == 1 else np.concatenate([t for _, t in pieces])
-        n, hd = tokens.shape[0], self.head_dim
-        rows, r = [], 0                                                         # (row0, row1, start) per piece
-        for start, toks in pieces:
-            rows.append((r, r + toks.shape[0], start))
-            r += toks.shape[0]
-        pos = np.concatenate([np.arange(p, p + r1 - r0, dtype=np.int64) for r0, r1, p in rows])
         x = self.tok_embeddings.rows(tokens)                                    # [n, d]
+        return self.run_layers(x, [(int(start), toks.shape[0]) for start, toks in pieces], cache, keep)
+
+    def run_layers(self, x: np.ndarray, spans: Sequence[tuple[int, int]], cache: Any, keep: int = -1) -> np.ndarray:
+        """x [n, d] (updated in place) after this model's layers; `spans` [(start position, rows), ...] in row order
+        say where each run of rows sits in the sequence. A pipeline stage runs this on its own layers, with its
+        own cache (`keep` matters only to a model whose layers are elsewhere: airobackend.pipeline)."""
+        n, hd = x.shape[0], self.head_dim
+        rows, r = [], 0                                                         # (row0, row1, start) per span
+        for start, m in spans:
+            rows.append((r, r + m, start))
+            r += m
+        pos = np.concatenate([np.arange(p, p + r1 - r0, dtype=np.int64) for r0, r1, p in rows])
         b = self.buffers(n)
         h = b.h
         for il, layer in enumerate(self.layers):

@@ -34,9 +34,10 @@ from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 from starlette.routing import Match
 
-from .errors import AiroError, ContextOverflowError, EngineBusy, ModelNotLoaded, RequestError
+from .errors import AiroError, BackendUnavailable, ContextOverflowError, EngineBusy, ModelNotLoaded, RequestError
 from .settings import Settings
 
 log = logging.getLogger("airobackend.server")
@@ -125,6 +126,9 @@ def error_for_exception(path: str, exc: BaseException) -> JSONResponse:
     if isinstance(exc, ModelNotLoaded):
         return (openai_error(503, msg, "unavailable_error", code="model_not_loaded") if openai
                 else kobold_error(503, msg, "service_unavailable"))
+    if isinstance(exc, BackendUnavailable):
+        return (openai_error(503, msg, "unavailable_error", code="backend_unavailable", headers={"retry-after": "5"})
+                if openai else kobold_error(503, msg, "service_unavailable", headers={"retry-after": "5"}))
     if isinstance(exc, ContextOverflowError):
         return (openai_error(400, msg, "invalid_request_error", code="context_length_exceeded") if openai
                 else kobold_error(400, msg, "bad_input"))
@@ -681,9 +685,14 @@ def create_app(engine: Any, settings: Settings, pm: Optional[pluggy.PluginManage
             app.router.routes.append(route)
 
     @app.get("/health", include_in_schema=True, tags=["server"])
-    async def health() -> dict:
-        """Liveness probe (answers without the API key)."""
-        return {"status": "ok"}
+    async def health() -> Any:
+        """Liveness probe (answers without the API key). A model spread over machines (Ray stages or replicas)
+        says how each part is; 503 when it cannot serve at all."""
+        try:
+            report = await run_in_threadpool(engine.health)
+        except (AttributeError, ModelNotLoaded):
+            report = {"status": "ok"}
+        return JSONResponse(report, status_code=503 if report.get("status") == "error" else 200)
 
     if not any(getattr(r, "path", None) == "/" for r in app.router.routes):
         @app.get("/", include_in_schema=False)

@@ -53,6 +53,12 @@ class Settings:
     disable_adapters: tuple[str, ...] = ()
     quiet: bool = False
     allow_disk: bool = False               # load a model that does not fit in RAM, running from disk via mmap
+    # more than one machine (airobackend.cluster; needs the [ray] extra)
+    ray: Optional[str] = None              # Ray cluster address (host:port of `ray start --head`, 'auto', 'local')
+    stages: int = 1                        # pipeline stages: the layers split over this many Ray actors (nodes)
+    replicas: int = 0                      # whole engines as Ray actors behind this server (0: none, local engine)
+    ray_cpus: float = 1.0                  # Ray CPUs each stage or replica reserves (its placement-group bundle)
+    ray_restarts: int = 3                  # times Ray restarts a stage or replica that died
 
     @classmethod
     def from_env(cls, environ: Optional[dict] = None, **overrides) -> "Settings":

@@ -84,6 +84,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "in the context (default 0 = off; env AIRO_LOOKUP_NGRAM)")
     m.add_argument("--allow-disk", action="store_true", default=None,
                    help="load a model larger than free RAM, reading it from disk (slow; env AIRO_ALLOW_DISK)")
+    r = parser.add_argument_group("more than one machine (Ray; pip install 'airobackend[ray]')")
+    r.add_argument("--ray", metavar="ADDRESS", help="Ray cluster to run on: host:port of `ray start --head`, 'auto', "
+                   "or 'local' (this machine alone; env AIRO_RAY)")
+    r.add_argument("--stages", type=int, metavar="N", help="split the layers into N pipeline stages, one per node, "
+                   "each mapping only its own layers (default 1; env AIRO_STAGES)")
+    r.add_argument("--replicas", type=int, metavar="N", help="N whole engines, one per node, behind this server "
+                   "(env AIRO_REPLICAS)")
+    r.add_argument("--ray-cpus", type=float, metavar="N", help=f"CPUs each stage or replica reserves on its node "
+                   f"(default {d.ray_cpus:g}; env AIRO_RAY_CPUS)")
+    r.add_argument("--ray-restarts", type=int, metavar="N", help=f"times Ray restarts a stage or replica that died "
+                   f"(default {d.ray_restarts}; env AIRO_RAY_RESTARTS)")
     s = parser.add_argument_group("server")
     s.add_argument("--host", help=f"address to listen on (default {d.host}: this machine only; env AIRO_HOST)")
     s.add_argument("--port", type=int, help=f"port (default {d.port}, KoboldCpp's; env AIRO_PORT)")
@@ -148,11 +159,26 @@ def settings_from_args(args: argparse.Namespace, environ: Optional[dict] = None)
         max_body_bytes=args.max_body_bytes, max_connections=args.max_connections, quiet=args.quiet,
         textgen_stream_port=getattr(args, "textgen_stream_port", None), cache_reuse=args.cache_reuse,
         context_shift=False if args.noshift else None, cache_slots=args.cache_slots,
-        prompt_cache_mb=args.prompt_cache_mb, prompt_cache_dir=args.prompt_cache_dir)
+        prompt_cache_mb=args.prompt_cache_mb, prompt_cache_dir=args.prompt_cache_dir,
+        ray=getattr(args, "ray", None), stages=getattr(args, "stages", None), replicas=getattr(args, "replicas", None),
+        ray_cpus=getattr(args, "ray_cpus", None), ray_restarts=getattr(args, "ray_restarts", None))
     quant = KV_CACHE_TYPES[args.quantkv] if getattr(args, "quantkv", None) else None
     overrides["cache_type_k"] = getattr(args, "cache_type_k", None) or quant
     overrides["cache_type_v"] = getattr(args, "cache_type_v", None) or quant
-    return Settings.from_env(environ, **overrides)
+    settings = Settings.from_env(environ, **overrides)
+    check_cluster_settings(settings)
+    return settings
+
+
+def check_cluster_settings(settings: Settings) -> None:
+    """ValueError for Ray settings that cannot work together (before anything is started)."""
+    if settings.stages < 1 or settings.replicas < 0:
+        raise ValueError(f"--stages must be at least 1 and --replicas at least 0 (got {settings.stages}, "
+                         f"{settings.replicas})")
+    if (settings.stages > 1 or settings.replicas) and not settings.ray:
+        raise ValueError("--stages and --replicas need a Ray cluster: --ray host:port (or --ray local)")
+    if settings.stages > 1 and settings.replicas:
+        raise ValueError("--stages and --replicas cannot be combined yet: give one of them")
 
 
 def security_warnings(settings: Settings) -> list[str]:

@@ -1,0 +1,271 @@
+"""More than one machine, on Ray: connecting to a cluster, checking every node before anything is loaded, and
+placing pipeline stages (airobackend.pipeline) on the nodes.
+
+Ray is an optional dependency (`pip install 'airobackend[ray]'`); nothing here imports it before it is asked for.
+
+Before a stage is created on a node, a probe task placed on that node (the same placement-group bundle the stage
+will get) reports the node's copy of the model file (present? its fingerprint), its airobackend version and code
+digest, and the memory it has; the head refuses by name a node whose file or code differs from its own, or that
+lacks the RAM its stage needs (unless running from disk is allowed).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from airobackend.errors import AiroError, BackendUnavailable, InsufficientMemory, ModelFileError, RequestError
+
+log = logging.getLogger("airobackend.cluster")
+
+GB = 1e9
+# Bytes hashed for a file's fingerprint: the start (header, metadata, tensor table) and 16 samples spread over the rest.
+_HEAD_BYTES, _SAMPLES, _SAMPLE_BYTES = 4 << 20, 16, 64 << 10
+
+
+class ClusterError(AiroError):
+    """The Ray cluster cannot be used as asked: unreachable, too few nodes, a node that differs from the head."""
+
+
+def ray_module() -> Any:
+    """The `ray` module, or ClusterError saying how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise ClusterError("--ray needs Ray: pip install 'airobackend[ray]'") from None
+    return ray
+
+
+def fingerprint(path: str) -> str:
+    """A digest of a model file that tells two copies apart without reading all of it: its size, its first 4 MiB
+    (header, metadata, tensor table) and 16 samples of 64 KiB spread over the rest."""
+    p = Path(path)
+    size = p.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(p, "rb") as f:
+        h.update(f.read(_HEAD_BYTES))
+        for k in range(_SAMPLES):
+            f.seek(size * (2 * k + 1) // (2 * _SAMPLES))
+            h.update(f.read(_SAMPLE_BYTES))
+    return h.hexdigest()[:32]
+
+
+def code_digest() -> str:
+    """A digest of the airobackend package's Python files: nodes that run different code are told apart even when
+    the version number is the same (an editable install at another commit)."""
+    import airobackend
+    root = Path(airobackend.__file__).resolve().parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def rss_bytes() -> int:
+    """This process's resident memory (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def node_report(path: str, need_bytes: int) -> dict:
+    """What a node says about itself before a stage or replica is placed on it (run there by a probe task)."""
+    import airobackend
+    from airobackend.manager import mem_available
+
+    out = {"host": socket.gethostname(), "version": airobackend.__version__, "code": code_digest(),
+           "mem_available": mem_available(), "need": int(need_bytes), "file": None, "error": None}
+    try:
+        out["file"] = fingerprint(path)
+    except OSError as e:
+        out["error"] = f"{type(e).__name__}: {e.strerror or e}"
+    return out
+
+
+def check_reports(reports: Sequence[dict], head: dict, path: str, allow_disk: bool, what: Sequence[str]) -> None:
+    """Refuse, naming the node, when a node's file, version or code differs from the head's, or its RAM is short."""
+    for r, name in zip(reports, what):
+        where = f"{name} on node {r['host']}"
+        if r["error"]:
+            raise ModelFileError(f"{where} cannot read the model file: {r['error']}", path=path)
+        if r["file"] != head["file"]:
+            raise ModelFileError(f"{where} has a different model file at this path (fingerprint {r['file']}, the "
+                                 f"head's {head['file']})", path=path)
+        if (r["version"], r["code"]) != (head["version"], head["code"]):
+            raise ClusterError(f"{where} runs airobackend {r['version']} (code {r['code']}), the head "
+                               f"{head['version']} (code {head['code']}): install the same version on every node")
+        if r["need"] > r["mem_available"] and not allow_disk:
+            raise InsufficientMemory(f"{where} needs {r['need'] / GB:.2f} GB of RAM, but only "
+                                     f"{r['mem_available'] / GB:.2f} GB is available there (allow disk to run it "
+                                     f"from disk anyway)")
+
+
+def connect(address: str, *, num_cpus: Optional[int] = None, object_store_bytes: Optional[int] = None) -> Any:
+    """Connect this process to the Ray cluster at `address` ('host:port' of `ray start --head`, 'auto', or 'local'
+    for a cluster of this machine alone). An address that does not answer is refused at once, not retried."""
+    ray = ray_module()
+    if ray.is_initialized():
+        return ray
+    if address == "local":
+        ray.init(num_cpus=num_cpus, object_store_memory=object_store_bytes, include_dashboard=False,
+                 log_to_driver=False, configure_logging=False)
+        return ray
+    if address != "auto":
+        host, _, port = address.rpartition(":") if ":" in address else (address, "", "6379")
+        host = host.strip("[]") or "127.0.0.1"
+        try:
+            socket.create_connection((host, int(port)), timeout=5).close()
+        except (OSError, ValueError) as e:
+            raise ClusterError(f"cannot reach the Ray cluster at {address}: {e} (start one with `ray start --head`)")
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    except ConnectionError as e:
+        raise ClusterError(f"cannot connect to the Ray cluster at {address}: {e}") from None
+    return ray
+
+
+def _actor_error_types(ray: Any) -> tuple:
+    ex = ray.exceptions
+    return tuple(getattr(ex, n) for n in ("RayActorError", "ActorUnavailableError", "ActorDiedError", "GetTimeoutError",
+                                          "ObjectLostError", "OwnerDiedError") if hasattr(ex, n))
+
+
+class RayStages:
+    """The transport of a StagedModel whose stages are Ray actors: a handle is an ObjectRef, passed on as it is, so
+    a stage's output travels to the next stage's node without coming back to the head."""
+
+    def __init__(self, actors: list, ranges: Sequence[tuple[int, int]], hosts: Sequence[str], pg: Any = None) -> None:
+        self.ray = ray_module()
+        self.actors, self.ranges, self.hosts, self.pg = actors, list(ranges), list(hosts), pg
+        self._errors = _actor_error_types(self.ray)
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def name(self, i: int) -> str:
+        lo, hi = self.ranges[i]
+        return f"stage {i + 1} of {len(self.actors)} (layers {lo}-{hi - 1}, node {self.hosts[i]})"
+
+    def submit(self, i: int, method: str, *args: Any) -> Any:
+        return getattr(self.actors[i], method).remote(*args)
+
+    def get(self, handles: Any, timeout: Optional[float] = None) -> Any:
+        """ray.get, with a dead, restarting or silent stage reported as BackendUnavailable naming it."""
+        try:
+            return self.ray.get(handles, timeout=timeout)
+        except BackendUnavailable:
+            raise
+        except self._errors as e:
+            i = self._which(e)
+            what = self.name(i) if i is not None else "a stage"
+            how = "does not answer" if isinstance(e, self.ray.exceptions.GetTimeoutError) else "failed"
+            raise BackendUnavailable(f"{what} {how} ({type(e).__name__}); Ray restarts a failed stage, the next "
+                                     f"request evaluates the prompt again") from None
+
+    def _which(self, e: BaseException) -> Optional[int]:
+        ids = [a._actor_id.hex() for a in self.actors]
+        got = getattr(e, "actor_id", None)
+        if got in ids:
+            return ids.index(got)
+        text = str(e)
+        return next((i for i, a in enumerate(ids) if a in text), None)
+
+    def close(self) -> None:
+        for a in self.actors:
+            try:
+                self.ray.kill(a, no_restart=True)
+            except Exception:   # already gone
+                pass
+        if self.pg is not None:
+            try:
+                self.ray.util.remove_placement_group(self.pg)
+            except Exception:
+                pass
+
+
+def _placement(ray: Any, n: int, cpus: float, what: str) -> Any:
+    """A placement group of n one-stage bundles, each on its own node where there are enough nodes."""
+    from ray.util.placement_group import placement_group
+
+    nodes = [nd for nd in ray.nodes() if nd.get("Alive")]
+    strategy = "STRICT_SPREAD" if len(nodes) >= n else "SPREAD"
+    if strategy != "STRICT_SPREAD":
+        log.warning("%d %s on %d node(s): some share a machine", n, what, len(nodes))
+    pg = placement_group([{"CPU": cpus}] * n, strategy=strategy)
+    ready, _ = ray.wait([pg.ready()], timeout=60)
+    if not ready:
+        ray.util.remove_placement_group(pg)
+        raise ClusterError(f"the Ray cluster cannot place {n} {what} of {cpus:g} CPU each ({len(nodes)} node(s) "
+                           f"alive, strategy {strategy})")
+    return pg
+
+
+def _on_bundle(pg: Any, i: int) -> dict:
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)}
+
+
+def _stage_actor(ray: Any) -> Any:
+    """The Ray actor class of a pipeline stage: Stage, with `info` answered beside a running forward pass (its own
+    concurrency group), so that health checks do not wait for the stage's work."""
+    from airobackend.pipeline import Stage
+
+    class StageActor(Stage):
+        @ray.method(concurrency_group="probe")
+        def info(self) -> dict:
+            return Stage.info(self)
+
+    return ray.remote(concurrency_groups={"probe": 1})(StageActor)
+
+
+def start_stages(address: str, path: str, n_stages: int, *, n_ctx: int, n_threads: int = 0, n_batch: int = 512,
+                 type_k: str = "f16", type_v: str = "f16", file_options: Optional[dict] = None,
+                 allow_disk: bool = False, cpus: float = 1.0, restarts: int = 3, kernels: Optional[str] = None) -> Any:
+    """A StagedModel over `path` with `n_stages` stages placed on the Ray cluster at `address` (see `connect`):
+    every node checked (file, code, RAM) before anything is loaded; a stage that dies is restarted by Ray up to
+    `restarts` times. The head (this process) maps only the embeddings, final norm and output matrix."""
+    from airobackend.formats import open_model
+    from airobackend.pipeline import StagedModel, split_layers, stage_ram
+
+    options = dict(file_options or {})
+    mf = open_model(path, **options)
+    transport = None
+    try:
+        ranges = split_layers(mf.hparams.n_layer, n_stages)
+        ray = connect(address)
+        kw = dict(n_ctx=n_ctx, n_batch=n_batch, type_k=type_k, type_v=type_v, kernels=kernels)
+        needs = [stage_ram(mf, lo, hi, n_ctx=n_ctx, n_batch=n_batch, type_k=type_k, type_v=type_v)
+                 for lo, hi in ranges]
+        head = node_report(path, 0)
+        pg = _placement(ray, n_stages, cpus, "stages")
+        probe = ray.remote(num_cpus=0)(node_report)
+        try:
+            reports = ray.get([probe.options(**_on_bundle(pg, i)).remote(path, need) for i, need in enumerate(needs)])
+            names = [f"stage {i + 1} (layers {lo}-{hi - 1})" for i, (lo, hi) in enumerate(ranges)]
+            check_reports(reports, head, path, allow_disk, names)
+        except BaseException:
+            ray.util.remove_placement_group(pg)
+            raise
+        cls = _stage_actor(ray)
+        actors = [cls.options(num_cpus=cpus, max_restarts=restarts, max_task_retries=0, **_on_bundle(pg, i))
+                  .remote(path, lo, hi, n_threads=n_threads, file_options=options, **kw)
+                  for i, (lo, hi) in enumerate(ranges)]
+        transport = RayStages(actors, ranges, [r["host"] for r in reports], pg)
+        transport.get([a.warmup.remote() for a in actors])
+        model = StagedModel(mf, transport, ranges, n_threads=n_threads, **kw)
+    except BaseException:
+        if transport is not None:
+            transport.close()
+        mf.close()
+        raise
+    for i, (r, need) in enumerate(zip(reports, needs)):
+        log.info("%s: %.2f GB of RAM needed, %.2f GB available", transport.name(i), need / GB,
+                 r["mem_available"] / GB)
+    return model

@@ -1,0 +1,257 @@
+"""More than one machine, on a real Ray cluster of this machine (ray.cluster_utils.Cluster: several raylets, each a
+node of 1 CPU): pipeline stages as Ray actors giving the single-process model's logits and greedy text, a stage
+killed mid-stream, replicas serving concurrent clients with prefix affinity, and the refusals before loading.
+
+Skipped, with the reason, where Ray is not installed (`pip install 'airobackend[ray]'`)."""
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# Ray resolves 127.0.0.1 to the machine's network address unless clusters are "off" for this platform; tests stay
+# on the loopback interface. Must be set before ray is imported.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'airobackend[ray]')")
+
+from airobackend.errors import BackendUnavailable, ModelFileError, RequestError  # noqa: E402
+from airobackend.formats import open_model  # noqa: E402
+from airobackend.model import LlamaModel  # noqa: E402
+from airobackend.settings import Settings  # noqa: E402
+from airobackend.types import GenerationRequest, SamplingParams  # noqa: E402
+
+FIXTURES = Path(os.environ.get("AIRO_FIXTURES", Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures"))
+MODELS = FIXTURES / "models"
+needs_fixtures = pytest.mark.skipif(not MODELS.is_dir(),
+                                    reason=f"llama.cpp fixtures not found at {FIXTURES} (set AIRO_FIXTURES)")
+STORE = 80 << 20            # object store per node (Ray's minimum is 75 MiB): activations of a few batches
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args=dict(num_cpus=1, object_store_memory=STORE,
+                                                          include_dashboard=False))
+    for _ in range(2):
+        c.add_node(num_cpus=1, object_store_memory=STORE)
+    ray.init(address=c.address, include_dashboard=False, log_to_driver=False)
+    yield c.address
+    ray.shutdown()
+    c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def three_layers(tmp_path_factory) -> Path:
+    """A model of three layers (the demo model's recipe), for three stages."""
+    from airobackend.demo import DemoSpec, demo_model_path
+    return demo_model_path(tmp_path_factory.mktemp("demo3"), DemoSpec(n_layer=3, n_embd=128, n_head=4, n_ff=256))
+
+
+def greedy(engine, prompt, n=24, **kw):
+    """Greedy output of a prompt (text -> text; token list -> token list)."""
+    key = "prompt" if isinstance(prompt, str) else "tokens"
+    req = GenerationRequest(max_tokens=n, allow_context_shift=True, **{key: prompt}, **kw,
+                            sampling=SamplingParams(temperature=0.0, top_k=1, ban_eos=True, seed=1))
+    events = list(engine.generate(req))
+    return "".join(ev.text for ev in events) if key == "prompt" else [t for ev in events for t in ev.token_ids]
+
+
+def stages(address, path, n, n_ctx=64):
+    from airobackend.cluster import start_stages
+    return start_stages(address, str(path), n, n_ctx=n_ctx, n_threads=1)
+
+
+@needs_fixtures
+def test_two_stages_on_two_nodes_give_the_single_process_logits(cluster):
+    path = MODELS / "fx-q4_K_M.gguf"
+    st = stages(cluster, path, 2)
+    try:
+        ref = LlamaModel(open_model(path), n_ctx=64, n_threads=1)
+        info = st.stage_info()
+        assert [i["layers"] for i in info] == [(0, 1), (1, 2)] and len({i["pid"] for i in info}) == 2
+        toks = [1, 300, 400, 500, 600, 700, 800, 900, 10, 20, 30]
+        # The same kernels in the same order on every node: identical (tolerance 0), not merely close.
+        np.testing.assert_array_equal(ref.eval(toks, 0, logits_all=True), st.eval(toks, 0, logits_all=True))
+        for i, t in enumerate([5, 77]):
+            np.testing.assert_array_equal(ref.eval([t], len(toks) + i), st.eval([t], len(toks) + i))
+        ref.cache.remove(1, 6, 13)
+        st.cache.remove(1, 6, 13)
+        np.testing.assert_array_equal(ref.eval([9], 8), st.eval([9], 8))
+        assert st.health()["status"] == "ok"
+    finally:
+        st.close()
+
+
+def test_three_stages_greedy_text_and_context_shift(cluster, three_layers):
+    from airobackend.engine import Engine
+    from airobackend.llama import Llama
+
+    ref = Llama(str(three_layers), n_ctx=48, n_threads=1, verbose=False)
+    st = Llama(str(three_layers), n_ctx=48, n_threads=1, verbose=False, ray=cluster, stages=3)
+    try:
+        assert [r for r in st.model.ranges] == [(0, 1), (1, 2), (2, 3)]
+        a, b = (Engine(x, Settings(n_ctx=48)) for x in (ref, st))
+        # 80 tokens in a 48-token context: shifted on every stage alike.
+        assert greedy(a, "Once upon a time", 80) == greedy(b, "Once upon a time", 80)
+    finally:
+        st.close()
+
+
+def test_greedy_text_through_the_server(cluster, three_layers):
+    from starlette.testclient import TestClient
+
+    from airobackend.manager import ModelManager
+    from airobackend.server import create_app
+
+    settings = Settings(model=str(three_layers), n_ctx=64, n_threads=1, ray=cluster, stages=2)
+    body = {"prompt": "The sea", "max_length": 12, "temperature": 0.01, "top_k": 1, "rep_pen": 1.0}
+    texts = []
+    for s in (Settings(model=str(three_layers), n_ctx=64, n_threads=1), settings):
+        manager = ModelManager(s)
+        manager.load(manager.register(str(three_layers)))
+        try:
+            with TestClient(create_app(manager, s)) as client:
+                r = client.post("/api/v1/generate", json=body)
+                assert r.status_code == 200, r.text
+                texts.append(r.json()["results"][0]["text"])
+                health = client.get("/health").json()
+        finally:
+            manager.unload()
+    assert texts[0] == texts[1] and texts[0]
+    assert [s["state"] for s in health["stages"]] == ["up", "up"]
+
+
+def test_killed_stage_ends_the_stream_with_an_error_and_serving_resumes(cluster, three_layers):
+    from airobackend.engine import Engine
+    from airobackend.llama import Llama
+
+    ref = Engine(Llama(str(three_layers), n_ctx=64, n_threads=1, verbose=False), Settings(n_ctx=64))
+    llama = Llama(str(three_layers), n_ctx=64, n_threads=1, verbose=False, ray=cluster, stages=2,
+                  ray_options=dict(restarts=1))
+    try:
+        engine = Engine(llama, Settings(n_ctx=64))
+        req = GenerationRequest(prompt="Far away", max_tokens=40, allow_context_shift=True,
+                                sampling=SamplingParams(temperature=0.0, top_k=1, ban_eos=True))
+        events = engine.generate(req)
+        next(events)                                          # generating: the stages hold the prompt
+        victim = llama.model.stage_info()[1]["pid"]
+        os.kill(victim, 9)
+        with pytest.raises(BackendUnavailable, match="stage 2 of 2"):
+            for _ in events:
+                pass
+        assert not engine.is_running()
+        # Ray restarts the stage (its cache empty); the next request evaluates its prompt again and is right.
+        assert greedy(engine, "Far away", 12) == greedy(ref, "Far away", 12)
+        info = llama.model.stage_info()
+        assert info[1]["pid"] != victim and llama.model.health()["status"] == "ok"
+    finally:
+        llama.close()
+
+
+def test_stage_count_and_addresses_refused_before_loading(cluster):
+    from airobackend.cluster import ClusterError, connect
+
+    with pytest.raises(RequestError, match="3 stages for a model of 2 layers"):
+        stages(cluster, MODELS / "fx-q4_0.gguf", 3)
+    ray.shutdown()
+    try:
+        with pytest.raises(ClusterError, match="cannot reach the Ray cluster at 127.0.0.1:9"):
+            connect("127.0.0.1:9")
+    finally:
+        ray.init(address=cluster, include_dashboard=False, log_to_driver=False)
+
+
+def test_nodes_that_differ_are_refused_by_name(tmp_path):
+    from airobackend.cluster import ClusterError, check_reports, node_report
+
+    path = MODELS / "fx-q4_0.gguf"
+    head = node_report(str(path), 0)
+    missing = node_report(str(tmp_path / "absent.gguf"), 0)
+    assert missing["error"] and "FileNotFoundError" in missing["error"]
+    with pytest.raises(ModelFileError, match="stage 2 on node .* cannot read the model file"):
+        check_reports([head, missing], head, str(path), False, ["stage 1", "stage 2"])
+    other = dict(head, file="0" * 32)
+    with pytest.raises(ModelFileError, match="different model file"):
+        check_reports([other], head, str(path), False, ["replica 1"])
+    with pytest.raises(ClusterError, match="runs airobackend 0.0.9"):
+        check_reports([dict(head, version="0.0.9")], head, str(path), False, ["stage 1"])
+    short = dict(head, need=10 ** 15)
+    from airobackend.errors import InsufficientMemory
+    with pytest.raises(InsufficientMemory, match="stage 1 on node"):
+        check_reports([short], head, str(path), False, ["stage 1"])
+    check_reports([short], head, str(path), True, ["stage 1"])       # allowed to run from disk
+
+
+def test_replicas_serve_concurrent_clients_with_prefix_affinity(cluster, three_layers):
+    from airobackend.replicas import start_replicas
+
+    settings = Settings(model=str(three_layers), n_ctx=64, n_threads=1, ray=cluster, replicas=2, multiuser=2)
+    rs = start_replicas(settings, str(three_layers))
+    try:
+        out: dict = {}
+        prompts = {"a": [1, 50, 60, 70, 80], "b": [1, 90, 100, 110]}
+
+        def client(k):
+            out[k] = greedy(rs, prompts[k], 16, genkey=k)
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in prompts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert set(out) == {"a", "b"} and all(len(v) == 16 for v in out.values())
+        # The returning conversation goes to the replica holding it: only the new tail is evaluated there (on the
+        # other replica the whole prompt would be).
+        for k in ("b", "a"):
+            assert greedy(rs, prompts[k] + out[k] + [120], 4) and rs.perf()["last_process_count"] <= 2
+        assert rs.health()["status"] == "ok"
+    finally:
+        rs.close()
+
+
+def test_replica_killed_mid_stream_others_keep_serving(cluster, three_layers):
+    from airobackend.replicas import start_replicas
+
+    settings = Settings(model=str(three_layers), n_ctx=64, n_threads=1, ray=cluster, replicas=2, ray_restarts=0)
+    rs = start_replicas(settings, str(three_layers))
+    try:
+        req = GenerationRequest(prompt="Deep in the forest", max_tokens=60, genkey="k1",
+                                sampling=SamplingParams(temperature=0.0, top_k=1, ban_eos=True))
+        events = rs.generate(req)
+        next(events)
+        victim = rs._keys["k1"]
+        pid = ray.get(rs.actors[victim].info.remote())["pid"]
+        os.kill(pid, 9)
+        with pytest.raises(BackendUnavailable, match=f"replica {victim + 1} of 2"):
+            for _ in events:
+                pass
+        assert greedy(rs, "Deep in the forest", 6)                       # the other replica serves
+        health = rs.health()
+        assert health["status"] == "degraded" and health["replicas"][victim]["state"] == "down"
+    finally:
+        rs.close()
+
+
+def test_abort_by_genkey_reaches_the_replica_running_it(cluster, three_layers):
+    from airobackend.replicas import start_replicas
+    from airobackend.types import FinishReason
+
+    settings = Settings(model=str(three_layers), n_ctx=256, n_threads=1, ray=cluster, replicas=2)
+    rs = start_replicas(settings, str(three_layers))
+    try:
+        req = GenerationRequest(prompt="Long ago", max_tokens=200, genkey="mine",
+                                sampling=SamplingParams(temperature=0.0, top_k=1, ban_eos=True))
+        events = rs.generate(req)
+        first = next(events)
+        assert rs.is_running("mine") and rs.partial_text("mine").startswith(first.text)
+        assert rs.abort("mine")
+        last = list(events)[-1]
+        assert last.finish_reason is FinishReason.ABORTED and last.completion_tokens < 200
+        assert not rs.abort("nobody")
+    finally:
+        rs.close()
