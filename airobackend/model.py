@@ -320,12 +320,15 @@ class LlamaModel:
         n * n_head_kv * head_dim * 4 bytes and the model's caches and what they hold are not touched."""
         tokens = self._check_tokens(tokens)
         numba.set_num_threads(self.n_threads)
-        scratch = KVCache(1, self.n_head_kv, tokens.shape[0], self.head_dim, n_rot=self.n_rot,
-                          freq_base=self.freq_base, freq_scale=self.freq_scale)
-        x = self.blocks([(0, tokens)], _EveryLayerIn(scratch))
+        x = self.blocks([(0, tokens)], self.scratch_cache(tokens.shape[0]))
         out = np.empty_like(x)
         ops.rmsnorm(x, self.norm, self.eps, out)
         return out
+
+    def scratch_cache(self, n: int) -> "_EveryLayerIn":
+        """A one-layer cache of n positions standing in for every layer: what `hidden_states` evaluates with."""
+        return _EveryLayerIn(KVCache(1, self.n_head_kv, n, self.head_dim, n_rot=self.n_rot, freq_base=self.freq_base,
+                                     freq_scale=self.freq_scale, freq_factors=self.freq_factors))
 
     def blocks(self, pieces: list[tuple[int, np.ndarray]], cache: Any, keep: int = -1) -> np.ndarray:
         """The residual stream [n, d] after every layer, for `pieces` as `forward` takes them (at least the last

@@ -67,8 +67,7 @@ class Stage:
         self.mf = open_model(self.path, **(file_options or {}))
         try:
             self.model = LlamaModel(self.mf, n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch, kernels=kernels,
-                                    layers=(self.lo, self.hi), head=False)
-            self.model.cache = self.model.new_cache(type_k=type_k, type_v=type_v)
+                                    layers=(self.lo, self.hi), head=False, type_k=type_k, type_v=type_v)
         except BaseException:
             self.mf.close()
             raise
@@ -96,12 +95,7 @@ class Stage:
         was rebuilt since refuses, as its caches no longer hold what the caller thinks."""
         self._check(instance)
         x = np.array(x, dtype=np.float32, order="C")          # received arrays are read-only
-        if cache_id == SCRATCH:
-            m = self.model
-            cache: Any = _EveryLayerIn(KVCache(1, m.n_head_kv, x.shape[0], m.head_dim, n_rot=m.n_rot,
-                                               freq_base=m.freq_base, freq_scale=m.freq_scale))
-        else:
-            cache = self._cache(cache_id)
+        cache: Any = self.model.scratch_cache(x.shape[0]) if cache_id == SCRATCH else self._cache(cache_id)
         x = self.model.run_layers(x, [(int(s), int(n)) for s, n in spans], cache)
         return x if keep < 0 else x[x.shape[0] - keep:].copy()
 
@@ -253,17 +247,17 @@ class StagedModel(LlamaModel):
                  n_threads: int = 0, n_batch: int = 512, kernels: Optional[str] = None, type_k: str = "f16",
                  type_v: str = "f16", micro_batch: int = 0) -> None:
         super().__init__(mf, n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch, kernels=kernels, layers=(0, 0),
-                         head=True)
+                         head=True, type_k=type_k, type_v=type_v)
         self.transport, self.ranges = transport, [tuple(r) for r in ranges]
         if len(self.ranges) != len(transport) or self.ranges[0][0] != 0 or self.ranges[-1][1] != self.n_layer \
                 or any(a[1] != b[0] for a, b in zip(self.ranges, self.ranges[1:])):
             raise RequestError(f"stage ranges {self.ranges} do not cover the {self.n_layer} layers in order")
         self.micro_batch = int(micro_batch)
-        self._types = (type_k, type_v)
+        self._types = (self.type_k, self.type_v)
         self._next_id = 1
         self._extra: dict[int, tuple[int, str, str]] = {}          # other caches: id -> (n_ctx, type_k, type_v)
         self.instances = [info["instance"] for info in self.fetch([self.submit(i, "info") for i in range(len(self))])]
-        self.cache = StagedCache(self, 0, self.n_ctx, type_k, type_v)
+        self.cache = StagedCache(self, 0, self.n_ctx, *self._types)
 
     def __len__(self) -> int:
         return len(self.ranges)
@@ -370,19 +364,23 @@ class StagedModel(LlamaModel):
 
 def stage_ram(mf: Any, lo: int, hi: int, *, n_ctx: int, n_batch: int = 512, type_k: str = "f16",
               type_v: str = "f16") -> int:
-    """Bytes of RAM a stage of layers [lo, hi) needs: its layers' tensors, their KV cache for n_ctx positions and
-    one batch of activations (no logits: the head computes those)."""
+    """Bytes of RAM a stage of layers [lo, hi) needs: its layers' tensors, their KV cache for n_ctx positions, one
+    batch of activations (no logits: the head computes those) and the process's own (interpreter, Numba runtime)."""
+    from airobackend.formats import SCRATCH_OVERHEAD
+
     hp = mf.hparams
     weights = sum(int(t.nbytes) for name, t in mf.tensors.items()
                   if name.startswith("blk.") and lo <= int(name.split(".")[1]) < hi)
     head_dim = int(hp.n_embd) // int(hp.n_head)
     kv = KVCache.size_bytes(hi - lo, int(hp.n_embd_gqa) // head_dim, n_ctx, head_dim, type_k, type_v)
     per_row = 6 * int(hp.n_embd) + 2 * int(hp.n_ff) + int(hp.n_head) * n_ctx
-    return weights + kv + 4 * min(n_batch, n_ctx) * per_row
+    return weights + kv + 4 * min(n_batch, n_ctx) * per_row + SCRATCH_OVERHEAD
 
 
 def head_ram(mf: Any, *, n_ctx: int, n_batch: int = 512) -> int:
-    """Bytes of RAM the head of a staged model needs: embeddings, final norm, output matrix and logits."""
+    """Bytes of RAM the head of a staged model needs: embeddings, final norm, output matrix, logits and the process's
+    own (the server, tokenizer, Numba runtime)."""
+    from airobackend.formats import SCRATCH_OVERHEAD
     hp = mf.hparams
     weights = sum(int(t.nbytes) for name, t in mf.tensors.items() if not name.startswith("blk."))
-    return weights + 4 * min(n_batch, n_ctx) * (2 * int(hp.n_embd) + int(hp.n_vocab))
+    return weights + 4 * min(n_batch, n_ctx) * (2 * int(hp.n_embd) + int(hp.n_vocab)) + SCRATCH_OVERHEAD

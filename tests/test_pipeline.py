@@ -134,3 +134,60 @@ def test_stage_ram_adds_up_to_the_model():
     assert sum(stages) > layer_bytes + kv and head_ram(mf, **kw) > other
     layer = [sum(t.nbytes for n, t in mf.tensors.items() if n.startswith(f"blk.{i}.")) for i in range(2)]
     assert stages[1] - stages[0] == layer[1] - layer[0]    # the same KV share and scratch; its own layer's bytes
+
+
+@needs_fixtures
+def test_inspect_prints_the_ram_of_each_stage(capsys):
+    import json
+
+    from airobackend.cli import main
+
+    path = str(MODELS / "fx-q4_K_M.gguf")
+    assert main(["inspect", path, "--stages", "2", "--n-ctx", "512", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    mf = open_model(path)
+    want = [head_ram(mf, n_ctx=512)] + [stage_ram(mf, lo, hi, n_ctx=512) for lo, hi in [(0, 1), (1, 2)]]
+    assert [s["ram_bytes"] for s in d["stages"]] == want
+    assert [s["layers"] for s in d["stages"]] == [None, [0, 0], [1, 1]]
+    assert main(["inspect", path, "--stages", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "stage 2 (layers 1-1)" in text and "head" in text
+    assert main(["inspect", path, "--stages", "3"]) == 1
+    assert "3 stages for a model of 2 layers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--stages", "2"], "need a Ray cluster"),
+    (["--replicas", "2"], "need a Ray cluster"),
+    (["--ray", "local", "--stages", "2", "--replicas", "2"], "cannot be combined"),
+    (["--ray", "local", "--stages", "0"], "at least 1"),
+])
+def test_serve_refuses_cluster_flags_that_cannot_work(argv, message, capsys):
+    from airobackend.cli import main
+
+    assert main(["serve", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_without_ray_the_error_says_how_to_install_it(monkeypatch):
+    import sys
+
+    from airobackend.cluster import ClusterError, connect
+
+    monkeypatch.setitem(sys.modules, "ray", None)          # as if Ray were not installed
+    with pytest.raises(ClusterError, match=r"pip install 'airobackend\[ray\]'"):
+        connect("127.0.0.1:6379")
+
+
+def test_a_failed_stage_or_replica_is_the_protocols_503():
+    import json
+
+    from airobackend.errors import BackendUnavailable
+    from airobackend.server import error_for_exception
+
+    exc = BackendUnavailable("stage 2 of 2 (layers 40-79, node b) failed (ActorDiedError)")
+    openai = error_for_exception("/v1/completions", exc)
+    kobold = error_for_exception("/api/v1/generate", exc)
+    assert openai.status_code == kobold.status_code == 503
+    assert json.loads(openai.body)["error"]["message"] == str(exc)
+    assert json.loads(kobold.body)["detail"]["msg"] == str(exc)

@@ -255,3 +255,25 @@ def test_abort_by_genkey_reaches_the_replica_running_it(cluster, three_layers):
         assert not rs.abort("nobody")
     finally:
         rs.close()
+
+
+def test_replicas_behind_the_server(cluster, three_layers):
+    from starlette.testclient import TestClient
+
+    from airobackend.manager import ModelManager
+    from airobackend.server import create_app
+
+    settings = Settings(model=str(three_layers), n_ctx=64, n_threads=1, ray=cluster, replicas=2)
+    manager = ModelManager(settings)
+    manager.load(manager.register(str(three_layers)))
+    try:
+        with TestClient(create_app(manager, settings)) as client:
+            body = {"prompt": "The sea", "max_length": 8, "temperature": 0.01, "top_k": 1, "rep_pen": 1.0}
+            r = client.post("/api/v1/generate", json=body)
+            assert r.status_code == 200 and r.json()["results"][0]["text"]
+            r = client.post("/v1/completions", json={"prompt": "The sea", "max_tokens": 8, "temperature": 0})
+            assert r.status_code == 200 and r.json()["choices"][0]["text"]
+            health = client.get("/health").json()
+            assert health["status"] == "ok" and [x["state"] for x in health["replicas"]] == ["up", "up"]
+    finally:
+        manager.unload()

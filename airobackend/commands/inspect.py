@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from ..errors import ModelFileError
+from ..errors import ModelFileError, RequestError
 from ..settings import KV_CACHE_TYPES
 
 
@@ -25,6 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="KoboldCpp's spelling: 0 = f16, 1 = q8_0, 2 = q4_0 for keys and values "
                         "(--cache-type-k/-v win where given)")
     parser.add_argument("--tensors", action="store_true", help="also list every tensor (name, type, shape)")
+    parser.add_argument("--stages", type=int, default=None, metavar="N",
+                        help="the RAM each of N pipeline stages needs (serve --ray ADDRESS --stages N), and the head")
     parser.add_argument("--rope-freq-base", type=float, default=None, help="RoPE base override (as serve takes it)")
     parser.add_argument("--rope-freq-scale", type=float, default=None, help="RoPE scale override (as serve takes it)")
 
@@ -70,6 +72,17 @@ def describe(mf, n_ctx=None, with_tensors: bool = False, type_k: str = "f16", ty
     return out
 
 
+def stages_ram(mf, n_stages: int, n_ctx: int, type_k: str, type_v: str) -> list[dict]:
+    """The head (embeddings, output, logits: stage 0) and each of n_stages pipeline stages: layers and bytes of RAM."""
+    from ..pipeline import head_ram, split_layers, stage_ram
+
+    out = [{"stage": 0, "layers": None, "ram_bytes": head_ram(mf, n_ctx=n_ctx)}]
+    for i, (lo, hi) in enumerate(split_layers(mf.hparams.n_layer, n_stages)):
+        out.append({"stage": i + 1, "layers": [lo, hi - 1],
+                    "ram_bytes": stage_ram(mf, lo, hi, n_ctx=n_ctx, type_k=type_k, type_v=type_v)})
+    return out
+
+
 def main(args: argparse.Namespace) -> int:
     from ..formats import open_model
     try:
@@ -82,6 +95,12 @@ def main(args: argparse.Namespace) -> int:
         quant = KV_CACHE_TYPES[args.quantkv] if args.quantkv else None
         d = describe(mf, args.n_ctx, args.tensors, args.cache_type_k or quant or "f16",
                      args.cache_type_v or quant or "f16", args.rope_freq_base, args.rope_freq_scale)
+        if args.stages:
+            try:
+                d["stages"] = stages_ram(mf, args.stages, d["n_ctx"], d["cache_type_k"], d["cache_type_v"])
+            except RequestError as e:
+                print(f"airobackend inspect: error: {e}", file=sys.stderr)
+                return 1
     if args.json:
         print(json.dumps(d, indent=1))
         return 0
@@ -112,6 +131,9 @@ def main(args: argparse.Namespace) -> int:
                      f"the v3 layout in memory when loaded")
     lines.append(f"RAM       {_gib(d['ram_bytes'])} needed at n_ctx {d['n_ctx']} (file {_gib(d['file_size'])} + "
                  f"KV cache {_gib(d['kv_cache_bytes'])} {d['cache_type_k']}/{d['cache_type_v']} + scratch)")
+    for st in d.get("stages", ()):
+        where = "head" if st["stage"] == 0 else f"stage {st['stage']} (layers {st['layers'][0]}-{st['layers'][1]})"
+        lines.append(f"  {where:<24} {_gib(st['ram_bytes'])} RAM on its node")
     if args.tensors:
         for t in d["tensors"]:
             lines.append(f"  {t['name']:<28} {t['type']:<5} {str(t['ne']):<16} @{t['offset']}")
