@@ -109,7 +109,8 @@ class Llama:
                 from airobackend.cluster import start_stages
                 self.model_file.close()
                 # The stages open their own copies of the file: they get the RoPE chosen here, as overrides.
-                self.model = start_stages(ray, self.model_path, int(stages), n_ctx=n_ctx, n_threads=self.n_threads,
+                # Threads: as given, else each node uses its own CPUs (0).
+                self.model = start_stages(ray, self.model_path, int(stages), n_ctx=n_ctx, n_threads=int(n_threads or 0),
                                           n_batch=self.n_batch, kernels=kernels, file_options=dict(
                                               n_gqa=n_gqa, rms_norm_eps=rms_norm_eps,
                                               rope_freq_base=self.rope.rope_freq_base,

@@ -61,8 +61,10 @@ class Stage:
     def __init__(self, path: str, lo: int, hi: int, *, n_ctx: int, n_threads: int = 0, n_batch: int = 512,
                  kernels: Optional[str] = None, type_k: str = "f16", type_v: str = "f16",
                  file_options: Optional[dict] = None) -> None:
+        from airobackend.cluster import rss_bytes
         from airobackend.formats import open_model
 
+        self.rss_start = rss_bytes()            # the process before the layers: what the layers add is told apart
         self.path, self.lo, self.hi = str(path), int(lo), int(hi)
         self.mf = open_model(self.path, **(file_options or {}))
         try:
@@ -78,6 +80,7 @@ class Stage:
         """What the head checks and shows: this stage's instance, layers, pid and resident memory."""
         from airobackend.cluster import rss_bytes
         return {"instance": self.instance, "layers": (self.lo, self.hi), "pid": os.getpid(), "rss": rss_bytes(),
+                "rss_start": self.rss_start,
                 "cache_bytes": sum(c.nbytes for c in self.caches.values())}
 
     def warmup(self) -> None:

@@ -12,6 +12,7 @@ Ray restarts it (bounded by Settings.ray_restarts) and it is taken back once it 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -168,10 +169,12 @@ class ReplicaSet:
         log.error("%s", why)
         return BackendUnavailable(why)
 
-    # ---------------------------------------------------------------------------------------------- the Engine interface
+    # ------------------------------------------------------------------------------------------ the Engine interface
     def generate(self, req: GenerationRequest) -> Iterator[GenerationEvent]:
         if not isinstance(req, GenerationRequest):
             raise RequestError("generate() takes a GenerationRequest")
+        if not req.request_id:          # a key to stop it on its replica by, should the reader go away
+            req = dataclasses.replace(req, request_id="airo-" + uuid.uuid4().hex[:16])
         i = self._acquire(req)
         if i is None:
             return iter([GenerationEvent(finish_reason=FinishReason.ABORTED)])
@@ -205,8 +208,8 @@ class ReplicaSet:
                     break
                 ev = self._next(i, refs)
         finally:
-            if not ok:
-                self.ray.cancel(refs) if hasattr(refs, "_generator_ref") else None
+            if not ok and i not in self._down:       # the reader went away: stop the generation on its replica
+                self.actors[i].call.remote("abort", req.request_id)
             held = (req.prompt + "".join(text)) if req.prompt is not None else tuple(req.tokens or ()) + tuple(text)
             self._release(i, req, held if ok else None)
 

@@ -13,7 +13,8 @@ Figures:
   ratio         staged ms/token / local ms/token (the goal: <= 1.10 for 2 stages on one machine);
   bytes/token   activations sent per decode token: n_embd float32 per hop (head -> stage 1 -> ... -> head);
   bytes/chunk   the same for a prompt chunk of n_batch rows (what a slow link multiplies);
-  RSS / share   each stage's resident memory against its share of the file (its layers' bytes).
+  RSS / share   each stage's resident memory, and what it grew by from before its layers were loaded (the
+                process itself, Python, Numba and Ray, is the rest) against its share of the file.
 Default model: a 7B-wide slice (n_embd 4096, n_ff 11008, 4 layers, q4_0, 32000 tokens) written to a temporary folder.
 Real network latency is not measured here: add the link's round trip per hop, and bytes/token over its bandwidth.
 """
@@ -75,10 +76,10 @@ def main() -> int:
     local = LlamaModel(mf, n_ctx=args.n_ctx, n_threads=threads)
     local.eval(prompt, 0)
 
-    cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=1, object_store_memory=80 << 20,
+    cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=2, object_store_memory=80 << 20,
                                                                 include_dashboard=False))
     for _ in range(max(counts) - 1):
-        cluster.add_node(num_cpus=1, object_store_memory=80 << 20)
+        cluster.add_node(num_cpus=2, object_store_memory=80 << 20)     # room for the 2- and 3-stage sets at once
     ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
     staged = {}
     try:
@@ -109,8 +110,10 @@ def main() -> int:
                 lo, hi = info["layers"]
                 share = sum(t.nbytes for k, t in mf.tensors.items()
                             if k.startswith("blk.") and lo <= int(k.split(".")[1]) < hi)
-                print(f"{n} stages, stage {i + 1} (layers {lo}-{hi - 1}): RSS {info['rss'] / 2**20:.0f} MiB, share "
-                      f"of the file {share / 2**20:.0f} MiB, ratio {info['rss'] / share:.2f}")
+                grown = info["rss"] - info["rss_start"]
+                print(f"{n} stages, stage {i + 1} (layers {lo}-{hi - 1}): RSS {info['rss'] / 2**20:.0f} MiB, of "
+                      f"which the layers and their cache {grown / 2**20:.0f} MiB; share of the file "
+                      f"{share / 2**20:.0f} MiB, ratio {grown / share:.2f}")
         print("raw ms/token per run:", {str(k): [round(v, 2) for v in vs] for k, vs in results.items()})
     finally:
         for m in staged.values():
