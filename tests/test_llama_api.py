@@ -3,6 +3,8 @@ the demo model and a llama.cpp-made fixture. Greedy generation is checked token 
 (eval + argmax of scores), so the high-level loop is the model's own arithmetic, not a copy of it."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -252,3 +254,18 @@ def test_a_weight_the_kernels_refuse_is_a_model_file_error_naming_file_and_tenso
     assert isinstance(e.value, ModelFileError) and isinstance(e.value, UnsupportedType)
     assert e.value.path == str(path) and e.value.tensor == "token_embd.weight"
     assert "no fast kernel for F32" in str(e.value) and str(path) in str(e.value)
+
+
+def test_real_model_calls_a_tool_through_the_python_api(smol):
+    """create_chat_completion with tools on a file whose template has no tool syntax: the tools reach the model as
+    JSON text (llama.cpp's polyfills) and its call, forced by the grammar, takes the city from the question."""
+    weather = {"type": "function", "function": {
+        "name": "get_weather", "description": "Current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    msgs = [{"role": "user", "content": "What is the weather in Paris?"}]
+    out = smol.create_chat_completion(msgs, tools=[weather], tool_choice="required", max_tokens=60, **GREEDY)
+    (choice,) = out["choices"]
+    assert choice["finish_reason"] == "tool_calls"
+    (call,) = choice["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_weather" and "Paris" in json.loads(call["function"]["arguments"])["city"]
+    assert '"name": "get_weather"' in smol.engine.format_chat(msgs, tools=[weather])
