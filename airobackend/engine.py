@@ -41,6 +41,7 @@ from airobackend.errors import ContextOverflowError, EngineBusy, RequestError
 from airobackend.promptcache import PromptCache, ReusePlan, StateStore, common_prefix, plan_reuse
 from airobackend.sampling import Sampler, validate_sampling
 from airobackend.settings import Settings
+from airobackend.speculative import Governor
 from airobackend.types import FinishReason, GenerationEvent, GenerationRequest, SamplingParams
 
 log = logging.getLogger("airobackend.engine")
@@ -164,6 +165,8 @@ class Engine:
         # the cached ones, each with the logits that follow it (their K/V sit after len(self._cache) in the cache).
         self.drafter = getattr(llama, "draft_model", None)
         self._ahead: list[tuple[int, np.ndarray]] = []
+        self.governor = Governor()                  # drafts only while verifying passes pay (measured)
+        self._pass: Optional[list] = None           # the unsettled verifying pass: [seconds, tokens yielded]
         self.spec_stats = dict(drafted=0, accepted=0, passes=0)     # since load: drafted / accepted tokens, passes
         self._template = None
         now = time.monotonic()
@@ -493,23 +496,39 @@ class Engine:
             row = self._ahead.pop(0)[1]
             self._cache.append(tid)
             self.spec_stats["accepted"] += 1
+            self._pass[1] += 1
+            if not self._ahead:
+                self._settle()
             self._last_logits = row
             return row
         self._drop_ahead()
+        t0 = time.perf_counter()
         room = min(budget - 1, self.n_ctx - len(self._cache) - 1, self.n_batch - 1)
-        draft = self._draft(self._cache + [tid], room) if self.drafter is not None and room > 0 else []
+        draft = []
+        if self.drafter is not None and room > 0 and self.governor.allow():
+            draft = self._draft(self._cache + [tid], room)
         if not draft:
-            return self._eval([tid], job)
+            logits = self._eval([tid], job)
+            if self.drafter is not None:
+                self.governor.plain(time.perf_counter() - t0)
+            return logits
         if job.abort.is_set():
             return None
         rows = np.asarray(self.model.eval(np.asarray([tid] + draft, dtype=np.int32), len(self._cache),
                                           logits_all=True))
         self._cache.append(tid)
         self._ahead = list(zip(draft, rows[1:]))
+        self._pass = [time.perf_counter() - t0, 1]
         self.spec_stats["drafted"] += len(draft)
         self.spec_stats["passes"] += 1
         self._last_logits = rows[0]
         return rows[0]
+
+    def _settle(self) -> None:
+        """The last verifying pass's drafts are all decided: tell the governor what it yielded."""
+        if self._pass is not None:
+            self.governor.verified(*self._pass)
+            self._pass = None
 
     def _draft(self, context: list[int], n: int) -> list[int]:
         """At most `n` drafted token ids to follow `context` (stopping at the first id outside the vocabulary)."""
@@ -525,6 +544,7 @@ class Engine:
         if self._ahead:
             self._ahead = []
             self.cache.truncate(len(self._cache))
+        self._settle()
 
     def _shift(self, n_keep: int) -> bool:
         """Make room for one more token: drop the oldest half after the kept part. False if nothing can go."""
@@ -568,6 +588,7 @@ class Engine:
         if lost is not None and lost():
             self._cache.clear()
         self._drop_ahead()
+        self.governor.restart()
         plan = self._plan(tokens)
         logits = self._fill(plan, tokens, job)
         t1 = time.perf_counter()

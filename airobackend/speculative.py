@@ -16,6 +16,11 @@ decoding the output is the plain output token for token. For the quantized weigh
 logits bit-identical to one-token passes (integer dot products, per-row activation scales), so even sampled output
 with a fixed seed is unchanged; for F16 weights the two paths sum in different orders (differences ~1e-4).
 
+Drafting is only worth it while a verifying pass yields more tokens per second than one-token passes do, and that
+depends on the CPU (what a pass of a few tokens costs against one: on AVX-512 VNNI kernels 4 tokens cost ~2.6 one-token
+passes, 8 cost ~5) and on the text (how many drafts are accepted). `Governor` measures both as the engine runs and
+pauses drafting while it loses, trying again every few tokens, so free text costs little more than plain decoding.
+
 Two drafters, with llama-cpp-python's `LlamaDraftModel` interface (`drafter(input_ids) -> np.ndarray` of token ids,
 so `Llama(..., draft_model=...)` takes either kind, or an object of llama-cpp-python's own):
   * `DraftModel`: a smaller model with the same vocabulary (llama.cpp `-md` / `--model-draft`, KoboldCpp
@@ -60,6 +65,50 @@ def check_vocab(target: Any, draft: Any, draft_path: Optional[str] = None) -> No
         if target.texts[i] != draft.texts[i]:
             raise ModelFileError(f"token {i} is {draft.texts[i]!r} in the draft model but {target.texts[i]!r} in the "
                                  f"model; speculative decoding needs the same vocabulary", **where)
+
+
+class Governor:
+    """Decides, from measured times, whether the next token should come with a draft.
+
+    The engine reports each one-token pass (`plain(seconds)`) and each verifying pass once its drafts are settled
+    (`verified(seconds, tokens)`: the pass's time, drafting included, and the tokens it yielded = 1 + drafts
+    accepted). Both rates are exponential moving averages. While verifying passes yield fewer tokens per second than
+    one-token passes, `allow()` says no for the next `probe` tokens, then lets one verifying pass through to measure
+    again. The plain rate is kept across requests (it is the machine's); the verifying rate starts afresh with each
+    request (`restart()`), since acceptance depends on the text.
+
+    Args:
+        alpha: weight of the newest measurement in the averages.
+        probe: tokens decoded without drafts after a losing measurement (0: never pause).
+    """
+
+    def __init__(self, alpha: float = 0.3, probe: int = 8) -> None:
+        self.alpha, self.probe = float(alpha), int(probe)
+        self.plain_s: Optional[float] = None        # seconds per one-token pass
+        self.spec_tps: Optional[float] = None       # tokens per second of verifying passes
+        self.wait = 0
+
+    def restart(self) -> None:
+        self.spec_tps, self.wait = None, 0
+
+    def plain(self, seconds: float) -> None:
+        a = self.alpha
+        self.plain_s = seconds if self.plain_s is None else (1 - a) * self.plain_s + a * seconds
+
+    def verified(self, seconds: float, tokens: int) -> None:
+        a, tps = self.alpha, tokens / max(seconds, 1e-9)
+        self.spec_tps = tps if self.spec_tps is None else (1 - a) * self.spec_tps + a * tps
+        if self.plain_s is not None and self.spec_tps * self.plain_s < 1.0:
+            self.wait = self.probe
+
+    def allow(self) -> bool:
+        """Whether to draft for the next token (counts down a pause)."""
+        if self.plain_s is None:                # measure one plain pass first: the yardstick
+            return False
+        if self.wait > 0:
+            self.wait -= 1
+            return False
+        return True
 
 
 class PromptLookup:

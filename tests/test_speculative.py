@@ -57,7 +57,12 @@ DRAFTERS = {
 
 @pytest.fixture(scope="module", params=list(DRAFTERS))
 def spec(request, fixtures_dir):
-    return request.param, _llama(fixtures_dir, **DRAFTERS[request.param]).engine
+    """An engine that drafts for every token (its governor, which pauses drafting while it measures slower than
+    plain decoding, never pauses), so each draft path runs whatever the machine's timing."""
+    from airobackend.speculative import Governor
+    engine = _llama(fixtures_dir, **DRAFTERS[request.param]).engine
+    engine.governor = Governor(probe=0)
+    return request.param, engine
 
 
 def test_greedy_output_is_the_plain_output_token_for_token(plain, spec):
@@ -105,7 +110,7 @@ def test_prompt_cache_reuse_after_rejected_drafts(plain, spec):
 
 def test_context_shift_and_phrase_bans_with_drafts(fixtures_dir):
     plain_engine = _llama(fixtures_dir, n_ctx=48).engine
-    spec_engine = _llama(fixtures_dir, n_ctx=48, draft_model=TARGET, draft_p_min=0.0).engine
+    spec_engine = _llama(fixtures_dir, n_ctx=48, draft_model=TARGET, draft_p_min=0.0).engine   # default governor
     req = GenerationRequest(tokens=PROMPT, max_tokens=80, sampling=GREEDY)
     want, _ = _ids(plain_engine, req)
     assert len(want) == 80                     # 24 + 80 > 48: the context was shifted
@@ -197,3 +202,19 @@ def test_any_drafter_with_llama_cpp_pythons_interface(fixtures_dir, plain):
     passes = engine.spec_stats["passes"]
     assert Wrong.calls > 0 and passes > 0
     assert 3 * (passes - 2) <= engine.spec_stats["drafted"] <= 3 * passes   # 3 each, fewer at the budget's end
+
+
+def test_governor_pauses_drafting_while_it_loses_and_probes_again():
+    from airobackend.speculative import Governor
+    g = Governor(alpha=0.5, probe=3)
+    assert not g.allow()                        # no yardstick yet: one plain pass first
+    g.plain(0.010)                              # 100 tok/s without drafts
+    assert g.allow()
+    g.verified(0.030, 4)                        # 133 tok/s with them: keep drafting
+    assert g.allow() and g.allow()
+    g.verified(0.030, 1)                        # a rejected draft: the average falls to 83 tok/s, below 100
+    assert [g.allow() for _ in range(4)] == [False, False, False, True]     # paused for 3 tokens, then a probe
+    g.verified(0.030, 4)                        # back above (108): drafting goes on
+    assert g.allow()
+    g.restart()                                 # a new request: the verifying rate is re-learnt, the plain one kept
+    assert g.spec_tps is None and g.plain_s == 0.010 and g.allow()
