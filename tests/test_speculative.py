@@ -218,3 +218,21 @@ def test_governor_pauses_drafting_while_it_loses_and_probes_again():
     assert g.allow()
     g.restart()                                 # a new request: the verifying rate is re-learnt, the plain one kept
     assert g.spec_tps is None and g.plain_s == 0.010 and g.allow()
+
+
+def test_run_command_with_a_draft_model_prints_the_same_text_and_the_counts(fixtures_dir):
+    import subprocess
+    import sys
+
+    model = str(fixtures_dir / "models" / TARGET)
+    base = [sys.executable, "-m", "airobackend", "run", "-m", model, "-p", "The quick brown fox", "-n", "24",
+            "--temp", "0", "-t", "2", "--no-display-prompt"]
+    plain = subprocess.run(base, capture_output=True, text=True, timeout=300)
+    spec = subprocess.run(base + ["-md", model, "--draft-p-min", "0", "--draft", "4"], capture_output=True, text=True,
+                          timeout=300)
+    assert plain.returncode == 0 and spec.returncode == 0, spec.stderr[-2000:]
+    assert spec.stdout == plain.stdout and len(plain.stdout) > 10
+    assert "tokens drafted" in spec.stderr and "tokens drafted" not in plain.stderr
+    other = subprocess.run(base + ["-md", str(fixtures_dir / "models" / "fx32k-q4_0.gguf")], capture_output=True,
+                           text=True, timeout=300)
+    assert other.returncode == 1 and "same vocabulary" in other.stderr and "Traceback" not in other.stderr

@@ -368,8 +368,12 @@ def _timings(engine: Any, last: Any) -> str:
     n_proc, n_gen = p["last_process_count"], p["last_token_count"]
     rate = (lambda n, t: f"{n / t:.2f} tok/s" if t > 0 and n else "-")  # noqa: E731
     reason = last.finish_reason.value if last is not None and last.finish_reason else "?"
-    return (f"prompt: {n_proc} tokens in {proc:.2f} s ({rate(n_proc, proc)}), "
+    line = (f"prompt: {n_proc} tokens in {proc:.2f} s ({rate(n_proc, proc)}), "
             f"generated: {n_gen} tokens in {ev:.2f} s ({rate(n_gen, ev)}), seed {p['last_seed']}, stop: {reason}")
+    if getattr(engine, "drafter", None) is not None:      # llama.cpp's speculative example prints the same counts
+        st = engine.spec_stats
+        line += f"; since load: {st['drafted']} tokens drafted, {st['accepted']} accepted, {st['passes']} verifying passes"
+    return line
 
 
 def _warmup_report() -> Callable[[str, bool], None]:
