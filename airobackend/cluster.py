@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -183,11 +184,7 @@ class RayStages:
                 self.ray.kill(a, no_restart=True)
             except Exception:   # already gone
                 pass
-        if self.pg is not None:
-            try:
-                self.ray.util.remove_placement_group(self.pg)
-            except Exception:
-                pass
+        release_placement(self.ray, self.pg)
 
 
 def _placement(ray: Any, n: int, cpus: float, what: str) -> Any:
@@ -205,6 +202,18 @@ def _placement(ray: Any, n: int, cpus: float, what: str) -> Any:
         raise ClusterError(f"the Ray cluster cannot place {n} {what} of {cpus:g} CPU each ({len(nodes)} node(s) "
                            f"alive, strategy {strategy})")
     return pg
+
+
+def release_placement(ray: Any, pg: Any) -> None:
+    """Give a placement group's CPUs back, without waiting: the call blocks while the cluster is going away (the
+    server shutting down), and a job's groups are released when it ends anyway."""
+    def remove() -> None:
+        try:
+            ray.util.remove_placement_group(pg)
+        except Exception:   # the cluster is gone already
+            pass
+    if pg is not None:
+        threading.Thread(target=remove, name="release-placement", daemon=True).start()
 
 
 def _on_bundle(pg: Any, i: int) -> dict:

@@ -319,11 +319,8 @@ class ReplicaSet:
                 self.ray.kill(a, no_restart=True)
             except Exception:
                 pass
-        if self.pg is not None:
-            try:
-                self.ray.util.remove_placement_group(self.pg)
-            except Exception:
-                pass
+        from airobackend.cluster import release_placement
+        release_placement(self.ray, self.pg)
 
 
 def start_replicas(settings: Any, path: str) -> ReplicaSet:
