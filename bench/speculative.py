@@ -9,13 +9,14 @@ pairs), so both see the same machine load:
 * `chat`: a free question, where drafts are mostly wrong: speculation should cost (almost) nothing here;
 * `self`: the model as its own draft model (every drafted token accepted, but the drafting costs as much as the
   decoding it saves);
-* `oracle`: drafts that are the plain output itself, free of cost: the machinery's upper bound, i.e. what one
-  verifying pass of k+1 tokens costs against k+1 one-token passes.
+* `oracle`: drafts that are the plain output itself, free of cost, for every token (the governor that pauses
+  drafting while it loses is off here): the machinery's upper bound, i.e. what one verifying pass of k+1 tokens
+  costs against k+1 one-token passes.
 
 Printed per prompt and drafter: plain and speculative decode tok/s (the engine's eval time: prompt processing is
 not included), their ratio, and drafted / accepted tokens. The output must be identical (greedy): it is checked.
 Nothing is downloaded: the model is a file you give (the project's tests fetch SmolLM2-135M-Instruct Q4_1 into
-~/.cache/airobackend/test-models, which is the default when present).
+<cache root>/test-models, ~/.cache/airobackend or $AIRO_CACHE_DIR, which is the default when present).
 """
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ import platform
 import sys
 from pathlib import Path
 
-DEFAULT_MODEL = Path.home() / ".cache" / "airobackend" / "test-models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+def _default_model() -> Path:
+    from airobackend.paths import cache_root            # where the tests put the real model
+    return cache_root() / "test-models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 PASSAGE = ("The lighthouse keeper climbed the narrow stairs every evening at six. He trimmed the wick, polished the "
            "great lens, and wrote the weather in a small leather book: wind from the west, sea calm, two ships "
@@ -81,7 +84,7 @@ class Oracle:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=str(DEFAULT_MODEL), help="the model file (default: %(default)s)")
+    ap.add_argument("--model", default=str(_default_model()), help="the model file (default: %(default)s)")
     ap.add_argument("--draft-model", help="a smaller model of the same vocabulary to draft with (else only lookup)")
     ap.add_argument("--lookup-ngram", type=int, default=3, help="prompt lookup n-gram length (default 3)")
     ap.add_argument("--draft", type=int, default=8, help="the most tokens drafted at a time (default 8)")
@@ -117,8 +120,11 @@ def main(argv=None) -> int:
     oracle = Oracle(rewrite, _decode(engine, rewrite, args.tokens)[0], args.draft)
     cases = [(p, name, d) for p in PROMPTS for name, d in drafters.items()]
     cases += [("self", "itself", own), ("oracle", "plain output (upper bound)", oracle)]
+    from airobackend.speculative import Governor
     for prompt, name, drafter in cases:
         tokens = tok.encode(PROMPTS[prompt], add_bos=False, special=True) if prompt in PROMPTS else rewrite
+        # the bound drafts for every token; the other cases run as served (drafting paused while it loses)
+        engine.governor = Governor(probe=0) if drafter is oracle else Governor()
         plain, spec, drafted, accepted, same = measure(engine, drafter, tokens, args.tokens, args.rounds)
         print(f"{prompt:8} {name:28} {plain:11.1f} {spec:10.1f} {spec / plain:6.2f} {drafted:8d} {accepted:8d} "
               f"{'yes' if same else 'NO'}")
