@@ -281,6 +281,17 @@ class ReplicaSet:
             self._template = SimpleNamespace(**self.ray.get(self.actors[up[0]].template.remote()))
         return self._template
 
+    def wait_ready(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for every replica to be in rotation (a restarted one answering again)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while len(self._up()) < len(self):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(timeout=min(0.5, left))     # Ray tells nothing when an actor is back: ask again
+            return True
+
     def health(self) -> dict:
         """Each replica's state: up (answering), down (Ray restarting it or gone)."""
         with self._cond:

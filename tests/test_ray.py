@@ -277,3 +277,30 @@ def test_replicas_behind_the_server(cluster, three_layers):
             assert health["status"] == "ok" and [x["state"] for x in health["replicas"]] == ["up", "up"]
     finally:
         manager.unload()
+
+
+def test_a_restarted_replica_is_taken_back(cluster, three_layers):
+    from airobackend.replicas import start_replicas
+
+    settings = Settings(model=str(three_layers), n_ctx=64, n_threads=1, ray=cluster, replicas=2, ray_restarts=1)
+    rs = start_replicas(settings, str(three_layers))
+    try:
+        before = [ray.get(a.info.remote()) for a in rs.actors]
+        os.kill(before[0]["pid"], 9)
+        with pytest.raises(BackendUnavailable, match="replica 1 of 2"):
+            rs._call(0, "perf")                       # the head learns of it as a request would
+        assert rs.health()["replicas"][0]["state"] == "down"
+        # Ray restarts it (the engine loads again); the set takes it back once it answers, a new instance.
+        assert rs.wait_ready(300)
+        assert ray.get(rs.actors[0].info.remote())["instance"] != before[0]["instance"]
+        assert rs.health()["status"] == "ok"
+        out = {}
+        threads = [threading.Thread(target=lambda k=k: out.__setitem__(k, greedy(rs, [1, 40 + k], 4)))
+                   for k in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(len(v) == 4 for v in out.values())
+    finally:
+        rs.close()
