@@ -73,7 +73,7 @@ def to_generation_request(payload: dict, *, n_ctx: int, n_vocab: int, chat: bool
             n_probs = max(1, top_logprobs(payload))
     else:
         n_probs = f.int("logprobs", 0, lo=0, hi=20)
-    sampling = sampling_params(payload, n_vocab, **OPENAI_DEFAULTS)
+    sampling = sampling_params(payload, n_vocab, textgen_order=True, **OPENAI_DEFAULTS)
     structured = payload.get("_airo_grammar") or structured_grammar(payload)
     if structured:
         if sampling.grammar:

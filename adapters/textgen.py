@@ -66,7 +66,7 @@ def to_generation_request(payload: dict, *, n_ctx: int, n_vocab: int,
         max_new = -1                      # until EOS or the context is full
     else:
         max_new = min(max_new, n_ctx)
-    sampling = sampling_params(payload, n_vocab, **TEXTGEN_DEFAULTS)
+    sampling = sampling_params(payload, n_vocab, textgen_order=True, **TEXTGEN_DEFAULTS)
     if not f.has("dry_penalty_last_n"):      # text-generation-webui's DRY looks back over repetition_penalty_range
         sampling = sampling.replace(dry_penalty_last_n=sampling.repetition_penalty_range)
     return GenerationRequest(

@@ -919,6 +919,52 @@ def sampler_order(value: Any, default: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(value)
 
 
+# text-generation-webui's sampler names (modules/sampler_hijack.py, `class_name_to_nickname` and the default
+# `sampler_priority`, at oobabooga/text-generation-webui 1dcde41) -> the KoboldCpp sampler that does that work here.
+# Several share a sampler: its place is that of the first of them in the list (top_p and min_p run together, as do
+# temperature, dynamic temperature, quadratic sampling and top-nσ, and the three penalties).
+TEXTGEN_SAMPLERS = {"repetition_penalty": 6, "presence_penalty": 6, "frequency_penalty": 6, "temperature": 5,
+                    "dynamic_temperature": 5, "quadratic_sampling": 5, "top_n_sigma": 5, "top_k": 0, "top_p": 2,
+                    "min_p": 2, "typical_p": 4, "tfs": 3, "top_a": 1}
+# Named samplers whose place is fixed here (DRY first, XTC last, mirostat instead of the chain, as KoboldCpp runs
+# them) or that this engine does not have: SillyTavern sends all of them in its default list, so they are accepted
+# and give no place.
+TEXTGEN_UNPLACED = ("dry", "xtc", "mirostat", "epsilon_cutoff", "eta_cutoff", "adaptive_p",
+                    "encoder_repetition_penalty", "no_repeat_ngram")
+MAX_PRIORITY_NAMES = 64
+
+
+def textgen_sampler_order(payload: dict, base: tuple[int, ...]) -> tuple[int, ...]:
+    """`base` reordered by text-generation-webui's `sampler_priority` and `temperature_last`.
+
+    As text-generation-webui (modules/text_generation.py and sampler_hijack.py at 1dcde41): the priority is a list
+    of names or one string of names separated by newlines or commas (empty: absent); samplers it does not name run
+    first (here in `base`'s order); `temperature_last` moves the temperature step to the end. Every sampler runs,
+    unlike a KoboldCpp `sampler_order` that leaves one out."""
+    value = payload.get("sampler_priority")
+    if isinstance(value, str):
+        value = value.replace("\n", ",").split(",")
+    if value is not None and (not isinstance(value, list) or not all(isinstance(x, str) for x in value)):
+        raise FieldError("'sampler_priority' must be a list of sampler names or a string of them separated by "
+                         "newlines or commas", "sampler_priority")
+    names = [x.strip().lower() for x in value or () if x.strip()]
+    if len(names) > MAX_PRIORITY_NAMES:
+        raise FieldError(f"'sampler_priority' has {len(names)} names; at most {MAX_PRIORITY_NAMES} are allowed",
+                         "sampler_priority")
+    bad = [x for x in names if x not in TEXTGEN_SAMPLERS and x not in TEXTGEN_UNPLACED]
+    if bad:
+        raise FieldError(f"'sampler_priority': unknown sampler {bad[0][:40]!r} (known: "
+                         f"{', '.join(list(TEXTGEN_SAMPLERS) + list(TEXTGEN_UNPLACED))})", "sampler_priority")
+    order = list(base)
+    if names:
+        named = list(dict.fromkeys(TEXTGEN_SAMPLERS[x] for x in names if x in TEXTGEN_SAMPLERS))
+        order = [i for i in range(N_SAMPLERS) if i not in named]
+        order = sorted(order, key=lambda i: base.index(i) if i in base else N_SAMPLERS) + named
+    if Fields(payload).bool("temperature_last", False):
+        order = [i for i in order if i != 5] + [5]
+    return tuple(order)
+
+
 def token_id_list(text: Any, n_vocab: int, name: str = "custom_token_bans") -> tuple[int, ...]:
     """`custom_token_bans` (KoboldCpp, text-generation-webui): comma-separated token ids, or a list of ids."""
     parts = text if isinstance(text, list) else str(text).split(",")
@@ -960,8 +1006,9 @@ def string_list_field(value: Any, name: str, max_items: int) -> tuple[str, ...]:
     return tuple(v for v in value if v)
 
 
-def sampling_params(payload: dict, n_vocab: int, **defaults: Any):
-    """SamplingParams from any protocol's sampler fields (all known aliases), `defaults` for absent ones."""
+def sampling_params(payload: dict, n_vocab: int, *, textgen_order: bool = False, **defaults: Any):
+    """SamplingParams from any protocol's sampler fields (all known aliases), `defaults` for absent ones;
+    `textgen_order`: text-generation-webui's `sampler_priority` and `temperature_last` reorder the chain."""
     from .sampling import DRY_MAX_BREAKERS
     from .types import DEFAULT_SAMPLER_ORDER, SamplingParams
 
@@ -989,6 +1036,7 @@ def sampling_params(payload: dict, n_vocab: int, **defaults: Any):
     else:
         ban_eos = f.bool("use_default_badwordsids", base.ban_eos)
     bans = payload.get("custom_token_bans")
+    order = sampler_order(payload.get("sampler_order"), base.sampler_order or DEFAULT_SAMPLER_ORDER)
     breakers = payload.get("dry_sequence_breakers")
     return base.replace(
         temperature=temperature,
@@ -1020,7 +1068,7 @@ def sampling_params(payload: dict, n_vocab: int, **defaults: Any):
         dry_penalty_last_n=f.int("dry_penalty_last_n", base.dry_penalty_last_n, lo=-1, hi=1 << 24),
         dry_sequence_breakers=(string_list_field(breakers, "dry_sequence_breakers", DRY_MAX_BREAKERS)
                                if breakers is not None else base.dry_sequence_breakers),
-        sampler_order=sampler_order(payload.get("sampler_order"), base.sampler_order or DEFAULT_SAMPLER_ORDER),
+        sampler_order=textgen_sampler_order(payload, order) if textgen_order else order,
         seed=None if seed < 0 else seed,
         logit_bias=f.logit_bias("logit_bias", n_vocab),
         banned_tokens=token_id_list(bans, n_vocab) if bans is not None else base.banned_tokens,

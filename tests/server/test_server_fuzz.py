@@ -35,7 +35,8 @@ FIELDS = ["prompt", "max_length", "max_tokens", "max_new_tokens", "temperature",
           "frequency_penalty", "mirostat", "mirostat_tau", "sampler_order", "sampler_seed", "seed", "stop_sequence",
           "stop", "stopping_strings", "logit_bias", "banned_tokens", "custom_token_bans", "grammar", "genkey", "n",
           "messages", "history", "user_input", "ids", "tokens", "text", "stream", "trim_stop", "memory",
-          "dynatemp_range", "logprobs", "echo", "max_context_length", "action", "unknown_field_xyz"]
+          "dynatemp_range", "logprobs", "echo", "max_context_length", "action", "sampler_priority", "temperature_last",
+          "unknown_field_xyz"]
 NASTY = [None, True, False, -1, 0, 1, -10**9, 10**18, 2**64, 1e308, -1e308, 3.5, "", "x", "NaN", "1e999", "\ud800",
          "a" * 5000, [], [1, 2], [-1], [10**9], ["a"], [[1]], {}, {"a": 1}, {"1": 1e300}, [6, 0, 1, 3, 4, 2, 5],
          [99, 0], {"messages": []}, [{"role": "user"}], [{"role": "user", "content": ["x"]}],

@@ -122,3 +122,95 @@ def test_phrase_bans_through_every_protocol(client):
     r = client.post("/api/v1/generate", json={"prompt": "Once upon a time", "max_new_tokens": 60, "do_sample": False,
                                               "banned_strings": [phrase], "ban_eos_token": True})
     assert phrase not in r.json()["results"][0]["text"]
+
+
+# ---------------------------------------------------------------------------------------------- sampler_priority
+# text-generation-webui's default list (modules/presets.py at oobabooga/text-generation-webui 1dcde41), which
+# SillyTavern's text-generation-webui mode sends as a list; its own API also takes it as one string.
+TGW_PRIORITY = ["repetition_penalty", "presence_penalty", "frequency_penalty", "dry", "temperature",
+                "dynamic_temperature", "quadratic_sampling", "top_n_sigma", "top_k", "top_p", "typical_p",
+                "epsilon_cutoff", "eta_cutoff", "tfs", "top_a", "min_p", "adaptive_p", "mirostat", "xtc",
+                "encoder_repetition_penalty", "no_repeat_ngram"]
+TGW_MAPPERS = [
+    lambda b: openai.to_generation_request(b, n_ctx=2048, n_vocab=32000, chat=False).sampling,
+    lambda b: openai.to_generation_request(b, n_ctx=2048, n_vocab=32000, chat=True, prompt="p").sampling,
+    lambda b: textgen.to_generation_request(b, n_ctx=2048, n_vocab=32000).sampling,
+]
+
+
+@pytest.mark.parametrize("mapper", TGW_MAPPERS)
+def test_sampler_priority_sets_the_order(mapper):
+    def order(**kw):
+        return mapper(dict(kw, prompt="p")).sampler_order
+
+    # KoboldCpp ids: 0 top_k, 1 top_a, 2 top_p + min_p, 3 tfs, 4 typical, 5 temperature, 6 penalties
+    assert order(sampler_priority=TGW_PRIORITY) == (6, 5, 0, 2, 4, 3, 1)
+    assert order(sampler_priority="\n".join(TGW_PRIORITY)) == (6, 5, 0, 2, 4, 3, 1)
+    assert order(sampler_priority="min_p, typical_p,temperature") == (6, 0, 1, 3, 2, 4, 5)   # unnamed run first
+    assert order(sampler_priority="quadratic_sampling\ntop_k") == (6, 1, 3, 4, 2, 5, 0)
+    assert order(sampler_priority=TGW_PRIORITY, temperature_last=True) == (6, 0, 2, 4, 3, 1, 5)
+    assert order(sampler_order=[5, 0], temperature_last=True) == (0, 5)
+    assert order(sampler_order=[5, 0]) == (5, 0)
+    assert order(sampler_priority="", sampler_order=[5, 0]) == (5, 0)        # empty: absent, as upstream
+    # KoboldCpp has neither field: its route keeps sampler_order
+    k = kobold.to_generation_request({"prompt": "p", "sampler_priority": ["temperature"], "temperature_last": True,
+                                      "sampler_order": [5, 0]}, n_ctx=2048, n_vocab=32000)
+    assert k.sampling.sampler_order == (5, 0)
+
+
+def test_sampler_priority_changes_what_the_sampler_keeps():
+    import numpy as np
+
+    from airobackend.sampling import Sampler
+    logits = np.array([1.0, 3.0, 2.0, 0.5, 2.5, -1.0, 0.0, 1.5], dtype=np.float32)
+
+    def kept(**kw):
+        body = dict(kw, prompt="p", temperature=3.0, top_p=0.6, seed=1)
+        s = Sampler(textgen.to_generation_request(body, n_ctx=64, n_vocab=8).sampling, n_vocab=8)
+        return set(s.distribution(logits)[0].tolist())
+
+    first = kept(sampler_priority=["temperature", "top_p"])   # top_p over the flattened distribution keeps more
+    last = kept(sampler_priority=["top_p", "temperature"])
+    assert len(first) > len(last)
+    assert kept(sampler_priority=["temperature", "top_p"], temperature_last=True) == last
+
+
+def test_sampler_priority_changes_the_output(client):
+    base = {"prompt": "Once upon a time", "max_new_tokens": 40, "temperature": 3.0, "top_p": 0.3, "top_k": 0,
+            "seed": 5, "repetition_penalty": 1.0}
+    routes = [("/api/v1/generate", base, lambda r: r["results"][0]["text"]),
+              ("/v1/completions", dict(base, max_tokens=40), lambda r: r["choices"][0]["text"])]
+    for route, body, text_of in routes:
+        def text(**kw):
+            r = client.post(route, json=dict(body, **kw))
+            assert r.status_code == 200, r.text
+            return text_of(r.json())
+
+        first = text(sampler_priority="temperature\ntop_p")
+        last = text(sampler_priority="top_p\ntemperature")
+        assert first == text(sampler_priority=["temperature", "top_p"]) and first != last, route
+        assert text(sampler_priority="temperature\ntop_p", temperature_last=True) == last, route
+
+
+TGW_BAD = [
+    ({"sampler_priority": ["top_k", "warp_drive"]}, "sampler_priority", "warp_drive"),
+    ({"sampler_priority": "temperature\nTop-P"}, "sampler_priority", "top-p"),
+    ({"sampler_priority": 5}, "sampler_priority", "list"),
+    ({"sampler_priority": ["top_k", 3]}, "sampler_priority", "list"),
+    ({"sampler_priority": ["top_k"] * 65}, "sampler_priority", "65"),
+    ({"temperature_last": "maybe"}, "temperature_last", "boolean"),
+]
+
+
+@pytest.mark.parametrize("body, field, word", TGW_BAD)
+def test_bad_sampler_priority_is_a_400_on_each_route(client, body, field, word):
+    r = client.post("/api/v1/generate", json=dict(body, prompt="x", max_new_tokens=2))     # text-generation-webui
+    assert r.status_code == 400 and field in r.json()["detail"]["msg"] and word in r.json()["detail"]["msg"]
+    for route, extra in (("/v1/completions", {"prompt": "x"}),
+                         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})):
+        r = client.post(route, json=dict(body, max_tokens=2, **extra))
+        assert r.status_code == 400, route
+        err = r.json()["error"]
+        assert err["param"] == field and word in err["message"], route
+    r = client.post("/api/v1/generate", json={"prompt": "x", "max_new_tokens": 2, "sampler_priority": TGW_PRIORITY})
+    assert r.status_code == 200
