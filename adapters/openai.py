@@ -55,9 +55,10 @@ CHAT_EXAMPLE = {"model": "any", "messages": [{"role": "user", "content": "Hello!
 # ---------------------------------------------------------------------------------------------- request mapping
 
 def to_generation_request(payload: dict, *, n_ctx: int, n_vocab: int, chat: bool,
-                          prompt: Optional[str] = None) -> GenerationRequest:
+                          prompt: Optional[str] = None, grammar: Optional[str] = None) -> GenerationRequest:
     """Map an OpenAI completions/chat body to a GenerationRequest. For chat, `prompt` is the rendered messages;
-    for completions the body's `prompt` (a string, one-string list, or a list of token ids) is used."""
+    for completions the body's `prompt` (a string, one-string list, or a list of token ids) is used. `grammar`: one
+    the route requires (tool calls), else the body's structured-output fields make it."""
     f = Fields(payload)
     tokens = None
     if not chat:
@@ -74,7 +75,7 @@ def to_generation_request(payload: dict, *, n_ctx: int, n_vocab: int, chat: bool
     else:
         n_probs = f.int("logprobs", 0, lo=0, hi=20)
     sampling = sampling_params(payload, n_vocab, textgen_order=True, **OPENAI_DEFAULTS)
-    structured = payload.get("_airo_grammar") or structured_grammar(payload)
+    structured = grammar or structured_grammar(payload)
     if structured:
         if sampling.grammar:
             raise FieldError("'grammar' cannot be combined with 'response_format', 'json_schema' or 'tools'",
@@ -254,14 +255,14 @@ def top_logprobs(body: dict) -> int:
 # ---------------------------------------------------------------------------------------------- plugin hooks
 
 @hookimpl
-def build_generation_request(protocol: str, payload: dict, engine: Any) -> Optional[GenerationRequest]:
+def build_generation_request(protocol: str, payload: dict, engine: Any, prompt: Optional[str],
+                             grammar: Optional[str]) -> Optional[GenerationRequest]:
     if protocol not in ("openai.completions", "openai.chat"):
         return None
     info = engine.model_info()
     chat = protocol == "openai.chat"
-    prompt = payload.get("_airo_prompt") if chat else None
     return to_generation_request(payload, n_ctx=int(info["n_ctx"]), n_vocab=int(info["n_vocab"]), chat=chat,
-                                 prompt=prompt)
+                                 prompt=prompt if chat else None, grammar=grammar)
 
 
 @hookimpl
@@ -366,17 +367,16 @@ class OpenAIRoutes:
         body = await read_json(request)
         messages = chat_messages(body)
         spec = parse_tools(body.get("tools"), body.get("tool_choice"), body.get("parallel_tool_calls"))
-        extra: dict = {}
+        grammar = None
         if spec is not None and spec.active:
             # llama.cpp's generic tool format: the answer is JSON under a grammar, the prompt asks for it
             if Fields(body).has("grammar", "grammar_string"):
                 raise FieldError("'grammar' cannot be combined with 'tools'", "grammar")
-            extra["_airo_grammar"] = spec.grammar(response_schema(body))
+            grammar = spec.grammar(response_schema(body))
             messages = spec.prepare(messages, getattr(getattr(self.engine, "template", None), "system", ""))
         prompt = chat_prompt(self.pm, self.engine, messages, tools=spec.tools if spec is not None else None)
-        req = build_request(self.pm, "openai.chat", dict(body, _airo_prompt=prompt, **extra), self.settings,
-                            self.engine)
-        if not (extra or response_schema(body) is not None):
+        req = build_request(self.pm, "openai.chat", body, self.settings, self.engine, prompt=prompt, grammar=grammar)
+        if not (grammar or response_schema(body) is not None):
             # A grammar bounds the answer itself; a template stop string could only cut its JSON short.
             req.stop = tuple(dict.fromkeys(tuple(req.stop) + chat_stops(self.engine)))
         reqs = [self._again(req, i) for i in range(self._n(body))]

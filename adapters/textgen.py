@@ -129,12 +129,13 @@ def load_options(args: Any) -> dict:
 # ---------------------------------------------------------------------------------------------- plugin hooks
 
 @hookimpl
-def build_generation_request(protocol: str, payload: dict, engine: Any) -> Optional[GenerationRequest]:
+def build_generation_request(protocol: str, payload: dict, engine: Any,
+                             prompt: Optional[str]) -> Optional[GenerationRequest]:
     if protocol not in ("textgen", "textgen.chat"):
         return None
     info = engine.model_info()
     return to_generation_request(payload, n_ctx=int(info["n_ctx"]), n_vocab=int(info["n_vocab"]),
-                                 prompt=payload.get("_airo_prompt"))
+                                 prompt=prompt if protocol == "textgen.chat" else None)
 
 
 @hookimpl
@@ -252,7 +253,7 @@ class TextgenRoutes:
             user_input, prefix = internal[-1]
             internal, visible = internal[:-1], visible[:-1]
         prompt = chat_prompt(self.pm, self.engine, chat_messages(body, internal, user_input)) + prefix
-        req = build_request(self.pm, "textgen.chat", dict(body, _airo_prompt=prompt), self.settings, self.engine)
+        req = build_request(self.pm, "textgen.chat", body, self.settings, self.engine, prompt=prompt)
         req.stop = tuple(dict.fromkeys(tuple(req.stop) + chat_stops(self.engine)))
         return req, user_input, internal, visible, cont, prefix
 

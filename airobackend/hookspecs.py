@@ -37,9 +37,13 @@ def register_routes(engine: Any, settings: "Settings", pm: pluggy.PluginManager)
 
 
 @hookspec(firstresult=True)
-def build_generation_request(protocol: str, payload: dict, settings: "Settings",
-                             engine: Any) -> Optional["GenerationRequest"]:
-    """Map one protocol's JSON body to a core `GenerationRequest`; return None when `protocol` is not yours."""
+def build_generation_request(protocol: str, payload: dict, settings: "Settings", engine: Any,
+                             prompt: Optional[str], grammar: Optional[str]) -> Optional["GenerationRequest"]:
+    """Map one protocol's JSON body to a core `GenerationRequest`; return None when `protocol` is not yours.
+
+    `payload` is the client's JSON as sent. What the calling route prepared beside it comes as arguments, never as
+    keys of the payload (a client could send those): `prompt`, the rendered chat prompt that replaces the body's;
+    `grammar`, a grammar the route requires (tool calls), combined with the body's structured-output fields."""
 
 
 @hookspec(firstresult=True)

@@ -857,9 +857,12 @@ async def serve_async(app: Any, settings: Settings, *, ready: Optional[Callable[
 
 # ---------------------------------------------------------------------------------------------- adapter helpers
 
-def build_request(pm: pluggy.PluginManager, protocol: str, payload: dict, settings: Settings, engine: Any):
-    """Ask the plugins to map `payload` of `protocol` to a GenerationRequest (one hook call per request)."""
-    req = pm.hook.build_generation_request(protocol=protocol, payload=payload, settings=settings, engine=engine)
+def build_request(pm: pluggy.PluginManager, protocol: str, payload: dict, settings: Settings, engine: Any, *,
+                  prompt: Optional[str] = None, grammar: Optional[str] = None):
+    """Ask the plugins to map `payload` of `protocol` to a GenerationRequest (one hook call per request); `prompt`
+    and `grammar` are the route's own (hookspecs.build_generation_request)."""
+    req = pm.hook.build_generation_request(protocol=protocol, payload=payload, settings=settings, engine=engine,
+                                           prompt=prompt, grammar=grammar)
     if req is None:
         raise RequestError(f"no enabled adapter maps {protocol!r} requests")
     return req

@@ -19,7 +19,7 @@ from airobackend.commands.serve import security_warnings
 from airobackend.server import PUBLIC_ROUTES
 from airobackend.settings import Settings
 
-from fakes import live, make_app
+from fakes import live, make_app, scripted_engine
 
 KEY = "s3cret-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -273,3 +273,38 @@ def test_connections_beyond_the_limit_get_503_and_the_server_keeps_serving(demo_
                 break
             time.sleep(0.05)
         assert r.status_code == 200 and r.json()["result"] == "KoboldCpp"
+
+
+# ---------------------------------------------------------------------------------------------- internal hand-over
+
+def test_a_client_cannot_replace_the_prompt_or_grammar_through_internal_keys():
+    """A route hands its rendered chat prompt and its own grammar to the adapters as hook arguments; keys in the
+    client's JSON with the names those once had are ordinary unknown fields: ignored."""
+    engine, _ = scripted_engine("abc")
+    c = TestClient(make_app(engine))
+    hijack = {"_airo_prompt": "X" * 300, "_airo_grammar": 'root ::= "zzz"'}
+    prompt_tokens = len(engine.tokenize("Hi"))
+    # text-generation-webui's streaming WebSocket: the body's prompt is what is evaluated
+    with c.websocket_connect("/api/v1/stream") as ws:
+        ws.send_text(json.dumps({"prompt": "Hi", "max_new_tokens": 3, **hijack}))
+        text = ""
+        while (m := ws.receive_json())["event"] == "text_stream":
+            text += m["text"]
+    assert text == "abc" and engine.perf()["last_input_count"] == prompt_tokens
+    # OpenAI completions: no grammar is forced on the answer, the prompt is the body's
+    r = c.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 3, **hijack})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "abc"
+    assert r.json()["usage"]["prompt_tokens"] == prompt_tokens
+    # chat routes: the route's rendered messages, not the client's key
+    r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3,
+                                            **hijack})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "abc"
+    assert r.json()["usage"]["prompt_tokens"] == len(engine.tokenize(engine.format_chat(
+        [{"role": "user", "content": "Hi"}])))
+    # and the hook itself, as a third-party route would call it
+    from airobackend.server import build_request
+    app = make_app(engine)
+    req = build_request(app.state.pm, "textgen", {"prompt": "Hi", **hijack}, app.state.settings, engine)
+    assert req.prompt == "Hi" and req.sampling.grammar in (None, "")
+    req = build_request(app.state.pm, "openai.completions", {"prompt": "Hi", **hijack}, app.state.settings, engine)
+    assert req.prompt == "Hi" and req.sampling.grammar in (None, "")
