@@ -17,14 +17,14 @@ from typing import Any, AsyncIterator, Optional
 import pluggy
 from fastapi import APIRouter
 from starlette.requests import Request
-from starlette.responses import JSONResponse, RedirectResponse
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from airobackend.aio import GenerationStream, collect
 from airobackend.embeddings import embeddings_response
 from airobackend.errors import ModelNotLoaded, RequestError
 from airobackend.hookspecs import hookimpl
 from airobackend.json_schema import schema_to_grammar
-from airobackend.server import (FieldError, Fields, build_request, json_schema_body, read_json,
+from airobackend.server import (ErrorInfo, FieldError, Fields, build_request, json_schema_body, read_json,
                                 run_watching_disconnect, sampling_params)
 from airobackend.settings import Settings
 from airobackend.sse import SSEResponse, encode_sse
@@ -134,6 +134,30 @@ def register_routes(engine: Any, settings: Settings, pm: pluggy.PluginManager) -
     return KoboldRoutes(engine, settings, pm).router
 
 
+# error kind -> KoboldCpp's detail.type
+KOBOLD_ERRORS = {"missing_key": "unauthorized", "unauthorized": "unauthorized", "forbidden": "unauthorized",
+                 "too_large": "bad_input", "busy": "service_unavailable", "not_loaded": "service_unavailable",
+                 "backend_unavailable": "service_unavailable",
+                 "context_length": "bad_input", "bad_request": "bad_input", "not_found": "not_found",
+                 "method_not_allowed": "bad_input", "server_error": "server_error"}
+
+
+@hookimpl(trylast=True)
+def error_response(path: str, method: str, error: ErrorInfo) -> Optional[Response]:
+    """KoboldCpp's error body {"detail": {"msg", "type"}} on every path outside /v1 (SillyTavern reads detail.msg
+    for every /api backend, text-generation-webui's legacy routes included); auth errors add detail.error, and an
+    unknown page outside /api gets KoboldCpp's plain-text 404."""
+    if path == "/v1" or path.startswith("/v1/"):
+        return None
+    if error.kind == "not_found" and method == "GET" and not path.startswith("/api"):
+        return HTMLResponse("Error: HTTP Server is running, but this endpoint does not exist. Please check the URL.",
+                            status_code=404)
+    detail = {"msg": error.message, "type": KOBOLD_ERRORS.get(error.kind, "server_error")}
+    if error.kind in ("missing_key", "unauthorized", "forbidden"):
+        detail = {"error": "Forbidden" if error.kind == "forbidden" else "Unauthorized", **detail}
+    return JSONResponse({"detail": detail}, status_code=error.status)
+
+
 def kobold_model_name(file_name: str) -> str:
     """KoboldCpp names a model by its file name without the last extension ('x.ggmlv3.q4_K_M.bin' -> 'x.ggmlv3.q4_K_M')."""
     stem, dot, ext = str(file_name).rpartition(".")
@@ -241,7 +265,7 @@ class KoboldRoutes:
     def _request(self, body: dict) -> GenerationRequest:
         if looks_like_textgen(body):
             req = self.pm.hook.build_generation_request(protocol="textgen", payload=body, settings=self.settings,
-                                                        engine=self.engine)
+                                                        engine=self.engine, prompt=None, grammar=None)
             if req is not None:
                 return req
         return build_request(self.pm, "kobold", body, self.settings, self.engine)

@@ -27,7 +27,7 @@ from airobackend.errors import ModelNotLoaded
 from airobackend.hookspecs import hookimpl
 from airobackend.json_schema import response_format_schema, schema_to_grammar
 from airobackend.tools import ToolCallStream, ToolSpec, answer_message, parse_tools
-from airobackend.server import (FieldError, Fields, build_request, chat_prompt, chat_stops,
+from airobackend.server import (ErrorInfo, FieldError, Fields, build_request, chat_prompt, chat_stops,
                                 json_schema_body, llama_timings, read_json, run_watching_disconnect,
                                 sampling_params)
 from airobackend.settings import Settings
@@ -268,6 +268,39 @@ def build_generation_request(protocol: str, payload: dict, engine: Any, prompt: 
 @hookimpl
 def register_routes(engine: Any, settings: Settings, pm: pluggy.PluginManager) -> APIRouter:
     return OpenAIRoutes(engine, settings, pm).router
+
+
+def is_openai_path(path: str) -> bool:
+    """The paths whose errors take OpenAI's shape: everything under /v1 (text-generation-webui's /v1/internal too)."""
+    return path == "/v1" or path.startswith("/v1/")
+
+
+# error kind -> (OpenAI error type, code), as llama.cpp's server and OpenAI name them
+OPENAI_ERRORS = {
+    "missing_key": ("authentication_error", "invalid_api_key"),
+    "unauthorized": ("authentication_error", "invalid_api_key"),
+    "forbidden": ("permission_error", "origin_not_allowed"),
+    "too_large": ("invalid_request_error", "request_too_large"),
+    "busy": ("unavailable_error", "server_busy"),
+    "not_loaded": ("unavailable_error", "model_not_loaded"),
+    "backend_unavailable": ("unavailable_error", "backend_unavailable"),
+    "context_length": ("invalid_request_error", "context_length_exceeded"),
+    "bad_request": ("invalid_request_error", None),
+    "not_found": ("not_found_error", None),
+    "method_not_allowed": ("invalid_request_error", None),
+    "server_error": ("server_error", None),
+}
+
+
+@hookimpl
+def error_response(path: str, error: ErrorInfo) -> Optional[JSONResponse]:
+    """OpenAI's error envelope {"error": {message, type, param, code}} on /v1 paths."""
+    if not is_openai_path(path):
+        return None
+    type_, code = OPENAI_ERRORS.get(error.kind, ("server_error", None))
+    message = "Invalid API Key" if error.kind == "missing_key" else error.message     # llama.cpp's words
+    return JSONResponse({"error": {"message": message, "type": type_, "param": error.param, "code": code}},
+                        status_code=error.status)
 
 
 class OpenAIRoutes:

@@ -18,6 +18,9 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 import pluggy
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
+    from starlette.responses import Response
+
+    from .server import ErrorInfo
     from .settings import Settings
     from .types import GenerationRequest
 
@@ -49,6 +52,12 @@ def build_generation_request(protocol: str, payload: dict, settings: "Settings",
 @hookspec(firstresult=True)
 def format_chat_prompt(messages: list[dict], model_info: dict) -> Optional[str]:
     """Render chat messages ({"role", "content"} dicts) into a prompt; None leaves it to the model's template."""
+
+
+@hookspec(firstresult=True)
+def error_response(path: str, method: str, error: "ErrorInfo") -> Optional["Response"]:
+    """The response for an error on `path` in your protocol's shape (status `error.status`), or None when `path` is
+    not yours. `error.kind` says what went wrong (server.ERROR_KINDS); the server adds the HTTP headers."""
 
 
 @hookspec

@@ -9,8 +9,9 @@
 - `require_admin` / `ADMIN`: the one check every admin route uses (model load/unload/switch, config reload, slot
   save/restore): the admin key, or the API key when no admin key is set, or no key at all when none is configured;
   a web page of another origin additionally needs its origin listed with `--cors` and must present the key.
-- Error shapes by path: `/v1/...` gets OpenAI's `{"error": {message, type, param, code}}`; everything else KoboldCpp's
-  `{"detail": {"msg", "type"}}`, which SillyTavern reads for every `/api` backend.
+- Errors: `describe_error` says what went wrong without a protocol (`ErrorInfo`: status, message, kind, param);
+  the adapters give it their protocol's shape through the `error_response` hook, by path (OpenAI's under `/v1`,
+  KoboldCpp's elsewhere); `error_response` here adds the HTTP headers (retry-after, www-authenticate).
 - `Fields`: typed access to a JSON body with clear per-field errors (wrong type, NaN, out of range).
 - `serve()`: runs uvicorn (WebSockets via the `websockets` package) on the main port and any extra listeners
   (text-generation-webui's streaming port 5005) in one event loop.
@@ -24,6 +25,7 @@ import ipaddress
 import json
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Iterable, Optional
 from urllib.parse import parse_qs
 
@@ -60,8 +62,6 @@ LOOPBACK_NAMES = ("localhost", "localhost.localdomain")
 
 DOCS_ASSETS = "/docs/assets"       # Swagger UI's files (public, as /docs is)
 
-KOBOLD_UNAUTHORIZED = {"detail": {"error": "Unauthorized", "msg": "Authentication key is missing or invalid.",
-                                  "type": "unauthorized"}}
 MAX_HEADER_BYTES = 16 * 1024     # h11's incomplete-event limit: bounds request line + headers
 
 
@@ -88,58 +88,77 @@ class AdminRefused(AiroError):
         self.status = status
 
 
-def is_openai_path(path: str) -> bool:
-    return path == "/v1" or path.startswith("/v1/")
+# What went wrong, in words every protocol maps to its own: the `kind` of an ErrorInfo.
+ERROR_KINDS = frozenset({
+    "missing_key",          # no or a wrong API key (401)
+    "unauthorized",         # an admin action without the admin key (401)
+    "forbidden",            # an admin action from a web page of an origin not listed with --cors (403)
+    "too_large",            # the body exceeds --max-body-bytes (413)
+    "busy",                 # the queue is full (503, retry-after)
+    "not_loaded",           # no model is loaded (503)
+    "backend_unavailable",  # a part of the model on another machine failed or is restarting (503, retry-after)
+    "context_length",       # prompt + max tokens do not fit the context (400)
+    "bad_request",          # a field with the wrong type or value (400; `param` names it)
+    "not_found",            # no such route (404)
+    "method_not_allowed",   # the route exists for other methods (405)
+    "server_error",         # anything else (500)
+})
+RETRY_AFTER = {"busy": "1", "backend_unavailable": "5"}      # seconds a client should wait before asking again
+MISSING_KEY = "Authentication key is missing or invalid."
+BUSY = "Server is busy; please try again later."
 
 
-def openai_error(status: int, message: str, type_: str = "invalid_request_error", param: Optional[str] = None,
-                 code: Any = None, headers: Optional[dict] = None) -> JSONResponse:
-    """OpenAI's error envelope (types as llama.cpp's server uses them)."""
-    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
-                        status_code=status, headers=headers)
+@dataclass(frozen=True)
+class ErrorInfo:
+    """An error to answer, before any protocol's shape (hookspecs.error_response)."""
+    status: int
+    message: str
+    kind: str
+    param: Optional[str] = None
 
 
-def kobold_error(status: int, msg: str, type_: str = "bad_input", headers: Optional[dict] = None) -> JSONResponse:
-    """KoboldCpp's error body: {"detail": {"msg", "type"}} (SillyTavern shows detail.msg)."""
-    return JSONResponse({"detail": {"msg": msg, "type": type_}}, status_code=status, headers=headers)
-
-
-def error_for_exception(path: str, exc: BaseException) -> JSONResponse:
-    """Map an exception to the protocol's error response *by class* (never by message text)."""
+def describe_error(exc: BaseException) -> ErrorInfo:
+    """What an exception means for the client, decided *by class* (never by message text)."""
     msg = str(exc) or exc.__class__.__name__
-    openai = is_openai_path(path)
     if isinstance(exc, AdminRefused):
-        challenge = {"www-authenticate": "Bearer"} if exc.status == 401 else None
-        if openai:
-            return openai_error(exc.status, msg, "authentication_error" if exc.status == 401 else "permission_error",
-                                code="invalid_api_key" if exc.status == 401 else "origin_not_allowed",
-                                headers=challenge)
-        return JSONResponse({"detail": {"error": "Unauthorized" if exc.status == 401 else "Forbidden", "msg": msg,
-                                        "type": "unauthorized"}}, status_code=exc.status, headers=challenge)
+        return ErrorInfo(exc.status, msg, "unauthorized" if exc.status == 401 else "forbidden")
     if isinstance(exc, BodyTooLarge):
-        return (openai_error(413, msg, "invalid_request_error", code="request_too_large") if openai
-                else kobold_error(413, msg, "bad_input"))
+        return ErrorInfo(413, msg, "too_large")
     if isinstance(exc, EngineBusy):
-        busy = "Server is busy; please try again later."
-        return (openai_error(503, busy, "unavailable_error", code="server_busy", headers={"retry-after": "1"})
-                if openai else kobold_error(503, busy, "service_unavailable", headers={"retry-after": "1"}))
+        return ErrorInfo(503, BUSY, "busy")
     if isinstance(exc, ModelNotLoaded):
-        return (openai_error(503, msg, "unavailable_error", code="model_not_loaded") if openai
-                else kobold_error(503, msg, "service_unavailable"))
+        return ErrorInfo(503, msg, "not_loaded")
     if isinstance(exc, BackendUnavailable):
-        return (openai_error(503, msg, "unavailable_error", code="backend_unavailable", headers={"retry-after": "5"})
-                if openai else kobold_error(503, msg, "service_unavailable", headers={"retry-after": "5"}))
+        return ErrorInfo(503, msg, "backend_unavailable")
     if isinstance(exc, ContextOverflowError):
-        return (openai_error(400, msg, "invalid_request_error", code="context_length_exceeded") if openai
-                else kobold_error(400, msg, "bad_input"))
+        return ErrorInfo(400, msg, "context_length")
     if isinstance(exc, RequestError):
-        return (openai_error(400, msg, "invalid_request_error", param=getattr(exc, "param", None)) if openai
-                else kobold_error(400, msg, "bad_input"))
+        return ErrorInfo(400, msg, "bad_request", getattr(exc, "param", None))
     if isinstance(exc, AiroError):
-        return openai_error(500, msg, "server_error") if openai else kobold_error(500, msg, "server_error")
-    log.error("unexpected error on %s", path, exc_info=exc)
-    text = f"Internal error: {exc.__class__.__name__}: {msg}"
-    return openai_error(500, text, "server_error") if openai else kobold_error(500, text, "server_error")
+        return ErrorInfo(500, msg, "server_error")
+    return ErrorInfo(500, f"Internal error: {exc.__class__.__name__}: {msg}", "server_error")
+
+
+def error_response(pm: Optional[pluggy.PluginManager], path: str, method: str, error: ErrorInfo) -> Response:
+    """`error` in the shape of the protocol that owns `path` (the first adapter that answers the `error_response`
+    hook; Starlette's plain `{"detail": message}` when none does), with the headers HTTP asks for."""
+    resp = pm.hook.error_response(path=path, method=method, error=error) if pm is not None else None
+    if resp is None:
+        resp = JSONResponse({"detail": error.message}, status_code=error.status)
+    if error.kind in RETRY_AFTER:
+        resp.headers["retry-after"] = RETRY_AFTER[error.kind]
+    elif error.status == 401:
+        resp.headers["www-authenticate"] = "Bearer"
+    return resp
+
+
+def error_for_exception(pm: Optional[pluggy.PluginManager], path: str, exc: BaseException,
+                        method: str = "POST") -> Response:
+    """The protocol's error response for an exception raised while serving `path`."""
+    error = describe_error(exc)
+    if error.kind == "server_error" and not isinstance(exc, AiroError):
+        log.error("unexpected error on %s", path, exc_info=exc)
+    return error_response(pm, path, method, error)
 
 
 def _reject_constant(name: str) -> Any:
@@ -397,8 +416,10 @@ class Guard:
     """Pure ASGI middleware: path normalisation, Host check, CORS, HEAD, API key (HTTP + WebSocket), the admin
     decision, body cap."""
 
-    def __init__(self, app: Any, settings: Settings, routes: Iterable = ()) -> None:
+    def __init__(self, app: Any, settings: Settings, routes: Iterable = (),
+                 pm: Optional[pluggy.PluginManager] = None) -> None:
         self.app = app
+        self.pm = pm
         self.api_key = settings.api_key or None
         self.admin_key = settings.admin_key or None
         self.max_body = int(settings.max_body_bytes)
@@ -570,11 +591,7 @@ class Guard:
         if method == "HEAD":  # KoboldCpp answers HEAD on any path with 200; nothing is computed or leaked
             return await self._plain(send, 200, b"", cors)
         if not authenticated and (method, path) not in PUBLIC_ROUTES and not path.startswith(DOCS_ASSETS + "/"):
-            body = (json.dumps({"error": {"message": "Invalid API Key", "type": "authentication_error",
-                                          "param": None, "code": "invalid_api_key"}}) if is_openai_path(path)
-                    else json.dumps(KOBOLD_UNAUTHORIZED)).encode()
-            return await self._plain(send, 401, body, cors + [(b"www-authenticate", b"Bearer")],
-                                     content_type=b"application/json")
+            return await self._error(send, path, method, ErrorInfo(401, MISSING_KEY, "missing_key"), cors)
 
         length = headers.get("content-length")
         if length is not None:
@@ -583,10 +600,11 @@ class Guard:
             except ValueError:
                 n = -1
             if n < 0:
-                return await self._json_error(send, path, FieldError("invalid Content-Length header"), cors)
+                return await self._error(send, path, method, describe_error(
+                    FieldError("invalid Content-Length header")), cors)
             if n > self.max_body:
-                return await self._json_error(send, path, BodyTooLarge(
-                    f"Payload is too big: {n} bytes; the limit is {self.max_body} bytes."), cors)
+                return await self._error(send, path, method, describe_error(BodyTooLarge(
+                    f"Payload is too big: {n} bytes; the limit is {self.max_body} bytes.")), cors)
 
         received = 0
         max_body = self.max_body
@@ -613,8 +631,8 @@ class Guard:
             return
         if "websocket.http.response" in scope.get("extensions", {}):
             if status == 401:
-                body = json.dumps(KOBOLD_UNAUTHORIZED).encode()
-                headers = [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]
+                resp = error_response(self.pm, scope.get("path", ""), "GET", ErrorInfo(401, MISSING_KEY, "missing_key"))
+                body, headers = resp.body, [(k, v) for k, v in resp.raw_headers if k != b"content-length"]
             else:
                 body, headers = reason or b"", [(b"content-type", b"text/plain")]
             await send({"type": "websocket.http.response.start", "status": status,
@@ -631,29 +649,25 @@ class Guard:
                     + headers})
         await send({"type": "http.response.body", "body": body})
 
-    async def _json_error(self, send, path: str, exc: BaseException, cors: list) -> None:
-        resp = error_for_exception(path, exc)
-        await self._plain(send, resp.status_code, resp.body, cors, content_type=b"application/json")
+    async def _error(self, send, path: str, method: str, error: ErrorInfo, cors: list) -> None:
+        resp = error_response(self.pm, path, method, error)
+        await send({"type": "http.response.start", "status": resp.status_code,
+                    "headers": list(resp.raw_headers) + cors})
+        await send({"type": "http.response.body", "body": resp.body})
 
 
 # ---------------------------------------------------------------------------------------------- the app
 
-def _not_found(request: Request, exc: StarletteHTTPException) -> Response:
-    path = request.url.path
+def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    """Starlette's own errors (no route, wrong method) in the protocol's shape."""
+    path, method = request.url.path, request.method
     if exc.status_code == 404:
-        if is_openai_path(path):
-            return openai_error(404, f"Unknown endpoint {request.method} {path}", "not_found_error")
-        if request.method == "GET" and not path.startswith("/api"):
-            return HTMLResponse("Error: HTTP Server is running, but this endpoint does not exist. "
-                                "Please check the URL.", status_code=404)
-        return kobold_error(404, f"Unknown endpoint {request.method} {path}", "not_found")
-    if exc.status_code == 405:
-        if is_openai_path(path):
-            return openai_error(405, f"Method {request.method} not allowed on {path}", "invalid_request_error")
-        return kobold_error(405, f"Method {request.method} not allowed on {path}", "bad_input")
-    if is_openai_path(path):
-        return openai_error(exc.status_code, str(exc.detail), "invalid_request_error")
-    return kobold_error(exc.status_code, str(exc.detail), "bad_input")
+        error = ErrorInfo(404, f"Unknown endpoint {method} {path}", "not_found")
+    elif exc.status_code == 405:
+        error = ErrorInfo(405, f"Method {method} not allowed on {path}", "method_not_allowed")
+    else:
+        error = ErrorInfo(exc.status_code, str(exc.detail), "bad_request")
+    return error_response(getattr(request.app.state, "pm", None), path, method, error)
 
 
 def create_app(engine: Any, settings: Settings, pm: Optional[pluggy.PluginManager] = None) -> FastAPI:
@@ -699,14 +713,14 @@ def create_app(engine: Any, settings: Settings, pm: Optional[pluggy.PluginManage
         async def index(request: Request) -> HTMLResponse:
             return HTMLResponse(index_page(request, engine, settings, pm))
 
-    app.add_exception_handler(StarletteHTTPException, _not_found)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
 
     async def airo_error(request: Request, exc: Exception) -> Response:
-        return error_for_exception(request.url.path, exc)
+        return error_for_exception(pm, request.url.path, exc, request.method)
 
     app.add_exception_handler(AiroError, airo_error)
     app.add_exception_handler(Exception, airo_error)
-    app.add_middleware(Guard, settings=settings, routes=app.router.routes)
+    app.add_middleware(Guard, settings=settings, routes=app.router.routes, pm=pm)
     return app
 
 

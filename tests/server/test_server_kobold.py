@@ -218,17 +218,29 @@ def test_koboldapi_client_over_a_real_socket(demo_app, demo_engine):
         assert "".join(lp["tokens"]) == streamed and len(lp["content"]) == len(lp["tokens"])
 
 
-def test_engine_error_classes_map_to_kobold_shapes():
-    from airobackend.server import error_for_exception
+def test_engine_error_classes_map_to_each_protocols_shape():
+    """The core says what went wrong (server.describe_error); the adapters' error_response hooks shape it by path,
+    and with no adapter answering the body is Starlette's plain one."""
     from airobackend.errors import ContextOverflowError, EngineBusy, ModelNotLoaded
+    from airobackend.plugins import get_plugin_manager
+    from airobackend.server import error_for_exception
 
-    assert error_for_exception("/api/v1/generate", EngineBusy("x")).status_code == 503
-    r = error_for_exception("/api/v1/generate", ContextOverflowError("too long"))
+    pm = get_plugin_manager(load_entrypoints=False)
+    r = error_for_exception(pm, "/api/v1/generate", EngineBusy("x"))
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert json.loads(r.body) == {"detail": {"msg": "Server is busy; please try again later.",
+                                             "type": "service_unavailable"}}
+    r = error_for_exception(pm, "/api/v1/generate", ContextOverflowError("too long"))
     assert r.status_code == 400 and json.loads(r.body) == {"detail": {"msg": "too long", "type": "bad_input"}}
-    r = error_for_exception("/api/v1/generate", ModelNotLoaded("no model is loaded"))
+    r = error_for_exception(pm, "/api/v1/generate", ModelNotLoaded("no model is loaded"))
     assert r.status_code == 503 and json.loads(r.body)["detail"]["type"] == "service_unavailable"
-    assert error_for_exception("/api/x", RequestError("bad")).status_code == 400
-    assert FinishReason.EOS.value == "eos"
+    assert error_for_exception(pm, "/api/x", RequestError("bad")).status_code == 400
+    r = error_for_exception(pm, "/v1/completions", ContextOverflowError("too long"))
+    assert r.status_code == 400 and json.loads(r.body) == {"error": {
+        "message": "too long", "type": "invalid_request_error", "param": None, "code": "context_length_exceeded"}}
+    bare = get_plugin_manager(load_entrypoints=False, defaults=())
+    r = error_for_exception(bare, "/api/v1/generate", ContextOverflowError("too long"))
+    assert r.status_code == 400 and json.loads(r.body) == {"detail": "too long"}
 
 
 def test_render_special_and_a_control_token_as_stop_sequence(client, demo_engine):

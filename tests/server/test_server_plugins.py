@@ -28,7 +28,7 @@ HOOKS = [name for name, fn in inspect.getmembers(hookspecs, inspect.isfunction)
 
 def test_hooks_are_few_and_documented():
     assert sorted(HOOKS) == sorted(["add_cli_arguments", "register_routes", "build_generation_request",
-                                    "format_chat_prompt", "startup", "shutdown"])
+                                    "format_chat_prompt", "error_response", "startup", "shutdown"])
     for name in HOOKS:
         doc = getattr(hookspecs, name).__doc__
         assert doc and doc.strip(), name
