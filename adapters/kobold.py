@@ -41,8 +41,10 @@ KOBOLD_DEFAULTS = dict(temperature=0.7, top_k=100, top_p=0.92, min_p=0.0, typica
                        repetition_penalty=1.0, repetition_penalty_range=320, repetition_penalty_slope=1.0,
                        presence_penalty=0.0, frequency_penalty=0.0, mirostat=0, mirostat_tau=5.0, mirostat_eta=0.1,
                        dynatemp_range=0.0, dynatemp_exponent=1.0, seed=None, ban_eos=False)
-# KoboldCpp's perf stop_reason codes
-STOP_REASON = {FinishReason.LENGTH: 0, FinishReason.EOS: 1, FinishReason.STOP: 2, FinishReason.ABORTED: -1}
+# KoboldCpp's stop_reason codes for /api/extra/perf (KoboldCpp 1.76 `expose.h`: INVALID -1, OUT_OF_TOKENS 0,
+# EOS_TOKEN_HIT 1, CUSTOM_STOPPER 2). An abort is reported as a custom stop, as KoboldCpp does; -1 before any
+# generation.
+STOP_REASON = {FinishReason.LENGTH: 0, FinishReason.EOS: 1, FinishReason.STOP: 2, FinishReason.ABORTED: 2}
 TEXTGEN_MARKERS = ("max_new_tokens", "stopping_strings")
 
 GENERATE_EXAMPLE = {"prompt": "USER: Tell me about llamas. ASSISTANT:", "max_length": 80, "temperature": 0.7,
@@ -350,10 +352,8 @@ class KoboldRoutes:
                "uptime": round(time.time() - self.started, 3), "idletime": 0.0, "quiet": bool(self.settings.quiet)}
         reason = p.pop("stop_reason", None)
         out.update(p)
-        if isinstance(reason, FinishReason) or reason in {r.value for r in FinishReason}:
+        if reason is not None:
             out["stop_reason"] = STOP_REASON[FinishReason(reason)]
-        elif isinstance(reason, int):
-            out["stop_reason"] = reason
         return out
 
     async def last_logprobs(self, request: Request) -> dict:

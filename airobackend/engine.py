@@ -53,10 +53,6 @@ MAX_TOKENS_LIMIT = 1 << 20
 # token outside the top 20.
 LOGPROB_FLOOR = -9999.0
 
-# KoboldCpp's stop_reason codes for /api/extra/perf (expose.h): INVALID -1, OUT_OF_TOKENS 0, EOS_TOKEN_HIT 1,
-# CUSTOM_STOPPER 2. An abort is reported as a custom stop, as KoboldCpp does.
-STOP_REASON_CODES = {FinishReason.LENGTH: 0, FinishReason.EOS: 1, FinishReason.STOP: 2, FinishReason.ABORTED: 2}
-
 
 @dataclass
 class _Job:
@@ -173,7 +169,7 @@ class Engine:
         self._t_start = now
         self._t_idle_since = now
         self._perf: dict[str, Any] = dict(last_process=0.0, last_eval=0.0, last_token_count=0, last_seed=-1,
-                                          total_gens=0, stop_reason=-1, last_input_count=0, last_process_count=0,
+                                          total_gens=0, stop_reason=None, last_input_count=0, last_process_count=0,
                                           last_cached_count=0)
 
     def _state_dir(self) -> Any:
@@ -689,7 +685,7 @@ class Engine:
             self._grammar_kept = (req.sampling.grammar, sampler.snapshot()[1])
         with self._cond:
             self._perf.update(last_process=t1 - t0, last_eval=t2 - t1, last_token_count=n_gen, last_seed=seed,
-                              total_gens=self._perf["total_gens"] + 1, stop_reason=STOP_REASON_CODES[finish],
+                              total_gens=self._perf["total_gens"] + 1, stop_reason=finish,
                               last_input_count=len(tokens), last_process_count=plan.n_evaluate,
                               last_cached_count=plan.n_reused)
         yield out.event(tail, finish_reason=finish, prompt_tokens=len(tokens), completion_tokens=n_gen,

@@ -525,16 +525,16 @@ def test_perf_partial_text_and_seed():
     for key in ("last_process", "last_eval", "last_token_count", "last_seed", "total_gens", "stop_reason",
                 "queue", "idle", "uptime", "idletime", "total_img_gens", "hordeexitcounter", "quiet"):
         assert key in perf
-    assert perf["stop_reason"] == -1 and perf["idle"] == 1
+    assert perf["stop_reason"] is None and perf["idle"] == 1
     run(engine, request(genkey="KCPP0001", sampling=GREEDY.replace(seed=1234)))
     perf = engine.perf()
-    assert perf["last_seed"] == 1234 and perf["last_token_count"] == 3 and perf["stop_reason"] == 1
+    assert perf["last_seed"] == 1234 and perf["last_token_count"] == 3 and perf["stop_reason"] == FinishReason.EOS
     assert perf["total_gens"] == 1 and perf["last_process"] >= 0 and perf["last_eval"] >= 0
     # check: the key's owner sees the text, nobody else does
     assert engine.partial_text("KCPP0001") == " Hello world!"
     assert engine.partial_text("KCPP9999") == "" and engine.partial_text() == ""
     run(engine, request(max_tokens=1))
-    assert engine.partial_text() == " Hello" and engine.perf()["stop_reason"] == 0
+    assert engine.partial_text() == " Hello" and engine.perf()["stop_reason"] == FinishReason.LENGTH
 
 
 def test_partial_text_while_generating():

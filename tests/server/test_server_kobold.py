@@ -13,7 +13,7 @@ from starlette.testclient import TestClient
 from airobackend.errors import RequestError
 from airobackend.types import FinishReason
 
-from fakes import live, pick_stop
+from fakes import live, make_app, pick_stop, scripted_engine
 
 SSE_EVENT = re.compile(rb"event: message\ndata: ([^\n]*)\n\n")
 
@@ -318,3 +318,17 @@ def test_grammar_retain_state_goes_on_where_the_last_generation_stopped(client):
                                                        grammar_retain_state=True)).json()["results"][0]
         got, finish = got + r["text"], r["finish_reason"]
     assert got == target and finish == "stop"
+
+
+def test_perf_stop_reason_codes_are_koboldcpps():
+    """KoboldCpp's codes (expose.h): -1 before any generation, 0 out of tokens, 1 EOS, 2 a stop sequence or an
+    abort; the engine reports a FinishReason, the adapter owns the codes."""
+    engine, _ = scripted_engine("abc")
+    c = TestClient(make_app(engine))
+    assert c.get("/api/extra/perf").json()["stop_reason"] == -1
+    c.post("/api/v1/generate", json={"prompt": "x", "max_length": 2})
+    assert c.get("/api/extra/perf").json()["stop_reason"] == 0
+    c.post("/api/v1/generate", json={"prompt": "x", "max_length": 10})
+    assert c.get("/api/extra/perf").json()["stop_reason"] == 1
+    c.post("/api/v1/generate", json={"prompt": "x", "max_length": 10, "stop_sequence": ["b"]})
+    assert c.get("/api/extra/perf").json()["stop_reason"] == 2
