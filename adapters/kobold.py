@@ -24,6 +24,7 @@ from airobackend.embeddings import embeddings_response
 from airobackend.errors import ModelNotLoaded, RequestError
 from airobackend.hookspecs import hookimpl
 from airobackend.json_schema import schema_to_grammar
+from airobackend.manager import option_number, parse_load_options, renamed
 from airobackend.server import (ErrorInfo, FieldError, Fields, build_request, json_schema_body, read_json,
                                 run_watching_disconnect, sampling_params)
 from airobackend.settings import Settings
@@ -134,6 +135,22 @@ def build_generation_request(protocol: str, payload: dict, engine: Any) -> Optio
 @hookimpl
 def register_routes(engine: Any, settings: Settings, pm: pluggy.PluginManager) -> APIRouter:
     return KoboldRoutes(engine, settings, pm).router
+
+
+# KoboldCpp's config fields in a model switch's `overrides` (its `koboldcpp.py` arguments) -> ours
+KOBOLD_QUANTKV = ("f16", "q8_0", "q4_0")          # --quantkv 0, 1, 2 (keys and values)
+KOBOLD_CONFIG_SPELLINGS = {
+    "contextsize": renamed("n_ctx"),
+    "threads": renamed("n_threads"),
+    "blasbatchsize": renamed("n_batch"),
+    "quantkv": lambda value, where: dict.fromkeys(
+        ("cache_type_k", "cache_type_v"), KOBOLD_QUANTKV[int(option_number(value, where, 0, 2, integer=True))]),
+}
+
+
+def config_overrides(overrides: Any, param: str = "overrides") -> dict:
+    """A KoboldCpp admin reload's `overrides` (contextsize, threads, ...) as load() options."""
+    return parse_load_options(overrides, param, KOBOLD_CONFIG_SPELLINGS)
 
 
 # error kind -> KoboldCpp's detail.type

@@ -30,9 +30,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from airobackend.adapters.kobold import config_overrides
+from airobackend.adapters.textgen import load_options
 from airobackend.errors import AiroError, EngineBusy
 from airobackend.hookspecs import hookimpl
-from airobackend.manager import parse_load_options
 from airobackend.server import ADMIN, FieldError, Fields, json_schema_body, read_json
 from airobackend.settings import Settings
 
@@ -98,7 +99,7 @@ class ModelRoutes:
         name = f.str("model_name", "")
         if not name:
             raise FieldError("'model_name' is required", "model_name")
-        options = parse_load_options(body.get("args"))
+        options = load_options(body.get("args"))
         settings = body.get("settings")
         if isinstance(settings, dict) and settings.get("instruction_template"):
             options["template"] = Fields(settings).str("instruction_template", None)
@@ -125,7 +126,7 @@ class ModelRoutes:
         name = f.str(("filename", "model", "model_name"), "")
         if not name:
             raise FieldError("'filename' is required: a model name from /api/admin/list_options", "filename")
-        options = parse_load_options(body.get("overrides"), "overrides")
+        options = config_overrides(body.get("overrides"))
         if name == "unload_model":
             await run_in_threadpool(self.manager.unload)
             return {"success": True}

@@ -27,6 +27,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from airobackend.aio import GenerationStream, collect
 from airobackend.errors import AiroError, ModelNotLoaded
 from airobackend.hookspecs import hookimpl
+from airobackend.manager import option_flag, option_number, parse_load_options, renamed
 from airobackend.server import (ADMIN_ACTIONS, FieldError, Fields, build_request, chat_prompt, chat_stops,
                                 json_schema_body, read_json, require_admin, run_watching_disconnect,
                                 sampling_params)
@@ -120,10 +121,28 @@ def chat_messages(payload: dict, internal: list[list[str]], user_input: str) -> 
     return messages
 
 
-def load_options(args: Any) -> dict:
-    """A text-generation-webui load's `args` (threads, n_ctx, no_mmap, compress_pos_emb, ...) as load() options."""
-    from airobackend.manager import parse_load_options   # the manager owns what a load may change
-    return parse_load_options(args, "args")
+def _cache_bits(kind: str):
+    return lambda value, where: {"cache_type_k": kind, "cache_type_v": kind} if option_flag(value, where) else {}
+
+
+# text-generation-webui's names in a load's `args` (its llama.cpp loaders' options, `modules/loaders.py`) -> ours
+TEXTGEN_LOAD_SPELLINGS = {
+    "max_seq_len": renamed("n_ctx"),
+    "threads": renamed("n_threads"),
+    "instruction_template": renamed("template"),
+    "no_mmap": lambda value, where: {"use_mmap": not option_flag(value, where)},
+    # linear RoPE scaling as a compression factor: rope_freq_scale = 1 / compress_pos_emb
+    "compress_pos_emb": lambda value, where: {"rope_freq_scale": 1.0 / option_number(value, where, 1.0, 1e3)},
+    "cache_type": lambda value, where: {"cache_type_k": value, "cache_type_v": value},      # fp16 | q8_0 | q4_0
+    "cache_8bit": _cache_bits("q8_0"),                                                     # its older flags
+    "cache_4bit": _cache_bits("q4_0"),
+}
+
+
+def load_options(args: Any, param: str = "args") -> dict:
+    """A text-generation-webui load's `args` (threads, n_ctx, no_mmap, compress_pos_emb, ...) as load() options (the
+    manager owns what a load may change)."""
+    return parse_load_options(args, param, TEXTGEN_LOAD_SPELLINGS)
 
 
 # ---------------------------------------------------------------------------------------------- plugin hooks

@@ -22,7 +22,7 @@ import math
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 from airobackend.errors import (AiroError, EngineBusy, InsufficientMemory, ModelFileError, ModelNotLoaded,
                                 RequestError)
@@ -36,21 +36,16 @@ log = logging.getLogger("airobackend.manager")
 LOAD_OVERRIDES = ("n_ctx", "n_threads", "n_batch", "n_gqa", "rms_norm_eps", "rope_freq_base", "rope_freq_scale",
                   "template", "seed", "use_mmap", "cache_type_k", "cache_type_v")
 
-# Other names clients use for them: text-generation-webui's load `args`, KoboldCpp's config fields.
-OPTION_ALIASES = {"max_seq_len": "n_ctx", "contextsize": "n_ctx", "threads": "n_threads", "blasbatchsize": "n_batch",
-                  "instruction_template": "template"}
 _INT_OPTIONS = {"n_ctx": (16, 1 << 24), "n_threads": (0, 4096), "n_batch": (1, 1 << 16), "n_gqa": (1, 256),
                 "seed": (-1, 2**63 - 1)}
 _FLOAT_OPTIONS = {"rms_norm_eps": (1e-12, 1.0), "rope_freq_base": (1.0, 1e12), "rope_freq_scale": (1e-6, 1e3)}
 _BOOL_OPTIONS = ("allow_disk", "abort_running", "use_mmap")
-# KV cache type options: ours (cache_type_k/_v), text-generation-webui's `cache_type` (fp16|q8_0|q4_0, both K and V)
-# and its older cache_8bit / cache_4bit flags, KoboldCpp's `quantkv` (0 f16, 1 q8_0, 2 q4_0).
-_QUANTKV = ("f16", "q8_0", "q4_0")
 
 ProgressFn = Callable[[float], None]
 
 
-def _number(value: Any, where: str, lo: float, hi: float, integer: bool = False) -> float:
+def option_number(value: Any, where: str, lo: float, hi: float, integer: bool = False) -> float:
+    """A number option (a number, or its text), checked against [lo, hi]; RequestError naming `where`."""
     if isinstance(value, str):
         try:
             value = float(value.strip())
@@ -65,7 +60,8 @@ def _number(value: Any, where: str, lo: float, hi: float, integer: bool = False)
     return int(value) if integer else float(value)
 
 
-def _flag(value: Any, where: str) -> bool:
+def option_flag(value: Any, where: str) -> bool:
+    """A true/false option (a bool, 0/1, or their text); RequestError naming `where`."""
     if isinstance(value, bool) or value in (0, 1):
         return bool(value)
     if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
@@ -73,13 +69,22 @@ def _flag(value: Any, where: str) -> bool:
     raise RequestError(f"'{where}' must be true or false, got {str(value)[:40]!r}")
 
 
-def parse_load_options(args: Any, param: str = "args") -> dict:
+Spelling = Callable[[Any, str], dict]          # (client's value, where) -> {our option name: value}
+
+
+def renamed(name: str) -> Spelling:
+    """A client's name for one of our options, with the same values."""
+    return lambda value, where: {name: value}
+
+
+def parse_load_options(args: Any, param: str = "args", spellings: Optional[Mapping[str, Spelling]] = None) -> dict:
     """`load()` keyword arguments from a client's options object, validated (RequestError naming the field).
 
-    Takes our names (LOAD_OVERRIDES, allow_disk, abort_running) and the ones clients send: text-generation-webui's
-    load `args` (threads, max_seq_len, no_mmap, compress_pos_emb, instruction_template) and KoboldCpp's config
-    fields (contextsize, blasbatchsize). Options without meaning for a CPU engine (gpu layers, loader, wbits, ...)
-    are ignored, as text-generation-webui ignores those a loader does not use.
+    Takes our names (LOAD_OVERRIDES, allow_disk, abort_running). A protocol's own names for them are its adapter's
+    business: `spellings` maps each to a function giving our options for its value (text-generation-webui's load
+    `args`, KoboldCpp's config fields), and what it gives is checked as ours are, under the client's name. Options
+    without meaning for a CPU engine (gpu layers, loader, wbits, ...) are ignored, as text-generation-webui ignores
+    those a loader does not use.
     """
     if args is None:
         return {}
@@ -90,32 +95,26 @@ def parse_load_options(args: Any, param: str = "args") -> dict:
         if value is None:
             continue
         where = f"{param}.{key}"
-        name = OPTION_ALIASES.get(key, key)
-        if key == "no_mmap":
-            out["use_mmap"] = not _flag(value, where)
-        elif key == "compress_pos_emb":          # text-generation-webui's linear RoPE scaling factor
-            out["rope_freq_scale"] = 1.0 / _number(value, where, 1.0, 1e3)
-        elif name in _INT_OPTIONS:
-            out[name] = _number(value, where, *_INT_OPTIONS[name], integer=True)
-        elif name in _FLOAT_OPTIONS:
-            out[name] = _number(value, where, *_FLOAT_OPTIONS[name])
-        elif name in _BOOL_OPTIONS:
-            out[name] = _flag(value, where)
-        elif name == "template":
-            if not isinstance(value, str):
-                raise RequestError(f"'{where}' must be a template name")
-            if value and value != "None":
-                out[name] = value
-        elif name in ("cache_type_k", "cache_type_v", "cache_type"):
-            t = _cache_type(value, where)
-            for k in ((name,) if name != "cache_type" else ("cache_type_k", "cache_type_v")):
-                out[k] = t
-        elif name == "quantkv":
-            t = _QUANTKV[int(_number(value, where, 0, 2, integer=True))]
-            out["cache_type_k"] = out["cache_type_v"] = t
-        elif name in ("cache_8bit", "cache_4bit") and _flag(value, where):
-            out["cache_type_k"] = out["cache_type_v"] = "q8_0" if name == "cache_8bit" else "q4_0"
+        ours = spellings[key](value, where) if spellings and key in spellings else {key: value}
+        for name, v in ours.items():
+            _load_option(out, name, v, where)
     return out
+
+
+def _load_option(out: dict, name: str, value: Any, where: str) -> None:
+    if name in _INT_OPTIONS:
+        out[name] = option_number(value, where, *_INT_OPTIONS[name], integer=True)
+    elif name in _FLOAT_OPTIONS:
+        out[name] = option_number(value, where, *_FLOAT_OPTIONS[name])
+    elif name in _BOOL_OPTIONS:
+        out[name] = option_flag(value, where)
+    elif name == "template":
+        if not isinstance(value, str):
+            raise RequestError(f"'{where}' must be a template name")
+        if value and value != "None":
+            out[name] = value
+    elif name in ("cache_type_k", "cache_type_v"):
+        out[name] = _cache_type(value, where)
 
 
 def _cache_type(value: Any, where: str) -> str:

@@ -16,6 +16,8 @@ from airobackend.formats import HParams, kv_cache_bytes
 from airobackend.kernels import kvquant, ops
 from airobackend.kvcache import CODECS, KVCache
 from airobackend.llama import Llama
+from airobackend.adapters.kobold import config_overrides
+from airobackend.adapters.textgen import load_options
 from airobackend.manager import parse_load_options
 from airobackend.settings import KV_CACHE_TYPES
 
@@ -166,15 +168,17 @@ def test_run_flags_and_load_options():
     run_cmd.add_arguments(p)
     s = run_cmd.build_settings(p.parse_args(["-ctk", "q8_0", "-ctv", "q4_0"]), environ={})
     assert (s.cache_type_k, s.cache_type_v) == ("q8_0", "q4_0")
-    assert parse_load_options({"cache_type": "q8_0"}) == {"cache_type_k": "q8_0", "cache_type_v": "q8_0"}
-    assert parse_load_options({"cache_type": "fp16"}) == {"cache_type_k": "f16", "cache_type_v": "f16"}
-    assert parse_load_options({"quantkv": 2}) == {"cache_type_k": "q4_0", "cache_type_v": "q4_0"}
-    assert parse_load_options({"cache_8bit": True}) == {"cache_type_k": "q8_0", "cache_type_v": "q8_0"}
+    assert load_options({"cache_type": "q8_0"}) == {"cache_type_k": "q8_0", "cache_type_v": "q8_0"}
+    assert load_options({"cache_type": "fp16"}) == {"cache_type_k": "f16", "cache_type_v": "f16"}
+    assert config_overrides({"quantkv": 2}) == {"cache_type_k": "q4_0", "cache_type_v": "q4_0"}
+    assert load_options({"cache_8bit": True}) == {"cache_type_k": "q8_0", "cache_type_v": "q8_0"}
     assert parse_load_options({"cache_type_v": "Q4_0"}) == {"cache_type_v": "q4_0"}
     with pytest.raises(RequestError, match="args.cache_type_k"):
         parse_load_options({"cache_type_k": "q2_K"})
+    with pytest.raises(RequestError, match="args.cache_type"):
+        load_options({"cache_type": "q2_K"})
     with pytest.raises(RequestError):
-        parse_load_options({"quantkv": 5})
+        config_overrides({"quantkv": 5})
 
 
 def test_python_api_takes_llama_cpp_python_type_numbers(fixtures_dir, fixture_index):

@@ -495,21 +495,29 @@ def test_prefetch_reports_progress_over_every_part(tmp_path):
     assert seen == pytest.approx([0.2, 0.4, 0.6, 0.8])
 
 
-def test_parse_load_options_takes_every_clients_spelling():
+def test_parse_load_options_takes_our_names_and_each_protocols_spelling():
+    """The core knows its own option names; each adapter brings its protocol's (text-generation-webui's load args,
+    KoboldCpp's config fields), checked as ours are and named as the client wrote them."""
+    from airobackend.adapters.kobold import config_overrides
+    from airobackend.adapters.textgen import load_options
     from airobackend.manager import parse_load_options
     assert parse_load_options(None) == {}
-    got = parse_load_options({"n_ctx": 4096, "threads": "2", "no_mmap": True, "compress_pos_emb": 4,
-                              "instruction_template": "Vicuna-v1.1", "allow_disk": "true", "n_gpu_layers": 40,
-                              "loader": "llama.cpp", "wbits": "None", "contextsize": None})
+    assert parse_load_options({"n_ctx": 4096, "threads": 2, "contextsize": 8192}) == {"n_ctx": 4096}
+    got = load_options({"n_ctx": 4096, "threads": "2", "no_mmap": True, "compress_pos_emb": 4,
+                        "instruction_template": "Vicuna-v1.1", "allow_disk": "true", "n_gpu_layers": 40,
+                        "loader": "llama.cpp", "wbits": "None", "contextsize": None})
     assert got == {"n_ctx": 4096, "n_threads": 2, "use_mmap": False, "rope_freq_scale": 0.25,
                    "template": "Vicuna-v1.1", "allow_disk": True}
-    assert parse_load_options({"contextsize": 8192, "blasbatchsize": 256}) == {"n_ctx": 8192, "n_batch": 256}
+    assert config_overrides({"contextsize": 8192, "blasbatchsize": 256}) == {"n_ctx": 8192, "n_batch": 256}
+    assert load_options({"contextsize": 8192}) == {} and config_overrides({"max_seq_len": 8192}) == {}
     for bad, field in (({"n_ctx": "big"}, "args.n_ctx"), ({"n_ctx": 10**9}, "args.n_ctx"),
                        ({"threads": 1.5}, "args.threads"), ({"rms_norm_eps": float("nan")}, "args.rms_norm_eps"),
                        ({"allow_disk": "maybe"}, "args.allow_disk"), ({"n_gqa": True}, "args.n_gqa"),
-                       ({"template": 5}, "args.template")):
+                       ({"template": 5}, "args.template"), ({"max_seq_len": 3}, "args.max_seq_len")):
         with pytest.raises(RequestError, match=field.replace(".", r"\.")):
-            parse_load_options(bad)
+            load_options(bad)
+    with pytest.raises(RequestError, match=r"overrides\.contextsize"):
+        config_overrides({"contextsize": "big"})
     with pytest.raises(RequestError, match="must be an object"):
         parse_load_options(["n_ctx", 5])
 
