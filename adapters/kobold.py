@@ -29,7 +29,7 @@ from airobackend.server import (ErrorInfo, FieldError, Fields, build_request, js
                                 run_watching_disconnect, sampling_params)
 from airobackend.settings import Settings
 from airobackend.sse import SSEResponse, encode_sse
-from airobackend.types import FinishReason, GenerationEvent, GenerationRequest
+from airobackend.types import EngineAPI, FinishReason, GenerationEvent, GenerationRequest
 
 log = logging.getLogger("airobackend.adapters.kobold")
 
@@ -125,7 +125,7 @@ def looks_like_textgen(payload: dict) -> bool:
 # ---------------------------------------------------------------------------------------------- plugin hooks
 
 @hookimpl
-def build_generation_request(protocol: str, payload: dict, engine: Any) -> Optional[GenerationRequest]:
+def build_generation_request(protocol: str, payload: dict, engine: EngineAPI) -> Optional[GenerationRequest]:
     if protocol != "kobold":
         return None
     info = engine.model_info()
@@ -133,7 +133,7 @@ def build_generation_request(protocol: str, payload: dict, engine: Any) -> Optio
 
 
 @hookimpl
-def register_routes(engine: Any, settings: Settings, pm: pluggy.PluginManager) -> APIRouter:
+def register_routes(engine: EngineAPI, settings: Settings, pm: pluggy.PluginManager) -> APIRouter:
     return KoboldRoutes(engine, settings, pm).router
 
 
@@ -183,7 +183,7 @@ def kobold_model_name(file_name: str) -> str:
     return stem if dot and stem and ext.lower() in ("bin", "gguf", "zip", "ggml") else str(file_name)
 
 
-def model_result(engine: Any, request: Request, settings: Settings) -> str:
+def model_result(engine: EngineAPI, request: Request, settings: Settings) -> str:
     """GET /api/v1/model's `result`: 'koboldcpp/<name>', masked without the key, 'ReadOnly' with no model."""
     if settings.api_key and not request.scope.get("airo.authenticated", False):
         return "koboldcpp/protected-model"
@@ -196,7 +196,7 @@ def model_result(engine: Any, request: Request, settings: Settings) -> str:
 class KoboldRoutes:
     """The route handlers, closing over the engine, settings and plugin manager."""
 
-    def __init__(self, engine: Any, settings: Settings, pm: pluggy.PluginManager) -> None:
+    def __init__(self, engine: EngineAPI, settings: Settings, pm: pluggy.PluginManager) -> None:
         self.engine, self.settings, self.pm = engine, settings, pm
         self.started = time.time()
         r = self.router = APIRouter(tags=["KoboldAI / KoboldCpp"])

@@ -14,7 +14,6 @@ shape {"error": {"code", "message", "type"}}.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import pluggy
 from fastapi import APIRouter
@@ -26,12 +25,13 @@ from airobackend.errors import AiroError, ModelNotLoaded, RequestError
 from airobackend.hookspecs import hookimpl
 from airobackend.server import ADMIN, json_schema_body, read_json
 from airobackend.settings import Settings
+from airobackend.types import EngineAPI
 
 log = logging.getLogger("airobackend.adapters.llamacpp")
 
 
 @hookimpl
-def register_routes(engine: Any, settings: Settings, pm: pluggy.PluginManager) -> APIRouter:
+def register_routes(engine: EngineAPI, settings: Settings, pm: pluggy.PluginManager) -> APIRouter:
     return SlotRoutes(engine).router
 
 
@@ -40,7 +40,7 @@ def llama_error(status: int, message: str, type_: str) -> JSONResponse:
 
 
 class SlotRoutes:
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: EngineAPI) -> None:
         self.engine = engine
         self.router = APIRouter(tags=["llama.cpp server"])
         self.router.add_api_route("/slots/{id_slot}", self.action, methods=["POST"], response_model=None,

@@ -36,12 +36,13 @@ from airobackend.errors import AiroError, EngineBusy
 from airobackend.hookspecs import hookimpl
 from airobackend.server import ADMIN, FieldError, Fields, json_schema_body, read_json
 from airobackend.settings import Settings
+from airobackend.types import EngineAPI, ModelLibrary, is_model_library
 
 log = logging.getLogger("airobackend.adapters.models")
 
 @hookimpl
-def register_routes(engine: Any, settings: Settings, pm: pluggy.PluginManager) -> Optional[APIRouter]:
-    if not hasattr(engine, "list_models"):
+def register_routes(engine: EngineAPI, settings: Settings, pm: pluggy.PluginManager) -> Optional[APIRouter]:
+    if not is_model_library(engine):
         log.info("the engine is not a ModelManager: model management routes are off")
         return None
     return ModelRoutes(engine, settings).router
@@ -50,7 +51,7 @@ def register_routes(engine: Any, settings: Settings, pm: pluggy.PluginManager) -
 class ModelRoutes:
     """The route handlers, closing over the ModelManager and settings."""
 
-    def __init__(self, manager: Any, settings: Settings) -> None:
+    def __init__(self, manager: ModelLibrary, settings: Settings) -> None:
         self.manager, self.settings = manager, settings
         r = self.router = APIRouter(tags=["Model library"])
         admin = [ADMIN]

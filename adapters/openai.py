@@ -32,7 +32,7 @@ from airobackend.server import (ErrorInfo, FieldError, Fields, build_request, ch
                                 sampling_params)
 from airobackend.settings import Settings
 from airobackend.sse import DONE, SSEResponse, encode_sse
-from airobackend.types import FinishReason, GenerationEvent, GenerationRequest
+from airobackend.types import EngineAPI, FinishReason, GenerationEvent, GenerationRequest, is_model_library
 
 log = logging.getLogger("airobackend.adapters.openai")
 
@@ -255,7 +255,7 @@ def top_logprobs(body: dict) -> int:
 # ---------------------------------------------------------------------------------------------- plugin hooks
 
 @hookimpl
-def build_generation_request(protocol: str, payload: dict, engine: Any, prompt: Optional[str],
+def build_generation_request(protocol: str, payload: dict, engine: EngineAPI, prompt: Optional[str],
                              grammar: Optional[str]) -> Optional[GenerationRequest]:
     if protocol not in ("openai.completions", "openai.chat"):
         return None
@@ -266,7 +266,7 @@ def build_generation_request(protocol: str, payload: dict, engine: Any, prompt: 
 
 
 @hookimpl
-def register_routes(engine: Any, settings: Settings, pm: pluggy.PluginManager) -> APIRouter:
+def register_routes(engine: EngineAPI, settings: Settings, pm: pluggy.PluginManager) -> APIRouter:
     return OpenAIRoutes(engine, settings, pm).router
 
 
@@ -304,7 +304,7 @@ def error_response(path: str, error: ErrorInfo) -> Optional[JSONResponse]:
 
 
 class OpenAIRoutes:
-    def __init__(self, engine: Any, settings: Settings, pm: pluggy.PluginManager) -> None:
+    def __init__(self, engine: EngineAPI, settings: Settings, pm: pluggy.PluginManager) -> None:
         self.engine, self.settings, self.pm = engine, settings, pm
         self.created = int(time.time())
         r = self.router = APIRouter(tags=["OpenAI"])
@@ -350,8 +350,9 @@ class OpenAIRoutes:
         """Names of the other loadable models of the library (a ModelManager's list_models), for /v1/models."""
         if self.settings.api_key and not request.scope.get("airo.authenticated", False):
             return []                                   # masked, like the served model's name
-        list_models = getattr(self.engine, "list_models", None) if hasattr(type(self.engine), "list_models") else None
-        return [str(m["name"]) for m in list_models() if not m.get("loaded")] if list_models else []
+        if not is_model_library(self.engine):
+            return []
+        return [str(m["name"]) for m in self.engine.list_models() if not m.get("loaded")]
 
     def _meta(self) -> Optional[dict]:
         """llama.cpp's `meta` of the served model: context, trained context and the RoPE values it runs with."""
@@ -560,7 +561,7 @@ class _Ids:
                            "choices": [], "usage": usage_of(finals, n)})
 
 
-async def choice_chunks(engine: Any, current: list[GenerationStream], reqs: list[GenerationRequest], chunks: Any,
+async def choice_chunks(engine: EngineAPI, current: list[GenerationStream], reqs: list[GenerationRequest], chunks: Any,
                         ids: _Ids, include_usage: bool, n: int = 1) -> AsyncIterator[bytes]:
     """The stream of one response: each choice's chunks in turn (choice i after choice i-1 ends, as the engine runs
     one generation at a time; `current[0]`, already started, is choice 0), the usage chunk if asked, then [DONE]."""

@@ -32,7 +32,7 @@ from airobackend.server import (ADMIN_ACTIONS, FieldError, Fields, build_request
                                 json_schema_body, read_json, require_admin, run_watching_disconnect,
                                 sampling_params)
 from airobackend.settings import Settings
-from airobackend.types import GenerationRequest
+from airobackend.types import EngineAPI, GenerationRequest, is_model_library
 
 log = logging.getLogger("airobackend.adapters.textgen")
 
@@ -148,7 +148,7 @@ def load_options(args: Any, param: str = "args") -> dict:
 # ---------------------------------------------------------------------------------------------- plugin hooks
 
 @hookimpl
-def build_generation_request(protocol: str, payload: dict, engine: Any,
+def build_generation_request(protocol: str, payload: dict, engine: EngineAPI,
                              prompt: Optional[str]) -> Optional[GenerationRequest]:
     if protocol not in ("textgen", "textgen.chat"):
         return None
@@ -158,7 +158,7 @@ def build_generation_request(protocol: str, payload: dict, engine: Any,
 
 
 @hookimpl
-def register_routes(engine: Any, settings: Settings, pm: pluggy.PluginManager) -> APIRouter:
+def register_routes(engine: EngineAPI, settings: Settings, pm: pluggy.PluginManager) -> APIRouter:
     return TextgenRoutes(engine, settings, pm).router
 
 
@@ -178,7 +178,7 @@ def add_cli_arguments(parser: Any) -> None:
 
 
 class TextgenRoutes:
-    def __init__(self, engine: Any, settings: Settings, pm: pluggy.PluginManager) -> None:
+    def __init__(self, engine: EngineAPI, settings: Settings, pm: pluggy.PluginManager) -> None:
         self.engine, self.settings, self.pm = engine, settings, pm
         r = self.router = APIRouter(tags=["text-generation-webui (legacy API)"])
         r.add_api_route("/api/v1/model", self.model_get, methods=["GET"], response_model=None, summary="Loaded model name")
@@ -222,7 +222,7 @@ class TextgenRoutes:
 
     def _manager(self, method: str) -> Any:
         """The ModelManager method if the server runs one (looked up on the class: no delegation magic)."""
-        return getattr(self.engine, method) if callable(getattr(type(self.engine), method, None)) else None
+        return getattr(self.engine, method) if is_model_library(self.engine) else None
 
     async def model_post(self, request: Request) -> JSONResponse:
         body = await read_json(request, allow_empty=True)

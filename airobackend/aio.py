@@ -19,7 +19,7 @@ import threading
 import uuid
 from typing import Any, AsyncIterator, Optional
 
-from .types import GenerationEvent, GenerationRequest
+from .types import EngineAPI, GenerationEvent, GenerationRequest
 
 log = logging.getLogger("airobackend.aio")
 
@@ -38,7 +38,7 @@ class GenerationStream:
         await stream.aclose()               # aborts if not finished; always safe
     """
 
-    def __init__(self, engine: Any, req: GenerationRequest) -> None:
+    def __init__(self, engine: EngineAPI, req: GenerationRequest) -> None:
         self.engine = engine
         self.req = req
         if not req.request_id:

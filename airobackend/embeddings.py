@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from airobackend.errors import RequestError
+from airobackend.types import EngineAPI
 
 MAX_INPUTS = 2048          # OpenAI's limit on the number of inputs of one request
 
@@ -78,7 +79,7 @@ def token_inputs(value: Any, tokenize: Callable[[str], Sequence[int]], n_vocab: 
     return out
 
 
-def embeddings_response(engine: Any, body: dict, model: str, *, truncate_default: bool) -> dict:
+def embeddings_response(engine: EngineAPI, body: dict, model: str, *, truncate_default: bool) -> dict:
     """Answer an embeddings request body ({"input", "encoding_format", "truncate", "dimensions"}) in OpenAI's shape
     (which KoboldCpp's /api/extra/embeddings also answers with): {"object": "list", "data": [{"object":
     "embedding", "index", "embedding"}], "model", "usage"}. Blocks while the model is busy (call it in a thread)."""

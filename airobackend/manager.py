@@ -519,6 +519,15 @@ class ModelManager:
         engine = self._current()
         return engine.format_chat(messages, tools=tools) if tools else engine.format_chat(messages)
 
+    def save_slot(self, slot: int, filename: str) -> dict:
+        return self._current().save_slot(slot, filename)
+
+    def restore_slot(self, slot: int, filename: str) -> dict:
+        return self._current().restore_slot(slot, filename)
+
+    def erase_slot(self, slot: int) -> dict:
+        return self._current().erase_slot(slot)
+
     def __getattr__(self, name: str) -> Any:
         # Engine methods added after this class was written still reach the loaded engine.
         if name.startswith("_"):

@@ -41,6 +41,7 @@ from starlette.routing import Match
 
 from .errors import AiroError, BackendUnavailable, ContextOverflowError, EngineBusy, ModelNotLoaded, RequestError
 from .settings import Settings
+from .types import EngineAPI
 
 log = logging.getLogger("airobackend.server")
 
@@ -670,7 +671,7 @@ def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
     return error_response(getattr(request.app.state, "pm", None), path, method, error)
 
 
-def create_app(engine: Any, settings: Settings, pm: Optional[pluggy.PluginManager] = None) -> FastAPI:
+def create_app(engine: EngineAPI, settings: Settings, pm: Optional[pluggy.PluginManager] = None) -> FastAPI:
     """Build the ASGI app serving every registered adapter's routes for `engine` (an Engine or ModelManager)."""
     from .plugins import get_plugin_manager
 
@@ -735,7 +736,7 @@ FRONTENDS = (
 )
 
 
-def index_page(request: Request, engine: Any, settings: Settings, pm: pluggy.PluginManager) -> str:
+def index_page(request: Request, engine: EngineAPI, settings: Settings, pm: pluggy.PluginManager) -> str:
     """The page at `/`: the model served (masked without the API key, as the probes are), the demo model's warning,
     where to point each frontend, and the documentation."""
     from .demo import BANNER, is_demo_model
@@ -871,7 +872,7 @@ async def serve_async(app: Any, settings: Settings, *, ready: Optional[Callable[
 
 # ---------------------------------------------------------------------------------------------- adapter helpers
 
-def build_request(pm: pluggy.PluginManager, protocol: str, payload: dict, settings: Settings, engine: Any, *,
+def build_request(pm: pluggy.PluginManager, protocol: str, payload: dict, settings: Settings, engine: EngineAPI, *,
                   prompt: Optional[str] = None, grammar: Optional[str] = None):
     """Ask the plugins to map `payload` of `protocol` to a GenerationRequest (one hook call per request); `prompt`
     and `grammar` are the route's own (hookspecs.build_generation_request)."""
@@ -882,7 +883,7 @@ def build_request(pm: pluggy.PluginManager, protocol: str, payload: dict, settin
     return req
 
 
-def chat_prompt(pm: pluggy.PluginManager, engine: Any, messages: list[dict],
+def chat_prompt(pm: pluggy.PluginManager, engine: EngineAPI, messages: list[dict],
                 tools: Optional[list[dict]] = None) -> str:
     """Render chat messages with a `format_chat_prompt` plugin if one answers, else the model's own template (which
     gets the `tools` too). Plugins see plain roles: tools and tool messages written out as llama.cpp does."""
@@ -895,7 +896,7 @@ def chat_prompt(pm: pluggy.PluginManager, engine: Any, messages: list[dict],
     return engine.format_chat(messages, tools=tools) if tools else engine.format_chat(messages)
 
 
-def chat_stops(engine: Any) -> tuple[str, ...]:
+def chat_stops(engine: EngineAPI) -> tuple[str, ...]:
     """Stop strings of the model's chat template (e.g. "USER:" for Airoboros), which end an assistant turn."""
     try:
         template = getattr(engine, "template", None)

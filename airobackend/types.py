@@ -1,7 +1,8 @@
 """Core request and event types shared by the engine and every protocol adapter.
 
 Adapters translate a protocol body into one `GenerationRequest` and translate `GenerationEvent`s back; nothing else
-crosses that boundary. Defaults are KoboldCpp's where KoboldCpp has one (`gpttype_adapter.cpp`, `koboldcpp.py` at
+crosses that boundary. `EngineAPI` is what an adapter may ask of the engine it is given (an `engine.Engine`, or the
+server's `manager.ModelManager`, which is also a `ModelLibrary`). Defaults are KoboldCpp's where KoboldCpp has one (`gpttype_adapter.cpp`, `koboldcpp.py` at
 7fb809b).
 """
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Protocol, Sequence
 
 # KoboldCpp's sampler ids, in its default order: 6 rep_pen, 0 top_k, 1 top_a, 3 tfs, 4 typical, 2 top_p, 5 temperature
 # (min_p rides with top_p in KoboldCpp's order).
@@ -105,3 +106,61 @@ class GenerationEvent:
     prompt_seconds: float = 0.0            # last event: time spent on the prompt
     generation_seconds: float = 0.0        # last event: time spent generating
     logprobs: Optional[list[dict[str, Any]]] = None
+
+
+class EngineAPI(Protocol):
+    """The engine as the adapters and the server see it (engine.Engine; manager.ModelManager passes each call to the
+    loaded model's Engine)."""
+
+    def generate(self, req: GenerationRequest) -> Iterator[GenerationEvent]:
+        """Queue `req` (EngineBusy when the queue is full; RequestError before any event) and yield its events."""
+
+    def abort(self, genkey: Optional[str] = None) -> bool:
+        """Stop the running generation, or the one with this genkey / request id; True when one was stopped."""
+
+    def embed(self, inputs: list, normalize: bool = True) -> list:
+        """Embedding vectors of token lists (llama.cpp's --pooling mean), in the generation slot's turn."""
+
+    def tokenize(self, text: Any, add_bos: bool = True) -> list[int]: ...
+
+    def detokenize(self, ids: Sequence[int]) -> str: ...
+
+    def partial_text(self, genkey: Optional[str] = None) -> str:
+        """The text generated so far by the running generation (only its own genkey sees it)."""
+
+    def last_logprobs(self, genkey: Optional[str] = None) -> Optional[list]: ...
+
+    def perf(self) -> dict:
+        """Counters of the last generation and the queue (KoboldCpp's /api/extra/perf fields; `stop_reason` a
+        FinishReason)."""
+
+    def model_info(self) -> dict:
+        """name, mix, n_ctx, n_vocab, n_embd, template, ...; ModelNotLoaded without a model."""
+
+    def format_chat(self, messages: list[dict], tools: Optional[list[dict]] = None) -> str:
+        """The messages rendered in the model's chat template."""
+
+    def save_slot(self, slot: int, filename: str) -> dict: ...
+
+    def restore_slot(self, slot: int, filename: str) -> dict: ...
+
+    def erase_slot(self, slot: int) -> dict: ...
+
+
+class ModelLibrary(EngineAPI, Protocol):
+    """An engine that can list, load and unload the models of a folder (manager.ModelManager)."""
+
+    startup_name: Optional[str]
+
+    def list_models(self, include_unreadable: bool = False) -> list[dict]: ...
+
+    def load(self, name: str, **options: Any) -> Any: ...
+
+    def start_load(self, name: str, **options: Any) -> Any: ...
+
+    def unload(self, *, abort_running: bool = False) -> None: ...
+
+
+def is_model_library(engine: EngineAPI) -> bool:
+    """Whether `engine` is a ModelLibrary, looked up on its class (an engine's attribute forwarding does not count)."""
+    return all(callable(getattr(type(engine), m, None)) for m in ("list_models", "load", "start_load", "unload"))

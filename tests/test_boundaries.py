@@ -84,3 +84,20 @@ def test_the_check_sees_each_kind_of_crossing():
     assert not violations("from .kernels.ggml_types import BLOCK", "airobackend.quant")
     assert not violations("from airobackend.server import Fields", "airobackend.adapters.kobold")
     assert not violations("from .. import JIT", "airobackend.kernels.sub", is_package=True)
+
+
+def test_the_engine_and_the_model_manager_provide_what_adapters_may_ask():
+    """Adapters are written against types.EngineAPI (and ModelLibrary for the model routes): both classes the
+    server can hold provide every member on the class itself, not through attribute forwarding."""
+    from airobackend.engine import Engine
+    from airobackend.manager import ModelManager
+    from airobackend.types import EngineAPI, ModelLibrary
+
+    def members(protocol) -> set[str]:
+        return {n for n in vars(protocol) if not n.startswith("_")} | set(getattr(protocol, "__annotations__", {}))
+
+    api = members(EngineAPI)
+    assert {"generate", "abort", "model_info", "embed", "save_slot"} <= api
+    assert [m for m in sorted(api) if not hasattr(Engine, m)] == []
+    assert [m for m in sorted(api | members(ModelLibrary)) if not hasattr(ModelManager, m)] == []
+    assert not hasattr(Engine, "list_models")
