@@ -25,8 +25,8 @@ from airobackend.errors import ModelNotLoaded, RequestError
 from airobackend.hookspecs import hookimpl
 from airobackend.json_schema import schema_to_grammar
 from airobackend.manager import option_number, parse_load_options, renamed
-from airobackend.server import (ErrorInfo, FieldError, Fields, build_request, json_schema_body, read_json,
-                                run_watching_disconnect, sampling_params)
+from airobackend.server import (ErrorInfo, FieldError, Fields, build_request, json_schema_body, loaded_model_name,
+                                read_json, run_watching_disconnect, sampling_params, sees_names)
 from airobackend.settings import Settings
 from airobackend.sse import SSEResponse, encode_sse
 from airobackend.types import EngineAPI, FinishReason, GenerationEvent, GenerationRequest
@@ -185,12 +185,12 @@ def kobold_model_name(file_name: str) -> str:
 
 def model_result(engine: EngineAPI, request: Request, settings: Settings) -> str:
     """GET /api/v1/model's `result`: 'koboldcpp/<name>', masked without the key, 'ReadOnly' with no model."""
-    if settings.api_key and not request.scope.get("airo.authenticated", False):
+    if not sees_names(request, settings):
         return "koboldcpp/protected-model"
-    try:
-        return "koboldcpp/" + kobold_model_name(engine.model_info()["name"])
-    except ModelNotLoaded:
+    name = loaded_model_name(engine)
+    if name is None:
         return "ReadOnly"      # KoboldAI Lite and SillyTavern read this as "no model loaded"
+    return "koboldcpp/" + kobold_model_name(name)
 
 
 class KoboldRoutes:

@@ -28,8 +28,8 @@ from airobackend.hookspecs import hookimpl
 from airobackend.json_schema import response_format_schema, schema_to_grammar
 from airobackend.tools import ToolCallStream, ToolSpec, answer_message, parse_tools
 from airobackend.server import (ErrorInfo, FieldError, Fields, build_request, chat_prompt, chat_stops,
-                                json_schema_body, llama_timings, read_json, run_watching_disconnect,
-                                sampling_params)
+                                json_schema_body, llama_timings, loaded_model_name, read_json,
+                                run_watching_disconnect, sampling_params, sees_names)
 from airobackend.settings import Settings
 from airobackend.sse import DONE, SSEResponse, encode_sse
 from airobackend.types import EngineAPI, FinishReason, GenerationEvent, GenerationRequest, is_model_library
@@ -335,12 +335,9 @@ class OpenAIRoutes:
 
     # -- models
     def _model_id(self, request: Request) -> str:
-        if self.settings.api_key and not request.scope.get("airo.authenticated", False):
+        if not sees_names(request, self.settings):
             return "protected-model"
-        try:
-            return str(self.engine.model_info()["name"])
-        except ModelNotLoaded:
-            return "none"
+        return loaded_model_name(self.engine) or "none"
 
     def _model_entry(self, model_id: str) -> dict:
         return {"id": model_id, "object": "model", "created": self.created, "owned_by": "airobackend",
@@ -348,7 +345,7 @@ class OpenAIRoutes:
 
     def _library(self, request: Request) -> list[str]:
         """Names of the other loadable models of the library (a ModelManager's list_models), for /v1/models."""
-        if self.settings.api_key and not request.scope.get("airo.authenticated", False):
+        if not sees_names(request, self.settings):
             return []                                   # masked, like the served model's name
         if not is_model_library(self.engine):
             return []

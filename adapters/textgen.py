@@ -29,8 +29,8 @@ from airobackend.errors import AiroError, ModelNotLoaded
 from airobackend.hookspecs import hookimpl
 from airobackend.manager import option_flag, option_number, parse_load_options, renamed
 from airobackend.server import (ADMIN_ACTIONS, FieldError, Fields, build_request, chat_prompt, chat_stops,
-                                json_schema_body, read_json, require_admin, run_watching_disconnect,
-                                sampling_params)
+                                json_schema_body, loaded_model_name, read_json, require_admin,
+                                run_watching_disconnect, sampling_params, sees_names)
 from airobackend.settings import Settings
 from airobackend.types import EngineAPI, GenerationRequest, is_model_library
 
@@ -197,12 +197,9 @@ class TextgenRoutes:
 
     # -- model
     def _name(self, request: Any) -> str:
-        if self.settings.api_key and not request.scope.get("airo.authenticated", False):
+        if not sees_names(request, self.settings):
             return "protected-model"
-        try:
-            return str(self.engine.model_info()["name"])
-        except ModelNotLoaded:
-            return "None"                      # text-generation-webui's "nothing loaded"
+        return loaded_model_name(self.engine) or "None"     # text-generation-webui's "nothing loaded"
 
     def _info(self, request: Any) -> dict:
         try:

@@ -359,6 +359,20 @@ async def run_watching_disconnect(request: Request, work: Awaitable[Any], on_dis
 
 # ---------------------------------------------------------------------------------------------- middleware
 
+def sees_names(request: Any, settings: Settings) -> bool:
+    """Whether this client may see model names: always without --api-key; with it, only when it sent the key (the
+    routes that answer without the key mask the name, as KoboldCpp's probes do)."""
+    return not settings.api_key or bool(request.scope.get("airo.authenticated", False))
+
+
+def loaded_model_name(engine: EngineAPI) -> Optional[str]:
+    """The served model's name, None when no model is loaded."""
+    try:
+        return str(engine.model_info()["name"])
+    except ModelNotLoaded:
+        return None
+
+
 def require_admin(request: Request) -> None:
     """The admin check of every admin route: `dependencies=[ADMIN]` on the route, or called inside a handler whose
     admin-ness depends on the body (text-generation-webui's POST /api/v1/model load/unload). The Guard decided when
@@ -748,7 +762,7 @@ def index_page(request: Request, engine: EngineAPI, settings: Settings, pm: plug
         info = None
     if info is None:
         model = "<p><b>No model is loaded.</b></p>"
-    elif settings.api_key and not request.scope.get("airo.authenticated", False):
+    elif not sees_names(request, settings):
         model = "<p>Model: <b>protected</b> (this server needs its API key).</p>"
     else:
         model = (f"<p>Model: <b id=\"model\">{esc(str(info.get('name')))}</b> &mdash; mix <b id=\"mix\">"
