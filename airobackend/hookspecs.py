@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
     from .server import ErrorInfo
     from .settings import Settings
-    from .types import GenerationRequest
+    from .types import EngineAPI, GenerationRequest
 
 PROJECT = "airobackend"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -35,12 +35,12 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 @hookspec
-def register_routes(engine: Any, settings: "Settings", pm: pluggy.PluginManager) -> Optional[Sequence[Any]]:
+def register_routes(engine: "EngineAPI", settings: "Settings", pm: pluggy.PluginManager) -> Optional[Sequence[Any]]:
     """Return the routes to mount: a FastAPI `APIRouter` or a list of Starlette routes (earlier plugins win a clash)."""
 
 
 @hookspec(firstresult=True)
-def build_generation_request(protocol: str, payload: dict, settings: "Settings", engine: Any,
+def build_generation_request(protocol: str, payload: dict, settings: "Settings", engine: "EngineAPI",
                              prompt: Optional[str], grammar: Optional[str]) -> Optional["GenerationRequest"]:
     """Map one protocol's JSON body to a core `GenerationRequest`; return None when `protocol` is not yours.
 
@@ -61,12 +61,12 @@ def error_response(path: str, method: str, error: "ErrorInfo") -> Optional["Resp
 
 
 @hookspec
-def startup(engine: Any, settings: "Settings", app: Any) -> None:
+def startup(engine: "EngineAPI", settings: "Settings", app: Any) -> None:
     """Called once before serving, and before the model loads (`serve` checks every port first; the engine may
     have no model yet); may append (host, port) pairs to `app.state.extra_listeners`, or (host, port, text) where
     the text says how to change the port when it is taken."""
 
 
 @hookspec
-def shutdown(engine: Any, settings: "Settings", app: Any) -> None:
+def shutdown(engine: "EngineAPI", settings: "Settings", app: Any) -> None:
     """Called once when the server exits."""
