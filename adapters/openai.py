@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response
 
 from airobackend.aio import GenerationStream, collect
 from airobackend.embeddings import embeddings_response
-from airobackend.errors import ModelNotLoaded
+from airobackend.errors import ModelNotLoaded, check_token_ids
 from airobackend.hookspecs import hookimpl
 from airobackend.json_schema import response_format_schema, schema_to_grammar
 from airobackend.tools import ToolCallStream, ToolSpec, answer_message, parse_tools
@@ -123,10 +123,7 @@ def completion_prompt(value: Any, n_vocab: int) -> tuple[Optional[str], Optional
     if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
         return completion_prompt(value[0], n_vocab)
     if isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
-        bad = [t for t in value if not 0 <= t < n_vocab]
-        if bad:
-            raise FieldError(f"'prompt': token id {bad[0]} is outside 0..{n_vocab - 1}", "prompt")
-        return None, list(value)
+        return None, check_token_ids(list(value), n_vocab, "prompt")
     raise FieldError("'prompt' must be a string, a list with one string, or a list of token ids", "prompt")
 
 

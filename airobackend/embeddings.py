@@ -15,18 +15,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from airobackend.errors import RequestError
+from airobackend.errors import FieldError, check_token_ids
 from airobackend.types import EngineAPI
 
 MAX_INPUTS = 2048          # OpenAI's limit on the number of inputs of one request
-
-
-class InputError(RequestError):
-    """A bad embeddings input; `param` names the field."""
-
-    def __init__(self, message: str, param: str) -> None:
-        super().__init__(message)
-        self.param = param
 
 
 def mean_pool(hidden: np.ndarray) -> np.ndarray:
@@ -53,26 +45,23 @@ def token_inputs(value: Any, tokenize: Callable[[str], Sequence[int]], n_vocab: 
     elif isinstance(value, list) and value:
         items = value
     else:
-        raise InputError(f"'{param}' must be a string, a list of strings, a list of token ids or a list of such "
+        raise FieldError(f"'{param}' must be a string, a list of strings, a list of token ids or a list of such "
                          f"lists, and not empty", param)
     if len(items) > MAX_INPUTS:
-        raise InputError(f"'{param}' has {len(items)} inputs; at most {MAX_INPUTS} are allowed", param)
+        raise FieldError(f"'{param}' has {len(items)} inputs; at most {MAX_INPUTS} are allowed", param)
     out = []
     for i, item in enumerate(items):
         if isinstance(item, str):
             ids = list(tokenize(item))
         elif is_ids(item):
-            bad = [t for t in item if not 0 <= t < n_vocab]
-            if bad:
-                raise InputError(f"'{param}[{i}]': token id {bad[0]} is outside 0..{n_vocab - 1}", param)
-            ids = list(item)
+            ids = check_token_ids(list(item), n_vocab, f"{param}[{i}]", param)
         else:
-            raise InputError(f"'{param}[{i}]' must be a string or a non-empty list of token ids", param)
+            raise FieldError(f"'{param}[{i}]' must be a string or a non-empty list of token ids", param)
         if not ids:
-            raise InputError(f"'{param}[{i}]' is empty", param)
+            raise FieldError(f"'{param}[{i}]' is empty", param)
         if len(ids) > max_tokens:
             if not truncate:
-                raise InputError(f"'{param}[{i}]' has {len(ids)} tokens; at most {max_tokens} (the batch size) can "
+                raise FieldError(f"'{param}[{i}]' has {len(ids)} tokens; at most {max_tokens} (the batch size) can "
                                  f"be embedded at once", param)
             ids = ids[:max_tokens]
         out.append(ids)
@@ -85,7 +74,7 @@ def embeddings_response(engine: EngineAPI, body: dict, model: str, *, truncate_d
     "embedding", "index", "embedding"}], "model", "usage"}. Blocks while the model is busy (call it in a thread)."""
     import base64
 
-    from airobackend.server import FieldError, Fields
+    from airobackend.server import Fields
 
     f = Fields(body)
     fmt = f.str("encoding_format", "float")

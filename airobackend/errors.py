@@ -39,6 +39,22 @@ class RequestError(AiroError, ValueError):
     """A generation request that is invalid (bad field value, unknown sampler id, ...). Maps to HTTP 400/422."""
 
 
+class FieldError(RequestError):
+    """A request field with the wrong type or value; `param` names it (OpenAI's error `param`)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def check_token_ids(ids: list[int], n_vocab: int, where: str, param: str | None = None) -> list[int]:
+    """`ids` when every one is a token id of the vocabulary, else a FieldError naming `where` and the first bad id."""
+    bad = [t for t in ids if not 0 <= t < n_vocab]
+    if bad:
+        raise FieldError(f"'{where}': token id {bad[0]} is outside 0..{n_vocab - 1}", param or where)
+    return ids
+
+
 class ContextOverflowError(RequestError):
     """The prompt (plus what must be kept) does not fit in the context and shifting is not allowed."""
 

@@ -39,7 +39,8 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.routing import Match
 
-from .errors import AiroError, BackendUnavailable, ContextOverflowError, EngineBusy, ModelNotLoaded, RequestError
+from .errors import (AiroError, BackendUnavailable, ContextOverflowError, EngineBusy, FieldError, ModelNotLoaded,
+                     RequestError, check_token_ids)
 from .settings import Settings
 from .types import EngineAPI
 
@@ -67,14 +68,6 @@ MAX_HEADER_BYTES = 16 * 1024     # h11's incomplete-event limit: bounds request 
 
 
 # ---------------------------------------------------------------------------------------------- errors and bodies
-
-class FieldError(RequestError):
-    """A request field with the wrong type or value; `param` names it (OpenAI's error `param`)."""
-
-    def __init__(self, message: str, param: Optional[str] = None) -> None:
-        super().__init__(message)
-        self.param = param
-
 
 class BodyTooLarge(RequestError):
     """The request body exceeds --max-body-bytes."""
@@ -1012,9 +1005,8 @@ def token_id_list(text: Any, n_vocab: int, name: str = "custom_token_bans") -> t
             tid = int(part)
         except (TypeError, ValueError):
             raise FieldError(f"'{name}': {str(part)[:20]!r} is not a token id", name) from None
-        if not 0 <= tid < n_vocab:
-            raise FieldError(f"'{name}': token id {tid} is outside 0..{n_vocab - 1}", name)
         ids.append(tid)
+    check_token_ids(ids, n_vocab, name)
     return tuple(ids)
 
 
