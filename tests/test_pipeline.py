@@ -183,11 +183,15 @@ def test_a_failed_stage_or_replica_is_the_protocols_503():
     import json
 
     from airobackend.errors import BackendUnavailable
+    from airobackend.plugins import get_plugin_manager
     from airobackend.server import error_for_exception
 
+    pm = get_plugin_manager(load_entrypoints=False)
     exc = BackendUnavailable("stage 2 of 2 (layers 40-79, node b) failed (ActorDiedError)")
-    openai = error_for_exception("/v1/completions", exc)
-    kobold = error_for_exception("/api/v1/generate", exc)
+    openai = error_for_exception(pm, "/v1/completions", exc)
+    kobold = error_for_exception(pm, "/api/v1/generate", exc)
     assert openai.status_code == kobold.status_code == 503
+    assert openai.headers["retry-after"] == kobold.headers["retry-after"] == "5"
+    assert json.loads(openai.body)["error"]["code"] == "backend_unavailable"
     assert json.loads(openai.body)["error"]["message"] == str(exc)
     assert json.loads(kobold.body)["detail"]["msg"] == str(exc)
