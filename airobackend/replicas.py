@@ -281,6 +281,15 @@ class ReplicaSet:
             self._template = SimpleNamespace(**self.ray.get(self.actors[up[0]].template.remote()))
         return self._template
 
+    def save_slot(self, slot: int, filename: str) -> dict:
+        raise RequestError("slot save/restore is not served with replicas: each replica holds its own cache")
+
+    def restore_slot(self, slot: int, filename: str) -> dict:
+        return self.save_slot(slot, filename)
+
+    def erase_slot(self, slot: int) -> dict:
+        return self.save_slot(slot, "")
+
     def wait_ready(self, timeout: float) -> bool:
         """Wait up to `timeout` seconds for every replica to be in rotation (a restarted one answering again)."""
         deadline = time.monotonic() + timeout

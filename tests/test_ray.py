@@ -275,6 +275,9 @@ def test_replicas_behind_the_server(cluster, three_layers):
             assert r.status_code == 200 and r.json()["choices"][0]["text"]
             health = client.get("/health").json()
             assert health["status"] == "ok" and [x["state"] for x in health["replicas"]] == ["up", "up"]
+            # llama.cpp's slot files are one cache's: refused clearly with replicas, the server keeps serving.
+            r = client.post("/slots/0?action=save", json={"filename": "a.bin"})
+            assert r.status_code == 400 and "replicas" in r.text
     finally:
         manager.unload()
 
