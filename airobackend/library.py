@@ -226,7 +226,13 @@ class ModelLibrary:
     # -- internals --
 
     def _name_in_folder(self, p: Path) -> str:
-        return p.resolve().relative_to(self.folder.resolve()).as_posix()
+        """`p`'s path under the folder. A file found in the folder is named by where it was found: a model kept
+        elsewhere and linked in (as people do with large files, and in hosts' model folders) has the link's name,
+        not a path outside the folder. Other paths count as in the folder only when they resolve into it."""
+        try:
+            return p.relative_to(self.folder).as_posix()
+        except ValueError:
+            return p.resolve().relative_to(self.folder.resolve()).as_posix()
 
     def _walk(self, folder: Path) -> Iterable[Path]:
         """Model files under `folder` (two levels deep, like text-generation-webui's models/ with subfolders)."""

@@ -232,6 +232,22 @@ def test_find_resolves_only_listed_names(tmp_path, fixtures_dir):
             lib.find(bad)
 
 
+def test_models_linked_into_the_folder_are_listed_by_the_links_name(tmp_path, fixtures_dir):
+    """A large model kept elsewhere and linked into the folder, or into a subfolder (LoLLMS's models/gguf/<repo>/),
+    is listed, found and loadable under the link's name; it used to make the whole listing fail."""
+    target = fixtures_dir / "models" / "fx-q4_0.gguf"
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "airo.gguf").symlink_to(target)
+    (tmp_path / "repo" / "fx.gguf").symlink_to(target)
+    _copy(fixtures_dir, "fx-q8_0.gguf", tmp_path)
+    lib = ModelLibrary(tmp_path)
+    assert [e.name for e in lib.scan()] == ["airo.gguf", "fx-q8_0.gguf", "repo/fx.gguf"]
+    e = lib.find("repo/fx.gguf")
+    assert e.loadable and Path(e.path).resolve() == target.resolve()
+    assert lib.find("airo").name == "airo.gguf"
+    assert str(fixtures_dir) not in lib.redact(f"cannot read {e.path}")
+
+
 def test_register_outside_file_and_missing_folder(tmp_path, fixtures_dir):
     lib = ModelLibrary(tmp_path / "does-not-exist")
     assert lib.scan() == []
