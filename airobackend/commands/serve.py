@@ -190,11 +190,14 @@ def security_warnings(settings: Settings) -> list[str]:
         return []
     if settings.api_key:
         return []
+    # The admin actions this server offers: slot save/restore writes and reads files, and exists only with a folder.
+    actions = "loading, unloading and switching models"
+    if settings.prompt_cache_dir:
+        actions += f", saving and restoring slots (files in {settings.prompt_cache_dir})"
     if settings.admin_key:
-        admin = "admin actions (loading, unloading and switching models) need the admin key"
+        admin = f"admin actions ({actions}) need the admin key"
     else:
-        admin = ("so are the admin actions: loading, unloading and switching models from the library (set "
-                 "--admin-key KEY to keep those)")
+        admin = f"so are the admin actions: {actions} (set --admin-key KEY to keep those)"
     return [f"listening on {settings.host} without an API key: anyone who can reach this port can generate with "
             f"the model (KoboldCpp, text-generation-webui and OpenAI routes, WebSockets included); {admin}. "
             f"Set --api-key KEY (env AIRO_API_KEY) or listen on 127.0.0.1."]
@@ -224,7 +227,9 @@ def banner(settings: Settings, listeners: list, plugin_names: set, info: dict, d
         lines.append(f"  text-generation-webui API  {base}/api/v1/generate, {ws[0]}/api/v1/stream")
     if "models" in plugin_names:
         lines.append(f"  model library (admin)      {base}/api/admin/list_options, {base}/v1/internal/model/list")
-    for name in sorted(plugin_names - {"kobold", "openai", "textgen", "models"}):
+    if "llamacpp" in plugin_names and settings.prompt_cache_dir:
+        lines.append(f"  llama.cpp slots (admin)    {base}/slots/ID?action=save|restore|erase")
+    for name in sorted(plugin_names - {"kobold", "openai", "textgen", "models", "llamacpp"}):
         lines.append(f"  plugin {name}")
     lines.append(f"  API documentation          {base}/docs")
     if settings.api_key:

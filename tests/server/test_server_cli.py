@@ -83,8 +83,12 @@ def test_banner_lists_each_protocol_and_flags_the_demo_model():
     assert "RANDOM weights" in text
     assert "http://127.0.0.1:5001/api " in text and "http://127.0.0.1:5001/v1 " in text
     assert "ws://127.0.0.1:5005/api/v1/stream" in text and "http://127.0.0.1:5001/docs" in text
-    text = serve.banner(s, [("127.0.0.1", 5001)], {"openai"}, info, False)
+    text = serve.banner(s, [("127.0.0.1", 5001)], {"openai", "llamacpp"}, info, False)
     assert "/v1" in text and "KoboldAI" not in text and "RANDOM" not in text
+    assert "llamacpp" not in text, "the slot routes answer 501 without a prompt-cache folder: not advertised"
+    s = serve.settings_from_args(parse(["--prompt-cache-dir", "/srv/kv"]), environ={})
+    text = serve.banner(s, [("127.0.0.1", 5001)], {"openai", "llamacpp"}, info, False)
+    assert "llama.cpp slots (admin)    http://127.0.0.1:5001/slots/ID?action=save|restore|erase" in text
 
 
 def test_serve_starts_with_the_demo_model_and_stops_on_ctrl_c():

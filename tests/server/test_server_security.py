@@ -235,6 +235,11 @@ def test_warning_when_listening_beyond_loopback_without_a_key():
     (warning,) = security_warnings(Settings(host="192.168.1.5", admin_key="adm"))
     assert "generate" in warning and "admin actions (loading, unloading and switching models) need the admin key" \
         in warning
+    # slot save/restore writes files: named where it exists (with a prompt-cache folder)
+    (warning,) = security_warnings(Settings(host="0.0.0.0", prompt_cache_dir="/srv/kv"))
+    assert "saving and restoring slots (files in /srv/kv) (set --admin-key" in warning
+    (warning,) = security_warnings(Settings(host="0.0.0.0", admin_key="adm", prompt_cache_dir="/srv/kv"))
+    assert "switching models, saving and restoring slots (files in /srv/kv)) need the admin key" in warning
     assert security_warnings(Settings(host="0.0.0.0", api_key="k")) == []
     assert security_warnings(Settings(host="127.0.0.1")) == []
     assert security_warnings(Settings(host="localhost")) == []
