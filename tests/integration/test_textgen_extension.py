@@ -12,9 +12,10 @@ import threading
 import time
 import types
 
+import httpx
 import pytest
 
-from integration_support import N_CTX, engine_text
+from integration_support import N_CTX, Server, engine_text
 from textgen_harness import TextgenHost, default_state
 
 PROMPT = "Once upon a time, in a quiet village by the sea,"
@@ -339,6 +340,26 @@ def test_a_failed_load_is_shown_in_the_ui_and_the_api_and_the_next_use_retries(h
     host.script.params["model"] = fx_model
     assert complete(host, False, max_tokens=8, **GREEDY)[0] == shown_text(fx_model, PROMPT, 8, **GREEDY_ENGINE)
     assert host.shared.model_name.startswith("fx-q4_0")
+
+
+def test_a_server_that_goes_away_after_connecting_is_shown_in_the_ui_and_the_api(host, fx_model, gradio, tmp_path):
+    """Remote mode, connected, then the server unloads its model and later stops: each request says why, in the
+    web UI (gradio.Error) and the API (503 with the reason), as a failed connection does; not a bare 500."""
+    server = Server(fx_model, tmp_path / "serve.log")
+    try:
+        start_remote(host, server)
+        assert complete(host, False, max_tokens=8, **GREEDY)[0] == shown_text(fx_model, PROMPT, 8, **GREEDY_ENGINE)
+        assert httpx.post(server.url + "/v1/internal/model/unload").status_code == 200
+        r = host.api.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 4})
+        assert r.status_code == 503 and "HTTP 503" in r.json()["detail"], r.text
+    finally:
+        server.stop()
+    with pytest.raises(gradio.Error, match="cannot reach airobackend|lost the connection"):
+        host.generate(PROMPT, default_state(max_new_tokens=4, **GREEDY))
+    with pytest.raises(gradio.Error, match="cannot reach airobackend"):
+        host.tg.encode(PROMPT)
+    r = host.api.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 4})
+    assert r.status_code == 503 and server.url in r.json()["detail"], r.text
 
 
 def test_ui_apply_reconnects_with_the_new_settings(host, fx_model, demo_model, gradio):

@@ -46,6 +46,11 @@ class BridgeError(RuntimeError):
     """A backend that cannot be reached or that refused a request; the message says which and why."""
 
 
+class Unreachable(BridgeError):
+    """The server cannot be reached, went away, or has no model loaded (HTTP 503): a state that goes away when the
+    server is back, unlike a refused request, so hosts report it as their "service unavailable"."""
+
+
 def check_options(options: dict) -> dict:
     """Drop None values and refuse unknown keys (a typo would otherwise silently fall back to a default)."""
     unknown = sorted(set(options) - set(OPTION_KEYS))
@@ -230,8 +235,9 @@ class _HTTPStream(Stream):
                 return
             resp = conn.getresponse()
             if resp.status != 200:
-                raise BridgeError(f"{self._backend.url}/v1/completions answered HTTP {resp.status}: "
-                                  f"{resp.read(2000).decode('utf-8', 'replace')}")
+                raise (Unreachable if resp.status == 503 else BridgeError)(
+                    f"{self._backend.url}/v1/completions answered HTTP {resp.status}: "
+                    f"{resp.read(2000).decode('utf-8', 'replace')}")
             while not self._cancelled.is_set():
                 line = resp.readline()
                 if not line:
@@ -253,7 +259,7 @@ class _HTTPStream(Stream):
                     yield choice["text"]
         except (OSError, http.client.HTTPException) as e:
             if not self._cancelled.is_set():
-                raise BridgeError(f"lost the connection to {self._backend.url}: {e}") from None
+                raise Unreachable(f"lost the connection to {self._backend.url}: {e}") from None
         finally:
             # Closing the connection is the stop signal: the server aborts a generation whose client went away.
             conn.close()
@@ -300,12 +306,13 @@ class RemoteBackend:
             resp = conn.getresponse()
             raw = resp.read()
         except (OSError, http.client.HTTPException) as e:
-            raise BridgeError(f"cannot reach airobackend at {self.url} ({e}); is `airobackend serve` running?") \
+            raise Unreachable(f"cannot reach airobackend at {self.url} ({e}); is `airobackend serve` running?") \
                 from None
         finally:
             conn.close()
         if resp.status != 200:
-            raise BridgeError(f"{self.url}{route} answered HTTP {resp.status}: {raw[:2000].decode('utf-8', 'replace')}")
+            raise (Unreachable if resp.status == 503 else BridgeError)(
+                f"{self.url}{route} answered HTTP {resp.status}: {raw[:2000].decode('utf-8', 'replace')}")
         try:
             return json.loads(raw) if raw else None
         except ValueError:

@@ -20,6 +20,7 @@ How it plugs in (text-generation-webui `modules/extensions.py`, `modules/text_ge
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
 import importlib.util
 import threading
@@ -122,6 +123,17 @@ def unavailable(message: str) -> Exception:
     return _unavailable_class()(message)
 
 
+@contextlib.contextmanager
+def _server_state() -> Iterator[None]:
+    """A server that went away (or has no model) after the connection was made: the same error as a failed
+    connection, so that the web UI and the API say why instead of a bare "Error" / 500; the next use simply tries
+    the server again."""
+    try:
+        yield
+    except bridge.Unreachable as e:
+        raise unavailable(f"airobackend: {e}") from e
+
+
 @functools.lru_cache(maxsize=None)
 def _unavailable_class() -> type:
     bases: list = []
@@ -176,7 +188,8 @@ class AirobackendTokenizer:
     def encode(self, text: str, return_tensors: Optional[str] = None, add_special_tokens: bool = True,
                add_bos_token: Optional[bool] = None, **_: Any) -> Any:
         add_bos = add_special_tokens if add_bos_token is None else bool(add_bos_token)
-        ids = self._b().tokenize(str(text), add_bos=add_bos)
+        with _server_state():
+            ids = self._b().tokenize(str(text), add_bos=add_bos)
         if return_tensors == "pt":
             try:
                 import torch
@@ -189,11 +202,12 @@ class AirobackendTokenizer:
 
     def decode(self, ids: Any, skip_special_tokens: bool = True, **_: Any) -> str:
         """Text of `ids` as a SentencePiece tokenizer decodes it: no leading space from the first piece."""
-        b = self._b()
-        flat = [int(t) for t in _flatten(ids)]
-        if flat and b.bos_id is not None and flat[0] != b.bos_id:
-            flat = [b.bos_id] + flat              # the engine drops the space after BOS, as llama.cpp does
-        return b.detokenize(flat)
+        with _server_state():
+            b = self._b()
+            flat = [int(t) for t in _flatten(ids)]
+            if flat and b.bos_id is not None and flat[0] != b.bos_id:
+                flat = [b.bos_id] + flat          # the engine drops the space after BOS, as llama.cpp does
+            return b.detokenize(flat)
 
 
 def _as_array(rows):
@@ -212,7 +226,8 @@ def _flatten(ids: Any) -> list:
 
 def custom_tokenized_length(prompt: str) -> int:
     """The UI's token counter."""
-    return len(_backend().tokenize(prompt, add_bos=True))
+    with _server_state():
+        return len(_backend().tokenize(prompt, add_bos=True))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -316,6 +331,11 @@ def _stop_requested(state: dict) -> bool:
 def custom_generate_reply(question: str, original_question: str, *args: Any, is_chat: bool = False,
                           **kwargs: Any) -> Iterator[str]:
     """Generate `question`'s continuation; yields the whole reply so far (see the module docstring)."""
+    with _server_state():
+        yield from _generate(question, args, is_chat, kwargs)
+
+
+def _generate(question: str, args: tuple, is_chat: bool, kwargs: dict) -> Iterator[str]:
     seed, state, stopping_strings = _split_args(args, kwargs)
     tail = args[3:] if args and not isinstance(args[0], dict) else args[2:]
     if tail:                              # is_chat passed positionally (older extensions call it that way)
