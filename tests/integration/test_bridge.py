@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import socket
 
 import pytest
@@ -81,3 +82,16 @@ def test_every_install_hint_names_a_command_that_works():
     files.append(TGW_EXTENSION.parents[1] / "README.md")
     for path in files:
         assert not re.search(r"pip install airobackend(?![\w/-])", path.read_text()), path
+
+
+def test_an_in_process_load_says_in_the_hosts_console_what_it_is_doing(fx_model, capsys):
+    """The hosts do not show airobackend's log: the load and the kernel warm-up (minutes on a first start) are
+    printed, one line per kernel group, so the host does not sit silent."""
+    backend = load_bridge().InProcessBackend(fx_model, n_ctx=128)
+    try:
+        out = capsys.readouterr().out
+    finally:
+        backend.close()
+    assert "airobackend: loading fx-q4_0" in out and ": 100%" in out, out
+    kernels = [line for line in out.splitlines() if re.search(r"kernels.*(compiled|loaded from the cache) in", line)]
+    assert len(kernels) == 3 and all(line.startswith("airobackend: ") for line in kernels), out
