@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import queue
 import random
 import threading
 import time
@@ -42,6 +43,7 @@ from airobackend.promptcache import PromptCache, ReusePlan, StateStore, common_p
 from airobackend.sampling import Sampler, validate_sampling
 from airobackend.settings import Settings
 from airobackend.speculative import Governor
+from airobackend.slots import Need, Scheduler, Slot, drive, next_event
 from airobackend.types import FinishReason, GenerationEvent, GenerationRequest, SamplingParams
 
 log = logging.getLogger("airobackend.engine")
@@ -52,6 +54,10 @@ MAX_TOKENS_LIMIT = 1 << 20
 # A token the sampler left out has probability 0; JSON has no -inf, so its logprob is reported as OpenAI reports a
 # token outside the top 20.
 LOGPROB_FLOOR = -9999.0
+
+# A slot whose cache serves at least this fraction of a new prompt is its conversation (llama.cpp server's
+# --slot-prompt-similarity default, 0.5).
+SLOT_SIMILARITY = 0.5
 
 
 @dataclass
@@ -69,6 +75,8 @@ class _Job:
     finished: bool = False
     text: list[str] = field(default_factory=list)    # emitted deltas, for partial_text
     logprobs: list[dict[str, Any]] = field(default_factory=list)   # emitted logprob entries, for last_logprobs
+    events: "queue.Queue[Any]" = field(default_factory=queue.Queue)  # parallel slots: the scheduler's events
+    slot: int = -1                    # the slot it runs in
 
 
 class _Output:
@@ -132,7 +140,8 @@ class Generation:
 
 
 class Engine:
-    """Generation on one model: request queue, one generation slot, prompt cache, context shift, abort, counters."""
+    """Generation on one model: request queue, generation slots (one by default; Settings.parallel runs several
+    through shared forward passes, airobackend.slots), prompt cache, context shift, abort, counters."""
 
     def __init__(self, llama: Any, settings: Optional[Settings] = None) -> None:
         self.llama = llama
@@ -143,11 +152,18 @@ class Engine:
         self.n_batch = max(1, int(getattr(self.model, "n_batch", 0) or self.settings.n_batch or 512))
         self._cond = threading.Condition()
         self._queue: collections.deque[_Job] = collections.deque()   # admitted, not yet running, in order
-        self._running: Optional[_Job] = None
+        self._running: Optional[_Job] = None          # the job in the slot (one slot)
         self._last: Optional[_Job] = None
-        self.cache = self.model.cache   # the KV cache of the sequence served (airobackend.kvcache.KVCache)
-        self._cache: list[int] = []     # tokens whose K/V sit in that cache at positions 0..len-1
+        self._recent: collections.OrderedDict[str, _Job] = collections.OrderedDict()   # finished, by genkey
         s = self.settings
+        self.parallel = max(1, int(getattr(s, "parallel", 1) or 1))
+        if self.parallel > 1 and not getattr(self.model, "batched_sequences", True):
+            log.warning("--parallel %d is not available with layers on other machines: one slot", self.parallel)
+            self.parallel = 1
+        # Slot 0 serves with the model's own cache (what the Llama facade sees); more slots get caches of their own.
+        self.slots = [Slot(0, self.model.cache)] + [Slot(i, self.model.new_cache()) for i in range(1, self.parallel)]
+        self.prefill_chunk = max(1, min(int(getattr(s, "prefill_chunk", 0) or self.n_batch), self.n_batch))
+        self._scheduler: Optional[Scheduler] = None
         self.min_chunk = int(s.cache_reuse) if s.context_shift else 0
         self.prompt_cache = PromptCache(self._prompt_cache_budget(), int(s.cache_slots))
         self.states = StateStore(self.prompt_cache, self._state_dir())
@@ -155,14 +171,16 @@ class Engine:
             log.info("prompt cache: up to %d saved states in %d MiB of RAM%s", self.prompt_cache.max_entries,
                      self.prompt_cache.budget_bytes >> 20,
                      f", on disk in {self.states.disk.root}" if self.states.disk is not None else "")
-        self._last_logits: Optional[np.ndarray] = None
         self._grammar_kept: Optional[tuple[str, Any]] = None   # the last generation's grammar and its final state
-        # Speculative decoding: the drafter (airobackend.speculative) and the drafted tokens already evaluated after
-        # the cached ones, each with the logits that follow it (their K/V sit after len(self._cache) in the cache).
+        # Speculative decoding (airobackend.speculative): the drafter; drafted tokens already evaluated sit in
+        # Slot.ahead. Drafting keeps every row of a pass's logits, so it runs with one slot only.
         self.drafter = getattr(llama, "draft_model", None)
-        self._ahead: list[tuple[int, np.ndarray]] = []
         self.governor = Governor()                  # drafts only while verifying passes pay (measured)
         self._pass: Optional[list] = None           # the unsettled verifying pass: [seconds, tokens yielded]
+        if self.drafter is not None and self.parallel > 1:
+            log.warning("speculative decoding is off with --parallel %d: the slots' steps are batched instead",
+                        self.parallel)
+            self.drafter = None
         self.spec_stats = dict(drafted=0, accepted=0, passes=0)     # since load: drafted / accepted tokens, passes
         self._template = None
         now = time.monotonic()
@@ -171,6 +189,25 @@ class Engine:
         self._perf: dict[str, Any] = dict(last_process=0.0, last_eval=0.0, last_token_count=0, last_seed=-1,
                                           total_gens=0, stop_reason=None, last_input_count=0, last_process_count=0,
                                           last_cached_count=0)
+        self.counters: dict[str, float] = dict(prompt_tokens=0, prompt_seconds=0.0, tokens_predicted=0,
+                                               predicted_seconds=0.0, requests=0, steps=0, cache_hits=0)
+
+    # The served sequence of the first slot, under the names the single-slot engine has always had.
+    @property
+    def cache(self) -> Any:
+        return self.slots[0].cache
+
+    @property
+    def _cache(self) -> list[int]:
+        return self.slots[0].tokens
+
+    @_cache.setter
+    def _cache(self, tokens: list[int]) -> None:
+        self.slots[0].tokens = tokens
+
+    @property
+    def _last_logits(self) -> Optional[np.ndarray]:
+        return self.slots[0].last_logits
 
     def _state_dir(self) -> Any:
         """The prompt-cache folder for this model (airobackend.kvstate.StateDir), if one is set and the model can
@@ -206,12 +243,18 @@ class Engine:
         return Generation(self, job)
 
     def _admit(self, job: _Job) -> None:
-        """Put `job` in the queue, or raise EngineBusy when the line is full."""
+        """Put `job` in the queue, or raise EngineBusy when every slot is taken and the line is full."""
         with self._cond:
-            in_line = len(self._queue) + (1 if self._running is not None else 0)
-            if in_line > max(0, int(self.settings.multiuser)):
+            in_line = len(self._queue) + len(self._running_jobs())
+            if in_line >= max(0, int(self.settings.multiuser)) + self.parallel:
                 raise EngineBusy("Server is busy; please try again later.")
             self._queue.append(job)
+
+    def _running_jobs(self) -> list[_Job]:
+        """The jobs generating now (call with the condition held)."""
+        if self.parallel == 1:
+            return [self._running] if self._running is not None else []
+        return [s.job for s in self.slots if s.job is not None]
 
     def embed(self, inputs: Sequence[Sequence[int]], normalize: bool = True) -> list[np.ndarray]:
         """One embedding per token sequence: the final hidden states averaged over its tokens, divided by their
@@ -226,6 +269,12 @@ class Engine:
         for i, seq in enumerate(seqs):
             if not seq or len(seq) > self.n_batch or not all(0 <= t < self.n_vocab for t in seq):
                 raise RequestError(f"input {i} must have 1..{self.n_batch} token ids in 0..{self.n_vocab - 1}")
+        if self.parallel > 1:
+            # Between two steps of the generations (the forward pass's scratch buffers are the model's).
+            sched = self._ensure_scheduler()
+            with sched.lock:
+                vectors = [mean_pool(self.model.hidden_states(np.asarray(seq, dtype=np.int64))) for seq in seqs]
+            return [l2(v) for v in vectors] if normalize else vectors
         job = _Job(req=GenerationRequest(tokens=[]), tokens=[], n_keep=0, prompt_text="", max_tokens=0, genkey="",
                    stop=())
         self._admit(job)
@@ -346,12 +395,17 @@ class Engine:
             return True
 
     def _run(self, job: _Job) -> Iterator[GenerationEvent]:
+        if self.parallel > 1:
+            yield from self._run_in_slots(job)
+            return
         if not self._take_turn(job):
             yield GenerationEvent(finish_reason=FinishReason.ABORTED, prompt_tokens=len(job.tokens))
             return
+        slot = self.slots[0]
         try:
-            self._sync_in()
-            for event in self._generate(job):
+            self._sync_in(slot)
+            job.slot = 0
+            for event in drive(self._generate(job, slot), lambda need: self._evaluate(slot, need)):
                 if event.finish_reason is not None:
                     # Free the slot before the last event reaches the client, so a /perf or /check it sends on
                     # receiving the answer already sees the engine idle and the next request can start at once.
@@ -365,13 +419,124 @@ class Engine:
         with self._cond:
             if job.finished:
                 return
-            self._sync_out()
+            self._sync_out(self.slots[0])
             job.finished = True
             if self._running is job:
                 self._running = None
-            self._last = job
+            self._remember(job)
             self._t_idle_since = time.monotonic()
             self._cond.notify_all()
+
+    def _remember(self, job: _Job) -> None:
+        """The last finished job, and the last few by genkey (/api/extra/generate/check after the end)."""
+        self._last = job
+        if job.genkey:
+            self._recent[job.genkey] = job
+            self._recent.move_to_end(job.genkey)
+            while len(self._recent) > 64:
+                self._recent.popitem(last=False)
+
+    # ---------------------------------------------------------------------------------------------- parallel slots
+    def _ensure_scheduler(self) -> Scheduler:
+        with self._cond:
+            if self._scheduler is None:
+                self._scheduler = Scheduler(self, self.prefill_chunk)
+            return self._scheduler
+
+    def _run_in_slots(self, job: _Job) -> Iterator[GenerationEvent]:
+        """The consumer's side with parallel slots: the scheduler runs the job, its events arrive in a queue."""
+        self._ensure_scheduler()
+        with self._cond:
+            job.waiting = True          # from now on the scheduler may give it a slot
+            self._cond.notify_all()
+        try:
+            while True:
+                ev = next_event(job.events)
+                yield ev
+                if ev.finish_reason is not None:
+                    return
+        finally:
+            if not job.finished:        # the consumer went away: end the job within one step
+                job.abort.set()
+                with self._cond:
+                    if job in self._queue:
+                        self._queue.remove(job)
+                    self._cond.notify_all()
+
+    def _assign(self) -> bool:
+        """Give waiting jobs free slots, in arrival order; each goes to the free slot whose tokens it reuses most, if
+        that is at least SLOT_SIMILARITY of its prompt, else to a slot where it throws nothing away, else to the
+        slot unused longest (so a new conversation does not evict a returning one for a shared BOS). A job aborted while it waited ends here. Returns whether a slot
+        is busy. Called by the scheduler with the condition held."""
+        for job in [j for j in self._queue if j.waiting]:
+            if job.abort.is_set():      # deferred abort (KoboldCpp): ends before it starts
+                self._queue.remove(job)
+                job.finished = True
+                job.events.put(GenerationEvent(finish_reason=FinishReason.ABORTED, prompt_tokens=len(job.tokens)))
+                continue
+            free = [s for s in self.slots if not s.busy and not s.reserved]
+            if not free:
+                break
+            reuse = {s.id: plan_reuse(s.tokens, job.tokens, self.min_chunk).n_reused for s in free}
+            best = max(free, key=lambda s: (reuse[s.id], -s.used))
+            if reuse[best.id] < SLOT_SIMILARITY * len(job.tokens):
+                # another conversation: a slot it loses nothing in (empty, or all of it reused), else the slot
+                # unused longest
+                whole = [s for s in free if reuse[s.id] == len(s.tokens)]
+                best = max(whole, key=lambda s: (reuse[s.id], -s.used)) if whole else min(free, key=lambda s: s.used)
+            self._queue.remove(job)
+            job.waiting, job.started, job.slot = False, True, best.id
+            best.job, best.used, best.n_decoded = job, time.monotonic(), 0
+            if best.id == 0:
+                self._sync_in(best)
+        return any(s.busy for s in self.slots)
+
+    def _start(self, slot: Slot) -> Iterator[Any]:
+        return self._generate(slot.job, slot)
+
+    def _finish(self, slot: Slot) -> None:
+        """The job in `slot` has ended (called with the condition held)."""
+        job = slot.job
+        slot.job = None
+        if slot.id == 0:
+            self._sync_out(slot)
+        job.finished = True
+        self._remember(job)
+        if not any(s.busy for s in self.slots):
+            self._t_idle_since = time.monotonic()
+        self._cond.notify_all()
+
+    def _count_step(self) -> None:
+        """One forward pass of the slots (llamacpp:n_decode_total)."""
+        with self._cond:
+            self.counters["steps"] += 1
+
+    def metrics(self) -> dict[str, float]:
+        """Totals and gauges behind llama.cpp server's GET /metrics: prompt tokens evaluated and their seconds,
+        tokens generated and their seconds, forward passes, requests processing and deferred, KV cache tokens and
+        usage ratio (all slots), prompt-cache hits (requests that reused cached tokens)."""
+        with self._cond:
+            c = dict(self.counters)
+            cached = sum(len(s.tokens) for s in self.slots)
+            c.update(requests_processing=len(self._running_jobs()), requests_deferred=len(self._queue),
+                     kv_cache_tokens=cached, kv_cache_usage_ratio=cached / (self.n_ctx * len(self.slots)),
+                     n_slots=len(self.slots))
+            return c
+
+    def slots_info(self) -> list[dict[str, Any]]:
+        """Per slot, what llama.cpp server's GET /slots shows: id, n_ctx, is_processing, the tokens cached, and for
+        a running job its task, tokens decoded and remaining."""
+        with self._cond:
+            out = []
+            for s in self.slots:
+                job = s.job if self.parallel > 1 else self._running
+                n_rem = -1 if job is None or job.max_tokens < 0 else max(0, job.max_tokens - s.n_decoded)
+                out.append({"id": s.id, "id_task": (job.genkey or job.req.request_id or "") if job else -1,
+                            "n_ctx": self.n_ctx, "is_processing": job is not None, "state": 1 if job else 0,
+                            "n_past": len(s.tokens), "tokens_cached": len(s.tokens),
+                            "next_token": {"has_next_token": job is not None, "n_remain": n_rem,
+                                           "n_decoded": s.n_decoded}})
+            return out
 
     def _first_waiting(self) -> Optional[_Job]:
         return next((j for j in self._queue if j.waiting), None)
@@ -383,87 +548,102 @@ class Engine:
                 self._cond.notify_all()
 
     # ---------------------------------------------------------------------------------------------- the loop
-    def _sync_in(self) -> None:
-        """Take the cache contents from the Llama facade (its low-level `eval` may have changed them)."""
+    def _sync_in(self, slot: Slot) -> None:
+        """Take the cache contents from the Llama facade (its low-level `eval` may have changed them): slot 0 only,
+        whose cache is the model's."""
+        if slot.id != 0:
+            return
         n, ids = getattr(self.llama, "n_tokens", None), getattr(self.llama, "input_ids", None)
         if isinstance(n, (int, np.integer)) and ids is not None:
-            self._cache = [int(t) for t in ids[:n]]
-        self._ahead = []
-        self._last_logits = None
+            slot.tokens = [int(t) for t in ids[:n]]
+        slot.ahead = []
+        slot.last_logits = None
 
-    def _sync_out(self) -> None:
+    def _sync_out(self, slot: Slot) -> None:
         """Tell the facade what is in the cache now (llama-cpp-python's input_ids / n_tokens / scores)."""
         n, ids = getattr(self.llama, "n_tokens", None), getattr(self.llama, "input_ids", None)
-        if isinstance(n, (int, np.integer)) and ids is not None:
-            k = len(self._cache)
-            ids[:k] = self._cache
+        if slot.id == 0 and isinstance(n, (int, np.integer)) and ids is not None:
+            k = len(slot.tokens)
+            ids[:k] = slot.tokens
             self.llama.n_tokens = k
             scores = getattr(self.llama, "scores", None)
-            if self._last_logits is not None and k and scores is not None:
-                scores[k - 1] = self._last_logits
+            if slot.last_logits is not None and k and scores is not None:
+                scores[k - 1] = slot.last_logits
 
-    def _eval(self, tokens: list[int], job: _Job) -> Optional[np.ndarray]:
-        """Evaluate `tokens` after the cached ones, in n_batch chunks; the last row of logits, or None if aborted."""
+    def _evaluate(self, slot: Slot, need: Need) -> np.ndarray:
+        """One Need evaluated alone (one slot): the calls the single-sequence engine has always made."""
+        self.counters["steps"] += 1
+        if need.at_end:
+            (start, chunk), = need.spans
+            out = self.model.eval(np.asarray(chunk, dtype=np.int32), start)
+        else:
+            out = self.model.eval_spans([(st, np.asarray(t, dtype=np.int32)) for st, t in need.spans])
+        return np.asarray(out)[-1]
+
+    def _eval(self, slot: Slot, tokens: list[int], job: _Job) -> Iterator[Any]:
+        """Evaluate `tokens` after the cached ones, in n_batch chunks (a coroutine: it yields Needs); the last row of
+        logits, or None if aborted."""
         logits = None
         for start in range(0, len(tokens), self.n_batch):
             if job.abort.is_set():
                 return None
             chunk = tokens[start:start + self.n_batch]
             try:
-                out = self.model.eval(np.asarray(chunk, dtype=np.int32), len(self._cache))
+                logits = yield Need([(len(slot.tokens), chunk)], at_end=True)
             except BaseException:
-                self._cache.clear()         # a failed evaluation leaves the cache in no known state
+                slot.tokens.clear()         # a failed evaluation leaves the cache in no known state
                 raise
-            self._cache.extend(chunk)
-            logits = self._last_logits = np.asarray(out)[-1]
+            slot.tokens.extend(chunk)
+            slot.last_logits = logits
         return logits
 
-    def _plan(self, tokens: list[int]) -> ReusePlan:
-        """How `tokens` reuses the live cache, or a saved state that serves it better (swapped in). The live state is
-        saved first when the new prompt would throw most of it away (another conversation)."""
-        plan = plan_reuse(self._cache, tokens, self.min_chunk)
+    def _plan(self, slot: Slot, tokens: list[int]) -> ReusePlan:
+        """How `tokens` reuses the slot's cache, or a saved state that serves it better (swapped in). The slot's
+        state is saved first when the new prompt would throw most of it away (another conversation)."""
+        plan = plan_reuse(slot.tokens, tokens, self.min_chunk)
         if not self.states.enabled:
             return plan
         cand = self.states.best(tokens, self.min_chunk)
         better = cand is not None and cand.plan.n_reused > plan.n_reused
         got = cand.load() if better else None          # taken out first: saving the live state may evict it
-        if better or plan.n_reused < len(self._cache) // 2:
-            self._save_live()
+        if better or plan.n_reused < len(slot.tokens) // 2:
+            self._save_live(slot)
         if not better:
             return plan
-        why = "it is gone" if got is None else self.cache.compatible(got[1])
+        why = "it is gone" if got is None else slot.cache.compatible(got[1])
         if why is not None:
             log.warning("prompt cache: a saved state was not used: %s", why)
-            self._cache = []                 # the live state was saved above; start over
-            return plan_reuse(self._cache, tokens, self.min_chunk)
-        self.cache.restore(got[1])
-        self._cache = list(got[0])
+            slot.tokens = []                 # the live state was saved above; start over
+            return plan_reuse(slot.tokens, tokens, self.min_chunk)
+        slot.cache.restore(got[1])
+        slot.tokens = list(got[0])
         log.info("prompt cache: restored a saved state (%s) of %d tokens, %d reused", cand.source, len(got[0]),
                  cand.plan.n_reused)
         return cand.plan
 
-    def _save_live(self) -> None:
-        """Keep the live cache among the saved states (RAM, else disk), if it is worth keeping."""
-        n = len(self._cache)
+    def _save_live(self, slot: Slot) -> None:
+        """Keep the slot's cache among the saved states (RAM, else disk), if it is worth keeping."""
+        n = len(slot.tokens)
         if n < max(16, self.min_chunk):
             return
-        tokens = list(self._cache)
-        self.states.save(tokens, n * int(self.cache.bytes_per_position), lambda: self.cache.snapshot(n))
+        tokens, cache = list(slot.tokens), slot.cache
+        self.states.save(tokens, n * int(cache.bytes_per_position), lambda: cache.snapshot(n))
 
-    def _fill(self, plan: ReusePlan, tokens: list[int], job: _Job) -> Optional[np.ndarray]:
+    def _fill(self, slot: Slot, plan: ReusePlan, tokens: list[int], job: _Job) -> Iterator[Any]:
         """Carry out `plan`: move the reused runs into place, then evaluate the gaps between them, n_batch tokens
-        per weight pass (a pass may fill several gaps). Returns the last token's logits, None if aborted. The
-        bookkeeping (`_cache`) always names the valid prefix of the cache, so an abort leaves nothing wrong."""
-        del self._cache[plan.prefix:]
+        per weight pass (a pass may fill several gaps; with parallel slots, prefill_chunk tokens per step). A
+        coroutine: returns the last token's logits, None if aborted. The bookkeeping (`slot.tokens`) always names
+        the valid prefix of the cache, so an abort leaves nothing wrong."""
+        del slot.tokens[plan.prefix:]
         for c in plan.moves():
-            self.cache.move(c.src, c.src + c.n, c.dst)
+            slot.cache.move(c.src, c.src + c.n, c.dst)
         pending = [(start, tokens[start:end]) for start, end in plan.spans()]
-        self._cache = tokens[:pending[0][0]]
+        slot.tokens = tokens[:pending[0][0]]
         logits = None
         while pending:
             if job.abort.is_set():
                 return None
-            group, room = [], self.n_batch
+            group, room = [], (self.n_batch if self.parallel == 1 else self.prefill_chunk)
             while pending and room:
                 start, toks = pending[0]
                 group.append((start, toks[:room]))
@@ -473,51 +653,52 @@ class Engine:
                 else:
                     pending.pop(0)
             try:
-                out = self.model.eval_spans([(st, np.asarray(t, dtype=np.int32)) for st, t in group])
+                logits = yield Need(group)
             except BaseException:
-                self._cache = []            # a failed evaluation leaves the cache in no known state
+                slot.tokens = []            # a failed evaluation leaves the cache in no known state
                 raise
-            self._cache = tokens[:pending[0][0]] if pending else list(tokens)
-            logits = self._last_logits = np.asarray(out)[-1]
+            slot.tokens = tokens[:pending[0][0]] if pending else list(tokens)
+            slot.last_logits = logits
         return logits
 
-    def _next_logits(self, tid: int, job: _Job, budget: int) -> Optional[np.ndarray]:
-        """The logits after `tid`, the token just sampled (None if aborted). `budget`: how many more tokens the
-        request may take after it.
+    def _next_logits(self, slot: Slot, tid: int, job: _Job, budget: int) -> Iterator[Any]:
+        """The logits after `tid`, the token just sampled (None if aborted); a coroutine like `_eval`. `budget`: how
+        many more tokens the request may take after it.
 
         When `tid` is the next drafted token of the last verifying pass, its logits are already there. Otherwise the
-        drafted rest is cut from the cache and `tid` is evaluated, together with a new draft when there is a drafter:
-        [tid, d1..dk] in one batched pass whose every row of logits is kept for the draws that follow."""
-        if self._ahead and self._ahead[0][0] == tid:
-            row = self._ahead.pop(0)[1]
-            self._cache.append(tid)
+        drafted rest is cut from the cache and `tid` is evaluated, together with a new draft when there is a drafter
+        (one slot only, so the pass runs here, in the consumer's thread): [tid, d1..dk] in one batched pass whose
+        every row of logits is kept for the draws that follow."""
+        if slot.ahead and slot.ahead[0][0] == tid:
+            row = slot.ahead.pop(0)[1]
+            slot.tokens.append(tid)
             self.spec_stats["accepted"] += 1
             self._pass[1] += 1
-            if not self._ahead:
+            if not slot.ahead:
                 self._settle()
-            self._last_logits = row
+            slot.last_logits = row
             return row
-        self._drop_ahead()
+        self._drop_ahead(slot)
         t0 = time.perf_counter()
-        room = min(budget - 1, self.n_ctx - len(self._cache) - 1, self.n_batch - 1)
+        room = min(budget - 1, self.n_ctx - len(slot.tokens) - 1, self.n_batch - 1)
         draft = []
         if self.drafter is not None and room > 0 and self.governor.allow():
-            draft = self._draft(self._cache + [tid], room)
+            draft = self._draft(slot.tokens + [tid], room)
         if not draft:
-            logits = self._eval([tid], job)
+            logits = yield from self._eval(slot, [tid], job)
             if self.drafter is not None:
                 self.governor.plain(time.perf_counter() - t0)
             return logits
         if job.abort.is_set():
             return None
-        rows = np.asarray(self.model.eval(np.asarray([tid] + draft, dtype=np.int32), len(self._cache),
+        rows = np.asarray(self.model.eval(np.asarray([tid] + draft, dtype=np.int32), len(slot.tokens),
                                           logits_all=True))
-        self._cache.append(tid)
-        self._ahead = list(zip(draft, rows[1:]))
+        slot.tokens.append(tid)
+        slot.ahead = list(zip(draft, rows[1:]))
         self._pass = [time.perf_counter() - t0, 1]
         self.spec_stats["drafted"] += len(draft)
         self.spec_stats["passes"] += 1
-        self._last_logits = rows[0]
+        slot.last_logits = rows[0]
         return rows[0]
 
     def _settle(self) -> None:
@@ -535,22 +716,22 @@ class Engine:
             out.append(int(t))
         return out
 
-    def _drop_ahead(self) -> None:
+    def _drop_ahead(self, slot: Slot) -> None:
         """Forget drafted tokens evaluated past the cached ones: their keys and values leave the cache."""
-        if self._ahead:
-            self._ahead = []
-            self.cache.truncate(len(self._cache))
+        if slot.ahead:
+            slot.ahead = []
+            slot.cache.truncate(len(slot.tokens))
         self._settle()
 
-    def _shift(self, n_keep: int) -> bool:
+    def _shift(self, slot: Slot, n_keep: int) -> bool:
         """Make room for one more token: drop the oldest half after the kept part. False if nothing can go."""
-        self._drop_ahead()
-        n_past = len(self._cache)
+        self._drop_ahead(slot)
+        n_past = len(slot.tokens)
         n_discard = (n_past - n_keep) // 2
         if n_discard < 1:
             return False
-        self.cache.remove(n_keep, n_keep + n_discard, n_past)
-        del self._cache[n_keep:n_keep + n_discard]
+        slot.cache.remove(n_keep, n_keep + n_discard, n_past)
+        del slot.tokens[n_keep:n_keep + n_discard]
         return True
 
     def _resolve_seed(self, params: SamplingParams) -> int:
@@ -561,7 +742,9 @@ class Engine:
             seed = random.SystemRandom().randrange(1 << 31)
         return int(seed)
 
-    def _generate(self, job: _Job) -> Iterator[GenerationEvent]:
+    def _generate(self, job: _Job, slot: Slot) -> Iterator[Any]:
+        """The generation of `job` in `slot`: a coroutine that yields GenerationEvents, and a Need whenever it needs
+        the model (the logits are sent back; see airobackend.slots)."""
         req, tok = job.req, self.tokenizer
         eog = getattr(tok, "eog_ids", None) or {tok.eos_id}
         seed = self._resolve_seed(req.sampling)
@@ -582,11 +765,11 @@ class Engine:
         # model whose layers live on other machines may have lost its KV cache (a stage restarted): nothing is reused.
         lost = getattr(self.model, "cache_lost", None)
         if lost is not None and lost():
-            self._cache.clear()
-        self._drop_ahead()
+            slot.tokens.clear()
+        self._drop_ahead(slot)
         self.governor.restart()
-        plan = self._plan(tokens)
-        logits = self._fill(plan, tokens, job)
+        plan = self._plan(slot, tokens)
+        logits = yield from self._fill(slot, plan, tokens, job)
         t1 = time.perf_counter()
 
         history = list(tokens)
@@ -626,14 +809,14 @@ class Engine:
                 history.append(tid)
                 ready = [(tid, entry)]
                 if bans is not None:
-                    j = bans.push(tid, (n_out, len(self._cache), logits.copy(), before, entry))
+                    j = bans.push(tid, (n_out, len(slot.tokens), logits.copy(), before, entry))
                     if j is not None:
                         (first, (n_out, pos, logits, state, _)), *_ = bans.take_back(j)
                         banned_at.setdefault(n_out, set()).add(first)
                         del history[len(tokens) + n_out:]
-                        self._drop_ahead()
-                        del self._cache[pos:]          # the model evaluates from `pos` again
-                        self._last_logits = logits
+                        self._drop_ahead(slot)
+                        del slot.tokens[pos:]          # the model evaluates from `pos` again
+                        slot.last_logits = logits
                         sampler.restore(state)
                         continue
                     ready = [(t, st[4]) for t, st in bans.release()]
@@ -649,21 +832,22 @@ class Engine:
                 if job.max_tokens >= 0 and n_sampled >= job.max_tokens:
                     finish = FinishReason.LENGTH
                     break
-                if len(self._cache) >= self.n_ctx:
+                if len(slot.tokens) >= self.n_ctx:
                     # -1 means "until the context is full"; otherwise shift if the request allows it.
-                    n_past = len(self._cache)
-                    if job.max_tokens < 0 or not req.allow_context_shift or not self._shift(job.n_keep):
+                    n_past = len(slot.tokens)
+                    if job.max_tokens < 0 or not req.allow_context_shift or not self._shift(slot, job.n_keep):
                         finish = FinishReason.LENGTH
                         break
                     if bans is not None:
-                        self._shift_held(bans, n_past - len(self._cache), job.n_keep)
-                logits = self._next_logits(tid, job, job.max_tokens - n_sampled if job.max_tokens >= 0
-                                           else self.n_ctx)
+                        self._shift_held(bans, n_past - len(slot.tokens), job.n_keep)
+                slot.n_decoded = n_sampled
+                logits = yield from self._next_logits(slot, tid, job, job.max_tokens - n_sampled
+                                                      if job.max_tokens >= 0 else self.n_ctx)
                 if logits is None:
                     finish = FinishReason.ABORTED
                     break
         t2 = time.perf_counter()
-        self._drop_ahead()
+        self._drop_ahead(slot)
 
         tail, matched = "", None
         if bans is not None and finish is not FinishReason.STOP:
@@ -688,6 +872,13 @@ class Engine:
                               total_gens=self._perf["total_gens"] + 1, stop_reason=finish,
                               last_input_count=len(tokens), last_process_count=plan.n_evaluate,
                               last_cached_count=plan.n_reused)
+            c = self.counters       # totals for GET /metrics
+            c["requests"] += 1
+            c["prompt_tokens"] += plan.n_evaluate
+            c["prompt_seconds"] += t1 - t0
+            c["tokens_predicted"] += n_gen
+            c["predicted_seconds"] += t2 - t1
+            c["cache_hits"] += 1 if plan.n_reused else 0
         yield out.event(tail, finish_reason=finish, prompt_tokens=len(tokens), completion_tokens=n_gen,
                         cached_tokens=plan.n_reused, prompt_seconds=t1 - t0, generation_seconds=t2 - t1)
 
@@ -742,27 +933,44 @@ class Engine:
 
     # ---------------------------------------------------------------------------------------------- saved states
     @contextlib.contextmanager
-    def _turn(self) -> Iterator[None]:
-        """Hold the engine between generations (slot save/restore): waits for the running one, and the queue waits
-        while this runs."""
+    def _turn(self, sid: int) -> Iterator[Slot]:
+        """Hold slot `sid` between generations (slot save/restore/erase): waits until it is free, and no job takes
+        it while this runs (with one slot the queue waits)."""
+        slot = self.slots[sid]
         job = _Job(req=GenerationRequest(prompt=""), tokens=[], n_keep=0, prompt_text="", max_tokens=0, genkey="",
                    stop=())
         with self._cond:
-            while self._running is not None:
-                self._cond.wait()
-            self._running = job
+            if self.parallel == 1:
+                while self._running is not None:
+                    self._cond.wait()
+                self._running = job
+            else:
+                while slot.busy or slot.reserved:
+                    self._cond.wait()
+            slot.reserved = True
         try:
-            self._sync_in()
-            yield
+            self._sync_in(slot)
+            yield slot
         finally:
             with self._cond:
-                self._sync_out()
-                self._running = None
+                self._sync_out(slot)
+                slot.reserved = False
+                if self._running is job:
+                    self._running = None
                 self._cond.notify_all()
 
+    def _slot_id(self, slot: Any) -> int:
+        try:
+            sid = int(slot)
+        except (TypeError, ValueError):
+            sid = -1
+        if not 0 <= sid < len(self.slots):
+            raise RequestError(f"Invalid slot ID {slot}: this server has slots 0.." + str(len(self.slots) - 1)
+                               if len(self.slots) > 1 else f"Invalid slot ID {slot}: this server has one slot, 0")
+        return sid
+
     def _slot_dir(self, slot: int) -> Any:
-        if int(slot) != 0:
-            raise RequestError(f"Invalid slot ID {slot}: this server has one slot, 0")
+        self._slot_id(slot)
         d = self.states.disk
         if d is None:
             raise NotImplementedError("This server does not support slots action. Start it with "
@@ -773,10 +981,10 @@ class Engine:
         """llama.cpp server's POST /slots/{id}?action=save: the slot's KV state into DIR/filename."""
         d = self._slot_dir(slot)
         d.path(filename)                                   # a bad name is refused before waiting for the turn
-        with self._turn():
+        with self._turn(self._slot_id(slot)) as s:
             t0 = time.perf_counter()
-            n = len(self._cache)
-            written = d.save(filename, self._cache, self.cache.snapshot(n))
+            n = len(s.tokens)
+            written = d.save(filename, s.tokens, s.cache.snapshot(n))
             return {"id_slot": int(slot), "filename": filename, "n_saved": n, "n_written": written,
                     "timings": {"save_ms": (time.perf_counter() - t0) * 1e3}}
 
@@ -785,55 +993,59 @@ class Engine:
         belongs to this model and is whole (StateFileError otherwise; the slot keeps what it had)."""
         d = self._slot_dir(slot)
         path = d.path(filename)
-        with self._turn():
+        with self._turn(self._slot_id(slot)) as s:
             t0 = time.perf_counter()
             tokens, snap = d.load(filename)
-            why = self.cache.compatible(snap)
+            why = s.cache.compatible(snap)
             if why is not None:
                 from airobackend.kvstate import StateFileError
                 raise StateFileError(f"state file {filename!r} cannot be restored here: {why}")
-            self.cache.restore(snap)
-            self._cache = list(tokens)
+            s.cache.restore(snap)
+            s.tokens = list(tokens)
             return {"id_slot": int(slot), "filename": filename, "n_restored": len(tokens),
                     "n_read": path.stat().st_size, "timings": {"restore_ms": (time.perf_counter() - t0) * 1e3}}
 
     def erase_slot(self, slot: int) -> dict:
         """llama.cpp server's POST /slots/{id}?action=erase: forget the slot's cache."""
-        if int(slot) != 0:
-            raise RequestError(f"Invalid slot ID {slot}: this server has one slot, 0")
-        with self._turn():
-            n = len(self._cache)
-            self._cache = []
-            self.cache.truncate(0)
+        with self._turn(self._slot_id(slot)) as s:
+            n = len(s.tokens)
+            s.tokens = []
+            s.cache.truncate(0)
             return {"id_slot": int(slot), "n_erased": n}
 
     def close(self) -> None:
-        """Keep what is worth keeping: with a prompt-cache folder, the live state and the states in RAM are written
-        there (they are found again after a restart or a switch back to this model)."""
+        """Stop the slots' scheduler (after the generations in progress end) and keep what is worth keeping: with a
+        prompt-cache folder, the slots' states and the states in RAM are written there (they are found again after
+        a restart or a switch back to this model)."""
+        sched = self._scheduler
+        if sched is not None:
+            sched.close()
         if self.states.disk is None:
             return
         with self._cond:
-            busy = self._running is not None
+            busy = bool(self._running_jobs())
         if busy:
             return
-        n = len(self._cache)
-        if n >= max(16, self.min_chunk):
-            self.states.to_disk(list(self._cache), self.cache.snapshot(n))
+        for s in self.slots:
+            n = len(s.tokens)
+            if n >= max(16, self.min_chunk):
+                self.states.to_disk(list(s.tokens), s.cache.snapshot(n))
         self.states.flush()
 
     # ---------------------------------------------------------------------------------------------- other threads
     def abort(self, genkey: Optional[str] = None) -> bool:
-        """Stop the running generation (or, given a key, the queued or running one whose genkey or request_id it is).
+        """Stop the running generations (or, given a key, the queued or running one whose genkey or request_id it
+        is).
 
         The generation ends within one token with finish reason 'aborted'. A queued job that is aborted ends as soon
         as its turn comes, without running (KoboldCpp's deferred abort). Returns True if something was aborted.
         """
         with self._cond:
+            running = self._running_jobs()
             if genkey:
-                targets = [j for j in ([self._running] if self._running else []) + list(self._queue)
-                           if genkey in (j.genkey, j.req.request_id)]
+                targets = [j for j in running + list(self._queue) if genkey in (j.genkey, j.req.request_id)]
             else:
-                targets = [self._running] if self._running else []
+                targets = running
             for j in targets:
                 j.abort.set()
             self._cond.notify_all()
@@ -842,13 +1054,14 @@ class Engine:
     def is_running(self, genkey: Optional[str] = None) -> bool:
         """Whether a generation (with that genkey, if given) is running now."""
         with self._cond:
-            return self._running is not None and (not genkey or self._running.genkey == genkey)
+            return any(not genkey or j.genkey == genkey for j in self._running_jobs())
 
     def partial_text(self, genkey: Optional[str] = None) -> str:
         """Text generated so far by the running (else the last) generation, for /api/extra/generate/check.
 
-        With a genkey, only the job with that key is shown; without one, only a job that had no key, and only while
-        nobody is waiting, so one user's text is never shown to another (KoboldCpp's rule).
+        With a genkey, only the job with that key is shown (running in any slot, or finished lately); without one,
+        only the one running job (else the last) if it had no key, and only while nobody is waiting, so one user's
+        text is never shown to another (KoboldCpp's rule).
         """
         with self._cond:
             job = self._visible_job(genkey)
@@ -862,17 +1075,19 @@ class Engine:
             return list(job.logprobs) if job is not None and job.req.n_probs > 0 else None
 
     def _visible_job(self, genkey: Optional[str]) -> Optional[_Job]:
-        job = self._running or self._last
-        if job is None:
+        running = self._running_jobs()
+        if genkey:
+            return next((j for j in running if j.genkey == genkey), None) or self._recent.get(genkey)
+        if len(running) > 1:
             return None
-        ok = job.genkey == genkey if genkey else not job.genkey and not self._queue
-        return job if ok else None
+        job = running[0] if running else self._last
+        return job if job is not None and not job.genkey and not self._queue else None
 
     def perf(self) -> dict[str, Any]:
         """Counters behind KoboldCpp's /api/extra/perf (times in seconds)."""
         with self._cond:
             now = time.monotonic()
-            idle = self._running is None
+            idle = not self._running_jobs()
             out = dict(self._perf)
             out.update(queue=len(self._queue), idle=1 if idle else 0, total_img_gens=0, hordeexitcounter=0,
                        uptime=now - self._t_start, idletime=(now - self._t_idle_since) if idle else 0.0,

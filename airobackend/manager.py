@@ -134,6 +134,16 @@ def prompt_cache_bytes(settings: Settings) -> int:
     return max(0, int(mb)) << 20 if mb is not None else 0
 
 
+def slots_bytes(entry: ModelEntry, settings: Settings) -> int:
+    """RAM for the KV caches of the slots beyond the first (--parallel N): each holds a context of n_ctx tokens,
+    what the estimate adds for n_ctx positions over one."""
+    extra = max(1, int(settings.parallel)) - 1
+    if not extra:
+        return 0
+    kv = (settings.cache_type_k, settings.cache_type_v)
+    return extra * max(0, entry.ram_for(settings.n_ctx, *kv) - entry.ram_for(1, *kv))
+
+
 def mem_available() -> int:
     """Bytes of memory available for a new model: MemAvailable of /proc/meminfo (Linux), else free physical pages."""
     try:
@@ -356,7 +366,7 @@ class ModelManager:
                                                     for f in ("cache_type_k", "cache_type_v")})   # environment
         # On Ray the nodes check their own share before anything is loaded (airobackend.cluster).
         need = 0 if settings.ray else entry.ram_for(settings.n_ctx, settings.cache_type_k, settings.cache_type_v)
-        need += prompt_cache_bytes(settings)
+        need += prompt_cache_bytes(settings) + (0 if settings.ray else slots_bytes(entry, settings))
         allow = self.settings.allow_disk if allow_disk is None else bool(allow_disk)
         room = self._room()
         if need > room:
@@ -528,6 +538,12 @@ class ModelManager:
     def erase_slot(self, slot: int) -> dict:
         return self._current().erase_slot(slot)
 
+    def slots_info(self) -> list[dict]:
+        return self._current().slots_info()
+
+    def metrics(self) -> dict:
+        return self._current().metrics()
+
     def __getattr__(self, name: str) -> Any:
         # Engine methods added after this class was written still reach the loaded engine.
         if name.startswith("_"):
@@ -636,7 +652,8 @@ class ModelManager:
         room = self._mem_available()
         old, used = self.loaded_entry, self._settings_used
         if old is not None and used is not None:
-            old_ram = old.ram_for(used.n_ctx, used.cache_type_k, used.cache_type_v) + prompt_cache_bytes(used)
+            old_ram = (old.ram_for(used.n_ctx, used.cache_type_k, used.cache_type_v) + prompt_cache_bytes(used)
+                       + slots_bytes(old, used))
             room += max(0, old_ram - old.weights_bytes if used.use_mmap else old_ram)
         return room
 

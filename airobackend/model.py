@@ -81,16 +81,26 @@ class Layer:
 
 
 class Buffers:
-    """Activations of one batch size, allocated once and reused by every layer (and every decode token)."""
+    """Activations of a batch of up to `cap` tokens, allocated once and reused by every layer and every step;
+    `rows(n)` views the first n rows (a step of several sequences changes n from one step to the next)."""
 
-    def __init__(self, m: "LlamaModel", n: int) -> None:
+    def __init__(self, m: "LlamaModel", cap: int) -> None:
         def f32(width: int) -> np.ndarray:
-            return np.empty((n, width), np.float32)
+            return np.empty((cap, width), np.float32)
         n_q, n_ff = m.n_head * m.head_dim, (m.layers[0].w1.n_rows if m.layers else 0)
-        self.n = n
+        self.cap = self.n = cap
         self.h, self.attn, self.o = f32(m.n_embd), f32(n_q), f32(m.n_embd)
         self.qkv = [f32(n_q), f32(m.n_embd_gqa), f32(m.n_embd_gqa)]
         self.ffn = [f32(n_ff), f32(n_ff)]
+
+    def rows(self, n: int) -> "Buffers":
+        if n == self.n:
+            return self
+        view = object.__new__(Buffers)
+        view.cap, view.n = self.cap, n
+        view.h, view.attn, view.o = self.h[:n], self.attn[:n], self.o[:n]
+        view.qkv, view.ffn = [a[:n] for a in self.qkv], [a[:n] for a in self.ffn]
+        return view
 
 
 class LlamaModel:
@@ -191,6 +201,8 @@ class LlamaModel:
         self.cache = self.new_cache()
         self._buffers: Optional[Buffers] = None
 
+    batched_sequences = True    # eval_batch: several sequences' caches in one pass (--parallel slots)
+
     def new_cache(self, n_ctx: Optional[int] = None, type_k: Optional[str] = None,
                   type_v: Optional[str] = None) -> KVCache:
         """A KV cache of this model's geometry and RoPE (n_ctx positions, default the model's; types default to the
@@ -257,6 +269,51 @@ class LlamaModel:
         cache.n_past = spans[-1][0] + spans[-1][1].shape[0]
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
+    def eval_batch(self, seqs: Sequence[tuple[KVCache, int, Any]],
+                   want: Optional[Sequence[bool]] = None) -> list[Optional[np.ndarray]]:
+        """One forward pass for several sequences, each in its own cache: seqs = [(cache, n_past, tokens), ...], such
+        as the next token of each decoding sequence and a chunk of another one's prompt. The weights stream once for
+        the whole batch (the mat-mat kernels take every row in one pass); each sequence's keys and values go to its
+        own cache at its own positions, and it attends over that cache only (entries with the same cache are spans
+        of one sequence, in position order). Returns, per entry, the logits of its last token (float32 [n_vocab]),
+        or None where `want[i]` is false (a prompt chunk that is not the last one).
+
+        A sequence's rows are computed as they would be alone: activations are quantized per row and every other
+        operation is per row or per sequence, so only the kernels' summation order can separate the results from a
+        one-sequence pass (tests/test_batch.py measures it). Each cache's n_past becomes the end of what was written
+        to it. The batch is one pass whatever its size: the caller keeps it within n_batch."""
+        if not seqs:
+            raise RequestError("eval_batch() needs at least one sequence")
+        want = [True] * len(seqs) if want is None else [bool(w) for w in want]
+        if len(want) != len(seqs):
+            raise RequestError("eval_batch(): one `want` flag per sequence")
+        parts, ends, n = [], [], 0
+        for cache, n_past, toks in seqs:
+            toks = self._check_tokens(toks)
+            if n_past < 0 or n_past + toks.shape[0] > cache.n_ctx:
+                raise ContextOverflowError(f"{n_past} cached + {toks.shape[0]} new tokens do not fit in the "
+                                           f"sequence's context of {cache.n_ctx}")
+            parts.append((cache, int(n_past), toks))
+            n += toks.shape[0]
+            ends.append(n - 1)
+        numba.set_num_threads(self.n_threads)
+        tokens = np.concatenate([t for _, _, t in parts])
+        x = self.run_layers(self.tok_embeddings.rows(tokens), [(p, t.shape[0]) for _, p, t in parts],
+                            [c for c, _, _ in parts])
+        for cache, n_past, toks in parts:
+            cache.n_past = n_past + toks.shape[0]
+        rows = [e for e, w in zip(ends, want) if w]
+        out: list[Optional[np.ndarray]] = [None] * len(seqs)
+        if rows:
+            h = self.buffers(len(rows)).h
+            ops.rmsnorm(np.ascontiguousarray(x[rows]), self.norm, self.eps, h)
+            logits = self.output(np.ascontiguousarray(h))                       # [len(rows), n_vocab]
+            it = iter(logits)
+            for i, w in enumerate(want):
+                if w:
+                    out[i] = next(it)
+        return out
+
     def warmup(self, report: Optional[Report] = None, extra: Sequence[tuple[str, Callable[[], Any]]] = ()) -> float:
         """Compile (or load from Numba's on-disk cache) every kernel this model uses, so that the first request runs
         as fast as the next: the matrix kernels of each weight type (mat-vec and mat-mat), then one-token and
@@ -273,9 +330,11 @@ class LlamaModel:
 
         def matrices() -> None:
             for w in weights.values():
-                x = np.ones((2, w.n_cols), np.float32)
+                x = np.ones((9, w.n_cols), np.float32)
                 w(x[:1])                                # one token: the mat-vec kernel
-                w(x)                                    # a batch: quantize the rows, the mat-mat kernel
+                w(x[:2])                                # batches: quantize the rows; 1-2 tokens, up to 8 (several
+                w(x[:3])                                # sequences' next tokens, short prompts), more: the
+                w(x)                                    # few-token and the mat-mat kernels
 
         def forward() -> None:
             bos = int(getattr(self.hparams, "bos_id", 1))
@@ -294,10 +353,10 @@ class LlamaModel:
     # ---- the forward pass
 
     def buffers(self, n: int) -> Buffers:
-        """Scratch activations for an n-token batch (kept for the next call with the same n: every decode token)."""
-        if self._buffers is None or self._buffers.n != n:
+        """Scratch activations for an n-token batch: views into buffers kept for the largest batch so far."""
+        if self._buffers is None or self._buffers.cap < n:
             self._buffers = Buffers(self, n)
-        return self._buffers
+        return self._buffers.rows(n)
 
     def forward(self, pieces: list[tuple[int, np.ndarray]], cache: KVCache, want_logits: bool,
                 all_rows: bool) -> Optional[np.ndarray]:
@@ -340,23 +399,25 @@ class LlamaModel:
     def run_layers(self, x: np.ndarray, spans: Sequence[tuple[int, int]], cache: Any, keep: int = -1) -> np.ndarray:
         """x [n, d] (updated in place) after this model's layers; `spans` [(start position, rows), ...] in row order
         say where each run of rows sits in the sequence. A pipeline stage runs this on its own layers, with its
-        own cache (`keep` matters only to a model whose layers are elsewhere: airobackend.pipeline)."""
+        own cache (`keep` matters only to a model whose layers are elsewhere: airobackend.pipeline). `cache` may
+        also be a list, one cache per span: the spans are then several sequences' (eval_batch)."""
         n, hd = x.shape[0], self.head_dim
-        rows, r = [], 0                                                         # (row0, row1, start) per span
-        for start, m in spans:
-            rows.append((r, r + m, start))
+        caches = cache if isinstance(cache, list) else [cache] * len(spans)
+        rows, r = [], 0                                                 # (row0, row1, start, cache) per span
+        for (start, m), c in zip(spans, caches):
+            rows.append((r, r + m, start, c))
             r += m
-        pos = np.concatenate([np.arange(p, p + r1 - r0, dtype=np.int64) for r0, r1, p in rows])
+        pos = np.concatenate([np.arange(p, p + r1 - r0, dtype=np.int64) for r0, r1, p, _ in rows])
         b = self.buffers(n)
         h = b.h
         for il, layer in enumerate(self.layers):
             ops.rmsnorm(x, layer.attention_norm, self.eps, h)
             q, k, v = project(h, layer.wq, layer.wk, layer.wv, outs=b.qkv)      # a batch's h quantized once
             q, k, v = q.reshape(n, self.n_head, hd), k.reshape(n, self.n_head_kv, hd), v.reshape(n, self.n_head_kv, hd)
-            for r0, r1, p in rows:      # RoPE on q, k; k, v into the cache (keys after RoPE, as llama.cpp)
-                cache.rope_store(il, q[r0:r1], k[r0:r1], v[r0:r1], pos[r0:r1], p)
-            for r0, r1, p in rows:
-                cache.attend(il, q[r0:r1], p, b.attn[r0:r1])
+            for r0, r1, p, c in rows:   # RoPE on q, k; k, v into the cache (keys after RoPE, as llama.cpp)
+                c.rope_store(il, q[r0:r1], k[r0:r1], v[r0:r1], pos[r0:r1], p)
+            for r0, r1, p, c in rows:
+                c.attend(il, q[r0:r1], p, b.attn[r0:r1])
             ops.add_rmsnorm(x, layer.wo(b.attn, b.o), layer.ffn_norm, self.eps, h)   # x += attention out; h = norm(x)
             gate, up = project(h, layer.w1, layer.w3, outs=b.ffn)              # [n, n_ff] each
             ops.silu_mul(gate, up)

@@ -246,6 +246,8 @@ class StagedModel(LlamaModel):
         Other arguments as LlamaModel (n_ctx, n_threads, n_batch, kernels, type_k, type_v).
     """
 
+    batched_sequences = False   # a stage's pass runs into one cache: eval_batch (--parallel slots) needs local layers
+
     def __init__(self, mf: Any, transport: Any, ranges: Sequence[tuple[int, int]], *, n_ctx: int = 2048,
                  n_threads: int = 0, n_batch: int = 512, kernels: Optional[str] = None, type_k: str = "f16",
                  type_v: str = "f16", micro_batch: int = 0) -> None:

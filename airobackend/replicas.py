@@ -290,6 +290,12 @@ class ReplicaSet:
     def erase_slot(self, slot: int) -> dict:
         return self.save_slot(slot, "")
 
+    def slots_info(self) -> list[dict]:
+        raise RequestError("GET /slots is not served with replicas: each replica has its own slots")
+
+    def metrics(self) -> dict:
+        raise RequestError("GET /metrics is not served with replicas: each replica keeps its own counters")
+
     def wait_ready(self, timeout: float) -> bool:
         """Wait up to `timeout` seconds for every replica to be in rotation (a restarted one answering again)."""
         deadline = time.monotonic() + timeout

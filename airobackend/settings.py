@@ -39,6 +39,10 @@ class Settings:
     draft: int = 8                         # the most tokens drafted at a time (KoboldCpp's --draftamount default)
     draft_p_min: float = 0.75              # the draft model stops after a token it is less sure of (llama.cpp's)
     lookup_ngram: int = 0                  # > 0 and no draft model: draft by prompt lookup of the last N tokens
+    # many users at once (airobackend.slots)
+    parallel: int = 1                      # llama.cpp --parallel N: generation slots sharing each forward pass;
+                                           # 1 = one generation at a time, the others queue (KoboldCpp's model)
+    prefill_chunk: int = 128               # prompt tokens per step beside the decoding slots (parallel > 1)
     # server
     host: str = "127.0.0.1"
     port: int = 5001

@@ -146,6 +146,12 @@ class EngineAPI(Protocol):
 
     def erase_slot(self, slot: int) -> dict: ...
 
+    def slots_info(self) -> list[dict]:
+        """Per generation slot (--parallel N): id, n_ctx, is_processing, tokens cached (llama.cpp's GET /slots)."""
+
+    def metrics(self) -> dict:
+        """Token and time totals, requests processing / deferred, KV cache use (llama.cpp's GET /metrics)."""
+
 
 class ModelLibrary(EngineAPI, Protocol):
     """An engine that can list, load and unload the models of a folder (manager.ModelManager)."""

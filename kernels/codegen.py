@@ -1,6 +1,6 @@
 """The fast kernels' code generator: one Python module per weight type, written to a cache folder and imported.
 
-`generate_source(spec)` unrolls a type's fragments (kernels/specs.py) into five Numba functions:
+`generate_source(spec)` unrolls a type's fragments (kernels/specs.py) into seven Numba functions:
 
 * `fill1(x, A, ...)`: one token's activations quantized into the buffer A = [XQ | XD f32 | XS i32 | XF f32];
 * `quantize1(x, ...)`: A allocated on a 64-byte line and filled, in one call from Python;
@@ -8,7 +8,9 @@
   loop already outruns DRAM on one core), with an L2 prefetch of the weight stream when `pf`;
 * `matvec_x(W, ..., x, ..., out, pf)`: quantize1 and matvec in one call;
 * `matmat(W, ..., XQ, ..., out, n_tok, n_tok_pad)`: a prompt, a `prange` over chunks of rows, register tiles of
-  `tile_r` rows x `tile_t` tokens, each weight vector decoded once per tile and used for every token of it.
+  `tile_r` rows x `tile_t` tokens, each weight vector decoded once per tile and used for every token of it;
+* `matmat_few(..., n_tok, n_tok_pad, pf)` and `matmat_few2(...)`: the same tiles with the weight stream prefetched,
+  for batches of up to 8 tokens (the next tokens of several sequences), `matmat_few2` with 2-token tiles for 1-2.
 
 The source is a pure function of the spec and the instruction set. `kernel_module(spec)` writes it under
 `source_dir()`/<isa>-<hash>/ (the application's cache root: `~/.cache/airobackend/kernels` or
@@ -105,7 +107,7 @@ def _emit_consts(spec: Spec, ind: str) -> list[str]:
 
 
 def generate_source(spec: Spec) -> str:
-    """Python source of the module holding `matvec` and `matmat` for one weight type."""
+    """Python source of the module holding `matvec`, `matmat` and the few-token mat-mats for one weight type."""
     src = [_HEADER.format(isa=ISA, pkg=_PKG), *PREAMBLE, ""]
     # --- one token's activations: one int8 buffer A = [XQ | XD f32 | XS i32 | XF f32] (offsets: act1_offsets)
     views = ["    XQ = A[:oD]", "    XD = A[oD:oS].view(np.float32)", "    XS = A[oS:oF].view(np.int32)",
@@ -152,20 +154,25 @@ def generate_source(spec: Spec) -> str:
     else:
         src += _emit_tile(spec, MR, 1, "            ", False, prefetch=True)
     src.append("")
-    # --- matmat: R x T register tiles; leftover rows of a chunk one at a time
+    # --- matmat: R x T register tiles; leftover rows of a chunk one at a time. matmat_few: the same tiles with the
+    # weight stream prefetched into L2 as the mat-vec does, for batches of a few tokens (one decode step of several
+    # sequences), whose tiles are too short to hide DRAM latency; matmat_few2: 2-token tiles for one or two tokens
+    # (a 4-token tile would compute two of padding). Measured in bench/results (continuous batching).
     R = spec.tile_r
-    src.append("@numba.jit(**JIT_PARALLEL)")
-    src.append("def matmat(W, RB, n_rows, n_steps, XQ, XQS, XD, XDS, XS, XF, XSS, out, n_tok, n_tok_pad):")
-    src += _emit_consts(spec, "    ")
-    src += [f"    n_chunks = (n_rows + {CHUNK - 1}) // {CHUNK}",
-            "    for c in prange(n_chunks):",
-            f"        r0 = c * {CHUNK}",
-            f"        r1 = min(r0 + {CHUNK}, n_rows)",
-            f"        for t0 in range(0, n_tok_pad, {spec.tile_t}):",
-            "            r = r0",
-            "            while r < r1:"]
-    src += _emit_tile(spec, R, spec.tile_t, "                ", True)
-    src += [f"                r += {R}", ""]
+    for name, T, pf in (("matmat", spec.tile_t, False), ("matmat_few", spec.tile_t, True), ("matmat_few2", 2, True)):
+        src.append("@numba.jit(**JIT_PARALLEL)")
+        src.append(f"def {name}(W, RB, n_rows, n_steps, XQ, XQS, XD, XDS, XS, XF, XSS, out, n_tok, n_tok_pad"
+                   f"{', pf' if pf else ''}):")
+        src += _emit_consts(spec, "    ")
+        src += [f"    n_chunks = (n_rows + {CHUNK - 1}) // {CHUNK}",
+                "    for c in prange(n_chunks):",
+                f"        r0 = c * {CHUNK}",
+                f"        r1 = min(r0 + {CHUNK}, n_rows)",
+                f"        for t0 in range(0, n_tok, {T}):",
+                "            r = r0",
+                "            while r < r1:"]
+        src += _emit_tile(spec, R, T, "                ", True, prefetch=pf)
+        src += [f"                r += {R}", ""]
     return "\n".join(src) + "\n"
 
 

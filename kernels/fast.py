@@ -35,6 +35,7 @@ __all__ = ["prepare_fast", "FastWeight", "supported_types", "ISA"]
 # make Numba refuse to cache it; 0 = Numba's static split into one equal range per thread). Dynamic chunks let a
 # thread whose vCPU runs fast take over the work of one that the host slows down.
 PAR_CHUNKS = 4
+FEW_MAX = 8         # batches of up to this many tokens (padded) take the prefetching few-token mat-mats
 
 
 _NO_I32 = np.zeros(16, np.int32)
@@ -90,7 +91,7 @@ class FastWeight:
             self.W.flags.writeable = False
         self.nbytes = self.W.nbytes
         mod = kernel_module(spec)
-        self._mv, self._mm = mod.matvec, mod.matmat
+        self._mv, self._mm, self._mmf, self._mmf2 = mod.matvec, mod.matmat, mod.matmat_few, mod.matmat_few2
         # weights with equal act_key read the same quantized activations (all legacy types share the nibble
         # layout with Q8_0 and Q8_1 fields; k-quants differ by byte permutation; F16 reads fp16 bytes)
         self.act_key = (spec.layout, n_cols)
@@ -192,8 +193,13 @@ class FastWeight:
                                                                                         np.float32)
         old = numba.set_parallel_chunksize(PAR_CHUNKS)
         try:
-            self._mm(self.W, self.row_bytes, self.n_rows, self.n_steps, XQ, XQS, XD, XDS, XS, XF, XSS,
-                     tgt.reshape(-1), n_tok, n_pad)
+            if n_pad <= FEW_MAX:
+                few = self._mmf2 if n_tok <= 2 else self._mmf
+                few(self.W, self.row_bytes, self.n_rows, self.n_steps, XQ, XQS, XD, XDS, XS, XF, XSS, tgt.reshape(-1),
+                    n_tok, n_pad, self._pf)
+            else:
+                self._mm(self.W, self.row_bytes, self.n_rows, self.n_steps, XQ, XQS, XD, XDS, XS, XF, XSS,
+                         tgt.reshape(-1), n_tok, n_pad)
         finally:
             numba.set_parallel_chunksize(old)
         if tgt is not out:

@@ -256,6 +256,20 @@ def test_ram_check_counts_the_kv_cache_type(library_dir):
     assert {e.name: e for e in q8_lib.library.scan()}["fx-f16.gguf"].ram_bytes == f16.ram_for(256, "q8_0", "q8_0")
 
 
+def test_kv_of_every_parallel_slot_is_counted(library_dir):
+    """--parallel 4: four contexts of KV cache; a model that fits with one slot is refused with four."""
+    mgr, factory, mem = make(library_dir, parallel=4)
+    f16 = next(e for e in mgr.library.scan() if e.name == "fx-f16.gguf")
+    kv = f16.ram_for(256) - f16.ram_for(1)
+    assert kv > 0
+    mem["bytes"] = f16.ram_for(256) + 2 * kv
+    with pytest.raises(InsufficientMemory):
+        mgr.load("fx-f16.gguf")
+    mem["bytes"] = f16.ram_for(256) + 3 * kv
+    mgr.load("fx-f16.gguf")
+    assert mgr.loaded_name == "fx-f16.gguf"
+
+
 def test_refusal_keeps_old_model_serving(library_dir):
     mgr, _, mem = make(library_dir)
     mgr.load("fx-q2_K.gguf")

@@ -82,6 +82,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--lookup-ngram", dest="lookup_ngram", type=int, metavar="N",
                    help="speculative decoding without a draft model: copy what followed the last N tokens earlier "
                         "in the context (default 0 = off; env AIRO_LOOKUP_NGRAM)")
+    b = parser.add_argument_group("many users at once")
+    b.add_argument("-np", "--parallel", dest="parallel", type=int, metavar="N",
+                   help=f"generation slots (llama.cpp's flag): up to N requests generate together, sharing each "
+                        f"forward pass, each with its own KV cache of --contextsize tokens; the rest wait "
+                        f"(--multiuser) (default {d.parallel}; env AIRO_PARALLEL)")
+    b.add_argument("--prefill-chunk", dest="prefill_chunk", type=int, metavar="N",
+                   help=f"with --parallel: prompt tokens evaluated per step beside the generating slots, so a new "
+                        f"prompt delays the others' next token by one chunk at most (default {d.prefill_chunk}; "
+                        f"env AIRO_PREFILL_CHUNK)")
     m.add_argument("--allow-disk", action="store_true", default=None,
                    help="load a model larger than free RAM, reading it from disk (slow; env AIRO_ALLOW_DISK)")
     r = parser.add_argument_group("more than one machine (Ray; pip install 'airobackend[ray]')")
@@ -161,7 +170,8 @@ def settings_from_args(args: argparse.Namespace, environ: Optional[dict] = None)
         context_shift=False if args.noshift else None, cache_slots=args.cache_slots,
         prompt_cache_mb=args.prompt_cache_mb, prompt_cache_dir=args.prompt_cache_dir,
         ray=getattr(args, "ray", None), stages=getattr(args, "stages", None), replicas=getattr(args, "replicas", None),
-        ray_cpus=getattr(args, "ray_cpus", None), ray_restarts=getattr(args, "ray_restarts", None))
+        ray_cpus=getattr(args, "ray_cpus", None), ray_restarts=getattr(args, "ray_restarts", None),
+        parallel=args.parallel, prefill_chunk=args.prefill_chunk)
     quant = KV_CACHE_TYPES[args.quantkv] if getattr(args, "quantkv", None) else None
     overrides["cache_type_k"] = getattr(args, "cache_type_k", None) or quant
     overrides["cache_type_v"] = getattr(args, "cache_type_v", None) or quant

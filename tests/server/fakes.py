@@ -228,11 +228,11 @@ def library_app(library, **settings_kw):
     return manager, app, TestClient(app, base_url="http://127.0.0.1:5001")
 
 
-def demo_manager(path: str, n_ctx: int, multiuser: int = 4):
+def demo_manager(path: str, n_ctx: int, multiuser: int = 4, **settings):
     """A ModelManager serving the demo file (its own engine, queue and counters)."""
     from airobackend.manager import ModelManager
     from airobackend.settings import Settings
 
-    manager = ModelManager(Settings(n_ctx=n_ctx, multiuser=multiuser))
+    manager = ModelManager(Settings(n_ctx=n_ctx, multiuser=multiuser, **settings))
     manager.load(manager.register(path))
     return manager

@@ -69,10 +69,11 @@ def textgen_stream(port: int, i: int) -> None:
 
 
 @pytest.mark.slow
-def test_soak_sixteen_streaming_clients(demo_file):
+@pytest.mark.parametrize("parallel", [1, 4])
+def test_soak_sixteen_streaming_clients(demo_file, parallel):
     seconds = float(os.environ.get("AIRO_SOAK_SECONDS", "20"))
-    engine = demo_manager(demo_file, 256, multiuser=CLIENTS)      # a waiting line that holds every client
-    app = make_app(engine, n_ctx=256, multiuser=CLIENTS)
+    engine = demo_manager(demo_file, 256, multiuser=CLIENTS, parallel=parallel)   # a line that holds every client
+    app = make_app(engine, n_ctx=256, multiuser=CLIENTS, parallel=parallel)
     errors: list[str] = []
     done = [0] * CLIENTS
     with live(app) as srv:
