@@ -149,6 +149,22 @@ class KVSnapshot:
         return int(self.k.nbytes + self.v.nbytes)
 
 
+def snapshot_mismatch(snap: KVSnapshot, type_k: str, type_v: str, n_layer: int, n_head_kv: int, head_dim: int,
+                      n_ctx: int) -> Optional[str]:
+    """None if `snap` fits a cache of this geometry and these types, else why not (KVCache and a staged cache, whose
+    layers live elsewhere, check a state the same way)."""
+    if (snap.type_k, snap.type_v) != (type_k, type_v):
+        return (f"the state holds a {snap.type_k}/{snap.type_v} KV cache, this model runs a "
+                f"{type_k}/{type_v} one")
+    for name, arr, t in (("K", snap.k, type_k), ("V", snap.v, type_v)):
+        want = (n_layer, n_head_kv, snap.n, CODECS[t].row_width(head_dim))
+        if arr.shape != want or arr.dtype != CODECS[t].dtype:
+            return f"the state's {name} cache has shape {arr.shape}, this model needs {want}"
+    if snap.n > n_ctx:
+        return f"the state holds {snap.n} positions, more than the context of {n_ctx}"
+    return None
+
+
 class KVCache:
     """Keys and values of one sequence, every layer, positions 0 .. n_ctx-1 (see the module docstring).
 
@@ -266,16 +282,8 @@ class KVCache:
 
     def compatible(self, snap: KVSnapshot) -> Optional[str]:
         """None if `snap` can be restored here, else why not."""
-        if (snap.type_k, snap.type_v) != (self.type_k, self.type_v):
-            return (f"the state holds a {snap.type_k}/{snap.type_v} KV cache, this model runs a "
-                    f"{self.type_k}/{self.type_v} one")
-        want = (self.n_layer, self.n_head_kv, snap.n)
-        for name, arr, ref in (("K", snap.k, self.k), ("V", snap.v, self.v)):
-            if arr.shape[:3] != want or arr.shape[3] != ref.shape[3] or arr.dtype != ref.dtype:
-                return f"the state's {name} cache has shape {arr.shape}, this model needs {want + ref.shape[3:]}"
-        if snap.n > self.n_ctx:
-            return f"the state holds {snap.n} positions, more than the context of {self.n_ctx}"
-        return None
+        return snapshot_mismatch(snap, self.type_k, self.type_v, self.n_layer, self.n_head_kv, self.head_dim,
+                                 self.n_ctx)
 
     def restore(self, snap: KVSnapshot) -> None:
         """Copy `snap` into positions 0..snap.n-1; n_past becomes snap.n. ValueError if it does not fit."""

@@ -24,7 +24,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from airobackend.errors import BackendUnavailable, RequestError
-from airobackend.kvcache import KVCache, KVSnapshot
+from airobackend.kvcache import KVCache, KVSnapshot, snapshot_mismatch
 from airobackend.model import LlamaModel, _EveryLayerIn
 
 SCRATCH = -1        # cache id of the one-layer scratch cache hidden_states() uses
@@ -210,17 +210,8 @@ class StagedCache:
                           np.concatenate([p.v for p in parts]))
 
     def compatible(self, snap: KVSnapshot) -> Optional[str]:
-        from airobackend.kvcache import CODECS
-        if (snap.type_k, snap.type_v) != (self.type_k, self.type_v):
-            return (f"the state holds a {snap.type_k}/{snap.type_v} KV cache, this model runs a "
-                    f"{self.type_k}/{self.type_v} one")
-        for name, arr, t in (("K", snap.k, self.type_k), ("V", snap.v, self.type_v)):
-            want = (self.n_layer, self.n_head_kv, snap.n, CODECS[t].row_width(self.head_dim))
-            if arr.shape != want or arr.dtype != CODECS[t].dtype:
-                return f"the state's {name} cache has shape {arr.shape}, this model needs {want}"
-        if snap.n > self.n_ctx:
-            return f"the state holds {snap.n} positions, more than the context of {self.n_ctx}"
-        return None
+        return snapshot_mismatch(snap, self.type_k, self.type_v, self.n_layer, self.n_head_kv, self.head_dim,
+                                 self.n_ctx)
 
     def restore(self, snap: KVSnapshot) -> None:
         why = self.compatible(snap)
