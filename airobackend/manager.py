@@ -716,6 +716,24 @@ class LoadProgress:
             pass
 
 
+class LineProgress:
+    """Load progress as a few lines (each quarter of a load) through `write`: for a log or a host program's console,
+    where a redrawn bar cannot be shown. Kernel warm-up notes go the same way."""
+
+    def __init__(self, write: Callable[[str], None]) -> None:
+        self.write = write
+        self._shown = -1
+
+    def __call__(self, name: str, fraction: float) -> None:
+        quarter = int(fraction * 4)
+        if quarter != self._shown:
+            self._shown = quarter
+            self.write(f"loading {name}: {int(fraction * 100)}%")
+
+    def note(self, line: str, done: bool) -> None:
+        self.write(line)
+
+
 class ConsoleProgress:
     """A one-line progress bar on stderr for model loads: `loading NAME [#####.....] 50%`."""
 

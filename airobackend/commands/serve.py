@@ -247,26 +247,13 @@ def banner(settings: Settings, listeners: list, plugin_names: set, info: dict, d
     return "\n".join(lines)
 
 
-class _LogProgress:
-    """Progress for a non-terminal stderr: a few log lines instead of a redrawn bar."""
-
-    def __init__(self) -> None:
-        self.last = -1
-
-    def __call__(self, name: str, fraction: float) -> None:
-        step = int(fraction * 4)
-        if step != self.last:
-            self.last = step
-            log.info("loading %s: %d%%", name, int(fraction * 100))
-
-
 def open_engine(settings: Settings) -> tuple[Any, Callable[[], None], bool]:
     """A ModelManager with the requested model (or the demo model) registered but not loaded yet, the function that
     loads it, and whether it is the demo model."""
-    from airobackend.manager import ConsoleProgress, ModelManager
+    from airobackend.manager import ConsoleProgress, LineProgress, ModelManager
 
     quiet = settings.quiet
-    progress = None if quiet else (ConsoleProgress() if sys.stderr.isatty() else _LogProgress())
+    progress = None if quiet else (ConsoleProgress() if sys.stderr.isatty() else LineProgress(log.info))
     manager = ModelManager(settings, on_progress=progress)
     demo = settings.model is None
     if demo:

@@ -137,8 +137,12 @@ class InProcessBackend:
     @staticmethod
     def _open(settings: Any) -> Any:
         """A ModelManager (the model library + the engine of the loaded model), as `airobackend serve` uses."""
-        from airobackend.manager import ModelManager
-        manager = ModelManager(settings, on_progress=_HostConsole())
+        from airobackend.manager import LineProgress, ModelManager
+        # Progress lines on the host's console: the hosts show their own log, not airobackend's logger, and a first
+        # start compiles the kernels during the load (minutes on a small machine); without them the host would sit
+        # at "Loading the extension" in silence.
+        manager = ModelManager(settings, on_progress=LineProgress(lambda line: print(f"airobackend: {line}",
+                                                                                     flush=True)))
         manager.load(_library_name(manager, settings.model or _demo_path()))
         return manager
 
@@ -185,24 +189,6 @@ class InProcessBackend:
     def close(self) -> None:
         """Release the model (generations in flight are aborted)."""
         self.engine.unload(abort_running=True)
-
-
-class _HostConsole:
-    """Load progress printed to the host's console. The hosts show their own log, not airobackend's logger, and a
-    first start compiles the kernels during the load (minutes on a small machine): without these lines the host
-    would sit at "Loading the extension" in silence."""
-
-    def __init__(self) -> None:
-        self._shown = -1
-
-    def __call__(self, name: str, fraction: float) -> None:
-        quarter = int(fraction * 4)
-        if quarter != self._shown:
-            self._shown = quarter
-            print(f"airobackend: loading {name}: {int(fraction * 100)}%", flush=True)
-
-    def note(self, line: str, done: bool) -> None:
-        print(f"airobackend: {line}", flush=True)
 
 
 def _sampling_value(key: str, value: Any) -> Any:
