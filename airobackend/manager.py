@@ -21,6 +21,7 @@ import logging
 import math
 import sys
 import threading
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional
 
@@ -224,27 +225,40 @@ class _Held:
 
     def __init__(self, events: Iterator[GenerationEvent], release: Callable[[], None]) -> None:
         self._events, self._release, self._done = events, release, False
+        # Held while a thread reads an event, so that an unload can tell a stream being read (it sees the abort
+        # within a token) from one its caller holds but no longer reads (the unload closes it).
+        self._reading = threading.RLock()
 
     def __iter__(self) -> "_Held":
         return self
 
     def __next__(self) -> GenerationEvent:
-        try:
-            return next(self._events)
-        except BaseException:
-            self.close()
-            raise
+        with self._reading:
+            try:
+                return next(self._events)
+            except BaseException:
+                self.close()
+                raise
 
     def close(self) -> None:
-        if self._done:
-            return
-        self._done = True
-        try:
-            close = getattr(self._events, "close", None)
-            if close is not None:
-                close()
-        finally:
-            self._release()
+        with self._reading:
+            if self._done:
+                return
+            self._done = True
+            try:
+                close = getattr(self._events, "close", None)
+                if close is not None:
+                    close()
+            finally:
+                self._release()
+
+    def close_if_idle(self) -> None:
+        """Close the stream unless a thread is reading from it right now."""
+        if self._reading.acquire(blocking=False):
+            try:
+                self.close()
+            finally:
+                self._reading.release()
 
     def __del__(self) -> None:
         self.close()
@@ -274,6 +288,7 @@ class ModelManager:
         self._entry: Optional[ModelEntry] = None
         self._settings_used: Optional[Settings] = None
         self._active = 0              # generations holding the current engine
+        self._held: "weakref.WeakSet[_Held]" = weakref.WeakSet()   # their streams, closed by an aborting unload
         self._waiting = 0             # generations waiting for a load to finish
         self._waiting_keys: dict[str, bool] = {}   # their genkeys / request ids -> aborted?
         self._loading: Optional[str] = None   # name of the model being loaded
@@ -474,7 +489,9 @@ class ModelManager:
         except BaseException:
             self._release()
             raise
-        return _Held(events, self._release)
+        held = _Held(events, self._release)
+        self._held.add(held)
+        return held
 
     def embed(self, inputs: list, normalize: bool = True) -> list:
         """Engine.embed on the loaded model (waits while a model loads; the model cannot be switched under it)."""
@@ -601,8 +618,20 @@ class ModelManager:
         """Wait until no generation holds the current engine (aborting them first when asked)."""
         with self._cond:
             while self._active:
-                if abort_running and self._engine is not None:
-                    self._engine.abort(None)
+                if abort_running:
+                    if self._engine is not None:
+                        self._engine.abort(None)
+                    # A stream its caller keeps but stopped reading would hold the engine forever: close it here
+                    # (outside the lock: closing releases, which takes it). One being read ends within a token.
+                    held = list(self._held)
+                    self._cond.release()
+                    try:
+                        for h in held:
+                            h.close_if_idle()
+                    finally:
+                        self._cond.acquire()
+                    if not self._active:
+                        break
                 self._cond.wait(timeout=0.05 if abort_running else None)
 
     def _switch(self, entry: ModelEntry, settings: Settings, *, beside_old: bool, abort_running: bool) -> None:

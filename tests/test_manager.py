@@ -455,6 +455,35 @@ def test_closing_a_stream_early_frees_the_slot(library_dir):
     assert not loader.is_alive() and "error" not in box
 
 
+def test_aborting_unload_closes_a_stream_its_caller_stopped_reading(library_dir):
+    # A caller that keeps a stream but never reads it again (a host plugin holding the iterator) must not make
+    # close() or an aborting switch wait forever for a generation that cannot end.
+    mgr, factory, _ = make(library_dir)
+    mgr.load("fx-q2_K.gguf")
+    kept = mgr.generate(GenerationRequest(prompt="x"))
+    next(kept)
+    closer, box = run_in_thread(mgr.close)
+    closer.join(TIMEOUT)
+    assert not closer.is_alive() and "error" not in box
+    assert mgr._active == 0 and mgr.loaded_name is None and factory.built["fx-q2_K.gguf"].closed
+    assert list(kept) == [], "the closed stream ends; it does not release the slot a second time"
+    assert mgr._active == 0
+
+
+def test_aborting_unload_waits_for_a_stream_being_read(library_dir):
+    mgr, factory, _ = make(library_dir)
+    mgr.load("fx-q2_K.gguf")
+    engine = factory.built["fx-q2_K.gguf"]
+    engine.gate = threading.Semaphore(0)
+    events = []
+    reader, _ = run_in_thread(lambda: events.extend(mgr.generate(GenerationRequest(prompt="long"))))
+    assert engine.started.wait(TIMEOUT)
+    mgr.unload(abort_running=True)
+    reader.join(TIMEOUT)
+    assert events[-1].finish_reason == FinishReason.ABORTED, "the reader saw the abort, not a closed stream"
+    assert mgr._active == 0 and engine.closed
+
+
 def test_engine_error_before_any_event_frees_the_slot(library_dir):
     mgr, factory, _ = make(library_dir)
     mgr.load("fx-q2_K.gguf")
