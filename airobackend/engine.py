@@ -176,7 +176,7 @@ class Engine:
         # Slot.ahead. Drafting keeps every row of a pass's logits, so it runs with one slot only.
         self.drafter = getattr(llama, "draft_model", None)
         self.governor = Governor()                  # drafts only while verifying passes pay (measured)
-        self._pass: Optional[list] = None           # the unsettled verifying pass: [seconds, tokens yielded]
+        self._pass: Optional[list] = None           # the unsettled verifying pass: [seconds, tokens yielded, drafted]
         if self.drafter is not None and self.parallel > 1:
             log.warning("speculative decoding is off with --parallel %d: the slots' steps are batched instead",
                         self.parallel)
@@ -683,7 +683,7 @@ class Engine:
         room = min(budget - 1, self.n_ctx - len(slot.tokens) - 1, self.n_batch - 1)
         draft = []
         if self.drafter is not None and room > 0 and self.governor.allow():
-            draft = self._draft(slot.tokens + [tid], room)
+            draft = self._draft(slot.tokens + [tid], self.governor.cap(room))
         if not draft:
             logits = yield from self._eval(slot, [tid], job)
             if self.drafter is not None:
@@ -695,7 +695,7 @@ class Engine:
                                           logits_all=True))
         slot.tokens.append(tid)
         slot.ahead = list(zip(draft, rows[1:]))
-        self._pass = [time.perf_counter() - t0, 1]
+        self._pass = [time.perf_counter() - t0, 1, len(draft)]
         self.spec_stats["drafted"] += len(draft)
         self.spec_stats["passes"] += 1
         slot.last_logits = rows[0]
@@ -710,7 +710,10 @@ class Engine:
     def _draft(self, context: list[int], n: int) -> list[int]:
         """At most `n` drafted token ids to follow `context` (stopping at the first id outside the vocabulary)."""
         out = []
-        for t in np.asarray(self.drafter(np.asarray(context, dtype=np.intc))).reshape(-1)[:n].tolist():
+        # num_pred_tokens: our drafters stop there (a draft model then evaluates no more than that); drafters with
+        # llama-cpp-python's interface take **kwargs and may ignore it, hence the slice.
+        drafted = self.drafter(np.asarray(context, dtype=np.intc), num_pred_tokens=n)
+        for t in np.asarray(drafted).reshape(-1)[:n].tolist():
             if not 0 <= int(t) < self.n_vocab:
                 break
             out.append(int(t))

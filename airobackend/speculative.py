@@ -68,38 +68,55 @@ def check_vocab(target: Any, draft: Any, draft_path: Optional[str] = None) -> No
 
 
 class Governor:
-    """Decides, from measured times, whether the next token should come with a draft.
+    """Decides, from measured times, whether the next token should come with a draft, and how long the draft may be.
 
     The engine reports each one-token pass (`plain(seconds)`) and each verifying pass once its drafts are settled
-    (`verified(seconds, tokens)`: the pass's time, drafting included, and the tokens it yielded = 1 + drafts
-    accepted). Both rates are exponential moving averages. While verifying passes yield fewer tokens per second than
-    one-token passes, `allow()` says no for the next `probe` tokens, then lets one verifying pass through to measure
-    again. The plain rate is kept across requests (it is the machine's); the verifying rate starts afresh with each
-    request (`restart()`), since acceptance depends on the text.
+    (`verified(seconds, tokens, drafted)`: the pass's time, drafting included, the tokens it yielded = 1 + drafts
+    accepted, and how many were drafted). Both rates are exponential moving averages. While verifying passes yield
+    fewer tokens per second than one-token passes, `allow()` says no for the next `probe` tokens, then lets one
+    verifying pass through to measure again. The plain rate is kept across requests (it is the machine's); the
+    verifying rate starts afresh with each request (`restart()`), since acceptance depends on the text.
+
+    The draft length (`length`, a cap on what the drafter proposes) follows acceptance as in Hugging Face
+    transformers' "heuristic" schedule for assisted generation (generation/candidate_generator.py, v4.46): two more
+    after a pass whose drafts were all accepted, one fewer otherwise (here: at most one more than were accepted), so
+    a text that copies its context earns long drafts while free text only risks short, cheap ones. It restarts at
+    `start` with each request.
 
     Args:
         alpha: weight of the newest measurement in the averages.
         probe: tokens decoded without drafts after a losing measurement (0: never pause).
+        start: the draft length a request begins with; None: no cap, the drafter's own length every time.
     """
 
-    def __init__(self, alpha: float = 0.3, probe: int = 8) -> None:
+    def __init__(self, alpha: float = 0.3, probe: int = 8, start: Optional[int] = 3) -> None:
         self.alpha, self.probe = float(alpha), int(probe)
+        self.start = None if start is None else max(1, int(start))
         self.plain_s: Optional[float] = None        # seconds per one-token pass
         self.spec_tps: Optional[float] = None       # tokens per second of verifying passes
         self.wait = 0
+        self.length: Optional[int] = self.start     # the most tokens the next draft may hold (None: no cap)
+
+    @classmethod
+    def always(cls) -> "Governor":
+        """A governor that drafts for every token, at the drafter's full length (measuring the machinery itself)."""
+        return cls(probe=0, start=None)
 
     def restart(self) -> None:
-        self.spec_tps, self.wait = None, 0
+        self.spec_tps, self.wait, self.length = None, 0, self.start
 
     def plain(self, seconds: float) -> None:
         a = self.alpha
         self.plain_s = seconds if self.plain_s is None else (1 - a) * self.plain_s + a * seconds
 
-    def verified(self, seconds: float, tokens: int) -> None:
+    def verified(self, seconds: float, tokens: int, drafted: Optional[int] = None) -> None:
         a, tps = self.alpha, tokens / max(seconds, 1e-9)
         self.spec_tps = tps if self.spec_tps is None else (1 - a) * self.spec_tps + a * tps
         if self.plain_s is not None and self.spec_tps * self.plain_s < 1.0:
             self.wait = self.probe
+        if self.length is not None and drafted:
+            accepted = tokens - 1
+            self.length = self.length + 2 if accepted >= drafted else max(1, min(self.length - 1, accepted + 1))
 
     def allow(self) -> bool:
         """Whether to draft for the next token (counts down a pause)."""
@@ -109,6 +126,16 @@ class Governor:
             self.wait -= 1
             return False
         return True
+
+    def cap(self, n: int) -> int:
+        """The most tokens the next draft may hold, given that `n` fit."""
+        return n if self.length is None else min(n, self.length)
+
+
+def _limit(num_pred_tokens: int, kwargs: dict) -> int:
+    """A drafter's length for this call: its own, or less when the caller passes `num_pred_tokens`."""
+    asked = kwargs.get("num_pred_tokens")
+    return num_pred_tokens if asked is None else max(0, min(num_pred_tokens, int(asked)))
 
 
 class PromptLookup:
@@ -138,7 +165,7 @@ class PromptLookup:
         if starts.size == 0:
             return np.zeros(0, dtype=np.intc)
         s = int(starts[-1]) + g                     # the most recent occurrence: what the text last did there
-        return h[s:s + self.num_pred_tokens].astype(np.intc)
+        return h[s:s + _limit(self.num_pred_tokens, kwargs)].astype(np.intc)
 
     def __repr__(self) -> str:
         return f"PromptLookup(ngram={self.ngram}, num_pred_tokens={self.num_pred_tokens})"
@@ -191,13 +218,14 @@ class DraftModel:
         logits = m.eval(np.asarray(ids[n:], dtype=np.int32), n)[-1]
         self._cache.extend(ids[n:])
         out: list[int] = []
-        for _ in range(min(self.num_pred_tokens, room)):
+        most = min(_limit(self.num_pred_tokens, kwargs), room)
+        for _ in range(most):
             x = logits.astype(np.float64)
             t = int(np.argmax(x))
             if t >= m.n_vocab:
                 break
             out.append(t)
-            if len(out) == min(self.num_pred_tokens, room):
+            if len(out) == most:
                 break
             e = np.exp(x - x[t])
             if 1.0 / e.sum() < self.p_min:          # the draft model is unsure: more would mostly be rejected

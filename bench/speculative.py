@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     for prompt, name, drafter in cases:
         tokens = tok.encode(PROMPTS[prompt], add_bos=False, special=True) if prompt in PROMPTS else rewrite
         # the bound drafts for every token; the other cases run as served (drafting paused while it loses)
-        engine.governor = Governor(probe=0) if drafter is oracle else Governor()
+        engine.governor = Governor.always() if drafter is oracle else Governor()
         plain, spec, drafted, accepted, same = measure(engine, drafter, tokens, args.tokens, args.rounds)
         print(f"{prompt:8} {name:28} {plain:11.1f} {spec:10.1f} {spec / plain:6.2f} {drafted:8d} {accepted:8d} "
               f"{'yes' if same else 'NO'}")

@@ -61,7 +61,7 @@ def spec(request, fixtures_dir):
     plain decoding, never pauses), so each draft path runs whatever the machine's timing."""
     from airobackend.speculative import Governor
     engine = _llama(fixtures_dir, **DRAFTERS[request.param]).engine
-    engine.governor = Governor(probe=0)
+    engine.governor = Governor.always()
     return request.param, engine
 
 
@@ -157,6 +157,7 @@ def test_draft_model_drafts_its_own_greedy_continuation(fixtures_dir):
     assert list(draft[:3]) == list(ref["greedy"][:3])
     assert len(draft) == 5
     assert list(d(np.asarray(PROMPT + list(draft[:2]), np.intc))[:3]) == list(draft[2:5])   # cache reused
+    assert list(d(np.asarray(PROMPT, np.intc), num_pred_tokens=2)) == list(draft[:2])      # the caller's cap
 
 
 def test_prompt_lookup_copies_what_followed_the_last_occurrence():
@@ -165,6 +166,7 @@ def test_prompt_lookup_copies_what_followed_the_last_occurrence():
     assert list(look([5, 6, 7, 8])) == []
     assert list(look([5, 6, 7, 5, 6])) == [7, 5, 6]
     assert list(PromptLookup(ngram=1, num_pred_tokens=8)([3, 4, 3])) == [4, 3]
+    assert list(look([5, 6, 7, 5, 6], num_pred_tokens=2)) == [7, 5]          # the caller's cap
     with pytest.raises(ValueError):
         PromptLookup(ngram=0)
 
@@ -218,6 +220,39 @@ def test_governor_pauses_drafting_while_it_loses_and_probes_again():
     assert g.allow()
     g.restart()                                 # a new request: the verifying rate is re-learnt, the plain one kept
     assert g.spec_tps is None and g.plain_s == 0.010 and g.allow()
+
+
+def test_draft_length_grows_while_drafts_are_accepted_and_shrinks_when_not():
+    from airobackend.speculative import Governor
+    g = Governor(start=3)
+    g.plain(0.010)
+    assert g.cap(8) == 3 and g.cap(2) == 2
+    g.verified(0.015, 4, 3)                     # all three accepted: two more next time
+    assert g.cap(8) == 5
+    g.verified(0.015, 6, 5)
+    assert g.cap(8) == 7 and g.cap(6) == 6
+    g.verified(0.030, 2, 7)                     # one of seven accepted: at most one more than were accepted
+    assert g.cap(8) == 2
+    g.verified(0.030, 1, 2)                     # none accepted: one fewer, never below one
+    g.verified(0.030, 1, 1)
+    assert g.cap(8) == 1
+    g.restart()
+    assert g.cap(8) == 3
+    assert Governor.always().cap(8) == 8
+
+
+def test_free_text_drafts_stay_short(fixtures_dir, plain):
+    """A drafter that is always wrong costs short verifying passes only: the length falls to one token."""
+    class Wrong:
+        def __call__(self, input_ids, /, **kwargs):
+            return np.full(kwargs.get("num_pred_tokens", 8), 5, dtype=np.intc)
+
+    engine = _llama(fixtures_dir, draft_model=Wrong()).engine
+    engine.governor.probe = 0                   # keep drafting whatever the clock says: the length is under test
+    req = GenerationRequest(tokens=PROMPT, max_tokens=16, sampling=GREEDY)
+    assert _ids(engine, req) == _ids(plain, req)
+    s = engine.spec_stats
+    assert s["passes"] >= 8 and s["drafted"] <= 3 + 2 + (s["passes"] - 2) + s["accepted"]
 
 
 def test_run_command_with_a_draft_model_prints_the_same_text_and_the_counts(fixtures_dir):
