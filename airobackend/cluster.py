@@ -76,15 +76,27 @@ def rss_bytes() -> int:
         return 0
 
 
+NODE_MODEL_DIR = "AIRO_RAY_MODEL_DIR"
+
+
+def node_path(path: str) -> str:
+    """This node's copy of the model file `path`: the file of the same name in the folder AIRO_RAY_MODEL_DIR names,
+    where that is set in this node's environment (the environment of its `ray start`), else `path` itself. The
+    copies' contents are checked against the head's (fingerprint) before anything is loaded."""
+    folder = os.environ.get(NODE_MODEL_DIR)
+    return os.path.join(folder, os.path.basename(path)) if folder else path
+
+
 def node_report(path: str, need_bytes: int) -> dict:
     """What a node says about itself before a stage or replica is placed on it (run there by a probe task)."""
     import airobackend
     from airobackend.manager import mem_available
 
+    local = node_path(path)
     out = {"host": socket.gethostname(), "version": airobackend.__version__, "code": code_digest(),
-           "mem_available": mem_available(), "need": int(need_bytes), "file": None, "error": None}
+           "mem_available": mem_available(), "need": int(need_bytes), "file": None, "error": None, "path": local}
     try:
-        out["file"] = fingerprint(path)
+        out["file"] = fingerprint(local)
     except OSError as e:
         out["error"] = f"{type(e).__name__}: {e.strerror or e}"
     return out
@@ -94,10 +106,11 @@ def check_reports(reports: Sequence[dict], head: dict, path: str, allow_disk: bo
     """Refuse, naming the node, when a node's file, version or code differs from the head's, or its RAM is short."""
     for r, name in zip(reports, what):
         where = f"{name} on node {r['host']}"
+        local = r.get("path", path)
         if r["error"]:
-            raise ModelFileError(f"{where} cannot read the model file: {r['error']}", path=path)
+            raise ModelFileError(f"{where} cannot read the model file at {local}: {r['error']}", path=path)
         if r["file"] != head["file"]:
-            raise ModelFileError(f"{where} has a different model file at this path (fingerprint {r['file']}, the "
+            raise ModelFileError(f"{where} has a different model file at {local} (fingerprint {r['file']}, the "
                                  f"head's {head['file']})", path=path)
         if (r["version"], r["code"]) != (head["version"], head["code"]):
             raise ClusterError(f"{where} runs airobackend {r['version']} (code {r['code']}), the head "
@@ -146,6 +159,19 @@ class RayStages:
         self.ray = ray_module()
         self.actors, self.ranges, self.hosts, self.pg = actors, list(ranges), list(hosts), pg
         self._errors = _actor_error_types(self.ray)
+        self.watch = ActorWatch(self.ray, actors, self._changed, name="ray-stage-watch")
+
+    def _changed(self, i: int, info: Optional[dict]) -> None:
+        if info is None:
+            log.error("%s died (%s)", self.name(i),
+                      "Ray restarts it" if self.watch.state[i] == "down" else "no restarts left")
+        else:
+            log.info("%s is back (restarted by Ray, its cache empty)", self.name(i))
+
+    def state(self, i: int) -> str:
+        """'up', 'down' (Ray restarting it) or 'dead' (no restarts left), as the watch last saw stage i."""
+        return self.watch.state[i]
+
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -179,6 +205,7 @@ class RayStages:
         return next((i for i, a in enumerate(ids) if a in text), None)
 
     def close(self) -> None:
+        self.watch.close()
         for a in self.actors:
             try:
                 self.ray.kill(a, no_restart=True)
@@ -221,17 +248,99 @@ def _on_bundle(pg: Any, i: int) -> dict:
     return {"scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)}
 
 
-def _stage_actor(ray: Any) -> Any:
-    """The Ray actor class of a pipeline stage: Stage, with `info` answered beside a running forward pass (its own
-    concurrency group), so that health checks do not wait for the stage's work."""
-    from airobackend.pipeline import Stage
+def watched_actor(ray: Any, cls: type) -> Any:
+    """The Ray actor class of `cls` (which has an `info` method) with two more concurrency groups beside its own
+    work: `info` answered in 'probe' (health checks do not wait for a running forward pass or generation) and
+    `watch`, a call that never returns, in 'watch' (ActorWatch keeps one pending, which Ray fails the moment the
+    actor's process dies)."""
 
-    class StageActor(Stage):
+    class Watched(cls):     # type: ignore[valid-type,misc]
         @ray.method(concurrency_group="probe")
         def info(self) -> dict:
-            return Stage.info(self)
+            return cls.info(self)
 
-    return ray.remote(concurrency_groups={"probe": 1})(StageActor)
+        @ray.method(concurrency_group="watch")
+        def watch(self) -> None:
+            threading.Event().wait()
+
+    Watched.__name__ = Watched.__qualname__ = cls.__name__ + "Actor"
+    return ray.remote(concurrency_groups={"probe": 1, "watch": 1})(Watched)
+
+
+class ActorWatch:
+    """Notices, without waiting for a request, that an actor died or that Ray restarted it.
+
+    A `watch` call is kept pending on each live actor: Ray fails it as soon as the actor's process dies. A dead
+    actor is then sent an `info` call, which Ray holds until it has restarted the actor (and fails at once when it
+    will not: no restarts left). One thread waits on all of these; `on_change(i, info)` runs in it with the
+    restarted actor's info, or None when actor i died. `state[i]` is 'up', 'down' (Ray restarting it) or 'dead'."""
+
+    def __init__(self, ray: Any, actors: Sequence[Any], on_change: Any, name: str = "ray-watch") -> None:
+        self.ray, self.actors, self.on_change = ray, list(actors), on_change
+        self._errors = _actor_error_types(ray)
+        self.state = ["up"] * len(self.actors)
+        self.deaths = [0] * len(self.actors)            # deaths seen, per actor
+        self.infos: list[Optional[dict]] = [None] * len(self.actors)   # what each said when it came back
+        self._cond = threading.Condition()
+        self._pending: dict[Any, tuple[int, str]] = {}
+        self._closed = False
+        for i in range(len(self.actors)):
+            self._arm(i, "watch")
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _arm(self, i: int, kind: str) -> None:
+        actor = self.actors[i]
+        self._pending[(actor.watch if kind == "watch" else actor.info).remote()] = (i, kind)
+
+    def _run(self) -> None:
+        while not self._closed and self._pending:
+            try:
+                ready, _ = self.ray.wait(list(self._pending), num_returns=1, timeout=None)
+            except Exception:       # Ray is shutting down
+                return
+            for ref in ready:
+                i, kind = self._pending.pop(ref)
+                if self._closed:
+                    return
+                try:
+                    got = self.ray.get(ref)
+                except self._errors as e:
+                    if kind == "watch":                     # it died: its info answers once Ray restarted it
+                        self._arm(i, "info")
+                        self._set(i, "down", None)
+                    elif isinstance(e, getattr(self.ray.exceptions, "ActorUnavailableError", ())):
+                        self._arm(i, "info")                # not reachable yet: the call waits for it again
+                    else:
+                        self._set(i, "dead", None)          # no restarts left (Ray fails calls to it at once)
+                    continue
+                except Exception:       # Ray is shutting down
+                    return
+                if kind == "info":
+                    self._arm(i, "watch")
+                    self._set(i, "up", got)
+
+    def _set(self, i: int, state: str, info: Optional[dict]) -> None:
+        with self._cond:
+            if state != "up" and self.state[i] == "up":
+                self.deaths[i] += 1
+            self.state[i] = state
+            if info is not None:
+                self.infos[i] = info
+            self._cond.notify_all()
+        try:
+            self.on_change(i, info)
+        except Exception:       # a broken callback must not stop the watch
+            log.exception("actor watch callback failed")
+
+    def wait(self, predicate: Any, timeout: Optional[float] = None) -> bool:
+        """Wait until predicate(self) holds (checked at each change the watch sees); False after `timeout` s."""
+        with self._cond:
+            return self._cond.wait_for(lambda: predicate(self), timeout=timeout)
+
+    def close(self) -> None:
+        """Stop watching (the actors are killed after this: their pending calls fail and end the thread)."""
+        self._closed = True
 
 
 def start_stages(address: str, path: str, n_stages: int, *, n_ctx: int, n_threads: int = 0, n_batch: int = 512,
@@ -262,7 +371,8 @@ def start_stages(address: str, path: str, n_stages: int, *, n_ctx: int, n_thread
         except BaseException:
             ray.util.remove_placement_group(pg)
             raise
-        cls = _stage_actor(ray)
+        from airobackend.pipeline import Stage
+        cls = watched_actor(ray, Stage)
         actors = [cls.options(num_cpus=cpus, max_restarts=restarts, max_task_retries=0, **_on_bundle(pg, i))
                   .remote(path, lo, hi, n_threads=n_threads, file_options=options, **kw)
                   for i, (lo, hi) in enumerate(ranges)]

@@ -52,7 +52,7 @@ class Stage:
     """Layers [lo, hi) of a model file and their KV caches (one per cache id; id 0 is the engine's).
 
     Args:
-        path: the model file (this machine's copy).
+        path: the model file (this machine's copy: airobackend.cluster.node_path).
         lo, hi: the layer range.
         n_ctx, n_threads, n_batch, kernels, type_k, type_v: as LlamaModel.
         file_options: open_model's overrides (n_gqa, rms_norm_eps, rope_freq_base, rope_freq_scale).
@@ -61,11 +61,11 @@ class Stage:
     def __init__(self, path: str, lo: int, hi: int, *, n_ctx: int, n_threads: int = 0, n_batch: int = 512,
                  kernels: Optional[str] = None, type_k: str = "f16", type_v: str = "f16",
                  file_options: Optional[dict] = None) -> None:
-        from airobackend.cluster import rss_bytes
+        from airobackend.cluster import node_path, rss_bytes
         from airobackend.formats import open_model
 
         self.rss_start = rss_bytes()            # the process before the layers: what the layers add is told apart
-        self.path, self.lo, self.hi = str(path), int(lo), int(hi)
+        self.path, self.lo, self.hi = node_path(str(path)), int(lo), int(hi)
         self.mf = open_model(self.path, **(file_options or {}))
         try:
             self.model = LlamaModel(self.mf, n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch, kernels=kernels,
@@ -79,7 +79,8 @@ class Stage:
     def info(self) -> dict:
         """What the head checks and shows: this stage's instance, layers, pid and resident memory."""
         from airobackend.cluster import rss_bytes
-        return {"instance": self.instance, "layers": (self.lo, self.hi), "pid": os.getpid(), "rss": rss_bytes(),
+        return {"instance": self.instance, "layers": (self.lo, self.hi), "pid": os.getpid(), "path": self.path,
+                "rss": rss_bytes(),
                 "rss_start": self.rss_start,
                 "cache_bytes": sum(c.nbytes for c in self.caches.values())}
 
@@ -273,24 +274,36 @@ class StagedModel(LlamaModel):
         return self.fetch([self.submit(i, method, *args) for i in range(len(self))])
 
     def stage_info(self, wait: float = 0.0) -> list[dict]:
-        """Every stage's info(); a stage that Ray is restarting is waited for up to `wait` seconds (asked again
-        every half second), then BackendUnavailable."""
+        """Every stage's info(); a stage that Ray is restarting is waited for up to `wait` seconds (the transport
+        says when it is back), then BackendUnavailable."""
+        watch = getattr(self.transport, "watch", None)
         deadline = time.monotonic() + wait
         while True:
+            deaths = list(watch.deaths) if watch is not None else None
+            if watch is not None and wait:
+                watch.wait(lambda w: "down" not in w.state, max(0.0, deadline - time.monotonic()))
             try:
                 return self.transport.get([self.submit(i, "info") for i in range(len(self))],
-                                          timeout=max(1.0, wait))
+                                          timeout=max(1.0, deadline - time.monotonic()))
             except BackendUnavailable:
-                if time.monotonic() >= deadline:
+                # A call that failed before the watch saw the death: wait for the watch to see it, then ask again.
+                if watch is None or "dead" in watch.state or time.monotonic() >= deadline or not watch.wait(
+                        lambda w: w.deaths != deaths, max(0.0, deadline - time.monotonic())):
                     raise
-                time.sleep(0.5)
 
     def health(self) -> dict:
         """Each stage's state ('up', or 'down' with why); status 'error' when any is down, as no request can be
-        served then. A stage answers beside a running forward pass, so a busy stage reads as up."""
+        served then. A stage that died is known at once (the transport watches them), not at the next request; a
+        stage answers beside a running forward pass, so a busy stage reads as up."""
         states = []
+        state = getattr(self.transport, "state", lambda i: "up")
         for i, (lo, hi) in enumerate(self.ranges):
             entry = {"stage": i + 1, "layers": [lo, hi - 1]}
+            seen = state(i)
+            if seen != "up":
+                entry.update(state="down", error="restarting" if seen == "down" else "dead (no restarts left)")
+                states.append(entry)
+                continue
             try:
                 info = self.transport.get(self.submit(i, "info"), timeout=5)
                 entry.update(state="up" if info["instance"] == self.instances[i] else "restarted (cache lost)",

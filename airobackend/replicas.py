@@ -30,10 +30,11 @@ class Replica:
     """One whole engine in a Ray actor (threaded: abort and check run beside a generation)."""
 
     def __init__(self, settings: Any, path: str) -> None:
+        from airobackend.cluster import node_path
         from airobackend.manager import build_engine
         from airobackend.library import describe_file
 
-        entry = describe_file(path, n_ctx=settings.n_ctx)
+        entry = describe_file(node_path(path), n_ctx=settings.n_ctx)
         self.engine, self.llama = build_engine(entry, settings, lambda f: None)
         self.instance = uuid.uuid4().hex
 
@@ -96,6 +97,20 @@ class ReplicaSet:
         self._last: Optional[int] = None
         self.n_batch = int(settings.n_batch)
         self._template: Any = None
+        from airobackend.cluster import ActorWatch
+        self.watch = ActorWatch(self.ray, self.actors, self._changed, name="ray-replica-watch")
+
+    def _changed(self, i: int, info: Optional[dict]) -> None:
+        """The watch saw replica i die (info None: out of rotation at once, not at its next request) or come back."""
+        with self._cond:
+            if info is None:
+                self._down.setdefault(i, None)
+                log.error("replica %d on %s died (%s)", i + 1, self.hosts[i],
+                          "Ray restarts it" if self.watch.state[i] == "down" else "no restarts left")
+            elif self._down.pop(i, False) is not False:
+                log.info("replica %d on %s is back", i + 1, self.hosts[i])
+            self._holds[i] = None                   # its cache is gone either way
+            self._cond.notify_all()
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -304,7 +319,7 @@ class ReplicaSet:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
-                self._cond.wait(timeout=min(0.5, left))     # Ray tells nothing when an actor is back: ask again
+                self._cond.wait(timeout=left)           # the watch tells when a replica is back
             return True
 
     def health(self) -> dict:
@@ -340,6 +355,7 @@ class ReplicaSet:
         return self._call(up[0], method, *args, **kw)
 
     def close(self) -> None:
+        self.watch.close()
         for a in self.actors:
             try:
                 self.ray.kill(a, no_restart=True)
@@ -371,7 +387,8 @@ def start_replicas(settings: Any, path: str) -> ReplicaSet:
                            for i in range(n)])
         check_reports(reports, head, path, settings.allow_disk, [f"replica {i + 1}" for i in range(n)])
         local = dataclasses.replace(settings, ray=None, replicas=0, stages=1)
-        cls = ray.remote(Replica)
+        from airobackend.cluster import watched_actor
+        cls = watched_actor(ray, Replica)
         actors = [cls.options(num_cpus=settings.ray_cpus, max_restarts=settings.ray_restarts, max_task_retries=0,
                               max_concurrency=max(4, int(settings.multiuser) + 4), **_on_bundle(pg, i))
                   .remote(local, path) for i in range(n)]

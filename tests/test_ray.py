@@ -2,10 +2,11 @@
 node of 1 CPU): pipeline stages as Ray actors giving the single-process model's logits and greedy text, a stage
 killed mid-stream, replicas serving concurrent clients with prefix affinity, and the refusals before loading.
 
-Skipped, with the reason, where Ray is not installed (`pip install 'airobackend[ray]'`)."""
+Ray is in the test extras; skipped, with the reason, where it is not installed (`pip install 'airobackend[ray]'`)."""
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -29,16 +30,36 @@ MODELS = FIXTURES / "models"
 needs_fixtures = pytest.mark.skipif(not MODELS.is_dir(),
                                     reason=f"llama.cpp fixtures not found at {FIXTURES} (set AIRO_FIXTURES)")
 STORE = 80 << 20            # object store per node (Ray's minimum is 75 MiB): activations of a few batches
+# A loaded 2-core machine starts raylets and worker processes slowly (a stage worker imports Numba): Ray's own waits
+# for them are made generous, so the tests wait for the event, however late it comes, rather than time out.
+SLOW_START = {"worker_register_timeout_seconds": 600}
+NODES_UP_S = 600
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def node_dir(tmp_path_factory) -> Path:
+    """The model folder of the two nodes besides the head (AIRO_RAY_MODEL_DIR in their environment): a stage or
+    replica placed there opens the file of the same name in it, not the head's path."""
+    return tmp_path_factory.mktemp("node-models")
+
+
+def on_nodes(path: Path, node_dir: Path) -> Path:
+    """`path`, copied to the other nodes' model folder."""
+    shutil.copyfile(path, node_dir / path.name)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cluster(node_dir):
     from ray.cluster_utils import Cluster
 
+    from airobackend.cluster import NODE_MODEL_DIR
+
     c = Cluster(initialize_head=True, head_node_args=dict(num_cpus=1, object_store_memory=STORE,
-                                                          include_dashboard=False))
+                                                          include_dashboard=False, _system_config=SLOW_START))
     for _ in range(2):
-        c.add_node(num_cpus=1, object_store_memory=STORE)
+        c.add_node(wait=False, num_cpus=1, object_store_memory=STORE, env_vars={NODE_MODEL_DIR: str(node_dir)})
+    c.wait_for_nodes(timeout=NODES_UP_S)
     ray.init(address=c.address, include_dashboard=False, log_to_driver=False)
     yield c.address
     ray.shutdown()
@@ -46,10 +67,11 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def three_layers(tmp_path_factory) -> Path:
-    """A model of three layers (the demo model's recipe), for three stages."""
+def three_layers(tmp_path_factory, node_dir) -> Path:
+    """A model of three layers (the demo model's recipe), for three stages; on every node."""
     from airobackend.demo import DemoSpec, demo_model_path
-    return demo_model_path(tmp_path_factory.mktemp("demo3"), DemoSpec(n_layer=3, n_embd=128, n_head=4, n_ff=256))
+    path = demo_model_path(tmp_path_factory.mktemp("demo3"), DemoSpec(n_layer=3, n_embd=128, n_head=4, n_ff=256))
+    return on_nodes(Path(path), node_dir)
 
 
 def greedy(engine, prompt, n=24, **kw):
@@ -67,13 +89,15 @@ def stages(address, path, n, n_ctx=64):
 
 
 @needs_fixtures
-def test_two_stages_on_two_nodes_give_the_single_process_logits(cluster):
-    path = MODELS / "fx-q4_K_M.gguf"
+def test_two_stages_on_two_nodes_give_the_single_process_logits(cluster, node_dir):
+    path = on_nodes(MODELS / "fx-q4_K_M.gguf", node_dir)
     st = stages(cluster, path, 2)
     try:
         ref = LlamaModel(open_model(path), n_ctx=64, n_threads=1)
         info = st.stage_info()
         assert [i["layers"] for i in info] == [(0, 1), (1, 2)] and len({i["pid"] for i in info}) == 2
+        # Two nodes of three: at least one stage is on a node that keeps its copy in its own folder.
+        assert str(node_dir / path.name) in [i["path"] for i in info]
         toks = [1, 300, 400, 500, 600, 700, 800, 900, 10, 20, 30]
         # The same kernels in the same order on every node: identical (tolerance 0), not merely close.
         np.testing.assert_array_equal(ref.eval(toks, 0, logits_all=True), st.eval(toks, 0, logits_all=True))
@@ -149,6 +173,15 @@ def test_killed_stage_ends_the_stream_with_an_error_and_serving_resumes(cluster,
         assert greedy(engine, "Far away", 12) == greedy(ref, "Far away", 12)
         info = llama.model.stage_info()
         assert info[1]["pid"] != victim and llama.model.health()["status"] == "ok"
+        # Stage 2 dies again, while idle, with no restarts left: the health report says so before any request,
+        # and the next request ends with the protocols' 503 error at once.
+        watch = llama.model.transport.watch
+        os.kill(info[1]["pid"], 9)
+        assert watch.wait(lambda w: w.state[1] == "dead", timeout=300)
+        health = llama.model.health()
+        assert health["status"] == "error" and [s["state"] for s in health["stages"]] == ["up", "down"]
+        with pytest.raises(BackendUnavailable, match="stage 2 of 2"):
+            greedy(engine, "Far away", 4)
     finally:
         llama.close()
 
@@ -164,6 +197,25 @@ def test_stage_count_and_addresses_refused_before_loading(cluster):
             connect("127.0.0.1:9")
     finally:
         ray.init(address=cluster, include_dashboard=False, log_to_driver=False)
+
+
+@needs_fixtures
+def test_a_node_without_the_file_or_with_another_is_refused_by_name(cluster, node_dir, tmp_path):
+    # Only the head has this file: a stage placed on either other node cannot open it in its model folder.
+    lonely = tmp_path / "lonely.gguf"
+    shutil.copyfile(MODELS / "fx-q4_0.gguf", lonely)
+    with pytest.raises(ModelFileError, match=rf"stage \d \(layers .*\) on node .* cannot read the model file at "
+                                              rf"{node_dir / 'lonely.gguf'}: FileNotFoundError"):
+        stages(cluster, lonely, 2)
+    # The other nodes hold a file of that name with other contents: refused by fingerprint, not by name or size.
+    twin = tmp_path / "twin.gguf"
+    shutil.copyfile(MODELS / "fx-q4_0.gguf", twin)
+    shutil.copyfile(MODELS / "fx-q4_1.gguf", node_dir / "twin.gguf")
+    with pytest.raises(ModelFileError, match=f"has a different model file at {node_dir / 'twin.gguf'}"):
+        stages(cluster, twin, 2)
+    # Nothing was left placed: the cluster's three CPUs can still take three stages.
+    st = stages(cluster, on_nodes(twin, node_dir), 2)
+    st.close()
 
 
 def test_nodes_that_differ_are_refused_by_name(tmp_path):
@@ -282,6 +334,25 @@ def test_replicas_behind_the_server(cluster, three_layers):
         manager.unload()
 
 
+def test_a_replica_that_dies_idle_is_out_of_rotation_before_any_request(cluster, three_layers):
+    from airobackend.replicas import start_replicas
+
+    settings = Settings(model=str(three_layers), n_ctx=64, n_threads=1, ray=cluster, replicas=2, ray_restarts=0)
+    rs = start_replicas(settings, str(three_layers))
+    try:
+        os.kill(ray.get(rs.actors[0].info.remote())["pid"], 9)
+        # Ray tells the watch when the process dies; no request is made meanwhile.
+        assert rs.watch.wait(lambda w: w.state[0] == "dead", timeout=300)
+        health = rs.health()
+        assert health["status"] == "degraded" and [x["state"] for x in health["replicas"]] == ["down", "up"]
+        # Every request goes to the live replica: none ends with an error first.
+        for prompt in ([1, 30, 31], [1, 30, 32]):
+            assert len(greedy(rs, prompt, 3)) == 3
+        assert rs.watch.deaths == [1, 0]
+    finally:
+        rs.close()
+
+
 def test_a_restarted_replica_is_taken_back(cluster, three_layers):
     from airobackend.replicas import start_replicas
 
@@ -290,9 +361,7 @@ def test_a_restarted_replica_is_taken_back(cluster, three_layers):
     try:
         before = [ray.get(a.info.remote()) for a in rs.actors]
         os.kill(before[0]["pid"], 9)
-        with pytest.raises(BackendUnavailable, match="replica 1 of 2"):
-            rs._call(0, "perf")                       # the head learns of it as a request would
-        assert rs.health()["replicas"][0]["state"] == "down"
+        assert rs.watch.wait(lambda w: w.deaths[0] == 1, timeout=300)
         # Ray restarts it (the engine loads again); the set takes it back once it answers, a new instance.
         assert rs.wait_ready(300)
         assert ray.get(rs.actors[0].info.remote())["instance"] != before[0]["instance"]
