@@ -76,6 +76,28 @@ def rss_bytes() -> int:
         return 0
 
 
+def resident(model_path: Optional[str] = None) -> dict:
+    """This process's resident memory by kind (Linux /proc/self/smaps; zeros elsewhere), in bytes: 'model' (pages
+    of the model file's mapping, weights read in place), 'files' (other file mappings: the interpreter, NumPy,
+    llvmlite and the other shared libraries, code shared with every process that maps them) and 'anon' (private
+    memory: the heap, NumPy arrays, weights copied into the kernels' layout, KV caches, Numba's loaded code)."""
+    out = {"model": 0, "files": 0, "anon": 0}
+    real = os.path.realpath(model_path) if model_path else None
+    kind = "anon"
+    try:
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                head = line.split(None, 6)
+                if "-" in head[0] and len(head) >= 5 and ":" in head[3]:       # a mapping's header line
+                    name = head[5].strip() if len(head) > 5 else ""
+                    kind = "anon" if not name.startswith("/") else ("model" if name == real else "files")
+                elif head[0] == "Rss:":
+                    out[kind] += int(head[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
+
+
 NODE_MODEL_DIR = "AIRO_RAY_MODEL_DIR"
 
 
@@ -172,7 +194,6 @@ class RayStages:
         """'up', 'down' (Ray restarting it) or 'dead' (no restarts left), as the watch last saw stage i."""
         return self.watch.state[i]
 
-
     def __len__(self) -> int:
         return len(self.actors)
 
@@ -190,11 +211,14 @@ class RayStages:
         except BackendUnavailable:
             raise
         except self._errors as e:
-            i = self._which(e)
-            what = self.name(i) if i is not None else "a stage"
-            how = "does not answer" if isinstance(e, self.ray.exceptions.GetTimeoutError) else "failed"
-            raise BackendUnavailable(f"{what} {how} ({type(e).__name__}); Ray restarts a failed stage, the next "
-                                     f"request evaluates the prompt again") from None
+            raise self._unavailable(e) from None
+
+    def _unavailable(self, e: BaseException) -> BackendUnavailable:
+        i = self._which(e)
+        what = self.name(i) if i is not None else "a stage"
+        how = "does not answer" if isinstance(e, self.ray.exceptions.GetTimeoutError) else "failed"
+        return BackendUnavailable(f"{what} {how} ({type(e).__name__}); Ray restarts a failed stage, the next "
+                                  f"request evaluates the prompt again")
 
     def _which(self, e: BaseException) -> Optional[int]:
         ids = [a._actor_id.hex() for a in self.actors]

@@ -66,6 +66,7 @@ class Stage:
 
         self.rss_start = rss_bytes()            # the process before the layers: what the layers add is told apart
         self.path, self.lo, self.hi = node_path(str(path)), int(lo), int(hi)
+        self.resident_start = self.resident()
         self.mf = open_model(self.path, **(file_options or {}))
         try:
             self.model = LlamaModel(self.mf, n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch, kernels=kernels,
@@ -75,14 +76,26 @@ class Stage:
             raise
         self.caches: dict[int, KVCache] = {0: self.model.cache}
         self.instance = uuid.uuid4().hex      # changes when the stage is rebuilt (its caches are then empty)
+        self.busy_s = 0.0                     # seconds spent in forward passes (what the transport is told from)
 
     def info(self) -> dict:
         """What the head checks and shows: this stage's instance, layers, pid and resident memory."""
         from airobackend.cluster import rss_bytes
         return {"instance": self.instance, "layers": (self.lo, self.hi), "pid": os.getpid(), "path": self.path,
                 "rss": rss_bytes(),
-                "rss_start": self.rss_start,
+                "rss_start": self.rss_start, "busy_s": self.busy_s,
                 "cache_bytes": sum(c.nbytes for c in self.caches.values())}
+
+    def resident(self) -> dict:
+        """This process's resident memory by kind (airobackend.cluster.resident) and its KV caches' bytes."""
+        from airobackend.cluster import resident
+        out = resident(self.path)
+        out["kv"] = sum(c.nbytes for c in getattr(self, "caches", {}).values())
+        return out
+
+    def resident_at_start(self) -> dict:
+        """resident() as it was before this stage loaded anything (the process of a stage holding no layers)."""
+        return self.resident_start
 
     def warmup(self) -> None:
         """Compile (or load from the on-disk cache) the kernels this stage uses; its caches are left empty."""
@@ -98,9 +111,11 @@ class Stage:
         Returns all rows (keep < 0) or the last `keep` rows. `instance` is the one the caller loaded: a stage that
         was rebuilt since refuses, as its caches no longer hold what the caller thinks."""
         self._check(instance)
+        t0 = time.perf_counter()
         x = np.array(x, dtype=np.float32, order="C")          # received arrays are read-only
         cache: Any = self.model.scratch_cache(x.shape[0]) if cache_id == SCRATCH else self._cache(cache_id)
         x = self.model.run_layers(x, [(int(s), int(n)) for s, n in spans], cache)
+        self.busy_s += time.perf_counter() - t0
         return x if keep < 0 else x[x.shape[0] - keep:].copy()
 
     def cache_call(self, instance: str, cache_id: int, op: str, *args: Any) -> Any:

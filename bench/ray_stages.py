@@ -1,20 +1,38 @@
-"""What pipeline stages on Ray cost: decode time per token, local engine vs 2 (and 3) stages, same model, same run.
+"""What pipeline stages on Ray cost: decode time per token, local engine vs 2 (and 3) stages, same model, same run,
+and what each stage's resident memory is made of.
 
     python bench/ray_stages.py [--model FILE] [--tokens 32] [--runs 3] [--threads N] [--stages 2,3]
 
-Needs the [ray] extra. The stages run on a Ray cluster of this machine (ray.cluster_utils.Cluster: one raylet per
-stage, on the loopback interface), so what is measured is the transport — Ray calls, object passing, the head's
-embeddings and output — not a network: every stage computes its layers with the same kernels the local model uses,
-and on one machine only one stage computes at a time during decoding. Runs alternate local / staged so machine load
-affects them alike.
+Needs Ray (the [ray] or [test] extra). The stages run on a Ray cluster of this machine (ray.cluster_utils.Cluster:
+one raylet per stage, on the loopback interface), so what is measured is the transport — Ray calls, object passing,
+the head's embeddings and output — not a network: every stage computes its layers with the same kernels the local
+model uses, and on one machine only one stage computes at a time during decoding. Runs alternate local / staged so
+machine load affects them alike.
 
-Figures:
-  ms/token      median time of one decode step (model.eval of one token at the next position), over --tokens steps;
+Time, per decode token (model.eval of one token at the next position; medians over --tokens steps, then over runs):
+  ms/token      the whole step;
   ratio         staged ms/token / local ms/token (the goal: <= 1.10 for 2 stages on one machine);
+  layers        the part spent in run_layers: for the local model its layers; for a staged model the stages'
+                forward passes and the calls that carry the row to them and back;
+  in stages     the stages' own time in their forward passes (summed over stages; each stage counts it);
+  transport     layers - in stages: Ray calls, serialization, waiting for a process to be scheduled;
   bytes/token   activations sent per decode token: n_embd float32 per hop (head -> stage 1 -> ... -> head);
-  bytes/chunk   the same for a prompt chunk of n_batch rows (what a slow link multiplies);
-  RSS / share   each stage's resident memory, and what it grew by from before its layers were loaded (the
-                process itself, Python, Numba and Ray, is the rest) against its share of the file.
+  bytes/chunk   the same for a prompt chunk of 512 rows (what a slow link multiplies).
+
+Memory, per stage process (Linux /proc/self/smaps of that process, after the prompt and the decode runs):
+  share         bytes of the file in the stage's layers (its tensors' sizes);
+  RSS           the process's resident memory;
+  idle worker   the RSS of an idle Ray worker on the same cluster (an actor that imports nothing): the part of a
+                stage that is Ray's, not the model's;
+  RSS - idle    what the stage costs beyond an idle Ray worker; compared with the share (the goal: within 10 %);
+  weights+data  private memory (anonymous pages and model-file pages) grown since before the layers were loaded,
+                less the KV cache: the weights (copied into the kernels' layout, or read in place from the mapping),
+                the activation buffers and Numba's loaded machine code; compared with the share (1.00 = no copy
+                beyond the one the kernels read);
+  KV            the stage's KV caches (n_ctx positions of its layers);
+  fixed         RSS - idle - share - KV: the interpreter, NumPy, Numba and llvmlite (shared-library pages, shared
+                with every process on the machine that maps them) and the kernels' code: the same for a stage of
+                one layer as for one of forty, so small beside a real model's share.
 Default model: a 7B-wide slice (n_embd 4096, n_ff 11008, 4 layers, q4_0, 32000 tokens) written to a temporary folder.
 Real network latency is not measured here: add the link's round trip per hop, and bytes/token over its bandwidth.
 """
@@ -30,16 +48,40 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")     # 127.0.0.1 stays 127.0.0.1 (no network)
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+MIB = 2 ** 20
 
 
-def decode_ms(model, start: int, n: int) -> float:
-    """Median ms of n one-token evaluations at positions start, start+1, ..."""
+class Timed:
+    """Wraps a model's run_layers to add up the time spent in it."""
+
+    def __init__(self, model) -> None:
+        self.model, self.inner, self.total = model, model.run_layers, 0.0
+        model.run_layers = self
+
+    def __call__(self, *args, **kw):
+        t0 = time.perf_counter()
+        try:
+            return self.inner(*args, **kw)
+        finally:
+            self.total += time.perf_counter() - t0
+
+
+def decode(model, timed: Timed, start: int, n: int) -> tuple[float, float, float]:
+    """(median ms of n one-token evaluations at positions start, start+1, ..., mean ms in run_layers, mean ms in the
+    stages' forward passes (0 for a local model))."""
+    busy0 = _busy(model)
+    layers0 = timed.total
     times = []
     for i in range(n):
         t0 = time.perf_counter()
         model.eval([10 + i % 50], start + i)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    return (statistics.median(times) * 1e3, (timed.total - layers0) / n * 1e3, (_busy(model) - busy0) / n * 1e3)
+
+
+def _busy(model) -> float:
+    info = getattr(model, "stage_info", None)
+    return sum(i["busy_s"] for i in info()) if info is not None else 0.0
 
 
 def main() -> int:
@@ -52,7 +94,6 @@ def main() -> int:
     ap.add_argument("--n-ctx", type=int, default=256)
     args = ap.parse_args()
 
-    import numpy as np
     import ray
     from ray.cluster_utils import Cluster
 
@@ -81,40 +122,64 @@ def main() -> int:
     for _ in range(max(counts) - 1):
         cluster.add_node(num_cpus=2, object_store_memory=80 << 20)     # room for the 2- and 3-stage sets at once
     ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
+
+    @ray.remote(num_cpus=0)
+    class Idle:
+        """An idle Ray worker: what a stage process is before it imports anything of ours."""
+        def rss(self) -> int:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
     staged = {}
     try:
+        idle_actor = Idle.remote()
+        idle = ray.get(idle_actor.rss.remote())
         for n in counts:
             m = start_stages(cluster.address, path, n, n_ctx=args.n_ctx, n_threads=threads)
             m.eval(prompt, 0)
             staged[n] = m
-        results: dict = {"local": []}
-        results.update({n: [] for n in counts})
+        models = {"local": local, **staged}
+        timers = {k: Timed(m) for k, m in models.items()}
+        results: dict = {k: [] for k in models}
         for _ in range(args.runs):
-            results["local"].append(decode_ms(local, len(prompt), args.tokens))
-            for n in counts:
-                results[n].append(decode_ms(staged[n], len(prompt), args.tokens))
-        base = statistics.median(results["local"])
+            for k, m in models.items():
+                results[k].append(decode(m, timers[k], len(prompt), args.tokens))
         load = os.getloadavg()
         print(f"model {Path(path).name}: n_embd {hp.n_embd}, {hp.n_layer} layers, {mf.mix_name}; {threads} "
               f"threads per stage; {args.tokens} tokens x {args.runs} runs; load average {load[0]:.1f} "
               f"(machine {'loaded' if load[0] > (os.cpu_count() or 1) * 0.5 else 'quiet'}, {os.cpu_count()} CPUs)")
-        print(f"{'':10} {'ms/token':>9} {'ratio':>6} {'bytes/token':>12} {'bytes/chunk':>12}")
-        print(f"{'local':10} {base:9.2f} {1.0:6.2f} {0:12d} {0:12d}")
+        base = statistics.median(r[0] for r in results["local"])
+        per_hop = 4 * int(hp.n_embd)
+        print(f"{'':10} {'ms/token':>9} {'ratio':>6} {'layers':>7} {'in stages':>9} {'transport':>9} "
+              f"{'bytes/token':>12} {'bytes/chunk':>12}")
+        for k, rs in results.items():
+            ms, lay, busy = (statistics.median(r[j] for r in rs) for j in range(3))
+            hops = 0 if k == "local" else k + 1
+            name = "local" if k == "local" else f"{k} stages"
+            transport = f"{lay - busy:9.2f}" if k != "local" else f"{'-':>9}"
+            stages_ms = f"{busy:9.2f}" if k != "local" else f"{'-':>9}"
+            print(f"{name:10} {ms:9.2f} {ms / base:6.2f} {lay:7.2f} {stages_ms} {transport} {per_hop * hops:12d} "
+                  f"{per_hop * 512 * (hops - 1) + per_hop if hops else 0:12d}")
+        print("raw ms/token per run:", {str(k): [round(r[0], 2) for r in rs] for k, rs in results.items()})
+
+        print(f"idle Ray worker: RSS {idle / MIB:.0f} MiB")
+        print(f"{'set':8} {'stage':>5} {'layers':>7} {'share':>7} {'RSS':>6} {'RSS-idle':>8} {'/share':>6} "
+              f"{'weights+data':>12} {'/share':>6} {'KV':>5} {'fixed':>6}   (MiB)")
         for n in counts:
-            ms = statistics.median(results[n])
-            per_hop = 4 * int(hp.n_embd)
-            print(f"{str(n) + ' stages':10} {ms:9.2f} {ms / base:6.2f} {per_hop * (n + 1):12d} "
-                  f"{per_hop * 512 * n + per_hop:12d}")
-        for n in counts:
-            for i, info in enumerate(staged[n].stage_info()):
+            model = staged[n]
+            infos = model.stage_info()
+            mems = model.fetch([model.transport.submit(i, "resident") for i in range(len(model))])
+            starts = model.fetch([model.transport.submit(i, "resident_at_start") for i in range(len(model))])
+            for i, (info, mem, start) in enumerate(zip(infos, mems, starts)):
                 lo, hi = info["layers"]
                 share = sum(t.nbytes for k, t in mf.tensors.items()
                             if k.startswith("blk.") and lo <= int(k.split(".")[1]) < hi)
-                grown = info["rss"] - info["rss_start"]
-                print(f"{n} stages, stage {i + 1} (layers {lo}-{hi - 1}): RSS {info['rss'] / 2**20:.0f} MiB, of "
-                      f"which the layers and their cache {grown / 2**20:.0f} MiB; share of the file "
-                      f"{share / 2**20:.0f} MiB, ratio {grown / share:.2f}")
-        print("raw ms/token per run:", {str(k): [round(v, 2) for v in vs] for k, vs in results.items()})
+                rss = info["rss"]
+                data = (mem["anon"] + mem["model"]) - (start["anon"] + start["model"]) - mem["kv"]
+                fixed = rss - idle - share - mem["kv"]
+                print(f"{n} stages {i + 1:5d} {f'{lo}-{hi - 1}':>7} {share / MIB:7.0f} {rss / MIB:6.0f} "
+                      f"{(rss - idle) / MIB:8.0f} {(rss - idle) / share:6.2f} {data / MIB:12.0f} "
+                      f"{data / share:6.2f} {mem['kv'] / MIB:5.1f} {fixed / MIB:6.0f}")
     finally:
         for m in staged.values():
             m.close()
