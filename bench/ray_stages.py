@@ -6,8 +6,8 @@ and what each stage's resident memory is made of.
 Needs Ray (the [ray] or [test] extra). The stages run on a Ray cluster of this machine (ray.cluster_utils.Cluster:
 one raylet per stage, on the loopback interface), so what is measured is the transport — Ray calls, object passing,
 the head's embeddings and output — not a network: every stage computes its layers with the same kernels the local
-model uses, and on one machine only one stage computes at a time during decoding. Runs alternate local / staged so
-machine load affects them alike.
+model uses, and on one machine only one stage computes at a time during decoding. The local model and the staged
+sets take turns token by token, so that machine load affects them alike.
 
 Time, per decode token (model.eval of one token at the next position; medians over --tokens steps, then over runs):
   ms/token      the whole step;
@@ -66,17 +66,20 @@ class Timed:
             self.total += time.perf_counter() - t0
 
 
-def decode(model, timed: Timed, start: int, n: int) -> tuple[float, float, float]:
-    """(median ms of n one-token evaluations at positions start, start+1, ..., mean ms in run_layers, mean ms in the
-    stages' forward passes (0 for a local model))."""
-    busy0 = _busy(model)
-    layers0 = timed.total
-    times = []
+def decode(models: dict, timers: dict, start: int, n: int) -> dict:
+    """For each model: (median ms of n one-token evaluations at positions start, start+1, ..., mean ms in
+    run_layers, mean ms in the stages' forward passes (0 for a local model)). The models take turns token by
+    token, so that the machine's load, which moves from second to second, falls on each alike."""
+    busy0 = {k: _busy(m) for k, m in models.items()}
+    layers0 = {k: t.total for k, t in timers.items()}
+    times: dict = {k: [] for k in models}
     for i in range(n):
-        t0 = time.perf_counter()
-        model.eval([10 + i % 50], start + i)
-        times.append(time.perf_counter() - t0)
-    return (statistics.median(times) * 1e3, (timed.total - layers0) / n * 1e3, (_busy(model) - busy0) / n * 1e3)
+        for k, m in models.items():
+            t0 = time.perf_counter()
+            m.eval([10 + i % 50], start + i)
+            times[k].append(time.perf_counter() - t0)
+    return {k: (statistics.median(times[k]) * 1e3, (timers[k].total - layers0[k]) / n * 1e3,
+                (_busy(m) - busy0[k]) / n * 1e3) for k, m in models.items()}
 
 
 def _busy(model) -> float:
@@ -142,8 +145,8 @@ def main() -> int:
         timers = {k: Timed(m) for k, m in models.items()}
         results: dict = {k: [] for k in models}
         for _ in range(args.runs):
-            for k, m in models.items():
-                results[k].append(decode(m, timers[k], len(prompt), args.tokens))
+            for k, r in decode(models, timers, len(prompt), args.tokens).items():
+                results[k].append(r)
         load = os.getloadavg()
         print(f"model {Path(path).name}: n_embd {hp.n_embd}, {hp.n_layer} layers, {mf.mix_name}; {threads} "
               f"threads per stage; {args.tokens} tokens x {args.runs} runs; load average {load[0]:.1f} "
