@@ -34,7 +34,8 @@ class Replica:
         from airobackend.manager import build_engine
         from airobackend.library import describe_file
 
-        entry = describe_file(node_path(path), n_ctx=settings.n_ctx)
+        self.path = node_path(path)
+        entry = describe_file(self.path, n_ctx=settings.n_ctx)
         self.engine, self.llama = build_engine(entry, settings, lambda f: None)
         self.instance = uuid.uuid4().hex
 
@@ -62,7 +63,7 @@ class Replica:
         from airobackend.cluster import rss_bytes
         import os
         return {"instance": self.instance, "host": socket.gethostname(), "pid": os.getpid(), "rss": rss_bytes(),
-                "running": self.engine.is_running()}
+                "running": self.engine.is_running(), "path": self.path}
 
 
 def _shared(a: Any, b: Any) -> int:

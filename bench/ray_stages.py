@@ -16,15 +16,20 @@ Time, per decode token (model.eval of one token at the next position; medians ov
                 forward passes and the calls that carry the row to them and back;
   in stages     the stages' own time in their forward passes (summed over stages; each stage counts it);
   transport     layers - in stages: Ray calls, serialization, waiting for a process to be scheduled;
-  bytes/token   activations sent per decode token: n_embd float32 per hop (head -> stage 1 -> ... -> head);
-  bytes/chunk   the same for a prompt chunk of 512 rows (what a slow link multiplies).
+  bytes/token   activations sent per decode token: one row (n_embd float32) to each stage and one back from it.
+                Ray passes an object under 100 KiB (max_direct_call_object_size) through its owner, the head: stage
+                1's row goes back to the head and on to stage 2, so a token costs one round trip per stage;
+  bytes/chunk   the same for a prompt chunk of 512 rows: objects that large go from stage to stage directly (head ->
+                stage 1 -> ... -> stage N), and only the rows the head needs come back (1 for a prompt's last chunk).
 
 Memory, per stage process (Linux /proc/self/smaps of that process, after the prompt and the decode runs):
   share         bytes of the file in the stage's layers (its tensors' sizes);
   RSS           the process's resident memory;
   idle worker   the RSS of an idle Ray worker on the same cluster (an actor that imports nothing): the part of a
                 stage that is Ray's, not the model's;
-  RSS - idle    what the stage costs beyond an idle Ray worker; compared with the share (the goal: within 10 %);
+  RSS - idle    what the stage costs beyond an idle Ray worker;
+  /share        (RSS - idle - KV) / share: the goal is within 10 % (the KV cache is the stage's by design, sized by
+                n_ctx, and `inspect --stages` counts it apart);
   weights+data  private memory (anonymous pages and model-file pages) grown since before the layers were loaded,
                 less the KV cache: the weights (copied into the kernels' layout, or read in place from the mapping),
                 the activation buffers and Numba's loaded machine code; compared with the share (1.00 = no copy
@@ -161,13 +166,15 @@ def main() -> int:
             name = "local" if k == "local" else f"{k} stages"
             transport = f"{lay - busy:9.2f}" if k != "local" else f"{'-':>9}"
             stages_ms = f"{busy:9.2f}" if k != "local" else f"{'-':>9}"
-            print(f"{name:10} {ms:9.2f} {ms / base:6.2f} {lay:7.2f} {stages_ms} {transport} {per_hop * hops:12d} "
-                  f"{per_hop * 512 * (hops - 1) + per_hop if hops else 0:12d}")
+            n_st = hops - 1 if hops else 0
+            print(f"{name:10} {ms:9.2f} {ms / base:6.2f} {lay:7.2f} {stages_ms} {transport} {per_hop * 2 * n_st:12d} "
+                  f"{per_hop * 512 * n_st + per_hop if hops else 0:12d}")
         print("raw ms/token per run:", {str(k): [round(r[0], 2) for r in rs] for k, rs in results.items()})
 
         print(f"idle Ray worker: RSS {idle / MIB:.0f} MiB")
         print(f"{'set':8} {'stage':>5} {'layers':>7} {'share':>7} {'RSS':>6} {'RSS-idle':>8} {'/share':>6} "
               f"{'weights+data':>12} {'/share':>6} {'KV':>5} {'fixed':>6}   (MiB)")
+        rows = []
         for n in counts:
             model = staged[n]
             infos = model.stage_info()
@@ -181,8 +188,17 @@ def main() -> int:
                 data = (mem["anon"] + mem["model"]) - (start["anon"] + start["model"]) - mem["kv"]
                 fixed = rss - idle - share - mem["kv"]
                 print(f"{n} stages {i + 1:5d} {f'{lo}-{hi - 1}':>7} {share / MIB:7.0f} {rss / MIB:6.0f} "
-                      f"{(rss - idle) / MIB:8.0f} {(rss - idle) / share:6.2f} {data / MIB:12.0f} "
+                      f"{(rss - idle) / MIB:8.0f} {(rss - idle - mem['kv']) / share:6.2f} {data / MIB:12.0f} "
                       f"{data / share:6.2f} {mem['kv'] / MIB:5.1f} {fixed / MIB:6.0f}")
+                rows.append((share, rss - mem["kv"], data))
+        # Stages of different sizes tell the fixed part from what a layer adds (the slope between the smallest and
+        # the largest stage).
+        small, large = min(rows), max(rows)
+        if large[0] > small[0]:
+            d = large[0] - small[0]
+            print(f"a stage larger by {d / MIB:.0f} MiB of the file: RSS less KV +{(large[1] - small[1]) / MIB:.0f} MiB "
+                  f"({(large[1] - small[1]) / d:.2f} x), weights+data +{(large[2] - small[2]) / MIB:.0f} MiB "
+                  f"({(large[2] - small[2]) / d:.2f} x)")
     finally:
         for m in staged.values():
             m.close()

@@ -239,7 +239,7 @@ def test_nodes_that_differ_are_refused_by_name(tmp_path):
     check_reports([short], head, str(path), True, ["stage 1"])       # allowed to run from disk
 
 
-def test_replicas_serve_concurrent_clients_with_prefix_affinity(cluster, three_layers):
+def test_replicas_serve_concurrent_clients_with_prefix_affinity(cluster, three_layers, node_dir):
     from airobackend.replicas import start_replicas
 
     settings = Settings(model=str(three_layers), n_ctx=64, n_threads=1, ray=cluster, replicas=2, multiuser=2)
@@ -262,6 +262,8 @@ def test_replicas_serve_concurrent_clients_with_prefix_affinity(cluster, three_l
         for k in ("b", "a"):
             assert greedy(rs, prompts[k] + out[k] + [120], 4) and rs.perf()["last_process_count"] <= 2
         assert rs.health()["status"] == "ok"
+        # One replica of the two, at least, runs on a node that keeps its copy in its own folder.
+        assert str(node_dir / three_layers.name) in [ray.get(a.info.remote())["path"] for a in rs.actors]
     finally:
         rs.close()
 
