@@ -181,6 +181,20 @@ def prefetch(paths: list[Path], progress: ProgressFn, lo: float = 0.0, hi: float
                 progress(lo + (hi - lo) * done / total)
 
 
+def speculative_settings(settings: Settings) -> tuple[Optional[str], int]:
+    """(draft model, lookup n-gram) to load with. Speculative decoding runs with one slot only: its verifying pass
+    keeps every row of logits of one sequence, and the draft model holds one sequence's cache, while with
+    --parallel N every step is one pass over all the slots' tokens. With N > 1 the draft model is not loaded (its
+    RAM would serve nothing) and the log says so once per load."""
+    asked = [flag for flag, on in (("--draftmodel", settings.draft_model), ("--lookup-ngram",
+                                                                            (settings.lookup_ngram or 0) > 0)) if on]
+    if int(settings.parallel or 1) > 1 and asked:
+        log.warning("speculative decoding is off with --parallel %d (%s ignored): the slots share each forward pass "
+                    "instead; use --parallel 1 to draft", settings.parallel, " and ".join(asked))
+        return None, 0
+    return settings.draft_model, int(settings.lookup_ngram or 0)
+
+
 def build_engine(entry: ModelEntry, settings: Settings, progress: ProgressFn) -> tuple[Any, Any]:
     """The default engine factory: `Llama` over the file, `Engine` over the Llama. Returns (engine, llama).
 
@@ -198,12 +212,13 @@ def build_engine(entry: ModelEntry, settings: Settings, progress: ProgressFn) ->
     elif entry.weights_bytes <= mem_available():
         folder = Path(entry.path).parent
         prefetch([folder / part for part in entry.parts] or [Path(entry.path)], progress, 0.0, 0.8)
+    draft_model, lookup_ngram = speculative_settings(settings)
     kwargs = dict(model_path=entry.path, n_ctx=settings.n_ctx, n_threads=settings.n_threads,
                   n_batch=settings.n_batch, seed=settings.seed, n_gqa=settings.n_gqa,
                   rms_norm_eps=settings.rms_norm_eps, rope_freq_base=settings.rope_freq_base,
                   rope_freq_scale=settings.rope_freq_scale, verbose=False, type_k=settings.cache_type_k,
-                  type_v=settings.cache_type_v, draft_model=settings.draft_model, draft_n=settings.draft,
-                  draft_p_min=settings.draft_p_min, lookup_ngram=settings.lookup_ngram)
+                  type_v=settings.cache_type_v, draft_model=draft_model, draft_n=settings.draft,
+                  draft_p_min=settings.draft_p_min, lookup_ngram=lookup_ngram)
     params = inspect.signature(Llama).parameters
     if "progress_callback" in params:
         kwargs["progress_callback"] = lambda f: progress(0.8 + 0.15 * f)

@@ -339,3 +339,31 @@ def test_context_shift_in_a_slot_and_overflow_refused():
     with pytest.raises(ContextOverflowError):
         e.generate(request("The llama. " * 20, max_tokens=4, allow_context_shift=False))
     assert e.perf()["queue"] == 0
+
+
+def test_speculative_settings_are_off_with_parallel_slots(tmp_path, caplog):
+    """--draftmodel / --lookup-ngram with --parallel 2: the draft model is not even opened (its RAM would serve
+    nothing), the engine has no drafter and the log says which flags were ignored and why; with one slot the same
+    settings do read the draft file (here a missing one, so the load fails)."""
+    import logging
+
+    from airobackend.demo import demo_model_path
+    from airobackend.errors import AiroError
+    from airobackend.manager import ModelManager
+
+    demo = str(demo_model_path())
+    missing = str(tmp_path / "no-such-draft.gguf")
+    mgr = ModelManager(Settings(n_ctx=64, parallel=2, draft_model=missing, lookup_ngram=3, prompt_cache_mb=0))
+    with caplog.at_level(logging.WARNING, logger="airobackend.manager"):
+        mgr.load(mgr.register(demo))
+    try:
+        assert mgr._engine.parallel == 2 and mgr._engine.drafter is None
+        said = [r.getMessage() for r in caplog.records if "speculative" in r.getMessage()]
+        assert len(said) == 1 and "--parallel 2" in said[0] and "--draftmodel and --lookup-ngram ignored" in said[0]
+        ev = list(mgr.generate(request("Hello world!", max_tokens=3)))
+        assert ev[-1].finish_reason is FinishReason.LENGTH
+    finally:
+        mgr.unload()
+    one = ModelManager(Settings(n_ctx=64, parallel=1, draft_model=missing, prompt_cache_mb=0))
+    with pytest.raises((AiroError, OSError)):
+        one.load(one.register(demo))

@@ -73,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "POST /slots/{id}?action=save|restore read and write (env AIRO_PROMPT_CACHE_DIR)")
     m.add_argument("--draftmodel", "--draft-model", "--model-draft", "-md", dest="draft_model", metavar="FILE",
                    help="speculative decoding with this smaller model of the same vocabulary as the draft "
-                        "(env AIRO_DRAFT_MODEL)")
+                        "(one slot only: ignored with --parallel above 1; env AIRO_DRAFT_MODEL)")
     m.add_argument("--draftamount", "--draft", "--draft-max", dest="draft", type=int, metavar="N",
                    help=f"the most tokens drafted at a time (default {d.draft}; env AIRO_DRAFT)")
     m.add_argument("--draft-p-min", dest="draft_p_min", type=float, metavar="P",
@@ -81,7 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"(default {d.draft_p_min}; env AIRO_DRAFT_P_MIN)")
     m.add_argument("--lookup-ngram", dest="lookup_ngram", type=int, metavar="N",
                    help="speculative decoding without a draft model: copy what followed the last N tokens earlier "
-                        "in the context (default 0 = off; env AIRO_LOOKUP_NGRAM)")
+                        "in the context (default 0 = off; ignored with --parallel above 1; env AIRO_LOOKUP_NGRAM)")
     b = parser.add_argument_group("many users at once")
     b.add_argument("-np", "--parallel", dest="parallel", type=int, metavar="N",
                    help=f"generation slots (llama.cpp's flag): up to N requests generate together, sharing each "
