@@ -367,3 +367,37 @@ def test_speculative_settings_are_off_with_parallel_slots(tmp_path, caplog):
     one = ModelManager(Settings(n_ctx=64, parallel=1, draft_model=missing, prompt_cache_mb=0))
     with pytest.raises((AiroError, OSError)):
         one.load(one.register(demo))
+
+
+def test_a_closed_stream_runs_no_pass_after_the_one_in_flight():
+    """The consumer closes its stream while a pass is running (the pass waits for the close): that pass is the
+    last one with the job's sequence; the slot is free before any other pass, and the other slot's request goes on
+    and ends as it would alone."""
+    closed, in_pass = threading.Event(), threading.Event()
+
+    def on_step(model, k):
+        if k == 3:
+            in_pass.set()
+            assert closed.wait(WAIT)
+
+    e, model = parallel_engine(2, hold=2)
+    hold = model.on_step
+    model.on_step = lambda m, k: (hold(m, k), on_step(m, k))
+    other = request("The llama.", max_tokens=12)
+    results: list = []
+    t = threading.Thread(target=lambda: results.append(list(e.generate(other))))
+    gen = e.generate(request("Hello world!", max_tokens=200))
+    t.start()
+    assert next(gen).finish_reason is None
+    assert in_pass.wait(WAIT)
+    gen.close()
+    closed.set()
+    t.join(WAIT)
+    assert not t.is_alive()
+    gone = next(s for s in e.slots if s.tokens and s.tokens[:len(TOK.encode("Hello world!"))] ==
+                TOK.encode("Hello world!"))
+    later = [step for step in model.steps[4:] if any(c == model.caches.index(gone.cache) for c, _, _ in step)]
+    assert later == [], "the closed stream's sequence was evaluated after the pass it was closed in"
+    e1, _ = parallel_engine(1)
+    assert text(results[0]) == text(list(e1.generate(other)))
+    assert e.perf()["idle"] == 1 and e.perf()["queue"] == 0
