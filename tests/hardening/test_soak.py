@@ -8,15 +8,21 @@ requests per socket as its clients send them), OpenAI SSE chat (/v1/chat/complet
 chunk (the client closes the connection: the server must abort it and go on), and on a busy answer a short pause and
 a retry, as SillyTavern does.
 
+Every eighth KoboldCpp stream is aborted by its genkey (POST /api/extra/abort) after its first chunk and read to
+its end. Each soak runs twice: with one generation at a time (KoboldCpp's model) and with `--parallel 4` (four slots
+sharing each forward pass, two waiting places, the rest busy), where the aborts and the departures hit slots that
+run beside others.
+
 Promises checked: zero errors (every answer is a well-formed stream to its end, parsed strictly by
 hardening_support, or the protocol's busy shape); every protocol both streamed and got busy answers; the server's RSS
 is flat (growth between the first quarter of the run and the end bounded by RSS_GROWTH_LIMIT); afterwards the queue
-is empty, the model idle, a normal request works, the server log has no traceback, and no answer carried the
-server's file system paths.
+is empty, the model idle, no slot leaked (GET /slots: none processing), GET /metrics agrees (nothing processing or
+deferred, at least one token generated per completed stream, KV usage within 0..1), a normal request works, the
+server log has no traceback, and no answer carried the server's file system paths.
 
 The default suite runs a short soak (AIRO_SOAK_SHORT_SECONDS, default 15 s). The long one is marked slow:
 
-    AIRO_SOAK_SECONDS=600 .venv/bin/python -m pytest tests/hardening/test_soak.py -m slow -s
+    AIRO_SOAK_SECONDS=600 .venv/bin/python -m pytest tests/hardening/test_soak.py -m slow -s -k 'long and 4'
 
 (`-s` prints the figures: requests per protocol, busy answers, tokens, RSS before/after.)
 """
@@ -32,13 +38,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from websockets.sync.client import connect as ws_connect
 
 from hardening_support import (BUSY_MESSAGE, Malformed, ServerProcess, TextgenStream, check_kobold_busy,
                                check_openai_busy, parse_kobold_sse, parse_openai_sse, rss_bytes)
 
 N_CLIENTS = 16
-MULTIUSER = 3           # KoboldCpp semantics: 3 requests in all, so two may wait
+MULTIUSER = 3           # KoboldCpp semantics: 3 requests in all, so two may wait (with --parallel N: N + 2)
 PROTOCOLS = ("kobold", "textgen", "chat", "completions")
 RSS_GROWTH_LIMIT = 24 * 2**20     # bytes; the server holds ~200 MB, so this is "flat" (see docs/reliability.md)
 PROMPTS = ["Once upon a time", "The capital of France is", "USER: Tell me a story.\nASSISTANT:",
@@ -50,6 +57,7 @@ class Stats:
     streams: int = 0
     busy: int = 0
     abandoned: int = 0
+    aborted: int = 0
     pieces: int = 0
     errors: list = field(default_factory=list)
 
@@ -65,6 +73,9 @@ class SoakResult:
     rss_max: int
     total_gens: int
     rss_quarters: tuple = ()
+    parallel: int = 1
+    metrics: dict = field(default_factory=dict)
+    slots: list = field(default_factory=list)
 
 
 def _client(proto: str, idx: int, url: str, port: int, deadline: float, stats: Stats, lock: threading.Lock,
@@ -114,6 +125,7 @@ def _client(proto: str, idx: int, url: str, port: int, deadline: float, stats: S
                     record(streams=1, pieces=len(parser.text))
                 continue
 
+            abort = proto == "kobold" and n % 8 == 3
             if proto == "kobold":
                 path, body = "/api/extra/generate/stream", {"prompt": prompt, "max_length": max_tokens,
                                                             "genkey": f"KCPP{idx:02d}{n:04d}"}
@@ -140,7 +152,16 @@ def _client(proto: str, idx: int, url: str, port: int, deadline: float, stats: S
                     next(r.iter_raw())
                     record(abandoned=1)
                     continue                 # leaving the block closes the connection mid-stream
-                raw = r.read()
+                if abort:                    # stopped by its genkey after the first chunk, then read to its end
+                    chunks = r.iter_raw()
+                    raw = next(chunks)
+                    a = http.post("/api/extra/abort", json={"genkey": body["genkey"]})
+                    if a.status_code != 200:
+                        raise Malformed(f"abort: status {a.status_code}: {a.text[:200]}")
+                    raw += b"".join(chunks)
+                    record(aborted=1)
+                else:
+                    raw = r.read()
             body_ok(raw)
             if proto == "kobold":
                 text, _ = parse_kobold_sse(raw)
@@ -172,9 +193,9 @@ def _warm_up(srv: ServerProcess) -> None:
             pass
 
 
-def run_soak(workdir, demo_path, seconds: float, clients: int = N_CLIENTS) -> SoakResult:
+def run_soak(workdir, demo_path, seconds: float, clients: int = N_CLIENTS, parallel: int = 1) -> SoakResult:
     with ServerProcess(workdir, "--model", str(demo_path), "--multiuser", str(MULTIUSER),
-                       "--contextsize", "512") as srv:
+                       "--contextsize", "512", "--parallel", str(parallel)) as srv:
         _warm_up(srv)
         time.sleep(0.5)
         rss_before = rss_bytes(srv.pid)
@@ -204,6 +225,9 @@ def run_soak(workdir, demo_path, seconds: float, clients: int = N_CLIENTS) -> So
                 break
             time.sleep(0.1)
         assert perf["idle"] == 1 and perf["queue"] == 0, perf
+        slots = httpx.get(srv.url + "/slots", timeout=10).json()
+        metrics = {s.name: s.value for fam in text_string_to_metric_families(
+            httpx.get(srv.url + "/metrics", timeout=10).text) for s in fam.samples}
         time.sleep(0.5)
         rss_after = rss_bytes(srv.pid)
         quarter = [rss for t, rss in samples if t >= seconds / 4]
@@ -214,7 +238,7 @@ def run_soak(workdir, demo_path, seconds: float, clients: int = N_CLIENTS) -> So
         assert "Traceback" not in log and " ERROR " not in log, log[-3000:]
         quarters = tuple(next((rss for t, rss in samples if t >= seconds * q / 4), rss_after) for q in (1, 2, 3))
         return SoakResult(seconds, clients, stats, rss_before, quarter[0] if quarter else rss_before, rss_after,
-                          max(rss for _, rss in samples), int(perf["total_gens"]), quarters)
+                          max(rss for _, rss in samples), int(perf["total_gens"]), quarters, parallel, metrics, slots)
 
 
 def check(result: SoakResult) -> None:
@@ -227,15 +251,26 @@ def check(result: SoakResult) -> None:
     assert growth < RSS_GROWTH_LIMIT, (result.rss_quarter, result.rss_after)
     completed = sum(s.streams for s in result.stats.values())
     assert result.total_gens >= completed
+    assert result.stats["kobold"].aborted > 0, "no abort by genkey happened"
+    # no slot leaked, and the Prometheus figures agree with what the clients saw
+    assert len(result.slots) == result.parallel and not any(s["is_processing"] for s in result.slots), result.slots
+    m = result.metrics
+    assert m["llamacpp:requests_processing"] == 0 and m["llamacpp:requests_deferred"] == 0, m
+    assert m["llamacpp:tokens_predicted_total"] >= completed and m["llamacpp:n_decode_total"] >= 1, m
+    assert m["llamacpp:prompt_tokens_total"] >= 1 and 0 <= m["llamacpp:kv_cache_usage_ratio"] <= 1, m
 
 
 def report(result: SoakResult) -> str:
     mb = 2**20
-    lines = [f"soak: {result.seconds:.0f} s, {result.clients} clients, multiuser {MULTIUSER}"]
+    lines = [f"soak: {result.seconds:.0f} s, {result.clients} clients, --multiuser {MULTIUSER}, "
+             f"--parallel {result.parallel}"]
     for proto, s in result.stats.items():
         lines.append(f"  {proto:12s} streams {s.streams:5d}  busy {s.busy:5d}  abandoned {s.abandoned:4d}  "
-                     f"errors {len(s.errors)}")
-    lines.append(f"  generations run by the server: {result.total_gens}")
+                     f"aborted {s.aborted:4d}  errors {len(s.errors)}")
+    m = result.metrics
+    lines.append(f"  generations run by the server: {result.total_gens}; /metrics: tokens generated "
+                 f"{m.get('llamacpp:tokens_predicted_total', 0):.0f}, prompt tokens "
+                 f"{m.get('llamacpp:prompt_tokens_total', 0):.0f}, forward passes {m.get('llamacpp:n_decode_total', 0):.0f}")
     lines.append(f"  RSS before {result.rss_before / mb:.1f} MiB, at 1/4 {result.rss_quarter / mb:.1f} MiB, "
                  f"after {result.rss_after / mb:.1f} MiB, max {result.rss_max / mb:.1f} MiB")
     lines.append("  RSS at 1/4, 1/2, 3/4: " + ", ".join(f"{r / mb:.1f}" for r in result.rss_quarters) + " MiB")
@@ -246,15 +281,17 @@ needs_proc = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="
 
 
 @needs_proc
-def test_soak_short(tmp_path, demo_path):
-    result = run_soak(tmp_path, demo_path, float(os.environ.get("AIRO_SOAK_SHORT_SECONDS", "15")))
+@pytest.mark.parametrize("parallel", [1, 4])
+def test_soak_short(tmp_path, demo_path, parallel):
+    result = run_soak(tmp_path, demo_path, float(os.environ.get("AIRO_SOAK_SHORT_SECONDS", "15")), parallel=parallel)
     print(report(result))
     check(result)
 
 
 @needs_proc
 @pytest.mark.slow
-def test_soak_long(tmp_path, demo_path):
-    result = run_soak(tmp_path, demo_path, float(os.environ.get("AIRO_SOAK_SECONDS", "600")))
+@pytest.mark.parametrize("parallel", [1, 4])
+def test_soak_long(tmp_path, demo_path, parallel):
+    result = run_soak(tmp_path, demo_path, float(os.environ.get("AIRO_SOAK_SECONDS", "600")), parallel=parallel)
     print(report(result))
     check(result)
