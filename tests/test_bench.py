@@ -42,3 +42,16 @@ def test_type_names_match_case_insensitively(tmp_path):
     lo, hi = map(float, spread.split("-"))
     assert 0 < lo <= float(ratio) <= hi
     assert list(tmp_path.iterdir()) == []           # the weight file was unlinked
+
+
+@pytest.mark.parametrize("args, names", [
+    (["--protocols", "kobold,grpc"], ["--protocols from kobold,openai,ws", "['grpc']"]),
+    (["--tokens", "1"], ["--tokens >= 2"]),
+])
+def test_http_batching_bench_refuses_nonsense_before_starting_servers(args, names):
+    r = subprocess.run([sys.executable, str(RUN.parent / "batching_http.py"), *args], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and "model " not in r.stdout       # nothing written, nothing started
+    for n in names:
+        assert n in r.stderr, r.stderr

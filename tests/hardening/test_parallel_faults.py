@@ -61,7 +61,10 @@ class Passes:
 @pytest.fixture(scope="module")
 def server(demo_path):
     manager = demo_manager(str(demo_path), N_CTX, multiuser=WAITING, parallel=SLOTS, prompt_cache_mb=0)
-    app = make_app(manager, n_ctx=N_CTX, multiuser=WAITING, parallel=SLOTS)
+    # Room for 64 clients' connections and the test's own: the connection cap (--max-connections, default 64,
+    # uvicorn's plain 503 beyond it) is a limit of its own (test_server_security.py); here every client reaches the
+    # engine, whose slots and line decide who runs, waits or is answered busy.
+    app = make_app(manager, n_ctx=N_CTX, multiuser=WAITING, parallel=SLOTS, max_connections=128)
     with live(app) as srv:
         yield srv, manager
     manager.unload()
