@@ -107,7 +107,8 @@ class Server:
 
 class Stream:
     """One streaming client: `run()` sends its request and records when it was sent and when each token came;
-    `first` is set once the first token is in; `stop` makes it hang up after the next token."""
+    `first` is set once the first token is in, `ended` when it is over; `stop` makes it hang up after the next
+    token."""
 
     def __init__(self, server: Server, proto: str, prompt: str, n_tokens: int) -> None:
         self.server, self.proto, self.prompt, self.n = server, proto, prompt, n_tokens
@@ -115,6 +116,7 @@ class Stream:
         self.times: list[float] = []
         self.first = threading.Event()
         self.stop = threading.Event()
+        self.ended = threading.Event()
         self.error: BaseException | None = None
 
     def _token(self) -> bool:
@@ -130,6 +132,8 @@ class Stream:
         except BaseException as e:      # reported by the caller
             self.error = e
             self.first.set()
+        finally:
+            self.ended.set()
 
     def _kobold(self) -> None:
         body = {"prompt": self.prompt, "max_length": self.n, "use_default_badwordsids": True, **SAMPLER}
@@ -202,26 +206,37 @@ def concurrent(server: Server, proto: str, n: int, n_tok: int, tag: str) -> tupl
 
 def first_token_under_load(server: Server, proto: str, n_tok: int, busy_tokens: int, tag: str) -> float:
     """Seconds to the first token of a request sent while 3 others stream (those in slots have had their first
-    token; with fewer than 4 slots the rest wait in line, as the new one does)."""
-    busy = [Stream(server, proto, f"{tag} busy {i}: {BASE_PROMPT}", busy_tokens) for i in range(3)]
-    threads = start(busy, together=False)
+    token; with fewer than 4 slots the rest wait in line, as the new one does). A try in which a busy stream ended
+    before all three were in (a loaded machine starts client threads late) is thrown away and made again."""
     running = min(3, server.parallel)
-    for s in busy[:running]:                 # the ones in slots are decoding; the rest wait in line
-        s.first.wait()
-    for _ in range(600):
-        if httpx.get(server.url + "/api/extra/perf", timeout=30).json()["queue"] >= 3 - running:
-            break
-        time.sleep(0.02)
-    late = Stream(server, proto, f"{tag} late: {BASE_PROMPT}", n_tok)
-    late.stop.set()                          # hang up after the first token
-    t = threading.Thread(target=late.run, daemon=True)
-    t.start()
-    late.first.wait()
-    for s in busy:                           # then the others hang up too
-        s.stop.set()
-    join([t] + threads, [late] + busy)
-    server.idle()
-    return late.times[0] - late.sent
+    for attempt in range(5):
+        busy = [Stream(server, proto, f"{tag} busy {i} try {attempt}: {BASE_PROMPT}", busy_tokens) for i in range(3)]
+        threads = start(busy, together=False)
+        for s in busy[:running]:             # the ones in slots are decoding; the rest wait in line
+            s.first.wait()
+        while True:
+            in_line = httpx.get(server.url + "/api/extra/perf", timeout=30).json()["queue"]
+            ready = in_line >= 3 - running
+            spoiled = any(s.ended.is_set() for s in busy)
+            if ready or spoiled:
+                break
+            time.sleep(0.02)
+        late = None
+        if ready and not spoiled:
+            late = Stream(server, proto, f"{tag} late: {BASE_PROMPT}", n_tok)
+            late.stop.set()                  # hang up after the first token
+            t = threading.Thread(target=late.run, daemon=True)
+            t.start()
+            late.first.wait()
+            threads.append(t)
+        for s in busy:                       # then the others hang up too
+            s.stop.set()
+        join(threads, busy + ([late] if late else []))
+        server.idle()
+        if late is not None:
+            return late.times[0] - late.sent
+    raise RuntimeError(f"no valid time-to-first-token try in 5 ({proto}, --parallel {server.parallel}): "
+                       f"raise --busy-tokens")
 
 
 def main(argv=None) -> int:
