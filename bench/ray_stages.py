@@ -12,6 +12,8 @@ sets take turns token by token, so that machine load affects them alike.
 Time, per decode token (model.eval of one token at the next position; medians over --tokens steps, then over runs):
   ms/token      the whole step;
   ratio         staged ms/token / local ms/token (the goal: <= 1.10 for 2 stages on one machine);
+  best, ratio   the fastest single step of each, and their ratio: on a loaded machine the step least delayed by
+                other jobs, closest to what the same step costs on a quiet one;
   layers        the part spent in run_layers: for the local model its layers; for a staged model the stages'
                 forward passes and the calls that carry the row to them and back;
   in stages     the stages' own time in their forward passes (summed over stages; each stage counts it);
@@ -84,7 +86,7 @@ def decode(models: dict, timers: dict, start: int, n: int) -> dict:
             m.eval([10 + i % 50], start + i)
             times[k].append(time.perf_counter() - t0)
     return {k: (statistics.median(times[k]) * 1e3, (timers[k].total - layers0[k]) / n * 1e3,
-                (_busy(m) - busy0[k]) / n * 1e3) for k, m in models.items()}
+                (_busy(m) - busy0[k]) / n * 1e3, min(times[k]) * 1e3) for k, m in models.items()}
 
 
 def _busy(model) -> float:
@@ -157,17 +159,20 @@ def main() -> int:
               f"threads per stage; {args.tokens} tokens x {args.runs} runs; load average {load[0]:.1f} "
               f"(machine {'loaded' if load[0] > (os.cpu_count() or 1) * 0.5 else 'quiet'}, {os.cpu_count()} CPUs)")
         base = statistics.median(r[0] for r in results["local"])
+        best_base = min(r[3] for r in results["local"])
         per_hop = 4 * int(hp.n_embd)
-        print(f"{'':10} {'ms/token':>9} {'ratio':>6} {'layers':>7} {'in stages':>9} {'transport':>9} "
-              f"{'bytes/token':>12} {'bytes/chunk':>12}")
+        print(f"{'':10} {'ms/token':>9} {'ratio':>6} {'best':>6} {'ratio':>6} {'layers':>7} {'in stages':>9} "
+              f"{'transport':>9} {'bytes/token':>12} {'bytes/chunk':>12}")
         for k, rs in results.items():
             ms, lay, busy = (statistics.median(r[j] for r in rs) for j in range(3))
+            best = min(r[3] for r in rs)
             hops = 0 if k == "local" else k + 1
             name = "local" if k == "local" else f"{k} stages"
             transport = f"{lay - busy:9.2f}" if k != "local" else f"{'-':>9}"
             stages_ms = f"{busy:9.2f}" if k != "local" else f"{'-':>9}"
             n_st = hops - 1 if hops else 0
-            print(f"{name:10} {ms:9.2f} {ms / base:6.2f} {lay:7.2f} {stages_ms} {transport} {per_hop * 2 * n_st:12d} "
+            print(f"{name:10} {ms:9.2f} {ms / base:6.2f} {best:6.2f} {best / best_base:6.2f} {lay:7.2f} {stages_ms} "
+                  f"{transport} {per_hop * 2 * n_st:12d} "
                   f"{per_hop * 512 * n_st + per_hop if hops else 0:12d}")
         print("raw ms/token per run:", {str(k): [round(r[0], 2) for r in rs] for k, rs in results.items()})
 
