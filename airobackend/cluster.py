@@ -6,7 +6,11 @@ Ray is an optional dependency (`pip install 'airobackend[ray]'`); nothing here i
 Before a stage is created on a node, a probe task placed on that node (the same placement-group bundle the stage
 will get) reports the node's copy of the model file (present? its fingerprint), its airobackend version and code
 digest, and the memory it has; the head refuses by name a node whose file or code differs from its own, or that
-lacks the RAM its stage needs (unless running from disk is allowed).
+lacks the RAM its stage needs (unless running from disk is allowed). A node's copy is at the head's path, or in the
+folder its environment names (AIRO_RAY_MODEL_DIR, `node_path`).
+
+Once running, every stage or replica actor is watched (`ActorWatch`): Ray tells the head the moment one dies, busy or
+idle, and when it has restarted it, so health reports and routing do not wait for a request to fail.
 """
 from __future__ import annotations
 
