@@ -198,7 +198,9 @@ def test_any_drafter_with_llama_cpp_pythons_interface(fixtures_dir, plain):
             assert input_ids.dtype == np.intc
             return np.array([5, 6, 7, 5000, 8], dtype=np.intc)
 
+    from airobackend.speculative import Governor
     engine = _llama(fixtures_dir, draft_model=Wrong()).engine
+    engine.governor = Governor.always()         # full-length drafts every token, whatever the clock says
     req = GenerationRequest(tokens=PROMPT, max_tokens=16, sampling=GREEDY)
     assert _ids(engine, req) == _ids(plain, req)
     passes = engine.spec_stats["passes"]
