@@ -8,6 +8,10 @@ from pathlib import Path
 
 import pytest
 
+# The test layers (unit / e2e / slow) and the check that a unit test starts no process or server: tests/layers.py.
+from layers import (pytest_collection_modifyitems, pytest_runtest_call, pytest_runtest_setup,  # noqa: F401
+                    pytest_runtest_teardown)
+
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(os.environ.get("AIRO_FIXTURES", REPO.parent / "shared" / "fixtures"))
 HAVE_FIXTURES = (FIXTURES / "models").is_dir()
@@ -30,7 +34,8 @@ def fixture_index(fixtures_dir: Path) -> dict:
 
 @pytest.fixture(scope="session")
 def demo_model(tmp_path_factory) -> Path:
-    """The demo model (airobackend.demo), written once per test session under pytest's tmp dir."""
+    """The demo model (airobackend.demo: a tiny LLaMA GGUF with random weights), written once per test session under
+    pytest's tmp dir, never into the user's cache. Every test folder uses this one file."""
     from airobackend.demo import demo_model_path
     return demo_model_path(tmp_path_factory.mktemp("demo"))
 

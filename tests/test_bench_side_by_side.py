@@ -12,6 +12,8 @@ import pytest
 
 from tests.conftest import FIXTURES, REPO
 
+pytestmark = pytest.mark.e2e       # bench/side_by_side.py as a subprocess
+
 SCRIPT = REPO / "bench" / "side_by_side.py"
 LLAMA_BENCH = REPO.parent / "shared" / "tools" / "llama.cpp-c392e50" / "avx512" / "llama-bench"
 

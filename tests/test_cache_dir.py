@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.e2e       # each test runs a fresh Python interpreter
+
 REPO = Path(__file__).resolve().parent.parent
 
 # Compiles one small kernel (written to Numba's cache) and generates one fast-kernel source.

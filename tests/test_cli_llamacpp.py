@@ -166,6 +166,7 @@ def _card_run(fixtures_dir, tmp_path, line: str, stdin: str = "") -> subprocess.
                           input=stdin, capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.e2e       # `airobackend run` as a subprocess
 def test_the_model_cards_command_line(fixtures_dir, tmp_path):
     out = _card_run(fixtures_dir, tmp_path, CARD_LINE)
     assert out.returncode == 0, out.stderr
@@ -174,6 +175,7 @@ def test_the_model_cards_command_line(fixtures_dir, tmp_path):
     assert "invalid" not in out.stderr
 
 
+@pytest.mark.e2e       # `airobackend run` as a subprocess
 def test_the_model_cards_chat_line(fixtures_dir, tmp_path):
     out = _card_run(fixtures_dir, tmp_path, CARD_CHAT, stdin="Write a story about llamas\n")
     assert out.returncode == 0, out.stderr
@@ -182,6 +184,7 @@ def test_the_model_cards_chat_line(fixtures_dir, tmp_path):
     assert out.stdout.count("> ") >= 2          # the turn asked for, then the next prompt (end of input quits)
 
 
+@pytest.mark.e2e       # `airobackend run` as a subprocess
 def test_random_and_verbose_prompt(demo_model):
     env = {k: v for k, v in os.environ.items() if k != "AIRO_MODEL"}
     out = subprocess.run([sys.executable, "-m", "airobackend", "run", "-m", str(demo_model), "--random-prompt",

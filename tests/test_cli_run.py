@@ -54,6 +54,7 @@ class Reader:
         return predicate(self.data)
 
 
+@pytest.mark.e2e       # `airobackend run` as a subprocess
 @pytest.mark.parametrize("which", ["demo", "fx-q4_0.ggmlv3.bin"])
 def test_prints_tokens_as_generated_and_ctrl_c_stops_cleanly(which, demo_model, request):
     # -n -1 on a 2048 context: without ^C this would run for minutes, so text seen before the exit was printed
@@ -83,6 +84,7 @@ def test_prints_tokens_as_generated_and_ctrl_c_stops_cleanly(which, demo_model, 
     assert "Traceback" not in err
 
 
+@pytest.mark.e2e       # `airobackend run` as a subprocess
 def test_fixture_model_greedy_output_matches_the_python_api(fixtures_dir, tmp_path):
     model = fixtures_dir / "models" / "fx-q8_0.gguf"
     proc = subprocess.run(_cli("-m", str(model), "-p", "The quick brown fox", "-n", "12", "-c", "128", "-t", "2",
@@ -107,6 +109,7 @@ def test_fixture_model_greedy_output_matches_the_python_api(fixtures_dir, tmp_pa
     assert printed.rstrip("\n") == expected
 
 
+@pytest.mark.e2e       # `airobackend run` as a subprocess
 def test_interactive_chat_reads_stdin_lines(demo_model):
     proc = subprocess.run(_cli("-i", "-n", "6", "-c", "512", "-t", "2", "-s", "1", "--temp", "0"),
                           input=b"Hello there\n\nTell me a joke\n", capture_output=True, timeout=300,
@@ -121,6 +124,7 @@ def test_interactive_chat_reads_stdin_lines(demo_model):
     assert "airoboros" in proc.stderr.decode()
 
 
+@pytest.mark.e2e       # `airobackend run` as a subprocess
 def test_until_the_context_is_full_and_bad_input(demo_model, tmp_path):
     proc = subprocess.run(_cli("-p", "Hello", "-n", "-1", "-c", "24", "--ignore-eos", "-t", "2"),
                           capture_output=True, timeout=300, env=_env(demo_model))
@@ -176,6 +180,7 @@ def test_process_escapes(typed, expected):
     assert run_cmd.process_escapes(typed) == expected
 
 
+@pytest.mark.e2e       # `airobackend run` as a subprocess
 def test_real_model_answers_stops_and_chats(smollm2, tmp_path):
     """`airobackend run` on the real model: a greedy answer, a reverse prompt on its text, and -i through the
     file's own chat template."""

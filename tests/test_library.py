@@ -84,6 +84,7 @@ def _by_name(entries):
 
 # ---------------------------------------------------------------- listing
 
+@pytest.mark.e2e       # Info-ZIP's `zip`, a subprocess
 @needs_zip
 def test_lists_ggml_gguf_and_split_zip(tmp_path, fixtures_dir, fixture_index):
     lib_dir = tmp_path / "models"
@@ -270,6 +271,7 @@ def test_entry_dict_hides_path(tmp_path, fixtures_dir):
 SMALL = dict(n_vocab=512, n_layer=1)     # one layer is enough to list; keeps the numpy quantizers quick
 
 
+@pytest.mark.e2e       # Info-ZIP's `zip`, a subprocess
 @needs_zip
 def test_lists_models_written_by_the_project_writer(tmp_path):
     """GGUF, GGML v3 and a split archive made from the project's own writer, next to each other."""

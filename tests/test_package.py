@@ -26,6 +26,7 @@ def test_settings_from_env_and_overrides():
         Settings.from_env({"AIRO_PORT": "five"})
 
 
+@pytest.mark.e2e       # `airobackend` as a subprocess
 def test_cli_help_runs():
     out = subprocess.run([sys.executable, "-m", "airobackend", "--help"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr

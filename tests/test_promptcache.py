@@ -285,6 +285,7 @@ def test_reuse_on_a_one_layer_model_is_exact(fixtures_dir, fmt):
     fresh.close()
 
 
+@pytest.mark.e2e       # Info-ZIP's `zip`, a subprocess
 @pytest.mark.parametrize("name", ["legacy/models/fx-q4_0.ggjt1.bin", "legacy/models/fx-q4_0.ggmf.bin",
                                   "legacy/models/fx-f16.ggml.bin", "split zip"])
 def test_reuse_moves_entries_exactly_in_every_format(fixtures_dir, tmp_path, name):
@@ -326,8 +327,8 @@ def test_reuse_with_a_quantized_cache(fixtures_dir, cache_type):
     """With a q8_0 / q4_0 KV cache the trimmed prompt is reused the same way: on the one-layer model the moved keys
     (dequantized, rotated, quantized again, as llama.cpp's K shift does) stay within two quantization steps of keys
     quantized at the new positions, values are copied bit for bit, and the logits stay within the cache type's own
-    movement (fixtures README, reference/kvcache: q8_0 ~0.02, q4_0 ~0.12) of a from-scratch evaluation; a state saved
-    with one cache type is refused by a model that runs another."""
+    movement (llama.cpp's own, in the fixtures' reference/kvcache: q8_0 ~0.02, q4_0 ~0.12) of a from-scratch
+    evaluation; a state saved with one cache type is refused by a model that runs another."""
     from airobackend.kernels import kvquant
     from airobackend.kvstate import StateFileError
     from airobackend.llama import Llama

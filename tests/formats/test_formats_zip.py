@@ -38,6 +38,7 @@ def _same_tensors(a, b) -> None:
         assert np.array_equal(t.data, b.tensors[n].data), n
 
 
+@pytest.mark.e2e       # Info-ZIP's `zip`, a subprocess
 @pytest.mark.parametrize("fixture", ["fx-q4_0.ggmlv3.bin", "fx-q6_K.gguf"])
 def test_split_zip_two_parts_with_a_straddling_tensor(tmp_path, fixtures_dir, fixture):
     src = fixtures_dir / "models" / fixture
@@ -58,6 +59,7 @@ def test_split_zip_two_parts_with_a_straddling_tensor(tmp_path, fixtures_dir, fi
         mf.close()
 
 
+@pytest.mark.e2e       # Info-ZIP's `zip`, a subprocess
 def test_split_zip_many_parts_and_zip64(tmp_path, fixtures_dir):
     src = fixtures_dir / "models" / "fx-q4_K_M.ggmlv3.bin"
     z = _zip(tmp_path, src, "many", "-fz", "-s", "64k")   # -fz: ZIP64 records, as for members over 4 GiB
@@ -67,6 +69,7 @@ def test_split_zip_many_parts_and_zip64(tmp_path, fixtures_dir):
     _same_tensors(open_model(z), open_model(src))
 
 
+@pytest.mark.e2e       # Info-ZIP's `zip`, a subprocess
 def test_single_stored_zip(tmp_path, fixtures_dir):
     src = fixtures_dir / "models" / "fxgqa-q4_K_M.gguf"
     z = _zip(tmp_path, src, "single")
@@ -75,6 +78,7 @@ def test_single_stored_zip(tmp_path, fixtures_dir):
     _same_tensors(mf, open_model(src))
 
 
+@pytest.mark.e2e       # Info-ZIP's `zip`, a subprocess
 def test_deflated_member_says_extract_it(tmp_path, fixtures_dir):
     work = tmp_path / "d"
     work.mkdir()
@@ -85,6 +89,7 @@ def test_deflated_member_says_extract_it(tmp_path, fixtures_dir):
     assert "m.zip" in str(e.value)
 
 
+@pytest.mark.e2e       # Info-ZIP's `zip`, a subprocess
 def test_missing_part_is_named(tmp_path, fixtures_dir):
     src = fixtures_dir / "models" / "fx-q4_0.ggmlv3.bin"
     z = _zip(tmp_path, src, "gone", "-s", "700k")
@@ -106,6 +111,7 @@ def test_not_a_zip_and_empty_archive(tmp_path):
         open_model(e)
 
 
+@pytest.mark.e2e       # Info-ZIP's `zip`, a subprocess
 def test_7zip_byte_volumes(tmp_path, fixtures_dir):
     """7-Zip's 'split to volumes' cuts one ordinary zip into NAME.zip.001, .002, ... at byte boundaries."""
     src = fixtures_dir / "models" / "fx-q4_0.gguf"

@@ -1,4 +1,4 @@
-"""Loading a bad file into a running server leaves the previously loaded model serving (issue 8 "Model files").
+"""Loading a bad file into a running server leaves the previously loaded model serving.
 
 A real `airobackend serve` process runs the demo model from a model folder that also holds hostile files: truncated,
 empty, random bytes, a broken zip, a GGML magic with garbage, inconsistent hyperparameters, a tensor whose shape
@@ -20,6 +20,8 @@ import httpx
 import pytest
 
 from hardening_support import ServerProcess
+
+pytestmark = pytest.mark.e2e       # `airobackend serve` as a subprocess
 
 GOOD = "good.gguf"
 N_MUTANTS = 24
@@ -103,10 +105,10 @@ def assert_refused(route: str, r: httpx.Response, lib) -> None:
 
 
 @pytest.fixture()
-def library(tmp_path, demo_path):
+def library(tmp_path, demo_model):
     lib = tmp_path / "models"
     lib.mkdir()
-    shutil.copyfile(demo_path, lib / GOOD)
+    shutil.copyfile(demo_model, lib / GOOD)
     return lib
 
 

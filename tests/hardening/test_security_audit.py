@@ -1,4 +1,4 @@
-"""Security audit (issue 8 "Security"), complementing tests/server/test_server_security.py.
+"""Security audit, complementing tests/server/test_server_security.py.
 
 That file checks the listed routes, the 401 shapes, CORS and the caps on a scripted engine. This one audits what the
 served app actually contains, so that a route added later cannot slip through:
@@ -63,10 +63,10 @@ ALLOWED_PUBLIC = {
 
 
 @pytest.fixture(scope="module")
-def library(tmp_path_factory, demo_path) -> Path:
+def library(tmp_path_factory, demo_model) -> Path:
     lib = tmp_path_factory.mktemp("secret-folder") / "models"
     lib.mkdir()
-    shutil.copyfile(demo_path, lib / MODEL)
+    shutil.copyfile(demo_model, lib / MODEL)
     return lib
 
 
@@ -192,10 +192,11 @@ def test_no_answer_shows_the_library_folder(manager, library):
     assert n > 150
 
 
+@pytest.mark.e2e       # `airobackend serve` as a subprocess
 @pytest.mark.skipif(not Path("/proc/self/net/tcp").exists(), reason="reads the listening sockets from /proc (Linux)")
-def test_real_server_binds_loopback_and_guards_both_ports(tmp_path, demo_path):
+def test_real_server_binds_loopback_and_guards_both_ports(tmp_path, demo_model):
     ws_port = free_port()
-    with ServerProcess(tmp_path, "--model", str(demo_path), "--api-key", KEY, host=None,
+    with ServerProcess(tmp_path, "--model", str(demo_model), "--api-key", KEY, host=None,
                        env={"AIRO_TEXTGEN_STREAM_PORT": str(ws_port)}) as srv:
         for port in (srv.port, ws_port):
             addrs = listening_addresses(srv.pid, port)
@@ -264,6 +265,7 @@ def test_serve_warns_when_listening_beyond_loopback_without_a_key(monkeypatch, c
     assert started == ["0.0.0.0", "0.0.0.0", "127.0.0.1"]
 
 
+@pytest.mark.e2e       # a uvicorn server on a loopback port
 def test_websocket_cannot_pile_up_requests_ahead_of_their_answers():
     """One socket may send a few requests ahead (answered in order); a flood is closed with 1008, not buffered."""
     from fakes import live, make_app, scripted_engine

@@ -18,18 +18,11 @@ def fx_model(fixtures_dir: Path) -> str:
     return str(path)
 
 
-@pytest.fixture(scope="session")
-def demo_model(tmp_path_factory) -> str:
-    """The demo model, written once per session under pytest's tmp dir (never into the user's cache)."""
-    from airobackend.demo import demo_model_path
-    return str(demo_model_path(tmp_path_factory.mktemp("demo")))
-
-
 @pytest.fixture(params=["fixture", "demo"])
 def model_path(request) -> str:
     """Host tests run on a llama.cpp-made fixture model and on the bundled demo model."""
     require_engine()
-    return request.getfixturevalue("fx_model" if request.param == "fixture" else "demo_model")
+    return str(request.getfixturevalue("fx_model" if request.param == "fixture" else "demo_model"))
 
 
 @pytest.fixture(scope="session")

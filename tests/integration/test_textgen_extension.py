@@ -342,6 +342,7 @@ def test_a_failed_load_is_shown_in_the_ui_and_the_api_and_the_next_use_retries(h
     assert host.shared.model_name.startswith("fx-q4_0")
 
 
+@pytest.mark.e2e       # `airobackend serve` as a subprocess
 def test_a_server_that_goes_away_after_connecting_is_shown_in_the_ui_and_the_api(host, fx_model, gradio, tmp_path):
     """Remote mode, connected, then the server unloads its model and later stops: each request says why, in the
     web UI (gradio.Error) and the API (503 with the reason), as a failed connection does; not a bare 500."""
@@ -370,7 +371,7 @@ def test_ui_apply_reconnects_with_the_new_settings(host, fx_model, demo_model, g
     values = [c.kwargs.get("value") for c in inputs]
     assert values[0] == "in-process" and values[1] == fx_model
     assert any(name.startswith("fx-q4_0") for name in inputs[1].kwargs["choices"]), "the library in the dropdown"
-    values[1] = demo_model
+    values[1] = str(demo_model)
     status = fn(*values)
     assert status.startswith("Connected: airobackend-demo"), status
     assert host.shared.model_name.startswith("airobackend-demo")

@@ -7,26 +7,19 @@ from fakes import demo_manager
 
 
 @pytest.fixture(scope="session")
-def demo_file(tmp_path_factory) -> str:
-    """The demo model (a tiny LLaMA GGUF with random weights), written under pytest's tmp folder."""
-    from airobackend.demo import demo_model_path
-    return str(demo_model_path(tmp_path_factory.mktemp("demo-model")))
-
-
-@pytest.fixture(scope="session")
-def demo_engine(demo_file):
+def demo_engine(demo_model):
     """The real engine on the demo model, loaded through the ModelManager as `serve` does (context 256)."""
-    return demo_manager(demo_file, 256)
+    return demo_manager(demo_model, 256)
 
 
 @pytest.fixture(scope="session")
-def small_demo_engine(demo_file):
+def small_demo_engine(demo_model):
     """The same with a 64-token context, so that any request, however long it asks, ends quickly."""
-    return demo_manager(demo_file, 64)
+    return demo_manager(demo_model, 64)
 
 
 @pytest.fixture
-def demo_library(tmp_path, demo_file):
+def demo_library(tmp_path, demo_model):
     """A model folder holding the demo file under fakes.LIBRARY_MODELS' names."""
     import shutil
 
@@ -35,7 +28,7 @@ def demo_library(tmp_path, demo_file):
     d = tmp_path / "models"
     d.mkdir()
     for name in LIBRARY_MODELS:
-        shutil.copyfile(demo_file, d / name)
+        shutil.copyfile(demo_model, d / name)
     return d
 
 

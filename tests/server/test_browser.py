@@ -8,9 +8,13 @@ import logging
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import pytest
+
 from chrome import Chrome, needs_chromium
 from fakes import LIBRARY_MODELS as MODELS
 from fakes import library_app, live
+
+pytestmark = pytest.mark.e2e       # a uvicorn server on a loopback port
 
 # The page of the other origin: every attempt reports what the page could see of it.
 ATTACK_PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>another site</title></head><body><script>

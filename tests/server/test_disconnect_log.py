@@ -10,6 +10,8 @@ import pytest
 
 from fakes import live, make_app, scripted_engine
 
+pytestmark = pytest.mark.e2e       # a uvicorn server on a loopback port
+
 CUT = "client disconnected mid-stream"
 
 

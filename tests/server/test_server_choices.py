@@ -125,6 +125,7 @@ def test_too_many_choices_is_a_400(client, body):
         assert client.post(route, json=dict(good, n=2)).status_code == 200
 
 
+@pytest.mark.e2e       # a uvicorn server on a loopback port
 def test_the_openai_sdk_reads_streamed_choices(demo_app):
     with live(demo_app) as srv:
         oc = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)

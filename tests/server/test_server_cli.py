@@ -91,6 +91,7 @@ def test_banner_lists_each_protocol_and_flags_the_demo_model():
     assert "llama.cpp slots (admin)    http://127.0.0.1:5001/slots/ID?action=save|restore|erase" in text
 
 
+@pytest.mark.e2e       # `airobackend` as a subprocess
 def test_serve_starts_with_the_demo_model_and_stops_on_ctrl_c():
     port = free_port()
     # the demo model in the session's cache root (a fresh root would compile every kernel again)
@@ -124,12 +125,14 @@ def test_serve_refuses_a_bad_model_file_with_a_clear_message(tmp_path, capsys, m
     junk = tmp_path / "broken.gguf"
     junk.write_bytes(b"GGUF" + b"\xff" * 64)
     monkeypatch.setenv("AIRO_MODEL_DIR", str(tmp_path / "empty"))
+    monkeypatch.setenv("AIRO_TEXTGEN_STREAM_PORT", "0")       # the legacy port (5005) may be taken on this machine
     assert serve.main(parse(["--model", str(junk), "--port", str(free_port())])) == 1
     assert "cannot load the model" in capsys.readouterr().err
     assert serve.main(parse(["--model", "no-such-model", "--port", str(free_port())])) == 1
     assert "no-such-model" in capsys.readouterr().err
 
 
+@pytest.mark.e2e       # a uvicorn server on a loopback port
 @pytest.mark.parametrize("which", ["main", "textgen stream"])
 def test_a_port_in_use_stops_serve_before_the_model_loads(which, tmp_path):
     """One line naming the port and the flag that changes it, exit status 2, and no model loaded."""
@@ -155,6 +158,7 @@ def test_a_port_in_use_stops_serve_before_the_model_loads(which, tmp_path):
     assert "cannot load" not in proc.stderr
 
 
+@pytest.mark.e2e       # a uvicorn server on a loopback port
 def test_serve_async_reports_a_main_port_taken_after_the_check(demo_engine):
     from airobackend.server import PortInUse, serve_async
 
@@ -168,6 +172,7 @@ def test_serve_async_reports_a_main_port_taken_after_the_check(demo_engine):
             asyncio.run(serve_async(app, app.state.settings))
 
 
+@pytest.mark.e2e       # `airobackend serve` as a subprocess
 @pytest.mark.parametrize("command", ["serve", "run", "inspect"])
 def test_help_states_each_default_once(command):
     out = subprocess.run([sys.executable, "-m", "airobackend", command, "--help"], capture_output=True, text=True,

@@ -13,10 +13,11 @@ from fakes import demo_manager, live, make_app
 
 
 @pytest.fixture(scope="module")
-def engine(demo_file):
-    return demo_manager(demo_file, 512)
+def engine(demo_model):
+    return demo_manager(demo_model, 512)
 
 
+@pytest.mark.e2e       # a uvicorn server on a loopback port
 def test_routes_openai_sdk_and_kobold(engine):
     app = make_app(engine, n_ctx=512)
     c = TestClient(app)

@@ -193,6 +193,7 @@ def test_unknown_path_gets_koboldcpp_404(client):
     assert r.status_code == 404 and r.json()["detail"]["type"] == "not_found"
 
 
+@pytest.mark.e2e       # a uvicorn server on a loopback port
 def test_koboldapi_client_over_a_real_socket(demo_app, demo_engine):
     from koboldapi.core.api import KoboldAPI
 

@@ -31,8 +31,8 @@ def manager_for(path: str, n_ctx: int, **settings):
 
 
 @pytest.fixture
-def chat_app(demo_file):
-    manager = manager_for(demo_file, 1024)
+def chat_app(demo_model):
+    manager = manager_for(demo_model, 1024)
     app = make_app(manager, n_ctx=1024)
     yield app, manager
     manager.unload()
@@ -79,9 +79,9 @@ def test_trimmed_history_reuses_the_cache_in_every_protocol(chat_app):
     assert c.get("/api/extra/perf").json()["last_cached_count"] > 0
 
 
-def test_python_api_reports_cached_tokens(demo_file):
+def test_python_api_reports_cached_tokens(demo_model):
     from airobackend.llama import Llama
-    llm = Llama(demo_file, n_ctx=1024, verbose=False)
+    llm = Llama(demo_model, n_ctx=1024, verbose=False)
     first = llm.create_completion(MEMORY + history(0, 8), max_tokens=2, temperature=0)
     assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     second = llm.create_completion(MEMORY + history(2, 9), max_tokens=2, temperature=0)
@@ -92,8 +92,8 @@ def test_python_api_reports_cached_tokens(demo_file):
 # ---------------------------------------------------------------------------------------------- slots
 
 @pytest.fixture
-def slot_app(demo_file, tmp_path):
-    manager = manager_for(demo_file, 512, prompt_cache_dir=str(tmp_path / "states"))
+def slot_app(demo_model, tmp_path):
+    manager = manager_for(demo_model, 512, prompt_cache_dir=str(tmp_path / "states"))
     app = make_app(manager, n_ctx=512, api_key="user-key", admin_key="admin-key")
     yield app, manager, tmp_path / "states"
     manager.unload()
@@ -162,10 +162,10 @@ def test_a_state_of_another_model_is_refused(slot_app, tmp_path, fixtures_dir):
 
 # ---------------------------------------------------------------------------------------------- RoPE
 
-def test_rope_values_beyond_the_trained_context_are_reported(demo_file):
+def test_rope_values_beyond_the_trained_context_are_reported(demo_model):
     """The demo model was trained at 2048; at 4096 the base is raised as KoboldCpp does, and every model info route
     says so."""
-    manager = manager_for(demo_file, 4096)
+    manager = manager_for(demo_model, 4096)
     try:
         c = TestClient(make_app(manager, n_ctx=4096))
         info = c.get("/api/extra/true_max_context_length").json()

@@ -30,6 +30,7 @@ def openai_events(raw: bytes) -> list[dict]:
     return out
 
 
+@pytest.mark.e2e       # a uvicorn server on a loopback port
 def test_openai_sdk_completions_chat_and_streams(demo_app, demo_engine):
     name = demo_engine.model_info()["name"]
     with live(demo_app) as srv:
@@ -185,6 +186,7 @@ def test_sillytavern_text_completion_body_is_accepted(client):
     assert r.json()["usage"]["completion_tokens"] <= 4
 
 
+@pytest.mark.e2e       # a uvicorn server on a loopback port
 def test_lollms_vllm_binding_reads_models_and_streams(demo_app):
     """LoLLMS' vLLM binding: /v1/models entries need id, owned_by and an int created; streams read `data:` lines."""
     with live(demo_app) as srv:
@@ -199,6 +201,7 @@ def test_lollms_vllm_binding_reads_models_and_streams(demo_app):
         assert text
 
 
+@pytest.mark.e2e       # a uvicorn server on a loopback port
 def test_keepalive_comments_while_the_engine_is_slow(monkeypatch):
     """During a long prompt evaluation the headers are already out and SSE comments keep the stream alive; the
     openai SDK skips them."""
@@ -220,6 +223,7 @@ def test_keepalive_comments_while_the_engine_is_slow(monkeypatch):
         assert "".join(c.choices[0].delta.content or "" for c in chunks) == "slow"
 
 
+@pytest.mark.e2e       # a uvicorn server on a loopback port
 def test_real_model_chat_through_its_own_template(real_app, real_engine):
     """The real model's chat goes through the ChatML template of its file: the answer, and stop strings on its real
     text, with the openai SDK."""
@@ -239,6 +243,7 @@ def test_real_model_chat_through_its_own_template(real_app, real_engine):
         assert stopped.text == text[:i] and stopped.finish_reason == "stop"
 
 
+@pytest.mark.e2e       # a uvicorn server on a loopback port
 def test_real_model_calls_a_tool_its_template_cannot_describe(real_app, real_engine):
     """SmolLM2's ChatML template has no tool syntax: the tools, the model's call and the tool's result reach it as
     JSON text in its turns (llama.cpp's polyfills), and its call takes the city from the question."""

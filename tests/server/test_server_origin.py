@@ -210,6 +210,7 @@ def _raw_request(port: int, head: str) -> bytes:
     return data
 
 
+@pytest.mark.e2e       # a uvicorn server on a loopback port
 def test_real_listeners_refuse_foreign_hosts_on_both_ports(demo_library, caplog):
     """serve_async on 127.0.0.1 with text-generation-webui's extra streaming port: HTTP and WebSocket upgrades
     with a foreign Host are refused on both; the same with a loopback Host are served."""

@@ -17,8 +17,8 @@ PROMPTS = ["Once upon a time", "The forest was quiet", "USER: Hello\nASSISTANT:"
 
 
 @pytest.fixture(scope="module")
-def parallel_server(demo_file):
-    manager = demo_manager(demo_file, 256, multiuser=4, parallel=4)
+def parallel_server(demo_model):
+    manager = demo_manager(demo_model, 256, multiuser=4, parallel=4)
     app = make_app(manager, n_ctx=256, multiuser=4, parallel=4, api_key="k")
     with live(app) as srv:
         yield srv, manager
@@ -30,6 +30,7 @@ def kobold_text(raw: bytes) -> tuple[str, str]:
     return "".join(e["token"] for e in events), events[-1]["finish_reason"]
 
 
+@pytest.mark.e2e       # a uvicorn server on a loopback port
 def test_concurrent_streams_each_equal_their_text_alone(parallel_server):
     srv, manager = parallel_server
     body = {"max_length": 24, "temperature": 0, "rep_pen": 1.0}

@@ -112,6 +112,7 @@ def test_plugin_hooks_change_routes_requests_and_templates(demo_engine):
     assert template.seen == [([{"role": "user", "content": "hi"}], name)]
 
 
+@pytest.mark.e2e       # a uvicorn server on a loopback port
 def test_startup_and_shutdown_hooks_and_extra_listeners(demo_engine):
     calls = []
     extra = free_port()

@@ -99,6 +99,7 @@ def test_every_registered_route_is_protected_or_a_known_probe(demo_engine):
                 assert r.status_code == 401, (method, route.path)
 
 
+@pytest.mark.e2e       # a uvicorn server on a loopback port
 def test_websockets_need_the_key(demo_engine):
     app = make_app(demo_engine, api_key=KEY)
     c = TestClient(app)
@@ -123,11 +124,11 @@ def test_websockets_need_the_key(demo_engine):
             "text_stream"
 
 
-def test_admin_key_guards_model_loading(demo_file):
+def test_admin_key_guards_model_loading(demo_model):
     from airobackend.manager import ModelManager
 
     manager = ModelManager(Settings(n_ctx=64))
-    name = manager.register(demo_file)
+    name = manager.register(demo_model)
     manager.load(name)
     c = TestClient(make_app(manager, api_key=KEY, admin_key="admin!", n_ctx=64))
     r = c.post("/api/v1/model", json={"action": "unload"}, headers=AUTH)
@@ -173,6 +174,7 @@ def test_cors_can_be_restricted(demo_engine):
         "access-control-allow-origin"] == "http://also.example"
 
 
+@pytest.mark.e2e       # a uvicorn server on a loopback port
 def test_body_cap(demo_engine):
     engine = demo_engine
     c = TestClient(make_app(engine, max_body_bytes=1000))
@@ -205,6 +207,7 @@ def test_hostile_bodies_get_error_shapes_and_the_server_keeps_serving(raw, demo_
     assert r.status_code == 200
 
 
+@pytest.mark.e2e       # a uvicorn server on a loopback port
 def test_oversized_headers_are_refused(demo_engine):
     with live(make_app(demo_engine)) as srv:
         r = httpx.get(srv.url + "/api/extra/version", headers={"X-Big": "y" * 64 * 1024})
@@ -246,6 +249,7 @@ def test_warning_when_listening_beyond_loopback_without_a_key():
     assert security_warnings(Settings(host="::1")) == []
 
 
+@pytest.mark.e2e       # a uvicorn server on a loopback port
 def test_websocket_messages_are_capped(demo_engine):
     with live(make_app(demo_engine, max_body_bytes=1000)) as srv:
         async def go():
@@ -258,6 +262,7 @@ def test_websocket_messages_are_capped(demo_engine):
         assert httpx.post(srv.url + "/api/v1/generate", json={"prompt": "x", "max_length": 1}).status_code == 200
 
 
+@pytest.mark.e2e       # a uvicorn server on a loopback port
 def test_connections_beyond_the_limit_get_503_and_the_server_keeps_serving(demo_engine):
     # Each connection may carry a body up to the cap, so their number is what bounds the server's memory.
     app = make_app(demo_engine, max_connections=3)   # uvicorn counts the asking connection too

@@ -9,6 +9,7 @@ import shutil
 import threading
 
 import httpx
+import pytest
 import websockets
 from starlette.testclient import TestClient
 
@@ -64,6 +65,7 @@ async def collect(agen) -> list:
     return [x async for x in agen]
 
 
+@pytest.mark.e2e       # a uvicorn server on a loopback port
 def test_streaming_example_on_the_main_port_matches_blocking_generate(demo_app):
     with live(demo_app) as srv:
         pieces = asyncio.run(collect(example_stream(f"ws://127.0.0.1:{srv.port}/api/v1/stream", "In a hole")))
@@ -72,6 +74,7 @@ def test_streaming_example_on_the_main_port_matches_blocking_generate(demo_app):
     assert len(pieces) > 1
 
 
+@pytest.mark.e2e       # a uvicorn server on a loopback port
 def test_legacy_streaming_port_serves_the_websocket(demo_engine):
     """Old clients hard-code ws://host:5005/api/v1/stream: `serve` also listens on --textgen-stream-port."""
     port, stream_port = free_port(), free_port()
@@ -93,6 +96,7 @@ def test_legacy_streaming_port_serves_the_websocket(demo_engine):
         t.join(10)
 
 
+@pytest.mark.e2e       # a uvicorn server on a loopback port
 def test_chat_stream_example_grows_the_history(demo_app):
     history = {"internal": [["Hi", "Hello!"]], "visible": [["Hi", "Hello!"]]}
     with live(demo_app) as srv:
@@ -211,11 +215,11 @@ def test_model_actions_with_the_model_manager(tmp_path, demo_engine):
     assert r.status_code == 503 and r.json()["error"]["code"] == "model_not_loaded"
 
 
-def test_model_actions_without_a_manager_say_so(demo_file):
+def test_model_actions_without_a_manager_say_so(demo_model):
     from airobackend.engine import Engine
     from airobackend.llama import Llama
 
-    engine = Engine(Llama(model_path=demo_file, n_ctx=64, verbose=False), Settings(n_ctx=64))
+    engine = Engine(Llama(model_path=demo_model, n_ctx=64, verbose=False), Settings(n_ctx=64))
     c = TestClient(make_app(engine, n_ctx=64))
     r = c.post("/api/v1/model", json={"action": "list"}).json()
     assert "not available" in r["error"]["message"]
@@ -232,6 +236,7 @@ def test_textgen_alone_answers_the_shared_routes(demo_engine):
     assert c.get("/api/extra/version").status_code == 404
 
 
+@pytest.mark.e2e       # a uvicorn server on a loopback port
 def test_a_busy_legacy_port_does_not_stop_the_server(demo_engine):
     import socket
 

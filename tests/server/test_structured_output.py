@@ -35,9 +35,9 @@ ORDER = {"type": "object", "properties": {
 
 
 @pytest.fixture(scope="module")
-def big_engine(demo_file):
+def big_engine(demo_model):
     """The demo model with room for the tool preamble and a JSON answer."""
-    return demo_manager(demo_file, 2048)
+    return demo_manager(demo_model, 2048)
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +82,7 @@ def test_response_format_json_schema_and_json_object_validate(big_app, big_engin
         assert isinstance(json.loads(choice["message"]["content"]), dict)
 
 
+@pytest.mark.e2e       # a uvicorn server on a loopback port
 def test_openai_sdk_parse_with_a_pydantic_model(big_app):
     class Item(pydantic.BaseModel):
         qty: int = pydantic.Field(ge=1, le=9)
@@ -99,6 +100,7 @@ def test_openai_sdk_parse_with_a_pydantic_model(big_app):
         assert isinstance(order, Order) and all(1 <= it.qty <= 9 for it in order.items)
 
 
+@pytest.mark.e2e       # a uvicorn server on a loopback port
 def test_tool_call_round_trip_through_the_openai_sdk(big_app, big_engine):
     messages = [{"role": "user", "content": "What is the weather in Paris?"}]
     with live(big_app) as srv:
