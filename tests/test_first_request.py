@@ -1,8 +1,8 @@
 """A model is ready when `load` returns: every kernel was compiled or loaded from Numba's cache during the load,
-so the first request takes about as long as the next ones (it used to pay 20-60 s of compilation on a first
-start, and a few hundred ms of cache loading on every start, with nothing logged). Measured in a fresh interpreter,
-where nothing is compiled or loaded yet; the comparison is within the same process, as a ratio to the warm
-requests."""
+so the first request compiles and loads nothing (it used to pay 20-60 s of compilation on a first start, and a few
+hundred ms of cache loading on every start, with nothing logged). Checked in a fresh interpreter, where nothing is
+compiled or loaded yet, by counting the compiled forms (overloads) of every Numba function before and after each
+request: the check counts work, it does not time it."""
 from __future__ import annotations
 
 import json
@@ -14,45 +14,50 @@ import sys
 import pytest
 
 SCRIPT = """
-import json, sys, time
+import gc, json, sys
+from numba.core.dispatcher import Dispatcher
 from airobackend.manager import ModelManager
 from airobackend.settings import Settings
 from airobackend.types import GenerationRequest, SamplingParams
+
+def compiled():
+    return {f"{d.py_func.__module__}.{d.py_func.__qualname__}{sig}" for d in gc.get_objects()
+            if isinstance(d, Dispatcher) for sig in d.overloads}
+
 manager = ModelManager(Settings(n_ctx=256))
 manager.load(manager.register(sys.argv[1]))
-times = []
-for i in range(5):          # different prompts: the prompt cache must not shorten the later ones
+new = []
+for i in range(3):          # different prompts: the prompt cache must not shorten the later ones
     req = GenerationRequest(prompt=f"Request number {i}: hello there,", max_tokens=3,
                             sampling=SamplingParams(temperature=0.0))
-    t0 = time.perf_counter()
-    for event in manager.generate(req):
-        pass
-    times.append(time.perf_counter() - t0)
-print(json.dumps(times))
+    before = compiled()
+    text = "".join(event.text for event in manager.generate(req))
+    new.append(sorted(map(str, compiled() - before)))
+print(json.dumps({"before": len(before), "new": new, "text": text}))
 """
 
 
-def first_and_warm(demo_model, env=None) -> tuple[float, float]:
+def kernels_added_per_request(demo_model, env=None) -> dict:
     out = subprocess.run([sys.executable, "-c", SCRIPT, str(demo_model)], env=env, capture_output=True, text=True,
                          timeout=1800)
     assert out.returncode == 0, out.stderr
-    times = json.loads(out.stdout.strip().splitlines()[-1])
-    return times[0], max(times[1:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_the_first_request_after_load_runs_as_fast_as_a_warm_one(demo_model):
-    first, warm = first_and_warm(demo_model)
-    # Without the warm-up the first request loaded ~40 kernels from the on-disk cache: 0.3-0.4 s against 2-20 ms.
-    assert first <= 3 * warm + 0.1, (first, warm)
+@pytest.mark.e2e       # a fresh Python interpreter, where nothing is compiled or loaded yet
+def test_the_first_request_after_load_compiles_and_loads_nothing(demo_model):
+    result = kernels_added_per_request(demo_model)
+    assert result["before"] > 10 and result["text"]        # the load made the kernels; the requests generated
+    assert result["new"] == [[], [], []], result["new"]
 
 
 @pytest.mark.slow
-def test_the_first_request_after_a_first_start_runs_as_fast_as_a_warm_one(demo_model, tmp_path):
+def test_the_first_request_after_a_first_start_compiles_and_loads_nothing(demo_model, tmp_path):
     """The same with an empty cache: every kernel compiles during the load (minutes on 2 busy cores)."""
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
     env["AIRO_CACHE_DIR"] = str(tmp_path / "cache")
-    first, warm = first_and_warm(demo_model, env)
-    assert first <= 3 * warm + 0.1, (first, warm)
+    result = kernels_added_per_request(demo_model, env)
+    assert result["before"] > 10 and result["new"] == [[], [], []], result["new"]
 
 
 def test_a_model_switch_warms_its_kernels_and_says_so(demo_model, fixtures_dir):

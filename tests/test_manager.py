@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,8 @@ from airobackend.library import GB
 from airobackend.manager import ConsoleProgress, ModelManager, mem_available
 from airobackend.settings import Settings
 from airobackend.types import FinishReason, GenerationEvent, GenerationRequest, SamplingParams
+
+from sync import settle, watched
 
 TIMEOUT = 10.0
 
@@ -102,7 +103,7 @@ def make(library_dir, *, mem=1 << 50, multiuser=1, factory=None, **kw):
     factory = factory or Factory()
     mem_box = {"bytes": mem}
     mgr = ModelManager(settings, mem_available=lambda: mem_box["bytes"], engine_factory=factory)
-    return mgr, factory, mem_box
+    return watched(mgr), factory, mem_box
 
 
 def text_of(events) -> str:
@@ -360,13 +361,11 @@ def test_load_waits_for_stream_in_flight_and_queues_new_requests(library_dir):
     assert first.text == "fx-q2_K.gguf"
 
     loader, load_box = run_in_thread(mgr.load, "fx-q8_0.gguf")
-    deadline = time.monotonic() + TIMEOUT
-    while mgr.loading_name is None and time.monotonic() < deadline:
-        time.sleep(0.01)
+    settle(mgr, lambda: mgr.loading_name is not None)
     assert mgr.loading_name == "fx-q8_0.gguf"
-    # A request arriving during the load waits in line.
+    # A request arriving during the load waits in line (the stream holds the old model: nothing can move on).
     late, late_box = run_in_thread(lambda: text_of(mgr.generate(GenerationRequest(prompt="new"))))
-    time.sleep(0.2)
+    settle(mgr, lambda: mgr._waiting == 1)
     assert loader.is_alive() and late.is_alive(), "the load waits for the stream; the new request waits for the load"
     assert "fx-q8_0.gguf" not in factory.calls, "the new model is not built while the old one streams"
     assert mgr.perf()["queue"] >= 1
@@ -401,9 +400,7 @@ def test_waiting_line_is_bounded(library_dir):
     loader, _ = run_in_thread(mgr.load, "fx-q2_K.gguf")
     assert factory.loading.wait(TIMEOUT)
     waiters = [run_in_thread(lambda: text_of(mgr.generate(GenerationRequest(prompt="w")))) for _ in range(2)]
-    deadline = time.monotonic() + TIMEOUT
-    while mgr._waiting < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    settle(mgr, lambda: mgr._waiting == 2)
     with pytest.raises(EngineBusy, match="busy"):
         mgr.generate(GenerationRequest(prompt="third"))
     factory.hold.set()
@@ -419,9 +416,7 @@ def test_request_waiting_for_a_load_can_be_aborted(library_dir):
     loader, _ = run_in_thread(mgr.load, "fx-q2_K.gguf")
     assert factory.loading.wait(TIMEOUT)
     waiter, box = run_in_thread(lambda: list(mgr.generate(GenerationRequest(prompt="w", genkey="KCPP1234"))))
-    deadline = time.monotonic() + TIMEOUT
-    while mgr._waiting < 1 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    settle(mgr, lambda: mgr._waiting == 1)
     assert mgr.abort("KCPP1234") is True
     waiter.join(TIMEOUT)
     assert [ev.finish_reason for ev in box["result"]] == [FinishReason.ABORTED]
@@ -589,9 +584,7 @@ def test_start_load_marks_the_load_before_returning(library_dir):
     with pytest.raises(EngineBusy):
         mgr.start_load("fx-q8_0.gguf")
     factory.hold.set()
-    deadline = time.monotonic() + TIMEOUT
-    while mgr.loaded_name != "fx-q2_K.gguf" and time.monotonic() < deadline:
-        time.sleep(0.01)
+    settle(mgr, lambda: mgr.loading_name is None)
     assert mgr.loaded_name == "fx-q2_K.gguf" and mgr.loading_name is None
     # Refusals come out of start_load itself; a failure later is in last_error.
     mem["bytes"] = 1
@@ -600,6 +593,5 @@ def test_start_load_marks_the_load_before_returning(library_dir):
     mem["bytes"] = 1 << 50
     factory.fail.add("fx-q8_0.gguf")
     mgr.start_load("fx-q8_0.gguf")
-    while mgr.loading_name is not None and time.monotonic() < deadline:
-        time.sleep(0.01)
+    settle(mgr, lambda: mgr.loading_name is None)
     assert "runs past the end" in mgr.last_error and mgr.loaded_name == "fx-q2_K.gguf"

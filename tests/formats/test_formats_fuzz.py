@@ -1,8 +1,9 @@
-"""Seeded fuzzing of the model readers (issue 8): >= 500 mutations of llama.cpp fixtures and of the project's own
+"""Seeded fuzzing of the model readers: >= 500 mutations of llama.cpp fixtures and of the project's own
 written models per run -- truncations, flipped bits in headers and tensor tables, absurd counts / dims / name
 lengths, out-of-range and overlapping tensor offsets, broken zip central directories and split parts.
-Every case must end in ModelFileError with a one-line message naming the file, within a second; a mutation that
-still yields a readable file must give tensors that lie inside the file. Peak memory growth stays bounded.
+Every case must end in ModelFileError with a one-line message naming the file; a mutation that still yields a
+readable file must give tensors that lie inside the file. The work of each open is bounded by counting the reader's
+header reads against the file's size (opening.py), never timed; peak memory growth stays bounded.
 AIRO_FUZZ_SEED / AIRO_FUZZ_CASES change the seed / number of cases (CI uses the defaults)."""
 from __future__ import annotations
 
@@ -10,10 +11,8 @@ import os
 import random
 import resource
 import shutil
-import signal
 import struct
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -21,18 +20,10 @@ import pytest
 from airobackend.errors import ModelFileError
 from airobackend.formats import open_model
 from airobackend.formats.writer import write_synthetic_model
+from opening import hang_guard, open_counted
 
 SEED = int(os.environ.get("AIRO_FUZZ_SEED", "20240611"))
 CASES = int(os.environ.get("AIRO_FUZZ_CASES", "600"))
-CASE_BUDGET_S = 10.0                  # a bound against hangs, not a speed target
-
-
-class _Hang(Exception):
-    pass
-
-
-def _on_alarm(signum, frame):   # turns a hang into a test failure instead of a stuck CI job
-    raise _Hang()
 
 
 def _fields_gguf(raw: bytes, mf) -> list:
@@ -102,17 +93,14 @@ def split_zip(tmp_path_factory, fixtures_dir):
 
 
 def _check(path: Path, must_fail: bool, stats: dict, label: str) -> None:
-    signal.setitimer(signal.ITIMER_REAL, 10.0)
-    t = time.perf_counter()
     try:
-        mf = open_model(path)
+        with hang_guard(label):
+            mf = open_counted(path, stats)
     except ModelFileError as e:
         msg = str(e)
         assert msg and "\n" not in msg and len(msg) < 600, (label, msg)
         assert path.name in msg or path.parent.name in msg, (label, msg)
         stats["raised"] += 1
-    except _Hang:
-        pytest.fail(f"{label}: open_model hung for 10 s")
     else:
         try:
             assert not must_fail, f"{label}: opened a file that must be rejected"
@@ -121,57 +109,49 @@ def _check(path: Path, must_fail: bool, stats: dict, label: str) -> None:
             stats["opened"] += 1
         finally:
             mf.close()
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-    dt = time.perf_counter() - t
-    stats["worst"] = max(stats["worst"], dt)
-    assert dt < CASE_BUDGET_S, f"{label}: took {dt:.2f}s"
 
 
+@pytest.mark.e2e       # the split-zip cases are made by Info-ZIP's `zip`, a subprocess
 def test_fuzz_model_files(tmp_path, bases, split_zip):
     rnd = random.Random(SEED)
-    old = signal.signal(signal.SIGALRM, _on_alarm)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    stats = {"raised": 0, "opened": 0, "worst": 0.0}
+    stats = {"raised": 0, "opened": 0, "reads": 0, "most_reads": 0}
     kinds: dict = {}
-    try:
-        for case in range(CASES):
-            use_zip = split_zip is not None and case % 6 == 5
-            if use_zip:
-                kind = _zip_case(rnd, tmp_path / f"z{case}", split_zip, stats, case)
-            else:
-                name, raw, fields, header_end = bases[case % len(bases)]
-                m = bytearray(raw)
-                kind = rnd.choice(["truncate", "flip", "field", "field", "overlap", "flip_table"])
-                must_fail = True
-                if kind == "truncate":
-                    m = m[:rnd.randrange(0, len(m))]
-                elif kind in ("flip", "flip_table"):
-                    lo = 0 if kind == "flip" else min(f[0] for f in fields[2:])
-                    for _ in range(rnd.randint(1, 4)):
-                        m[rnd.randrange(lo, header_end)] ^= 1 << rnd.randrange(8)
-                    must_fail = False                    # a flip in a score or a name can leave a valid file
-                elif kind == "field":
-                    off, width, bad = rnd.choice(fields)
-                    struct.pack_into("<I" if width == 4 else "<Q", m, off, rnd.choice(bad))
-                else:                                    # two tensors pointed at the same data
-                    tfields = [f for f in fields if f[2] and f[2][0] == 1 << 50]
-                    if len(tfields) >= 2:
-                        (a, _, _), (b, _, _) = rnd.sample(tfields, 2)
-                        m[b:b + 8] = m[a:a + 8]
-                    else:                                # GGML has no offsets: point a record past the end
-                        kind = "truncate"
-                        m = m[:rnd.randrange(header_end, len(m))]
-                p = tmp_path / f"c{case}-{name}"
-                p.write_bytes(m)
-                _check(p, must_fail, stats, f"case {case} {kind} {name}")
-                p.unlink()
-            kinds[kind] = kinds.get(kind, 0) + 1
-    finally:
-        signal.signal(signal.SIGALRM, old)
+    for case in range(CASES):
+        use_zip = split_zip is not None and case % 6 == 5
+        if use_zip:
+            kind = _zip_case(rnd, tmp_path / f"z{case}", split_zip, stats, case)
+        else:
+            name, raw, fields, header_end = bases[case % len(bases)]
+            m = bytearray(raw)
+            kind = rnd.choice(["truncate", "flip", "field", "field", "overlap", "flip_table"])
+            must_fail = True
+            if kind == "truncate":
+                m = m[:rnd.randrange(0, len(m))]
+            elif kind in ("flip", "flip_table"):
+                lo = 0 if kind == "flip" else min(f[0] for f in fields[2:])
+                for _ in range(rnd.randint(1, 4)):
+                    m[rnd.randrange(lo, header_end)] ^= 1 << rnd.randrange(8)
+                must_fail = False                    # a flip in a score or a name can leave a valid file
+            elif kind == "field":
+                off, width, bad = rnd.choice(fields)
+                struct.pack_into("<I" if width == 4 else "<Q", m, off, rnd.choice(bad))
+            else:                                    # two tensors pointed at the same data
+                tfields = [f for f in fields if f[2] and f[2][0] == 1 << 50]
+                if len(tfields) >= 2:
+                    (a, _, _), (b, _, _) = rnd.sample(tfields, 2)
+                    m[b:b + 8] = m[a:a + 8]
+                else:                                # GGML has no offsets: point a record past the end
+                    kind = "truncate"
+                    m = m[:rnd.randrange(header_end, len(m))]
+            p = tmp_path / f"c{case}-{name}"
+            p.write_bytes(m)
+            _check(p, must_fail, stats, f"case {case} {kind} {name}")
+            p.unlink()
+        kinds[kind] = kinds.get(kind, 0) + 1
     growth_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
     print(f"\nfuzz seed {SEED}: {CASES} cases {kinds}; raised {stats['raised']}, opened {stats['opened']}, "
-          f"worst {stats['worst'] * 1000:.0f} ms, peak RSS growth {growth_mb:.0f} MB")
+          f"header reads {stats['reads']} (most in one open {stats['most_reads']}), peak RSS growth {growth_mb:.0f} MB")
     assert stats["raised"] + stats["opened"] == CASES >= 500
     assert stats["raised"] > CASES * 0.7
     assert growth_mb < 256

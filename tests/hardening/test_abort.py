@@ -1,9 +1,9 @@
-"""Disconnect and abort, measured in model evaluations (issue 8 "Load, abort, disconnect").
+"""Disconnect and abort, measured in model evaluations.
 
 tests/server/test_server_concurrency.py shows that a disconnect stops a lone generation and that abort by genkey
 finds one running job. Here the harder cases, with a second request waiting behind the first, on a real uvicorn
-server over the scripted model of tests/server/fakes.py (a fixed reply, `DELAY` seconds per evaluation, an
-evaluation counter):
+server over the scripted model of tests/server/fakes.py (a fixed reply, an evaluation counter, and a forward pass
+held until the test releases it, so that "while A generates" is a state the test waits for, not a duration):
 
 - a client that disconnects mid-stream (each streaming protocol) frees the model within one token: counting
   evaluations, the abandoned generation runs at most one more after the close, and the waiting request then runs;
@@ -24,33 +24,28 @@ import httpx
 import pytest
 from websockets.sync.client import connect as ws_connect
 
-from fakes import live, make_app, scripted_engine
+from fakes import abort_calls, live, make_app, scripted_engine, wait_idle
 from hardening_support import TextgenStream, parse_kobold_sse
 from airobackend.types import FinishReason, GenerationRequest, SamplingParams
+from sync import settle, watched
 
 REPLY = "The quick brown fox jumps over the lazy dog. "
-DELAY = 0.05
-DISCONNECT_DELAY = 0.1     # per token: leaves a busy machine's event loop ample time to notice the close
+HOLD = 8        # the forward pass a running generation is held in: its first 7 tokens are out
 
 
-def wait_until(cond, timeout: float = 10.0) -> bool:
-    end = time.time() + timeout
-    while time.time() < end:
-        if cond():
-            return True
-        time.sleep(0.005)
-    return cond()
+def _setup(multiuser: int = 2):
+    engine, model = scripted_engine(REPLY, eos=False, n_ctx=2048, multiuser=multiuser, hold_at=HOLD)
+    return watched(engine), model, make_app(engine, n_ctx=2048, multiuser=multiuser)
 
 
-def _setup(multiuser: int = 2, delay: float = DELAY):
-    engine, model = scripted_engine(REPLY, delay=delay, eos=False, n_ctx=2048, multiuser=multiuser)
-    return engine, model, make_app(engine, n_ctx=2048, multiuser=multiuser)
+def _queued(engine, n: int) -> None:
+    settle(engine, lambda: len(engine._queue) == n)
 
 
 def _blocking(url: str, out: dict, key: str, **body) -> threading.Thread:
     def go():
-        r = httpx.post(url + "/api/v1/generate", json={"prompt": "y", **body}, timeout=30)
-        out[key] = (time.time(), r)
+        r = httpx.post(url + "/api/v1/generate", json={"prompt": "y", **body}, timeout=60)
+        out[key] = r
     t = threading.Thread(target=go)
     t.start()
     return t
@@ -58,9 +53,11 @@ def _blocking(url: str, out: dict, key: str, **body) -> threading.Thread:
 
 # ---------------------------------------------------------------------------------------------- disconnects
 
+@pytest.mark.e2e       # a uvicorn server on a loopback port
 @pytest.mark.parametrize("proto", ["kobold", "completions", "chat", "textgen"])
 def test_disconnect_frees_the_model_within_one_token(proto):
-    engine, model, app = _setup(delay=DISCONNECT_DELAY)
+    engine, model, app = _setup()
+    aborted = abort_calls(engine)
     with live(app) as srv:
         out: dict = {}
         if proto == "textgen":
@@ -87,23 +84,23 @@ def test_disconnect_frees_the_model_within_one_token(proto):
             def close():
                 cm.__exit__(None, None, None)
                 client.close()
-        assert engine.is_running()
+        assert model.inside.wait(60) and engine.is_running()
         # a second request waits behind the stream
         t = _blocking(srv.url, out, "b", max_length=3, genkey="KCPPB")
-        assert wait_until(lambda: engine.queue_length == 1)
+        _queued(engine, 1)
         evals_at_close = model.evals
-        t_close = time.time()
         close()
-        t.join(20)
+        assert aborted.wait(60), "the server never noticed the client leave"
+        model.release.set()                     # the held pass ends; the abandoned generation must stop there
+        t.join(60)
         assert "b" in out, "the waiting request never ran: the abandoned stream still holds the model"
-        t_done, rb = out["b"]
+        rb = out["b"]
         assert rb.status_code == 200 and rb.json()["results"][0]["text"] == REPLY[:3]
         # the waiting request needs exactly 3 evaluations (its prompt tail, then 2 tokens; the 3rd is sampled
         # without evaluating it): everything else after the close belongs to the abandoned stream
         extra = model.evals - evals_at_close - 3
         assert extra <= 1, f"the abandoned generation ran {extra} more evaluations after the client left"
-        assert t_done - t_close < 5 * DISCONNECT_DELAY + 2.0
-        assert wait_until(lambda: engine.perf()["idle"] == 1 and engine.perf()["queue"] == 0)
+        assert wait_idle(engine) and engine.perf()["queue"] == 0
 
 
 # ---------------------------------------------------------------------------------------------- abort routes
@@ -112,59 +109,61 @@ def _kobold_stream(url: str, out: dict, genkey: str) -> threading.Thread:
     def go():
         r = httpx.post(url + "/api/extra/generate/stream", json={"prompt": "x", "max_length": 1000,
                                                                   "genkey": genkey}, timeout=60)
-        out["a"] = (time.time(), r)
+        out["a"] = r
     t = threading.Thread(target=go)
     t.start()
     return t
 
 
+@pytest.mark.e2e       # a uvicorn server on a loopback port
 def test_abort_by_genkey_stops_the_queued_one_and_leaves_the_running_one():
     engine, model, app = _setup()
     with live(app) as srv:
         out: dict = {}
         ta = _kobold_stream(srv.url, out, "KCPPA")
-        assert wait_until(lambda: engine.is_running("KCPPA"))
+        assert model.inside.wait(60) and engine.is_running("KCPPA")
         tb = _blocking(srv.url, out, "b", max_length=50, genkey="KCPPB")
-        assert wait_until(lambda: engine.queue_length == 1)
+        _queued(engine, 1)
         r = httpx.post(srv.url + "/api/extra/abort", json={"genkey": "KCPPB"})
         assert r.json() == {"success": "true", "done": "true"}
-        tb.join(5)
+        tb.join(60)
         assert not tb.is_alive(), "the aborted queued request did not end"
-        assert out["b"][1].json()["results"][0]["text"] == ""          # it never ran
+        assert out["b"].json()["results"][0]["text"] == ""          # it never ran
         assert engine.is_running("KCPPA") and engine.queue_length == 0
         n = len(engine.partial_text("KCPPA"))
-        assert wait_until(lambda: len(engine.partial_text("KCPPA")) > n)  # A goes on
+        model.release_and_hold_at(HOLD + 4)     # A goes on, and is held again four tokens later
+        assert model.inside.wait(60) and len(engine.partial_text("KCPPA")) > n
         r = httpx.post(srv.url + "/api/extra/abort", json={"genkey": "KCPPA"})
         assert r.json()["success"] == "true"
-        ta.join(5)
-        text, reason = parse_kobold_sse(out["a"][1].content)
+        model.release.set()
+        ta.join(60)
+        text, reason = parse_kobold_sse(out["a"].content)
         assert reason == "length" and len(text) < 1000 and (REPLY * 30).startswith(text)
 
 
+@pytest.mark.e2e       # a uvicorn server on a loopback port
 @pytest.mark.parametrize("how", ["kobold-genkey", "kobold-empty", "textgen-stop-stream", "openai-stop-generation"])
 def test_stopping_the_running_one_lets_the_queued_one_run_in_full(how):
     engine, model, app = _setup()
     with live(app) as srv:
         out: dict = {}
         ta = _kobold_stream(srv.url, out, "KCPPA")
-        assert wait_until(lambda: engine.is_running("KCPPA"))
+        assert model.inside.wait(60) and len(engine.partial_text("KCPPA")) > 0      # A is running, with text
         tb = _blocking(srv.url, out, "b", max_length=12, genkey="KCPPB")
-        assert wait_until(lambda: engine.queue_length == 1)
-        # stop A once it has text: running alone does not mean a token is out yet (a stop before the first one left
-        # A empty, 2 runs in 10 of tests/formats + this file on a busy machine)
-        assert wait_until(lambda: len(engine.partial_text("KCPPA")) > 0)
+        _queued(engine, 1)
         path, body = {"kobold-genkey": ("/api/extra/abort", {"genkey": "KCPPA"}),
                       "kobold-empty": ("/api/extra/abort", None),
                       "textgen-stop-stream": ("/api/v1/stop-stream", {}),
                       "openai-stop-generation": ("/v1/internal/stop-generation", {})}[how]
         r = httpx.post(srv.url + path, json=body) if body is not None else httpx.post(srv.url + path)
         assert r.status_code == 200
-        ta.join(5)
+        model.release.set()
+        ta.join(60)
         assert not ta.is_alive()
-        text, _ = parse_kobold_sse(out["a"][1].content)
-        assert 0 < len(text) < 1000
-        tb.join(10)
-        assert out["b"][1].json()["results"][0]["text"] == REPLY[:12]    # B untouched by the stop
+        text, _ = parse_kobold_sse(out["a"].content)
+        assert 0 < len(text) < HOLD
+        tb.join(60)
+        assert out["b"].json()["results"][0]["text"] == REPLY[:12]    # B untouched by the stop
         assert engine.perf()["last_token_count"] == 12
 
 
@@ -209,6 +208,7 @@ def test_aborts_racing_with_completion_in_the_engine():
     assert "".join(e.text for e in ev) == REPLY[:20] and ev[-1].finish_reason is FinishReason.LENGTH
 
 
+@pytest.mark.e2e       # a uvicorn server on a loopback port
 def test_aborts_racing_with_completion_over_http():
     engine, model = scripted_engine(REPLY, delay=0.002, eos=True, multiuser=2)
     rng = random.Random(11)
@@ -218,11 +218,13 @@ def test_aborts_racing_with_completion_over_http():
             n = rng.randrange(1, 12) if i % 4 != 2 else 40
             key = f"KCPP{i:04d}"
             res = {}
+            if i % 4 == 2:                          # held in its third forward pass: surely running
+                model.release_and_hold_at(model.evals + 3)
             t = threading.Thread(target=lambda: res.update(r=c.post("/api/extra/generate/stream", json={
                 "prompt": "p", "max_length": n, "genkey": key})))
             t.start()
-            if i % 4 == 2:                          # surely running: the abort must hit
-                assert wait_until(lambda: engine.is_running(key))
+            if i % 4 == 2:                          # the abort must hit
+                assert model.inside.wait(60)
             elif i % 4 == 3:                        # surely over: the abort must miss, and harm nothing
                 t.join(10)
             else:                                   # before the start, mid-generation, or after the end
@@ -231,6 +233,7 @@ def test_aborts_racing_with_completion_over_http():
             assert a.status_code == 200 and a.json()["success"] in ("true", "false")
             if i % 4 == 2:
                 assert a.json()["success"] == "true"
+                model.release.set()
             elif i % 4 == 3:
                 assert a.json()["success"] == "false"
             outcomes.add(a.json()["success"])
@@ -242,9 +245,10 @@ def test_aborts_racing_with_completion_over_http():
             assert r.json()["results"][0]["text"] == REPLY[:5]
         assert outcomes == {"true", "false"}       # both sides of the race happened
         # The last answer is sent when its final event is out; the worker thread closes the job just after.
-        assert wait_until(lambda: engine.perf()["idle"] == 1 and engine.queue_length == 0, timeout=5)
+        assert wait_idle(engine) and engine.queue_length == 0
 
 
+@pytest.mark.e2e       # a uvicorn server on a loopback port
 def test_websocket_stop_stream_mid_stream_keeps_the_socket():
     """text-generation-webui clients stop with /api/v1/stop-stream and send the next request on the same socket."""
     engine, model, app = _setup()
@@ -254,7 +258,9 @@ def test_websocket_stop_stream_mid_stream_keeps_the_socket():
             p = TextgenStream()
             for _ in range(3):
                 p.feed(ws.recv(timeout=10))
+            assert model.inside.wait(60)
             assert httpx.post(srv.url + "/api/v1/stop-stream", json={}).json() == {"results": "success"}
+            model.release.set()
             while not p.feed(ws.recv(timeout=10)):
                 pass
             assert p.error is None and 0 < len("".join(p.text)) < 1000

@@ -3,7 +3,7 @@
 The real `airobackend.engine.Engine` (queue, busy answer, abort, genkey, stop strings, counters) runs over a fake
 forward pass that "writes" a fixed reply byte by byte with a controllable delay per token, and a byte-level
 tokenizer. So these tests exercise the real engine contract while knowing exactly which text comes out and when.
-End-to-end tests with the real model live in test_server_e2e.py.
+Tests with the real engine on the demo model use `demo_manager` below (and tests/conftest.py's `demo_model`).
 """
 from __future__ import annotations
 
@@ -43,11 +43,12 @@ class ScriptedModel:
     """Predicts the bytes of `reply` one after another after any prompt, then EOS (or loops when `eos` is False).
 
     A call that does not continue its own last prediction counts as a new prompt and restarts the reply. Each call
-    sleeps `delay` seconds, so tests can hold a generation open; `evals` counts calls (for "stopped within a token").
+    sleeps `delay` seconds (pacing only); `evals` counts calls (for "stopped within a token"). With `hold_at=N` the
+    N-th call sets `inside` and waits for `release`: a test acts while a generation is surely under way.
     """
 
     def __init__(self, reply: str = "Hello from the scripted model!", *, n_ctx: int = 512, delay: float = 0.0,
-                 eos: bool = True) -> None:
+                 eos: bool = True, hold_at: Optional[int] = None) -> None:
         self.reply = reply.encode("utf-8")
         self.n_ctx, self.n_vocab, self.n_batch = n_ctx, N_VOCAB, 64
         self.delay = delay
@@ -57,6 +58,14 @@ class ScriptedModel:
         self._expect: Optional[tuple[int, int]] = None   # (token, position) we predicted last
         self._i = 0
         self.lock = threading.Lock()
+        self.hold_at, self.inside, self.release = hold_at, threading.Event(), threading.Event()
+
+    def release_and_hold_at(self, n: int) -> None:
+        """Release the held pass and hold the model again at its n-th call (call it while a pass is held)."""
+        release = self.release
+        with self.lock:
+            self.hold_at, self.inside, self.release = n, threading.Event(), threading.Event()
+        release.set()
 
     def eval_spans(self, spans) -> np.ndarray:
         (start, tokens), = spans[-1:]
@@ -67,6 +76,11 @@ class ScriptedModel:
         self.cache.n_past = n_past + len(tokens)
         with self.lock:
             self.evals += 1
+            held = self.evals == self.hold_at
+            inside, release = self.inside, self.release
+        if held:
+            inside.set()
+            assert release.wait(60), "the test never released the held forward pass"     # a hang guard
         if self.delay:
             time.sleep(self.delay)
         tokens = [int(t) for t in tokens]
@@ -124,15 +138,35 @@ class FakeLlama:
 
 
 def scripted_engine(reply: str = "Hello from the scripted model!", *, delay: float = 0.0, eos: bool = True,
-                    n_ctx: int = 512, multiuser: int = 1):
+                    n_ctx: int = 512, multiuser: int = 1, hold_at: Optional[int] = None):
     """A real Engine over ScriptedModel + ByteTokenizer."""
     from airobackend.engine import Engine
     from airobackend.settings import Settings
 
-    model = ScriptedModel(reply, n_ctx=n_ctx, delay=delay, eos=eos)
+    model = ScriptedModel(reply, n_ctx=n_ctx, delay=delay, eos=eos, hold_at=hold_at)
     engine = Engine(FakeLlama(model, ByteTokenizer()),
                     Settings(n_ctx=n_ctx, multiuser=multiuser, template="airoboros"))
     return engine, model
+
+
+def wait_idle(engine, timeout: float = 60.0) -> bool:
+    """Wait, on the engine's own condition (notified as jobs end), until no generation runs."""
+    with engine._cond:
+        return engine._cond.wait_for(lambda: not engine.is_running(), timeout)
+
+
+def abort_calls(engine) -> threading.Event:
+    """An Event set whenever `engine.abort` is called (a route's abort or a disconnect noticed by the server)."""
+    called = threading.Event()
+    abort = engine.abort
+
+    def watched(*args, **kwargs):
+        try:
+            return abort(*args, **kwargs)
+        finally:
+            called.set()
+    engine.abort = watched
+    return called
 
 
 # ---------------------------------------------------------------------------------------------- harness
@@ -165,10 +199,25 @@ class LiveServer:
         self.app = app
         self.port = free_port()
         settings = settings or app.state.settings
-        self.server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", self.port, settings))
+        self.ready = threading.Event()          # set once uvicorn listens, or when it gave up
+
+        class Server(uvicorn.Server):
+            async def startup(server, sockets=None) -> None:
+                try:
+                    await super().startup(sockets)
+                finally:
+                    self.ready.set()
+
+        self.server = Server(uvicorn_config(app, "127.0.0.1", self.port, settings))
         self.server.config.log_level = "warning"
         self.server.install_signal_handlers = lambda: None
-        self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), daemon=True)
+
+        def serve() -> None:
+            try:
+                asyncio.run(self.server.serve())
+            finally:
+                self.ready.set()
+        self.thread = threading.Thread(target=serve, daemon=True)
 
     @property
     def url(self) -> str:
@@ -176,11 +225,8 @@ class LiveServer:
 
     def __enter__(self) -> "LiveServer":
         self.thread.start()
-        deadline = time.time() + 20
-        while not self.server.started:
-            if time.time() > deadline or not self.thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
+        if not (self.ready.wait(60) and self.server.started):
+            raise RuntimeError("uvicorn did not start")
         return self
 
     def __exit__(self, *exc) -> None:

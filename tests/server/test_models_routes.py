@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import shutil
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from airobackend.plugins import DEFAULT_PLUGINS, get_plugin_manager
 from airobackend.server import create_app
 from airobackend.settings import Settings
 from airobackend.types import FinishReason, GenerationEvent
+from sync import settle, watched
 
 TIMEOUT = 20.0
 PLUGINS = tuple(p for p in DEFAULT_PLUGINS if not p.endswith(".models")) + ("airobackend.adapters.models",)
@@ -104,7 +104,7 @@ def scripted_manager(library_dir, **settings_kw):
         built[entry.name] = ScriptedEngine(entry.name)
         return built[entry.name], None
 
-    return ModelManager(settings, engine_factory=factory), settings, built
+    return watched(ModelManager(settings, engine_factory=factory)), settings, built
 
 
 # ---------------------------------------------------------------- listing
@@ -127,14 +127,12 @@ def test_every_protocol_lists_the_library(library_dir):
             no_paths(c.get(path), library_dir)
 
 
-def _wait_loaded(c, name):
-    deadline = time.monotonic() + TIMEOUT
-    while time.monotonic() < deadline:
-        status = c.get("/api/admin/load_status").json()
-        if status["loading"] is None and status["loaded"] == name:
-            return status
-        time.sleep(0.01)
-    raise AssertionError(f"{name} did not load: {status}")
+def _wait_loaded(c, mgr, name):
+    """Wait for the load under way to end (on the manager's condition), then read the status as a client would."""
+    settle(mgr, lambda: mgr.loading_name is None)
+    status = c.get("/api/admin/load_status").json()
+    assert status["loading"] is None and status["loaded"] == name, status
+    return status
 
 
 def test_kobold_admin_initial_model_and_unload_model(library_dir):
@@ -143,9 +141,9 @@ def test_kobold_admin_initial_model_and_unload_model(library_dir):
     with client_for(mgr, settings) as c:
         assert c.get("/api/admin/list_options").json()[:2] == ["initial_model", "unload_model"]
         assert c.post("/api/admin/reload_config", json={"filename": "fx-q2_K.ggmlv3.bin"}).json()["success"]
-        _wait_loaded(c, "fx-q2_K.ggmlv3.bin")
+        _wait_loaded(c, mgr, "fx-q2_K.ggmlv3.bin")
         assert c.post("/api/admin/reload_config", json={"filename": "initial_model"}).json()["success"]
-        _wait_loaded(c, "fx-q8_0.gguf")
+        _wait_loaded(c, mgr, "fx-q8_0.gguf")
         assert c.post("/api/admin/reload_config", json={"filename": "unload_model"}).json() == {"success": True}
         assert c.get("/api/v1/model").json() == {"result": "ReadOnly"}
         r = c.post("/api/v1/generate", json={"prompt": "x"})
@@ -271,7 +269,7 @@ def test_switch_waits_for_a_stream_and_queues_new_requests(library_dir):
     with client_for(mgr, settings) as c:
         assert c.post("/api/admin/reload_config", json={"filename": "fx-q2_K.ggmlv3.bin"},
                       headers=admin).json() == {"success": True}
-        _wait_loaded(c, "fx-q2_K.ggmlv3.bin")
+        _wait_loaded(c, mgr, "fx-q2_K.ggmlv3.bin")
         old = built["fx-q2_K.ggmlv3.bin"]
         old.gate = threading.Semaphore(1)             # the stream's first event may pass, then it is held
 
@@ -298,7 +296,7 @@ def test_switch_waits_for_a_stream_and_queues_new_requests(library_dir):
 
         t_late = threading.Thread(target=late_request, daemon=True)
         t_late.start()
-        time.sleep(0.3)
+        settle(mgr, lambda: mgr._waiting == 1)       # in line behind the load, which waits for the stream
         assert t_stream.is_alive() and t_late.is_alive()
         assert "fx-q8_0.gguf" not in built, "the new model is not built while the old one streams"
         # A second switch while one is under way is refused as busy.
@@ -334,13 +332,13 @@ def test_switch_proceeds_when_the_client_aborts_its_stream(library_dir):
         t_stream.start()
         assert old.started.wait(TIMEOUT)
         assert c.post("/api/admin/reload_config", json={"filename": "fx-q8_0.gguf"}).json() == {"success": True}
-        time.sleep(0.2)
+        settle(mgr, lambda: mgr._cond.waiting == 1)     # the load waits for the stream to end
         assert mgr.loaded_name == "fx-q2_K.ggmlv3.bin", "the switch waits for the stream"
         assert c.post("/api/extra/abort", json={"genkey": "KCPP4321"}).json()["success"] == "true"
         t_stream.join(TIMEOUT)
         assert not t_stream.is_alive()
         assert "".join(e["token"] for e in stream["events"]) != "fx-q2_K.ggmlv3.bin:old"   # cut short
-        _wait_loaded(c, "fx-q8_0.gguf")
+        _wait_loaded(c, mgr, "fx-q8_0.gguf")
         assert c.post("/api/v1/generate", json={"prompt": "n"}).json()["results"][0]["text"] == "fx-q8_0.gguf:n"
 
 
@@ -349,7 +347,7 @@ def test_switch_proceeds_when_the_client_aborts_its_stream(library_dir):
 def _real_manager(library_dir, fixture_index):
     settings = Settings(model_dir=str(library_dir), n_ctx=128, n_threads=1)
     models = {m["name"]: m for m in fixture_index["models"]}
-    return ModelManager(settings), settings, models
+    return watched(ModelManager(settings)), settings, models
 
 
 def _expected_text(c, first_token: int) -> str:
@@ -410,7 +408,7 @@ def test_kobold_admin_load_generate_switch_generate(library_dir, fixture_index):
     with client_for(mgr, settings) as c:
         for name, model in SWITCHES:
             assert c.post("/api/admin/reload_config", json={"filename": name}).json() == {"success": True}
-            assert _wait_loaded(c, name)["last_error"] is None
+            assert _wait_loaded(c, mgr, name)["last_error"] is None
             assert c.get("/api/v1/model").json() == {"result": "koboldcpp/" + Path(name).stem}
             r = c.post("/api/v1/generate", json={"prompt": PROMPT, "max_length": 1, "top_k": 1, "rep_pen": 1.0,
                                                  "temperature": 0.0})
