@@ -1,4 +1,5 @@
-"""bench/run.py's command line: nonsense is a usage error naming the valid choices, before any measuring starts."""
+"""bench/run.py's command line: nonsense is a usage error naming the valid choices, before any measuring starts.
+These start the script as a subprocess (e2e)."""
 from __future__ import annotations
 
 import os
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.e2e
 RUN = Path(__file__).resolve().parents[1] / "bench" / "run.py"
 
 
@@ -30,8 +32,20 @@ def test_unknown_choices_are_usage_errors(args, names):
     assert "read bandwidth" not in r.stdout        # refused before measuring anything
 
 
-@pytest.mark.skipif(__import__("airobackend.kernels.fast", fromlist=["ISA"]).ISA == "none",
-                    reason="no fast kernels on this CPU: --types has nothing to match")
+NO_FAST_KERNELS = pytest.mark.skipif(__import__("airobackend.kernels.fast", fromlist=["ISA"]).ISA == "none",
+                                     reason="no fast kernels on this CPU: --types has nothing to match")
+
+
+@NO_FAST_KERNELS
+def test_type_names_are_accepted_in_any_case():
+    # the --types check passes ('q4_k', 'Q6_k' name Q4_K, Q6_K); the next check, of --rounds, then refuses
+    r = _bench("--mixes", "none", "--types", "q4_k,Q6_k", "--rounds", "0")
+    assert r.returncode == 2 and "--rounds and --tokens must be at least 1" in r.stderr, r.stderr
+    assert "error: --types" not in r.stderr
+
+
+@pytest.mark.slow       # writes and reads a 455 MB weight file
+@NO_FAST_KERNELS
 def test_type_names_match_case_insensitively(tmp_path):
     # 'q4_k' names Q4_K: one 65B layer in q4_K (its random weights in an unlinked file under AIRO_BENCH_DIR)
     r = _bench("--mixes", "none", "--no-65b", "--no-attention", "--types", "q4_k", "--threads", "1", "--tokens", "1",

@@ -156,7 +156,15 @@ def test_context_overflow_and_overwrite(fixtures_dir, entries):
     default_ctx = Llama(str(fixtures_dir / entry["files"]["gguf"]["path"]), n_ctx=0, verbose=False,
                         progress_callback=seen.append)
     assert default_ctx.n_ctx() == 2048 and seen == [0.5, 1.0]
-    assert default_ctx.model.warmup() >= 0.0
+    # The warm-up runs every kernel group, says so per group, and leaves the cache empty: the same tokens give the
+    # same logits after it as before.
+    model, lines = default_ctx.model, []
+    before = model.eval(tokens[:8], 0, logits_all=True).copy()
+    model.warmup(report=lambda line, done: lines.append((line, done)))
+    ready = [line for line, done in lines if done]
+    assert len(ready) == 2 and ready[1].startswith("attention, norm and RoPE kernels: "), lines
+    assert model.cache.n_past == 0
+    assert np.array_equal(model.eval(tokens[:8], 0, logits_all=True), before)
 
 
 def test_kv_shift_rerotates_kept_keys(fixtures_dir, entries):

@@ -12,7 +12,7 @@ from airobackend.kernels.matmul import prepare
 from airobackend.quant import BLOCK, GGMLType
 
 TYPES = ["F32", "F16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
-# fixture file holding a 2-D tensor of each type (README: tensor types per quant mix)
+# fixture file holding a 2-D tensor of each type (the types llama-quantize gives each tensor in that mix)
 SOURCE = {"F32": "fx-f32", "F16": "fx-f16", "Q4_0": "fx-q4_0", "Q4_1": "fx-q4_1", "Q5_0": "fx-q5_0",
           "Q5_1": "fx-q5_1", "Q8_0": "fx-q8_0", "Q2_K": "fx-q2_K", "Q3_K": "fx-q3_K_S", "Q4_K": "fx-q4_K_S",
           "Q5_K": "fx-q5_K_S", "Q6_K": "fx-q6_K"}

@@ -1,4 +1,4 @@
-"""Seeded request fuzzing over every generation/token route of every adapter (issue 8 "Requests"): each hostile body
+"""Seeded request fuzzing over every generation/token route of every adapter: each hostile body
 gets the protocol's error shape (4xx) or a valid answer, never a 5xx, and the next normal request still works.
 
 They run against the real engine on the demo model with a 64-token context, so every case ends quickly."""
