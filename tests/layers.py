@@ -29,6 +29,7 @@ LAYERS = ("unit", "e2e", "slow")
 E2E_FIXTURES = frozenset({
     "fx_server", "fx_server_with_key",          # tests/integration: `airobackend serve` as a subprocess
     "parallel_server",                          # tests/server/test_server_parallel.py: uvicorn on a loopback port
+    "cluster",                                  # tests/test_ray.py: a Ray cluster of this machine (raylets, workers)
 })
 
 
