@@ -27,6 +27,7 @@ from fakes import demo_manager, live, make_app
 from hardening_support import (BUSY_MESSAGE, TextgenStream, check_kobold_busy, check_openai_busy, parse_kobold_sse,
                                parse_openai_sse)
 
+pytestmark = pytest.mark.e2e       # a uvicorn server on a loopback port (the module's `server`)
 WAIT = 60.0
 N_CTX = 128
 SLOTS, WAITING = 4, 4
@@ -59,8 +60,8 @@ class Passes:
 
 
 @pytest.fixture(scope="module")
-def server(demo_path):
-    manager = demo_manager(str(demo_path), N_CTX, multiuser=WAITING, parallel=SLOTS, prompt_cache_mb=0)
+def server(demo_model):
+    manager = demo_manager(str(demo_model), N_CTX, multiuser=WAITING, parallel=SLOTS, prompt_cache_mb=0)
     # Room for 64 clients' connections and the test's own: the connection cap (--max-connections, default 64,
     # uvicorn's plain 503 beyond it) is a limit of its own (test_server_security.py); here every client reaches the
     # engine, whose slots and line decide who runs, waits or is answered busy.
