@@ -218,6 +218,7 @@ def test_a_node_without_the_file_or_with_another_is_refused_by_name(cluster, nod
     st.close()
 
 
+@needs_fixtures
 def test_nodes_that_differ_are_refused_by_name(tmp_path):
     from airobackend.cluster import ClusterError, check_reports, node_report
 
