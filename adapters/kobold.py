@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import aclosing
 from typing import Any, AsyncIterator, Optional
 
 import pluggy
 from fastapi import APIRouter
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
-from airobackend.aio import GenerationStream, collect
+from airobackend.aio import FAILED, GenerationStream, collect, live_events
 from airobackend.embeddings import embeddings_response
 from airobackend.errors import ModelNotLoaded, RequestError
 from airobackend.hookspecs import hookimpl
@@ -323,7 +325,6 @@ class KoboldRoutes:
 
     # -- tokens
     async def tokencount(self, request: Request) -> dict:
-        from starlette.concurrency import run_in_threadpool
 
         body = await read_json(request)
         f = Fields(body)
@@ -332,7 +333,6 @@ class KoboldRoutes:
         return {"value": len(ids), "ids": list(ids)}
 
     async def detokenize(self, request: Request) -> dict:
-        from starlette.concurrency import run_in_threadpool
 
         body = await read_json(request)
         ids = body.get("ids", body.get("tokens"))
@@ -345,7 +345,6 @@ class KoboldRoutes:
     async def embeddings(self, request: Request) -> dict:
         """KoboldCpp's embeddings route (SillyTavern's vector storage, Lite's TextDB): OpenAI's request and answer
         shape; inputs longer than the batch size are cut to it unless `truncate` is false, as KoboldCpp does."""
-        from starlette.concurrency import run_in_threadpool
 
         body = await read_json(request)
         model = model_result(self.engine, request, self.settings).removeprefix("koboldcpp/")
@@ -388,16 +387,15 @@ async def kobold_sse(stream: GenerationStream) -> AsyncIterator[bytes]:
     """KoboldCpp's SSE: `event: message` + `data: {"token", "finish_reason"}`; "null" (a string) until the end.
 
     Headers go out as soon as the engine accepts the request, as KoboldCpp sends them; no keep-alive comments,
-    because KoboldAI Lite's parser expects nothing but `event:`/`data:` pairs."""
-    try:
-        async for ev in stream:
+    because KoboldAI Lite's parser expects nothing but `event:`/`data:` pairs. A stream that ends without its last
+    event (the engine failed, or it was aborted) ends with a "length" event, which every client understands."""
+    async with aclosing(live_events(stream)) as events:
+        async for ev in events:
+            if ev is FAILED:
+                break
             if ev.finish_reason is not None:
                 yield encode_sse({"token": ev.text, "finish_reason": finish_reason(ev)}, "message")
                 return
             if ev.text:
                 yield encode_sse({"token": ev.text, "finish_reason": "null"}, "message")
-    except Exception as e:  # headers are out; end the stream the way every client understands
-        log.error("generation failed mid-stream: %s", e)
-    finally:
-        await stream.aclose()
     yield encode_sse({"token": "", "finish_reason": "length"}, "message")

@@ -8,12 +8,12 @@ and text-generation-webui are accepted beside OpenAI's, since SillyTavern sends 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import math
 import time
 import uuid
-from typing import Any, AsyncIterator, Optional
+from contextlib import aclosing
+from typing import Any, AsyncIterator, Callable, Optional
 
 import pluggy
 from fastapi import APIRouter
@@ -21,18 +21,20 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from airobackend.aio import GenerationStream, collect
+from airobackend.aio import FAILED, PING, GenerationStream, collect, live_events
 from airobackend.embeddings import embeddings_response
 from airobackend.errors import ModelNotLoaded, check_token_ids
 from airobackend.hookspecs import hookimpl
 from airobackend.json_schema import response_format_schema, schema_to_grammar
-from airobackend.tools import ToolCallStream, ToolSpec, answer_message, parse_tools
+from airobackend.openai_shapes import (ChatDeltas, CompletionDeltas, Envelope, chat_choice, chat_logprobs,
+                                       completion_choice, completion_logprobs, finish_reason, usage_of)
+from airobackend.tools import ToolSpec, answer_message, parse_tools
 from airobackend.server import (ErrorInfo, FieldError, Fields, build_request, chat_prompt, chat_stops,
                                 json_schema_body, llama_timings, loaded_model_name, read_json,
                                 run_watching_disconnect, sampling_params, sees_names)
 from airobackend.settings import Settings
 from airobackend.sse import DONE, SSEResponse, encode_sse
-from airobackend.types import EngineAPI, FinishReason, GenerationEvent, GenerationRequest, is_model_library
+from airobackend.types import EngineAPI, GenerationEvent, GenerationRequest, is_model_library
 
 log = logging.getLogger("airobackend.adapters.openai")
 
@@ -185,23 +187,8 @@ def message_tool_calls(calls: Any, i: int) -> list[dict]:
     return out
 
 
-def finish_reason(ev: Optional[GenerationEvent], tool_stream: Optional[ToolCallStream] = None) -> Optional[str]:
-    """OpenAI finish_reason: EOS and stop strings are "stop", the token limit "length", a parsed tool call
-    "tool_calls"."""
-    if ev is None or ev.finish_reason is None:
-        return None
-    if tool_stream is not None and tool_stream.complete and tool_stream.calls:
-        return "tool_calls"
-    return "length" if ev.finish_reason == FinishReason.LENGTH else "stop"
 
 
-def usage(ev: Optional[GenerationEvent]) -> dict:
-    """OpenAI usage, with the prompt tokens reused from the KV cache as `prompt_tokens_details.cached_tokens`."""
-    p = int(ev.prompt_tokens) if ev is not None else 0
-    c = int(ev.completion_tokens) if ev is not None else 0
-    cached = int(ev.cached_tokens) if ev is not None else 0
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
-            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def _escaped(token: str) -> str:
@@ -209,39 +196,10 @@ def _escaped(token: str) -> str:
     return "".join(repr(c)[1:-1] if ord(c) <= 0x1F or 0x7F <= ord(c) <= 0x9F else c for c in token)
 
 
-def usage_of(finals: list[GenerationEvent], n: int = 1) -> dict:
-    """Usage of a response whose choices come `n` per prompt: each prompt counted once, every completion."""
-    p = sum(usage(e)["prompt_tokens"] for e in finals[::max(1, n)])
-    c = sum(usage(e)["completion_tokens"] for e in finals)
-    cached = sum(usage(e)["prompt_tokens_details"]["cached_tokens"] for e in finals[::max(1, n)])
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
-            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
-def completion_logprobs(entries: Optional[list[dict]], offset: int) -> Optional[dict]:
-    """The engine's per-token logprobs in /v1/completions' legacy shape."""
-    if not entries:
-        return None
-    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    for e in entries:
-        out["tokens"].append(e["token"])
-        out["token_logprobs"].append(e["logprob"])
-        out["top_logprobs"].append({t["token"]: t["logprob"] for t in e.get("top_logprobs", [])})
-        out["text_offset"].append(offset)
-        offset += len(e["token"])
-    return out
 
 
-def chat_logprobs(entries: Optional[list[dict]], top: Optional[int] = None) -> Optional[dict]:
-    """The engine's per-token logprobs in the chat shape, with at most `top` alternatives each (`top_logprobs`)."""
-    if not entries:
-        return None
-
-    def item(e: dict) -> dict:
-        return {"token": e["token"], "logprob": e["logprob"], "bytes": list(e["token"].encode("utf-8"))}
-
-    return {"content": [dict(item(e), top_logprobs=[item(t) for t in e.get("top_logprobs", [])[:top]])
-                        for e in entries]}
 
 
 def top_logprobs(body: dict) -> int:
@@ -431,47 +389,37 @@ class OpenAIRoutes:
         model = self._model_id(request)
         cid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
+        top = top_logprobs(body) if chat else None
         if stream:
             so = body.get("stream_options")
             include_usage = isinstance(so, dict) and bool(so.get("include_usage"))
             gs = GenerationStream(self.engine, reqs[0])
             await run_watching_disconnect(request, gs.start(), gs.cancel)      # refusals still get a status
             current = [gs]
-            each = functools.partial(chat_chunks, tools=tools) if chat else completion_chunks
-            chunks = choice_chunks(self.engine, current, reqs, each,
-                                   _Ids(cid, "chat.completion.chunk" if chat else "text_completion", created, model,
-                                        top_logprobs(body) if chat else None),
-                                   include_usage, n)
+            deltas = (lambda i: ChatDeltas(i, tools, top)) if chat else CompletionDeltas
+            env = Envelope(cid, "chat.completion.chunk" if chat else "text_completion", created, model,
+                           fingerprint=True)
+            chunks = choice_chunks(self.engine, current, reqs, deltas, env, include_usage, n)
             return SSEResponse(chunks, on_disconnect=lambda: current[0].cancel())
 
         choices, last_events = [], []
         for i, req in enumerate(reqs):
             gs = GenerationStream(self.engine, req)
-
-            async def work(gs=gs):
-                parts, entries, last = [], [], None
-                await gs.start()
-                async for ev in _events(gs, keepalive=False):
-                    if ev is _FAILED:
-                        raise RuntimeError("generation failed")
-                    parts.append(ev.text)
-                    entries.extend(ev.logprobs or [])
-                    last = ev
-                return "".join(parts), entries, last
-
-            text, entries, last = await run_watching_disconnect(request, work(), gs.cancel)
+            entries: list[dict] = []
+            text, last = await run_watching_disconnect(request, collect(gs, entries), gs.cancel)
             last_events.append(last)
             if chat:
                 message, called = answer_message(text, tools)
-                choice = {"index": i, "message": message, "logprobs": chat_logprobs(entries, top_logprobs(body)),
-                          "finish_reason": "tool_calls" if called else finish_reason(last)}
+                choice = chat_choice(i, message, chat_logprobs(entries, top) if entries else None,
+                                     "tool_calls" if called else finish_reason(last))
             else:
-                choice = {"index": i, "text": text, "logprobs": completion_logprobs(entries, 0),
-                          "finish_reason": finish_reason(last)}
+                choice = completion_choice(i, text, completion_logprobs(entries, 0) if entries else None,
+                                           finish_reason(last))
             choices.append(choice)
-        return JSONResponse({"id": cid, "object": "chat.completion" if chat else "text_completion",
-                             "created": created, "model": model, "choices": choices, "usage": usage_of(last_events, n),
-                             "system_fingerprint": None, "timings": llama_timings(last_events[0])})
+        env = Envelope(cid, "chat.completion" if chat else "text_completion", created, model, fingerprint=True)
+        out = env.answer(choices, usage_of(last_events, n))
+        out["timings"] = llama_timings(last_events[0])
+        return JSONResponse(out)
 
     async def embeddings(self, request: Request) -> dict:
         body = await read_json(request)
@@ -530,33 +478,25 @@ class OpenAIRoutes:
 
 # ---------------------------------------------------------------------------------------------- streams
 
-def _chunk(cid: str, obj: str, created: int, model: str, choice: dict) -> dict:
-    return {"id": cid, "object": obj, "created": created, "model": model, "system_fingerprint": None,
-            "choices": [choice]}
+KEEPALIVE = b": keep-alive\n\n"   # an SSE comment: every OpenAI client skips it (sse-starlette sends ": ping")
+KEEPALIVE_S = 15.0                  # while a long prompt is evaluated, proxies and clients see the stream alive
+# What a stream sends in place of its next chunk when generation fails after the headers went out.
+FAILED_SSE = encode_sse({"error": {"message": "generation failed", "type": "server_error", "param": None,
+                                   "code": None}})
 
 
-class _Ids:
-    """What every chunk of one response repeats: id, object, created, model; and `top`, how many alternatives chat
-    logprobs show."""
-
-    def __init__(self, cid: str, obj: str, created: int, model: str, top: Optional[int] = None) -> None:
-        self.cid, self.obj, self.created, self.model, self.top = cid, obj, created, model, top
-
-    def chunk(self, choice: dict, last: Optional[GenerationEvent] = None) -> bytes:
-        """One chunk; the last one of a choice (`last`, its final event) carries llama.cpp's `timings` as
-        llama.cpp's server sends them."""
-        c = _chunk(self.cid, self.obj, self.created, self.model, choice)
-        if last is not None:
-            c["timings"] = llama_timings(last)
-        return encode_sse(c)
-
-    def usage(self, finals: list[GenerationEvent], n: int) -> bytes:
-        return encode_sse({"id": self.cid, "object": self.obj, "created": self.created, "model": self.model,
-                           "choices": [], "usage": usage_of(finals, n)})
+def sse_chunk(env: Envelope, choice: dict, last: Optional[GenerationEvent] = None) -> bytes:
+    """One chunk; the last one of a choice (`last`, its final event) carries llama.cpp's `timings` as llama.cpp's
+    server sends them."""
+    c = env.chunk(choice)
+    if last is not None:
+        c["timings"] = llama_timings(last)
+    return encode_sse(c)
 
 
-async def choice_chunks(engine: EngineAPI, current: list[GenerationStream], reqs: list[GenerationRequest], chunks: Any,
-                        ids: _Ids, include_usage: bool, n: int = 1) -> AsyncIterator[bytes]:
+async def choice_chunks(engine: EngineAPI, current: list[GenerationStream], reqs: list[GenerationRequest],
+                        deltas: Callable[[int], CompletionDeltas | ChatDeltas], env: Envelope, include_usage: bool,
+                        n: int = 1) -> AsyncIterator[bytes]:
     """The stream of one response: each choice's chunks in turn (choice i after choice i-1 ends, as the engine runs
     one generation at a time; `current[0]`, already started, is choice 0), the usage chunk if asked, then [DONE]."""
     finals: list[GenerationEvent] = []
@@ -569,91 +509,31 @@ async def choice_chunks(engine: EngineAPI, current: list[GenerationStream], reqs
                 log.error("choice %d of a stream could not start: %s", i, e)
                 yield FAILED_SSE
                 break
-        async for b in chunks(current[0], ids, i, finals):
+        async for b in one_choice(current[0], env, deltas(i), finals):
             yield b
         if len(finals) <= i:                 # that choice failed
             break
     if include_usage and finals:
-        yield ids.usage(finals, n)
+        yield encode_sse(env.usage_chunk(usage_of(finals, n)))
     yield DONE
 
 
-async def completion_chunks(gs: GenerationStream, ids: _Ids, index: int,
-                            finals: list[GenerationEvent]) -> AsyncIterator[bytes]:
-    """text_completion chunks of one choice: one per text delta, the last with finish_reason (appended to
-    `finals`)."""
-    offset = 0
-    async for ev in _events(gs):
-        if ev is _PING:
-            yield KEEPALIVE
-            continue
-        if ev is _FAILED:
-            yield FAILED_SSE
-            break
-        if ev.text or ev.finish_reason is not None:
-            yield ids.chunk({"index": index, "text": ev.text, "logprobs": completion_logprobs(ev.logprobs, offset),
-                             "finish_reason": finish_reason(ev)}, ev if ev.finish_reason is not None else None)
-            offset += len(ev.text)
-        if ev.finish_reason is not None:
-            finals.append(ev)
-
-
-async def chat_chunks(gs: GenerationStream, ids: _Ids, index: int, finals: list[GenerationEvent],
-                      tools: Optional[ToolSpec] = None) -> AsyncIterator[bytes]:
-    """chat.completion.chunk of one choice: a role chunk, content deltas, a final chunk with finish_reason (its
-    event appended to `finals`).
-
-    With tools the answer's JSON is read as it grows: a `response` streams as content, a call as OpenAI streams
-    one (a delta with the call's index, id and name, then deltas with pieces of its arguments)."""
-    ts = ToolCallStream(tools) if tools is not None else None
-    yield ids.chunk({"index": index, "delta": {"role": "assistant", "content": None if ts else ""},
-                     "logprobs": None, "finish_reason": None})
-    sent = False
-    async for ev in _events(gs):
-        if ev is _PING:
-            yield KEEPALIVE
-            continue
-        if ev is _FAILED:
-            yield FAILED_SSE
-            break
-        deltas = ([{"content": ev.text}] if ev.text else []) if ts is None else ts.feed(ev.text)
-        if ts is not None and ev.finish_reason is not None and not sent and not deltas and not ts.complete:
-            deltas = [{"content": "".join(ts.text)}]            # not the expected JSON: the raw text, once
-        for k, delta in enumerate(deltas):
-            sent = True
-            yield ids.chunk({"index": index, "delta": delta,
-                             "logprobs": chat_logprobs(ev.logprobs, ids.top) if k == 0 else None,
-                             "finish_reason": None})
-        if ev.finish_reason is not None:
-            yield ids.chunk({"index": index, "delta": {}, "logprobs": None, "finish_reason": finish_reason(ev, ts)}, ev)
-            finals.append(ev)
-
-
-_FAILED: Any = object()
-_PING: Any = object()
-# What a stream sends in place of its next chunk when generation fails after the headers went out.
-FAILED_SSE = encode_sse({"error": {"message": "generation failed", "type": "server_error", "param": None,
-                                   "code": None}})
-KEEPALIVE = b": keep-alive\n\n"   # an SSE comment: every OpenAI client skips it (sse-starlette sends ": ping")
-KEEPALIVE_S = 15.0                  # while a long prompt is evaluated, proxies and clients see the stream alive
-
-
-async def _events(gs: GenerationStream, keepalive: bool = True) -> AsyncIterator[Any]:
-    """The stream's events; `_PING` after each KEEPALIVE_S seconds without one (if `keepalive`); `_FAILED` once if
-    the engine fails after the headers went out."""
-    try:
-        while True:
-            ev = await gs.next_event(KEEPALIVE_S if keepalive else None)
-            if ev is None:
-                yield _PING
+async def one_choice(gs: GenerationStream, env: Envelope, deltas: CompletionDeltas | ChatDeltas,
+                     finals: list[GenerationEvent]) -> AsyncIterator[bytes]:
+    """The chunks of one choice (airobackend.openai_shapes shapes them), keep-alive comments while none come, and
+    FAILED_SSE if the engine fails; its final event is appended to `finals`."""
+    first = deltas.first()
+    if first is not None:
+        yield sse_chunk(env, first)
+    async with aclosing(live_events(gs, KEEPALIVE_S)) as events:
+        async for ev in events:
+            if ev is PING:
+                yield KEEPALIVE
                 continue
-            yield ev
+            if ev is FAILED:
+                yield FAILED_SSE
+                break
+            for choice in deltas.feed(ev):
+                yield sse_chunk(env, choice, ev if choice["finish_reason"] is not None else None)
             if ev.finish_reason is not None:
-                return
-    except StopAsyncIteration:
-        return
-    except Exception as e:
-        log.error("generation failed mid-stream: %s", e)
-        yield _FAILED
-    finally:
-        await gs.aclose()
+                finals.append(ev)

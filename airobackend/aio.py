@@ -10,6 +10,10 @@ ContextOverflowError, ModelNotLoaded are raised there); the events come later, a
 prompt evaluation, which takes minutes for a long prompt on a 65B model. So `start()` returns as soon as the engine
 has *accepted* the request, or raises its refusal: a handler chooses the HTTP status before any header is sent, and
 a streaming response can send its headers (and keep-alive comments) while the prompt is evaluated.
+
+Once the headers are out no status can report a failure any more: `live_events` is the one loop every streaming
+route reads its events through, so that a failure mid-stream is logged once and each protocol ends its stream in
+the way its clients understand.
 """
 from __future__ import annotations
 
@@ -25,6 +29,8 @@ log = logging.getLogger("airobackend.aio")
 
 _END = object()
 _ACCEPTED = object()
+PING: Any = object()       # live_events: no event came for `keepalive` seconds
+FAILED: Any = object()     # live_events: the engine failed after the response's headers went out
 
 
 class GenerationStream:
@@ -167,3 +173,26 @@ async def collect(stream: GenerationStream, logprobs: Optional[list] = None) -> 
             logprobs.extend(ev.logprobs)
         last = ev
     return "".join(parts), last
+
+
+async def live_events(stream: GenerationStream, keepalive: Optional[float] = None) -> AsyncIterator[Any]:
+    """The events of a started stream up to its last one (the one with finish_reason), for a response whose
+    headers are out: `PING` after each `keepalive` seconds without an event (None: no pings); `FAILED` once, the
+    error logged, when the engine fails. The stream is closed (aborted if unfinished) when this ends or is closed;
+    read it under `contextlib.aclosing` so that happens at once when the reader stops early."""
+    try:
+        while True:
+            ev = await stream.next_event(keepalive)
+            if ev is None:
+                yield PING
+                continue
+            yield ev
+            if ev.finish_reason is not None:
+                return
+    except StopAsyncIteration:          # ended without a last event (aborted before it)
+        return
+    except Exception as e:
+        log.error("generation failed mid-stream: %s", e)
+        yield FAILED
+    finally:
+        await stream.aclose()

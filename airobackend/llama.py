@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from airobackend.errors import ContextOverflowError, RequestError
-from airobackend.tools import ToolCallStream, answer_message
+from airobackend.openai_shapes import (ChatDeltas, CompletionDeltas, Envelope, chat_choice, chat_logprobs,
+                                       completion_choice, completion_logprobs, finish_reason, usage)
+from airobackend.tools import answer_message
 
 if TYPE_CHECKING:
     from airobackend.engine import Engine
@@ -347,16 +349,12 @@ class Llama:
         req = _request(prompt, max_tokens, _stops(stop), params, echo=echo, n_probs=int(logprobs or 0))
         events = self.engine.generate(req)
         cid, created, name = "cmpl-" + uuid.uuid4().hex, int(time.time()), model or self.model_path
+        env = Envelope(cid, "text_completion", created, name)
         if stream:
-            return _completion_chunks(events, cid, created, name, self.tokenizer, req.n_probs)
+            return _chunks(events, env, CompletionDeltas())
         text, last, lps = _collect(events)
-        return {
-            "id": cid, "object": "text_completion", "created": created, "model": name,
-            "choices": [{"text": text, "index": 0,
-                         "logprobs": _openai_logprobs(lps, len(req.prompt or "") if echo else 0) if logprobs else None,
-                         "finish_reason": _finish(last)}],
-            "usage": _usage(last),
-        }
+        lp = completion_logprobs(lps, len(req.prompt or "") if echo else 0) if logprobs else None
+        return env.answer([completion_choice(0, text, lp, finish_reason(last))], usage(last))
 
     def __call__(self, prompt: str | Sequence[int], *args: Any, **kwargs: Any) -> Any:
         """Same as create_completion."""
@@ -420,17 +418,16 @@ class Llama:
         events = self.engine.generate(req)
         cid, created, name = "chatcmpl-" + uuid.uuid4().hex, int(time.time()), model or self.model_path
         calls_spec = spec if spec is not None and spec.active else None
+        top = int(top_logprobs or 0)
         if stream:
-            return _chat_chunks(events, cid, created, name, calls_spec)
+            # llama-cpp-python's first delta is the role alone; the template leaves a space before the reply
+            deltas = ChatDeltas(0, calls_spec, top, role_delta={"role": "assistant"}, lstrip=calls_spec is None)
+            return _chunks(events, Envelope(cid, "chat.completion.chunk", created, name), deltas)
         text, last, lps = _collect(events)
         message, called = answer_message(text if calls_spec is not None else text.lstrip(), calls_spec)
-        return {
-            "id": cid, "object": "chat.completion", "created": created, "model": name,
-            "choices": [{"index": 0, "message": message,
-                         "logprobs": _chat_logprobs(lps, int(top_logprobs or 0)) if logprobs else None,
-                         "finish_reason": "tool_calls" if called else _finish(last)}],
-            "usage": _usage(last),
-        }
+        choice = chat_choice(0, message, chat_logprobs(lps, top) if logprobs else None,
+                             "tool_calls" if called else finish_reason(last))
+        return Envelope(cid, "chat.completion", created, name).answer([choice], usage(last))
 
     def embed(self, input: str | list, normalize: bool = False, truncate: bool = True,
               return_count: bool = False) -> Any:
@@ -478,9 +475,6 @@ class Llama:
 
 
 # ---- helpers of the high-level API: llama-cpp-python arguments in, OpenAI-shaped dicts out ----
-
-_FINISH = {"eos": "stop", "stop": "stop", "length": "length", "aborted": "stop"}
-
 
 def _stops(stop: Optional[str | list[str]]) -> tuple[str, ...]:
     if stop is None:
@@ -559,16 +553,6 @@ def _collect(events: Any) -> tuple[str, Any, list]:
     return "".join(parts), last, lps
 
 
-def _finish(last: Any) -> str:
-    return _FINISH[last.finish_reason.value]
-
-
-def _usage(last: Any) -> dict:
-    return {"prompt_tokens": last.prompt_tokens, "completion_tokens": last.completion_tokens,
-            "total_tokens": last.prompt_tokens + last.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": last.cached_tokens}}
-
-
 @dataclasses.dataclass
 class LlamaState:
     """A saved context, with llama-cpp-python's fields (Llama.save_state / load_state)."""
@@ -596,63 +580,14 @@ class LlamaDiskCache:
     capacity_bytes: int = 2 << 30
 
 
-def _openai_logprobs(entries: list, offset: int) -> dict:
-    """The engine's per-token logprobs in the OpenAI completions shape llama-cpp-python returns."""
-    tokens, offsets, token_lps, tops = [], [], [], []
-    for e in entries:
-        tokens.append(e["token"])
-        offsets.append(offset)
-        offset += len(e["token"])
-        token_lps.append(e["logprob"])
-        tops.append({t["token"]: t["logprob"] for t in e["top_logprobs"]})
-    return {"tokens": tokens, "text_offset": offsets, "token_logprobs": token_lps, "top_logprobs": tops}
-
-
-def _chat_logprobs(entries: list, top: int) -> dict:
-    """The engine's per-token logprobs in the chat shape ({"content": [{token, logprob, bytes, top_logprobs}]})."""
-    def item(e: dict) -> dict:
-        return {"token": e["token"], "logprob": e["logprob"], "bytes": list(e["token"].encode())}
-    return {"content": [dict(item(e), top_logprobs=[item(t) for t in e["top_logprobs"][:top]]) for e in entries]}
-
-
-def _completion_chunks(events: Any, cid: str, created: int, name: str, tok: Any, n_probs: int) -> Iterator[dict]:
+def _chunks(events: Any, env: Envelope, deltas: CompletionDeltas | ChatDeltas) -> Iterator[dict]:
+    """The chunk dicts of a stream (airobackend.openai_shapes builds them); closing it ends the generation."""
     try:
-        offset = 0
+        first = deltas.first()
+        if first is not None:
+            yield env.chunk(first)
         for ev in events:
-            lp = None
-            if n_probs and ev.logprobs:
-                lp = _openai_logprobs(ev.logprobs, offset)
-            offset += len(ev.text)
-            if not ev.text and ev.finish_reason is None:
-                continue
-            yield {"id": cid, "object": "text_completion", "created": created, "model": name,
-                   "choices": [{"text": ev.text, "index": 0, "logprobs": lp,
-                                "finish_reason": _finish(ev) if ev.finish_reason is not None else None}]}
-    finally:
-        events.close()
-
-
-def _chat_chunks(events: Any, cid: str, created: int, name: str, tools: Any = None) -> Iterator[dict]:
-    def chunk(delta: dict, finish: Optional[str] = None) -> dict:
-        return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
-    ts = ToolCallStream(tools) if tools is not None else None
-    try:
-        yield chunk({"role": "assistant"})
-        started = False
-        for ev in events:
-            if ts is not None:                      # the answer is tool-call JSON: OpenAI's deltas from it
-                yield from (chunk(d) for d in ts.feed(ev.text))
-                if ev.finish_reason is not None:
-                    yield chunk({}, "tool_calls" if ts.complete and ts.calls else _finish(ev))
-                continue
-            text = ev.text
-            if not started:                 # the template ends with "ASSISTANT:"; the reply's first space goes
-                text = text.lstrip()
-                started = bool(text)
-            if text:
-                yield chunk({"content": text})
-            if ev.finish_reason is not None:
-                yield chunk({}, _finish(ev))
+            for choice in deltas.feed(ev):
+                yield env.chunk(choice)
     finally:
         events.close()
