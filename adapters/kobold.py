@@ -362,12 +362,15 @@ class KoboldRoutes:
         return JSONResponse({"result": grammar, "success": True})
 
     async def perf(self) -> dict:
+        """KoboldCpp 1.76's /api/extra/perf from the engine's facts: its field order, its stop_reason codes, idle
+        as 0/1, and the fields of features it has and we do not (image generation, horde) at their idle values."""
         p = dict(self.engine.perf())
         out = {"last_process": 0.0, "last_eval": 0.0, "last_token_count": 0, "last_seed": -1, "total_gens": 0,
                "stop_reason": -1, "total_img_gens": 0, "queue": 0, "idle": 1, "hordeexitcounter": 0,
                "uptime": round(time.time() - self.started, 3), "idletime": 0.0, "quiet": bool(self.settings.quiet)}
         reason = p.pop("stop_reason", None)
         out.update(p)
+        out["idle"] = int(bool(out["idle"]))
         if reason is not None:
             out["stop_reason"] = STOP_REASON[FinishReason(reason)]
         return out

@@ -1087,14 +1087,14 @@ class Engine:
         return job if job is not None and not job.genkey and not self._queue else None
 
     def perf(self) -> dict[str, Any]:
-        """Counters behind KoboldCpp's /api/extra/perf (times in seconds)."""
+        """The last generation's and the queue's facts (types.EngineAPI.perf; times in seconds). A protocol's
+        adapter shapes them (KoboldCpp's /api/extra/perf)."""
         with self._cond:
             now = time.monotonic()
             idle = not self._running_jobs()
             out = dict(self._perf)
-            out.update(queue=len(self._queue), idle=1 if idle else 0, total_img_gens=0, hordeexitcounter=0,
-                       uptime=now - self._t_start, idletime=(now - self._t_idle_since) if idle else 0.0,
-                       quiet=bool(self.settings.quiet))
+            out.update(queue=len(self._queue), idle=idle, uptime=now - self._t_start,
+                       idletime=(now - self._t_idle_since) if idle else 0.0)
             return out
 
     def health(self) -> dict:

@@ -264,7 +264,7 @@ class ReplicaSet:
             i = self._last if self._last is not None and self._last not in self._down else None
         out = dict(self._call(i, "perf") if i is not None else self._any("perf"))
         with self._cond:
-            out.update(queue=self._waiting, idle=0 if any(self._busy) else 1)
+            out.update(queue=self._waiting, idle=not any(self._busy))
         return out
 
     @property

@@ -131,8 +131,10 @@ class EngineAPI(Protocol):
     def last_logprobs(self, genkey: Optional[str] = None) -> Optional[list]: ...
 
     def perf(self) -> dict:
-        """Counters of the last generation and the queue (KoboldCpp's /api/extra/perf fields; `stop_reason` a
-        FinishReason)."""
+        """Facts of the last generation and the queue, times in seconds: last_process / last_eval (its prompt's
+        and its tokens' time), last_input_count / last_process_count / last_cached_count (its prompt tokens: in all,
+        evaluated, reused from the cache), last_token_count, last_seed, stop_reason (a FinishReason; None before
+        the first), total_gens, queue (requests waiting), idle (a bool), uptime, idletime (seconds idle)."""
 
     def model_info(self) -> dict:
         """name, mix, n_ctx, n_vocab, n_embd, template, ...; ModelNotLoaded without a model."""

@@ -533,7 +533,8 @@ def test_perf_partial_text_and_seed():
     engine, _ = engine_for(reply)
     perf = engine.perf()
     for key in ("last_process", "last_eval", "last_token_count", "last_seed", "total_gens", "stop_reason",
-                "queue", "idle", "uptime", "idletime", "total_img_gens", "hordeexitcounter", "quiet"):
+                "queue", "idle", "uptime", "idletime", "last_input_count", "last_process_count",
+                "last_cached_count"):
         assert key in perf
     assert perf["stop_reason"] is None and perf["idle"] == 1
     run(engine, request(genkey="KCPP0001", sampling=GREEDY.replace(seed=1234)))

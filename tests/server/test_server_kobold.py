@@ -333,3 +333,20 @@ def test_perf_stop_reason_codes_are_koboldcpps():
     assert c.get("/api/extra/perf").json()["stop_reason"] == 1
     c.post("/api/v1/generate", json={"prompt": "x", "max_length": 10, "stop_sequence": ["b"]})
     assert c.get("/api/extra/perf").json()["stop_reason"] == 2
+
+
+def test_perf_is_koboldcpps_shape_of_the_engines_facts():
+    """The engine reports neutral facts (idle a bool, nothing of image generation or the horde); the adapter gives
+    KoboldCpp 1.76's fields in its order, idle as 0/1, and the facts KoboldCpp added later after them."""
+    engine, _ = scripted_engine("abc")
+    facts = engine.perf()
+    assert facts["idle"] is True and not {"total_img_gens", "hordeexitcounter", "quiet"} & set(facts)
+    c = TestClient(make_app(engine, quiet=True))
+    c.post("/api/v1/generate", json={"prompt": "x", "max_length": 2})
+    raw = c.get("/api/extra/perf").text
+    perf = json.loads(raw)
+    assert list(perf)[:13] == ["last_process", "last_eval", "last_token_count", "last_seed", "total_gens",
+                               "stop_reason", "total_img_gens", "queue", "idle", "hordeexitcounter", "uptime",
+                               "idletime", "quiet"]
+    assert '"idle":1' in raw.replace(" ", "") and perf["quiet"] is True and perf["total_img_gens"] == 0
+    assert perf["last_token_count"] == 2 and perf["total_gens"] == 1 and perf["last_input_count"] == 2
