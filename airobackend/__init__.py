@@ -23,6 +23,7 @@ __all__ = [
 
 
 def __getattr__(name: str):
+    # On first use (PEP 562): Llama brings Numba and open_model NumPy, which `import airobackend` does without.
     if name == "Llama":
         from airobackend.llama import Llama
         return Llama

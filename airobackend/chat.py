@@ -24,6 +24,7 @@ from functools import lru_cache
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from airobackend.errors import RequestError
+from airobackend.pretokenize import PRE_TYPES
 from airobackend.tools import has_tool_messages, polyfill_messages
 
 AIROBOROS_SYSTEM_1_4 = (
@@ -198,7 +199,7 @@ def _json_default(value: Any) -> Any:
 
 
 def _raise_exception(message: str) -> None:
-    from jinja2.exceptions import TemplateError
+    from jinja2.exceptions import TemplateError     # jinja2 loads with the first file template (see _compile)
     raise TemplateError(message)
 
 
@@ -210,6 +211,8 @@ def _strftime_now(fmt: str) -> str:
 def _compile(source: str) -> Any:
     """A template compiled in jinja2's immutable sandbox, as transformers, llama-cpp-python and
     text-generation-webui do (trim_blocks, lstrip_blocks, loop controls; raise_exception and strftime_now)."""
+    # jinja2 loads here, for the first template a model file carries: the built-in templates and the server's
+    # start never need it (start-up).
     import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
@@ -425,7 +428,6 @@ def file_template(metadata: Optional[Mapping[str, Any]]) -> Optional[JinjaTempla
         return None
     # whether the tokenizer adds BOS / EOS itself: the file's flags, else llama.cpp's defaults per vocabulary
     if _text(metadata.get("tokenizer.ggml.model")) == "gpt2":
-        from airobackend.pretokenize import PRE_TYPES
         pre = PRE_TYPES.get(_text(metadata.get("tokenizer.ggml.pre")) or "")
         default_bos = bool(pre and pre.add_bos)
     else:

@@ -23,7 +23,10 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import airobackend
 from airobackend.errors import AiroError, BackendUnavailable, InsufficientMemory, ModelFileError, RequestError
+from airobackend.formats import open_model
+from airobackend.manager import mem_available
 
 log = logging.getLogger("airobackend.cluster")
 
@@ -39,7 +42,7 @@ class ClusterError(AiroError):
 def ray_module() -> Any:
     """The `ray` module, or ClusterError saying how to install it."""
     try:
-        import ray
+        import ray          # the optional [ray] extra, imported where it is used
     except ImportError:
         raise ClusterError("--ray needs Ray: pip install 'airobackend[ray]'") from None
     return ray
@@ -62,7 +65,6 @@ def fingerprint(path: str) -> str:
 def code_digest() -> str:
     """A digest of the airobackend package's Python files: nodes that run different code are told apart even when
     the version number is the same (an editable install at another commit)."""
-    import airobackend
     root = Path(airobackend.__file__).resolve().parent
     h = hashlib.sha256()
     for f in sorted(root.rglob("*.py")):
@@ -115,9 +117,6 @@ def node_path(path: str) -> str:
 
 def node_report(path: str, need_bytes: int) -> dict:
     """What a node says about itself before a stage or replica is placed on it (run there by a probe task)."""
-    import airobackend
-    from airobackend.manager import mem_available
-
     local = node_path(path)
     out = {"host": socket.gethostname(), "version": airobackend.__version__, "code": code_digest(),
            "mem_available": mem_available(), "need": int(need_bytes), "file": None, "error": None, "path": local}
@@ -244,7 +243,7 @@ class RayStages:
 
 def _placement(ray: Any, n: int, cpus: float, what: str) -> Any:
     """A placement group of n one-stage bundles, each on its own node where there are enough nodes."""
-    from ray.util.placement_group import placement_group
+    from ray.util.placement_group import placement_group        # the [ray] extra
 
     nodes = [nd for nd in ray.nodes() if nd.get("Alive")]
     strategy = "STRICT_SPREAD" if len(nodes) >= n else "SPREAD"
@@ -272,7 +271,7 @@ def release_placement(ray: Any, pg: Any) -> None:
 
 
 def _on_bundle(pg: Any, i: int) -> dict:
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy     # the [ray] extra
     return {"scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)}
 
 
@@ -377,8 +376,7 @@ def start_stages(address: str, path: str, n_stages: int, *, n_ctx: int, n_thread
     """A StagedModel over `path` with `n_stages` stages placed on the Ray cluster at `address` (see `connect`):
     every node checked (file, code, RAM) before anything is loaded; a stage that dies is restarted by Ray up to
     `restarts` times. The head (this process) maps only the embeddings, final norm and output matrix."""
-    from airobackend.formats import open_model
-    from airobackend.pipeline import StagedModel, split_layers, stage_ram
+    from airobackend.pipeline import StagedModel, split_layers, stage_ram      # (a cycle at the top)
 
     options = dict(file_options or {})
     mf = open_model(path, **options)
@@ -399,7 +397,7 @@ def start_stages(address: str, path: str, n_stages: int, *, n_ctx: int, n_thread
         except BaseException:
             ray.util.remove_placement_group(pg)
             raise
-        from airobackend.pipeline import Stage
+        from airobackend.pipeline import Stage     # here: pipeline imports this module (a cycle at the top)
         cls = watched_actor(ray, Stage)
         actors = [cls.options(num_cpus=cpus, max_restarts=restarts, max_task_retries=0, **_on_bundle(pg, i))
                   .remote(path, lo, hi, n_threads=n_threads, file_options=options, **kw)

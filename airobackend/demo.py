@@ -24,6 +24,12 @@ from typing import Optional
 
 import numpy as np
 
+from airobackend.formats import HParams, Vocab
+from airobackend.formats.quantize import quantize
+from airobackend.formats.writer import MIX_FTYPE, TensorSpec, write_gguf
+from airobackend.paths import cache_root
+from airobackend.quant import GGMLType
+
 log = logging.getLogger("airobackend.demo")
 
 BANNER = ("demo model: a tiny LLaMA with RANDOM weights - it prints nonsense. "
@@ -164,11 +170,6 @@ def write_demo_model(path: Path, spec: DemoSpec = DEFAULT_SPEC) -> None:
 def _write_gguf(path: Path, spec: DemoSpec, pieces: list[bytes], scores: list[float], types: list[int],
                 tensors: list[tuple[str, np.ndarray]]) -> None:
     """Write with the project's GGUF writer and quantizers (airobackend.formats.writer / .quantize)."""
-    from airobackend.formats import HParams, Vocab
-    from airobackend.formats.quantize import quantize
-    from airobackend.formats.writer import MIX_FTYPE, TensorSpec, write_gguf
-    from airobackend.quant import GGMLType
-
     weight_type = GGMLType[spec.weight_type.upper()]
     hp = HParams(n_vocab=len(pieces), n_embd=spec.n_embd, n_head=spec.n_head, n_head_kv=spec.n_head,
                  n_layer=spec.n_layer, n_ff=spec.n_ff, n_rot=spec.n_embd // spec.n_head,
@@ -193,8 +194,6 @@ def demo_model_path(cache_dir: Optional[str | os.PathLike] = None, spec: DemoSpe
     ~/.cache/airobackend). Concurrent first uses are safe: each writes a temporary file and renames it into place
     atomically.
     """
-    from airobackend.paths import cache_root
-
     folder = Path(cache_dir) if cache_dir else cache_root()
     path = folder / f"{spec.tag()}.gguf"
     if path.is_file():

@@ -11,6 +11,7 @@ request inputs into token lists and hidden states into vectors:
 """
 from __future__ import annotations
 
+import base64
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -72,9 +73,7 @@ def embeddings_response(engine: EngineAPI, body: dict, model: str, *, truncate_d
     """Answer an embeddings request body ({"input", "encoding_format", "truncate", "dimensions"}) in OpenAI's shape
     (which KoboldCpp's /api/extra/embeddings also answers with): {"object": "list", "data": [{"object":
     "embedding", "index", "embedding"}], "model", "usage"}. Blocks while the model is busy (call it in a thread)."""
-    import base64
-
-    from airobackend.server import Fields
+    from airobackend.server import Fields       # here: the server brings FastAPI, which Llama.embed never needs
 
     f = Fields(body)
     fmt = f.str("encoding_format", "float")

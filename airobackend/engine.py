@@ -37,8 +37,12 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
+from airobackend.chat import choose_template
 from airobackend.detok import IncrementalDecoder, PhraseBanBuffer, StopStringMatcher
+from airobackend.embeddings import mean_pool, normalize as l2_normalize
 from airobackend.errors import ContextOverflowError, EngineBusy, RequestError
+from airobackend.kvstate import StateDir, StateFileError
+from airobackend.manager import mem_available
 from airobackend.promptcache import PromptCache, ReusePlan, StateStore, common_prefix, plan_reuse
 from airobackend.sampling import Sampler, validate_sampling
 from airobackend.settings import Settings
@@ -215,7 +219,6 @@ class Engine:
         ident = getattr(self.llama, "state_identity", None)
         if not self.settings.prompt_cache_dir or not isinstance(ident, dict):
             return None
-        from airobackend.kvstate import StateDir
         return StateDir(self.settings.prompt_cache_dir, max_auto=max(1, int(self.settings.cache_slots)), **ident)
 
     def _prompt_cache_budget(self) -> int:
@@ -227,7 +230,6 @@ class Engine:
         full = int(getattr(self.cache, "bytes_per_position", 0)) * self.n_ctx
         if full <= 0 or s.cache_slots <= 0:
             return 0
-        from airobackend.manager import mem_available
         free = mem_available()
         return max(0, min(int(s.cache_slots) * full, free - max(1 << 30, free // 4)))
 
@@ -263,8 +265,6 @@ class Engine:
         Runs in the generation slot, in turn with generations (EngineBusy when the line is full). Each sequence is
         one batch (at most n_batch tokens) evaluated on scratch keys and values, so the KV cache is untouched: the
         prompt cache of the conversation in progress stays valid and its next turn reuses it as before."""
-        from airobackend.embeddings import mean_pool, normalize as l2
-
         seqs = [[int(t) for t in seq] for seq in inputs]
         for i, seq in enumerate(seqs):
             if not seq or len(seq) > self.n_batch or not all(0 <= t < self.n_vocab for t in seq):
@@ -274,7 +274,7 @@ class Engine:
             sched = self._ensure_scheduler()
             with sched.lock:
                 vectors = [mean_pool(self.model.hidden_states(np.asarray(seq, dtype=np.int64))) for seq in seqs]
-            return [l2(v) for v in vectors] if normalize else vectors
+            return [l2_normalize(v) for v in vectors] if normalize else vectors
         job = _Job(req=GenerationRequest(tokens=[]), tokens=[], n_keep=0, prompt_text="", max_tokens=0, genkey="",
                    stop=())
         self._admit(job)
@@ -290,7 +290,7 @@ class Engine:
                     self._running = None
                     self._t_idle_since = time.monotonic()
                 self._cond.notify_all()
-        return [l2(v) for v in vectors] if normalize else vectors
+        return [l2_normalize(v) for v in vectors] if normalize else vectors
 
     def _prepare(self, req: GenerationRequest) -> _Job:
         if not isinstance(req, GenerationRequest):
@@ -1001,7 +1001,6 @@ class Engine:
             tokens, snap = d.load(filename)
             why = s.cache.compatible(snap)
             if why is not None:
-                from airobackend.kvstate import StateFileError
                 raise StateFileError(f"state file {filename!r} cannot be restored here: {why}")
             s.cache.restore(snap)
             s.tokens = list(tokens)
@@ -1120,7 +1119,6 @@ class Engine:
     def template(self):
         """The prompt template: Settings.template by name, else chosen from the file name / metadata."""
         if self._template is None:
-            from airobackend.chat import choose_template
             self._template = choose_template(self.settings.template, self.model_path, self._metadata())
         return self._template
 

@@ -16,8 +16,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
+from airobackend.chat import choose_template
 from airobackend.errors import AiroError, RequestError
-from airobackend.formats import is_model_file
+from airobackend.formats import HParams, estimate_ram, is_model_file, open_model
 
 # A split archive is NAME.z01, NAME.z02, ... then NAME.zip (the last part, holding the central directory).
 _SPLIT_PART = re.compile(r"\.z\d\d$", re.IGNORECASE)
@@ -80,7 +81,6 @@ class ModelEntry:
 def estimate_ram_bytes(weights_bytes: int, hparams: dict, n_ctx: int, type_k: str = "f16",
                        type_v: str = "f16") -> int:
     """RAM to run a model with `n_ctx` tokens of context: `airobackend.formats.estimate_ram` (what `inspect` prints)."""
-    from airobackend.formats import HParams, estimate_ram
     return estimate_ram(HParams(**hparams), n_ctx, weights_bytes=weights_bytes, type_k=type_k, type_v=type_v)
 
 
@@ -112,7 +112,6 @@ def split_parts(zip_path: Path) -> list[Path]:
 
 def guess_template(name: str, metadata: Optional[dict] = None, override: Optional[str] = None) -> str:
     """Name of the prompt template the engine will use for this file (`airobackend.chat.choose_template`)."""
-    from airobackend.chat import choose_template
     return choose_template(override, name, metadata or {}).name
 
 
@@ -128,10 +127,8 @@ def describe_file(path: str | os.PathLike, *, name: Optional[str] = None, n_ctx:
         file_size = sum(p.stat().st_size for p in parts)
     except OSError as e:
         return ModelEntry(name=name, path=str(path), error=f"cannot read {path.name}: {e.strerror}")
-    if opener is None:
-        from airobackend.formats import open_model as opener
     try:
-        with opener(str(path)) as mf:
+        with (opener or open_model)(str(path)) as mf:
             return _entry_from(mf, name, path, parts, file_size, n_ctx, template, cache_types)
     except AiroError as e:
         return ModelEntry(name=name, path=str(path), file_size=file_size, parts=tuple(p.name for p in parts),

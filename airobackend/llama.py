@@ -9,27 +9,37 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import random
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
+import numba
 import numpy as np
 
+from airobackend import speculative
+from airobackend.chat import stop_strings
+from airobackend.cluster import start_stages
+from airobackend.embeddings import embeddings_response, token_inputs
+from airobackend.engine import Engine
 from airobackend.errors import ContextOverflowError, RequestError
+from airobackend.formats import open_model
+from airobackend.json_schema import response_format_schema, schema_to_grammar
+from airobackend.kvstate import StateFileError, model_fingerprint, state_bytes, state_from_bytes
+from airobackend.model import LlamaModel
 from airobackend.openai_shapes import (ChatDeltas, CompletionDeltas, Envelope, chat_choice, chat_logprobs,
                                        completion_choice, completion_logprobs, finish_reason, usage)
-from airobackend.tools import answer_message
-
-if TYPE_CHECKING:
-    from airobackend.engine import Engine
-    from airobackend.types import GenerationRequest, SamplingParams
+from airobackend.rope import apply_rope
+from airobackend.settings import Settings
+from airobackend.tokenizer import Tokenizer
+from airobackend.tools import answer_message, parse_tools
+from airobackend.types import GenerationRequest, SamplingParams
 
 log = logging.getLogger("airobackend.llama")
 
 
 def default_n_threads() -> int:
     """Threads to use when none are given: every CPU this process may run on (capped by Numba's pool)."""
-    import numba
     try:
         n = len(os.sched_getaffinity(0))
     except AttributeError:                      # not on Linux
@@ -84,10 +94,6 @@ class Llama:
                  prompt_cache_dir: Optional[str] = None, draft_model: Any = None, draft_n: int = 8,
                  draft_p_min: float = 0.75, lookup_ngram: int = 0, ray: Optional[str] = None, stages: int = 1,
                  ray_options: Optional[dict] = None, **kwargs: Any) -> None:
-        from airobackend.formats import open_model
-        from airobackend.model import LlamaModel
-        from airobackend.rope import apply_rope
-
         level = logging.INFO if verbose else logging.DEBUG
         self.chat_format: Optional[str] = kwargs.pop("chat_format", None)   # prompt template name (airobackend.chat)
         if kwargs:
@@ -108,7 +114,6 @@ class Llama:
         try:
             kv = dict(type_k="f16" if type_k is None else type_k, type_v="f16" if type_v is None else type_v)
             if ray:
-                from airobackend.cluster import start_stages
                 self.model_file.close()
                 # The stages open their own copies of the file: they get the RoPE chosen here, as overrides.
                 # Threads: as given, else each node uses its own CPUs (0).
@@ -143,8 +148,6 @@ class Llama:
 
     def _drafter(self, draft_model: Any, draft_n: int, p_min: float, lookup_ngram: int, kernels: Optional[str]) -> Any:
         """The drafter for speculative decoding that the arguments ask for, or None."""
-        from airobackend import speculative
-
         if isinstance(draft_model, (str, os.PathLike)):
             draft_model = speculative.DraftModel(os.fspath(draft_model), num_pred_tokens=draft_n, p_min=p_min,
                                                  n_ctx=self.model.n_ctx, n_threads=self.n_threads,
@@ -209,7 +212,6 @@ class Llama:
     def tokenizer(self):
         """The model's tokenizer (airobackend.tokenizer.Tokenizer), built on first use."""
         if self._tokenizer is None:
-            from airobackend.tokenizer import Tokenizer
             self._tokenizer = Tokenizer.from_model_file(self.model_file)
         return self._tokenizer
 
@@ -245,7 +247,6 @@ class Llama:
         """What a KV state file records about the model it belongs to (airobackend.kvstate)."""
         ident = self.__dict__.get("_state_identity")
         if ident is None:
-            from airobackend.kvstate import model_fingerprint
             m = self.model
             ident = self._state_identity = dict(
                 fingerprint=model_fingerprint(self.model_file), model_name=os.path.basename(self.model_path),
@@ -255,7 +256,6 @@ class Llama:
     def save_state(self) -> "LlamaState":
         """The context as it is (tokens, last logits, KV cache of the first n_tokens positions), as
         llama-cpp-python's LlamaState; `llama_state` is a KV state file's bytes, refused by any other model."""
-        from airobackend.kvstate import state_bytes
         n = self.n_tokens
         data = state_bytes(tokens=self.input_ids[:n].tolist(), snapshot=self.model.cache.snapshot(n),
                            **self.state_identity)
@@ -265,7 +265,6 @@ class Llama:
     def load_state(self, state: "LlamaState") -> None:
         """Restore a `save_state()` result. StateFileError (a ValueError) if it belongs to another model or is
         damaged; then nothing changes."""
-        from airobackend.kvstate import StateFileError, state_from_bytes
         tokens, snap = state_from_bytes(bytes(state.llama_state), **self.state_identity)
         why = self.model.cache.compatible(snap)
         if why is not None:
@@ -292,12 +291,10 @@ class Llama:
     # ---- high-level API (generation; one loop: airobackend.engine.Engine) ----
 
     @property
-    def engine(self) -> "Engine":
+    def engine(self) -> Engine:
         """The Engine behind create_completion / create_chat_completion (created on first use)."""
         engine = self.__dict__.get("_engine")
         if engine is None:
-            from airobackend.engine import Engine
-            from airobackend.settings import Settings
             # A library caller's threads wait their turn rather than being turned away.
             settings = Settings(n_ctx=self.model.n_ctx, n_batch=self.n_batch, seed=-1, multiuser=1 << 16,
                                 template=getattr(self, "chat_format", None), **self._cache_settings)
@@ -311,7 +308,6 @@ class Llama:
         if seed is None and self.seed is not None and self.seed >= 0:
             rng = self.__dict__.get("_seed_rng")
             if rng is None:
-                import random
                 rng = self._seed_rng = random.Random(self.seed)
             return rng.randrange(1 << 31)
         return None
@@ -380,10 +376,6 @@ class Llama:
         makes the answer JSON valid against the schema; `tools`/`tool_choice` (or the older `functions`/
         `function_call`) make the model answer with a tool call or a reply, as llama.cpp's server does for
         templates without a tool syntax (airobackend.tools); calls come back as `tool_calls`."""
-        from airobackend.chat import stop_strings
-        from airobackend.json_schema import response_format_schema, schema_to_grammar
-        from airobackend.tools import parse_tools
-
         if logits_processor is not None:
             raise RequestError("logits_processor callbacks are not supported")
         if functions is not None or function_call is not None:      # the older spelling of tools / tool_choice
@@ -436,8 +428,6 @@ class Llama:
         final hidden states over the input's tokens (llama.cpp's --pooling mean), divided by its Euclidean norm
         when `normalize`; inputs are cut to n_batch tokens when `truncate`, else refused past it. The context
         (`n_tokens`, the KV cache) is not touched."""
-        from airobackend.embeddings import token_inputs
-
         seqs = token_inputs(input, lambda s: self.tokenize(s.encode("utf-8")), self.model.n_vocab,
                             max_tokens=self.n_batch, truncate=truncate, param="input")
         vectors = [v.tolist() for v in self.engine.embed(seqs, normalize=normalize)]
@@ -447,8 +437,6 @@ class Llama:
     def create_embedding(self, input: str | list, model: Optional[str] = None) -> dict:
         """OpenAI's embeddings answer for `input` (a string or a list), as llama-cpp-python's `create_embedding`,
         with the vectors normalised as llama.cpp's server and OpenAI give them."""
-        from airobackend.embeddings import embeddings_response
-
         return embeddings_response(self.engine, {"input": input}, model or self.model_path, truncate_default=True)
 
     def close(self) -> None:
@@ -495,8 +483,7 @@ _EXTRA_SAMPLERS = dict(dry_multiplier=0.0, dry_base=1.75, dry_allowed_length=2, 
 def _sampling(*, temperature: float, top_p: float, min_p: float, typical_p: float, top_k: int,
               repeat_penalty: float, frequency_penalty: float, presence_penalty: float, tfs_z: float,
               mirostat_mode: int, mirostat_tau: float, mirostat_eta: float, grammar: Any,
-              logit_bias: Optional[dict], seed: Optional[int], **samplers: Any) -> "SamplingParams":
-    from airobackend.types import SamplingParams
+              logit_bias: Optional[dict], seed: Optional[int], **samplers: Any) -> SamplingParams:
     unknown = set(samplers) - set(_EXTRA_SAMPLERS)
     if unknown:
         raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
@@ -528,8 +515,7 @@ def _sampling(*, temperature: float, top_p: float, min_p: float, typical_p: floa
 
 
 def _request(prompt: Any, max_tokens: Optional[int], stop: tuple[str, ...], params: Any, *, echo: bool = False,
-             n_probs: int = 0) -> "GenerationRequest":
-    from airobackend.types import GenerationRequest
+             n_probs: int = 0) -> GenerationRequest:
     if max_tokens is None or (isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens <= 0):
         max_tokens = -1                      # llama-cpp-python: until EOS or the context is full
     common = dict(max_tokens=max_tokens, stop=stop, trim_stop=True, sampling=params, echo=echo, n_probs=n_probs,

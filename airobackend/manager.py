@@ -19,6 +19,7 @@ import gc
 import inspect
 import logging
 import math
+import os
 import sys
 import threading
 import weakref
@@ -27,8 +28,9 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 
 from airobackend.errors import (AiroError, EngineBusy, InsufficientMemory, ModelFileError, ModelNotLoaded,
                                 RequestError)
+from airobackend.chat import get_template
 from airobackend.library import GB, ModelEntry, ModelLibrary
-from airobackend.settings import Settings
+from airobackend.settings import KV_CACHE_TYPES, Settings
 from airobackend.types import FinishReason, GenerationEvent, GenerationRequest
 
 log = logging.getLogger("airobackend.manager")
@@ -119,7 +121,6 @@ def _load_option(out: dict, name: str, value: Any, where: str) -> None:
 
 
 def _cache_type(value: Any, where: str) -> str:
-    from airobackend.settings import KV_CACHE_TYPES
     t = str(value).strip().lower() if isinstance(value, str) else None
     t = "f16" if t == "fp16" else t
     if t not in KV_CACHE_TYPES:
@@ -155,7 +156,6 @@ def mem_available() -> int:
     except (OSError, ValueError, IndexError):
         pass
     try:
-        import os
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return 1 << 62     # unknown: do not refuse
@@ -201,11 +201,13 @@ def build_engine(entry: ModelEntry, settings: Settings, progress: ProgressFn) ->
     When the file fits in the memory available, it is read through first (progress 0..0.8), so the load shows
     progress and the first request runs at memory speed; a model run from disk (`allow_disk`) is not read ahead.
     """
+    # Imported here, not at the top: they bring Numba, and the server imports this module (through the adapters)
+    # before it has set Numba's cache folder and before the load that needs them.
     from airobackend.engine import Engine
     from airobackend.llama import Llama
 
     if settings.ray and settings.replicas:
-        from airobackend.replicas import start_replicas
+        from airobackend.replicas import start_replicas     # the Ray extra, only with --ray
         return start_replicas(settings, entry.path), None
     if settings.ray:
         pass                # the head maps only the embeddings and the output; the stages read their own layers
@@ -390,7 +392,6 @@ class ModelManager:
         if settings.n_ctx <= 0:
             raise RequestError(f"n_ctx must be positive, got {settings.n_ctx}")
         if settings.template:
-            from airobackend.chat import get_template
             get_template(settings.template)          # RequestError naming the known templates
         settings = dataclasses.replace(settings, **{f: _cache_type(getattr(settings, f), f)     # also from the
                                                     for f in ("cache_type_k", "cache_type_v")})   # environment

@@ -18,6 +18,7 @@ from airobackend.errors import ContextOverflowError, ModelFileError, RequestErro
 from airobackend.kernels import dequant, ops
 from airobackend.kernels.ggml_types import UnsupportedType
 from airobackend.kernels.matmul import Weight, prepare, project
+from airobackend.kernels.simd import ISA
 from airobackend.kvcache import KVCache, check_types
 from airobackend.quant import GGMLType
 
@@ -34,7 +35,6 @@ def type_name(t: int) -> str:
 
 
 def isa_name() -> str:
-    from airobackend.kernels.simd import ISA
     return ISA_NAMES.get(ISA, ISA)
 
 

@@ -23,7 +23,9 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from airobackend.cluster import node_path, resident, rss_bytes
 from airobackend.errors import BackendUnavailable, RequestError
+from airobackend.formats import SCRATCH_OVERHEAD, open_model
 from airobackend.kvcache import KVCache, KVSnapshot, snapshot_mismatch
 from airobackend.model import LlamaModel, _EveryLayerIn
 
@@ -61,9 +63,6 @@ class Stage:
     def __init__(self, path: str, lo: int, hi: int, *, n_ctx: int, n_threads: int = 0, n_batch: int = 512,
                  kernels: Optional[str] = None, type_k: str = "f16", type_v: str = "f16",
                  file_options: Optional[dict] = None) -> None:
-        from airobackend.cluster import node_path, rss_bytes
-        from airobackend.formats import open_model
-
         self.rss_start = rss_bytes()            # the process before the layers: what the layers add is told apart
         self.path, self.lo, self.hi = node_path(str(path)), int(lo), int(hi)
         self.resident_start = self.resident()
@@ -80,7 +79,6 @@ class Stage:
 
     def info(self) -> dict:
         """What the head checks and shows: this stage's instance, layers, pid and resident memory."""
-        from airobackend.cluster import rss_bytes
         return {"instance": self.instance, "layers": (self.lo, self.hi), "pid": os.getpid(), "path": self.path,
                 "rss": rss_bytes(),
                 "rss_start": self.rss_start, "busy_s": self.busy_s,
@@ -88,7 +86,6 @@ class Stage:
 
     def resident(self) -> dict:
         """This process's resident memory by kind (airobackend.cluster.resident) and its KV caches' bytes."""
-        from airobackend.cluster import resident
         out = resident(self.path)
         out["kv"] = sum(c.nbytes for c in getattr(self, "caches", {}).values())
         return out
@@ -390,8 +387,6 @@ def stage_ram(mf: Any, lo: int, hi: int, *, n_ctx: int, n_batch: int = 512, type
               type_v: str = "f16") -> int:
     """Bytes of RAM a stage of layers [lo, hi) needs: its layers' tensors, their KV cache for n_ctx positions, one
     batch of activations (no logits: the head computes those) and the process's own (interpreter, Numba runtime)."""
-    from airobackend.formats import SCRATCH_OVERHEAD
-
     hp = mf.hparams
     weights = sum(int(t.nbytes) for name, t in mf.tensors.items()
                   if name.startswith("blk.") and lo <= int(name.split(".")[1]) < hi)
@@ -404,7 +399,6 @@ def stage_ram(mf: Any, lo: int, hi: int, *, n_ctx: int, n_batch: int = 512, type
 def head_ram(mf: Any, *, n_ctx: int, n_batch: int = 512) -> int:
     """Bytes of RAM the head of a staged model needs: embeddings, final norm, output matrix, logits and the process's
     own (the server, tokenizer, Numba runtime)."""
-    from airobackend.formats import SCRATCH_OVERHEAD
     hp = mf.hparams
     weights = sum(int(t.nbytes) for name, t in mf.tensors.items() if not name.startswith("blk."))
     return weights + 4 * min(n_batch, n_ctx) * (2 * int(hp.n_embd) + int(hp.n_vocab)) + SCRATCH_OVERHEAD

@@ -27,6 +27,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
+from airobackend.kvstate import StateFileError
+
 log = logging.getLogger("airobackend.promptcache")
 
 MAX_CANDIDATES = 64         # cache positions looked at per n-gram (bounds the work on very repetitive text)
@@ -281,7 +283,6 @@ class StateStore:
         return best
 
     def _read(self, path: Any) -> Optional[tuple[list[int], Any]]:
-        from airobackend.kvstate import StateFileError
         try:
             return self.disk.load_auto(path)
         except StateFileError as e:

@@ -14,13 +14,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import socket
 import threading
 import time
 import uuid
 from types import SimpleNamespace
 from typing import Any, Iterator, Optional, Sequence
 
+from airobackend.cluster import (ActorWatch, _actor_error_types, _on_bundle, _placement, check_reports, connect,
+                                 node_path, node_report, ray_module, release_placement, rss_bytes, watched_actor)
 from airobackend.errors import BackendUnavailable, EngineBusy, RequestError
+from airobackend.library import describe_file
+from airobackend.manager import build_engine
 from airobackend.types import FinishReason, GenerationEvent, GenerationRequest
 
 log = logging.getLogger("airobackend.replicas")
@@ -30,10 +36,6 @@ class Replica:
     """One whole engine in a Ray actor (threaded: abort and check run beside a generation)."""
 
     def __init__(self, settings: Any, path: str) -> None:
-        from airobackend.cluster import node_path
-        from airobackend.manager import build_engine
-        from airobackend.library import describe_file
-
         self.path = node_path(path)
         entry = describe_file(self.path, n_ctx=settings.n_ctx)
         self.engine, self.llama = build_engine(entry, settings, lambda f: None)
@@ -59,9 +61,6 @@ class Replica:
         return {"name": getattr(t, "name", None), "system": getattr(t, "system", "")}
 
     def info(self) -> dict:
-        import socket
-        from airobackend.cluster import rss_bytes
-        import os
         return {"instance": self.instance, "host": socket.gethostname(), "pid": os.getpid(), "rss": rss_bytes(),
                 "running": self.engine.is_running(), "path": self.path}
 
@@ -81,8 +80,6 @@ class ReplicaSet:
     """Engines on Ray actors behind one interface (see the module docstring)."""
 
     def __init__(self, actors: Sequence[Any], hosts: Sequence[str], settings: Any, pg: Any = None) -> None:
-        from airobackend.cluster import _actor_error_types, ray_module
-
         self.ray = ray_module()
         self._errors = _actor_error_types(self.ray)
         self.actors, self.hosts, self.settings, self.pg = list(actors), list(hosts), settings, pg
@@ -98,7 +95,6 @@ class ReplicaSet:
         self._last: Optional[int] = None
         self.n_batch = int(settings.n_batch)
         self._template: Any = None
-        from airobackend.cluster import ActorWatch
         self.watch = ActorWatch(self.ray, self.actors, self._changed, name="ray-replica-watch")
 
     def _changed(self, i: int, info: Optional[dict]) -> None:
@@ -362,18 +358,12 @@ class ReplicaSet:
                 self.ray.kill(a, no_restart=True)
             except Exception:
                 pass
-        from airobackend.cluster import release_placement
         release_placement(self.ray, self.pg)
 
 
 def start_replicas(settings: Any, path: str) -> ReplicaSet:
     """`settings.replicas` whole engines over `path` on the Ray cluster `settings.ray`, one per node where there are
     enough nodes: every node checked (file, code, RAM) before anything is loaded."""
-    import dataclasses
-
-    from airobackend.cluster import _on_bundle, _placement, check_reports, connect, node_report
-    from airobackend.library import describe_file
-
     n = int(settings.replicas)
     if n < 1:
         raise RequestError(f"the replica count must be at least 1, not {n}")
@@ -388,7 +378,6 @@ def start_replicas(settings: Any, path: str) -> ReplicaSet:
                            for i in range(n)])
         check_reports(reports, head, path, settings.allow_disk, [f"replica {i + 1}" for i in range(n)])
         local = dataclasses.replace(settings, ray=None, replicas=0, stages=1)
-        from airobackend.cluster import watched_actor
         cls = watched_actor(ray, Replica)
         actors = [cls.options(num_cpus=settings.ray_cpus, max_restarts=settings.ray_restarts, max_task_retries=0,
                               max_concurrency=max(4, int(settings.multiuser) + 4), **_on_bundle(pg, i))

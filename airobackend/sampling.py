@@ -67,6 +67,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from airobackend.errors import RequestError
+from airobackend.grammar import Grammar, GrammarError, GrammarMatcher
 from airobackend.types import SamplingParams
 
 TOP_K, TOP_A, TOP_P, TFS, TYPICAL, TEMPERATURE, REP_PEN = range(7)
@@ -177,7 +178,6 @@ def validate_sampling(params: SamplingParams, n_vocab: Optional[int] = None) -> 
         _int("banned token id", t, 0, hi)
     _string_list("banned strings", p.banned_strings, MAX_BANNED_STRINGS)
     if p.grammar:
-        from airobackend.grammar import Grammar, GrammarError
         if not isinstance(p.grammar, str):
             raise GrammarError(f"grammar must be a string, not {type(p.grammar).__name__}")
         Grammar.cached(p.grammar)
@@ -284,7 +284,6 @@ class Sampler:
         if p.grammar:
             if tokenizer is None:
                 raise RequestError("a grammar needs the model's tokenizer")
-            from airobackend.grammar import Grammar, GrammarMatcher
             self.grammar = GrammarMatcher(Grammar.cached(p.grammar), tokenizer)
         self.last_ids = np.zeros(0, dtype=np.int64)
         self.last_probs = np.zeros(0, dtype=np.float64)
@@ -662,7 +661,8 @@ def dry_penalties(history: Sequence[int], multiplier: float, base: float, allowe
         return {}
 
     # 2. count[j] = length of the repeat of the window's end that ends at j (at most rep_limit)
-    from airobackend.kernels.seq import suffix_repeats
+    from airobackend.kernels.seq import suffix_repeats      # Numba: the server imports this module before it
+                                                            # sets Numba's cache folder (start-up)
     count = np.empty(n, dtype=np.int64)
     suffix_repeats(t, rep_limit, count)
 

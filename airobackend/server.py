@@ -25,6 +25,7 @@ import ipaddress
 import json
 import logging
 import math
+import socket
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Iterable, Optional
 from urllib.parse import parse_qs
@@ -39,10 +40,16 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.routing import Match
 
+from . import __version__
 from .errors import (AiroError, BackendUnavailable, ContextOverflowError, EngineBusy, FieldError, ModelNotLoaded,
                      RequestError, check_token_ids)
+from .chat import get_template
+from .demo import BANNER, is_demo_model
+from .plugins import get_plugin_manager
+from .sampling import DRY_MAX_BREAKERS
 from .settings import Settings
-from .types import EngineAPI
+from .tools import has_tool_messages, polyfill_messages
+from .types import DEFAULT_SAMPLER_ORDER, EngineAPI, SamplingParams
 
 log = logging.getLogger("airobackend.server")
 
@@ -680,13 +687,11 @@ def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
 
 def create_app(engine: EngineAPI, settings: Settings, pm: Optional[pluggy.PluginManager] = None) -> FastAPI:
     """Build the ASGI app serving every registered adapter's routes for `engine` (an Engine or ModelManager)."""
-    from .plugins import get_plugin_manager
-
     if pm is None:
         pm = get_plugin_manager(blocked=settings.disable_adapters)
     # /docs: Swagger UI from the files fastapi-offline ships (FastAPI's own page loads them from a CDN and is blank
     # offline).
-    app = FastAPIOffline(title="airobackend", version=_version(), docs_url="/docs", redoc_url=None,
+    app = FastAPIOffline(title="airobackend", version=__version__, docs_url="/docs", redoc_url=None,
                          static_url=DOCS_ASSETS, openapi_url="/openapi.json",
                          description="KoboldAI/KoboldCpp, text-generation-webui and OpenAI-compatible APIs.")
     app.state.engine = engine
@@ -746,8 +751,6 @@ FRONTENDS = (
 def index_page(request: Request, engine: EngineAPI, settings: Settings, pm: pluggy.PluginManager) -> str:
     """The page at `/`: the model served (masked without the API key, as the probes are), the demo model's warning,
     where to point each frontend, and the documentation."""
-    from .demo import BANNER, is_demo_model
-
     esc = html.escape
     try:
         info = engine.model_info()
@@ -783,21 +786,13 @@ def _enabled(pm: pluggy.PluginManager) -> set[str]:
     return {name for name, plugin in pm.list_name_plugin() if plugin is not None}
 
 
-def _version() -> str:
-    try:
-        from . import __version__
-        return str(__version__)
-    except Exception:  # pragma: no cover
-        return "0"
-
-
 # ---------------------------------------------------------------------------------------------- running
 
 def uvicorn_config(app: Any, host: str, port: int, settings: Settings, **kw: Any):
     """uvicorn settings: h11 with bounded headers; WebSockets by the `websockets` package (its sans-I/O protocol,
     which uvicorn recommends over its deprecated legacy driver) with bounded frames and no server pings (like
     text-generation-webui's streaming server, which old clients expect)."""
-    import uvicorn
+    import uvicorn      # only to listen: the CLI imports this module to build every command's flags (start-up)
 
     return uvicorn.Config(
         app, host=host, port=port, ws="websockets-sansio", http="h11", lifespan="off",
@@ -839,7 +834,7 @@ async def serve_async(app: Any, settings: Settings, *, ready: Optional[Callable[
     """Serve `app` on settings.host:settings.port plus every listener the plugins added, in one loop; `ready` gets
     the (host, port) pairs once all listen. PortInUse when the main port is taken; an extra port taken since
     `check_ports` is left out with a warning."""
-    import uvicorn
+    import uvicorn      # only to listen (see uvicorn_config)
 
     pm: pluggy.PluginManager = app.state.pm
     engine = app.state.engine
@@ -894,8 +889,6 @@ def chat_prompt(pm: pluggy.PluginManager, engine: EngineAPI, messages: list[dict
                 tools: Optional[list[dict]] = None) -> str:
     """Render chat messages with a `format_chat_prompt` plugin if one answers, else the model's own template (which
     gets the `tools` too). Plugins see plain roles: tools and tool messages written out as llama.cpp does."""
-    from .tools import has_tool_messages, polyfill_messages
-
     plain = polyfill_messages(messages, tools) if tools or has_tool_messages(messages) else messages
     prompt = pm.hook.format_chat_prompt(messages=plain, model_info=engine.model_info())
     if prompt is not None:
@@ -908,7 +901,6 @@ def chat_stops(engine: EngineAPI) -> tuple[str, ...]:
     try:
         template = getattr(engine, "template", None)
         if template is None:
-            from .chat import get_template
             template = get_template(str(engine.model_info()["template"]))
         return tuple(template.stop)
     except Exception:  # unknown template name, or no template information: EOS alone ends the turn
@@ -1033,9 +1025,6 @@ def string_list_field(value: Any, name: str, max_items: int) -> tuple[str, ...]:
 def sampling_params(payload: dict, n_vocab: int, *, textgen_order: bool = False, **defaults: Any):
     """SamplingParams from any protocol's sampler fields (all known aliases), `defaults` for absent ones;
     `textgen_order`: text-generation-webui's `sampler_priority` and `temperature_last` reorder the chain."""
-    from .sampling import DRY_MAX_BREAKERS
-    from .types import DEFAULT_SAMPLER_ORDER, SamplingParams
-
     base = SamplingParams(**{k: v for k, v in defaults.items() if k in SamplingParams.__dataclass_fields__})
     f = Fields(payload)
     rep_pens = [(f.float(n, None), n) for n in ("rep_pen", "repetition_penalty", "repeat_penalty")]
@@ -1104,8 +1093,6 @@ def sampling_params(payload: dict, n_vocab: int, *, textgen_order: bool = False,
 
 def _can_bind(host: str, port: int) -> bool:
     """Whether (host, port) is free to listen on (checked the way uvicorn binds: SO_REUSEADDR)."""
-    import socket
-
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

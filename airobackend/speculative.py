@@ -184,7 +184,7 @@ class DraftModel:
     def __init__(self, model_path: str, num_pred_tokens: int = 8, p_min: float = 0.75, *, n_ctx: int = 2048,
                  n_threads: Optional[int] = None, n_batch: int = 512, kernels: Optional[str] = None,
                  **kwargs: Any) -> None:
-        from airobackend.llama import Llama
+        from airobackend.llama import Llama     # here: llama imports this module (a cycle at the top)
 
         if int(num_pred_tokens) < 1 or not 0.0 <= float(p_min) <= 1.0:
             raise ValueError(f"a draft model needs num_pred_tokens >= 1 and p_min in 0..1, not {num_pred_tokens}, "

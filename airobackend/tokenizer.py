@@ -28,6 +28,8 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import numpy as np
 
 from airobackend.errors import ModelFileError, RequestError
+from airobackend.formats import open_model
+from airobackend.kernels import JIT
 
 # llama_token_type (GGUF tokenizer.ggml.token_type)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -234,7 +236,7 @@ class Tokenizer(Vocabulary):
         vocabularies, `airobackend.bpe.BPETokenizer` for byte-level BPE ones (GGUF tokenizer.ggml.model gpt2)."""
         v, hp = mf.vocab, mf.hparams
         if getattr(v, "model", "llama") == "gpt2":
-            from airobackend.bpe import BPETokenizer
+            from airobackend.bpe import BPETokenizer        # here: bpe builds on this module (a cycle at the top)
             return BPETokenizer.from_model_file(mf)
         md = getattr(mf, "metadata", None) or {}
 
@@ -254,7 +256,6 @@ class Tokenizer(Vocabulary):
     @classmethod
     def from_file(cls, path: str) -> Any:
         """Open `path` vocabulary-only and build its tokenizer (see `from_model_file`)."""
-        from airobackend.formats import open_model
         with open_model(path, vocab_only=True) as mf:
             return cls.from_model_file(mf)
 
@@ -466,9 +467,8 @@ def _char_key(c: bytes) -> int:
 
 
 def _jit(fn):
-    import numba
+    import numba                # at the first compile: importing this module stays free of Numba (start-up)
 
-    from airobackend.kernels import JIT
     return numba.njit(**JIT)(fn)
 
 

@@ -8,7 +8,9 @@ which the application sets from its cache root before any kernel module loads.
 """
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -34,8 +36,6 @@ def _load_tbb() -> None:
     (bench/results/2026-11-27.md). The pip `tbb` wheel puts libtbb.so.12 in <prefix>/lib, which is not on the loader
     path; loading it by absolute path first lets Numba's tbbpool find it. Harmless when absent.
     """
-    import ctypes
-    import sys
     for prefix in (sys.prefix, sys.base_prefix):
         lib = os.path.join(prefix, "lib", "libtbb.so.12")
         if os.path.isfile(lib):

@@ -109,7 +109,7 @@ def project(x: np.ndarray, *weights: Weight, outs: Optional[list] = None) -> lis
 
 def _fast_module():
     try:
-        from . import fast
+        from . import fast      # here, and optional: without it (ImportError) the generic kernels serve
     except ImportError:
         return None
     return fast

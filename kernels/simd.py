@@ -20,6 +20,7 @@ import inspect
 import os
 
 import llvmlite.binding as llb
+import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
@@ -202,7 +203,6 @@ def add_mask64(typingctx, a, arr, idx, val):
 
 
 def _fconst(v: float) -> ir.Constant:
-    import numpy as np
     return ir.Constant(_VF, [ir.Constant(_F32, float(np.float32(v)))] * 16)
 
 

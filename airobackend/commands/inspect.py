@@ -6,6 +6,8 @@ import json
 import sys
 
 from ..errors import ModelFileError, RequestError
+from ..formats import estimate_ram, kv_cache_bytes, open_model
+from ..rope import choose_rope
 from ..settings import KV_CACHE_TYPES
 
 
@@ -44,8 +46,6 @@ def describe(mf, n_ctx=None, with_tensors: bool = False, type_k: str = "f16", ty
     """The JSON-able summary `inspect --json` prints (also used by the model library); the KV cache and RAM figures
     are for a cache of type_k / type_v. `rope`: the RoPE values the model would run with at n_ctx (automatic
     scaling beyond the trained context unless the user gives values)."""
-    from ..formats import estimate_ram, kv_cache_bytes
-    from ..rope import choose_rope
     hp = mf.hparams
     n_ctx = int(n_ctx or hp.n_ctx_train or 2048)
     out = {
@@ -74,7 +74,7 @@ def describe(mf, n_ctx=None, with_tensors: bool = False, type_k: str = "f16", ty
 
 def stages_ram(mf, n_stages: int, n_ctx: int, type_k: str, type_v: str) -> list[dict]:
     """The head (embeddings, output, logits: stage 0) and each of n_stages pipeline stages: layers and bytes of RAM."""
-    from ..pipeline import head_ram, split_layers, stage_ram
+    from ..pipeline import head_ram, split_layers, stage_ram     # Numba comes with it: only for --stages
 
     out = [{"stage": 0, "layers": None, "ram_bytes": head_ram(mf, n_ctx=n_ctx)}]
     for i, (lo, hi) in enumerate(split_layers(mf.hparams.n_layer, n_stages)):
@@ -84,7 +84,6 @@ def stages_ram(mf, n_stages: int, n_ctx: int, type_k: str, type_v: str) -> list[
 
 
 def main(args: argparse.Namespace) -> int:
-    from ..formats import open_model
     try:
         mf = open_model(args.file, n_gqa=args.n_gqa, rope_freq_base=args.rope_freq_base,
                         rope_freq_scale=args.rope_freq_scale)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..kernels.ggml_types import GGMLType
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dump", metavar="DIR", default=None,
@@ -11,8 +13,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    # the kernel modules bring Numba and probe the CPU: here, so that the CLI's other commands start without them
     from ..kernels import codegen
-    from ..kernels.ggml_types import GGMLType
     from ..kernels.specs import ISA, supported_types
 
     types = ", ".join(GGMLType(t).name for t in supported_types()) or "none (the float32 kernels are used)"

@@ -15,6 +15,7 @@ import time
 
 from airobackend.commands.run import OPTIONS, add_options, build_settings
 from airobackend.errors import AiroError
+from airobackend.perplexity import chunk_count, perplexity
 
 # The model options of `run` that apply here (the context and batch size are this command's own).
 MODEL_OPTIONS = tuple(o for o in OPTIONS if o.group == "model" and o.dest not in ("n_ctx", "n_batch", "template",
@@ -57,8 +58,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         with open(args.file, "rb") as f:       # bytes, as llama.cpp reads them: invalid UTF-8 is the tokenizer's
             text = f.read()
-        from airobackend.llama import Llama
-        from airobackend.perplexity import chunk_count, perplexity
+        from airobackend.llama import Llama     # brings Numba: here, so the CLI's other commands start without it
         llm = Llama(model_path=settings.model, n_ctx=n_ctx, n_threads=settings.n_threads or None,
                     n_batch=min(n_batch, n_ctx), n_gqa=settings.n_gqa, rms_norm_eps=settings.rms_norm_eps,
                     rope_freq_base=settings.rope_freq_base, rope_freq_scale=settings.rope_freq_scale, verbose=False)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import random
 import re
 import signal
@@ -24,7 +25,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from airobackend.chat import stop_strings
+from airobackend.demo import BANNER, demo_model_path
 from airobackend.errors import AiroError
+from airobackend.manager import ConsoleProgress
+from airobackend.paths import use_cache_root
+from airobackend.sampling import validate_sampling
 from airobackend.settings import Settings
 from airobackend.types import FinishReason, GenerationRequest, SamplingParams
 
@@ -379,7 +385,6 @@ def _timings(engine: Any, last: Any) -> str:
 def _warmup_report() -> Callable[[str, bool], None]:
     """Kernel warm-up lines on stderr; on a terminal the 'compiling ...' line is replaced by its result."""
     if sys.stderr.isatty():
-        from airobackend.manager import ConsoleProgress
         return ConsoleProgress().note
     return lambda line, done: print(line, file=sys.stderr, flush=True)
 
@@ -409,16 +414,13 @@ def main(args: argparse.Namespace) -> int:
         if args.escape:
             prompt = process_escapes(prompt)
         sampling = sampling_from_args(args, settings)
-        from airobackend.sampling import validate_sampling
         validate_sampling(sampling)                      # bad values are reported before the model loads
-
-        from airobackend.paths import use_cache_root
         use_cache_root(settings.cache_dir)              # before anything compiles
-        from airobackend.demo import BANNER, demo_model_path
         path = settings.model
         if not path:
             path = str(demo_model_path(settings.cache_dir))
             info(f"airobackend: no model given (-m FILE): using the {BANNER}")
+        # Llama and Engine bring Numba: imported here, once its cache folder is set (and `--help` stays quick)
         from airobackend.llama import Llama
         t0 = time.perf_counter()
         llm = Llama(model_path=path, n_ctx=settings.n_ctx, n_threads=settings.n_threads or None,
@@ -448,7 +450,6 @@ def main(args: argparse.Namespace) -> int:
         return 1
     except BrokenPipeError:
         # The reader went away (`airobackend run ... | head`): stop quietly, as a Unix filter does.
-        import os
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except OSError as e:
@@ -501,7 +502,6 @@ def read_turn(stream: Any, multiline: bool) -> Optional[str]:
 
 def _chat(engine: Any, args: argparse.Namespace, first: str, sampling: SamplingParams,
           info: Callable[[str], None]) -> int:
-    from airobackend.chat import stop_strings
     template = engine.template
     system = args.system
     if args.interactive_first and first.strip():    # the prompt is context; the first turn is the user's

@@ -13,6 +13,12 @@ import os
 import sys
 from typing import Any, Callable, Optional
 
+from airobackend import server
+from airobackend.demo import BANNER, demo_model_path
+from airobackend.errors import AiroError
+from airobackend.manager import ConsoleProgress, LineProgress, ModelManager
+from airobackend.paths import use_cache_root
+from airobackend.plugins import describe_plugins, get_plugin_manager
 from airobackend.settings import KV_CACHE_TYPES, Settings
 
 log = logging.getLogger("airobackend.serve")
@@ -133,7 +139,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--quiet", action="store_true", default=None, help="log warnings only (env AIRO_QUIET)")
     s.add_argument("--list-plugins", action="store_true", help="print the registered adapter plugins and exit")
     try:
-        from airobackend.plugins import get_plugin_manager
         get_plugin_manager().hook.add_cli_arguments(parser=s)
     except Exception as e:  # a broken third-party plugin must not take the command line down
         print(f"warning: plugin flags unavailable: {e}", file=sys.stderr)
@@ -194,9 +199,7 @@ def check_cluster_settings(settings: Settings) -> None:
 def security_warnings(settings: Settings) -> list[str]:
     """What to warn about before listening (shown on stderr): beyond loopback, what anyone who reaches the port
     may do."""
-    from airobackend.server import is_loopback
-
-    if is_loopback(settings.host):
+    if server.is_loopback(settings.host):
         return []
     if settings.api_key:
         return []
@@ -226,7 +229,6 @@ def banner(settings: Settings, listeners: list, plugin_names: set, info: dict, d
     lines = [f"airobackend ready: model {info.get('name')} ({info.get('mix') or '?'}, context {info.get('n_ctx')}"
              f"{kv}, template {info.get('template')})"]
     if demo:
-        from airobackend.demo import BANNER
         lines.append("  NOTE: " + BANNER)
     if "kobold" in plugin_names:
         lines.append(f"  KoboldAI / KoboldCpp API   {base}/api      (KoboldAI Lite, SillyTavern 'KoboldAI Classic')")
@@ -250,14 +252,11 @@ def banner(settings: Settings, listeners: list, plugin_names: set, info: dict, d
 def open_engine(settings: Settings) -> tuple[Any, Callable[[], None], bool]:
     """A ModelManager with the requested model (or the demo model) registered but not loaded yet, the function that
     loads it, and whether it is the demo model."""
-    from airobackend.manager import ConsoleProgress, LineProgress, ModelManager
-
     quiet = settings.quiet
     progress = None if quiet else (ConsoleProgress() if sys.stderr.isatty() else LineProgress(log.info))
     manager = ModelManager(settings, on_progress=progress)
     demo = settings.model is None
     if demo:
-        from airobackend.demo import demo_model_path
         path = str(demo_model_path(settings.cache_dir))
         name = manager.register(path)
     elif os.path.exists(settings.model):
@@ -268,11 +267,6 @@ def open_engine(settings: Settings) -> tuple[Any, Callable[[], None], bool]:
 
 
 def main(args: argparse.Namespace) -> int:
-    from airobackend.errors import AiroError
-    from airobackend.paths import use_cache_root
-    from airobackend.plugins import describe_plugins, get_plugin_manager
-    from airobackend.server import PortInUse, check_ports, create_app, serve_async
-
     try:
         settings = settings_from_args(args)
     except ValueError as e:
@@ -292,10 +286,10 @@ def main(args: argparse.Namespace) -> int:
     except (AiroError, OSError) as e:
         print(f"error: cannot load the model: {e}", file=sys.stderr)
         return 1
-    app = create_app(engine, settings, pm)
+    app = server.create_app(engine, settings, pm)
     try:
-        check_ports(app, settings)               # before a load that may take minutes
-    except PortInUse as e:
+        server.check_ports(app, settings)               # before a load that may take minutes
+    except server.PortInUse as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
@@ -310,8 +304,8 @@ def main(args: argparse.Namespace) -> int:
         print(banner(settings, listeners, names, engine.model_info(), demo), file=sys.stderr, flush=True)
 
     try:
-        asyncio.run(serve_async(app, settings, ready=ready))
-    except PortInUse as e:                       # taken while the model loaded
+        asyncio.run(server.serve_async(app, settings, ready=ready))
+    except server.PortInUse as e:                       # taken while the model loaded
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:

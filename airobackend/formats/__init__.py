@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import ModelFileError
 from ..quant import BLOCK, GGMLType, ftype_name
+from ._source import Source
 
 __all__ = [
     "open_model", "ModelFile", "HParams", "Vocab", "TensorInfo", "ModelFileError",
@@ -232,8 +233,8 @@ def open_model(path: Union[str, os.PathLike], *, n_gqa: Optional[int] = None, rm
     n_ctx_train 2048). vocab_only=True reads hparams and vocabulary and skips the tensor table.
     Raises ModelFileError (naming file, offset, tensor) for anything wrong with the file.
     """
+    # here: the readers build on this module's HParams, Vocab and ModelFile (a cycle at the top)
     from . import ggml as _ggml, gguf as _gguf, zipparts as _zip
-    from ._source import Source
 
     path = os.fspath(path)
     overrides = dict(n_gqa=n_gqa, rms_norm_eps=rms_norm_eps, rope_freq_base=rope_freq_base,

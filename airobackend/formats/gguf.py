@@ -14,6 +14,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..errors import ModelFileError, UnsupportedTensorType
+from ..pretokenize import PRE_TYPES
 from ..quant import BLOCK, WEIGHT_TYPES, GGMLType
 from . import HParams, ModelFile, TensorInfo, Vocab, apply_overrides, legacy_tensor_name, mix_name_for
 from ._source import Cursor, Source
@@ -34,7 +35,7 @@ STRING, ARRAY = 8, 9
 
 def _type_name(t: int) -> str:
     try:
-        import gguf
+        import gguf     # the gguf package (and its YAML) only to name a type id this reader does not know
         return gguf.GGMLQuantizationType(t).name
     except Exception:
         return f"unknown type id {t}"
@@ -230,7 +231,6 @@ def _hparams_and_vocab(meta: dict, arch: str, path: str, o: dict, vocab_only: bo
     if model == "gpt2":
         pre_raw = meta.get("tokenizer.ggml.pre", b"")
         pre = pre_raw.decode("utf-8", "replace") if isinstance(pre_raw, bytes) else ""
-        from ..pretokenize import PRE_TYPES
         if pre not in PRE_TYPES:
             raise ModelFileError(f"pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not supported; supported: "
                                  f"{', '.join(sorted(k for k in PRE_TYPES if k))}", path=path)
@@ -269,7 +269,6 @@ def _hparams_and_vocab(meta: dict, arch: str, path: str, o: dict, vocab_only: bo
 
     bpe = vocab.model == "gpt2"     # llama.cpp's defaults differ for byte-level BPE vocabularies
     if bpe:
-        from ..pretokenize import PRE_TYPES
         bpe_add_bos = bool(PRE_TYPES[vocab.pre or ""].add_bos)
     hp = HParams(
         n_vocab=n_vocab, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv, n_layer=num(a + "block_count"),
