@@ -25,8 +25,6 @@ from typing import Optional
 import numpy as np
 
 from airobackend.formats import HParams, Vocab
-from airobackend.formats.quantize import quantize
-from airobackend.formats.writer import MIX_FTYPE, TensorSpec, write_gguf
 from airobackend.paths import cache_root
 from airobackend.quant import GGMLType
 
@@ -170,6 +168,10 @@ def write_demo_model(path: Path, spec: DemoSpec = DEFAULT_SPEC) -> None:
 def _write_gguf(path: Path, spec: DemoSpec, pieces: list[bytes], scores: list[float], types: list[int],
                 tensors: list[tuple[str, np.ndarray]]) -> None:
     """Write with the project's GGUF writer and quantizers (airobackend.formats.writer / .quantize)."""
+    # here, only when the file is written: the server and the command line import this module for its banner
+    from airobackend.formats.quantize import quantize
+    from airobackend.formats.writer import MIX_FTYPE, TensorSpec, write_gguf
+
     weight_type = GGMLType[spec.weight_type.upper()]
     hp = HParams(n_vocab=len(pieces), n_embd=spec.n_embd, n_head=spec.n_head, n_head_kv=spec.n_head,
                  n_layer=spec.n_layer, n_ff=spec.n_ff, n_rot=spec.n_embd // spec.n_head,
