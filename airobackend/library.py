@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
-from airobackend.chat import choose_template
 from airobackend.errors import AiroError, RequestError
 from airobackend.formats import HParams, estimate_ram, is_model_file, open_model
 
@@ -112,6 +111,7 @@ def split_parts(zip_path: Path) -> list[Path]:
 
 def guess_template(name: str, metadata: Optional[dict] = None, override: Optional[str] = None) -> str:
     """Name of the prompt template the engine will use for this file (`airobackend.chat.choose_template`)."""
+    from airobackend.chat import choose_template     # start-up: the CLI imports this module (through the manager)
     return choose_template(override, name, metadata or {}).name
 
 

@@ -28,7 +28,6 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 
 from airobackend.errors import (AiroError, EngineBusy, InsufficientMemory, ModelFileError, ModelNotLoaded,
                                 RequestError)
-from airobackend.chat import get_template
 from airobackend.library import GB, ModelEntry, ModelLibrary
 from airobackend.settings import KV_CACHE_TYPES, Settings
 from airobackend.types import FinishReason, GenerationEvent, GenerationRequest
@@ -392,6 +391,7 @@ class ModelManager:
         if settings.n_ctx <= 0:
             raise RequestError(f"n_ctx must be positive, got {settings.n_ctx}")
         if settings.template:
+            from airobackend.chat import get_template    # start-up: the CLI imports this module for its flags
             get_template(settings.template)          # RequestError naming the known templates
         settings = dataclasses.replace(settings, **{f: _cache_type(getattr(settings, f), f)     # also from the
                                                     for f in ("cache_type_k", "cache_type_v")})   # environment

@@ -43,10 +43,8 @@ from starlette.routing import Match
 from . import __version__
 from .errors import (AiroError, BackendUnavailable, ContextOverflowError, EngineBusy, FieldError, ModelNotLoaded,
                      RequestError, check_token_ids)
-from .chat import get_template
 from .demo import BANNER, is_demo_model
 from .plugins import get_plugin_manager
-from .sampling import DRY_MAX_BREAKERS
 from .settings import Settings
 from .tools import has_tool_messages, polyfill_messages
 from .types import DEFAULT_SAMPLER_ORDER, EngineAPI, SamplingParams
@@ -901,6 +899,7 @@ def chat_stops(engine: EngineAPI) -> tuple[str, ...]:
     try:
         template = getattr(engine, "template", None)
         if template is None:
+            from .chat import get_template      # start-up: see sampling_params
             template = get_template(str(engine.model_info()["template"]))
         return tuple(template.stop)
     except Exception:  # unknown template name, or no template information: EOS alone ends the turn
@@ -1025,6 +1024,9 @@ def string_list_field(value: Any, name: str, max_items: int) -> tuple[str, ...]:
 def sampling_params(payload: dict, n_vocab: int, *, textgen_order: bool = False, **defaults: Any):
     """SamplingParams from any protocol's sampler fields (all known aliases), `defaults` for absent ones;
     `textgen_order`: text-generation-webui's `sampler_priority` and `temperature_last` reorder the chain."""
+    # Here, not at the top: the command line imports this module (through the adapters) to build its flags, and
+    # the samplers, the grammar engine and the chat templates would add to every command's start.
+    from .sampling import DRY_MAX_BREAKERS
     base = SamplingParams(**{k: v for k, v in defaults.items() if k in SamplingParams.__dataclass_fields__})
     f = Fields(payload)
     rep_pens = [(f.float(n, None), n) for n in ("rep_pen", "repetition_penalty", "repeat_penalty")]

@@ -25,12 +25,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from airobackend.chat import stop_strings
 from airobackend.demo import BANNER, demo_model_path
 from airobackend.errors import AiroError
 from airobackend.manager import ConsoleProgress
 from airobackend.paths import use_cache_root
-from airobackend.sampling import validate_sampling
 from airobackend.settings import Settings
 from airobackend.types import FinishReason, GenerationRequest, SamplingParams
 
@@ -414,6 +412,8 @@ def main(args: argparse.Namespace) -> int:
         if args.escape:
             prompt = process_escapes(prompt)
         sampling = sampling_from_args(args, settings)
+        # sampling and chat load here, not at the top: the CLI imports every command module to build its flags
+        from airobackend.sampling import validate_sampling
         validate_sampling(sampling)                      # bad values are reported before the model loads
         use_cache_root(settings.cache_dir)              # before anything compiles
         path = settings.model
@@ -508,6 +508,7 @@ def _chat(engine: Any, args: argparse.Namespace, first: str, sampling: SamplingP
         system, first = first.strip() if system is None else f"{system}\n{first.strip()}", ""
     start: list[dict] = [{"role": "system", "content": system}] if system is not None else []
     messages = list(start)
+    from airobackend.chat import stop_strings       # (see main)
     stops = stop_strings(template, args.reverse_prompt or ())
     how = ("Return starts a new line, end a turn with '\\'" if args.multiline_input
            else "one line per turn (end a line with '\\' to go on)")
