@@ -9,8 +9,9 @@
 * `matvec_x(W, ..., x, ..., out, pf)`: quantize1 and matvec in one call;
 * `matmat(W, ..., XQ, ..., out, n_tok, n_tok_pad)`: a prompt, a `prange` over chunks of rows, register tiles of
   `tile_r` rows x `tile_t` tokens, each weight vector decoded once per tile and used for every token of it;
-* `matmat_few(..., n_tok, n_tok_pad, pf)` and `matmat_few2(...)`: the same tiles with the weight stream prefetched,
-  for batches of up to 8 tokens (the next tokens of several sequences), `matmat_few2` with 2-token tiles for 1-2.
+* `matmat_few(..., n_tok, pf)`: batches of up to 8 tokens (the next tokens of several sequences, a draft being
+  verified): tiles of `few_r` rows x 4, 3, 2 or 1 tokens, as many as there are (5 = 4 + 1, 6 = 4 + 2, ...), so
+  no padding token is computed, with the weight stream prefetched as the mat-vec does.
 
 The source is a pure function of the spec and the instruction set. `kernel_module(spec)` writes it under
 `source_dir()`/<isa>-<hash>/ (the application's cache root: `~/.cache/airobackend/kernels` or
@@ -34,6 +35,7 @@ from .specs import ISA, PREAMBLE, Q8K_ARGS, SPECS, Spec
 
 CHUNK = 32          # rows per prange chunk (a multiple of every tile height)
 PF_DIST = 8192      # bytes of W the mat-vec prefetches ahead into L2 (simd.prefetch_l2; 8 and 16 KB measured alike)
+FEW_T = 4           # the largest token tile of matmat_few (more tokens: several tiles over the same rows, from L1)
 
 
 # the generated module is imported from a file outside the package, so it names the package absolutely
@@ -107,7 +109,7 @@ def _emit_consts(spec: Spec, ind: str) -> list[str]:
 
 
 def generate_source(spec: Spec) -> str:
-    """Python source of the module holding `matvec`, `matmat` and the few-token mat-mats for one weight type."""
+    """Python source of the module holding `matvec`, `matmat` and the few-token mat-mat for one weight type."""
     src = [_HEADER.format(isa=ISA, pkg=_PKG), *PREAMBLE, ""]
     # --- one token's activations: one int8 buffer A = [XQ | XD f32 | XS i32 | XF f32] (offsets: act1_offsets)
     views = ["    XQ = A[:oD]", "    XD = A[oD:oS].view(np.float32)", "    XS = A[oS:oF].view(np.int32)",
@@ -154,25 +156,42 @@ def generate_source(spec: Spec) -> str:
     else:
         src += _emit_tile(spec, MR, 1, "            ", False, prefetch=True)
     src.append("")
-    # --- matmat: R x T register tiles; leftover rows of a chunk one at a time. matmat_few: the same tiles with the
-    # weight stream prefetched into L2 as the mat-vec does, for batches of a few tokens (one decode step of several
-    # sequences), whose tiles are too short to hide DRAM latency; matmat_few2: 2-token tiles for one or two tokens
-    # (a 4-token tile would compute two of padding). Measured in bench/results (continuous batching).
-    R = spec.tile_r
-    for name, T, pf in (("matmat", spec.tile_t, False), ("matmat_few", spec.tile_t, True), ("matmat_few2", 2, True)):
-        src.append("@numba.jit(**JIT_PARALLEL)")
-        src.append(f"def {name}(W, RB, n_rows, n_steps, XQ, XQS, XD, XDS, XS, XF, XSS, out, n_tok, n_tok_pad"
-                   f"{', pf' if pf else ''}):")
-        src += _emit_consts(spec, "    ")
-        src += [f"    n_chunks = (n_rows + {CHUNK - 1}) // {CHUNK}",
-                "    for c in prange(n_chunks):",
-                f"        r0 = c * {CHUNK}",
-                f"        r1 = min(r0 + {CHUNK}, n_rows)",
-                f"        for t0 in range(0, n_tok, {T}):",
-                "            r = r0",
-                "            while r < r1:"]
-        src += _emit_tile(spec, R, T, "                ", True, prefetch=pf)
-        src += [f"                r += {R}", ""]
+    # --- matmat: R x T register tiles; leftover rows of a chunk one at a time (a prompt: bound by arithmetic, the
+    # row tile re-read from L2 for every token tile)
+    R, T = spec.tile_r, spec.tile_t
+    src.append("@numba.jit(**JIT_PARALLEL)")
+    src.append("def matmat(W, RB, n_rows, n_steps, XQ, XQS, XD, XDS, XS, XF, XSS, out, n_tok, n_tok_pad):")
+    src += _emit_consts(spec, "    ")
+    src += [f"    n_chunks = (n_rows + {CHUNK - 1}) // {CHUNK}",
+            "    for c in prange(n_chunks):",
+            f"        r0 = c * {CHUNK}",
+            f"        r1 = min(r0 + {CHUNK}, n_rows)",
+            f"        for t0 in range(0, n_tok, {T}):",
+            "            r = r0",
+            "            while r < r1:"]
+    src += _emit_tile(spec, R, T, "                ", True)
+    src += [f"                r += {R}", ""]
+    # --- matmat_few: one decode step of several sequences or a draft's verification. The weights stream from DRAM
+    # once for all tokens (prefetched as by the mat-vec); each token group takes a tile of exactly its size, since a
+    # padded tile costs the arithmetic of the tokens it pads and a few tokens are bound by arithmetic, not memory.
+    # Measured in bench/results (few-token mat-mat).
+    R = spec.few_r
+    src.append("@numba.jit(**JIT_PARALLEL)")
+    src.append("def matmat_few(W, RB, n_rows, n_steps, XQ, XQS, XD, XDS, XS, XF, XSS, out, n_tok, pf):")
+    src += _emit_consts(spec, "    ")
+    src += [f"    n_chunks = (n_rows + {CHUNK - 1}) // {CHUNK}",
+            "    for c in prange(n_chunks):",
+            f"        r0 = c * {CHUNK}",
+            f"        r1 = min(r0 + {CHUNK}, n_rows)",
+            "        t0 = 0",
+            "        while t0 < n_tok:",
+            f"            nt = min(n_tok - t0, {FEW_T})"]
+    for T in range(FEW_T, 0, -1):
+        src.append(f"            {'if' if T == FEW_T else 'elif' if T > 1 else 'else'}{f' nt == {T}' if T > 1 else ''}:")
+        src += ["                r = r0", "                while r < r1:"]
+        src += _emit_tile(spec, R, T, "                    ", False, prefetch=True)
+        src.append(f"                    r += {R}")
+    src += ["            t0 += nt", ""]
     return "\n".join(src) + "\n"
 
 

@@ -35,7 +35,7 @@ __all__ = ["prepare_fast", "FastWeight", "supported_types", "ISA"]
 # make Numba refuse to cache it; 0 = Numba's static split into one equal range per thread). Dynamic chunks let a
 # thread whose vCPU runs fast take over the work of one that the host slows down.
 PAR_CHUNKS = 4
-FEW_MAX = 8         # batches of up to this many tokens (padded) take the prefetching few-token mat-mats
+FEW_MAX = 8         # batches of up to this many tokens take the few-token mat-mat (no padding)
 
 
 _NO_I32 = np.zeros(16, np.int32)
@@ -91,7 +91,7 @@ class FastWeight:
             self.W.flags.writeable = False
         self.nbytes = self.W.nbytes
         mod = kernel_module(spec)
-        self._mv, self._mm, self._mmf, self._mmf2 = mod.matvec, mod.matmat, mod.matmat_few, mod.matmat_few2
+        self._mv, self._mm, self._mmf = mod.matvec, mod.matmat, mod.matmat_few
         # weights with equal act_key read the same quantized activations (all legacy types share the nibble
         # layout with Q8_0 and Q8_1 fields; k-quants differ by byte permutation; F16 reads fp16 bytes)
         self.act_key = (spec.layout, n_cols)
@@ -105,8 +105,8 @@ class FastWeight:
         self._a1 = act1_offsets(spec, n_steps)
         self._mvx, self._q1 = mod.matvec_x, mod.quantize1
 
-    # activation buffers for the mat-mat, n tokens padded to n_pad (a multiple of tile_t): (XQ, XD, XS, XF) 2-D,
-    # zero-padded rows beyond the real tokens
+    # activation buffers for the mat-mat, n tokens padded to n_pad (a multiple of tile_t for the prompt kernel; the
+    # few-token kernel takes n_pad = n): (XQ, XD, XS, XF) 2-D, zero-padded rows beyond the real tokens
     def _quantize(self, X: np.ndarray, n_pad: int):
         spec, n = self.spec, X.shape[0]
         lay = spec.layout
@@ -153,7 +153,7 @@ class FastWeight:
         if X.shape[0] == 1:     # one Numba call that allocates, aligns and fills the buffer (see act1_offsets)
             return (self.act_key, 1, 1, self._q1(X[0], *self._a1))
         n_tok = X.shape[0]
-        return self._handle(X, -(-n_tok // self.spec.tile_t) * self.spec.tile_t)
+        return self._handle(X, n_tok if n_tok <= FEW_MAX else -(-n_tok // self.spec.tile_t) * self.spec.tile_t)
 
     def _handle(self, X: np.ndarray, n_pad: int) -> tuple:
         # flat views made here once, not per kernel call (Numba's dispatch cost grows with every argument to check)
@@ -193,10 +193,9 @@ class FastWeight:
                                                                                         np.float32)
         old = numba.set_parallel_chunksize(PAR_CHUNKS)
         try:
-            if n_pad <= FEW_MAX:
-                few = self._mmf2 if n_tok <= 2 else self._mmf
-                few(self.W, self.row_bytes, self.n_rows, self.n_steps, XQ, XQS, XD, XDS, XS, XF, XSS, tgt.reshape(-1),
-                    n_tok, n_pad, self._pf)
+            if n_tok <= FEW_MAX:
+                self._mmf(self.W, self.row_bytes, self.n_rows, self.n_steps, XQ, XQS, XD, XDS, XS, XF, XSS,
+                          tgt.reshape(-1), n_tok, self._pf)
             else:
                 self._mm(self.W, self.row_bytes, self.n_rows, self.n_steps, XQ, XQS, XD, XDS, XS, XF, XSS,
                          tgt.reshape(-1), n_tok, n_pad)
@@ -230,8 +229,8 @@ class FastWeight:
                              f"{self.n_rows}x{self.n_cols} weight")
         if X.shape[0] == 0:
             return out
-        if X.shape[0] == 1:             # a single token through the mat-mat kernel: pad it to a tile
-            return self.matmat_q(self._handle(np.ascontiguousarray(X, np.float32), self.spec.tile_t), out)
+        if X.shape[0] == 1:             # a single token through the mat-mat kernel (the few-token one)
+            return self.matmat_q(self._handle(np.ascontiguousarray(X, np.float32), 1), out)
         return self.matmat_q(self.quantize_input(X), out)
 
 

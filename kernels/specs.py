@@ -36,6 +36,7 @@ class Spec:
     parts = 1
     tile_r = 4
     tile_t = TILE_T
+    few_r = 4           # rows per tile of the few-token mat-mat (codegen.FEW_T tokens at most)
     mv_rows = 1         # rows per mat-vec step (2 measured slower from DRAM: one stream per core streams best)
     prefetch_short = False  # prefetch short rows in anonymous memory too (see fast.FastWeight._pf)
     # how the file's rows become the kernel layout (kernels/repack.py): None = read in place, else (kind, options)
@@ -182,6 +183,7 @@ class KSpec(Spec):
     xs_step = 16
     parts = 4
     tile_r = 2
+    few_r = 1           # one row at a time: each row's setup (scales, mins) already spans 4 tokens; measured fastest
 
     def tok_setup(self, j):
         return [f"dx{j} = XD[xd{j}]", f"xb{j} = load_i(XS, xs{j})"]
