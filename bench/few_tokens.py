@@ -45,10 +45,10 @@ STREAM_MB = 96              # bytes each timing cycles through: three times the 
 class Case:
     """Copies of one type and shape, their activations and outputs."""
 
-    def __init__(self, t: GGMLType, n_rows: int, n_cols: int, toks: list[int], rng):
+    def __init__(self, t: GGMLType, n_rows: int, n_cols: int, toks: list[int], rng, copies: int = 0):
         self.label = f"{t.name} {n_rows}x{n_cols}"
         raw = random_raw(t, n_rows, n_cols, rng)
-        n_copies = max(2, -(-STREAM_MB * 2**20 // raw.nbytes))
+        n_copies = copies or max(2, -(-STREAM_MB * 2**20 // raw.nbytes))
         self.ws = [fast.prepare_fast(t, raw if i == 0 else random_raw(t, n_rows, n_cols, rng), n_rows, n_cols)
                    for i in range(n_copies)]
         if self.ws[0] is None:
@@ -89,6 +89,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--calls", type=int, default=9, help="calls per case per round (median)")
+    ap.add_argument("--copies", type=int, default=0,
+                    help="copies of each matrix cycled through (default: enough to exceed the caches; 1 with a small "
+                         "--shapes, e.g. 256x4096, and --threads 1 measures the kernels' arithmetic alone)")
     args = ap.parse_args(argv)
     names = {t.name.lower(): t for t in GGMLType}
     try:
@@ -100,7 +103,7 @@ def main(argv=None) -> int:
     numba.set_num_threads(args.threads)
     exe = build_stream(Path(tempfile.gettempdir()))
     rng = np.random.default_rng(0)
-    cases = [Case(t, r, c, toks, rng) for t in types for r, c in shapes]
+    cases = [Case(t, r, c, toks, rng, args.copies) for t in types for r, c in shapes]
     for cs in cases:        # compile / load every kernel outside the rounds
         cs.time("mv", 1, 1)
         for n in toks:

@@ -1,9 +1,10 @@
 """The fast kernels' code generator: one Python module per weight type, written to a cache folder and imported.
 
-`generate_source(spec)` unrolls a type's fragments (kernels/specs.py) into seven Numba functions:
+`generate_source(spec)` unrolls a type's fragments (kernels/specs.py) into eight Numba functions:
 
 * `fill1(x, A, ...)`: one token's activations quantized into the buffer A = [XQ | XD f32 | XS i32 | XF f32];
 * `quantize1(x, ...)`: A allocated on a 64-byte line and filled, in one call from Python;
+* `quantize_few(X, ...)`: the same for a few rows (one A per row, at a stride of whole lines), for `matmat_few`;
 * `matvec(W, ..., A, ..., out, pf)`: decode, a `prange` over chunks of CHUNK rows, one row at a time (the single-row
   loop already outruns DRAM on one core), with an L2 prefetch of the weight stream when `pf`;
 * `matvec_x(W, ..., x, ..., out, pf)`: quantize1 and matvec in one call;
@@ -134,6 +135,23 @@ def generate_source(spec: Spec) -> str:
     src.append("    A = buf[o:o + oE]")
     src.append("    fill1(x, A, oD, oS, oF, oE)")
     src.append("    return A")
+    src.append("")
+    # --- quantize_few: up to a few tokens' activations in one call from Python, each row laid out as fill1's A at a
+    # stride of oR bytes (a multiple of 64): XQ, XD, XS, XF are views of one buffer, so the mat-mat reads them with
+    # row strides oR, oR / 4, oR / 4. F16: the rows rounded to fp16 and kept as float32 (what the mat-mat reads).
+    src.append("@numba.jit(**JIT)")
+    src.append("def quantize_few(X, oD, oS, oF, oE, oR):")
+    src.append("    n = X.shape[0]")
+    src.append("    buf = np.empty(n * oR + 64, np.int8)")
+    src.append("    o = (-buf.ctypes.data) & 63")
+    src.append("    A = buf[o:o + n * oR]")
+    src.append("    for t in range(n):")
+    if spec.layout == "f16":
+        src.append("        for b in range(X.shape[1] // 16):")
+        src.append("            store_f(A, t * oR + 64 * b, round_h16(load_f(X[t], 16 * b)))")
+    else:
+        src.append("        fill1(X[t], A[t * oR:t * oR + oE], oD, oS, oF, oE)")
+    src.append("    return (A, A[oD:].view(np.float32), A[oS:].view(np.int32), A[oF:].view(np.float32))")
     src.append("")
     src.append("@numba.jit(**JIT)")
     src.append("def matvec_x(W, RB, n_rows, n_steps, x, oD, oS, oF, oE, out, pf):")

@@ -103,7 +103,10 @@ class FastWeight:
         # measurements: bench/results/2026-11-27.md, "Prefetch into L2".
         self._pf = n_cols * _ACT_BYTES[spec.layout] > PF_MIN_ACT or file_backed(W) or spec.prefetch_short
         self._a1 = act1_offsets(spec, n_steps)
-        self._mvx, self._q1 = mod.matvec_x, mod.quantize1
+        self._mvx, self._q1, self._qf = mod.matvec_x, mod.quantize1, mod.quantize_few
+        # quantize_few's rows: the one-token layout (F16: the float32 row the mat-mat reads), whole lines apart
+        a = (n_steps * 64,) * 4 if spec.layout == "f16" else self._a1
+        self._af = (*a, -(-a[3] // 64) * 64)
 
     # activation buffers for the mat-mat, n tokens padded to n_pad (a multiple of tile_t for the prompt kernel; the
     # few-token kernel takes n_pad = n): (XQ, XD, XS, XF) 2-D, zero-padded rows beyond the real tokens
@@ -153,7 +156,16 @@ class FastWeight:
         if X.shape[0] == 1:     # one Numba call that allocates, aligns and fills the buffer (see act1_offsets)
             return (self.act_key, 1, 1, self._q1(X[0], *self._a1))
         n_tok = X.shape[0]
-        return self._handle(X, n_tok if n_tok <= FEW_MAX else -(-n_tok // self.spec.tile_t) * self.spec.tile_t)
+        if n_tok <= FEW_MAX:
+            return self._few_handle(X)
+        return self._handle(X, -(-n_tok // self.spec.tile_t) * self.spec.tile_t)
+
+    def _few_handle(self, X: np.ndarray) -> tuple:
+        # one Numba call, as quantize1: four aligned numpy buffers made from Python cost ~25 us, several times the
+        # quantization of a few rows
+        XQ, XD, XS, XF = self._qf(X, *self._af)
+        s = self._af[4]
+        return (self.act_key, X.shape[0], X.shape[0], XQ, s, XD, s // 4, XS, XF, s // 4)
 
     def _handle(self, X: np.ndarray, n_pad: int) -> tuple:
         # flat views made here once, not per kernel call (Numba's dispatch cost grows with every argument to check)
@@ -230,7 +242,7 @@ class FastWeight:
         if X.shape[0] == 0:
             return out
         if X.shape[0] == 1:             # a single token through the mat-mat kernel (the few-token one)
-            return self.matmat_q(self._handle(np.ascontiguousarray(X, np.float32), 1), out)
+            return self.matmat_q(self._few_handle(np.ascontiguousarray(X, np.float32)), out)
         return self.matmat_q(self.quantize_input(X), out)
 
 

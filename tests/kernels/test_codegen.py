@@ -22,7 +22,7 @@ FIXTURE_FILES = {
     G.Q2_K: "fx-q2_K", G.Q3_K: "fx-q3_K_M", G.Q4_K: "fx-q4_K_M", G.Q5_K: "fx-q5_K_M", G.Q6_K: "fx-q6_K",
     G.F16: "fx-f16",
 }
-GENERATED = {"fill1", "quantize1", "matvec", "matvec_x", "matmat", "matmat_few"}
+GENERATED = {"fill1", "quantize1", "quantize_few", "matvec", "matvec_x", "matmat", "matmat_few"}
 
 
 def test_generation_is_deterministic_and_valid_python():
