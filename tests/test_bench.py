@@ -69,3 +69,17 @@ def test_http_batching_bench_refuses_nonsense_before_starting_servers(args, name
     assert "Traceback" not in r.stderr and "model " not in r.stdout       # nothing written, nothing started
     for n in names:
         assert n in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("args, names", [
+    (["--types", "q4_0,q9_X"], ["--types: unknown q9_x"]),
+    (["--shapes", "4096"], ["--shapes of the form ROWSxCOLS"]),
+    (["--tokens", "four"], ["--tokens: numbers"]),
+])
+def test_few_tokens_bench_refuses_nonsense_before_measuring(args, names):
+    r = subprocess.run([sys.executable, str(RUN.parent / "few_tokens.py"), *args], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and "read (" not in r.stdout
+    for n in names:
+        assert n in r.stderr, r.stderr
