@@ -17,8 +17,8 @@ logits bit-identical to one-token passes (integer dot products, per-row activati
 with a fixed seed is unchanged; for F16 weights the two paths sum in different orders (differences ~1e-4).
 
 Drafting is only worth it while a verifying pass yields more tokens per second than one-token passes do, and that
-depends on the CPU (what a pass of a few tokens costs against one: on AVX-512 VNNI kernels 4 tokens cost ~2.6 one-token
-passes, 8 cost ~5) and on the text (how many drafts are accepted). `Governor` measures both as the engine runs and
+depends on the CPU (what a pass of a few tokens costs against one: where the AVX-512 VNNI kernels are bound by
+arithmetic, 4 tokens cost ~2.1-2.5 one-token passes, 8 cost ~4-4.5) and on the text (how many drafts are accepted). `Governor` measures both as the engine runs and
 pauses drafting while it loses, trying again every few tokens, so free text costs little more than plain decoding.
 
 Two drafters, with llama-cpp-python's `LlamaDraftModel` interface (`drafter(input_ids) -> np.ndarray` of token ids,

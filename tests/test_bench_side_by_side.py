@@ -51,5 +51,9 @@ def test_one_round_on_a_fixture_prints_ratios(tmp_path):
                 "decode ours/avx512", "read GB/s", "ours/read", "avx512/read"):
         assert float(cells[key]) > 0, (key, row)
     for what in ("prompt", "decode"):
-        ratio = float(cells[f"{what} ours"]) / float(cells[f"{what} avx512"])
-        assert abs(ratio - float(cells[f"{what} ours/avx512"])) <= 0.01 * ratio + 0.01, (what, row)
+        ours, theirs = float(cells[f"{what} ours"]), float(cells[f"{what} avx512"])
+        ratio = ours / theirs
+        # the tok/s cells are printed to 0.1: a slow engine's (llama-bench on a loaded machine decodes ~2 tok/s)
+        # rounding moves the ratio by more than 1 %
+        rounding = ratio * (0.05 / ours + 0.05 / theirs)
+        assert abs(ratio - float(cells[f"{what} ours/avx512"])) <= 0.01 * ratio + 0.01 + rounding, (what, row)
