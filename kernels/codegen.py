@@ -177,14 +177,8 @@ def generate_source(spec: Spec) -> str:
     # --- matmat: R x T register tiles; leftover rows of a chunk one at a time (a prompt: bound by arithmetic, the
     # row tile re-read from L2 for every token tile)
     R, T = spec.tile_r, spec.tile_t
-    src.append("@numba.jit(**JIT_PARALLEL)")
-    src.append("def matmat(W, RB, n_rows, n_steps, XQ, XQS, XD, XDS, XS, XF, XSS, out, n_tok, n_tok_pad):")
-    src += _emit_consts(spec, "    ")
-    src += [f"    n_chunks = (n_rows + {CHUNK - 1}) // {CHUNK}",
-            "    for c in prange(n_chunks):",
-            f"        r0 = c * {CHUNK}",
-            f"        r1 = min(r0 + {CHUNK}, n_rows)",
-            f"        for t0 in range(0, n_tok, {T}):",
+    src += _emit_mm_head(spec, "matmat", "n_tok_pad")
+    src += [f"        for t0 in range(0, n_tok, {T}):",
             "            r = r0",
             "            while r < r1:"]
     src += _emit_tile(spec, R, T, "                ", True)
@@ -194,14 +188,8 @@ def generate_source(spec: Spec) -> str:
     # padded tile costs the arithmetic of the tokens it pads and a few tokens are bound by arithmetic, not memory.
     # Measured in bench/results (few-token mat-mat).
     R = spec.few_r
-    src.append("@numba.jit(**JIT_PARALLEL)")
-    src.append("def matmat_few(W, RB, n_rows, n_steps, XQ, XQS, XD, XDS, XS, XF, XSS, out, n_tok, pf):")
-    src += _emit_consts(spec, "    ")
-    src += [f"    n_chunks = (n_rows + {CHUNK - 1}) // {CHUNK}",
-            "    for c in prange(n_chunks):",
-            f"        r0 = c * {CHUNK}",
-            f"        r1 = min(r0 + {CHUNK}, n_rows)",
-            "        t0 = 0",
+    src += _emit_mm_head(spec, "matmat_few", "pf")
+    src += ["        t0 = 0",
             "        while t0 < n_tok:",
             f"            nt = min(n_tok - t0, {FEW_T})"]
     for T in range(FEW_T, 0, -1):
@@ -211,6 +199,17 @@ def generate_source(spec: Spec) -> str:
         src.append(f"                    r += {R}")
     src += ["            t0 += nt", ""]
     return "\n".join(src) + "\n"
+
+
+def _emit_mm_head(spec: Spec, name: str, last_arg: str) -> list[str]:
+    """A mat-mat's signature and its `prange` over chunks of CHUNK rows [r0, r1)."""
+    return ["@numba.jit(**JIT_PARALLEL)",
+            f"def {name}(W, RB, n_rows, n_steps, XQ, XQS, XD, XDS, XS, XF, XSS, out, n_tok, {last_arg}):",
+            *_emit_consts(spec, "    "),
+            f"    n_chunks = (n_rows + {CHUNK - 1}) // {CHUNK}",
+            "    for c in prange(n_chunks):",
+            f"        r0 = c * {CHUNK}",
+            f"        r1 = min(r0 + {CHUNK}, n_rows)"]
 
 
 def _emit_f16_matvec(ind: str) -> list[str]:
