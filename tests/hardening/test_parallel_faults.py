@@ -8,9 +8,11 @@ builds is complete, and can see which slots every pass carried:
   busy answer at once; the 8 then stream to their end; none hangs, and the slots end idle;
 - a client that disconnects mid-stream: its slot is evaluated in no pass after the one running when the server
   saw it go, while another slot's stream goes on and equals its text alone;
+- an abort by genkey while a prompt is evaluated in chunks beside a streaming slot: no later pass carries that
+  slot, the stream ends at once, and the same prompt sent again reuses the chunks evaluated before the abort;
 - a prompt longer than a slot's context: a clear answer in each protocol's shape while other slots stream, and
   the server serves on.
-The engine-level cases (abort mid-prefill, a closed stream with the fake model, the RAM check counting every
+The engine-level cases (abort mid-prefill and a closed stream with the fake model, the RAM check counting every
 slot's KV cache) are in tests/test_parallel.py and tests/test_manager.py.
 """
 from __future__ import annotations
@@ -31,12 +33,14 @@ pytestmark = pytest.mark.e2e       # a uvicorn server on a loopback port (the mo
 WAIT = 60.0
 N_CTX = 128
 SLOTS, WAITING = 4, 4
+PREFILL_CHUNK = 16
 GREEDY = {"temperature": 0, "top_k": 0, "top_p": 1.0, "rep_pen": 1.0, "repetition_penalty": 1.0}
 
 
 class Passes:
-    """Wraps the engine model's eval_batch: records the slot ids of every pass; `gate(k)`, when set, runs before
-    pass k (it may block until the test's situation is ready)."""
+    """Wraps the engine model's eval_batch: records the slot ids of every pass; `gate(k, chunks)`, when set, runs
+    before pass k, whose `chunks` maps each slot id in it to its number of tokens (it may block until the test's
+    situation is ready)."""
 
     def __init__(self, engine) -> None:
         self.engine, self.model = engine, engine.model
@@ -48,9 +52,12 @@ class Passes:
 
     def _eval_batch(self, seqs, want=None):
         k = len(self.slots)
-        if self.gate is not None:
-            self.gate(k)
         by_cache = {id(s.cache): s.id for s in self.engine.slots}
+        if self.gate is not None:
+            chunks: dict = {}
+            for c, _, toks in seqs:
+                chunks[by_cache[id(c)]] = chunks.get(by_cache[id(c)], 0) + len(toks)
+            self.gate(k, chunks)
         with self.lock:
             self.slots.append({by_cache[id(c)] for c, _, _ in seqs})
         return self._orig(seqs, want)
@@ -61,7 +68,8 @@ class Passes:
 
 @pytest.fixture(scope="module")
 def server(demo_model):
-    manager = demo_manager(str(demo_model), N_CTX, multiuser=WAITING, parallel=SLOTS, prompt_cache_mb=0)
+    manager = demo_manager(str(demo_model), N_CTX, multiuser=WAITING, parallel=SLOTS, prompt_cache_mb=0,
+                           prefill_chunk=PREFILL_CHUNK)
     # Room for 64 clients' connections and the test's own: the connection cap (--max-connections, default 64,
     # uvicorn's plain 503 beyond it) is a limit of its own (test_server_security.py); here every client reaches the
     # engine, whose slots and line decide who runs, waits or is answered busy.
@@ -108,7 +116,7 @@ def test_sixty_four_clients_on_four_slots(server, passes):
     def admitted_all() -> bool:
         return sum(s.busy for s in engine.slots) + len(engine._queue) == SLOTS + WAITING
 
-    def gate(k: int) -> None:
+    def gate(k: int, chunks: dict) -> None:
         if k == 0:      # the first pass waits until 8 are in and the other 56 have had their busy answer
             with engine._cond:
                 assert engine._cond.wait_for(admitted_all, WAIT)
@@ -188,7 +196,7 @@ def test_a_client_leaving_mid_stream_frees_its_slot_within_a_pass(server, passes
     def leaver_job():
         return next((s.job for s in engine.slots if s.busy and s.job.genkey == "LEAVER"), None)
 
-    def gate(k: int) -> None:
+    def gate(k: int, chunks: dict) -> None:
         if first_chunk.is_set() and not at_leave:
             # hold this pass until the server has seen the client go and aborted its generation
             assert left.wait(WAIT)
@@ -241,7 +249,7 @@ def test_a_prompt_longer_than_a_slot_is_answered_clearly(server, passes):
     long_prompt = "the llama walks " * 200              # far more tokens than one slot's 128
     expected = alone(srv.url, "Once upon a time", 30)
     running = threading.Event()
-    passes.gate = lambda k: running.set()
+    passes.gate = lambda k, chunks: running.set()
     got: dict = {}
 
     def stream() -> None:
@@ -270,3 +278,59 @@ def test_a_prompt_longer_than_a_slot_is_answered_clearly(server, passes):
     t.join(WAIT)
     assert got["text"] == expected
     assert alone(srv.url, "Once upon a time", 30) == expected        # and it serves on
+
+
+def test_abort_by_genkey_mid_prefill(server, passes):
+    srv, manager = server
+    engine = manager._engine
+    other_prompt = "In a land far away"
+    expected = alone(srv.url, other_prompt, 30)
+    prompt = "The quick brown fox jumps over the lazy dog while the llama sleeps in the sun. " * 3
+    n_prompt = len(manager.tokenize(prompt))
+    assert 3 * PREFILL_CHUNK < n_prompt < N_CTX - 8          # several chunks, and it fits with its answer
+    passes.slots.clear()
+    in_prefill, aborted = threading.Event(), threading.Event()
+    at_abort: list[int] = []
+
+    def pre_slot():
+        return next((s.id for s in engine.slots if s.busy and s.job.genkey == "PRE"), None)
+
+    def gate(k: int, chunks: dict) -> None:
+        sid = pre_slot()
+        if sid is not None and chunks.get(sid, 0) > 1 and not at_abort and len(engine.slots[sid].tokens) > 1:
+            in_prefill.set()           # a later chunk of its prompt: hold the pass until the abort is in
+            assert aborted.wait(WAIT)
+            at_abort.append(k)
+    passes.gate = gate
+    got: dict = {}
+
+    def stream(key: str, text: str, n: int) -> None:
+        with httpx.Client(timeout=WAIT) as http, http.stream(
+                "POST", srv.url + "/api/extra/generate/stream",
+                json={"prompt": text, "max_length": n, "genkey": key, "use_default_badwordsids": True,
+                      **GREEDY}) as r:
+            got[key] = parse_kobold_sse(r.read())
+    threads = [threading.Thread(target=stream, args=("OTHER", other_prompt, 30)),
+               threading.Thread(target=stream, args=("PRE", prompt, 4))]
+    for t in threads:
+        t.start()
+    assert in_prefill.wait(WAIT), "the prompt was never evaluated in chunks"
+    r = httpx.post(srv.url + "/api/extra/abort", json={"genkey": "PRE"}, timeout=WAIT)
+    assert r.json()["success"] in (True, "true")
+    aborted.set()
+    for t in threads:
+        t.join(WAIT)
+        assert not t.is_alive()
+    assert got["PRE"][0] == ""                               # ended before its first token (of 4)
+    assert got["OTHER"] == (expected, "length")
+    sid = engine._recent["PRE"].slot
+    later = [k for k, ids in enumerate(passes.slots) if k > at_abort[0] and sid in ids]
+    assert later == [], f"the aborted prompt's slot ran in passes {later}"
+    kept = len(engine.slots[sid].tokens)
+    assert PREFILL_CHUNK <= kept < n_prompt
+    # the same prompt again: the chunks evaluated before the abort are reused, the rest evaluated, 4 tokens come
+    passes.gate = None
+    r = httpx.post(srv.url + "/v1/completions", json={"prompt": prompt, "max_tokens": 4, "ignore_eos": True,
+                                                       **GREEDY}, timeout=WAIT).json()
+    assert r["usage"]["completion_tokens"] == 4
+    assert r["usage"]["prompt_tokens_details"]["cached_tokens"] >= kept
