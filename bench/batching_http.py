@@ -16,6 +16,8 @@ alike):
                    prompts, scheduling and streaming included;
   per-stream       each client's (tokens - 1) / (its last token - its first token), the median client;
   vs 1             agg tok/s / the same server's and protocol's 1-stream agg tok/s, measured in the same run;
+  CPU tok/s        all clients' tokens / (the server process's CPU seconds during the measurement / its threads):
+                   on a machine that other work shares, the figure that moves least (the HTTP layer's CPU is in it);
   TTFT             per server and protocol: 3 clients stream long answers; once each has its first token, a 4th
                    request is sent; the seconds to its first token (with --parallel 1 it waits for the 3 to finish).
 The server's own count of generated tokens (GET /metrics, llamacpp:tokens_predicted_total) is checked against the
@@ -57,7 +59,7 @@ class Server:
     """One `airobackend serve --parallel N` on a loopback port (its log in `log_path`)."""
 
     def __init__(self, model: str, parallel: int, ctx: int, threads: int, waiting: int, log_path: str) -> None:
-        self.parallel = parallel
+        self.parallel, self.threads = parallel, threads or os.cpu_count() or 1
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "airobackend", "serve", "--model", model, "--host", "127.0.0.1",
@@ -79,6 +81,11 @@ class Server:
                 raise SystemExit("serve exited: " + Path(log_path).read_text()[-3000:])
             time.sleep(0.2)
         raise SystemExit("serve did not start")
+
+    def cpu_seconds(self) -> float:
+        """CPU time the server process has used (user + system, all its threads; /proc/PID/stat)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def predicted(self) -> int:
         """llamacpp:tokens_predicted_total of GET /metrics."""
@@ -189,11 +196,14 @@ def join(threads: list[threading.Thread], streams: list[Stream]) -> None:
             raise RuntimeError(f"{s.proto} client failed: {type(s.error).__name__}: {s.error}")
 
 
-def concurrent(server: Server, proto: str, n: int, n_tok: int, tag: str) -> tuple[float, float]:
-    """n clients at once, n_tok tokens each: (aggregate tok/s, median per-stream tok/s)."""
+def concurrent(server: Server, proto: str, n: int, n_tok: int, tag: str) -> tuple[float, float, float]:
+    """n clients at once, n_tok tokens each: (aggregate tok/s, median per-stream tok/s, aggregate tokens per
+    second of the server's CPU time per thread)."""
     before = server.predicted()
+    cpu0 = server.cpu_seconds()
     streams = [Stream(server, proto, f"{tag} client {i} of {n}: {BASE_PROMPT}", n_tok) for i in range(n)]
     join(start(streams), streams)
+    cpu = server.cpu_seconds() - cpu0
     made = server.predicted() - before
     if made != n * n_tok:
         raise RuntimeError(f"the server made {made} tokens for {n} x {n_tok} requested ({proto}, --parallel "
@@ -201,7 +211,8 @@ def concurrent(server: Server, proto: str, n: int, n_tok: int, tag: str) -> tupl
     t0 = min(s.sent for s in streams)
     t_end = max(s.times[-1] for s in streams)
     per = [(len(s.times) - 1) / (s.times[-1] - s.times[0]) for s in streams if len(s.times) > 1]
-    return n * n_tok / (t_end - t0), statistics.median(per) if per else float("nan")
+    return (n * n_tok / (t_end - t0), statistics.median(per) if per else float("nan"),
+            n * n_tok / max(cpu / server.threads, 1e-9))
 
 
 def first_token_under_load(server: Server, proto: str, n_tok: int, busy_tokens: int, tag: str) -> float:
@@ -279,14 +290,16 @@ def main(argv=None) -> int:
                 concurrent(s, proto, min(s.parallel, max(streams)), 4, "warm")
         agg: dict = {}
         per: dict = {}
+        cpu: dict = {}
         ttft: dict = {}
         for r in range(args.rounds):
             for n in streams:
                 for proto in protocols:
                     for p, s in servers.items():
-                        a, b = concurrent(s, proto, n, args.tokens, f"round {r}")
+                        a, b, c = concurrent(s, proto, n, args.tokens, f"round {r}")
                         agg.setdefault((p, proto, n), []).append(a)
                         per.setdefault((p, proto, n), []).append(b)
+                        cpu.setdefault((p, proto, n), []).append(c)
             if busy_tokens:
                 for proto in protocols:
                     for p, s in servers.items():
@@ -307,6 +320,15 @@ def main(argv=None) -> int:
             cells = [f"{med[(p, proto, n)]:.1f} ({med[(p, proto, n)] / med[(p, proto, 1)]:.2f}x), "
                      f"{statistics.median(per[(p, proto, n)]):.1f}" for proto in protocols]
             print(f"| {p} | {n} | " + " | ".join(cells) + " |")
+    mc = {k: statistics.median(v) for k, v in cpu.items()}
+    print("\nin the server's CPU time per thread (tokens / (CPU seconds / threads)): the figure a shared machine "
+          "moves least")
+    print("| --parallel | clients | " + " | ".join(f"{PROTOCOLS[p]}: CPU tok/s (vs 1)" for p in protocols) + " |")
+    print("|---|---|" + "---|" * len(protocols))
+    for p in parallels:
+        for n in streams:
+            print(f"| {p} | {n} | " + " | ".join(f"{mc[(p, proto, n)]:.1f} ({mc[(p, proto, n)] / mc[(p, proto, 1)]:.2f}x)"
+                                                 for proto in protocols) + " |")
     if len(parallels) > 1:
         lo, hi = parallels[0], parallels[-1]
         print(f"\n1 client, --parallel {hi} / --parallel {lo} agg tok/s: "
@@ -314,6 +336,10 @@ def main(argv=None) -> int:
         n = max(streams)
         print(f"{n} clients, --parallel {hi} / --parallel {lo} agg tok/s: "
               + ", ".join(f"{PROTOCOLS[proto]} {med[(hi, proto, n)] / med[(lo, proto, n)]:.2f}" for proto in protocols))
+        for n in (1, max(streams)):
+            print(f"{n} client{'s' if n > 1 else ''}, --parallel {hi} / --parallel {lo} in CPU time: "
+                  + ", ".join(f"{PROTOCOLS[proto]} {mc[(hi, proto, n)] / mc[(lo, proto, n)]:.2f}"
+                              for proto in protocols))
     if ttft:
         print(f"\ntime to first token of a request sent while 3 others stream ({busy_tokens} tokens each), seconds:")
         for p in parallels:
