@@ -53,7 +53,7 @@ class Settings:
     allowed_hosts: tuple[str, ...] = ()    # Host names a loopback listener answers besides localhost (DNS rebinding)
     multiuser: int = 6                     # requests that may wait while one generates (KoboldCpp's default)
     max_body_bytes: int = 32 * 1024 * 1024
-    max_connections: int = 64             # open connections at once; more get 503 (bounds memory: N x body cap)
+    max_connections: int = 128            # open connections at once; more get 503 (bounds memory: N x body cap)
     disable_adapters: tuple[str, ...] = ()
     quiet: bool = False
     allow_disk: bool = False               # load a model that does not fit in RAM, running from disk via mmap

@@ -70,10 +70,9 @@ class Passes:
 def server(demo_model):
     manager = demo_manager(str(demo_model), N_CTX, multiuser=WAITING, parallel=SLOTS, prompt_cache_mb=0,
                            prefill_chunk=PREFILL_CHUNK)
-    # Room for 64 clients' connections and the test's own: the connection cap (--max-connections, default 64,
-    # uvicorn's plain 503 beyond it) is a limit of its own (test_server_security.py); here every client reaches the
-    # engine, whose slots and line decide who runs, waits or is answered busy.
-    app = make_app(manager, n_ctx=N_CTX, multiuser=WAITING, parallel=SLOTS, max_connections=128)
+    # The default connection cap (--max-connections 128) leaves room for 64 clients and the test's own: every client
+    # reaches the engine, whose slots and line decide who runs, waits or is answered busy.
+    app = make_app(manager, n_ctx=N_CTX, multiuser=WAITING, parallel=SLOTS)
     with live(app) as srv:
         yield srv, manager
     manager.unload()
