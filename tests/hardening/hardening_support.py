@@ -11,11 +11,12 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
 import httpx
+
+from sync import ServeOutput
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -92,20 +93,14 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def __enter__(self) -> "ServerProcess":
-        self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(self.cmd, env=self.env, cwd=str(self.workdir), stdout=self._log,
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(self.cmd, env=self.env, cwd=str(self.workdir), stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError("serve exited:\n" + self.stderr_text())
-            try:
-                httpx.get(self.url + "/health", timeout=2)
-                return self
-            except httpx.TransportError:
-                time.sleep(0.2)
+        self._output = ServeOutput(self.proc.stdout, self._log)
+        if self._output.wait():
+            return self
         self.__exit__(None, None, None)
-        raise RuntimeError("serve did not answer within 120 s:\n" + self.stderr_text())
+        raise RuntimeError("serve exited or never listened:\n" + self.stderr_text())
 
     def __exit__(self, *exc) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -115,6 +110,8 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
+        self._output.close()
+        self.proc.stdout.close()
         self._log.close()
 
 

@@ -1,17 +1,16 @@
 """Helpers shared by the host-integration tests: the engine's own output as reference, a live server."""
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 from typing import Optional
 
 import pytest
+
+from sync import ServeOutput
 
 REPO = Path(__file__).resolve().parents[2]
 TGW_EXTENSION = REPO / "integration" / "text_generation_webui" / "airobackend"
@@ -69,21 +68,12 @@ class Server:
             env["AIRO_MODEL_DIR"] = model_dir
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "airobackend", "serve"], env=env, cwd=str(log_path.parent),
-                                     stdout=self._log, stderr=subprocess.STDOUT)
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self._log_path = log_path
-        deadline = time.monotonic() + 120
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"airobackend serve exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                with urllib.request.urlopen(self.url + "/v1/models", timeout=2) as r:
-                    json.loads(r.read())
-                    return
-            except OSError:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"airobackend serve did not answer in 120 s:\n{self.log()}")
-                time.sleep(0.2)
+        self._output = ServeOutput(self.proc.stdout, self._log)
+        if not self._output.wait():
+            self.stop()
+            raise RuntimeError(f"airobackend serve exited or never listened:\n{self.log()}")
 
     def log(self) -> str:
         return self._log_path.read_text(errors="replace")[-4000:]
@@ -96,6 +86,8 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+        self._output.close()
+        self.proc.stdout.close()
         self._log.close()
 
 

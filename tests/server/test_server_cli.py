@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
@@ -17,6 +17,7 @@ import pytest
 from airobackend.commands import serve
 
 from fakes import free_port
+from sync import ServeOutput
 
 
 def parse(argv):
@@ -97,22 +98,17 @@ def test_serve_starts_with_the_demo_model_and_stops_on_ctrl_c():
     # the demo model in the session's cache root (a fresh root would compile every kernel again)
     env = dict(os.environ, AIRO_TEXTGEN_STREAM_PORT="0", AIRO_N_CTX="128")
     proc = subprocess.Popen([sys.executable, "-m", "airobackend", "--port", str(port), "--host", "127.0.0.1"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = io.BytesIO()
+    output = ServeOutput(proc.stderr, log)
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                r = httpx.get(f"http://127.0.0.1:{port}/api/v1/model", timeout=1)
-                break
-            except httpx.TransportError:
-                if proc.poll() is not None:
-                    pytest.fail("serve exited: " + proc.stderr.read())
-                time.sleep(0.2)
-        else:
-            pytest.fail("serve did not answer")
+        assert output.wait(), "serve exited or never listened: " + log.getvalue().decode(errors="replace")
+        r = httpx.get(f"http://127.0.0.1:{port}/api/v1/model", timeout=30)
         assert r.json()["result"].startswith("koboldcpp/airobackend-demo")
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=30)
+        proc.wait(timeout=30)
+        output.close()
+        err = log.getvalue().decode()
     finally:
         if proc.poll() is None:
             proc.kill()
