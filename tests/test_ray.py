@@ -186,6 +186,7 @@ def test_killed_stage_ends_the_stream_with_an_error_and_serving_resumes(cluster,
         llama.close()
 
 
+@needs_fixtures
 def test_stage_count_and_addresses_refused_before_loading(cluster):
     from airobackend.cluster import ClusterError, connect
 
