@@ -182,20 +182,28 @@ def test_sixty_four_clients_on_four_slots(server, passes):
     assert httpx.get(srv.url + "/api/extra/perf", timeout=WAIT).json()["queue"] == 0
 
 
+OTHER_TOKENS = 100      # the other stream outlasts the leaver's start by far (a slot holds N_CTX = 128 tokens)
+
+
 @pytest.mark.parametrize("proto", ["kobold", "completions", "textgen"])
 def test_a_client_leaving_mid_stream_frees_its_slot_within_a_pass(server, passes, proto):
     srv, manager = server
     engine = manager._engine
     other_prompt = "The forest was quiet"
-    expected = alone(srv.url, other_prompt, 40)
+    expected = alone(srv.url, other_prompt, OTHER_TOKENS)
     passes.slots.clear()
-    first_chunk, left = threading.Event(), threading.Event()
+    first_chunk, left, other_streams = threading.Event(), threading.Event(), threading.Event()
     at_leave: list[int] = []
 
     def leaver_job():
         return next((s.job for s in engine.slots if s.busy and s.job.genkey == "LEAVER"), None)
 
     def gate(k: int, chunks: dict) -> None:
+        job = leaver_job()
+        if job is not None and len(job.text) >= 2 and not first_chunk.is_set():
+            # the leaver's first chunks are out: no pass until its client has one, so the other stream cannot run
+            # to its end while the client is about to leave (then no pass would follow the departure)
+            assert first_chunk.wait(WAIT)
         if first_chunk.is_set() and not at_leave:
             # hold this pass until the server has seen the client go and aborted its generation
             assert left.wait(WAIT)
@@ -209,10 +217,15 @@ def test_a_client_leaving_mid_stream_frees_its_slot_within_a_pass(server, passes
     def other() -> None:
         with httpx.Client(timeout=WAIT) as http, http.stream(
                 "POST", srv.url + "/api/extra/generate/stream",
-                json={"prompt": other_prompt, "max_length": 40, "use_default_badwordsids": True, **GREEDY}) as r:
-            got["other"] = kobold_text(r.read())
+                json={"prompt": other_prompt, "max_length": OTHER_TOKENS, "use_default_badwordsids": True,
+                      **GREEDY}) as r:
+            chunks = r.iter_raw()
+            raw = next(chunks)
+            other_streams.set()
+            got["other"] = kobold_text(raw + b"".join(chunks))
     t = threading.Thread(target=other)
     t.start()
+    assert other_streams.wait(WAIT)
     body = {"prompt": "Once upon a time", "genkey": "LEAVER", **GREEDY}
     if proto == "textgen":
         with ws_connect(f"ws://127.0.0.1:{srv.port}/api/v1/stream", open_timeout=WAIT) as ws:
