@@ -48,7 +48,7 @@ from numba import prange
 from {pkg} import JIT, JIT_PARALLEL
 from {pkg}.q8 import f16_bytes, quantize_q8_0_nibble, quantize_q8_K
 from {pkg}.simd import *  # noqa
-from {pkg}.simd import make_s8_words, make_bitfield, make_lanes
+from {pkg}.simd import make_bitfield, make_lanes
 '''
 
 

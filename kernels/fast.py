@@ -12,8 +12,8 @@ How it works, and which module owns each part:
   per 128/256 weights.
 * kernels/codegen.py: the generator that unrolls those fragments into one module per type and instruction set,
   written under the user cache folder and imported from there (`airobackend kernels --dump DIR` writes them out).
-* kernels/repack.py: the file's rows in the kernel layout, once at load (the legacy types, q2_K, q3_K, q4_K, q5_K;
-  q6_K and F16 are read in place from the mapped file), and the release of the file pages a copy read.
+* kernels/repack.py: the file's rows in the kernel layout, once at load (the legacy types, q2_K, q3_K, q4_K, q5_K, q6_K;
+  F16 is read in place from the mapped file), and the release of the file pages a copy read.
 * this module: `FastWeight`, which holds one prepared matrix, quantizes activations into line-aligned buffers and
   calls the generated kernels; `prepare_fast`.
 
@@ -73,7 +73,7 @@ def act1_offsets(spec: Spec, n_steps: int) -> tuple[int, int, int, int]:
 
 
 # bytes of quantized activation per weight column read by the mat-vec (XQ + XD + XS [+ XF])
-_ACT_BYTES = {"f16": 2.0, "nib": 176 / 128, "k_nat": 324 / 256, "k_sub": 324 / 256}
+_ACT_BYTES = {"f16": 2.0, "nib": 176 / 128, "k_sub": 324 / 256}
 PF_MIN_ACT = 14 * 1024
 
 
@@ -249,8 +249,8 @@ class FastWeight:
 def prepare_fast(ggml_type, raw2d: np.ndarray, n_rows: int, n_cols: int) -> FastWeight | None:
     """A FastWeight for this tensor, or None when the CPU lacks AVX2 or the type/shape has no fast kernel.
 
-    raw2d: uint8[n_rows, row_bytes], the tensor's blocks as stored in the file (read-only views are fine; q6_K and
-    F16 rows are used in place, the other types are copied once into the kernel layout)."""
+    raw2d: uint8[n_rows, row_bytes], the tensor's blocks as stored in the file (read-only views are fine; F16
+    rows are used in place, the other types are copied once into the kernel layout)."""
     if ISA == "none":
         return None
     spec = SPECS.get(int(ggml_type))

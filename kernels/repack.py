@@ -3,8 +3,8 @@
 The legacy 32-weight types go into groups of 4 blocks (quants contiguous, then the fp16 scales, then q5's high bits
 as 64-bit lane masks), exactly the file's size, one stream per row. q2_K and q3_K (`repack_k2`), q4_K and q5_K
 (`repack_k4`) are reordered so that every i32 lane of a dot product holds one 16-weight sub-block (q3_K's scales
-re-packed for a two-op decode with AVX-512 VBMI, else pre-decoded into 114-byte blocks); see kernels/specs.py for
-the layouts the kernels expect. q6_K and F16 are read in place. After a copy, the file pages it read are released
+re-packed for a two-op decode with AVX-512 VBMI, else pre-decoded into 114-byte blocks), q6_K likewise (`repack_k6`,
+same size); see kernels/specs.py for the layouts the kernels expect. F16 is read in place. After a copy, the file pages it read are released
 from the process (`release_pages`).
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ def to_kernel_layout(spec, raw2d: np.ndarray, n_blk: int) -> np.ndarray | None:
     kind, options = spec.repack_with
     if kind == "legacy":
         return repack_legacy(spec, raw2d, n_blk)
-    return {"k2": repack_k2, "k4": repack_k4}[kind](raw2d, n_blk, **options)
+    return {"k2": repack_k2, "k4": repack_k4, "k6": repack_k6}[kind](raw2d, n_blk, **options)
 
 
 @numba.jit(**dict(q8.JITQ, parallel=True))
@@ -196,6 +196,64 @@ def repack_k4(raw2d: np.ndarray, n_blk: int, q5: bool) -> np.ndarray:
     """q4_K (144-byte) or q5_K (176-byte) rows -> the same-size kernel layout of Q4_K / Q5_K (see there)."""
     out = np.empty((raw2d.shape[0], n_blk * (176 if q5 else 144)), dtype=np.uint8)
     _repack_k4(np.ascontiguousarray(raw2d), n_blk, q5, out, _SUB_CONST.reshape(-1), _K4_SHIFT)
+    return out
+
+
+# q6_K in the `_K2` lane order (Q6_K): position m = 4k + b of part p holds weight 16k + 4p + b. In the file (llama.cpp's
+# block_q6_K) weight w = 128h + 32g + l has its low 4 bits in ql[64h + 32(g & 1) + l] at shift 4(g >> 1) and its high
+# 2 bits in qh[32h + l] at shift 2g. For w = 16k + 4p + b (h = k >> 3, g = (k >> 1) & 3, l = 16(k & 1) + 4p + b) both
+# are whole i32 lanes of the file: per part one vpermt2d over ql's two 64-byte halves (or one vpermd of qh), a vpsrlvd
+# and a vpand.
+_K6_LO = [simd.make_lanes2([16 * (k >> 3) + 8 * ((k >> 1) & 1) + 4 * (k & 1) + p for k in range(16)]) for p in range(4)]
+_K6L0, _K6L1, _K6L2, _K6L3 = _K6_LO
+_K6_HI = [simd.make_lanes([8 * (k >> 3) + 4 * (k & 1) + p for k in range(16)]) for p in range(4)]
+_K6H0, _K6H1, _K6H2, _K6H3 = _K6_HI
+_K6_SHIFT = np.array([[4 * ((k >> 2) & 1) for k in range(16)], [2 * ((k >> 1) & 3) for k in range(16)]],
+                     dtype=np.int32)
+
+
+@numba.jit(**q8.JITQ)
+def _k6_part(f0, f1, qh, p, sl, sh):
+    """Part p's 6-bit quants (0..63) per byte, in the `_K2` order."""
+    if p == 0:
+        lo, hi = _K6L0(f0, f1), _K6H0(qh)
+    elif p == 1:
+        lo, hi = _K6L1(f0, f1), _K6H1(qh)
+    elif p == 2:
+        lo, hi = _K6L2(f0, f1), _K6H2(qh)
+    else:
+        lo, hi = _K6L3(f0, f1), _K6H3(qh)
+    return simd.vor(simd.vand(simd.vshrv(lo, sl), simd.splat_i(0x0F0F0F0F)),
+                    simd.vshl(simd.vand(simd.vshrv(hi, sh), simd.splat_i(0x03030303)), 4))
+
+
+@numba.jit(**dict(q8.JITQ, parallel=True))
+def _repack_k6(raw, n_blk, out, SH):
+    m4, m3 = simd.splat_i(0x0F0F0F0F), simd.splat_i(0x03030303)
+    for r in numba.prange(raw.shape[0]):
+        src, dst = raw[r], out[r]
+        sl, sh = simd.load_i(SH, 0), simd.load_i(SH, 16)
+        for b in range(n_blk):
+            i = b * 210
+            f0, f1, qh = simd.load_i(src, i), simd.load_i(src, i + 64), simd.load_i(src, i + 128)
+            hb = simd.splat_i(0)
+            for p in range(4):
+                n = _k6_part(f0, f1, qh, p, sl, sh)
+                hb = simd.vor(hb, simd.vshl(simd.vand(simd.vshr(n, 4), m3), 2 * p))
+                if p % 2 == 0:
+                    lo = simd.vand(n, m4)
+                else:
+                    simd.store_i(dst, i + 32 * (p - 1), simd.vor(lo, simd.vshl(simd.vand(n, m4), 4)))
+            simd.store_i(dst, i + 128, hb)
+            for k in range(192, 210):                   # the 16 int8 scales (sub-block k = weights 16k..), d
+                dst[i + k] = src[i + k]
+
+
+def repack_k6(raw2d: np.ndarray, n_blk: int) -> np.ndarray:
+    """q6_K rows (210-byte blocks) -> the same-size kernel layout of Q6_K: [low nibbles of parts 0 | 1 << 4: 64]
+    [parts 2 | 3 << 4: 64][high 2 bits of part p at bits 2p: 64][scales 16][d 2]."""
+    out = np.empty((raw2d.shape[0], n_blk * 210), dtype=np.uint8)
+    _repack_k6(np.ascontiguousarray(raw2d), n_blk, out, _K6_SHIFT.reshape(-1))
     return out
 
 

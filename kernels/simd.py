@@ -335,6 +335,7 @@ vor = _binop_i("or_")
 vxor = _binop_i("xor")
 vadd = _binop_i("add")
 vsub = _binop_i("sub")
+vmul = _binop_i("mul")          # i32 lanes, low 32 bits of the product (vpmulld)
 vshrv = _binop_i("lshr")        # per-lane logical right shift by a vector
 vshlv = _binop_i("shl")
 
@@ -616,6 +617,15 @@ def _maddubs(builder, u, s):
 
 
 @intrinsic
+def vaddw(typingctx, a, b):
+    """Lane-wise sum of the 32 int16 words of a and b (vpaddw; wraps, the callers keep the sums in range)."""
+    def codegen(context, builder, sig, args):
+        v32w = ir.VectorType(ir.IntType(16), 32)
+        return builder.bitcast(builder.add(builder.bitcast(args[0], v32w), builder.bitcast(args[1], v32w)), _VI)
+    return I512(a, b), codegen
+
+
+@intrinsic
 def dpwssd(typingctx, acc, a, b):
     """acc + per i32 lane: a.lo16*b.lo16 + a.hi16*b.hi16 (signed words; vpdpwssd / vpmaddwd+vpaddd)."""
     if ISA not in ("avx512vnni", "avx2"):
@@ -700,48 +710,6 @@ def q4k_scales(typingctx, arr, idx):
     return I512(arr, idx), codegen
 
 
-def _make_words_of(decode, mask):
-    """An intrinsic returning, as an I512, the 32 words picked by the constant `mask` from the <16 x i16> that
-    `decode(builder, ptr)` builds from the bytes at element `idx` (LLVM decodes once per block for all users)."""
-    mask = [int(m) for m in mask]
-    assert len(mask) == 32 and all(0 <= m < 16 for m in mask)
-
-    @intrinsic
-    def words(typingctx, arr, idx):
-        def codegen(context, builder, sig, args):
-            v = decode(builder, _ptr_at(context, builder, sig.args[0], args[0], sig.args[1], args[1]))
-            return builder.bitcast(_shuffle(builder, v, mask), _VI)
-        return I512(arr, idx), codegen
-    return words
-
-
-
-@intrinsic
-def packs(typingctx, a, b):
-    """vpackssdw: i32 lanes of a and b saturated to words; per 128-bit chunk c the words are a's lanes 4c..4c+3,
-    then b's lanes 4c..4c+3 (the same on AVX2, which packs each 256-bit half)."""
-    if ISA not in ("avx512vnni", "avx2"):
-        return None
-
-    def codegen(context, builder, sig, args):
-        a_, b_ = args
-        if ISA == "avx512vnni":
-            v32w = ir.VectorType(ir.IntType(16), 32)
-            f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v32w, [_VI, _VI]),
-                                               "llvm.x86.avx512.packssdw.512")
-            return builder.bitcast(builder.call(f, [a_, b_]), _VI)
-        v8d = ir.VectorType(_I32, 8)
-        f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16W, [v8d, v8d]),
-                                           "llvm.x86.avx2.packssdw")
-        halves = []
-        for h in range(2):
-            lanes = list(range(8 * h, 8 * h + 8))
-            r = builder.call(f, [_shuffle(builder, a_, lanes), _shuffle(builder, b_, lanes)])
-            halves.append(builder.bitcast(r, v8d))
-        return _shuffle(builder, halves[0], list(range(16)), halves[1])
-    return I512(a, b), codegen
-
-
 def make_lanes2(mask):
     """An intrinsic (a, b) -> I512 whose lane k is lane mask[k] of the 32 lanes a ++ b (one `vpermt2d`)."""
     mask = [int(m) for m in mask]
@@ -766,14 +734,6 @@ def make_lanes(mask):
             return _shuffle(builder, args[0], mask)
         return I512(a), codegen
     return lanes
-
-
-def make_s8_words(mask):
-    """Word k = byte mask[k] of the 16 signed bytes at element `idx` sign-extended to 16 bits (q6_K's sub-block
-    scales; `vpermb` + `vpmovsxbw`)."""
-    def decode(builder, ptr):
-        return builder.sext(_load(builder, ptr, ir.VectorType(_I8, 16)), _V16W)
-    return _make_words_of(decode, mask)
 
 
 _HAS_GFNI = ISA == "avx512vnni" and bool(llb.get_host_cpu_features().get("gfni"))

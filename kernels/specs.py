@@ -25,7 +25,7 @@ class Spec:
     `xq{j}`, `xd{j}`, `xs{j}` (offsets of the step in XQ, XD, XS/XF), the constants of `consts`.
     """
     name = ""
-    layout = ""         # activation layout: 'nib', 'k_nat', 'k_sub', 'f16'
+    layout = ""         # activation layout: 'nib', 'k_sub', 'f16'
     block_bytes = 0     # file bytes per block (weights per block = `block_w`)
     block_w = 32
     step_w = 128        # weights per kernel step
@@ -196,48 +196,14 @@ class KSpec(Spec):
         return [f"is{i}_{j} = dpwssd({prev}, maddubs(n{i}_{p}, x{j}_{p}), s{i}_{p})"]
 
 
-# q6_K word scales (simd.make_s8_words) for packs(P_2h, P_2h+1): i32 lanes 4c..4c+3 of part p belong to the 16-weight
-# sub-block 4p + c
-_S6_WORDS = {f"SW{h}": [4 * (2 * h + w // 4) + c for c in range(4) for w in range(8)] for h in range(2)}
 # q2_K's 2-bit fields: part p = bits 2p, 2p+1 of every packed byte (simd.make_bitfield: one vgf2p8affineqb with
 # GFNI instead of a shift and a mask, which measured faster; on q4_K's nibbles it gained nothing, the instruction
 # shares the VNNI pipes there)
 _BITFIELDS = {**{f"BF{2 * p}": (2 * p, 2) for p in range(4)},
               # Q3_K's 3-bit fields: n1 (X bits 3..5), n2's low bits (X bits 6, 7), n2's bit 2 and n3 from Y
-              "BF33": (3, 3), "BF62": (6, 2), "YH2": (0, 1, 2, 1), "Y3": (2, 3, 0, 5)}
-
-
-class Q6_K(KSpec):
-    name, layout, block_bytes, step_bytes = "q6_K", "k_nat", 210, 210
-    consts = {"M4": "splat_i(0x0F0F0F0F)", "M30": f"splat_i({simd.bytes4(0x30)})", "Z": "splat_i(0)",
-              "SHL": "halves_i(4, 2)", "SHR": "halves_i(0, 2)", "MW": "splat_i(0xFFFF)"}
-
-    def row_setup(self, i):
-        # scl: the scales as the low word of each i32 lane, for the -32 offset against the block sums in acc_final
-        return [f"scl{i} = vand(load_i8x16(W, wb{i} + 192), MW)", f"d{i} = load_h1(W, wb{i} + 208)"]
-
-    def row_part(self, i, p):
-        h = p // 2
-        lines = []
-        if p % 2 == 0:
-            lines += [f"L{i}_{h} = load_i(W, wb{i} + {64 * h})", f"H{i}_{h} = load_i_dup256(W, wb{i} + {128 + 32 * h})",
-                      f"n{i}_{p} = vor(vand(L{i}_{h}, M4), vand(vshlv(H{i}_{h}, SHL), M30))"]
-        else:
-            lines += [f"n{i}_{p} = vor(vand(vshr(L{i}_{h}, 4), M4), vand(vshrv(H{i}_{h}, SHR), M30))"]
-        return lines + ([f"s{i}_{h} = SW{h}(W, wb{i} + 192)"] if p % 2 == 0 else [])
-
-    def acc_part(self, i, j, p):
-        # one vpdpbusd per part (a sum of 4 products of 6-bit quants fits 16 bits: <= 4 * 63 * 128; 16, as Q4_K's
-        # one accumulator over the parts would need, do not), two parts packed to words and scaled with one vpdpwssd
-        lines = [f"P{i}_{j}_{p} = dpbusd(Z, n{i}_{p}, x{j}_{p})"]
-        if p % 2:
-            prev = "Z" if p == 1 else f"is{i}_{j}"
-            lines.append(f"is{i}_{j} = dpwssd({prev}, packs(P{i}_{j}_{p - 1}, P{i}_{j}_{p}), s{i}_{p // 2})")
-        return lines
-
-    def acc_final(self, i, j):
-        return [f"acc{i}_{j} = fma(cvt(vsub(is{i}_{j}, vshl(dpwssd(Z, scl{i}, xb{j}), 5))), splat_f(d{i} * dx{j}), "
-                f"acc{i}_{j})"]
+              "BF33": (3, 3), "BF62": (6, 2), "YH2": (0, 1, 2, 1), "Y3": (2, 3, 0, 5),
+              # Q6_K's high 2 bits of part p (bits 2p of H) as bits 4, 5 of its 6-bit quants
+              **{f"H6{p}": (2 * p, 2, 4) for p in range(4)}}
 
 
 class _K2(KSpec):
@@ -262,6 +228,41 @@ class _K2(KSpec):
         float ops instead of a vpdpwssd, its conversion and the scalar dm * dx."""
         return [f"acc{i}_{j} = fma(cvt({isum}), splat_f(d{i} * dx{j}), "
                 f"fma(fmul({mins}, splat_f(dm{i})), load_f(XF, xs{j}), acc{i}_{j}))"]
+
+
+class Q6_K(_K2):
+    """q6_K repacked at load (`repack_k6`, same 210 bytes) into the `_K2` lane order: [L0 64][L1 64][H 64][scales 16]
+    [d 2], part p's 6-bit quant at position m = nibble p % 2 of L(p // 2) | bits 2p, 2p + 1 of H << 4. The four parts'
+    vpdpbusd run into one accumulator started at -32 times the sub-block sums (the quants' offset), so lane k holds
+    sub-block k's integer dot product (|.| <= 16 * 32 * 128, over a word: one vpmulld by its int8 scale, not a
+    vpdpwssd). The file's order took per super-block two vpackssdw, two scale-word shuffles, three vpdpwssd and a
+    shift and subtract for the offset per row and token."""
+    name, block_bytes, step_bytes = "q6_K", 210, 210
+    # without the software prefetch of short rows: 7B slice, 2 threads, mat-vec 50-52 GB/s per CPU-second of each
+    # thread without it, 43-45 with it (with the file's order read in place it had gained 17 %)
+    prefetch_short = False
+    consts = {"Z": "splat_i(0)", "M4": "splat_i(0x0F0F0F0F)"}
+    repack_with = ("k6", {})
+
+    def row_setup(self, i):
+        return [f"scl{i} = load_i8x16(W, wb{i} + 192)", f"d{i} = load_h1(W, wb{i} + 208)",
+                f"H{i} = load_i(W, wb{i} + 128)"]
+
+    def row_part(self, i, p):
+        c = p // 2
+        lines = [f"L{i}_{c} = load_i(W, wb{i} + {64 * c})"] if p % 2 == 0 else []
+        nib = f"vand(L{i}_{c}, M4)" if p % 2 == 0 else f"vand(vshr(L{i}_{c}, 4), M4)"
+        return lines + [f"n{i}_{p} = vor({nib}, H6{p}(H{i}))"]
+
+    def tok_setup(self, j):
+        # XS of the k_sub layout holds -4 times the sub-block sums: times 8 gives the -32 offset
+        return super().tok_setup(j) + [f"xo{j} = vshl(xb{j}, 3)"]
+
+    def acc_start(self, j):
+        return f"xo{j}"
+
+    def acc_final(self, i, j):
+        return [f"acc{i}_{j} = fma(cvt(vmul(A{i}_{j}, scl{i})), splat_f(d{i} * dx{j}), acc{i}_{j})"]
 
 
 class Q3_K(_K2):
@@ -336,10 +337,22 @@ class Q4_K(_K2):
     consts = {"Z": "splat_i(0)", "M4": "splat_i(0x0F0F0F0F)"}
     repack_with = ("k4", {"q5": False})
     qs_off = 16
+    # AVX2 has no vpdpbusd: each one there is vpmaddubsw + vpmaddwd + vpaddd. The parts' vpmaddubsw words are summed
+    # as words instead (lane k's two words: 8 products each, <= 8 * 31 * 128 even for q5_K's 5-bit quants) and one
+    # vpmaddwd against the scale in both words of the lane gives the scaled sub-block sum: 8 instructions per 256-bit
+    # half where the vpdpbusd chain took 13 (16 for q5_K)
+    words = ISA == "avx2"
 
     def row_setup(self, i):
         return [f"scm{i} = q4k_scales(W, wb{i} + 4)", f"sc{i} = K4SC(scm{i})", f"mn{i} = cvt(K4MN(scm{i}))",
-                f"d{i} = load_h1(W, wb{i})", f"dm{i} = load_h1(W, wb{i} + 2)"]
+                f"d{i} = load_h1(W, wb{i})", f"dm{i} = load_h1(W, wb{i} + 2)"] + (
+                [f"scw{i} = vor(sc{i}, vshl(sc{i}, 16))"] if self.words else [])
+
+    def acc_part(self, i, j, p):
+        if not self.words:
+            return super().acc_part(i, j, p)
+        m = f"maddubs(n{i}_{p}, x{j}_{p})"
+        return [f"S{i}_{j} = {m}" if p == 0 else f"S{i}_{j} = vaddw(S{i}_{j}, {m})"]
 
     def nibbles(self, i, p):
         c, o = p // 2, self.qs_off + 64 * (p // 2)
@@ -351,7 +364,8 @@ class Q4_K(_K2):
         return self.nibbles(i, p)
 
     def acc_final(self, i, j):
-        return self.with_mins(i, j, f"dpwssd(Z, A{i}_{j}, sc{i})", f"mn{i}")     # lane k: sub-block k // 2's min
+        isum = f"dpwssd(Z, S{i}_{j}, scw{i})" if self.words else f"dpwssd(Z, A{i}_{j}, sc{i})"
+        return self.with_mins(i, j, isum, f"mn{i}")     # lane k: sub-block k // 2's min
 
 
 class Q5_K(Q4_K):
@@ -373,10 +387,14 @@ class Q5_K(Q4_K):
         return lines
 
     def acc_part(self, i, j, p):
+        if self.words:
+            return super().acc_part(i, j, p)
         a = f"A{i}_{j}" if p < 2 else f"B{i}_{j}"
         return [f"{a} = dpbusd({'Z' if p % 2 == 0 else a}, n{i}_{p}, x{j}_{p})"]
 
     def acc_final(self, i, j):
+        if self.words:
+            return super().acc_final(i, j)
         return self.with_mins(i, j, f"dpwssd(dpwssd(Z, A{i}_{j}, sc{i}), B{i}_{j}, sc{i})", f"mn{i}")
 
 
@@ -410,12 +428,11 @@ def supported_types() -> list[int]:
 
 # per k-quant activation layout, the quantize_q8_K arguments (byte order q8.LAYOUT_*, bmul): the k_sub types take the
 # block sums times -4 (Q3_K.acc_start); used by the generator and by fast.FastWeight
-Q8K_ARGS = {"k_nat": (q8.LAYOUT_NATURAL, 1), "k_sub": (q8.LAYOUT_SUB, -4)}
+Q8K_ARGS = {"k_sub": (q8.LAYOUT_SUB, -4)}
 # layouts whose activations carry XF (the Q8_1 s of q4_1/q5_1; the float min terms of q2_K, q4_K, q5_K)
 WITH_XF = ("nib", "k_sub")
 
 # Module-level values the fragments name (SW0, BF2, K4SC, ...), defined at the top of every generated module.
-PREAMBLE = ([f"{name} = make_s8_words({mask})" for name, mask in _S6_WORDS.items()]
-            + [f"{name} = make_bitfield{args}" for name, args in _BITFIELDS.items()]
+PREAMBLE = ([f"{name} = make_bitfield{args}" for name, args in _BITFIELDS.items()]
             + [f"K4SC = make_lanes({[k // 2 for k in range(16)]})",         # lane k <- scale of sub-block k // 2
                f"K4MN = make_lanes({[8 + k // 2 for k in range(16)]})"])    # lane k <- its min

@@ -200,6 +200,27 @@ def test_k4_repack_puts_every_quant_in_its_sub_block_lane(t):
                 np.testing.assert_array_equal(got, q[16 * (m // 4) + 4 * p + m % 4], err_msg=f"part {p}")
 
 
+def test_k6_repack_puts_every_quant_in_its_sub_block_lane():
+    """repack_k6: part p's byte 4k + b (nibble p % 2 of the 64-byte chunk p // 2, bits 2p, 2p + 1 of the 64 high-bit
+    bytes above 4) holds the 6-bit quant of weight 16k + 4p + b as llama.cpp's dequantize_row_q6_K reads it; the 16
+    int8 scales and d are copied."""
+    raw = random_blocks(G.Q6_K, 3, 512, np.random.default_rng(6))
+    out = repack.repack_k6(raw, 2)
+    assert out.shape == raw.shape
+    w = np.arange(256)
+    h, g, l = w // 128, (w // 32) % 4, w % 32
+    for r in range(3):
+        for blk in range(2):
+            src = raw[r, blk * 210:(blk + 1) * 210].astype(np.int64)
+            dst = out[r, blk * 210:(blk + 1) * 210].astype(np.int64)
+            np.testing.assert_array_equal(dst[192:], src[192:])
+            q = ((src[64 * h + 32 * (g % 2) + l] >> (4 * (g // 2))) & 15) | (((src[128 + 32 * h + l] >> (2 * g)) & 3) << 4)
+            for p in range(4):
+                m = np.arange(64)
+                got = ((dst[64 * (p // 2) + m] >> (4 * (p % 2))) & 15) | (((dst[128 + m] >> (2 * p)) & 3) << 4)
+                np.testing.assert_array_equal(got, q[16 * (m // 4) + 4 * p + m % 4], err_msg=f"part {p}")
+
+
 def test_q3k_scale_fields_decode_to_every_value():
     # every 6-bit value in every lane: 16 lanes x 64 values through the repacked layout's bit positions
     import numba
@@ -300,7 +321,7 @@ def test_fixture_tensors(t, fixtures_dir):
 
 def test_weights_read_from_the_file_mapping_prefetch(fixtures_dir):
     # weights used in place from the model file's mapping take the prefetching mat-vec (its pages, 4 KB or 2 MB,
-    # stream better with it); repacked q8_0 and short k-quant rows in memory do not, repacked q4_0 does
+    # stream better with it); repacked q8_0 and q6_K do not, repacked q4_0 and q4_K do; short F16 rows in memory not
     from airobackend.formats import open_model
 
     def prefetching(fixture):
@@ -312,11 +333,11 @@ def test_weights_read_from_the_file_mapping_prefetch(fixtures_dir):
                 w = fast.prepare_fast(ti.type, ti.data.reshape(n_rows, -1), n_rows, n_cols)
                 got.add((w.spec.name, w._pf))
         return got
-    assert prefetching("fx-q4_K_M.gguf") == {("q4_K", True), ("q6_K", True)}     # repacked / read in place
-    assert prefetching("fx-q4_0.gguf") == {("q4_0", True), ("q6_K", True)}       # q4_0 repacked into memory
+    assert prefetching("fx-q4_K_M.gguf") == {("q4_K", True), ("q6_K", False)}    # both repacked into memory
+    assert prefetching("fx-q4_0.gguf") == {("q4_0", True), ("q6_K", False)}
     assert prefetching("fx-q8_0.gguf") == {("q8_0", False)}
     rng = np.random.default_rng(3)
-    assert not fast.prepare_fast(G.Q6_K, random_blocks(G.Q6_K, 4, 512, rng), 4, 512)._pf
+    assert not fast.prepare_fast(G.F16, random_blocks(G.F16, 4, 512, rng), 4, 512)._pf
 
 
 def _mapping_rss_kb(addr: int) -> int:
@@ -337,7 +358,7 @@ def test_repacked_weights_release_the_file_pages(tmp_path):
     import mmap
     rng = np.random.default_rng(11)
     n_rows, n_cols = 512, 4096                          # ~1.2 MB each: hundreds of whole pages
-    raws = {t: random_blocks(t, n_rows, n_cols, rng) for t in (G.Q4_0, G.Q3_K, G.Q4_K, G.Q6_K)}
+    raws = {t: random_blocks(t, n_rows, n_cols, rng) for t in (G.Q4_0, G.Q3_K, G.Q4_K, G.Q6_K, G.F16)}
     for t, raw in raws.items():
         path = tmp_path / f"{t.name}.bin"
         path.write_bytes(raw.tobytes())
@@ -350,10 +371,10 @@ def test_repacked_weights_release_the_file_pages(tmp_path):
         assert before * 1024 >= raw.nbytes - mmap.PAGESIZE
         fw = fast.prepare_fast(t, view, n_rows, n_cols)
         after = _mapping_rss_kb(addr)
-        if t != G.Q6_K:                                 # q4_0, q3_K and q4_K are repacked
+        if t != G.F16:                                  # q4_0 and the k-quants are repacked
             assert after * 1024 <= 2 * mmap.PAGESIZE, (before, after)
         else:
-            assert after == before                      # k-quants are read in place: nothing to release
+            assert after == before                      # F16 is read in place: nothing to release
         x = rng.standard_normal(n_cols).astype(np.float32)
         ref = fast.prepare_fast(t, raw, n_rows, n_cols).matvec(x, np.empty(n_rows, np.float32))
         assert np.array_equal(fw.matvec(x, np.empty(n_rows, np.float32)), ref)

@@ -43,7 +43,7 @@ def test_project_equals_separate_calls(types, n_tok):
 
 
 def test_handle_of_another_format_is_refused():
-    a, b = _weight(G.Q4_K, 32, 1), _weight(G.Q6_K, 32, 2)
+    a, b = _weight(G.Q4_K, 32, 1), _weight(G.Q8_0, 32, 2)
     assert a.act_key != b.act_key
     xq = a.quantize(np.ones((1, N_COLS), np.float32))
     with pytest.raises(ValueError):
