@@ -17,8 +17,8 @@ super-blocks, and load activations 64 bytes at a time so that byte lane k meets 
   vpermd), so a block's sum or s enters 4 times: hence s / 4 (exact) and the bias as a shift of -sum by 2 less. The
   alternatives, each value in lane 4b only (a vpexpandd and a vpmulld per group and row) and 64-byte pre-expanded
   vectors (a 22016-wide activation row then no longer fits L1), measured slower (bench/results/2026-11-27.md).
-* Q8_K: `xq[256k + i] = q[256k + perm[i]]` with a per-weight-type permutation (PERM_NATURAL for q6_K, PERM_SUB for
-  the repacked q2_K, q3_K, q4_K, q5_K), `xd[k] = d`, and the 16 sums of 16 quants per super-block in `xb` (times -4
+* Q8_K: `xq[256k + i] = q[256k + perm[i]]` with a permutation (PERM_SUB, the order of the repacked q2_K, q3_K,
+  q4_K, q5_K and q6_K, which the kernels read; PERM_NATURAL, the identity), `xd[k] = d`, and the 16 sums of 16 quants per super-block in `xb` (times -4
   for the PERM_SUB layout); for PERM_SUB also `xf`: the same sums (without the -4) times -d as float, which the min
   terms of q2_K, q4_K and q5_K take in float.
 """
