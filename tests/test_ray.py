@@ -5,6 +5,7 @@ killed mid-stream, replicas serving concurrent clients with prefix affinity, and
 Ray is in the test extras; skipped, with the reason, where it is not installed (`pip install 'airobackend[ray]'`)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import threading
@@ -81,6 +82,17 @@ def greedy(engine, prompt, n=24, **kw):
                             sampling=SamplingParams(temperature=0.0, top_k=1, ban_eos=True, seed=1))
     events = list(engine.generate(req))
     return "".join(ev.text for ev in events) if key == "prompt" else [t for ev in events for t in ev.token_ids]
+
+
+@contextlib.contextmanager
+def replica_set(address, path, **settings):
+    """Two replicas of `path` on the cluster (one thread each), closed when the block ends."""
+    from airobackend.replicas import start_replicas
+    rs = start_replicas(Settings(model=str(path), n_threads=1, ray=address, replicas=2, **settings), str(path))
+    try:
+        yield rs
+    finally:
+        rs.close()
 
 
 def stages(address, path, n, n_ctx=64):
@@ -242,11 +254,7 @@ def test_nodes_that_differ_are_refused_by_name(tmp_path):
 
 
 def test_replicas_serve_concurrent_clients_with_prefix_affinity(cluster, three_layers, node_dir):
-    from airobackend.replicas import start_replicas
-
-    settings = Settings(model=str(three_layers), n_ctx=64, n_threads=1, ray=cluster, replicas=2, multiuser=2)
-    rs = start_replicas(settings, str(three_layers))
-    try:
+    with replica_set(cluster, three_layers, n_ctx=64, multiuser=2) as rs:
         out: dict = {}
         prompts = {"a": [1, 50, 60, 70, 80], "b": [1, 90, 100, 110]}
 
@@ -266,16 +274,10 @@ def test_replicas_serve_concurrent_clients_with_prefix_affinity(cluster, three_l
         assert rs.health()["status"] == "ok"
         # One replica of the two, at least, runs on a node that keeps its copy in its own folder.
         assert str(node_dir / three_layers.name) in [ray.get(a.info.remote())["path"] for a in rs.actors]
-    finally:
-        rs.close()
 
 
 def test_replica_killed_mid_stream_others_keep_serving(cluster, three_layers):
-    from airobackend.replicas import start_replicas
-
-    settings = Settings(model=str(three_layers), n_ctx=64, n_threads=1, ray=cluster, replicas=2, ray_restarts=0)
-    rs = start_replicas(settings, str(three_layers))
-    try:
+    with replica_set(cluster, three_layers, n_ctx=64, ray_restarts=0) as rs:
         req = GenerationRequest(prompt="Deep in the forest", max_tokens=60, genkey="k1",
                                 sampling=SamplingParams(temperature=0.0, top_k=1, ban_eos=True))
         events = rs.generate(req)
@@ -289,17 +291,12 @@ def test_replica_killed_mid_stream_others_keep_serving(cluster, three_layers):
         assert greedy(rs, "Deep in the forest", 6)                       # the other replica serves
         health = rs.health()
         assert health["status"] == "degraded" and health["replicas"][victim]["state"] == "down"
-    finally:
-        rs.close()
 
 
 def test_abort_by_genkey_reaches_the_replica_running_it(cluster, three_layers):
-    from airobackend.replicas import start_replicas
     from airobackend.types import FinishReason
 
-    settings = Settings(model=str(three_layers), n_ctx=256, n_threads=1, ray=cluster, replicas=2)
-    rs = start_replicas(settings, str(three_layers))
-    try:
+    with replica_set(cluster, three_layers, n_ctx=256) as rs:
         req = GenerationRequest(prompt="Long ago", max_tokens=200, genkey="mine",
                                 sampling=SamplingParams(temperature=0.0, top_k=1, ban_eos=True))
         events = rs.generate(req)
@@ -309,8 +306,6 @@ def test_abort_by_genkey_reaches_the_replica_running_it(cluster, three_layers):
         last = list(events)[-1]
         assert last.finish_reason is FinishReason.ABORTED and last.completion_tokens < 200
         assert not rs.abort("nobody")
-    finally:
-        rs.close()
 
 
 def test_replicas_behind_the_server(cluster, three_layers):
@@ -339,11 +334,7 @@ def test_replicas_behind_the_server(cluster, three_layers):
 
 
 def test_a_replica_that_dies_idle_is_out_of_rotation_before_any_request(cluster, three_layers):
-    from airobackend.replicas import start_replicas
-
-    settings = Settings(model=str(three_layers), n_ctx=64, n_threads=1, ray=cluster, replicas=2, ray_restarts=0)
-    rs = start_replicas(settings, str(three_layers))
-    try:
+    with replica_set(cluster, three_layers, n_ctx=64, ray_restarts=0) as rs:
         os.kill(ray.get(rs.actors[0].info.remote())["pid"], 9)
         # Ray tells the watch when the process dies; no request is made meanwhile.
         assert rs.watch.wait(lambda w: w.state[0] == "dead", timeout=300)
@@ -353,16 +344,10 @@ def test_a_replica_that_dies_idle_is_out_of_rotation_before_any_request(cluster,
         for prompt in ([1, 30, 31], [1, 30, 32]):
             assert len(greedy(rs, prompt, 3)) == 3
         assert rs.watch.deaths == [1, 0]
-    finally:
-        rs.close()
 
 
 def test_a_restarted_replica_is_taken_back(cluster, three_layers):
-    from airobackend.replicas import start_replicas
-
-    settings = Settings(model=str(three_layers), n_ctx=64, n_threads=1, ray=cluster, replicas=2, ray_restarts=1)
-    rs = start_replicas(settings, str(three_layers))
-    try:
+    with replica_set(cluster, three_layers, n_ctx=64, ray_restarts=1) as rs:
         before = [ray.get(a.info.remote()) for a in rs.actors]
         os.kill(before[0]["pid"], 9)
         assert rs.watch.wait(lambda w: w.deaths[0] == 1, timeout=300)
@@ -378,5 +363,3 @@ def test_a_restarted_replica_is_taken_back(cluster, three_layers):
         for t in threads:
             t.join()
         assert all(len(v) == 4 for v in out.values())
-    finally:
-        rs.close()
