@@ -18,12 +18,20 @@ under ~/.cache/airobackend/bench (or $AIRO_BENCH_DIR) by airobackend.formats.wri
 65B-wide one (n_embd 8192, n_ff 22016). Per-token cost is then a fraction of the whole model's plus the output matrix:
 the ratios are what matters, not the absolute tokens/s. Timings need a quiet machine: every figure is a ratio within
 one run, but a run on a loaded machine says little.
+
+llama.cpp on the same file (--llama BIN, its `llama-batched-bench`; bench/README.md says how it is built): the same
+stream counts, prompt length, steps and threads, after the model-level rounds; its S_TG column (aggregate generated
+tokens/s over the decode steps of B parallel sequences) as ratios against its own 1-sequence row. That puts the
+ratio a reader compares ours with in the same run: how much a decode step gains from more sequences depends on how
+far this CPU's decode is from its arithmetic limit, which is the machine's, not the engine's.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -132,6 +140,21 @@ def engine_level(llm, streams: list[int], n_tok: int, rounds: int) -> dict:
     return {n: (statistics.median(a), statistics.median(b)) for n, (a, b) in out.items()}
 
 
+def llama_cpp_level(binary: str, path: Path, streams: list[int], n_prompt: int, n_tok: int, threads: int) -> dict:
+    """llama.cpp's llama-batched-bench on the same file: {B: aggregate decode tokens/s (its S_TG)}."""
+    cmd = [binary, "-m", str(path), "-c", str(max(streams) * (n_prompt + n_tok) + 64), "-b", "512", "-ub", "512",
+           "-npp", str(n_prompt), "-ntg", str(n_tok), "-npl", ",".join(map(str, streams)), "-t", str(threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    rows = {}
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 10 and re.fullmatch(r"\d+", cells[2]):
+            rows[int(cells[2])] = float(cells[7])          # PP, TG, B, N_KV, T_PP, S_PP, T_TG, S_TG, T, S
+    if set(rows) != set(streams):
+        raise SystemExit(f"llama-batched-bench gave rows for {sorted(rows)}, not {streams}:\n{out}")
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", help="a GGUF/GGML file (default: a 7B-wide slice written once)")
@@ -144,6 +167,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", type=int, default=32, help="tokens cached per sequence before decoding")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--engine", action="store_true", help="also through Engine(parallel=N) with N threads")
+    ap.add_argument("--llama", metavar="BIN", help="llama.cpp's llama-batched-bench: the same file, same run")
     args = ap.parse_args(argv)
 
     import numba
@@ -172,6 +196,13 @@ def main(argv=None) -> int:
         agg = k / t[n]
         print(f"  {label:26s} {t[n] * 1e3:8.1f} {agg:10.2f} {agg / k:17.2f} {agg * t[1]:11.2f}x  | "
               f"{c[n] * 1e3:16.1f} {k * c[1] / c[n]:11.2f}x")
+
+    if args.llama:
+        ll = llama_cpp_level(args.llama, path, streams, args.prompt, args.tokens, args.threads)
+        print("\nllama.cpp (llama-batched-bench, S_TG)  agg tok/s  vs 1 stream  | ours / llama.cpp")
+        for n in streams:
+            print(f"  {n} stream{'s' if n > 1 else ' '}                          {ll[n]:9.2f}  {ll[n] / ll[1]:10.2f}x"
+                  f"  | {n / t[n] / ll[n]:16.2f}")
 
     if args.engine:
         e = engine_level(llm, streams, args.tokens, args.rounds)

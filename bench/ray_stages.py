@@ -40,7 +40,10 @@ Memory, per stage process (Linux /proc/self/smaps of that process, after the pro
   fixed         RSS - idle - share - KV: the interpreter, NumPy, Numba and llvmlite (shared-library pages, shared
                 with every process on the machine that maps them) and the kernels' code: the same for a stage of
                 one layer as for one of forty, so small beside a real model's share.
-Default model: a 7B-wide slice (n_embd 4096, n_ff 11008, 4 layers, q4_0, 32000 tokens) written to a temporary folder.
+Default model: a 7B-shaped q4_0 file (n_embd 4096, n_ff 11008, 32000 tokens) of `--layers` layers (default 32, a 7B's
+depth; 3.7 GB), random weights, written once to a temporary folder. The depth matters for both goals: the transport
+per token and a stage's fixed memory (interpreter, NumPy, Numba, llvmlite, activation buffers) do not grow with the
+layers, the work and the share do; `--layers 4` shows them against a slice's eighth of a 7B's work.
 Real network latency is not measured here: add the link's round trip per hop, and bytes/token over its bandwidth.
 """
 from __future__ import annotations
@@ -96,7 +99,8 @@ def _busy(model) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", help="model file (default: a 7B-wide 4-layer q4_0 slice, written once)")
+    ap.add_argument("--model", help="model file (default: a 7B-shaped q4_0 file of --layers layers, written once)")
+    ap.add_argument("--layers", type=int, default=32, help="layers of the default model")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0)
@@ -115,10 +119,12 @@ def main() -> int:
     path = args.model
     if path is None:
         from airobackend.formats.writer import write_synthetic_model
-        path = str(Path(tempfile.gettempdir()) / "airobackend-bench-7b-slice-4-q4_0.gguf")
+        path = str(Path(tempfile.gettempdir()) / f"airobackend-bench-7b-{args.layers}-q4_0.gguf")
         if not os.path.exists(path):
-            write_synthetic_model(path, mix="q4_0", n_vocab=32000, n_embd=4096, n_head=32, n_layer=4, n_ff=11008,
-                                  tile_rows=64)
+            tmp = path + ".tmp"
+            write_synthetic_model(tmp, mix="q4_0", n_vocab=32000, n_embd=4096, n_head=32, n_layer=args.layers,
+                                  n_ff=11008, tile_rows=64)
+            os.replace(tmp, path)
     threads = args.threads or default_n_threads()
     counts = [int(s) for s in args.stages.split(",") if s]
     mf = open_model(path)
