@@ -32,7 +32,7 @@ from pathlib import Path
 import numba
 
 from . import q8, simd, source_dir, specs
-from .specs import ISA, PREAMBLE, Q8K_ARGS, SPECS, Spec
+from .specs import ISA, PREAMBLE, Q8K_ARGS, WIDE_ARGS, Spec, all_specs
 
 CHUNK = 32          # rows per prange chunk (a multiple of every tile height)
 PF_DIST = 8192      # bytes of W the mat-vec prefetches ahead into L2 (simd.prefetch_l2; 8 and 16 KB measured alike)
@@ -46,7 +46,7 @@ import numba
 import numpy as np
 from numba import prange
 from {pkg} import JIT, JIT_PARALLEL
-from {pkg}.q8 import f16_bytes, quantize_q8_0_nibble, quantize_q8_K
+from {pkg}.q8 import f16_bytes, quantize_q8_0_nibble, quantize_q8_0_wide, quantize_q8_K
 from {pkg}.simd import *  # noqa
 from {pkg}.simd import make_bitfield, make_lanes
 '''
@@ -122,6 +122,8 @@ def generate_source(spec: Spec) -> str:
         src.append("    f16_bytes(x, XQ)")
     elif spec.layout == "nib":
         src.append("    quantize_q8_0_nibble(x, XQ, XD, XS, XF)")
+    elif spec.layout in WIDE_ARGS:
+        src.append(f"    quantize_q8_0_wide(x, {WIDE_ARGS[spec.layout]}, XQ, XD, XS)")
     else:
         layout, bmul = Q8K_ARGS[spec.layout]
         src.append(f"    quantize_q8_K(x, {layout}, {bmul}, XQ, XD, XS, XF)")
@@ -279,7 +281,7 @@ def dump(folder) -> list[Path]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for spec in SPECS.values() if ISA != "none" else ():
+    for spec in all_specs() if ISA != "none" else ():
         path = folder / f"fast_{type(spec).__name__.lower()}.py"
         path.write_text(generate_source(spec))
         paths.append(path)

@@ -27,7 +27,7 @@ import numpy as np
 from . import q8
 from .codegen import kernel_module
 from .repack import file_backed, release_pages, to_kernel_layout
-from .specs import ISA, Q8K_ARGS, SPECS, WITH_XF, Spec, supported_types
+from .specs import ISA, Q8K_ARGS, SPECS, WIDE, WIDE_ARGS, WITH_XF, Spec, supported_types, wide_fits
 
 __all__ = ["prepare_fast", "FastWeight", "supported_types", "ISA"]
 
@@ -73,7 +73,7 @@ def act1_offsets(spec: Spec, n_steps: int) -> tuple[int, int, int, int]:
 
 
 # bytes of quantized activation per weight column read by the mat-vec (XQ + XD + XS [+ XF])
-_ACT_BYTES = {"f16": 2.0, "nib": 176 / 128, "k_sub": 324 / 256}
+_ACT_BYTES = {"f16": 2.0, "nib": 176 / 128, "k_sub": 324 / 256, "wide": 640 / 512}
 PF_MIN_ACT = 14 * 1024
 
 
@@ -92,8 +92,9 @@ class FastWeight:
         self.nbytes = self.W.nbytes
         mod = kernel_module(spec)
         self._mv, self._mm, self._mmf = mod.matvec, mod.matmat, mod.matmat_few
-        # weights with equal act_key read the same quantized activations (all legacy types share the nibble
-        # layout with Q8_0 and Q8_1 fields; k-quants differ by byte permutation; F16 reads fp16 bytes)
+        # weights with equal act_key read the same quantized activations (the legacy types in 4-block groups share
+        # the nibble layout with Q8_0 and Q8_1 fields, wide q4_0 has its own; k-quants differ by byte permutation;
+        # F16 reads fp16 bytes)
         self.act_key = (spec.layout, n_cols)
         # Software prefetch where the hardware prefetcher loses the weight stream: (1) once the activation row stops
         # fitting L1 beside it (the cliff lies between 15 and 21 KB of activations); (2) for weights read in place
@@ -130,6 +131,12 @@ class FastWeight:
             else:
                 q8.quantize_q8_0_nibble_rows(X, XQ[:n], XD[:n], XS[:n], XF[:n])
             return XQ, steps * 128, XD, steps * 4, XS, XF.reshape(-1), steps * 4
+        if lay in WIDE_ARGS:
+            XQ = new((n_pad, steps * 512), np.int8)
+            XD = new((n_pad, steps * 16), np.float32)
+            XS = new((n_pad, steps * 16), np.int32)
+            q8.quantize_q8_0_wide_rows(X, WIDE_ARGS[lay], XQ[:n], XD[:n], XS[:n])
+            return XQ, steps * 512, XD, steps * 16, XS, _NO_F32, steps * 16
         layout, bmul = Q8K_ARGS[lay]
         XQ = new((n_pad, steps * 256), np.int8)
         XD = new((n_pad, steps), np.float32)
@@ -260,6 +267,9 @@ def prepare_fast(ggml_type, raw2d: np.ndarray, n_rows: int, n_cols: int) -> Fast
         return None
     n_blk = n_cols // spec.block_w
     row_bytes = n_blk * spec.block_bytes
+    wide = WIDE.get(int(ggml_type))
+    if wide is not None and wide_fits(wide, n_blk):     # one block per i32 lane (see specs.Q4_0W)
+        spec = wide
     raw2d = np.asarray(raw2d)
     if raw2d.dtype != np.uint8 or raw2d.shape != (n_rows, row_bytes):
         raise ValueError(f"raw2d must be uint8[{n_rows}, {row_bytes}] for {spec.name}, got "

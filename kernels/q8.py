@@ -17,6 +17,11 @@ super-blocks, and load activations 64 bytes at a time so that byte lane k meets 
   vpermd), so a block's sum or s enters 4 times: hence s / 4 (exact) and the bias as a shift of -sum by 2 less. The
   alternatives, each value in lane 4b only (a vpexpandd and a vpmulld per group and row) and 64-byte pre-expanded
   vectors (a 22016-wide activation row then no longer fits L1), measured slower (bench/results/2026-11-27.md).
+* legacy "wide" order (q4_0 repacked in groups of 16 blocks, specs.Q4_0W): per group g and k = 0..3,
+  `xq[512g + 128k + 4j + b] = q[32(16g + j) + 4k + b]` ("lo", meeting the low nibbles) and
+  `xq[512g + 128k + 64 + 4j + b] = q[32(16g + j) + 16 + 4k + b]` ("hi"), so that i32 lane j is block j;
+  `xd[16g + j] = d`, `xsum[16g + j] = bmul * sum(q)` (q4_0: -8, the quants' offset, in the lane of its block: no
+  broadcast, no shift).
 * Q8_K: `xq[256k + i] = q[256k + perm[i]]` with a permutation (PERM_SUB, the order of the repacked q2_K, q3_K,
   q4_K, q5_K and q6_K, which the kernels read; PERM_NATURAL, the identity), `xd[k] = d`, and the 16 sums of 16 quants per super-block in `xb` (times -4
   for the PERM_SUB layout); for PERM_SUB also `xf`: the same sums (without the -4) times -d as float, which the min
@@ -38,6 +43,7 @@ JITQ = dict(nopython=True, nogil=True, cache=CACHE, fastmath=False, boundscheck=
 
 QK = 32
 GROUP = 128
+WIDE = 512          # activation bytes of a wide group: 16 blocks
 QK_K = 256
 
 
@@ -145,6 +151,20 @@ LAYOUT_NATURAL, LAYOUT_SUB = 0, 1     # Q8_K byte orders: PERM_NATURAL, PERM_SUB
 
 
 @numba.jit(**JITQ)
+def _q8_0_vec(x, o):
+    """The Q8_0 block x[o:o+32] on vectors: (quants 0..15, quants 16..31, unrounded d, sum of the quants)."""
+    v0 = load_f(x, o)
+    v1 = load_f(x, o + 16)
+    amax = hmax_f(vmax_f(fabs_v(v0), fabs_v(v1)))
+    d = amax / np.float32(127.0)
+    inv = np.float32(127.0) / amax if amax != 0.0 else np.float32(0.0)
+    vi = splat_f(inv)
+    q0 = rint_i(fmul(v0, vi))
+    q1 = rint_i(fmul(v1, vi))
+    return q0, q1, d, hsum_i(vadd(q0, q1))
+
+
+@numba.jit(**JITQ)
 def quantize_q8_0_nibble(x, xq, xd, xsum, xs):
     """One row, legacy nibble order (see module doc). x: f32[n]; the outputs cover ceil(n/128) groups (padded 0)."""
     n = x.shape[0]
@@ -152,15 +172,7 @@ def quantize_q8_0_nibble(x, xq, xd, xsum, xs):
         raise ValueError("row length must be a multiple of 32")
     nblk = n // QK
     for b in range(nblk):
-        v0 = load_f(x, b * QK)
-        v1 = load_f(x, b * QK + 16)
-        amax = hmax_f(vmax_f(fabs_v(v0), fabs_v(v1)))
-        d = amax / np.float32(127.0)
-        inv = np.float32(127.0) / amax if amax != 0.0 else np.float32(0.0)
-        vi = splat_f(inv)
-        q0 = rint_i(fmul(v0, vi))
-        q1 = rint_i(fmul(v1, vi))
-        s = hsum_i(vadd(q0, q1))
+        q0, q1, d, s = _q8_0_vec(x, b * QK)
         base = (b // 4) * GROUP + 16 * (b % 4)
         store_b16(xq, base, q0)
         store_b16(xq, base + 64, q1)
@@ -175,6 +187,30 @@ def quantize_q8_0_nibble(x, xq, xd, xsum, xs):
         xd[b] = 0.0
         xsum[b] = 0
         xs[b] = 0.0
+
+
+@numba.jit(**JITQ)
+def quantize_q8_0_wide(x, bmul, xq, xd, xsum):
+    """One row in the wide legacy order (see module doc): groups of 16 blocks, block j's quants in i32 lane j.
+    x: f32[n]; the outputs cover ceil(n/512) groups (padded 0)."""
+    n = x.shape[0]
+    if n % QK:
+        raise ValueError("row length must be a multiple of 32")
+    nblk = n // QK
+    for b in range(nblk):
+        q0, q1, d, s = _q8_0_vec(x, b * QK)
+        base = (b // 16) * WIDE + 4 * (b % 16)
+        for k in range(4):
+            store_b4(xq, base + 128 * k, q0, k)
+            store_b4(xq, base + 128 * k + 64, q1, k)
+        xd[b] = round_h1(d)
+        xsum[b] = bmul * s
+    for b in range(nblk, (nblk + 15) // 16 * 16):   # the rest of a partial last group
+        base = (b // 16) * WIDE + 4 * (b % 16)
+        for k in range(8):
+            xq[base + 64 * k:base + 64 * k + 4] = 0
+        xd[b] = 0.0
+        xsum[b] = 0
 
 
 @numba.jit(**JITQ)
@@ -231,6 +267,12 @@ def quantize_q8_K(x, layout, bmul, xq, xd, xb, xf):
 def quantize_q8_0_nibble_rows(X, xq, xd, xsum, xs):
     for t in prange(X.shape[0]):
         quantize_q8_0_nibble(X[t], xq[t], xd[t], xsum[t], xs[t])
+
+
+@numba.jit(**dict(JITQ, parallel=True))
+def quantize_q8_0_wide_rows(X, bmul, xq, xd, xsum):
+    for t in prange(X.shape[0]):
+        quantize_q8_0_wide(X[t], bmul, xq[t], xd[t], xsum[t])
 
 
 @numba.jit(**dict(JITQ, parallel=True))

@@ -29,13 +29,13 @@ def to_kernel_layout(spec, raw2d: np.ndarray, n_blk: int) -> np.ndarray | None:
 
 
 @numba.jit(**dict(q8.JITQ, parallel=True))
-def _repack(raw, n_blk, block_bytes, src_blk, src_off, out):
-    """out[r, 4g-group bytes] from raw[r] blocks via the per-group byte map (src_blk, src_off); missing blocks 0."""
+def _repack(raw, n_blk, block_bytes, group_blocks, src_blk, src_off, out):
+    """out[r, group bytes] from raw[r] blocks via the per-group byte map (src_blk, src_off); missing blocks 0."""
     gb = src_blk.shape[0]
     for r in numba.prange(raw.shape[0]):
         for g in range(out.shape[1] // gb):
             for k in range(gb):
-                b = 4 * g + src_blk[k]
+                b = group_blocks * g + src_blk[k]
                 out[r, g * gb + k] = raw[r, b * block_bytes + src_off[k]] if b < n_blk else 0
 
 
@@ -258,14 +258,16 @@ def repack_k6(raw2d: np.ndarray, n_blk: int) -> np.ndarray:
 
 
 def repack_legacy(spec, raw2d: np.ndarray, n_blk: int) -> np.ndarray:
-    """Legacy 32-weight rows -> groups of 4 blocks by the spec's byte map `repack` (quants contiguous, then the fp16
-    scales, then q5's high bits as 64-bit lane masks): the file's size, one stream per row; missing blocks 0."""
-    n_grp = (n_blk + 3) // 4
+    """Legacy 32-weight rows -> groups of `spec.group_blocks` blocks (4, or 16 for the wide layouts) by the spec's
+    byte map `repack` (quants contiguous, then the fp16 scales, then q5's high bits as 64-bit lane masks): the
+    file's size, one stream per row; missing blocks of the last group 0."""
+    gb = spec.group_blocks
+    n_grp = (n_blk + gb - 1) // gb
     src_blk = np.array([b for b, _ in spec.repack], dtype=np.int64)
     src_off = np.array([o for _, o in spec.repack], dtype=np.int64)
     assert len(spec.repack) == spec.step_bytes
     out = np.empty((raw2d.shape[0], n_grp * spec.step_bytes), dtype=np.uint8)
-    _repack(raw2d, n_blk, spec.block_bytes, src_blk, src_off, out)
+    _repack(raw2d, n_blk, spec.block_bytes, gb, src_blk, src_off, out)
     return out
 
 

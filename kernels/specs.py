@@ -34,6 +34,7 @@ class Spec:
     xd_step = 4
     xs_step = 4
     parts = 1
+    group_blocks = 4    # legacy blocks per kernel step (repack_legacy's groups)
     tile_r = 4
     tile_t = TILE_T
     few_r = 4           # rows per tile of the few-token mat-mat (codegen.FEW_T tokens at most)
@@ -93,6 +94,48 @@ class Q4_0(Spec):
 
     def acc_in(self, i, j):
         return f"acc{i}_{j}"
+
+
+class Q4_0W(Spec):
+    """q4_0 in wide groups of 16 blocks (512 weights, 288 bytes), one block per i32 lane (the k-quants' sub-block
+    idea, `_K2`): 64-byte load k (k = 0..3) of the group's 256 quant bytes holds in lane j bytes 4k..4k+3 of block
+    j's 16 (low nibbles: weights 4k..4k+3, high: 16+4k..16+4k+3), then the 16 fp16 scales, d of block j at half j
+    (one vcvtph2ps, no permute). The activations follow (q8.quantize_q8_0_wide: per group and k a "lo" and a "hi"
+    64-byte vector, 16 d, 16 offset terms -8 * sum(q) as the chain's start). Per row and token a group then takes 8
+    vpdpbusd and ONE cvt + fmul + fma: 11 vector ops per 512 weights where `Q4_0` (4 blocks per zmm, so every
+    128 weights a conversion and a scaling) takes 20, plus per token 4 vpermps/vpermd + shift pairs of set-up; the
+    per-token set-up here is plain loads. Measured in bench/results/2026-12-07.md (wide q4_0 groups).
+    Rows whose block count is not a multiple of 16 are padded with zero blocks (d = 0: they add exact zeros) when
+    that costs at most 1/32 of the row (a 7B's ffn_down: 344 blocks + 8); shorter ragged rows keep `Q4_0`
+    (fast.prepare_fast)."""
+    name, layout, block_bytes = "q4_0", "wide", 18
+    step_w, step_bytes, xq_step, xd_step, xs_step = 512, 288, 512, 16, 16
+    group_blocks = 16
+    prefetch_short = True
+    repack_with = ("legacy", {})
+    consts = {"M4": "splat_i(0x0F0F0F0F)"}
+    repack = [(j, 2 + 4 * k + b) for k in range(4) for j in range(16) for b in range(4)] + [
+        (j, c) for j in range(16) for c in range(2)]
+    # One row per tile: a row's 8 nibble vectors meet every token of the tile (the activations are memory operands
+    # of the vpdpbusd, from L1). Rows share no decoding work here, only activation loads, and a taller tile needs
+    # 8 nibble vectors per row or the tokens' 8 activation vectors live across its rows: 4 x 4 spilled ~170 zmm
+    # per step to the stack.
+    tile_r = few_r = 1
+    tile_t = 8
+
+    def row_part(self, i, p):
+        L = []
+        for k in range(4):
+            L += [f"w{i}_{k} = load_i(W, wb{i} + {64 * k})", f"lo{i}_{k} = vand(w{i}_{k}, M4)",
+                  f"hi{i}_{k} = vand(vshr(w{i}_{k}, 4), M4)"]
+        return L + [f"dw{i} = load_h16(W, wb{i} + 256)"]
+
+    def acc_part(self, i, j, p):
+        dot = f"load_i(XS, xs{j})"          # -8 * sum(q) of block j in lane j: the quants' offset
+        for k in range(4):
+            dot = f"dpbusd(dpbusd({dot}, lo{i}_{k}, load_i(XQ, xq{j} + {128 * k})), hi{i}_{k}, " \
+                  f"load_i(XQ, xq{j} + {128 * k + 64}))"
+        return [f"acc{i}_{j} = fma(cvt({dot}), fmul(dw{i}, load_f(XD, xd{j})), acc{i}_{j})"]
 
 
 class Q4_1(Q4_0):
@@ -419,6 +462,19 @@ SPECS: dict[int, Spec] = {int(t): cls() for t, cls in [
     (GGMLType.Q4_0, Q4_0), (GGMLType.Q4_1, Q4_1), (GGMLType.Q5_0, Q5_0), (GGMLType.Q5_1, Q5_1),
     (GGMLType.Q8_0, Q8_0), (GGMLType.Q2_K, Q2_K), (GGMLType.Q3_K, Q3_K if simd._HAS_VBMI else Q3_K_I8),
     (GGMLType.Q4_K, Q4_K), (GGMLType.Q5_K, Q5_K), (GGMLType.Q6_K, Q6_K), (GGMLType.F16, F16)]}
+# the one-block-per-lane layouts of legacy types, for rows of enough blocks (fast.prepare_fast picks per weight);
+# AVX-512 only so far: with 16 ymm registers AVX2 would hold a row's 8 nibble vectors in half of them (not measured)
+WIDE: dict[int, Spec] = {int(GGMLType.Q4_0): Q4_0W()} if ISA == "avx512vnni" else {}
+
+
+def wide_fits(spec: Spec, n_blk: int) -> bool:
+    """Whether a row of n_blk blocks takes the wide layout: padding to whole groups costs at most 1/32 of it."""
+    return (-n_blk) % spec.group_blocks * 32 <= n_blk
+
+
+def all_specs() -> list[Spec]:
+    """Every spec this CPU may use (one kernel module each)."""
+    return [*SPECS.values(), *WIDE.values()]
 
 
 def supported_types() -> list[int]:
@@ -429,6 +485,8 @@ def supported_types() -> list[int]:
 # per k-quant activation layout, the quantize_q8_K arguments (byte order q8.LAYOUT_*, bmul): the k_sub types take the
 # block sums times -4 (Q3_K.acc_start); used by the generator and by fast.FastWeight
 Q8K_ARGS = {"k_sub": (q8.LAYOUT_SUB, -4)}
+# per wide legacy layout, what quantize_q8_0_wide multiplies the block sums by: q4_0's offset -8
+WIDE_ARGS = {"wide": -8}
 # layouts whose activations carry XF (the Q8_1 s of q4_1/q5_1; the float min terms of q2_K, q4_K, q5_K)
 WITH_XF = ("nib", "k_sub")
 

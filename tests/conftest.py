@@ -56,3 +56,23 @@ def real_fixtures(fixtures_dir: Path) -> Path:
     if not d.is_dir():
         pytest.skip(f"real-model references not found at {d}")
     return d
+
+
+@pytest.fixture
+def wide_q4_0(monkeypatch) -> list:
+    """Every q4_0 weight loaded in this test takes the wide 16-block layout (kernels/specs.Q4_0W), the fixtures' short
+    rows (256, 768 columns) padded with zero blocks: the layout a 7B's rows take as they are. Returns the kernel
+    spec class names chosen for q4_0 weights, to assert on. Skips where this ISA has no wide layout."""
+    from airobackend.kernels import fast, specs
+    if not specs.WIDE:
+        pytest.skip(f"no wide q4_0 layout for ISA {specs.ISA}")
+    monkeypatch.setattr(fast, "wide_fits", lambda spec, n_blk: True)
+    chosen, prepare = [], fast.prepare_fast
+
+    def recording(t, *args):
+        w = prepare(t, *args)
+        if w is not None and w.spec.name == "q4_0":
+            chosen.append(type(w.spec).__name__)
+        return w
+    monkeypatch.setattr(fast, "prepare_fast", recording)
+    return chosen

@@ -33,6 +33,16 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
 def test_batched_step_equals_each_sequence_alone(fixtures_dir, fixture_index, name):
     """Three sequences at different positions, each in its own cache: two decode one token, one evaluates a prompt
     chunk; then a step of three decode tokens. Every sequence's logits and cache match its evaluation alone."""
+    _batched_step_equals_alone(fixtures_dir, fixture_index, name)
+
+
+def test_batched_step_equals_alone_in_wide_q4_0_groups(fixtures_dir, fixture_index, wide_q4_0):
+    """The same with q4_0's wide layout (one block per i32 lane; mat-vec, few-token and prompt mat-mat read it)."""
+    _batched_step_equals_alone(fixtures_dir, fixture_index, "fx-q4_0")
+    assert wide_q4_0 and set(wide_q4_0) == {"Q4_0W"}
+
+
+def _batched_step_equals_alone(fixtures_dir, fixture_index, name):
     llm, toks = _model(fixtures_dir, fixture_index, name)
     m = llm.model
     try:

@@ -99,6 +99,14 @@ def test_teacher_forced_and_batch(fixtures_dir, entries, name, fmt, backend):
     llm.close()
 
 
+@pytest.mark.parametrize("name", ["fx-q4_0", "fxgqa-q4_0"])
+def test_wide_q4_0_groups_against_llama_cpp(fixtures_dir, entries, name, wide_q4_0):
+    # the q4_0 weights in the wide 16-block layout (what 4096-wide models take; the fixtures' rows padded into it)
+    # against llama.cpp within the same tolerances: only the float summation order differs
+    test_teacher_forced_and_batch(fixtures_dir, entries, name, "gguf", "fast")
+    assert wide_q4_0 and set(wide_q4_0) == {"Q4_0W"}
+
+
 def test_explicit_n_gqa_for_ggml_v3(fixtures_dir, entries):
     """The GGML v3 twin of a GQA model loaded with n_gqa=4 given, as mid-2023 llama.cpp required (-gqa)."""
     entry = entries["fxgqa-q4_0"]

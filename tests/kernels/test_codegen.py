@@ -10,7 +10,7 @@ import pytest
 
 from airobackend.cli import main as cli_main
 from airobackend.formats import open_model
-from airobackend.kernels import codegen, reference, specs
+from airobackend.kernels import codegen, fast, reference, specs
 from airobackend.kernels.fast import prepare_fast
 from airobackend.kernels.ggml_types import GGMLType as G
 
@@ -38,8 +38,8 @@ def test_dump_writes_the_source_the_cache_imports(tmp_path, capsys):
     assert cli_main(["kernels", "--dump", str(tmp_path / "src")]) == 0
     printed = capsys.readouterr().out
     dumped = sorted((tmp_path / "src").glob("fast_*.py"))
-    assert len(dumped) == len(specs.SPECS)
-    for spec in specs.SPECS.values():
+    assert len(dumped) == len(specs.all_specs())
+    for spec in specs.all_specs():
         path = tmp_path / "src" / f"fast_{type(spec).__name__.lower()}.py"
         assert str(path) in printed
         assert path.read_text() == codegen.generate_source(spec)
@@ -55,11 +55,17 @@ def _fixture_tensor(fixtures_dir, t):
     raise AssertionError(f"no 2-D {t.name} tensor in {FIXTURE_FILES[t]}")
 
 
-@pytest.mark.parametrize("t", sorted(FIXTURE_FILES), ids=lambda t: G(t).name)
-def test_every_generated_function_compiles_and_matches_the_reference(fixtures_dir, t):
+@pytest.mark.parametrize("t,wide", [(t, False) for t in sorted(FIXTURE_FILES)] + [pytest.param(
+    G.Q4_0, True, marks=pytest.mark.skipif(not specs.WIDE, reason="no wide layout for this ISA"))],
+                         ids=lambda v: G(v).name if not isinstance(v, bool) else ("wide" if v else ""))
+def test_every_generated_function_compiles_and_matches_the_reference(fixtures_dir, t, wide, monkeypatch):
+    # wide: the fixture's q4_0 rows (too short for it on their own) padded into the 16-block groups of Q4_0W
+    if wide:
+        monkeypatch.setattr(fast, "wide_fits", lambda spec, n_blk: True)
     raw, n_rows, n_cols = _fixture_tensor(fixtures_dir, t)
     W = reference.dequantize(raw, t, n_rows * n_cols).reshape(n_rows, n_cols).astype(np.float64)
     fw = prepare_fast(t, raw, n_rows, n_cols)
+    assert (type(fw.spec) is specs.Q4_0W) == wide
     mod = codegen.kernel_module(fw.spec)
     rng = np.random.default_rng(int(t))
     X = rng.standard_normal((10, n_cols)).astype(np.float32)

@@ -255,6 +255,48 @@ def test_legacy_partial_group(t):
     check(t, raw, 13, 96, 5, rng)
 
 
+@pytest.mark.parametrize("n_cols,wide", [(512, True), (1024, True), (8448, True), (1280, False), (96, False)])
+def test_q4_0_wide_groups_in_every_kernel(n_cols, wide):
+    # q4_0 rows of whole 16-block groups, or short of them by at most 1/32 (8448 = 264 blocks, padded by 8 zero
+    # blocks as a 7B's ffn_down), take the one-block-per-lane layout (specs.Q4_0W); 40 and 3 blocks keep the 4-block
+    # groups. The mat-vec, every few-token count and a ragged prompt batch (11 tokens: tiles of 8 and 3) agree with
+    # the oracle and, for the same row, bit for bit with each other (batched decoding equals one sequence alone).
+    rng = np.random.default_rng(n_cols)
+    n_rows = 37
+    raw = random_blocks(G.Q4_0, n_rows, n_cols, rng)
+    fw = check(G.Q4_0, raw, n_rows, n_cols, 11, rng)
+    assert (type(fw.spec) is specs.Q4_0W) == (wide and int(G.Q4_0) in specs.WIDE)     # AVX-512 only
+    assert fw.W.nbytes == n_rows * -(-n_cols // fw.spec.step_w) * fw.spec.step_bytes
+    X = rng.standard_normal((11, n_cols)).astype(np.float32)
+    one = fw.matvec(X[0], np.empty(n_rows, np.float32))
+    many = fw.matmat(X, np.empty((11, n_rows), np.float32))
+    for n in range(1, 9):
+        few = fw.matmat(X[:n], np.empty((n, n_rows), np.float32))
+        np.testing.assert_array_equal(few, many[:n], err_msg=f"{n} tokens")
+        np.testing.assert_array_equal(few[0], one)
+
+
+def test_q4_0_wide_repack_puts_block_j_in_lane_j():
+    # 64-byte load k of a group: i32 lane j = bytes 4k..4k+3 of block j's quants; then d of block j at half j;
+    # 40 blocks = 2 groups + 8 zero blocks
+    spec = specs.Q4_0W()
+    raw = random_blocks(G.Q4_0, 3, 40 * 32, np.random.default_rng(4))
+    out = repack.repack_legacy(spec, raw, 40)
+    assert out.shape == (3, 3 * 288)
+    src = raw.reshape(3, 40, 18)
+    for g in range(3):
+        grp = out[:, 288 * g:288 * (g + 1)]
+        for j in range(16):
+            b = 16 * g + j
+            qs = grp[:, 64 * np.arange(4)[:, None] + 4 * j + np.arange(4)].reshape(3, 16)
+            d = grp[:, 256 + 2 * j:258 + 2 * j]
+            if b < 40:
+                np.testing.assert_array_equal(qs, src[:, b, 2:])
+                np.testing.assert_array_equal(d, src[:, b, :2])
+            else:
+                assert not qs.any() and not d.any()
+
+
 def test_shape_and_type_gates():
     rng = np.random.default_rng(1)
     assert fast.prepare_fast(G.F32, np.zeros((4, 4 * 256 * 4), np.uint8), 4, 1024) is None

@@ -101,3 +101,33 @@ def test_q8_0_nibble_vector_form_equals_reference(n):
         assert (outs[0][0] != -128).all()     # every byte written (no quant is -128)
     with pytest.raises(ValueError, match="multiple of 32"):
         q8.quantize_q8_0_nibble(np.zeros(40, np.float32), xq, xd, xsum, xs)
+
+
+@pytest.mark.parametrize("n", [32 * 37, 512, 4096])   # a partial last group of 16 blocks, whole groups
+def test_q8_0_wide_is_the_nibble_quantization_in_block_lanes(n):
+    # the wide order (q4_0 in 16-block groups): the same quants, d and sums as the nibble order, block j of a group
+    # in i32 lane j: xq[512g + 128k + 4j + i] = q[4k + i], + 64: q[16 + 4k + i] of block 16g + j; xsum = -8 sum(q)
+    rng = np.random.default_rng(n)
+    n_blk, n_grp = n // 32, -(-n // 512)
+    for x in corner_rows(-(-n // 256) * 256, rng):
+        x = np.ascontiguousarray(x[:n])
+        nq, nd, nsum = np.zeros(-(-n // 128) * 128, np.int8), np.zeros(n_blk + 3, np.float32), np.zeros(n_blk + 3, np.int32)
+        q8.quantize_q8_0_nibble_ref(x, nq, nd, nsum, np.zeros(n_blk + 3, np.float32))
+        b = np.arange(n_blk)
+        q = np.stack([nq[128 * (b // 4) + 16 * (b % 4) + e] if e < 16 else nq[128 * (b // 4) + 64 + 16 * (b % 4) + e - 16]
+                      for e in range(32)], axis=1)          # q[block, element]
+        xq = np.full(n_grp * 512, -128, np.int8)
+        xd = np.full(n_grp * 16, np.nan, np.float32)
+        xsum = np.full(n_grp * 16, 12345, np.int32)
+        q8.quantize_q8_0_wide(x, -8, xq, xd, xsum)
+        want = np.zeros((n_grp * 16, 32), np.int8)
+        want[:n_blk] = q
+        k, j, i = np.meshgrid(np.arange(4), np.arange(16), np.arange(4), indexing="ij")
+        for g in range(n_grp):
+            np.testing.assert_array_equal(xq[512 * g + 128 * k + 4 * j + i], want[16 * g + j, 4 * k + i])
+            np.testing.assert_array_equal(xq[512 * g + 128 * k + 64 + 4 * j + i], want[16 * g + j, 16 + 4 * k + i])
+        np.testing.assert_array_equal(xd[:n_blk].view(np.int32), nd[:n_blk].view(np.int32))
+        np.testing.assert_array_equal(xsum[:n_blk], 8 * nsum[:n_blk])
+        assert not xd[n_blk:].any() and not xsum[n_blk:].any()
+    with pytest.raises(ValueError, match="multiple of 32"):
+        q8.quantize_q8_0_wide(np.zeros(40, np.float32), -8, xq, xd, xsum)
