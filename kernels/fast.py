@@ -9,7 +9,7 @@ How it works, and which module owns each part:
   weights), in a byte order chosen so that one 64-byte load of weight quants meets one 64-byte load of activation
   quants. Inner products run on integers with `vpdpbusd` / `vpmaddubsw`+`vpdpwssd` (AVX-512 VNNI) or
   `vpmaddubsw`+`vpmaddwd` (AVX2), emitted through llvmlite (kernels/simd.py); block scales are applied in float once
-  per 128/256 weights.
+  per 128/256 weights (per 512 for q4_0 rows in wide 16-block groups, specs.Q4_0W, one block per i32 lane).
 * kernels/codegen.py: the generator that unrolls those fragments into one module per type and instruction set,
   written under the user cache folder and imported from there (`airobackend kernels --dump DIR` writes them out).
 * kernels/repack.py: the file's rows in the kernel layout, once at load (the legacy types, q2_K, q3_K, q4_K, q5_K, q6_K;
