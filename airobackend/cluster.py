@@ -18,6 +18,7 @@ import hashlib
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -115,11 +116,21 @@ def node_path(path: str) -> str:
     return os.path.join(folder, os.path.basename(path)) if folder else path
 
 
+def ray_node_id() -> Optional[str]:
+    """The ID of the Ray node this process runs on (None outside Ray): it tells apart nodes that share a host name
+    (several raylets on one machine, containers of one image)."""
+    ray = sys.modules.get("ray")            # never imported here: inside Ray it is imported already
+    if ray is None or not ray.is_initialized():
+        return None
+    return ray.get_runtime_context().get_node_id()
+
+
 def node_report(path: str, need_bytes: int) -> dict:
     """What a node says about itself before a stage or replica is placed on it (run there by a probe task)."""
     local = node_path(path)
-    out = {"host": socket.gethostname(), "version": airobackend.__version__, "code": code_digest(),
-           "mem_available": mem_available(), "need": int(need_bytes), "file": None, "error": None, "path": local}
+    out = {"host": socket.gethostname(), "node": ray_node_id(), "version": airobackend.__version__,
+           "code": code_digest(), "mem_available": mem_available(), "need": int(need_bytes), "file": None,
+           "error": None, "path": local}
     try:
         out["file"] = fingerprint(local)
     except OSError as e:
@@ -128,18 +139,19 @@ def node_report(path: str, need_bytes: int) -> dict:
 
 
 def check_reports(reports: Sequence[dict], head: dict, path: str, allow_disk: bool, what: Sequence[str]) -> None:
-    """Refuse, naming the node, when a node's file, version or code differs from the head's, or its RAM is short."""
+    """Refuse, naming the node, when a node's version or code differs from the head's (checked first: what the
+    rest of a report means is only known for the head's code), its file differs, or its RAM is short."""
     for r, name in zip(reports, what):
-        where = f"{name} on node {r['host']}"
+        where = f"{name} on node {r['host']}" + (f" (Ray node {r['node'][:12]})" if r.get("node") else "")
+        if (r.get("version"), r.get("code")) != (head["version"], head["code"]):
+            raise ClusterError(f"{where} runs airobackend {r.get('version')} (code {r.get('code')}), the head "
+                               f"{head['version']} (code {head['code']}): install the same version on every node")
         local = r.get("path", path)
         if r["error"]:
             raise ModelFileError(f"{where} cannot read the model file at {local}: {r['error']}", path=path)
         if r["file"] != head["file"]:
             raise ModelFileError(f"{where} has a different model file at {local} (fingerprint {r['file']}, the "
                                  f"head's {head['file']})", path=path)
-        if (r["version"], r["code"]) != (head["version"], head["code"]):
-            raise ClusterError(f"{where} runs airobackend {r['version']} (code {r['code']}), the head "
-                               f"{head['version']} (code {head['code']}): install the same version on every node")
         if r["need"] > r["mem_available"] and not allow_disk:
             raise InsufficientMemory(f"{where} needs {r['need'] / GB:.2f} GB of RAM, but only "
                                      f"{r['mem_available'] / GB:.2f} GB is available there (allow disk to run it "

@@ -6,8 +6,13 @@ Ray is in the test extras; skipped, with the reason, where it is not installed (
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import shutil
+import socket
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -251,6 +256,49 @@ def test_nodes_that_differ_are_refused_by_name(tmp_path):
     with pytest.raises(InsufficientMemory, match="stage 1 on node"):
         check_reports([short], head, str(path), False, ["stage 1"])
     check_reports([short], head, str(path), True, ["stage 1"])       # allowed to run from disk
+
+
+@needs_fixtures
+@pytest.mark.e2e
+def test_a_node_with_another_airobackend_is_refused_by_name_before_anything_is_loaded(tmp_path):
+    import airobackend
+    from airobackend.cluster import code_digest
+
+    # The other node's install: a copy of this package at another version, first on its raylet's PYTHONPATH.
+    other = tmp_path / "other"
+    shutil.copytree(Path(airobackend.__file__).parent, other / "airobackend",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    init = other / "airobackend" / "__init__.py"
+    ours = f'__version__ = "{airobackend.__version__}"'
+    assert ours in init.read_text()
+    init.write_text(init.read_text().replace(ours, '__version__ = "0.0.9+other"'))
+    # The driver runs from a folder without airobackend: Ray puts the driver's folder first on every worker's path.
+    run = tmp_path / "run"
+    run.mkdir()
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("ray_mixed_versions.py")),
+                           str(MODELS / "fx-q4_0.gguf"), str(other)], cwd=run, capture_output=True, text=True,
+                          timeout=NODES_UP_S + 900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.splitlines()[-1])
+
+    odd = out["odd_node"]
+    (head_node,) = set(out["imports"]) - {odd}
+    assert out["imports"][head_node] == {"file": airobackend.__file__, "cluster": airobackend.cluster.__file__,
+                                         "version": airobackend.__version__, "code": code_digest()}
+    theirs = out["imports"][odd]
+    assert theirs["file"] == str(init) and theirs["cluster"] == str(other / "airobackend" / "cluster.py")
+    assert theirs["version"] == "0.0.9+other" and theirs["code"] != code_digest()
+
+    refusal = (rf"(stage [12] \(layers \d-\d\)|replica [12]) on node {re.escape(socket.gethostname())} "
+               rf"\(Ray node {odd[:12]}\) runs airobackend 0\.0\.9\+other \(code {theirs['code']}\), the head "
+               rf"{re.escape(airobackend.__version__)} \(code {code_digest()}\): install the same version on every node")
+    assert out["api"], "Llama(..., ray=..., stages=2) was not refused"
+    assert out["api"]["type"] == "ClusterError" and re.fullmatch(refusal, out["api"]["message"])
+    for how in ("--stages", "--replicas"):
+        serve = out["serve " + how]
+        assert serve["rc"] == 1 and re.search("error: cannot load the model: " + refusal + "\n", serve["stderr"])
+    # Refused before anything was loaded: no stage or replica actor was ever created (the table lists dead ones too).
+    assert out["actors"] == ["Witness"]
 
 
 def test_replicas_serve_concurrent_clients_with_prefix_affinity(cluster, three_layers, node_dir):
