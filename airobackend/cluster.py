@@ -5,9 +5,10 @@ Ray is an optional dependency (`pip install 'airobackend[ray]'`); nothing here i
 
 Before a stage is created on a node, a probe task placed on that node (the same placement-group bundle the stage
 will get) reports the node's copy of the model file (present? its fingerprint), its airobackend version and code
-digest, and the memory it has; the head refuses by name a node whose file or code differs from its own, or that
-lacks the RAM its stage needs (unless running from disk is allowed). A node's copy is at the head's path, or in the
-folder its environment names (AIRO_RAY_MODEL_DIR, `node_path`).
+digest, and the memory it has; the head refuses by name a node whose code or file differs from its own, whose
+airobackend cannot run the probe at all (older), or that lacks the RAM its stage needs (unless running from disk is
+allowed). A node's copy is at the head's path, or in the folder its environment names (AIRO_RAY_MODEL_DIR,
+`node_path`).
 
 Once running, every stage or replica actor is watched (`ActorWatch`): Ray tells the head the moment one dies, busy or
 idle, and when it has restarted it, so health reports and routing do not wait for a request to fail.
@@ -156,6 +157,25 @@ def check_reports(reports: Sequence[dict], head: dict, path: str, allow_disk: bo
             raise InsufficientMemory(f"{where} needs {r['need'] / GB:.2f} GB of RAM, but only "
                                      f"{r['mem_available'] / GB:.2f} GB is available there (allow disk to run it "
                                      f"from disk anyway)")
+
+
+def probe_nodes(ray: Any, pg: Any, path: str, needs: Sequence[int], what: Sequence[str]) -> list[dict]:
+    """`node_report` run on the node of each bundle of `pg` (the one the stage or replica `what[i]` will get). A node
+    whose airobackend cannot run it (a version from before this check, a broken install) is refused by name."""
+    probe = ray.remote(num_cpus=0)(node_report)
+    refs = [probe.options(**_on_bundle(pg, i)).remote(path, need) for i, need in enumerate(needs)]
+    reports = []
+    for i, ref in enumerate(refs):
+        try:
+            reports.append(ray.get(ref))
+        except ray.exceptions.RayTaskError as e:
+            from ray.util.placement_group import placement_group_table     # the [ray] extra
+            node = placement_group_table(pg)["bundles_to_node_id"].get(i) or "?"
+            host = next((nd["NodeManagerHostname"] for nd in ray.nodes() if nd["NodeID"] == node), "?")
+            why = str(getattr(e, "cause", None) or e).strip().splitlines()[-1]
+            raise ClusterError(f"{what[i]} on node {host} (Ray node {node[:12]}) cannot run the head's node check "
+                               f"({why}): install the same version on every node") from None
+    return reports
 
 
 def connect(address: str, *, num_cpus: Optional[int] = None, object_store_bytes: Optional[int] = None) -> Any:
@@ -401,10 +421,9 @@ def start_stages(address: str, path: str, n_stages: int, *, n_ctx: int, n_thread
                  for lo, hi in ranges]
         head = node_report(path, 0)
         pg = _placement(ray, n_stages, cpus, "stages")
-        probe = ray.remote(num_cpus=0)(node_report)
         try:
-            reports = ray.get([probe.options(**_on_bundle(pg, i)).remote(path, need) for i, need in enumerate(needs)])
             names = [f"stage {i + 1} (layers {lo}-{hi - 1})" for i, (lo, hi) in enumerate(ranges)]
+            reports = probe_nodes(ray, pg, path, needs, names)
             check_reports(reports, head, path, allow_disk, names)
         except BaseException:
             ray.util.remove_placement_group(pg)

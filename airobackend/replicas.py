@@ -23,7 +23,8 @@ from types import SimpleNamespace
 from typing import Any, Iterator, Optional, Sequence
 
 from airobackend.cluster import (ActorWatch, _actor_error_types, _on_bundle, _placement, check_reports, connect,
-                                 node_path, node_report, ray_module, release_placement, rss_bytes, watched_actor)
+                                 node_path, node_report, probe_nodes, ray_module, release_placement, rss_bytes,
+                                 watched_actor)
 from airobackend.errors import BackendUnavailable, EngineBusy, RequestError
 from airobackend.library import describe_file
 from airobackend.manager import build_engine
@@ -373,10 +374,9 @@ def start_replicas(settings: Any, path: str) -> ReplicaSet:
     pg = _placement(ray, n, settings.ray_cpus, "replicas")
     actors: list = []
     try:
-        probe = ray.remote(num_cpus=0)(node_report)
-        reports = ray.get([probe.options(**_on_bundle(pg, i)).remote(path, entry.ram_for(settings.n_ctx))
-                           for i in range(n)])
-        check_reports(reports, head, path, settings.allow_disk, [f"replica {i + 1}" for i in range(n)])
+        names = [f"replica {i + 1}" for i in range(n)]
+        reports = probe_nodes(ray, pg, path, [entry.ram_for(settings.n_ctx)] * n, names)
+        check_reports(reports, head, path, settings.allow_disk, names)
         local = dataclasses.replace(settings, ray=None, replicas=0, stages=1)
         cls = watched_actor(ray, Replica)
         actors = [cls.options(num_cpus=settings.ray_cpus, max_restarts=settings.ray_restarts, max_task_retries=0,

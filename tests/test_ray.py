@@ -260,18 +260,21 @@ def test_nodes_that_differ_are_refused_by_name(tmp_path):
 
 @needs_fixtures
 @pytest.mark.e2e
-def test_a_node_with_another_airobackend_is_refused_by_name_before_anything_is_loaded(tmp_path):
+@pytest.mark.parametrize("older", [False, True], ids=["another-version", "from-before-the-node-check"])
+def test_a_node_with_another_airobackend_is_refused_by_name_before_anything_is_loaded(tmp_path, older):
     import airobackend
     from airobackend.cluster import code_digest
 
-    # The other node's install: a copy of this package at another version, first on its raylet's PYTHONPATH.
+    # The other node's install: a copy of this package at another version, first on its raylet's PYTHONPATH; older:
+    # from before the node check (its airobackend.cluster has no node_report for the head's probe to call).
     other = tmp_path / "other"
     shutil.copytree(Path(airobackend.__file__).parent, other / "airobackend",
                     ignore=shutil.ignore_patterns("__pycache__"))
-    init = other / "airobackend" / "__init__.py"
-    ours = f'__version__ = "{airobackend.__version__}"'
-    assert ours in init.read_text()
-    init.write_text(init.read_text().replace(ours, '__version__ = "0.0.9+other"'))
+    for name, old, new in [("__init__.py", f'__version__ = "{airobackend.__version__}"', '__version__ = "0.0.9+other"'),
+                           ("cluster.py", "def node_report(", "def report(")][:1 + older]:
+        f = other / "airobackend" / name
+        assert old in f.read_text()
+        f.write_text(f.read_text().replace(old, new))
     # The driver runs from a folder without airobackend: Ray puts the driver's folder first on every worker's path.
     run = tmp_path / "run"
     run.mkdir()
@@ -286,12 +289,18 @@ def test_a_node_with_another_airobackend_is_refused_by_name_before_anything_is_l
     assert out["imports"][head_node] == {"file": airobackend.__file__, "cluster": airobackend.cluster.__file__,
                                          "version": airobackend.__version__, "code": code_digest()}
     theirs = out["imports"][odd]
-    assert theirs["file"] == str(init) and theirs["cluster"] == str(other / "airobackend" / "cluster.py")
+    assert theirs["file"] == str(other / "airobackend" / "__init__.py")
+    assert theirs["cluster"] == str(other / "airobackend" / "cluster.py")
     assert theirs["version"] == "0.0.9+other" and theirs["code"] != code_digest()
 
+    if older:
+        why = (rf"cannot run the head's node check \(AttributeError: Can't get attribute 'node_report' on <module "
+               rf"'airobackend\.cluster' from '{re.escape(theirs['cluster'])}'>\)")
+    else:
+        why = (rf"runs airobackend 0\.0\.9\+other \(code {theirs['code']}\), the head "
+               rf"{re.escape(airobackend.__version__)} \(code {code_digest()}\)")
     refusal = (rf"(stage [12] \(layers \d-\d\)|replica [12]) on node {re.escape(socket.gethostname())} "
-               rf"\(Ray node {odd[:12]}\) runs airobackend 0\.0\.9\+other \(code {theirs['code']}\), the head "
-               rf"{re.escape(airobackend.__version__)} \(code {code_digest()}\): install the same version on every node")
+               rf"\(Ray node {odd[:12]}\) {why}: install the same version on every node")
     assert out["api"], "Llama(..., ray=..., stages=2) was not refused"
     assert out["api"]["type"] == "ClusterError" and re.fullmatch(refusal, out["api"]["message"])
     for how in ("--stages", "--replicas"):
