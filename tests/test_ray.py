@@ -251,6 +251,14 @@ def test_nodes_that_differ_are_refused_by_name(tmp_path):
         check_reports([other], head, str(path), False, ["replica 1"])
     with pytest.raises(ClusterError, match="runs airobackend 0.0.9"):
         check_reports([dict(head, version="0.0.9")], head, str(path), False, ["stage 1"])
+    # Other code first: what the rest of its report means (here its fingerprint) is not known. A report without the
+    # keys this version adds is refused for its code too, and the Ray node is named where the report has it.
+    with pytest.raises(ClusterError, match=r"stage 1 on node \S+ \(Ray node 0123456789ab\) runs airobackend 0.0.9"):
+        check_reports([dict(head, version="0.0.9", file="0" * 32, node="0123456789abcdef")], head, str(path), False,
+                      ["stage 1"])
+    with pytest.raises(ClusterError, match=r"stage 1 on node \S+ runs airobackend None \(code None\)"):
+        check_reports([{k: v for k, v in head.items() if k not in ("version", "code")}], head, str(path), False,
+                      ["stage 1"])
     short = dict(head, need=10 ** 15)
     from airobackend.errors import InsufficientMemory
     with pytest.raises(InsufficientMemory, match="stage 1 on node"):
