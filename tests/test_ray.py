@@ -257,7 +257,7 @@ def test_nodes_that_differ_are_refused_by_name(tmp_path):
         check_reports([dict(head, version="0.0.9", file="0" * 32, node="0123456789abcdef")], head, str(path), False,
                       ["stage 1"])
     with pytest.raises(ClusterError, match=r"stage 1 on node \S+ runs airobackend None \(code None\)"):
-        check_reports([{k: v for k, v in head.items() if k not in ("version", "code")}], head, str(path), False,
+        check_reports([{k: v for k, v in head.items() if k not in ("version", "code", "node")}], head, str(path), False,
                       ["stage 1"])
     short = dict(head, need=10 ** 15)
     from airobackend.errors import InsufficientMemory
