@@ -73,7 +73,7 @@ def act1_offsets(spec: Spec, n_steps: int) -> tuple[int, int, int, int]:
 
 
 # bytes of quantized activation per weight column read by the mat-vec (XQ + XD + XS [+ XF])
-_ACT_BYTES = {"f16": 2.0, "nib": 176 / 128, "k_sub": 324 / 256, "wide": 640 / 512}
+_ACT_BYTES = {"f16": 2.0, "nib": 176 / 128, "k_sub": 324 / 256, "wide": 640 / 512, "wide128": 640 / 512}
 PF_MIN_ACT = 14 * 1024
 
 

@@ -138,6 +138,30 @@ class Q4_0W(Spec):
         return [f"acc{i}_{j} = fma(cvt({dot}), fmul(dw{i}, load_f(XD, xd{j})), acc{i}_{j})"]
 
 
+class Q8_0W(Q4_0W):
+    """q8_0 in wide groups of 16 blocks (544 bytes), as `Q4_0W`: 64-byte load m = 2k + h of the group's 512 quant
+    bytes holds in lane j bytes 16h + 4k .. 16h + 4k + 3 of block j, the order of the wide activations' "lo" (h = 0)
+    and "hi" (h = 1) vectors; then the 16 fp16 scales. As `Q8_0` on VNNI the weights enter as w + 128 (unsigned) and
+    the activations' block sums times -128 start the chain: 8 vpdpbusd and one cvt + fmul + fma per row, token and
+    512 weights where `Q8_0` takes 20 ops."""
+    name, layout, block_bytes = "q8_0", "wide128", 34
+    step_bytes = 544
+    prefetch_short = False      # as Q8_0
+    consts = {"M80": f"splat_i({simd.bytes4(0x80)})"}
+    repack = [(j, 2 + 16 * h + 4 * k + b) for k in range(4) for h in range(2) for j in range(16) for b in range(4)] + [
+        (j, c) for j in range(16) for c in range(2)]
+
+    def row_part(self, i, p):
+        return [f"u{i}_{m} = vxor(load_i(W, wb{i} + {64 * m}), M80)" for m in range(8)] + [
+            f"dw{i} = load_h16(W, wb{i} + 512)"]
+
+    def acc_part(self, i, j, p):
+        dot = f"load_i(XS, xs{j})"          # -128 * sum(q) of block j in lane j: the weights' +128
+        for m in range(8):
+            dot = f"dpbusd({dot}, u{i}_{m}, load_i(XQ, xq{j} + {64 * m}))"
+        return [f"acc{i}_{j} = fma(cvt({dot}), fmul(dw{i}, load_f(XD, xd{j})), acc{i}_{j})"]
+
+
 class Q4_1(Q4_0):
     name, block_bytes, step_bytes = "q4_1", 20, 80
     consts = {"M4": "splat_i(0x0F0F0F0F)", "Z": "splat_i(0)"}
@@ -464,7 +488,7 @@ SPECS: dict[int, Spec] = {int(t): cls() for t, cls in [
     (GGMLType.Q4_K, Q4_K), (GGMLType.Q5_K, Q5_K), (GGMLType.Q6_K, Q6_K), (GGMLType.F16, F16)]}
 # the one-block-per-lane layouts of legacy types, for rows of enough blocks (fast.prepare_fast picks per weight);
 # AVX-512 only so far: with 16 ymm registers AVX2 would hold a row's 8 nibble vectors in half of them (not measured)
-WIDE: dict[int, Spec] = {int(GGMLType.Q4_0): Q4_0W()} if ISA == "avx512vnni" else {}
+WIDE: dict[int, Spec] = {int(GGMLType.Q4_0): Q4_0W(), int(GGMLType.Q8_0): Q8_0W()} if ISA == "avx512vnni" else {}
 
 
 def wide_fits(spec: Spec, n_blk: int) -> bool:
@@ -485,8 +509,9 @@ def supported_types() -> list[int]:
 # per k-quant activation layout, the quantize_q8_K arguments (byte order q8.LAYOUT_*, bmul): the k_sub types take the
 # block sums times -4 (Q3_K.acc_start); used by the generator and by fast.FastWeight
 Q8K_ARGS = {"k_sub": (q8.LAYOUT_SUB, -4)}
-# per wide legacy layout, what quantize_q8_0_wide multiplies the block sums by: q4_0's offset -8
-WIDE_ARGS = {"wide": -8}
+# per wide legacy layout, what quantize_q8_0_wide multiplies the block sums by: q4_0's offset -8, q8_0's -128 (its
+# weights enter the unsigned operand of vpdpbusd as w + 128)
+WIDE_ARGS = {"wide": -8, "wide128": -128}
 # layouts whose activations carry XF (the Q8_1 s of q4_1/q5_1; the float min terms of q2_K, q4_K, q5_K)
 WITH_XF = ("nib", "k_sub")
 

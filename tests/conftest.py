@@ -59,19 +59,19 @@ def real_fixtures(fixtures_dir: Path) -> Path:
 
 
 @pytest.fixture
-def wide_q4_0(monkeypatch) -> list:
-    """Every q4_0 weight loaded in this test takes the wide 16-block layout (kernels/specs.Q4_0W), the fixtures' short
-    rows (256, 768 columns) padded with zero blocks: the layout a 7B's rows take as they are. Returns the kernel
-    spec class names chosen for q4_0 weights, to assert on. Skips where this ISA has no wide layout."""
+def wide_legacy(monkeypatch) -> list:
+    """Every q4_0 / q8_0 weight loaded in this test takes the wide 16-block layout (kernels/specs.Q4_0W, Q8_0W), the
+    fixtures' short rows (256, 768 columns) padded with zero blocks: the layout a 7B's rows take as they are. Returns
+    the kernel spec class names chosen for those weights, to assert on. Skips where this ISA has no wide layout."""
     from airobackend.kernels import fast, specs
     if not specs.WIDE:
-        pytest.skip(f"no wide q4_0 layout for ISA {specs.ISA}")
+        pytest.skip(f"no wide legacy layouts for ISA {specs.ISA}")
     monkeypatch.setattr(fast, "wide_fits", lambda spec, n_blk: True)
     chosen, prepare = [], fast.prepare_fast
 
     def recording(t, *args):
         w = prepare(t, *args)
-        if w is not None and w.spec.name == "q4_0":
+        if w is not None and int(t) in specs.WIDE:
             chosen.append(type(w.spec).__name__)
         return w
     monkeypatch.setattr(fast, "prepare_fast", recording)

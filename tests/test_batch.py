@@ -36,10 +36,12 @@ def test_batched_step_equals_each_sequence_alone(fixtures_dir, fixture_index, na
     _batched_step_equals_alone(fixtures_dir, fixture_index, name)
 
 
-def test_batched_step_equals_alone_in_wide_q4_0_groups(fixtures_dir, fixture_index, wide_q4_0):
-    """The same with q4_0's wide layout (one block per i32 lane; mat-vec, few-token and prompt mat-mat read it)."""
-    _batched_step_equals_alone(fixtures_dir, fixture_index, "fx-q4_0")
-    assert wide_q4_0 and set(wide_q4_0) == {"Q4_0W"}
+@pytest.mark.parametrize("name,spec", [("fx-q4_0", "Q4_0W"), ("fx-q8_0", "Q8_0W")])
+def test_batched_step_equals_alone_in_wide_groups(fixtures_dir, fixture_index, name, spec, wide_legacy):
+    """The same with the wide legacy layouts (one block per i32 lane; mat-vec, few-token and prompt mat-mat read
+    them)."""
+    _batched_step_equals_alone(fixtures_dir, fixture_index, name)
+    assert wide_legacy and set(wide_legacy) == {spec}
 
 
 def _batched_step_equals_alone(fixtures_dir, fixture_index, name):

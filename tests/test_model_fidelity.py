@@ -99,12 +99,12 @@ def test_teacher_forced_and_batch(fixtures_dir, entries, name, fmt, backend):
     llm.close()
 
 
-@pytest.mark.parametrize("name", ["fx-q4_0", "fxgqa-q4_0"])
-def test_wide_q4_0_groups_against_llama_cpp(fixtures_dir, entries, name, wide_q4_0):
-    # the q4_0 weights in the wide 16-block layout (what 4096-wide models take; the fixtures' rows padded into it)
-    # against llama.cpp within the same tolerances: only the float summation order differs
+@pytest.mark.parametrize("name,spec", [("fx-q4_0", "Q4_0W"), ("fxgqa-q4_0", "Q4_0W"), ("fx-q8_0", "Q8_0W")])
+def test_wide_groups_against_llama_cpp(fixtures_dir, entries, name, spec, wide_legacy):
+    # q4_0 / q8_0 weights in the wide 16-block layout (what 4096-wide models take; the fixtures' rows padded into
+    # it) against llama.cpp within the same tolerances: only the float summation order differs
     test_teacher_forced_and_batch(fixtures_dir, entries, name, "gguf", "fast")
-    assert wide_q4_0 and set(wide_q4_0) == {"Q4_0W"}
+    assert wide_legacy and set(wide_legacy) == {spec}
 
 
 def test_explicit_n_gqa_for_ggml_v3(fixtures_dir, entries):

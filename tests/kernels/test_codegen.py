@@ -56,16 +56,17 @@ def _fixture_tensor(fixtures_dir, t):
 
 
 @pytest.mark.parametrize("t,wide", [(t, False) for t in sorted(FIXTURE_FILES)] + [pytest.param(
-    G.Q4_0, True, marks=pytest.mark.skipif(not specs.WIDE, reason="no wide layout for this ISA"))],
+    t, True, marks=pytest.mark.skipif(not specs.WIDE, reason="no wide layout for this ISA")) for t in (G.Q4_0, G.Q8_0)],
                          ids=lambda v: G(v).name if not isinstance(v, bool) else ("wide" if v else ""))
 def test_every_generated_function_compiles_and_matches_the_reference(fixtures_dir, t, wide, monkeypatch):
-    # wide: the fixture's q4_0 rows (too short for it on their own) padded into the 16-block groups of Q4_0W
+    # wide: the fixture's q4_0 / q8_0 rows (too short for it on their own) padded into the 16-block groups of
+    # Q4_0W / Q8_0W
     if wide:
         monkeypatch.setattr(fast, "wide_fits", lambda spec, n_blk: True)
     raw, n_rows, n_cols = _fixture_tensor(fixtures_dir, t)
     W = reference.dequantize(raw, t, n_rows * n_cols).reshape(n_rows, n_cols).astype(np.float64)
     fw = prepare_fast(t, raw, n_rows, n_cols)
-    assert (type(fw.spec) is specs.Q4_0W) == wide
+    assert fw.spec.layout.startswith("wide") == wide
     mod = codegen.kernel_module(fw.spec)
     rng = np.random.default_rng(int(t))
     X = rng.standard_normal((10, n_cols)).astype(np.float32)

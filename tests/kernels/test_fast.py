@@ -255,17 +255,19 @@ def test_legacy_partial_group(t):
     check(t, raw, 13, 96, 5, rng)
 
 
+@pytest.mark.parametrize("t", [G.Q4_0, G.Q8_0], ids=lambda t: t.name)
 @pytest.mark.parametrize("n_cols,wide", [(512, True), (1024, True), (8448, True), (1280, False), (96, False)])
-def test_q4_0_wide_groups_in_every_kernel(n_cols, wide):
-    # q4_0 rows of whole 16-block groups, or short of them by at most 1/32 (8448 = 264 blocks, padded by 8 zero
-    # blocks as a 7B's ffn_down), take the one-block-per-lane layout (specs.Q4_0W); 40 and 3 blocks keep the 4-block
-    # groups. The mat-vec, every few-token count and a ragged prompt batch (11 tokens: tiles of 8 and 3) agree with
-    # the oracle and, for the same row, bit for bit with each other (batched decoding equals one sequence alone).
+def test_wide_groups_in_every_kernel(t, n_cols, wide):
+    # q4_0 / q8_0 rows of whole 16-block groups, or short of them by at most 1/32 (8448 = 264 blocks, padded by 8
+    # zero blocks as a 7B's ffn_down), take the one-block-per-lane layout (specs.Q4_0W, Q8_0W); 40 and 3 blocks keep
+    # the 4-block groups. The mat-vec, every few-token count and a ragged prompt batch (11 tokens: tiles of 8 and 3)
+    # agree with the oracle and, for the same row, bit for bit with each other (batched decoding equals one sequence
+    # alone).
     rng = np.random.default_rng(n_cols)
     n_rows = 37
-    raw = random_blocks(G.Q4_0, n_rows, n_cols, rng)
-    fw = check(G.Q4_0, raw, n_rows, n_cols, 11, rng)
-    assert (type(fw.spec) is specs.Q4_0W) == (wide and int(G.Q4_0) in specs.WIDE)     # AVX-512 only
+    raw = random_blocks(t, n_rows, n_cols, rng)
+    fw = check(t, raw, n_rows, n_cols, 11, rng)
+    assert (fw.spec.layout.startswith("wide")) == (wide and int(t) in specs.WIDE)     # AVX-512 only
     assert fw.W.nbytes == n_rows * -(-n_cols // fw.spec.step_w) * fw.spec.step_bytes
     X = rng.standard_normal((11, n_cols)).astype(np.float32)
     one = fw.matvec(X[0], np.empty(n_rows, np.float32))
