@@ -1,12 +1,12 @@
 """The fast kernels' weight layouts: the file's rows turned into the layout a type's kernel reads, once at load.
 
 The legacy 32-weight types go into groups of 4 blocks (quants contiguous, then the fp16 scales, then q5's high bits
-as 64-bit lane masks), exactly the file's size, one stream per row; q4_0 rows of (nearly) whole 16-block groups into
-the wide groups of specs.Q4_0W (one block per i32 lane), the last group padded with zero blocks. q2_K and q3_K (`repack_k2`), q4_K and q5_K
-(`repack_k4`) are reordered so that every i32 lane of a dot product holds one 16-weight sub-block (q3_K's scales
-re-packed for a two-op decode with AVX-512 VBMI, else pre-decoded into 114-byte blocks), q6_K likewise (`repack_k6`,
-same size); see kernels/specs.py for the layouts the kernels expect. F16 is read in place. After a copy, the file pages it read are released
-from the process (`release_pages`).
+as 64-bit lane masks), exactly the file's size, one stream per row; q4_0 and q8_0 rows of (nearly) whole 16-block
+groups into the wide groups of specs.Q4_0W / Q8_0W (one block per i32 lane), the last group padded with zero blocks.
+q2_K and q3_K (`repack_k2`), q4_K and q5_K (`repack_k4`) are reordered so that every i32 lane of a dot product holds
+one 16-weight sub-block (q3_K's scales re-packed for a two-op decode with AVX-512 VBMI, else pre-decoded into 114-byte
+blocks), q6_K likewise (`repack_k6`, same size); see kernels/specs.py for the layouts the kernels expect. F16 is read
+in place. After a copy, the file pages it read are released from the process (`release_pages`).
 """
 from __future__ import annotations
 

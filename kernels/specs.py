@@ -116,12 +116,12 @@ class Q4_0W(Spec):
     consts = {"M4": "splat_i(0x0F0F0F0F)"}
     repack = [(j, 2 + 4 * k + b) for k in range(4) for j in range(16) for b in range(4)] + [
         (j, c) for j in range(16) for c in range(2)]
-    # One row per tile: a row's 8 nibble vectors meet every token of the tile (the activations are memory operands
-    # of the vpdpbusd, from L1). Rows share no decoding work here, only activation loads, and a taller tile needs
-    # 8 nibble vectors per row or the tokens' 8 activation vectors live across its rows: 4 x 4 spilled ~170 zmm
-    # per step to the stack.
-    tile_r = few_r = 1
-    tile_t = 8
+    # Tiles of 2 rows x 4 tokens: each row's 8 nibble vectors meet every token of the tile, the activations are
+    # memory operands of the vpdpbusd. Rows share no decoding, only activation loads: with 1 row x 8 tokens, 4
+    # tokens of an 11008-wide row (56 KB of activations, past L1) took 2.4 mat-vecs; 4 rows need 32 nibble vectors
+    # (~170 zmm spilled to the stack per step).
+    tile_r = few_r = 2
+    tile_t = 4
 
     def row_part(self, i, p):
         L = []
@@ -130,11 +130,15 @@ class Q4_0W(Spec):
                   f"hi{i}_{k} = vand(vshr(w{i}_{k}, 4), M4)"]
         return L + [f"dw{i} = load_h16(W, wb{i} + 256)"]
 
+    def terms(self, i, j):
+        """The (weight vector, activation offset) pairs of one row and token, in the order of their vpdpbusd chain."""
+        return [t for k in range(4) for t in ((f"lo{i}_{k}", f"xq{j} + {128 * k}"),
+                                              (f"hi{i}_{k}", f"xq{j} + {128 * k + 64}"))]
+
     def acc_part(self, i, j, p):
-        dot = f"load_i(XS, xs{j})"          # -8 * sum(q) of block j in lane j: the quants' offset
-        for k in range(4):
-            dot = f"dpbusd(dpbusd({dot}, lo{i}_{k}, load_i(XQ, xq{j} + {128 * k})), hi{i}_{k}, " \
-                  f"load_i(XQ, xq{j} + {128 * k + 64}))"
+        dot = f"load_i(XS, xs{j})"      # -8 * sum(q) of block j in lane j (q8_0: -128 * sum): the quants' offset
+        for w, x in self.terms(i, j):
+            dot = f"dpbusd({dot}, {w}, load_i(XQ, {x}))"
         return [f"acc{i}_{j} = fma(cvt({dot}), fmul(dw{i}, load_f(XD, xd{j})), acc{i}_{j})"]
 
 
@@ -155,11 +159,8 @@ class Q8_0W(Q4_0W):
         return [f"u{i}_{m} = vxor(load_i(W, wb{i} + {64 * m}), M80)" for m in range(8)] + [
             f"dw{i} = load_h16(W, wb{i} + 512)"]
 
-    def acc_part(self, i, j, p):
-        dot = f"load_i(XS, xs{j})"          # -128 * sum(q) of block j in lane j: the weights' +128
-        for m in range(8):
-            dot = f"dpbusd({dot}, u{i}_{m}, load_i(XQ, xq{j} + {64 * m}))"
-        return [f"acc{i}_{j} = fma(cvt({dot}), fmul(dw{i}, load_f(XD, xd{j})), acc{i}_{j})"]
+    def terms(self, i, j):
+        return [(f"u{i}_{m}", f"xq{j} + {64 * m}") for m in range(8)]
 
 
 class Q4_1(Q4_0):

@@ -260,9 +260,9 @@ def test_legacy_partial_group(t):
 def test_wide_groups_in_every_kernel(t, n_cols, wide):
     # q4_0 / q8_0 rows of whole 16-block groups, or short of them by at most 1/32 (8448 = 264 blocks, padded by 8
     # zero blocks as a 7B's ffn_down), take the one-block-per-lane layout (specs.Q4_0W, Q8_0W); 40 and 3 blocks keep
-    # the 4-block groups. The mat-vec, every few-token count and a ragged prompt batch (11 tokens: tiles of 8 and 3)
-    # agree with the oracle and, for the same row, bit for bit with each other (batched decoding equals one sequence
-    # alone).
+    # the 4-block groups. The mat-vec, every few-token count and a ragged prompt batch (11 tokens: tiles of 4, 4 and
+    # 3) agree with the oracle and, for the same row, bit for bit with each other (batched decoding equals one
+    # sequence alone).
     rng = np.random.default_rng(n_cols)
     n_rows = 37
     raw = random_blocks(t, n_rows, n_cols, rng)

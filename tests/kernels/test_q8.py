@@ -111,11 +111,12 @@ def test_q8_0_wide_is_the_nibble_quantization_in_block_lanes(n):
     n_blk, n_grp = n // 32, -(-n // 512)
     for x in corner_rows(-(-n // 256) * 256, rng):
         x = np.ascontiguousarray(x[:n])
-        nq, nd, nsum = np.zeros(-(-n // 128) * 128, np.int8), np.zeros(n_blk + 3, np.float32), np.zeros(n_blk + 3, np.int32)
+        nq = np.zeros(-(-n // 128) * 128, np.int8)
+        nd, nsum = np.zeros(n_blk + 3, np.float32), np.zeros(n_blk + 3, np.int32)
         q8.quantize_q8_0_nibble_ref(x, nq, nd, nsum, np.zeros(n_blk + 3, np.float32))
         b = np.arange(n_blk)
-        q = np.stack([nq[128 * (b // 4) + 16 * (b % 4) + e] if e < 16 else nq[128 * (b // 4) + 64 + 16 * (b % 4) + e - 16]
-                      for e in range(32)], axis=1)          # q[block, element]
+        q = np.stack([nq[128 * (b // 4) + 64 * (e // 16) + 16 * (b % 4) + e % 16] for e in range(32)],
+                     axis=1)                                # q[block, element]
         xq = np.full(n_grp * 512, -128, np.int8)
         xd = np.full(n_grp * 16, np.nan, np.float32)
         xsum = np.full(n_grp * 16, 12345, np.int32)
