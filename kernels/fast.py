@@ -103,6 +103,7 @@ class FastWeight:
         # repacked types whose spec says so (Spec.prefetch_short: not q8_0, which measured slower with it). The
         # measurements: bench/results/2026-11-27.md, "Prefetch into L2".
         self._pf = n_cols * _ACT_BYTES[spec.layout] > PF_MIN_ACT or file_backed(W) or spec.prefetch_short
+        self._pf_few = self._pf or spec.few_prefetch
         self._a1 = act1_offsets(spec, n_steps)
         self._mvx, self._q1, self._qf = mod.matvec_x, mod.quantize1, mod.quantize_few
         # quantize_few's rows: the one-token layout (F16: the float32 row the mat-mat reads), whole lines apart
@@ -214,7 +215,7 @@ class FastWeight:
         try:
             if n_tok <= FEW_MAX:
                 self._mmf(self.W, self.row_bytes, self.n_rows, self.n_steps, XQ, XQS, XD, XDS, XS, XF, XSS,
-                          tgt.reshape(-1), n_tok, self._pf)
+                          tgt.reshape(-1), n_tok, self._pf_few)
             else:
                 self._mm(self.W, self.row_bytes, self.n_rows, self.n_steps, XQ, XQS, XD, XDS, XS, XF, XSS,
                          tgt.reshape(-1), n_tok, n_pad)

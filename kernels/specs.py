@@ -40,6 +40,7 @@ class Spec:
     few_r = 4           # rows per tile of the few-token mat-mat (codegen.FEW_T tokens at most)
     mv_rows = 1         # rows per mat-vec step (2 measured slower from DRAM: one stream per core streams best)
     prefetch_short = False  # prefetch short rows in anonymous memory too (see fast.FastWeight._pf)
+    few_prefetch = False    # the few-token mat-mat prefetches whether or not the mat-vec does
     # how the file's rows become the kernel layout (kernels/repack.py): None = read in place, else (kind, options)
     repack_with: tuple[str, dict] | None = None
     consts: dict[str, str] = {}
@@ -150,7 +151,11 @@ class Q8_0W(Q4_0W):
     512 weights where `Q8_0` takes 20 ops."""
     name, layout, block_bytes = "q8_0", "wide128", 34
     step_bytes = 544
-    prefetch_short = False      # as Q8_0
+    # the few-token mat-mat with the software prefetch of short rows (4 tokens in 0.42-0.66 of the 4-block groups'
+    # time; without it 1.13-1.15), the mat-vec without it, as Q8_0 (with it 1.06-1.09 of the 4-block groups' time,
+    # without 0.93-1.08: within the noise of those runs)
+    prefetch_short = False
+    few_prefetch = True
     consts = {"M80": f"splat_i({simd.bytes4(0x80)})"}
     repack = [(j, 2 + 16 * h + 4 * k + b) for k in range(4) for h in range(2) for j in range(16) for b in range(4)] + [
         (j, c) for j in range(16) for c in range(2)]
