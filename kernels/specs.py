@@ -105,7 +105,7 @@ class Q4_0W(Spec):
     64-byte vector, 16 d, 16 offset terms -8 * sum(q) as the chain's start). Per row and token a group then takes 8
     vpdpbusd and ONE cvt + fmul + fma: 11 vector ops per 512 weights where `Q4_0` (4 blocks per zmm, so every
     128 weights a conversion and a scaling) takes 20, plus per token 4 vpermps/vpermd + shift pairs of set-up; the
-    per-token set-up here is plain loads. Measured in bench/results/2026-12-07.md (wide q4_0 groups).
+    per-token set-up here is plain loads. Measured in bench/results/2026-12-07.md (q4_0 and q8_0 in wide groups).
     Rows whose block count is not a multiple of 16 are padded with zero blocks (d = 0: they add exact zeros) when
     that costs at most 1/32 of the row (a 7B's ffn_down: 344 blocks + 8); shorter ragged rows keep `Q4_0`
     (fast.prepare_fast)."""
