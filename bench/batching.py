@@ -5,8 +5,9 @@
 Model level (always): N sequences, each in its own KV cache after its own prompt; one step = one forward pass
 (LlamaModel.eval_batch) with the next token of every sequence, so the weights stream once for N tokens. Also the
 single-sequence path the engine takes with --parallel 1 (LlamaModel.eval of one token: the mat-vec kernels), as the
-baseline the 1-stream batched rate is compared with. Rounds alternate between the stream counts (1, 2, 4, 1, 2, 4,
-...) so machine load affects them alike; figures are medians over rounds. The CPU-time columns divide the process's
+baseline the 1-stream batched rate is compared with. The stream counts take turns step by step (eval, 1, 2, 4, eval,
+1, 2, 4, ...) so that machine load and memory speed, which move within seconds on a VM, affect them alike; figures
+are medians over all steps of all rounds. The CPU-time columns divide the process's
 CPU time by the thread count instead of wall time: the fairer figure on a machine that other work shares.
 
 Engine level (--engine): N concurrent requests through Engine with Settings(parallel=N) (greedy, EOS banned, the
@@ -71,18 +72,21 @@ def model_level(llm, streams: list[int], n_tok: int, rounds: int, n_prompt: int)
     times: dict = {n: [] for n in ["eval"] + streams}
     cpu: dict = {n: [] for n in ["eval"] + streams}
     for _ in range(rounds):
-        for n in ["eval"] + streams:
-            for c in caches:
-                c.truncate(n_prompt)        # every round decodes the same positions
-            toks = rng.integers(3, m.n_vocab, (n_tok, max(streams)))
-            t0, c0 = time.perf_counter(), time.process_time()
-            for t in range(n_tok):
+        for c in caches:
+            c.truncate(n_prompt)            # every round decodes the same positions
+        toks = rng.integers(3, m.n_vocab, (n_tok, max(streams)))
+        for t in range(n_tok):
+            # The stream counts take turns step by step: the memory's speed on a VM moves by a third within a
+            # minute, and a step of each count in turn meets the same speed. Each writes position n_prompt + t of
+            # the caches it uses (the later ones overwrite it: the cost is the same).
+            for n in ["eval"] + streams:
+                t0, c0 = time.perf_counter(), time.process_time()
                 if n == "eval":
                     m.eval([int(toks[t, 0])], n_prompt + t, cache=caches[0])
                 else:
                     m.eval_batch([(caches[i], n_prompt + t, [int(toks[t, i])]) for i in range(n)])
-            times[n].append((time.perf_counter() - t0) / n_tok)
-            cpu[n].append((time.process_time() - c0) / n_tok / m.n_threads)
+                times[n].append(time.perf_counter() - t0)
+                cpu[n].append((time.process_time() - c0) / m.n_threads)
     return ({n: statistics.median(v) for n, v in times.items()}, {n: statistics.median(v) for n, v in cpu.items()})
 
 
