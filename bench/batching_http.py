@@ -45,7 +45,7 @@ from websockets.sync.client import connect as ws_connect
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from batching import default_model            # noqa: E402  (bench/ is not a package)
-from stream_overhead import SAMPLER, free_port  # noqa: E402
+from stream_overhead import SAMPLER, free_port, stop_server  # noqa: E402
 
 PROTOCOLS = {"kobold": "KoboldCpp SSE", "openai": "OpenAI SSE", "ws": "TGW WebSocket"}
 BASE_PROMPT = "once upon a time, in a land far away, there lived a"
@@ -104,11 +104,7 @@ class Server:
         raise RuntimeError(f"server with --parallel {self.parallel} never went idle: {p}")
 
     def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop_server(self.proc)
         self.log.close()
 
 

@@ -37,6 +37,9 @@ from pathlib import Path
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stream_overhead import free_port, stop_server  # noqa: E402  (bench/ is not a package)
+
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(os.environ.get("AIRO_FIXTURES", REPO.parent / "shared" / "fixtures"))
 SYSTEM = (
@@ -61,13 +64,6 @@ USER_LINES = [
     "I hear howling in the distance, much closer than before. What do we do if they come down into the grove?",
     "You seem worried. Is there something about this storm that you have not told me yet, Seraphina?",
 ]
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def user_message(turn: int) -> str:
@@ -147,11 +143,7 @@ class Server:
 
     def close(self) -> None:
         self.http.close()
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop_server(self.proc)
         self.log.close()
 
 

@@ -41,7 +41,7 @@ Memory, per stage process (Linux /proc/self/smaps of that process, after the pro
                 with every process on the machine that maps them) and the kernels' code: the same for a stage of
                 one layer as for one of forty, so small beside a real model's share.
 Default model: a 7B-shaped q4_0 file (n_embd 4096, n_ff 11008, 32000 tokens) of `--layers` layers (default 32, a 7B's
-depth; 3.7 GB), random weights, written once to a temporary folder. The depth matters for both goals: the transport
+depth; 3.7 GB), random weights: bench/batching.py's file, written once under ~/.cache/airobackend/bench. The depth matters for both goals: the transport
 per token and a stage's fixed memory (interpreter, NumPy, Numba, llvmlite, activation buffers) do not grow with the
 layers, the work and the share do; `--layers 4` shows them against a slice's eighth of a 7B's work.
 Real network latency is not measured here: add the link's round trip per hop, and bytes/token over its bandwidth.
@@ -52,9 +52,11 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from batching import default_model  # noqa: E402  (bench/ is not a package)
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")     # 127.0.0.1 stays 127.0.0.1 (no network)
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -116,15 +118,7 @@ def main() -> int:
     from airobackend.llama import default_n_threads
     from airobackend.model import LlamaModel
 
-    path = args.model
-    if path is None:
-        from airobackend.formats.writer import write_synthetic_model
-        path = str(Path(tempfile.gettempdir()) / f"airobackend-bench-7b-{args.layers}-q4_0.gguf")
-        if not os.path.exists(path):
-            tmp = path + ".tmp"
-            write_synthetic_model(tmp, mix="q4_0", n_vocab=32000, n_embd=4096, n_head=32, n_layer=args.layers,
-                                  n_ff=11008, tile_rows=64)
-            os.replace(tmp, path)
+    path = args.model or str(default_model("q4_0", args.layers))
     threads = args.threads or default_n_threads()
     counts = [int(s) for s in args.stages.split(",") if s]
     mf = open_model(path)

@@ -52,6 +52,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_server(proc: subprocess.Popen) -> None:
+    """Stop a server subprocess: SIGTERM (it shuts down cleanly), SIGKILL if it has not exited within 30 s."""
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def engine_run(manager, n: int) -> dict:
     from airobackend.types import GenerationRequest, SamplingParams
 
