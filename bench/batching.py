@@ -148,7 +148,10 @@ def llama_cpp_level(binary: str, path: Path, streams: list[int], n_prompt: int, 
     """llama.cpp's llama-batched-bench on the same file: {B: aggregate decode tokens/s (its S_TG)}."""
     cmd = [binary, "-m", str(path), "-c", str(max(streams) * (n_prompt + n_tok) + 64), "-b", "512", "-ub", "512",
            "-npp", str(n_prompt), "-ntg", str(n_tok), "-npl", ",".join(map(str, streams)), "-t", str(threads)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    if run.returncode:
+        raise SystemExit(f"llama-batched-bench exited with {run.returncode}:\n{run.stderr[-2000:]}")
+    out = run.stdout
     rows = {}
     for line in out.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -173,6 +176,8 @@ def main(argv=None) -> int:
     ap.add_argument("--engine", action="store_true", help="also through Engine(parallel=N) with N threads")
     ap.add_argument("--llama", metavar="BIN", help="llama.cpp's llama-batched-bench: the same file, same run")
     args = ap.parse_args(argv)
+    if args.llama and not (os.path.isfile(args.llama) and os.access(args.llama, os.X_OK)):
+        ap.error(f"--llama {args.llama}: not an executable file (llama.cpp's llama-batched-bench)")
 
     import numba
     from airobackend.llama import Llama

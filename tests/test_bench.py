@@ -71,6 +71,14 @@ def test_http_batching_bench_refuses_nonsense_before_starting_servers(args, name
         assert n in r.stderr, r.stderr
 
 
+def test_batching_bench_refuses_a_llama_binary_that_is_not_one_before_loading(tmp_path):
+    r = subprocess.run([sys.executable, str(RUN.parent / "batching.py"), "--llama", str(tmp_path / "nothing")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and "model " not in r.stdout       # no model written or loaded
+    assert "--llama" in r.stderr and "not an executable file" in r.stderr, r.stderr
+
+
 @pytest.mark.parametrize("args, names", [
     (["--types", "q4_0,q9_X"], ["--types: unknown q9_x"]),
     (["--shapes", "4096"], ["--shapes of the form ROWSxCOLS"]),
