@@ -12,7 +12,8 @@
   `tile_r` rows x `tile_t` tokens, each weight vector decoded once per tile and used for every token of it;
 * `matmat_few(..., n_tok, pf)`: batches of up to 8 tokens (the next tokens of several sequences, a draft being
   verified): tiles of `few_r` rows x 4, 3, 2 or 1 tokens, as many as there are (5 = 4 + 1, 6 = 4 + 2, ...), so
-  no padding token is computed, with the weight stream prefetched as the mat-vec does.
+  no padding token is computed, with the weight stream prefetched as the mat-vec does (or, for a spec with
+  `pf_tile`, the same step of the next row tile: one tile's time ahead whatever the row length).
 
 The source is a pure function of the spec and the instruction set. `kernel_module(spec)` writes it under
 `source_dir()`/<isa>-<hash>/ (the application's cache root: `~/.cache/airobackend/kernels` or
@@ -69,7 +70,8 @@ def _emit_tile(spec: Spec, R: int, T: int, ind: str, n_tok_check: bool, prefetch
         b.append(f"wb{i} = {f'ri{i}' if R > 1 else 'r'} * RB + s * {spec.step_bytes}")
         if prefetch:     # one prefetch per 64 bytes of step keeps every line of the stream covered
             b.append("if pf:")
-            b += [f"    prefetch_l2(W, wb{i} + {PF_DIST + 64 * k})" for k in range(-(-spec.step_bytes // 64))]
+            ahead = f"{R} * RB" if R > 1 and spec.pf_tile else f"{PF_DIST}"
+            b += [f"    prefetch_l2(W, wb{i} + {ahead} + {64 * k})" for k in range(-(-spec.step_bytes // 64))]
     for j in range(T):
         b.append(f"xq{j} = (t0 + {j}) * XQS + s * {spec.xq_step}")
         b.append(f"xd{j} = (t0 + {j}) * XDS + s * {spec.xd_step}")

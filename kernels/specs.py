@@ -41,6 +41,9 @@ class Spec:
     mv_rows = 1         # rows per mat-vec step (2 measured slower from DRAM: one stream per core streams best)
     prefetch_short = False  # prefetch short rows in anonymous memory too (see fast.FastWeight._pf)
     few_prefetch = False    # the few-token mat-mat prefetches whether or not the mat-vec does
+    # a tile of several rows prefetches the same step of the next row tile instead of PF_DIST bytes ahead: PF_DIST
+    # past a row shorter than it lands in the current tile's next row, only a few steps ahead of its reads
+    pf_tile = False
     # how the file's rows become the kernel layout (kernels/repack.py): None = read in place, else (kind, options)
     repack_with: tuple[str, dict] | None = None
     consts: dict[str, str] = {}
@@ -117,30 +120,35 @@ class Q4_0W(Spec):
     consts = {"M4": "splat_i(0x0F0F0F0F)"}
     repack = [(j, 2 + 4 * k + b) for k in range(4) for j in range(16) for b in range(4)] + [
         (j, c) for j in range(16) for c in range(2)]
-    # Tiles of 2 rows x 4 tokens: each row's 8 nibble vectors meet every token of the tile, the activations are
-    # memory operands of the vpdpbusd. Rows share no decoding, only activation loads: with 1 row x 8 tokens, 4
-    # tokens of an 11008-wide row (56 KB of activations, past L1) took 2.4 mat-vecs; 4 rows need 32 nibble vectors
-    # (~170 zmm spilled to the stack per step).
-    tile_r = few_r = 2
+    d_off = 256
+    # A step in 4 parts of 64 weight bytes: part p's two weight vectors of each row meet two activation loads of
+    # each token, so a tile of 4 rows x 4 tokens holds 16 dot products, 8 weight vectors and 2 activation vectors
+    # live (the whole step's 8 vectors per row spilled ~170 zmm per step at 4 rows). 4 x 4 tiles read a quarter
+    # of an activation load per vpdpbusd: 4 tokens of an 11008-wide row (56 KB of activations, past L1) come from
+    # L2 at that rate. The tiles' prefetch runs one row tile ahead (pf_tile).
+    parts = 4
+    tile_r = few_r = 4
     tile_t = 4
+    pf_tile = True
 
     def row_part(self, i, p):
-        L = []
-        for k in range(4):
-            L += [f"w{i}_{k} = load_i(W, wb{i} + {64 * k})", f"lo{i}_{k} = vand(w{i}_{k}, M4)",
-                  f"hi{i}_{k} = vand(vshr(w{i}_{k}, 4), M4)"]
-        return L + [f"dw{i} = load_h16(W, wb{i} + 256)"]
+        L = [f"w{i}_{p} = load_i(W, wb{i} + {64 * p})", f"lo{i}_{p} = vand(w{i}_{p}, M4)",
+             f"hi{i}_{p} = vand(vshr(w{i}_{p}, 4), M4)"]
+        return L + ([f"dw{i} = load_h16(W, wb{i} + {self.d_off})"] if p == self.parts - 1 else [])
 
-    def terms(self, i, j):
-        """The (weight vector, activation offset) pairs of one row and token, in the order of their vpdpbusd chain."""
-        return [t for k in range(4) for t in ((f"lo{i}_{k}", f"xq{j} + {128 * k}"),
-                                              (f"hi{i}_{k}", f"xq{j} + {128 * k + 64}"))]
+    def terms(self, i, p):
+        """The weight vectors of part p of row i, in the order of their vpdpbusd (activations at xq + 128p, +64)."""
+        return [f"lo{i}_{p}", f"hi{i}_{p}"]
 
     def acc_part(self, i, j, p):
-        dot = f"load_i(XS, xs{j})"      # -8 * sum(q) of block j in lane j (q8_0: -128 * sum): the quants' offset
-        for w, x in self.terms(i, j):
-            dot = f"dpbusd({dot}, {w}, load_i(XQ, {x}))"
-        return [f"acc{i}_{j} = fma(cvt({dot}), fmul(dw{i}, load_f(XD, xd{j})), acc{i}_{j})"]
+        # lane j starts at -8 * sum(q) of block j (q8_0: -128 * sum): the quants' offset
+        dot = f"load_i(XS, xs{j})" if p == 0 else f"dot{i}_{j}"
+        for h, w in enumerate(self.terms(i, p)):
+            dot = f"dpbusd({dot}, {w}, load_i(XQ, xq{j} + {128 * p + 64 * h}))"
+        L = [f"dot{i}_{j} = {dot}"]
+        if p == self.parts - 1:
+            L.append(f"acc{i}_{j} = fma(cvt(dot{i}_{j}), fmul(dw{i}, load_f(XD, xd{j})), acc{i}_{j})")
+        return L
 
 
 class Q8_0W(Q4_0W):
@@ -159,13 +167,14 @@ class Q8_0W(Q4_0W):
     consts = {"M80": f"splat_i({simd.bytes4(0x80)})"}
     repack = [(j, 2 + 16 * h + 4 * k + b) for k in range(4) for h in range(2) for j in range(16) for b in range(4)] + [
         (j, c) for j in range(16) for c in range(2)]
+    d_off = 512
 
     def row_part(self, i, p):
-        return [f"u{i}_{m} = vxor(load_i(W, wb{i} + {64 * m}), M80)" for m in range(8)] + [
-            f"dw{i} = load_h16(W, wb{i} + 512)"]
+        return [f"u{i}_{m} = vxor(load_i(W, wb{i} + {64 * m}), M80)" for m in (2 * p, 2 * p + 1)] + (
+            [f"dw{i} = load_h16(W, wb{i} + {self.d_off})"] if p == self.parts - 1 else [])
 
-    def terms(self, i, j):
-        return [(f"u{i}_{m}", f"xq{j} + {64 * m}") for m in range(8)]
+    def terms(self, i, p):
+        return [f"u{i}_{2 * p}", f"u{i}_{2 * p + 1}"]
 
 
 class Q4_1(Q4_0):
