@@ -13,7 +13,8 @@
 * `matmat_few(..., n_tok, pf)`: batches of up to 8 tokens (the next tokens of several sequences, a draft being
   verified): tiles of `few_r` rows x 4, 3, 2 or 1 tokens, as many as there are (5 = 4 + 1, 6 = 4 + 2, ...), so
   no padding token is computed, with the weight stream prefetched as the mat-vec does (or, for a spec with
-  `pf_tile`, the same step of the next row tile: one tile's time ahead whatever the row length).
+  `pf_tile`, the same step of the next row tile: one tile's time ahead whatever the row length); for a spec with
+  `few_blocks`, rows whose tokens' activations outgrow L1 in column blocks.
 
 The source is a pure function of the spec and the instruction set. `kernel_module(spec)` writes it under
 `source_dir()`/<isa>-<hash>/ (the application's cache root: `~/.cache/airobackend/kernels` or
@@ -33,11 +34,12 @@ from pathlib import Path
 import numba
 
 from . import q8, simd, source_dir, specs
-from .specs import ISA, PREAMBLE, Q8K_ARGS, WIDE_ARGS, Spec, all_specs
+from .specs import ISA, PREAMBLE, Q8K_ARGS, WIDE_ARGS, WITH_XF, Spec, all_specs
 
 CHUNK = 32          # rows per prange chunk (a multiple of every tile height)
 PF_DIST = 8192      # bytes of W the mat-vec prefetches ahead into L2 (simd.prefetch_l2; 8 and 16 KB measured alike)
 FEW_T = 4           # the largest token tile of matmat_few (more tokens: several tiles over the same rows, from L1)
+FEW_L1 = 26 * 1024  # bytes of FEW_T tokens' activations a column block of matmat_few keeps in L1 (32 KB L1d)
 
 
 # the generated module is imported from a file outside the package, so it names the package absolutely
@@ -53,24 +55,27 @@ from {pkg}.simd import make_bitfield, make_lanes
 '''
 
 
-def _emit_tile(spec: Spec, R: int, T: int, ind: str, n_tok_check: bool, prefetch: bool = False) -> list[str]:
+def _emit_tile(spec: Spec, R: int, T: int, ind: str, n_tok_check: bool, prefetch: bool = False,
+               blocked: bool = False) -> list[str]:
     """The body computing one R-rows x T-tokens tile starting at row `r`, token `t0`. With R > 1, rows past the
     chunk end `r1` re-read the chunk's last row and are not stored (one body instead of a remainder loop: half the
     compile time). `prefetch`: the mat-vec, which streams W once from DRAM (the mat-mat re-reads each row tile
-    from L2 for every token tile and is bound by arithmetic)."""
+    from L2 for every token tile and is bound by arithmetic). `blocked`: steps s0 .. s1 only, the accumulators
+    continued from and left in the scratch SC (the same additions in the same order as one pass over all steps:
+    the results do not change), the prefetch `pfo` bytes ahead."""
     L = []
     if R > 1:
         L += [f"ri{i} = min(r + {i}, r1 - 1)" for i in range(R)]
     for i in range(R):
         for j in range(T):
-            L.append(f"acc{i}_{j} = splat_f(0.0)")
-    L.append("for s in range(n_steps):")
+            L.append(f"acc{i}_{j} = load_f(SC, {_sc(i, j)})" if blocked else f"acc{i}_{j} = splat_f(0.0)")
+    L.append("for s in range(s0, s1):" if blocked else "for s in range(n_steps):")
     b = []
     for i in range(R):
         b.append(f"wb{i} = {f'ri{i}' if R > 1 else 'r'} * RB + s * {spec.step_bytes}")
         if prefetch:     # one prefetch per 64 bytes of step keeps every line of the stream covered
             b.append("if pf:")
-            ahead = f"{R} * RB" if R > 1 and spec.pf_tile else f"{PF_DIST}"
+            ahead = "pfo" if blocked else f"{R} * RB" if R > 1 and spec.pf_tile else f"{PF_DIST}"
             b += [f"    prefetch_l2(W, wb{i} + {ahead} + {64 * k})" for k in range(-(-spec.step_bytes // 64))]
     for j in range(T):
         b.append(f"xq{j} = (t0 + {j}) * XQS + s * {spec.xq_step}")
@@ -91,6 +96,8 @@ def _emit_tile(spec: Spec, R: int, T: int, ind: str, n_tok_check: bool, prefetch
         for j in range(T):
             b += spec.acc_final(i, j)
     L += ["    " + x for x in b]
+    if blocked:
+        return [ind + x for x in L + [f"store_f(SC, {_sc(i, j)}, acc{i}_{j})" for i in range(R) for j in range(T)]]
     for j in range(T):
         st = []
         for i in range(R):
@@ -105,6 +112,23 @@ def _emit_tile(spec: Spec, R: int, T: int, ind: str, n_tok_check: bool, prefetch
         else:
             L += st
     return [ind + x for x in L]
+
+
+def _sc(i: int, j: int) -> str:
+    """Offset in the few-token kernel's scratch SC of the accumulator of row r + i, token t0 + j (16 floats)."""
+    return f"((r - r0 + {i}) * {FEW_T} + {j}) * 16"
+
+
+def few_blocks(spec: Spec, n_steps: int) -> int:
+    """Column blocks matmat_few takes rows of n_steps steps in (1: whole rows; see generate_source)."""
+    if not spec.few_blocks:
+        return 1
+    return -(-n_steps * _act_step_bytes(spec) * FEW_T // FEW_L1)
+
+
+def _act_step_bytes(spec: Spec) -> int:
+    """Bytes of one token's quantized activations per kernel step (XQ, XD, XS and, where the layout has it, XF)."""
+    return spec.xq_step + 4 * spec.xd_step + 4 * spec.xs_step * (2 if spec.layout in WITH_XF else 1)
 
 
 def _emit_consts(spec: Spec, ind: str) -> list[str]:
@@ -193,15 +217,44 @@ def generate_source(spec: Spec) -> str:
     # Measured in bench/results (few-token mat-mat).
     R = spec.few_r
     src += _emit_mm_head(spec, "matmat_few", "pf")
-    src += ["        t0 = 0",
-            "        while t0 < n_tok:",
-            f"            nt = min(n_tok - t0, {FEW_T})"]
+    ind = "        "
+    if spec.few_blocks:
+        # Rows whose FEW_T tokens of activations exceed FEW_L1 bytes, in column blocks that fit (every row of the
+        # chunk over steps s0..s1, then the next block): one-row tiles otherwise re-read all of them from L2 for
+        # every row (4 tokens of a 4096x11008 q4_K took 2.6 mat-vecs). A row's next block is read after the chunk's
+        # other rows, so the prefetch runs whole rows ahead in the same block, PF_DIST bytes of this block's reads.
+        act = _act_step_bytes(spec) * FEW_T
+        src += [f"{ind}n_blk = (n_steps * {act} + {FEW_L1 - 1}) // {FEW_L1}",
+                f"{ind}if n_blk > 1:",
+                f"{ind}    sb = (n_steps + n_blk - 1) // n_blk",
+                f"{ind}    pfo = (({PF_DIST} + sb * {spec.step_bytes * R} - 1) // (sb * {spec.step_bytes * R})) * {R} * RB",
+                f"{ind}    SC = np.empty(({CHUNK} + {R}) * {FEW_T} * 16, np.float32)",
+                f"{ind}    t0 = 0",
+                f"{ind}    while t0 < n_tok:",
+                f"{ind}        nt = min(n_tok - t0, {FEW_T})",
+                f"{ind}        SC[:] = 0.0",
+                f"{ind}        for s0 in range(0, n_steps, sb):",
+                f"{ind}            s1 = min(s0 + sb, n_steps)"]
+        for T in range(FEW_T, 0, -1):
+            src.append(f"{ind}            {'if' if T == FEW_T else 'elif' if T > 1 else 'else'}{f' nt == {T}' if T > 1 else ''}:")
+            src += [f"{ind}                r = r0", f"{ind}                while r < r1:"]
+            src += _emit_tile(spec, R, T, ind + "                    ", False, prefetch=True, blocked=True)
+            src.append(f"{ind}                    r += {R}")
+        src += [f"{ind}        for r in range(r0, r1):",
+                f"{ind}            for j in range(nt):",
+                f"{ind}                out[(t0 + j) * n_rows + r] = hsum_f(load_f(SC, ((r - r0) * {FEW_T} + j) * 16))",
+                f"{ind}        t0 += nt",
+                f"{ind}else:"]
+        ind += "    "
+    src += [f"{ind}t0 = 0",
+            f"{ind}while t0 < n_tok:",
+            f"{ind}    nt = min(n_tok - t0, {FEW_T})"]
     for T in range(FEW_T, 0, -1):
-        src.append(f"            {'if' if T == FEW_T else 'elif' if T > 1 else 'else'}{f' nt == {T}' if T > 1 else ''}:")
-        src += ["                r = r0", "                while r < r1:"]
-        src += _emit_tile(spec, R, T, "                    ", False, prefetch=True)
-        src.append(f"                    r += {R}")
-    src += ["            t0 += nt", ""]
+        src.append(f"{ind}    {'if' if T == FEW_T else 'elif' if T > 1 else 'else'}{f' nt == {T}' if T > 1 else ''}:")
+        src += [f"{ind}        r = r0", f"{ind}        while r < r1:"]
+        src += _emit_tile(spec, R, T, ind + "            ", False, prefetch=True)
+        src.append(f"{ind}            r += {R}")
+    src += [f"{ind}    t0 += nt", ""]
     return "\n".join(src) + "\n"
 
 

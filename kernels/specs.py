@@ -44,6 +44,8 @@ class Spec:
     # a tile of several rows prefetches the same step of the next row tile instead of PF_DIST bytes ahead: PF_DIST
     # past a row shorter than it lands in the current tile's next row, only a few steps ahead of its reads
     pf_tile = False
+    # matmat_few takes rows whose FEW_T tokens of activations outgrow L1 (codegen.FEW_L1) in column blocks
+    few_blocks = False
     # how the file's rows become the kernel layout (kernels/repack.py): None = read in place, else (kind, options)
     repack_with: tuple[str, dict] | None = None
     consts: dict[str, str] = {}
@@ -266,6 +268,7 @@ class KSpec(Spec):
     parts = 4
     tile_r = 2
     few_r = 1           # one row at a time: each row's setup (scales, mins) already spans 4 tokens; measured fastest
+    few_blocks = True
 
     def tok_setup(self, j):
         return [f"dx{j} = XD[xd{j}]", f"xb{j} = load_i(XS, xs{j})"]
@@ -323,6 +326,8 @@ class Q6_K(_K2):
     # without the software prefetch of short rows: 7B slice, 2 threads, mat-vec 50-52 GB/s per CPU-second of each
     # thread without it, 43-45 with it (with the file's order read in place it had gained 17 %)
     prefetch_short = False
+    # column blocks gained nothing here (4 tokens of 4096x11008: 2.77 mat-vecs whole, 2.86 in blocks)
+    few_blocks = False
     consts = {"Z": "splat_i(0)", "M4": "splat_i(0x0F0F0F0F)"}
     repack_with = ("k6", {})
 
