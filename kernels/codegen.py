@@ -114,8 +114,9 @@ def _emit_tile(spec: Spec, R: int, T: int, ind: str, n_tok_check: bool, prefetch
     return [ind + x for x in L]
 
 
-def _sc(i: int, j: int) -> str:
-    """Offset in the few-token kernel's scratch SC of the accumulator of row r + i, token t0 + j (16 floats)."""
+def _sc(i: int, j) -> str:
+    """Offset in the few-token kernel's scratch SC of the accumulator of row r + i, token t0 + j (16 floats; j a
+    number or the name of a loop variable)."""
     return f"((r - r0 + {i}) * {FEW_T} + {j}) * 16"
 
 
@@ -242,7 +243,7 @@ def generate_source(spec: Spec) -> str:
             src.append(f"{ind}                    r += {R}")
         src += [f"{ind}        for r in range(r0, r1):",
                 f"{ind}            for j in range(nt):",
-                f"{ind}                out[(t0 + j) * n_rows + r] = hsum_f(load_f(SC, ((r - r0) * {FEW_T} + j) * 16))",
+                f"{ind}                out[(t0 + j) * n_rows + r] = hsum_f(load_f(SC, {_sc(0, 'j')}))",
                 f"{ind}        t0 += nt",
                 f"{ind}else:"]
         ind += "    "
